@@ -1,0 +1,54 @@
+"""The copd_jax command line: `python -m copd_jax <command> ...`.
+
+Each command lives in `copd_jax/commands/<name>.py` with `add_arguments(parser)` and
+`run(args) -> int`; this file only dispatches (modules are imported lazily so `--help` is fast).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from copd_jax.errors import UserInputError
+
+COMMANDS = {
+    'train': ('copd_jax.commands.train', 'run CoPD (or a baseline) from a config file'),
+    'generate': ('copd_jax.commands.generate', 'sample completions from a model or checkpoint'),
+    'evaluate': ('copd_jax.commands.evaluate', 'per-domain accuracy of every branch and the merge'),
+    'merge': ('copd_jax.commands.merge', 'merge branch checkpoints (mean, task arithmetic, TIES)'),
+    'export-hf': ('copd_jax.commands.export_hf', 'write a branch or merged model as a HF folder'),
+    'plan': ('copd_jax.commands.plan', 'per-device memory plan of a config on N devices'),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(prog='python -m copd_jax', description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+  available = {}
+  for name, (module_name, help_text) in COMMANDS.items():
+    if importlib.util.find_spec(module_name) is None:
+      continue  # a command whose module is not in this build is not offered
+    available[name] = module_name
+    sub.add_parser(name, help=help_text)
+  command = argv[0] if argv and argv[0] in available else None
+  if command is None:
+    parser.parse_args(argv)  # prints usage / help and exits
+    return 2
+  module = importlib.import_module(available[command])
+  command_parser = argparse.ArgumentParser(prog=f'python -m copd_jax {command}',
+                                           description=COMMANDS[command][1])
+  module.add_arguments(command_parser)
+  args, extra = command_parser.parse_known_args(argv[1:])
+  args.extra = extra
+  if extra and not getattr(module, 'ACCEPTS_EXTRA', False):
+    command_parser.error(f'unrecognized arguments: {" ".join(extra)}')
+  try:
+    return int(module.run(args) or 0)
+  except UserInputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,9 @@
+"""Errors caused by user input (config, data file, checkpoint, model folder).
+
+The CLI prints these as one line, `error: <message>`, and exits with status 2; the message
+names the field, file and line or tensor. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserInputError(ValueError):
+  """Bad input from the user; the message must say where (field, file:line, tensor)."""

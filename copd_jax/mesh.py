@@ -1,0 +1,115 @@
+"""Device mesh ('branch', 'fsdp', 'tensor') from config, and logical-axis sharding rules.
+
+Parameters name their dimensions with logical axes ('embed', 'mlp', 'q_heads', ...); a rule
+table maps each logical axis to a mesh axis. A mesh axis that does not divide a dimension is
+dropped for that dimension (the leaf is replicated along it) rather than failing, so one rule
+table serves a tiny test model and an 8B model alike. Branch-stacked state carries a leading
+'branch' dimension that always maps to the 'branch' mesh axis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from copd_jax.errors import UserInputError
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('branch', 'fsdp', 'tensor')
+
+# logical axis -> mesh axis (or None: replicated).
+DEFAULT_RULES: dict[str, str | None] = {
+    'branch': 'branch',
+    'layers': None,
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'mlp': 'tensor',
+    'q_heads': 'tensor',
+    'kv_heads': 'tensor',
+    'head_dim': None,
+    'norm': None,
+    'batch': 'fsdp',
+}
+
+
+class MeshConfigError(UserInputError):
+  pass
+
+
+def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes for MESH_AXES; one axis may be -1 ('the rest')."""
+  unknown = set(axis_sizes) - set(MESH_AXES)
+  if unknown:
+    raise MeshConfigError(f'config.mesh: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}')
+  sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise MeshConfigError('config.mesh: at most one axis may be -1')
+  for axis, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise MeshConfigError(f'config.mesh.{axis}: must be a positive integer or -1, got {s}')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshConfigError(f'config.mesh: {num_devices} devices are not divisible by the fixed '
+                            f'axes {dict(zip(MESH_AXES, sizes))} (product {known})')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise MeshConfigError(f'config.mesh: axes {dict(zip(MESH_AXES, sizes))} use '
+                          f'{math.prod(sizes)} devices but {num_devices} are available')
+  return tuple(sizes)
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              num_branches: int | None = None) -> Mesh:
+  """Mesh over `devices` (default: all). With num_branches, checks the 'branch' axis divides K."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(axis_sizes, len(devices))
+  if num_branches is not None and num_branches % shape[0]:
+    raise MeshConfigError(f'config.mesh.branch={shape[0]} does not divide the number of branches '
+                          f'K={num_branches}')
+  device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
+  """PartitionSpec for one array; mesh axes that do not divide the dimension are dropped."""
+  if len(logical_axes) != len(shape):
+    raise ValueError(f'logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}')
+  spec, used = [], set()
+  for name, dim in zip(logical_axes, shape):
+    axis = rules.get(name) if name is not None else None
+    if axis is None or axis in used or dim % mesh.shape[axis]:
+      spec.append(None)
+    else:
+      spec.append(axis)
+      used.add(axis)
+  return P(*spec)
+
+
+def _logical_tree(state: nnx.State, branch_stacked: bool) -> Any:
+  def axes_of(v: nnx.Variable):
+    axes = tuple(v.get_metadata().get('logical_axes') or (None,) * (v.ndim - branch_stacked))
+    return ('branch',) + axes if branch_stacked else axes
+  return jax.tree.map(axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES,
+                    branch_stacked: bool = False) -> Any:
+  """NamedSharding for every Variable in an (abstract or concrete) nnx.State."""
+  logical = _logical_tree(state, branch_stacked)
+  def to_sharding(v: nnx.Variable, axes):
+    return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules))
+  return jax.tree.map(to_sharding, state, logical,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def branch_sharded(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading dimension on 'branch', the rest replicated (per-branch scalars, rng keys, batches)."""
+  return NamedSharding(mesh, P('branch', *([None] * (ndim - 1))))

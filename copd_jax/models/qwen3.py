@@ -1,0 +1,310 @@
+"""The Qwen3 dense decoder in Flax NNX, numerically matching `transformers`' Qwen3ForCausalLM.
+
+Layout choices (the why):
+- Decoder-layer parameters are stacked on a leading 'layers' axis and applied with `lax.scan`
+  (or an unrolled loop, `scan_layers=False`): compile time stays flat in depth, and per-layer
+  rematerialisation is one `jax.checkpoint` around the scan body.
+- Attention projections keep heads as their own axis ([embed, heads, head_dim]) so a mesh can
+  shard heads over 'tensor' by a logical-axis rule, with no reshapes of sharded dimensions.
+- Every parameter carries `logical_axes` metadata; `copd_jax.mesh` maps those names to mesh axes.
+- Parameters are stored in `param_dtype` (fp32 by default); matmuls run in `compute_dtype`,
+  norms, softmax and RoPE in fp32, logits are returned in fp32.
+
+One KV cache layout serves prefill and decoding: slots [0, S) shared by the batch, a scalar
+write index, and a per-row validity mask, so left padding, right padding and early stops are
+all just invalid slots. RoPE positions are passed per token and count only real tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Finite "minus infinity": a fully masked row (a padding query) then softmaxes to a uniform
+# distribution instead of NaN. Its output is ignored downstream.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+  """Architecture of a Qwen3 dense decoder (the fields of HF's config.json we honour)."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  max_position_embeddings: int = 40_960
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                 'head_dim', 'intermediate_size'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'Qwen3Config.{name} must be a positive integer, got {value!r}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'Qwen3Config.num_heads ({self.num_heads}) must be a multiple of '
+                       f'num_kv_heads ({self.num_kv_heads})')
+    if self.head_dim % 2:
+      raise ValueError(f'Qwen3Config.head_dim must be even for rotary embeddings, got {self.head_dim}')
+
+  def num_params(self) -> int:
+    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * self.head_dim
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_word_embeddings else d * self.vocab_size
+    return self.vocab_size * d + l * per_layer + d + head
+
+
+class KVCache(NamedTuple):
+  """Decoding cache. k, v: [layers, batch, slots, kv_heads, head_dim]; valid: [batch, slots];
+  index: scalar int32, the first slot the next call writes."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def empty(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> 'KVCache':
+    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+
+# name -> (shape given config, logical axes, initialiser kind). 'layers' leads every entry.
+def _layer_param_specs(c: Qwen3Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+  L, D, H, K, hd, F = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                       c.intermediate_size)
+  specs = {
+      'input_norm': ((L, D), ('layers', 'norm'), 'ones'),
+      'q_proj': ((L, D, H, hd), ('layers', 'embed', 'q_heads', 'head_dim'), 'normal'),
+      'k_proj': ((L, D, K, hd), ('layers', 'embed', 'kv_heads', 'head_dim'), 'normal'),
+      'v_proj': ((L, D, K, hd), ('layers', 'embed', 'kv_heads', 'head_dim'), 'normal'),
+      'o_proj': ((L, H, hd, D), ('layers', 'q_heads', 'head_dim', 'embed'), 'normal'),
+      'q_norm': ((L, hd), ('layers', 'norm'), 'ones'),
+      'k_norm': ((L, hd), ('layers', 'norm'), 'ones'),
+      'post_attention_norm': ((L, D), ('layers', 'norm'), 'ones'),
+      'gate_proj': ((L, D, F), ('layers', 'embed', 'mlp'), 'normal'),
+      'up_proj': ((L, D, F), ('layers', 'embed', 'mlp'), 'normal'),
+      'down_proj': ((L, F, D), ('layers', 'mlp', 'embed'), 'normal'),
+  }
+  if c.attention_bias:
+    specs.update({
+        'q_bias': ((L, H, hd), ('layers', 'q_heads', 'head_dim'), 'zeros'),
+        'k_bias': ((L, K, hd), ('layers', 'kv_heads', 'head_dim'), 'zeros'),
+        'v_bias': ((L, K, hd), ('layers', 'kv_heads', 'head_dim'), 'zeros'),
+        'o_bias': ((L, D), ('layers', 'embed'), 'zeros'),
+    })
+  return specs
+
+
+def _init_param(rngs: nnx.Rngs, shape, axes, kind: str, dtype, std: float) -> nnx.Param:
+  if kind == 'ones':
+    value = jnp.ones(shape, dtype)
+  elif kind == 'zeros':
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class DecoderLayers(nnx.Module):
+  """All decoder layers' parameters, each stacked on a leading 'layers' axis."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               init_std: float = 0.02):
+    for name, (shape, axes, kind) in _layer_param_specs(config).items():
+      setattr(self, name, _init_param(rngs, shape, axes, kind, param_dtype, init_std))
+
+  def as_dict(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name)[...] for name in vars(self) if
+            isinstance(getattr(self, name), nnx.Param)}
+
+
+class Qwen3(nnx.Module):
+  """Qwen3ForCausalLM. `compute_dtype` is the matmul dtype; `remat` checkpoints each layer."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               compute_dtype=jnp.float32, remat: bool = False, scan_layers: bool = True,
+               init_std: float = 0.02):
+    self.config = config
+    self.compute_dtype = compute_dtype
+    self.remat = remat
+    self.scan_layers = scan_layers
+    c = config
+    self.embed = _init_param(rngs, (c.vocab_size, c.hidden_size), ('vocab', 'embed'), 'normal',
+                             param_dtype, init_std)
+    self.layers = DecoderLayers(c, rngs=rngs, param_dtype=param_dtype, init_std=init_std)
+    self.final_norm = _init_param(rngs, (c.hidden_size,), ('norm',), 'ones', param_dtype, init_std)
+    if not c.tie_word_embeddings:
+      self.lm_head = _init_param(rngs, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), 'normal',
+                                 param_dtype, init_std)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               token_valid: jax.Array | None = None, cache: KVCache | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """tokens [B, T] -> (fp32 logits [B, T, vocab], updated cache or None).
+
+    token_valid [B, T] marks real tokens (default: all). positions [B, T] are RoPE positions
+    (default: count of real tokens before each one, so padding never shifts positions; with a
+    cache, pass them explicitly). Without a cache the T tokens attend causally among themselves;
+    with one, they are written at slots [cache.index, cache.index + T) and attend to every valid
+    slot up to their own.
+    """
+    hidden, cache = self.hidden_states(tokens, positions=positions, token_valid=token_valid,
+                                       cache=cache)
+    return self.logits(hidden), cache
+
+  def hidden_states(self, tokens, *, positions=None, token_valid=None, cache=None):
+    """Final-normed hidden states [B, T, D] in compute dtype, and the updated cache."""
+    if token_valid is None:
+      token_valid = jnp.ones(tokens.shape, bool)
+    if positions is None:
+      positions = default_positions(token_valid)
+    c = self.config
+    h = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    layer_params = self.layers.as_dict()
+
+    if cache is None:
+      mask = causal_mask(token_valid)
+      def body(h, p):
+        h, _ = decoder_layer(p, h, cos, sin, mask, None, c, self.compute_dtype)
+        return h, None
+      body = jax.checkpoint(body) if self.remat else body
+      h = _over_layers(body, h, layer_params, c.num_layers, self.scan_layers)
+    else:
+      T = tokens.shape[1]
+      valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+      mask = cached_mask(valid, cache.index, T)
+      def body(carry, xs):
+        h, k_all, v_all = carry
+        p, i = xs
+        h, (k_all, v_all) = decoder_layer(p, h, cos, sin, mask, (k_all, v_all, i, cache.index), c,
+                                          self.compute_dtype)
+        return (h, k_all, v_all), None
+      body = jax.checkpoint(body) if self.remat else body
+      xs = (layer_params, jnp.arange(c.num_layers))
+      h, k_all, v_all = _over_layers(body, (h, cache.k, cache.v), xs, c.num_layers,
+                                     self.scan_layers)
+      cache = KVCache(k_all, v_all, valid, cache.index + T)
+    return rms_norm(h, self.final_norm[...], c.rms_norm_eps), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    if self.config.tie_word_embeddings:
+      w = self.embed[...].astype(self.compute_dtype)
+      return jnp.einsum('btd,vd->btv', hidden, w, preferred_element_type=jnp.float32)
+    w = self.lm_head[...].astype(self.compute_dtype)
+    return jnp.einsum('btd,dv->btv', hidden, w, preferred_element_type=jnp.float32)
+
+
+def _over_layers(body, carry, xs, num_layers: int, scan: bool):
+  if scan:
+    carry, _ = jax.lax.scan(body, carry, xs)
+    return carry
+  for i in range(num_layers):
+    carry, _ = body(carry, jax.tree.map(lambda x: x[i], xs))
+  return carry
+
+
+def default_positions(token_valid: jax.Array) -> jax.Array:
+  """RoPE position of each token = number of real tokens before it (pads get a clamped value)."""
+  return jnp.maximum(jnp.cumsum(token_valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(token_valid: jax.Array) -> jax.Array:
+  """[B, 1, T, T] bool: query t sees key s iff s <= t and s is a real token."""
+  T = token_valid.shape[-1]
+  causal = jnp.tril(jnp.ones((T, T), bool))
+  return (causal[None] & token_valid[:, None, :])[:, None]
+
+
+def cached_mask(valid: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
+  """[B, 1, T, S] bool for T new tokens at slots index..index+T-1 over a cache of S slots."""
+  S = valid.shape[-1]
+  query_slot = index + jnp.arange(num_new)
+  causal = jnp.arange(S)[None, :] <= query_slot[:, None]
+  return (causal[None] & valid[:, None, :])[:, None]
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+  """cos, sin [B, T, head_dim] in fp32 (HF's non-interleaved 'rotate_half' layout)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, heads, head_dim]; rotation computed in fp32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+  """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask [B,1,T,S] -> [B,T,H,hd]."""
+  B, T, H, hd = q.shape
+  K = k.shape[2]
+  q = q.reshape(B, T, K, H // K, hd)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = scores * (hd ** -0.5)
+  scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(B, T, H, hd)
+
+
+def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwen3Config, dtype):
+  """One pre-norm decoder block. With `cache_slot = (k_all, v_all, layer, index)` the new K/V are
+  written into the stacked cache (in place under jit) and attention reads the whole layer cache."""
+  w = {name: value.astype(dtype) for name, value in p.items()}
+  x = rms_norm(h, p['input_norm'], c.rms_norm_eps)
+  q = jnp.einsum('btd,dhk->bthk', x, w['q_proj'])
+  k = jnp.einsum('btd,dhk->bthk', x, w['k_proj'])
+  v = jnp.einsum('btd,dhk->bthk', x, w['v_proj'])
+  if c.attention_bias:
+    q, k, v = q + w['q_bias'], k + w['k_bias'], v + w['v_bias']
+  q = apply_rope(rms_norm(q, p['q_norm'], c.rms_norm_eps), cos, sin)
+  k = apply_rope(rms_norm(k, p['k_norm'], c.rms_norm_eps), cos, sin)
+  new_cache = None
+  if cache_slot is not None:
+    k_all, v_all, layer, index = cache_slot
+    zero = jnp.zeros((), jnp.int32)
+    start = (layer, zero, index, zero, zero)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+    k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
+    new_cache = (k_all, v_all)
+  attn = attention(q, k, v, mask)
+  out = jnp.einsum('bthk,hkd->btd', attn, w['o_proj'])
+  if c.attention_bias:
+    out = out + w['o_bias']
+  h = h + out
+  x = rms_norm(h, p['post_attention_norm'], c.rms_norm_eps)
+  gate = jnp.einsum('btd,df->btf', x, w['gate_proj'])
+  up = jnp.einsum('btd,df->btf', x, w['up_proj'])
+  h = h + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, w['down_proj'])
+  return h, new_cache
+
+
+def param_logical_axes(model: Qwen3) -> Any:
+  """nnx.State with each Param's logical axis names in place of its value."""
+  state = nnx.state(model, nnx.Param)
+  return jax.tree.map(lambda v: v.get_metadata().get('logical_axes'), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))

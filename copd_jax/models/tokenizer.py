@@ -1,0 +1,55 @@
+"""Tokenizers: the built-in character-level tokenizer for the synthetic domains, and loading a
+Hugging Face tokenizer from a local folder (never remote code).
+
+The character tokenizer is a real `tokenizers` WordLevel model over single characters, wrapped
+in `PreTrainedTokenizerFast`, so a toy model exports as a complete Hugging Face folder that
+`AutoTokenizer.from_pretrained` reads back.
+"""
+from __future__ import annotations
+
+import os
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = '<pad>', '<bos>', '<eos>', '<unk>'
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+# Printable ASCII plus newline; enough for every built-in synthetic domain.
+CHARACTERS = tuple(sorted(set(string.printable) - set('\t\r\x0b\x0c')))
+# Chat template of the toy domains: the prompt, then the answer follows after "\n=".
+CHAR_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n{% elif "
+    "m['role'] == 'assistant' %}{{ m['content'] }}<eos>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}={% endif %}")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+  """Character-level tokenizer: ids 0..3 are <pad> <bos> <eos> <unk>, then one id per character."""
+  vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+  for ch in CHARACTERS:
+    vocab[ch] = len(vocab)
+  core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+  core.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')
+  core.decoder = decoders.Fuse()
+  core.add_special_tokens(list(SPECIAL_TOKENS))
+  tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS,
+                                eos_token=EOS, unk_token=UNK)
+  tok.chat_template = CHAR_CHAT_TEMPLATE
+  return tok
+
+
+def char_vocab_size(multiple: int = 64) -> int:
+  """Model vocabulary for the character tokenizer, rounded up to a friendly multiple."""
+  n = len(SPECIAL_TOKENS) + len(CHARACTERS)
+  return -(-n // multiple) * multiple
+
+
+def load_tokenizer(folder: str) -> PreTrainedTokenizerBase:
+  """AutoTokenizer from a local folder with trust_remote_code off; a clear error if absent."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{folder}: tokenizer folder does not exist')
+  if not any(os.path.isfile(os.path.join(folder, f))
+             for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.json')):
+    raise FileNotFoundError(f'{folder}: no tokenizer.json / tokenizer_config.json / vocab.json')
+  return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
