@@ -75,13 +75,14 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | Non
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
-  """PartitionSpec for one array; mesh axes that do not divide the dimension are dropped."""
+  """PartitionSpec for one array; mesh axes of size 1 or that do not divide the dimension are
+  dropped (the array is replicated along them)."""
   if len(logical_axes) != len(shape):
     raise ValueError(f'logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}')
   spec, used = [], set()
   for name, dim in zip(logical_axes, shape):
     axis = rules.get(name) if name is not None else None
-    if axis is None or axis in used or dim % mesh.shape[axis]:
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
       spec.append(None)
     else:
       spec.append(axis)
