@@ -109,7 +109,7 @@ def config_to_hf_dict(config: Qwen3Config, *, dtype: str = 'float32', **extra) -
 # function HF array -> our array, function our array -> HF array).
 # ---------------------------------------------------------------------------------------------
 
-def _layer_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
+def layer_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
   D, H, K, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
   same = lambda x: x
   def proj_in(heads):   # HF [heads*hd, D] -> ours [D, heads, hd]
@@ -140,7 +140,7 @@ def _layer_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
   return m
 
 
-def _top_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
+def top_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
   m = {'embed': ('model.embed_tokens.weight', lambda w: w, lambda p: p),
        'final_norm': ('model.norm.weight', lambda w: w, lambda p: p)}
   if not c.tie_word_embeddings:
@@ -152,7 +152,7 @@ def _top_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def _tensor_files(folder: str) -> dict[str, str]:
+def tensor_files(folder: str) -> dict[str, str]:
   """HF tensor name -> safetensors file path."""
   index = os.path.join(folder, 'model.safetensors.index.json')
   single = os.path.join(folder, 'model.safetensors')
@@ -202,8 +202,8 @@ def load_params(folder: str, config: Qwen3Config | None = None,
                 param_dtype=np.float32) -> dict[str, Any]:
   """Reads the folder's safetensors into the nested dict layout of `nnx.state(Qwen3, Param)`."""
   config = config or read_config(folder)
-  files = _tensor_files(folder)
-  top, per_layer = _top_mapping(config), _layer_mapping(config)
+  files = tensor_files(folder)
+  top, per_layer = top_mapping(config), layer_mapping(config)
   expected = _expected_shapes(config)
   params: dict[str, Any] = {'layers': {}}
   for name, (shape, _, _) in expected['layers'].items():
@@ -280,10 +280,10 @@ def load_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float3
 def params_to_hf_tensors(params: dict[str, Any], config: Qwen3Config,
                          dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array) one tensor at a time from a pure-dict parameter tree."""
-  for ours, (hf, _, to_hf) in _top_mapping(config).items():
+  for ours, (hf, _, to_hf) in top_mapping(config).items():
     yield hf, np.ascontiguousarray(to_hf(np.asarray(params[ours])).astype(dtype))
   for i in range(config.num_layers):
-    for ours, (hf, _, to_hf) in _layer_mapping(config).items():
+    for ours, (hf, _, to_hf) in layer_mapping(config).items():
       layer_value = np.asarray(params['layers'][ours][i])
       yield f'model.layers.{i}.{hf}', np.ascontiguousarray(to_hf(layer_value).astype(dtype))
 
@@ -299,26 +299,34 @@ def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
 
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, array in params_to_hf_tensors(params, config, dtype):
-    if size and size + array.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = array
-    size += array.nbytes
+  # Shards are written as soon as they fill (host memory stays near one shard), under
+  # provisional names that are fixed once the shard count is known.
+  written: list[tuple[str, list[str], int]] = []   # (file, tensor names, bytes)
+  shard: dict[str, np.ndarray] = {}
   metadata = {'format': 'pt'}
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(tmp, 'model.safetensors'), metadata=metadata)
+
+  def flush():
+    file = f'shard-{len(written):05d}.safetensors'
+    save_file(shard, os.path.join(tmp, file), metadata=metadata)
+    written.append((file, list(shard), sum(a.nbytes for a in shard.values())))
+    shard.clear()
+
+  for name, array in params_to_hf_tensors(params, config, dtype):
+    if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+      flush()
+    shard[name] = array
+  flush()
+  if len(written) == 1:
+    os.replace(os.path.join(tmp, written[0][0]), os.path.join(tmp, 'model.safetensors'))
   else:
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-      file = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
-      save_file(shard, os.path.join(tmp, file), metadata=metadata)
-      weight_map.update({name: file for name in shard})
-      total += sum(a.nbytes for a in shard.values())
+    weight_map = {}
+    for k, (file, names, _) in enumerate(written):
+      final = f'model-{k + 1:05d}-of-{len(written):05d}.safetensors'
+      os.replace(os.path.join(tmp, file), os.path.join(tmp, final))
+      weight_map.update({name: final for name in names})
     with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
-      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+      json.dump({'metadata': {'total_size': sum(b for _, _, b in written)},
+                 'weight_map': weight_map}, f, indent=2)
 
   token_ids = {}
   if tokenizer_from:

@@ -1,0 +1,20 @@
+"""CoPD, K=3 hub-and-spoke (hub: arithmetic; spokes: reverse, sort) on the synthetic domains.
+
+Run:
+  python -m copd_jax train --config configs/toy_copd_k3.py --workdir runs/toy_copd_k3
+
+Spokes learn from the hub, the hub from every spoke (paper Sec. 3, K > 2).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from base import base_config  # noqa: E402
+
+
+def get_config():
+  c = base_config()
+  c.branches = ('arithmetic', 'reverse', 'sort')
+  c.copd.topology = 'hub_and_spoke'
+  c.copd.hub = 0
+  return c

@@ -1,0 +1,85 @@
+"""`python -m copd_jax evaluate --config CONFIG --checkpoint CKPT [--out FILE.json]`
+
+Per-domain accuracy (greedy pass@1 and sampled avg@k) on the config's eval splits. For a run
+checkpoint: the base model, every branch and their merge (`--merge-method`); for a merged
+checkpoint or a Hugging Face folder: that model. Prints a markdown table and saves JSON.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from copd_jax.config import load_config
+
+ACCEPTS_EXTRA = True  # --config.a.b=value overrides
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('--config', required=True, help='config file naming the domains')
+  parser.add_argument('--checkpoint', required=True,
+                      help='run workdir / step folder, merged checkpoint or HF folder')
+  parser.add_argument('--merge-method', default='mean',
+                      help="merge of a run's branches to evaluate too ('none' to skip)")
+  parser.add_argument('--out', default=None,
+                      help='JSON file (default: <workdir>/eval_<step>.json, or <CKPT>.eval.json)')
+
+
+def default_output(source) -> str:
+  """<workdir>/eval_<step>.json for a run checkpoint, else <model folder>.eval.json."""
+  path = source.path.rstrip('/')
+  if source.kind == 'run':
+    return os.path.join(os.path.dirname(os.path.dirname(path)), f'eval_{os.path.basename(path)}.json')
+  return path + '.eval.json'
+
+
+def run(args) -> int:
+  bad = [a for a in args.extra if not a.startswith('--config.')]
+  if bad:
+    raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+  config = load_config(args.config, args.extra)
+  from flax import nnx
+
+  from copd_jax import checkpoint as ckpt
+  from copd_jax.driver import load_domains
+  from copd_jax.evaluation import evaluate_models, markdown_table, save_results
+  from copd_jax.merge import merge_checkpoints
+  from copd_jax.models.qwen3 import Qwen3
+  from copd_jax.models.tokenizer import load_tokenizer
+  from copd_jax.rollouts import PromptEncoder
+
+  domains = load_domains(config)
+  source = ckpt.open_source(args.checkpoint)
+  named: list[tuple[str, dict]] = []
+  if source.kind == 'run':
+    base = source.meta.get(ckpt.META_BASE_PARAMS)
+    if base and os.path.isdir(base):
+      named.append(('base', ckpt.open_source(base).read_all()))
+    named += [(f'branch{k}', source.read_all(k)) for k in range(source.num_branches)]
+    if args.merge_method != 'none' and source.num_branches > 1:
+      merged = merge_checkpoints(args.checkpoint, args.merge_method)
+      named.append((f'merged:{args.merge_method}', merged.params))
+  else:
+    named.append((os.path.basename(source.path.rstrip('/')), source.read_all()))
+  if not source.tokenizer_dir:
+    raise ckpt.CheckpointError(f'{source.path}: no tokenizer recorded; cannot render prompts')
+  tokenizer = load_tokenizer(source.tokenizer_dir)
+
+  model = nnx.eval_shape(lambda: Qwen3(source.model_config, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(model)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *[p for _, p in named])
+  params = jax.tree.map(lambda x: x, abstract)
+  nnx.replace_by_pure_dict(params, stacked)
+
+  encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
+  results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
+                            {n: config.domains[n].reward for n in domains},
+                            config.sampling.max_new_tokens, config.sampling.temperature,
+                            config.eval.samples_k, config.seed)
+  print(markdown_table(results, config.eval.samples_k))
+  out = args.out or default_output(source)
+  save_results(out, results, config.eval.samples_k)
+  print(f'saved {out}')
+  return 0

@@ -1,0 +1,65 @@
+"""`python -m copd_jax export-hf --checkpoint CKPT [--branch K] --out DIR`: one model (a branch of
+a run checkpoint, a merged checkpoint, or a HF folder) as a Hugging Face folder with its tokenizer.
+The folder is built under a temporary name and renamed, so an interrupted export leaves nothing
+that looks complete."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from copd_jax import checkpoint as ckpt
+from copd_jax.errors import UserInputError
+from copd_jax.models import hf_io
+from copd_jax.models.qwen3 import Qwen3Config
+
+HF_DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--checkpoint', required=True, metavar='CKPT',
+                      help='run workdir, run step folder, merged/params-only checkpoint or '
+                           'HF folder')
+  parser.add_argument('--branch', type=int, default=None,
+                      help='branch of a run checkpoint (optional when it has one branch)')
+  parser.add_argument('--out', required=True, help='Hugging Face folder to write')
+  parser.add_argument('--dtype', choices=sorted(HF_DTYPES), default='float32',
+                      help='dtype of the saved tensors')
+  parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+
+
+def check_out_dir(path: str, overwrite: bool, flag: str) -> None:
+  if os.path.exists(path) and not overwrite:
+    raise UserInputError(f'{flag} {path}: already exists (pass --overwrite to replace it)')
+
+
+def write_hf_folder(params: dict[str, Any], config: Qwen3Config, tokenizer_dir: str | None,
+                    out_dir: str, dtype: str = 'float32') -> None:
+  """save_hf_folder with the tokenizer files of tokenizer_dir and its special-token ids."""
+  generation = {}
+  if tokenizer_dir:
+    from copd_jax.models.tokenizer import load_tokenizer  # imports transformers
+    try:
+      tokenizer = load_tokenizer(tokenizer_dir)
+    except FileNotFoundError as e:
+      raise UserInputError(f'tokenizer_dir {tokenizer_dir}: {e}') from None
+    for name in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+      if getattr(tokenizer, name, None) is not None:
+        generation[name] = getattr(tokenizer, name)
+  else:
+    print(f'warning: no tokenizer recorded for this model; {out_dir} has weights and config only',
+          file=sys.stderr)
+  hf_io.save_hf_folder(params, config, out_dir, tokenizer_from=tokenizer_dir,
+                       dtype=HF_DTYPES[dtype], generation=generation)
+
+
+def run(args: argparse.Namespace) -> int:
+  check_out_dir(args.out, args.overwrite, '--out')
+  config, params, tokenizer_dir = ckpt.load_params_for_inference(args.checkpoint, args.branch)
+  write_hf_folder(params, config, tokenizer_dir, args.out, args.dtype)
+  print(f'wrote {args.out} ({config.num_params():,} parameters, {args.dtype})')
+  return 0

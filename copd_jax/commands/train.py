@@ -1,0 +1,28 @@
+"""`python -m copd_jax train --config FILE --workdir DIR [--config.a.b=value ...]`
+
+Runs the experiment in the config file (or resumes it from DIR's newest checkpoint): the base
+model, N cycles of GRPO and mutual OPD over K branches, the merge, and the evaluation table.
+"""
+from __future__ import annotations
+
+from copd_jax.config import load_config
+
+ACCEPTS_EXTRA = True  # --config.a.b=value overrides
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('--config', required=True, help='config file (configs/*.py)')
+  parser.add_argument('--workdir', required=True, help='output folder; resumes if it has checkpoints')
+  parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+  parser.add_argument('--stop-after', type=int, default=None,
+                      help='stop after this many global steps (the run resumes later)')
+
+
+def run(args) -> int:
+  bad = [a for a in args.extra if not a.startswith('--config.')]
+  if bad:
+    raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+  config = load_config(args.config, args.extra)  # all checks before any compute
+  from copd_jax.driver import train  # heavy imports after the config is known to be good
+  train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+  return 0

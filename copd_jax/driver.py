@@ -1,0 +1,410 @@
+"""Algorithm 1 of the paper as a plain Python loop.
+
+    for cycle in 1..N:
+      S_RL  x  GRPO step   (branch k on its own domain D_k)
+      S_OPD x  OPD step    (branch k: its native GRPO batch on D_k, plus rollouts on each
+                            teacher j's domain D_j scored token by token by branch j)
+    merge the branches; evaluate base, every branch and the merge
+
+All K branches advance together: sampling and updates are single programs vmapped over the
+stacked branch state. A single-branch run (K = 1, s_opd = 0) is a domain expert; a branch whose
+domain is 'a+b' trains on mixed data, so the paper's baselines run on this same loop.
+
+Determinism: every random draw derives from (config.seed, global step), and data iterators are
+checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from copd_jax import checkpoint as ckpt
+from copd_jax import mesh as mesh_lib
+from copd_jax import metrics as metrics_lib
+from copd_jax.config import branch_domains
+from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
+from copd_jax.evaluation import evaluate_models, markdown_table, save_results
+from copd_jax.losses import group_advantages
+from copd_jax.merge import merge_checkpoints
+from copd_jax.models import hf_io
+from copd_jax.models.tokenizer import load_tokenizer
+from copd_jax.optim import make_optimizer
+from copd_jax.rollouts import PromptEncoder, Rollouts, sample_and_score
+from copd_jax.sampling import SamplingParams
+from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings, init_branch_state,
+                            make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+from copd_jax.topology import make_topology
+from copd_jax.warmstart import ensure_base_model
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Global step g -> (cycle, phase, step within phase)."""
+  num_cycles: int
+  s_rl: int
+  s_opd: int
+
+  @property
+  def steps_per_cycle(self) -> int:
+    return self.s_rl + self.s_opd
+
+  @property
+  def total_steps(self) -> int:
+    return self.num_cycles * self.steps_per_cycle
+
+  def at(self, step: int) -> tuple[int, str, int]:
+    cycle, within = divmod(step, self.steps_per_cycle)
+    return (cycle, 'rl', within) if within < self.s_rl else (cycle, 'opd', within - self.s_rl)
+
+  def is_phase_end(self, step: int) -> bool:
+    within = step % self.steps_per_cycle
+    return within == self.s_rl - 1 or within == self.steps_per_cycle - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+
+def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
+  """(train, eval) examples of every domain some branch uses; file errors name file and line."""
+  used = sorted({d for names in branch_domains(config) for d in names})
+  out = {}
+  for i, name in enumerate(used):
+    spec = config.domains[name]
+    if spec.source == 'synthetic':
+      out[name] = synthetic_domain(name, config.seed + 1000 * i, spec.num_train, spec.num_eval)
+    else:
+      fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None)
+      out[name] = (load_examples(spec.train_path, name, reward=spec.reward, **fields),
+                   load_examples(spec.eval_path, name, reward=spec.reward, **fields))
+  return out
+
+
+def base_model_path(config, workdir: str, domains, log: Callable) -> str:
+  if config.model.source == 'hf':
+    return config.model.hf_path
+  pairs = []
+  for train, _ in domains.values():
+    pairs += [(e.prompt + '\n=', e.answer) for e in train]
+  return ensure_base_model(workdir, config.model, config.warmstart, pairs, config.seed, log)
+
+
+class PromptSources:
+  """Data loaders of a run: the native loader (branch k on its own domains) and one loader per
+  OPD round (student k on its teacher's domains). Their iterator states are checkpointed."""
+
+  def __init__(self, config, domains, rounds):
+    train = {name: split[0] for name, split in domains.items()}
+    per_branch = branch_domains(config)
+    own = [sum((train[d] for d in names), []) for names in per_branch]
+    # mix_domains: a branch on 'a+b' draws each domain with equal weight, whatever their sizes.
+    self.native = BranchPromptLoader(own, config.grpo.prompts_per_step, config.seed,
+                                     mix_domains=True)
+    self.rounds = []
+    for r, teacher_of in enumerate(rounds):
+      # A branch that learns nothing in this round still samples (shapes stay fixed); its rows
+      # are masked out of the update.
+      sources = [own[t] if t >= 0 else own[k] for k, t in enumerate(teacher_of)]
+      self.rounds.append(BranchPromptLoader(sources, config.opd.prompts_per_step,
+                                            config.seed + 7919 * (r + 1), mix_domains=True))
+
+  def get_state(self) -> dict[str, Any]:
+    return {'native': self.native.get_state(),
+            'rounds': [loader.get_state() for loader in self.rounds]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.native.set_state(state['native'])
+    for loader, s in zip(self.rounds, state['rounds']):
+      loader.set_state(s)
+
+
+def repeat_rows(examples: list[list[Example]], times: int) -> list[list[Example]]:
+  return [[e for e in row for _ in range(times)] for row in examples]
+
+
+def to_batch(rollouts: Rollouts, advantages: np.ndarray | None, row_mask=None) -> RolloutBatch:
+  """Sampler output [K, B, T] (+ per-row advantages [K, B]) -> the train step's RolloutBatch."""
+  out = rollouts.output
+  completion = np.asarray(out.completion_mask)
+  if row_mask is not None:
+    completion = completion & row_mask[:, :, None]
+  adv = np.zeros(completion.shape, np.float32)
+  if advantages is not None:
+    adv = np.broadcast_to(advantages[..., None], completion.shape) * completion
+  return RolloutBatch(tokens=jnp.asarray(out.tokens), token_valid=jnp.asarray(out.token_valid),
+                      completion_mask=jnp.asarray(completion),
+                      sampler_logprobs=jnp.asarray(out.logprobs),
+                      advantages=jnp.asarray(adv, jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: str
+  results: dict | None
+  table: str | None
+  steps_done: int
+
+
+def train(config, workdir: str, log: Callable[[str], None] = print, progress: bool = True,
+          stop_after: int | None = None) -> RunResult:
+  """Runs (or resumes) the configured experiment in `workdir` to the end."""
+  os.makedirs(workdir, exist_ok=True)
+  K = len(config.branches)
+  domains = load_domains(config)  # validates data files before any compute
+  checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last)
+  if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
+    try:
+      saved = checkpointer.restore_meta()['config']
+    except Exception:  # a damaged newest checkpoint: restore() falls back and we check then
+      saved = None
+    if saved is not None:
+      _check_resume_compatible(saved, config)
+  base_path = base_model_path(config, workdir, domains, log)
+  model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
+                           param_dtype=DTYPES[config.model.param_dtype],
+                           remat=config.model.remat, scan_layers=config.model.scan_layers)
+  tokenizer = load_tokenizer(base_path)
+  graphdef, base_params = nnx.split(model)
+
+  mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
+  edges_to_drop = [tuple(int(x) for x in e.split('<-')) for e in
+                   config.copd.drop_edges.split(',') if e.strip()]
+  topology = make_topology(config.copd.topology if K > 1 else 'edges', K, hub=config.copd.hub,
+                           edges=() if K == 1 or config.copd.topology == 'none' else None,
+                           drop_edges=edges_to_drop, field='config.copd')
+  rounds = topology.rounds() if config.copd.s_opd else ()
+  optimizer = make_optimizer(config.optimizer)
+  schedule = Schedule(config.copd.num_cycles, config.copd.s_rl, config.copd.s_opd)
+  sampling = SamplingParams(max_new_tokens=config.sampling.max_new_tokens,
+                            temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                            top_p=config.sampling.top_p)
+  reward_kinds = {name: config.domains[name].reward for name in domains}
+  encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  sources = PromptSources(config, domains, rounds)
+
+  state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed)
+  start = 0
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(state)
+    _check_resume_compatible(meta['config'], config)
+    start = meta['step'] + 1
+    sources.set_state(meta['data_state'])
+    log(f'resumed from step {meta["step"]} (cycle {meta["cycle"] + 1}, phase {meta["phase"]})')
+  metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None)
+
+  step_config = step_config_from(config)
+  sharding = branch_state_shardings(state, mesh)
+  grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
+  opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
+      if rounds else None
+  probe = make_edge_topk(graphdef, mesh, sharding, rounds, config.metrics.overlap_top_k,
+                         config.sampling.temperature) if rounds else None
+  # The frozen reference of the optional k3 KL term is the base model.
+  ref = (jax.device_put(base_params, reference_shardings(sharding)),) \
+      if step_config.kl_coef > 0 else ()
+  root_key = jax.random.key(config.seed)
+  bar = _progress_bar(schedule.total_steps, start, progress)
+  last = stop_after if stop_after is not None else schedule.total_steps
+  try:
+    for step in range(start, min(last, schedule.total_steps)):
+      cycle, phase, _ = schedule.at(step)
+      key = jax.random.fold_in(root_key, step)
+      t0 = time.perf_counter()
+      native = _native_batch(state, graphdef, sources, encoder, sampling, reward_kinds, config,
+                             jax.random.fold_in(key, 0), mesh)
+      scalars = _rollout_scalars(native, config.branches, 'native')
+      if phase == 'rl':
+        state, step_metrics = grpo_step(state, native.batch, *ref)
+      else:
+        distill = [_distill_batch(state, graphdef, loader, teacher_of, encoder, sampling,
+                                  reward_kinds, jax.random.fold_in(key, r + 1), mesh,
+                                  config.opd.samples_per_prompt)
+                   for r, (loader, teacher_of) in enumerate(zip(sources.rounds, rounds))]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[d.batch for d in distill])
+        if step % config.metrics.log_every == 0:
+          scalars.update(_behaviour_scalars(probe, state, stacked, rounds, config.branches))
+        for r, d in enumerate(distill):
+          scalars.update(_rollout_scalars(d, config.branches, f'distill_round{r}'))
+        state, step_metrics = opd_step(state, native.batch, stacked, *ref)
+      scalars.update(_branch_scalars(step_metrics, config.branches))
+      scalars.update({'cycle': cycle, 'phase_is_opd': float(phase == 'opd'),
+                      'step_seconds': time.perf_counter() - t0})
+      if step % config.metrics.log_every == 0 or step == schedule.total_steps - 1:
+        metrics_log.write(step, scalars)
+      bar.set_postfix_str(f'cycle {cycle + 1} {phase} reward ' + ' '.join(
+          f'{scalars[f"native/reward/{b}"]:.2f}' for b in _names(config.branches)))
+      bar.update(1)
+      if (step + 1) % config.checkpoint.every_steps == 0 or schedule.is_phase_end(step) \
+          or step == schedule.total_steps - 1:
+        checkpointer.save(step, state, ckpt.run_meta(
+            cycle=cycle, phase=phase, step=step, model_config=model.config,
+            tokenizer_dir=base_path, base_params=base_path, config=config,
+            data_state=sources.get_state()), keep=schedule.is_phase_end(step))
+  finally:
+    bar.close()
+    checkpointer.wait()
+    metrics_log.close()
+  done = min(last, schedule.total_steps)
+  if done < schedule.total_steps:
+    checkpointer.close()
+    return RunResult(workdir, None, None, done)
+
+  results, table = _finish(config, workdir, graphdef, base_params, state, domains, encoder,
+                           reward_kinds, model.config, base_path, log)
+  checkpointer.close()
+  return RunResult(workdir, results, table, done)
+
+
+def step_config_from(config) -> StepConfig:
+  g = config.grpo
+  return StepConfig(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                    aggregation=g.aggregation, max_completion_tokens=config.sampling.max_new_tokens,
+                    kl_coef=g.kl_coef, entropy_coef=g.entropy_coef,
+                    temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
+                    opd_beta=config.copd.beta, opd_clamp=config.copd.delta_clamp or None)
+
+
+def _check_resume_compatible(saved: dict, config) -> None:
+  from copd_jax.config import ConfigError
+  current = config.to_dict()
+  # Sections that change what is trained; logging, checkpoint, eval and mesh may change.
+  for field in ('branches', 'domains', 'model', 'warmstart', 'seed', 'grpo', 'opd', 'copd',
+                'sampling', 'optimizer'):
+    if json.loads(json.dumps(saved.get(field))) != json.loads(json.dumps(current[field])):
+      raise ConfigError(f'config.{field}: differs from the checkpoint in this workdir '
+                        f'(saved {saved.get(field)!r}); resume with the original config or use '
+                        'a new --workdir')
+
+
+def _names(branches) -> list[str]:
+  return [f'b{k}_{name}' for k, name in enumerate(branches)]
+
+
+@dataclasses.dataclass
+class _Sampled:
+  rollouts: Rollouts
+  batch: RolloutBatch
+
+
+def _native_batch(state, graphdef, sources, encoder, sampling, reward_kinds, config, key, mesh):
+  prompts = sources.native.next()
+  rows = repeat_rows(prompts, config.grpo.group_size)
+  rollouts = sample_and_score(graphdef, state.params, rows, encoder, sampling, key, reward_kinds,
+                              mesh=mesh)
+  advantages = np.asarray(group_advantages(jnp.asarray(rollouts.rewards), config.grpo.group_size,
+                                           normalize_std=config.grpo.std_normalize))
+  return _Sampled(rollouts, to_batch(rollouts, advantages))
+
+
+def _distill_batch(state, graphdef, loader, teacher_of, encoder, sampling, reward_kinds, key,
+                   mesh, samples_per_prompt: int):
+  prompts = loader.next()
+  rows = repeat_rows(prompts, samples_per_prompt)
+  rollouts = sample_and_score(graphdef, state.params, rows, encoder, sampling, key, reward_kinds,
+                              mesh=mesh)
+  learns = np.asarray([t >= 0 for t in teacher_of])
+  row_mask = np.broadcast_to(learns[:, None], rollouts.rewards.shape)
+  return _Sampled(rollouts, to_batch(rollouts, None, row_mask))
+
+
+def _rollout_scalars(sampled: _Sampled, branches, prefix: str) -> dict[str, float]:
+  r = sampled.rollouts
+  lengths = metrics_lib.completion_lengths(r.output.completion_mask)
+  out = {}
+  for k, name in enumerate(_names(branches)):
+    out[f'{prefix}/reward/{name}'] = float(r.rewards[k].mean())
+    out[f'{prefix}/length/{name}'] = float(lengths[k].mean())
+  return out
+
+
+def _branch_scalars(step_metrics, branches) -> dict[str, float]:
+  host = jax.device_get(step_metrics)
+  out = {}
+  for key, values in host.items():
+    values = np.asarray(values)
+    if values.ndim == 0:
+      out[f'train/{key}'] = float(values)
+      continue
+    for k, name in enumerate(_names(branches)):
+      out[f'train/{key}/{name}'] = float(values[k])
+  return out
+
+
+def _behaviour_scalars(probe, state, stacked, rounds, branches) -> dict[str, float]:
+  """Top-k overlap and KL estimates of each (student <- teacher) edge on the student's
+  distillation rollouts (estimators documented in copd_jax.metrics)."""
+  edge = jax.device_get(probe(state.params, stacked))
+  names = _names(branches)
+  k = edge.student_ids.shape[-1]
+  out = {}
+  for r, teacher_of in enumerate(rounds):
+    mask = np.asarray(stacked.completion_mask[r])
+    for s, t in enumerate(teacher_of):
+      if t < 0:
+        continue
+      name = f'{names[s]}<-{names[t]}'
+      student_lp, teacher_lp = edge.student_token_logprob[r, s], edge.teacher_token_logprob[r, s]
+      out[f'behaviour/overlap_top{k}/{name}'] = metrics_lib.topk_overlap(
+          edge.student_ids[r, s], edge.teacher_ids[r, s], mask[s])
+      out[f'behaviour/symmetric_kl/{name}'] = metrics_lib.symmetric_kl_estimate(
+          student_lp, teacher_lp, mask[s])
+      out[f'behaviour/reverse_kl/{name}'] = metrics_lib.reverse_kl_estimate(
+          student_lp, teacher_lp, mask[s])
+  return out
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, desc='train', disable=not enabled, dynamic_ncols=True)
+
+
+def state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
+  """An nnx.State shaped like `template` holding the arrays of the pure dict `pure`."""
+  state = jax.tree.map(lambda x: x, template)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def _finish(config, workdir, graphdef, base_params, state, domains, encoder, reward_kinds,
+            model_config, base_path, log):
+  """Merge the branches, evaluate base / branches / merge, write the table and the merged model."""
+  K = len(config.branches)
+  names = ['base'] + [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
+  models = [jax.tree.map(lambda x: np.asarray(x)[None], base_params),
+            jax.tree.map(np.asarray, jax.device_get(state.params))]
+  if config.merge.method != 'none' and K > 1:
+    # The same streaming merge as `python -m copd_jax merge --workdir`, from the final checkpoint.
+    merged = merge_checkpoints(workdir, config.merge.method, lam=config.merge.lam,
+                               density=config.merge.density, out=os.path.join(workdir, 'merged'),
+                               overwrite=True)
+    out_dir = os.path.join(workdir, 'merged_hf')
+    hf_io.save_hf_folder(merged.params, model_config, out_dir, tokenizer_from=base_path)
+    log(f'merged model ({config.merge.method}) written to {out_dir}')
+    models.append(jax.tree.map(lambda x: np.asarray(x)[None],
+                               state_from_pure_dict(base_params, merged.params)))
+    names.append(f'merged:{config.merge.method}')
+  all_params = jax.tree.map(lambda *xs: np.concatenate(xs), *models)
+  eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
+  results = evaluate_models(graphdef, all_params, names, eval_sets, encoder, reward_kinds,
+                            config.sampling.max_new_tokens, config.sampling.temperature,
+                            config.eval.samples_k, config.seed)
+  table = markdown_table(results, config.eval.samples_k)
+  save_results(os.path.join(workdir, 'eval.json'), results, config.eval.samples_k)
+  with open(os.path.join(workdir, 'eval.md'), 'w') as f:
+    f.write(table + '\n')
+  log('\n' + table)
+  return results, table

@@ -1,0 +1,105 @@
+"""Behavioural metrics between branches (paper Sec. 2, Fig. 4) and the run's metric log.
+
+Full next-token distributions never cross branches (they would be vocab-sized per token), so
+the teacher-student comparisons are estimated from what does cross: the student's on-policy
+tokens go to the teacher, and per position the teacher returns its top-k token ids and its
+log-prob of the student's sampled token.
+
+- Top-k overlap O_k = mean over completion positions of |Top_k(student) ∩ Top_k(teacher)| / k,
+  exact given both top-k id sets (the paper's definition along on-policy student prefixes).
+- Symmetric KL, KL(s||t) + KL(t||s), estimated on the student's samples y ~ s with the ratio
+  r = t(y) / s(y): E_s[(r - 1) log r]. Since E_s[r log r] = KL(t||s) and E_s[-log r] = KL(s||t),
+  the estimator is unbiased, and every sample's term is >= 0 (low variance near r = 1).
+  log r is clipped to +-`max_log_ratio` so one rare token cannot dominate a logged value.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def masked_mean(x, mask) -> float:
+  x, mask = np.asarray(x, np.float64), np.asarray(mask, bool)
+  return float(x[mask].mean()) if mask.any() else float('nan')
+
+
+def topk_overlap(student_ids, teacher_ids, mask) -> float:
+  """student_ids, teacher_ids [..., T, k]; mask [..., T] -> O_k averaged over masked positions."""
+  s, t = np.asarray(student_ids), np.asarray(teacher_ids)
+  k = s.shape[-1]
+  # |A ∩ B| for sets of distinct ids: count matches of each student id among the teacher ids.
+  shared = (s[..., :, None] == t[..., None, :]).any(-1).sum(-1) / k
+  return masked_mean(shared, mask)
+
+
+def symmetric_kl_estimate(student_logp, teacher_logp, mask, max_log_ratio: float = 20.0) -> float:
+  """KL(s||t) + KL(t||s) from log-probs of student-sampled tokens (see module docstring)."""
+  log_r = np.clip(np.asarray(teacher_logp, np.float64) - np.asarray(student_logp, np.float64),
+                  -max_log_ratio, max_log_ratio)
+  return masked_mean((np.exp(log_r) - 1.0) * log_r, mask)
+
+
+def reverse_kl_estimate(student_logp, teacher_logp, mask) -> float:
+  """KL(s||t) = E_s[log s(y) - log t(y)] on student samples (the quantity OPD minimises)."""
+  return masked_mean(np.asarray(student_logp) - np.asarray(teacher_logp), mask)
+
+
+def completion_lengths(completion_mask) -> np.ndarray:
+  return np.asarray(completion_mask).sum(-1)
+
+
+class MetricsLog:
+  """Appends scalar metrics to <workdir>/metrics.jsonl and TensorBoard event files.
+
+  On resume, lines at or after the resumed step are dropped first, so the file always equals
+  that of an uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._writer = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None and os.path.exists(self.path):
+      self._truncate_from(resume_step)
+    elif resume_step is None and os.path.exists(self.path):
+      os.remove(self.path)
+    from tensorboardX import SummaryWriter
+    self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=10)
+
+  def _truncate_from(self, step: int) -> None:
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          break  # a torn last line from a kill
+        if record.get('step', -1) < step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items() if v is not None}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **clean}, sort_keys=True) + '\n')
+    for key, value in clean.items():
+      if np.isfinite(value):
+        self._writer.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]

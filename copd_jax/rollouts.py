@@ -1,0 +1,90 @@
+"""From prompts to scored rollouts: render and tokenise examples, sample every branch at once,
+decode the completions and score them with each domain's verifiable reward.
+
+This is the host-side glue between the data, the sampler and the rewards, shared by the train
+driver and by evaluation. Shapes: K branches, B prompts per branch, T = P + N tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from copd_jax.data import Example, render_prompt
+from copd_jax.rewards import score_completions
+from copd_jax.sampling import (SampleOutput, SamplingParams, bucket_length, completion_token_lists,
+                               generate_branches, pad_prompts)
+
+# Prompt buckets: every run compiles the sampler and the steps for at most these prompt lengths.
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """Sampled completions of K branches, B rows each, with their rewards."""
+  output: SampleOutput          # [K, B, T] numpy arrays
+  examples: list[list[Example]]  # [K][B]
+  texts: list[list[str]]         # [K][B] decoded completions (EOS stripped)
+  rewards: np.ndarray            # [K, B] float32
+
+
+class PromptEncoder:
+  """Renders examples with the tokenizer (chat template per domain) into left-padded buckets."""
+
+  def __init__(self, tokenizer, use_chat_template: dict[str, bool]):
+    self.tokenizer = tokenizer
+    self.use_chat_template = use_chat_template
+    self._cache: dict[tuple[str, str], list[int]] = {}
+
+  def ids(self, example: Example) -> list[int]:
+    key = (example.domain, example.id)
+    if key not in self._cache:
+      text = render_prompt(self.tokenizer, example,
+                           self.use_chat_template.get(example.domain, True))
+      self._cache[key] = self.tokenizer(text, add_special_tokens=False)['input_ids']
+    return self._cache[key]
+
+  def encode(self, examples: Sequence[Sequence[Example]], length: int | None = None):
+    """[K][B] examples -> tokens, valid [K, B, P] with P a shared prompt bucket."""
+    ids = [[self.ids(e) for e in row] for row in examples]
+    longest = max(len(x) for row in ids for x in row)
+    length = length or bucket_length(longest, PROMPT_BUCKETS)
+    pad = self.tokenizer.pad_token_id or 0
+    padded = [pad_prompts(row, length, pad) for row in ids]
+    return np.stack([t for t, _ in padded]), np.stack([v for _, v in padded])
+
+
+def eos_ids(tokenizer) -> tuple[int, ...]:
+  ids = {tokenizer.eos_token_id}
+  for name in ('<|im_end|>', '<|endoftext|>'):
+    tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
+    if tid is not None:
+      ids.add(tid)
+  return tuple(sorted(i for i in ids if i is not None))
+
+
+def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
+                     encoder: PromptEncoder, sampling: SamplingParams, key, reward_kinds:
+                     dict[str, str], mesh=None, timeout_s: float = 2.0) -> Rollouts:
+  """Each branch k samples one completion per example of examples[k]; rewards by domain kind."""
+  tokens, valid = encoder.encode(examples)
+  K = len(examples)
+  keys = jax.random.split(key, K)
+  tokenizer = encoder.tokenizer
+  output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
+                             eos_ids(tokenizer), tokenizer.pad_token_id or 0, mesh=mesh)
+  output = SampleOutput(*(np.asarray(x) for x in output))
+  texts = [[tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in completion_token_lists(SampleOutput(*(x[k] for x in output)))]
+           for k in range(K)]
+  rewards = np.zeros((K, len(examples[0])), np.float32)
+  for k in range(K):
+    by_kind: dict[str, list[int]] = {}
+    for i, example in enumerate(examples[k]):
+      by_kind.setdefault(reward_kinds[example.domain], []).append(i)
+    for kind, rows in by_kind.items():
+      rewards[k, rows] = score_completions(kind, [texts[k][i] for i in rows],
+                                           [examples[k][i] for i in rows], timeout_s=timeout_s)
+  return Rollouts(output, [list(row) for row in examples], texts, rewards)

@@ -1,0 +1,101 @@
+"""The built-in base model for the synthetic domains: a small character-level Qwen3, warm-started
+with a short supervised run so it has low but non-zero accuracy on every domain (GRPO needs some
+reward signal to start from). The result is an ordinary Hugging Face folder in <workdir>/base,
+reused on the next run with the same settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from copd_jax.models import hf_io
+from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
+from copd_jax.scoring import sequence_logprobs
+
+_STAMP = 'warmstart.json'
+
+
+def toy_model_config(model_cfg) -> Qwen3Config:
+  t = model_cfg.toy
+  return Qwen3Config(vocab_size=char_vocab_size(), hidden_size=t.hidden_size,
+                     num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                     head_dim=t.head_dim, intermediate_size=t.intermediate_size,
+                     rope_theta=10_000.0, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+def encode_sft_batch(tokenizer, pairs: Sequence[tuple[str, str]], length: int):
+  """(prompt text, target text) pairs -> right-padded tokens [B, L], valid [B, L], and a loss mask
+  on the target tokens (target text followed by EOS)."""
+  B = len(pairs)
+  tokens = np.full((B, length), tokenizer.pad_token_id, np.int32)
+  valid = np.zeros((B, length), bool)
+  target = np.zeros((B, length), bool)
+  for i, (prompt, answer) in enumerate(pairs):
+    p = tokenizer(prompt, add_special_tokens=False)['input_ids']
+    a = tokenizer(answer, add_special_tokens=False)['input_ids'] + [tokenizer.eos_token_id]
+    ids = (p + a)[:length]
+    tokens[i, :len(ids)] = ids
+    valid[i, :len(ids)] = True
+    target[i, len(p):len(ids)] = True
+  return tokens, valid, target
+
+
+def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
+               log=print) -> tuple[Qwen3Config, dict]:
+  """Supervised warm start on rendered (prompt, answer) pairs; returns (config, params dict)."""
+  tokenizer = char_tokenizer()
+  config = toy_model_config(model_cfg)
+  model = Qwen3(config, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(optax.cosine_decay_schedule(warm_cfg.learning_rate,
+                                                                  warm_cfg.steps), b2=0.98))
+  opt_state = optimizer.init(params)
+  longest = max(len(p) + len(a) for p, a in pairs) + 1
+  length = int(-(-longest // 8) * 8)
+
+  @jax.jit
+  def step(params, opt_state, tokens, valid, target):
+    def loss_fn(p):
+      scores = sequence_logprobs(graphdef, p, tokens, valid)
+      return -jnp.sum(scores.logprobs * target) / jnp.maximum(target.sum(), 1)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  for i in range(warm_cfg.steps):
+    batch = [pairs[j] for j in rng.integers(0, len(pairs), warm_cfg.batch_size)]
+    params, opt_state, loss = step(params, opt_state, *encode_sft_batch(tokenizer, batch, length))
+    if (i + 1) % max(1, warm_cfg.steps // 5) == 0:
+      log(f'warm start {i + 1}/{warm_cfg.steps}: answer-token NLL {float(loss):.3f}')
+  return config, nnx.to_pure_dict(params)
+
+
+def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print) -> str:
+  """Path of the warm-started base HF folder in `workdir`, trained now unless already cached with
+  the same settings."""
+  path = os.path.join(workdir, 'base')
+  recipe = {'model': model_cfg.toy.to_dict(), 'warmstart': warm_cfg.to_dict(), 'seed': seed,
+            'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
+  stamp = os.path.join(path, _STAMP)
+  if os.path.isfile(stamp):
+    with open(stamp) as f:
+      if json.load(f) == recipe:
+        log(f'base model: reusing {path}')
+        return path
+  log(f'base model: warm-starting a character model on {len(pairs)} examples')
+  config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
+  hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
+  with open(stamp, 'w') as f:
+    json.dump(recipe, f)
+  return path
