@@ -7,7 +7,10 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             JSONL or Parquet, prompt_field/answer_field), reward 'exact' or 'math',
                             use_chat_template for file data rendered with the tokenizer's template
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
-                            compute/param dtype, remat, scan_layers
+                            compute/param dtype, remat, scan_layers; preset: '' or a built-in
+                            Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
+                            'qwen3-8b', copd_jax.memory_plan.QWEN3_PRESETS) that `plan` uses
+                            when hf_path holds no config.json (shapes only, no weights)
   warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
   copd                      num_cycles N, s_rl, s_opd (steps per phase), topology ('pairwise',
                             'hub_and_spoke', 'full', 'none'), hub, drop_edges ('s<-t,...'),
@@ -19,6 +22,9 @@ Field reference (all checked by copd_jax.config.validate before any compute):
   optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps,
                             weight_decay, b1, b2, max_grad_norm (copd_jax/optim.py)
   mesh                      axis sizes for ('branch', 'fsdp', 'tensor'); -1 = the rest
+  mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
+                            like mesh; all 0 = sample on the training mesh. Read by `plan`;
+                            the driver still samples on config.mesh (docs/scaling.md)
   eval                      num_examples per domain, samples_k (avg@k), every_cycles (0 = end only)
   metrics                   log_every (steps), overlap_top_k (k of O_k)
   checkpoint                every_steps, keep_last
@@ -31,19 +37,19 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.branches = ('arithmetic', 'reverse')
+  c.branches = ('count', 'sort')
   c.domains = ml_collections.ConfigDict()
   for name in ('arithmetic', 'reverse', 'sort', 'count'):
     c.domains[name] = synthetic_domain()
 
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
-      scan_layers=True,
+      scan_layers=True, preset='',
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                intermediate_size=192)))
   c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3,
                                                answer_fraction=0.5))
-  c.copd = ml_collections.ConfigDict(dict(num_cycles=3, s_rl=6, s_opd=4, topology='pairwise', hub=0,
+  c.copd = ml_collections.ConfigDict(dict(num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0,
                                           drop_edges='', beta=1.0, delta_clamp=0.0))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
@@ -51,9 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, schedule='constant', warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999,
+      learning_rate=3e-4, schedule='constant', warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999,
       max_grad_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=1, tensor=1))
+  c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
   c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4, every_cycles=0))
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3))

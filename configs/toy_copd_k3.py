@@ -1,4 +1,4 @@
-"""CoPD, K=3 hub-and-spoke (hub: arithmetic; spokes: reverse, sort) on the synthetic domains.
+"""CoPD, K=3 hub-and-spoke (hub: count; spokes: sort, arithmetic) on the synthetic domains.
 
 Run:
   python -m copd_jax train --config configs/toy_copd_k3.py --workdir runs/toy_copd_k3
@@ -14,7 +14,7 @@ from base import base_config  # noqa: E402
 
 def get_config():
   c = base_config()
-  c.branches = ('arithmetic', 'reverse', 'sort')
+  c.branches = ('count', 'sort', 'arithmetic')
   c.copd.topology = 'hub_and_spoke'
   c.copd.hub = 0
   return c

@@ -1,0 +1,69 @@
+"""CoPD, K=3 hub-and-spoke (hub: math; spokes: code, logic) from Qwen3-8B on 48 devices.
+
+A scale-out layout for planning and multi-host runs: each branch owns a 16-device slice of the
+('branch', 'fsdp', 'tensor') = (3, 4, 4) mesh (e.g. 6 hosts of 8 H100s, or a v5p-96 slice of 48
+chips); fp32 parameters and Adam moments, bf16 matmuls, per-layer remat, 8 micro-batches.
+
+Set before training (edit this file or pass --config.<field>=<value>):
+  model.hf_path                   local Hugging Face folder of Qwen3-8B (config.json, weights,
+                                  tokenizer); every host needs it at the same path
+  domains.<name>.train_path       JSONL with {"prompt": ..., "answer": ...} per line for math
+  domains.<name>.eval_path          (math-verify reward), code (exact output prediction) and
+                                  logic (exact answer); see configs/qwen3_0p6b_math_code.py
+
+Plan (no files needed; the architecture comes from model.preset='qwen3-8b'):
+  python -m copd_jax plan --config configs/qwen3_8b_k3_plan.py --devices 48 \\
+      --device-memory-gb 80 --prompt-tokens 512
+On a smaller test mesh, override the layout, e.g. --devices 8 --config.mesh.branch=1
+--config.mesh.fsdp=4 --config.mesh.tensor=2 --config.mesh_sampling.branch=1
+--config.mesh_sampling.fsdp=1 --config.mesh_sampling.tensor=8 (tests/test_plan.py checks those
+numbers by hand).
+
+mesh_sampling (3, 2, 8) is the layout sampling should use: the sampler does not split
+parameters over 'fsdp' (sampling.SAMPLING_RULES), so on the training mesh every device would
+hold a quarter of a branch in fp32 for decoding; a wider tensor axis keeps that copy small. The
+driver does not reshard to mesh_sampling yet (it samples on config.mesh); `plan` shows both.
+Not run in this repository yet (no accelerator here): no result is claimed for it.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from base import base_config, synthetic_domain  # noqa: E402
+
+
+def file_domain(name: str, reward: str):
+  domain = synthetic_domain()  # the fields of a domain, re-pointed to files
+  domain.update(dict(source='file', reward=reward, train_path=f'data/{name}/train.jsonl',
+                     eval_path=f'data/{name}/eval.jsonl', use_chat_template=True))
+  return domain
+
+
+def get_config():
+  c = base_config()
+  c.domains.math = file_domain('math', 'math')
+  c.domains.code = file_domain('code', 'exact')
+  c.domains.logic = file_domain('logic', 'exact')
+  c.branches = ('math', 'code', 'logic')
+
+  c.model.source = 'hf'
+  c.model.hf_path = 'models/Qwen3-8B'
+  c.model.preset = 'qwen3-8b'
+  c.model.param_dtype = 'float32'
+  c.model.compute_dtype = 'bfloat16'
+  c.model.remat = True
+
+  c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='hub_and_spoke', hub=0,
+                     beta=1.0, delta_clamp=5.0))
+  c.grpo.update(dict(group_size=8, prompts_per_step=16, epsilon_low=0.2, epsilon_high=0.28,
+                     aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=8))
+  c.opd.update(dict(prompts_per_step=8, samples_per_prompt=4))
+  c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
+  c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
+                          weight_decay=0.0, max_grad_norm=1.0))
+  c.mesh.update(dict(branch=3, fsdp=-1, tensor=4))
+  c.mesh_sampling.update(dict(branch=3, fsdp=-1, tensor=8))
+  c.eval.update(dict(num_examples=500, samples_k=4))
+  c.checkpoint.update(dict(every_steps=25, keep_last=2))
+  c.metrics.log_every = 5
+  return c
