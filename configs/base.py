@@ -7,14 +7,23 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             JSONL or Parquet, prompt_field/answer_field), reward 'exact' or 'math',
                             use_chat_template for file data rendered with the tokenizer's template
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
-                            compute/param dtype, remat, scan_layers; preset: '' or a built-in
+                            compute/param dtype, remat, scan_layers; branch_init: one path per
+                            branch ('' = the base) to start that branch from: a HF folder, a
+                            merged checkpoint, or a run workdir with ':k' for its branch k; preset: '' or a built-in
                             Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
                             'qwen3-8b', copd_jax.memory_plan.QWEN3_PRESETS) that `plan` uses
                             when hf_path holds no config.json (shapes only, no weights)
   warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
   copd                      num_cycles N, s_rl, s_opd (steps per phase), topology ('pairwise',
-                            'hub_and_spoke', 'full', 'none'), hub, drop_edges ('s<-t,...'),
-                            beta (OPD advantage scale), delta_clamp (0 = off)
+                            'hub_and_spoke', 'full', 'edges' with edges='s<-t,...', 'none'),
+                            hub, drop_edges ('s<-t,...'), freeze (branch indices never
+                            updated: frozen teachers, e.g. '1' or '1,2'), beta (OPD advantage
+                            scale), delta_clamp (0 = off); schedule 'fixed' (N x (S_RL, S_OPD))
+                            or 'overlap' (RL until the smallest measured O_k < overlap_low,
+                            then OPD until it is >= overlap_high; O_k probed every probe_every
+                            RL steps; the budget stays N x (S_RL + S_OPD) steps)
+  guard                     max_bad_steps: consecutive steps with a non-finite loss or gradient
+                            in any branch (updates skipped) before the run stops cleanly
   grpo                      group_size G, prompts_per_step, epsilon_low/high, std_normalize,
                             aggregation, kl_coef (k3 to the base), entropy_coef, micro_batches
   opd                       prompts_per_step (per teacher), samples_per_prompt
@@ -25,7 +34,7 @@ Field reference (all checked by copd_jax.config.validate before any compute):
   mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
                             like mesh; all 0 = sample on the training mesh. Read by `plan`;
                             the driver still samples on config.mesh (docs/scaling.md)
-  eval                      num_examples per domain, samples_k (avg@k), every_cycles (0 = end only)
+  eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
   metrics                   log_every (steps), overlap_top_k (k of O_k)
   checkpoint                every_steps, keep_last
   merge                     method applied at the end ('mean', 'task_arithmetic', 'ties', 'dare',
@@ -44,13 +53,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
-      scan_layers=True, preset='',
+      scan_layers=True, preset='', branch_init=(),
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                intermediate_size=192)))
-  c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3,
-                                               answer_fraction=0.5))
-  c.copd = ml_collections.ConfigDict(dict(num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0,
-                                          drop_edges='', beta=1.0, delta_clamp=0.0))
+  c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3))
+  c.copd = ml_collections.ConfigDict(dict(
+      num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
+      freeze='', beta=1.0, delta_clamp=0.0, schedule='fixed', overlap_low=0.85,
+      overlap_high=0.92, probe_every=2))
+  c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
       aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1))
@@ -61,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_grad_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=1, tensor=1))
   c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
-  c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4, every_cycles=0))
+  c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4))
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3))
   c.merge = ml_collections.ConfigDict(dict(method='mean', lam=1.0, density=0.2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Iterable
 
@@ -16,17 +17,20 @@ import ml_collections
 from copd_jax.errors import UserInputError
 
 AGGREGATIONS = ('seq-mean-token-mean', 'token-mean', 'seq-mean-token-sum-norm')
-TOPOLOGIES = ('pairwise', 'hub_and_spoke', 'full', 'none')
+TOPOLOGIES = ('pairwise', 'hub_and_spoke', 'full', 'edges', 'none')
 DTYPES = ('float32', 'bfloat16')
 REWARD_KINDS = ('exact', 'math')
+MERGE_METHODS = ('mean', 'task_arithmetic', 'ties', 'dare', 'none')
 
 
 class ConfigError(UserInputError):
   pass
 
 
-def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates, returns it locked."""
+def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = True
+                ) -> ml_collections.ConfigDict:
+  """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates, returns it locked.
+  check_files=False skips the checks that data files and model.hf_path exist (`plan`)."""
   if not os.path.isfile(path):
     raise ConfigError(f'--config {path}: file not found')
   spec = importlib.util.spec_from_file_location(f'_copd_config_{abs(hash(path))}', path)
@@ -37,10 +41,17 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     raise ConfigError(f'--config {path}: cannot be loaded ({type(e).__name__}: {e})') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'--config {path}: defines no get_config()')
-  config = module.get_config()
+  try:
+    config = module.get_config()
+  except Exception as e:  # e.g. a value of the wrong type assigned to a typed field
+    raise ConfigError(f'--config {path}: get_config() failed ({type(e).__name__}: '
+                      f'{str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'--config {path}: get_config() must return an ml_collections.ConfigDict, '
+                      f'got {type(config).__name__}')
   config.lock()
   apply_overrides(config, overrides)
-  validate(config)
+  validate(config, check_files=check_files)
   return config
 
 
@@ -124,6 +135,30 @@ def _positive_int(config, field: str, allow_zero: bool = False) -> None:
   _check(ok, field, f'must be a {"non-negative" if allow_zero else "positive"} integer, got {value!r}')
 
 
+def _real(config, field: str, low: float | None = None, high: float | None = None, *,
+          low_open: bool = False, high_open: bool = False) -> None:
+  """A finite int or float in [low, high]; low_open / high_open exclude that end. Also catches
+  a string or NaN written in a config file, which `>` would let through or crash on."""
+  value = _get(config, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if low is not None and high is not None:
+    where = f' in {"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+  elif low is not None:
+    where = f' {">" if low_open else ">="} {low:g}'
+  else:
+    where = ''
+  _check(ok, field, f'must be a finite number{where}, got {value!r}')
+
+
+def _typed(config, field: str, kind: type) -> None:
+  value = _get(config, field)
+  _check(isinstance(value, kind), field, f'must be a {kind.__name__}, got {value!r}')
+
+
 def _one_of(config, field: str, allowed: tuple) -> None:
   value = _get(config, field)
   _check(value in allowed, field, f'must be one of {", ".join(map(str, allowed))}; got {value!r}')
@@ -141,9 +176,45 @@ def branch_domains(config) -> list[list[str]]:
   return [[d.strip() for d in spec.split('+')] for spec in config.branches]
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """All static checks of a run config. Raises ConfigError naming the first bad field."""
-  _check(isinstance(config.branches, (tuple, list)) and len(config.branches) >= 1, 'branches',
+def parse_edges(text: str, field: str) -> list[tuple[int, int]]:
+  """'0<-1, 2<-0' -> [(0, 1), (2, 0)] as (student, teacher) pairs."""
+  edges = []
+  for item in (e.strip() for e in text.split(',')):
+    if not item:
+      continue
+    parts = item.split('<-')
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+      raise ConfigError(f"config.{field}: {item!r} is not an edge 'student<-teacher' like '0<-1'")
+    edges.append((int(parts[0]), int(parts[1])))
+  return edges
+
+
+def parse_indices(text: str, field: str) -> list[int]:
+  items = [t.strip() for t in text.split(',') if t.strip()]
+  if not all(t.isdigit() for t in items):
+    raise ConfigError(f"config.{field}: expected comma-separated branch indices like '1,2', "
+                      f'got {text!r}')
+  return [int(t) for t in items]
+
+
+def topology_from_config(config):
+  """The run's copd_jax.topology.Topology (no edges for K = 1 or topology 'none')."""
+  from copd_jax.topology import make_topology
+  K = len(config.branches)
+  kind = config.copd.topology
+  if K == 1 or kind == 'none':
+    return make_topology('edges', K, edges=(), field='config.copd')
+  edges = parse_edges(config.copd.edges, 'copd.edges') if kind == 'edges' else None
+  return make_topology(kind, K, hub=config.copd.hub, edges=edges,
+                       drop_edges=parse_edges(config.copd.drop_edges, 'copd.drop_edges'),
+                       field='config.copd')
+
+
+def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> None:
+  """All static checks of a run config. Raises ConfigError naming the first bad field.
+  check_files=False skips the existence checks of data files and model.hf_path."""
+  _check(isinstance(config.branches, (tuple, list)) and len(config.branches) >= 1 and
+         all(isinstance(b, str) for b in config.branches), 'branches',
          f'must be a non-empty tuple of domain names, got {config.branches!r}')
   for k, names in enumerate(branch_domains(config)):
     for name in names:
@@ -152,22 +223,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, domain in config.domains.items():
     _one_of(config, f'domains.{name}.source', ('synthetic', 'file'))
     _one_of(config, f'domains.{name}.reward', REWARD_KINDS)
-    if domain.source == 'file':
+    _typed(config, f'domains.{name}.use_chat_template', bool)
+    if domain.source == 'file' and check_files:
       for split in ('train_path', 'eval_path'):
         path = domain[split]
         _check(bool(path) and os.path.isfile(path), f'domains.{name}.{split}',
                f'file not found: {path!r}')
-    else:
+    elif domain.source == 'synthetic':
       _positive_int(config, f'domains.{name}.num_train')
       _positive_int(config, f'domains.{name}.num_eval')
 
   _one_of(config, 'model.source', ('toy', 'hf'))
-  if config.model.source == 'hf':
+  from copd_jax.memory_plan import QWEN3_PRESETS
+  _check(config.model.preset in ('',) + tuple(QWEN3_PRESETS), 'model.preset',
+         f"must be '' or one of {', '.join(QWEN3_PRESETS)}; got {config.model.preset!r}")
+  if config.model.source == 'hf' and check_files:
     path = config.model.hf_path
     _check(bool(path) and os.path.isfile(os.path.join(path, 'config.json')), 'model.hf_path',
            f'no Hugging Face model folder (config.json) at {path!r}')
   _one_of(config, 'model.compute_dtype', DTYPES)
   _one_of(config, 'model.param_dtype', DTYPES)
+  for field in ('remat', 'scan_layers'):
+    _typed(config, f'model.{field}', bool)
+  if config.model.source == 'toy':
+    _check_toy_model(config)
 
   _positive_int(config, 'copd.num_cycles')
   _positive_int(config, 'copd.s_rl', allow_zero=True)
@@ -180,9 +259,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(K >= 2 and config.copd.topology != 'none', 'copd.s_opd',
            f'OPD steps need at least 2 branches and a topology (K={K}, '
            f'topology={config.copd.topology!r}); set copd.s_opd=0 for single-branch runs')
+  _positive_int(config, 'copd.hub', allow_zero=True)
   _check(0 <= config.copd.hub < K, 'copd.hub', f'must index a branch in [0, {K}), got {config.copd.hub}')
-  _check(config.copd.beta > 0, 'copd.beta', f'must be > 0, got {config.copd.beta}')
-  _check(config.copd.delta_clamp >= 0, 'copd.delta_clamp', 'must be >= 0 (0 disables the clamp)')
+  _real(config, 'copd.beta', 0, low_open=True)
+  for field in ('edges', 'drop_edges', 'freeze'):
+    _typed(config, f'copd.{field}', str)
+  for field in ('edges', 'drop_edges'):
+    parse_edges(config.copd[field], f'copd.{field}')
+  if config.copd.topology == 'edges':
+    _check(bool(parse_edges(config.copd.edges, 'copd.edges')), 'copd.edges',
+           "topology 'edges' needs a list like '0<-1,1<-0'")
+  topology = topology_from_config(config)
+  if config.copd.s_opd > 0:
+    _check(bool(topology.edges), 'copd.drop_edges', 'no teaching edge is left for the OPD steps')
+  frozen = parse_indices(config.copd.freeze, 'copd.freeze')
+  _check(all(0 <= k < K for k in frozen), 'copd.freeze', f'branch indices must be in [0, {K})')
+  _check(len(frozen) < K, 'copd.freeze', 'at least one branch must train')
+  _one_of(config, 'copd.schedule', ('fixed', 'overlap'))
+  if config.copd.schedule == 'overlap':
+    _real(config, 'copd.overlap_low', 0, 1, low_open=True)
+    _real(config, 'copd.overlap_high', 0, 1, low_open=True)
+    _check(0 < config.copd.overlap_low <= config.copd.overlap_high <= 1, 'copd.overlap_low',
+           'needs 0 < overlap_low <= overlap_high <= 1')
+    _check(config.copd.s_opd > 0, 'copd.schedule', "'overlap' needs OPD steps (s_opd > 0)")
+    _positive_int(config, 'copd.probe_every')
+  _check(isinstance(config.model.branch_init, (tuple, list)) and
+         len(config.model.branch_init) in (0, K), 'model.branch_init',
+         f'must be empty or give one path per branch (K={K}; "" = the base)')
+  for k, path in enumerate(config.model.branch_init):
+    if path and check_files:
+      folder = path.rsplit(':', 1)[0] if ':' in path and path.rsplit(':', 1)[1].isdigit() else path
+      _check(os.path.isdir(folder), f'model.branch_init[{k}]', f'no such folder: {folder!r}')
+  _positive_int(config, 'guard.max_bad_steps')
+  _real(config, 'copd.delta_clamp', 0)  # 0 disables the clamp
 
   _positive_int(config, 'grpo.group_size')
   _check(config.grpo.group_size >= 2, 'grpo.group_size',
@@ -192,26 +301,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
   rows = config.grpo.prompts_per_step * config.grpo.group_size
   _check(rows % config.grpo.micro_batches == 0, 'grpo.micro_batches',
          f'must divide prompts_per_step * group_size = {rows}')
-  _check(0 <= config.grpo.epsilon_low < 1, 'grpo.epsilon_low', 'must be in [0, 1)')
-  _check(config.grpo.epsilon_high >= 0, 'grpo.epsilon_high', 'must be >= 0')
+  _real(config, 'grpo.epsilon_low', 0, 1, high_open=True)
+  _real(config, 'grpo.epsilon_high', 0)
   _one_of(config, 'grpo.aggregation', AGGREGATIONS)
-  _check(config.grpo.kl_coef >= 0, 'grpo.kl_coef', 'must be >= 0')
+  _real(config, 'grpo.kl_coef', 0)
+  _real(config, 'grpo.entropy_coef')
+  _typed(config, 'grpo.std_normalize', bool)
   _positive_int(config, 'opd.prompts_per_step')
   _positive_int(config, 'opd.samples_per_prompt')
 
   _positive_int(config, 'sampling.max_new_tokens')
-  _check(config.sampling.temperature > 0, 'sampling.temperature', 'must be > 0')
-  _check(0 < config.sampling.top_p <= 1, 'sampling.top_p', 'must be in (0, 1]')
+  _real(config, 'sampling.temperature', 0, low_open=True)
+  _real(config, 'sampling.top_p', 0, 1, low_open=True)
   _positive_int(config, 'sampling.top_k', allow_zero=True)
 
   from copd_jax.optim import make_optimizer
   make_optimizer(config.optimizer)  # raises naming config.optimizer.<field>
+  for field, value in config.optimizer.items():  # make_optimizer lets NaN through
+    if isinstance(value, float):
+      _real(config, f'optimizer.{field}')
 
   import jax
   from copd_jax import mesh as mesh_lib
   mesh_shape = mesh_lib.resolve_mesh_shape(config.mesh, jax.device_count())
   _check(K % mesh_shape[0] == 0, 'mesh.branch',
          f'{mesh_shape[0]} does not divide the number of branches K={K}')
+  if any(config.mesh_sampling.values()):  # all 0: sampling uses config.mesh
+    try:
+      sampling_shape = mesh_lib.resolve_mesh_shape(config.mesh_sampling, jax.device_count())
+    except mesh_lib.MeshConfigError as e:
+      raise ConfigError(str(e).replace('config.mesh', 'config.mesh_sampling', 1)) from None
+    _check(K % sampling_shape[0] == 0, 'mesh_sampling.branch',
+           f'{sampling_shape[0]} does not divide the number of branches K={K}')
 
   _positive_int(config, 'eval.num_examples')
   _positive_int(config, 'eval.samples_k')
@@ -220,3 +341,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, 'checkpoint.every_steps')
   _positive_int(config, 'checkpoint.keep_last')
   _positive_int(config, 'seed', allow_zero=True)
+  _one_of(config, 'merge.method', MERGE_METHODS)
+  _real(config, 'merge.lam')
+  if config.merge.method in ('ties', 'dare'):
+    _real(config, 'merge.density', 0, 1, low_open=True)
+
+
+def _check_toy_model(config) -> None:
+  """The built-in model's architecture (model.toy) and its warm start, checked here because
+  they are first used after the data are loaded."""
+  for field in ('hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                'intermediate_size'):
+    _positive_int(config, f'model.toy.{field}')
+  toy = config.model.toy
+  _check(toy.num_heads % toy.num_kv_heads == 0, 'model.toy.num_heads',
+         f'must be a multiple of num_kv_heads ({toy.num_kv_heads}), got {toy.num_heads}')
+  _check(toy.head_dim % 2 == 0, 'model.toy.head_dim',
+         f'must be even (rotary embeddings), got {toy.head_dim}')
+  _positive_int(config, 'warmstart.steps')
+  _positive_int(config, 'warmstart.batch_size')
+  _real(config, 'warmstart.learning_rate', 0, low_open=True)

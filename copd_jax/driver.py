@@ -29,7 +29,7 @@ from flax import nnx
 from copd_jax import checkpoint as ckpt
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
-from copd_jax.config import branch_domains
+from copd_jax.config import ConfigError, branch_domains, topology_from_config
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
@@ -41,7 +41,6 @@ from copd_jax.rollouts import PromptEncoder, Rollouts, sample_and_score
 from copd_jax.sampling import SamplingParams
 from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings, init_branch_state,
                             make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
-from copd_jax.topology import make_topology
 from copd_jax.warmstart import ensure_base_model
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -69,6 +68,54 @@ class Schedule:
   def is_phase_end(self, step: int) -> bool:
     within = step % self.steps_per_cycle
     return within == self.s_rl - 1 or within == self.steps_per_cycle - 1
+
+
+class PhaseController:
+  """Which phase each global step runs.
+
+  'fixed': N cycles of S_RL GRPO then S_OPD OPD steps (Algorithm 1). 'overlap': start with RL;
+  switch to OPD once the smallest measured top-k overlap over the teaching edges falls below
+  overlap_low, and back to RL once it reaches overlap_high (O_k is measured on every OPD step,
+  and every probe_every RL steps by a probe that samples distillation rollouts without training
+  on them). Both spend the same budget of N x (S_RL + S_OPD) steps.
+  """
+
+  def __init__(self, copd_cfg):
+    self.cfg = copd_cfg
+    self.schedule = Schedule(copd_cfg.num_cycles, copd_cfg.s_rl, copd_cfg.s_opd)
+    self.adaptive = copd_cfg.schedule == 'overlap'
+    self.current, self.cycle = 'rl', 0
+
+  @property
+  def total_steps(self) -> int:
+    return self.schedule.total_steps
+
+  def at(self, step: int) -> tuple[int, str]:
+    if not self.adaptive:
+      cycle, phase, _ = self.schedule.at(step)
+      return cycle, phase
+    return self.cycle, self.current
+
+  def wants_probe(self, step: int, phase: str) -> bool:
+    return self.adaptive and phase == 'rl' and step % self.cfg.probe_every == 0
+
+  def observe(self, min_overlap: float | None) -> None:
+    """Feeds the step's smallest measured O_k (None: not measured) to the adaptive schedule."""
+    if not self.adaptive or min_overlap is None or not np.isfinite(min_overlap):
+      return
+    if self.current == 'rl' and min_overlap < self.cfg.overlap_low:
+      self.current = 'opd'
+    elif self.current == 'opd' and min_overlap >= self.cfg.overlap_high:
+      self.current, self.cycle = 'rl', self.cycle + 1
+
+  def is_phase_end(self, step: int) -> bool:
+    return False if self.adaptive else self.schedule.is_phase_end(step)
+
+  def get_state(self) -> dict[str, Any]:
+    return {'current': self.current, 'cycle': self.cycle}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.current, self.cycle = state['current'], state['cycle']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,14 +228,9 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
-  edges_to_drop = [tuple(int(x) for x in e.split('<-')) for e in
-                   config.copd.drop_edges.split(',') if e.strip()]
-  topology = make_topology(config.copd.topology if K > 1 else 'edges', K, hub=config.copd.hub,
-                           edges=() if K == 1 or config.copd.topology == 'none' else None,
-                           drop_edges=edges_to_drop, field='config.copd')
-  rounds = topology.rounds() if config.copd.s_opd else ()
+  rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
   optimizer = make_optimizer(config.optimizer)
-  schedule = Schedule(config.copd.num_cycles, config.copd.s_rl, config.copd.s_opd)
+  phases = PhaseController(config.copd)
   sampling = SamplingParams(max_new_tokens=config.sampling.max_new_tokens,
                             temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                             top_p=config.sampling.top_p)
@@ -197,14 +239,19 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   sources = PromptSources(config, domains, rounds)
 
   state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed)
+  if config.model.branch_init:
+    state = state._replace(params=branch_init_params(config.model.branch_init, base_params,
+                                                     state.params, model.config))
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
     _check_resume_compatible(meta['config'], config)
     start = meta['step'] + 1
     sources.set_state(meta['data_state'])
+    phases.set_state(meta['phases'])
     log(f'resumed from step {meta["step"]} (cycle {meta["cycle"] + 1}, phase {meta["phase"]})')
-  metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None)
+  metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None,
+                                       enabled=jax.process_index() == 0)
 
   step_config = step_config_from(config)
   sharding = branch_state_shardings(state, mesh)
@@ -217,56 +264,63 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   ref = (jax.device_put(base_params, reference_shardings(sharding)),) \
       if step_config.kl_coef > 0 else ()
   root_key = jax.random.key(config.seed)
-  bar = _progress_bar(schedule.total_steps, start, progress)
-  last = stop_after if stop_after is not None else schedule.total_steps
+  total = phases.total_steps
+  bar = _progress_bar(total, start, progress)
+  last = min(stop_after if stop_after is not None else total, total)
+  names = _names(config.branches)
   try:
-    for step in range(start, min(last, schedule.total_steps)):
-      cycle, phase, _ = schedule.at(step)
+    for step in range(start, last):
+      cycle, phase = phases.at(step)
       key = jax.random.fold_in(root_key, step)
       t0 = time.perf_counter()
       native = _native_batch(state, graphdef, sources, encoder, sampling, reward_kinds, config,
                              jax.random.fold_in(key, 0), mesh)
       scalars = _rollout_scalars(native, config.branches, 'native')
-      if phase == 'rl':
-        state, step_metrics = grpo_step(state, native.batch, *ref)
-      else:
+      distill = None
+      if phase == 'opd' or phases.wants_probe(step, phase):
         distill = [_distill_batch(state, graphdef, loader, teacher_of, encoder, sampling,
                                   reward_kinds, jax.random.fold_in(key, r + 1), mesh,
                                   config.opd.samples_per_prompt)
                    for r, (loader, teacher_of) in enumerate(zip(sources.rounds, rounds))]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[d.batch for d in distill])
-        if step % config.metrics.log_every == 0:
-          scalars.update(_behaviour_scalars(probe, state, stacked, rounds, config.branches))
         for r, d in enumerate(distill):
           scalars.update(_rollout_scalars(d, config.branches, f'distill_round{r}'))
+        behaviour = _behaviour_scalars(probe, state, stacked, rounds, config.branches)
+        scalars.update(behaviour)
+        overlaps = [v for k, v in behaviour.items() if k.startswith('behaviour/overlap_top')]
+        scalars['behaviour/min_overlap'] = min(overlaps) if overlaps else float('nan')
+      if phase == 'rl':
+        state, step_metrics = grpo_step(state, native.batch, *ref)
+      else:
         state, step_metrics = opd_step(state, native.batch, stacked, *ref)
+      phases.observe(scalars.get('behaviour/min_overlap'))
       scalars.update(_branch_scalars(step_metrics, config.branches))
       scalars.update({'cycle': cycle, 'phase_is_opd': float(phase == 'opd'),
                       'step_seconds': time.perf_counter() - t0})
-      if step % config.metrics.log_every == 0 or step == schedule.total_steps - 1:
+      if step % config.metrics.log_every == 0 or step == total - 1:
         metrics_log.write(step, scalars)
       bar.set_postfix_str(f'cycle {cycle + 1} {phase} reward ' + ' '.join(
-          f'{scalars[f"native/reward/{b}"]:.2f}' for b in _names(config.branches)))
+          f'{scalars[f"native/reward/{b}"]:.2f}' for b in names))
       bar.update(1)
-      if (step + 1) % config.checkpoint.every_steps == 0 or schedule.is_phase_end(step) \
-          or step == schedule.total_steps - 1:
+      if (step + 1) % config.checkpoint.every_steps == 0 or phases.is_phase_end(step) \
+          or step == total - 1:
         checkpointer.save(step, state, ckpt.run_meta(
             cycle=cycle, phase=phase, step=step, model_config=model.config,
             tokenizer_dir=base_path, base_params=base_path, config=config,
-            data_state=sources.get_state()), keep=schedule.is_phase_end(step))
+            data_state=sources.get_state(), phases=phases.get_state()),
+            keep=phases.is_phase_end(step))
   finally:
     bar.close()
     checkpointer.wait()
     metrics_log.close()
-  done = min(last, schedule.total_steps)
-  if done < schedule.total_steps:
+  if last < total:
     checkpointer.close()
-    return RunResult(workdir, None, None, done)
+    return RunResult(workdir, None, None, last)
 
   results, table = _finish(config, workdir, graphdef, base_params, state, domains, encoder,
                            reward_kinds, model.config, base_path, log)
   checkpointer.close()
-  return RunResult(workdir, results, table, done)
+  return RunResult(workdir, results, table, last)
 
 
 def step_config_from(config) -> StepConfig:
@@ -278,8 +332,29 @@ def step_config_from(config) -> StepConfig:
                     opd_beta=config.copd.beta, opd_clamp=config.copd.delta_clamp or None)
 
 
+def branch_init_params(paths, base_params, stacked_params, model_config):
+  """Branch-stacked params where branch k starts from paths[k] ('' = the base): a HF folder,
+  a merged checkpoint, or a run workdir / step folder with ':k' selecting its branch."""
+  per_branch = []
+  base = nnx.to_pure_dict(jax.device_get(base_params))
+  for k, path in enumerate(paths):
+    if not path:
+      per_branch.append(base)
+      continue
+    folder, branch = path, None
+    if ':' in path and path.rsplit(':', 1)[1].isdigit():
+      folder, branch = path.rsplit(':', 1)[0], int(path.rsplit(':', 1)[1])
+    config, params, _ = ckpt.load_params_for_inference(folder, branch)
+    if config != model_config:
+      raise ConfigError(f'config.model.branch_init[{k}]: {path} has architecture {config}, '
+                        f'the base model has {model_config}')
+    per_branch.append(params)
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_branch)
+  shardings = jax.tree.map(lambda x: x.sharding, stacked_params)
+  return jax.device_put(state_from_pure_dict(stacked_params, stacked), shardings)
+
+
 def _check_resume_compatible(saved: dict, config) -> None:
-  from copd_jax.config import ConfigError
   current = config.to_dict()
   # Sections that change what is trained; logging, checkpoint, eval and mesh may change.
   for field in ('branches', 'domains', 'model', 'warmstart', 'seed', 'grpo', 'opd', 'copd',

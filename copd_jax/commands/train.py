@@ -22,6 +22,8 @@ def run(args) -> int:
   bad = [a for a in args.extra if not a.startswith('--config.')]
   if bad:
     raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+  from copd_jax import distributed
+  distributed.maybe_initialize()  # multi-host: before anything asks jax about devices
   config = load_config(args.config, args.extra)  # all checks before any compute
   from copd_jax.driver import train  # heavy imports after the config is known to be good
   train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
