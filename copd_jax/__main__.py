@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from copd_jax.errors import UserInputError
+from copd_jax.errors import TrainingHalted, UserInputError
 
 COMMANDS = {
     'train': ('copd_jax.commands.train', 'run CoPD (or a baseline) from a config file'),
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except TrainingHalted as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    return 3
 
 
 if __name__ == '__main__':

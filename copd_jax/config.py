@@ -291,6 +291,10 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
       folder = path.rsplit(':', 1)[0] if ':' in path and path.rsplit(':', 1)[1].isdigit() else path
       _check(os.path.isdir(folder), f'model.branch_init[{k}]', f'no such folder: {folder!r}')
   _positive_int(config, 'guard.max_bad_steps')
+  for item in (t.strip() for t in config.guard.inject_nan.split(',') if t.strip()):
+    parts = item.split(':')
+    _check(len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < K,
+           'guard.inject_nan', f"expected 'BRANCH:STEP' items with BRANCH < {K}, got {item!r}")
   _real(config, 'copd.delta_clamp', 0)  # 0 disables the clamp
 
   _positive_int(config, 'grpo.group_size')

@@ -29,7 +29,8 @@ from flax import nnx
 from copd_jax import checkpoint as ckpt
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
-from copd_jax.config import ConfigError, branch_domains, topology_from_config
+from copd_jax.config import ConfigError, branch_domains, parse_indices, topology_from_config
+from copd_jax.errors import TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
@@ -236,6 +237,10 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
                             top_p=config.sampling.top_p)
   reward_kinds = {name: config.domains[name].reward for name in domains}
   encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
+  # sampler / step per phase, and GRPO groups can share their prompt's computation.
+  encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split
+                         for e in part))
   sources = PromptSources(config, domains, rounds)
 
   state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed)
@@ -253,7 +258,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None,
                                        enabled=jax.process_index() == 0)
 
-  step_config = step_config_from(config)
+  step_config = step_config_from(config, encoder.length)
   sharding = branch_state_shardings(state, mesh)
   grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
   opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
@@ -268,6 +273,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   bar = _progress_bar(total, start, progress)
   last = min(stop_after if stop_after is not None else total, total)
   names = _names(config.branches)
+  injections = nan_injections(config)
+  bad_steps = 0
   try:
     for step in range(start, last):
       cycle, phase = phases.at(step)
@@ -289,10 +296,24 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
         scalars.update(behaviour)
         overlaps = [v for k, v in behaviour.items() if k.startswith('behaviour/overlap_top')]
         scalars['behaviour/min_overlap'] = min(overlaps) if overlaps else float('nan')
+      native_batch = native.batch
+      if step in injections:
+        native_batch = poison(native_batch, injections[step])
       if phase == 'rl':
-        state, step_metrics = grpo_step(state, native.batch, *ref)
+        state, step_metrics = grpo_step(state, native_batch, *ref)
       else:
-        state, step_metrics = opd_step(state, native.batch, stacked, *ref)
+        state, step_metrics = opd_step(state, native_batch, stacked, *ref)
+      skipped = np.asarray(jax.device_get(step_metrics['skipped_nonfinite']))
+      bad_steps = bad_steps + 1 if skipped.any() else 0
+      if skipped.any():
+        log(f'step {step}: non-finite loss or gradient in branch(es) '
+            f'{[names[k] for k in np.flatnonzero(skipped)]}; update skipped '
+            f'({bad_steps}/{config.guard.max_bad_steps} consecutive)')
+      if bad_steps >= config.guard.max_bad_steps:
+        raise TrainingHalted(
+            f'{bad_steps} consecutive steps with non-finite losses (last: step {step}); stopped '
+            f'before saving step {step}. Skipped updates leave parameters unchanged, so the newest '
+            f'checkpoint (step {checkpointer.latest_step()} in {workdir}/checkpoints) is finite')
       phases.observe(scalars.get('behaviour/min_overlap'))
       scalars.update(_branch_scalars(step_metrics, config.branches))
       scalars.update({'cycle': cycle, 'phase_is_opd': float(phase == 'opd'),
@@ -323,13 +344,33 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   return RunResult(workdir, results, table, last)
 
 
-def step_config_from(config) -> StepConfig:
+def step_config_from(config, prompt_length: int) -> StepConfig:
+  """prompt_length: the fixed prompt bucket of the run; GRPO groups then score their shared
+  prompt once (StepConfig.group_size / prompt_length)."""
   g = config.grpo
   return StepConfig(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
                     aggregation=g.aggregation, max_completion_tokens=config.sampling.max_new_tokens,
                     kl_coef=g.kl_coef, entropy_coef=g.entropy_coef,
                     temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
-                    opd_beta=config.copd.beta, opd_clamp=config.copd.delta_clamp or None)
+                    opd_beta=config.copd.beta, opd_clamp=config.copd.delta_clamp or None,
+                    frozen_branches=tuple(parse_indices(config.copd.freeze, 'copd.freeze')),
+                    group_size=g.group_size, prompt_length=prompt_length)
+
+
+def nan_injections(config) -> dict[int, list[int]]:
+  """guard.inject_nan 'BRANCH:STEP,...' -> {step: [branch, ...]} (fault-injection hook)."""
+  out: dict[int, list[int]] = {}
+  for item in (t.strip() for t in config.guard.inject_nan.split(',') if t.strip()):
+    branch, step = (int(x) for x in item.split(':'))
+    out.setdefault(step, []).append(branch)
+  return out
+
+
+def poison(batch: RolloutBatch, branches: list[int]) -> RolloutBatch:
+  """NaN advantages in the given branches: what a numerical blow-up looks like to the step."""
+  adv = np.array(batch.advantages)
+  adv[branches] = np.nan
+  return batch._replace(advantages=jnp.asarray(adv))
 
 
 def branch_init_params(paths, base_params, stacked_params, model_config):

@@ -7,3 +7,8 @@ names the field, file and line or tensor. Anything else is a bug and keeps its t
 
 class UserInputError(ValueError):
   """Bad input from the user; the message must say where (field, file:line, tensor)."""
+
+
+class TrainingHalted(RuntimeError):
+  """The run stopped itself cleanly (e.g. repeated non-finite losses); checkpoints are intact.
+  The CLI prints the message as one line and exits with status 3."""

@@ -37,6 +37,11 @@ class PromptEncoder:
     self.tokenizer = tokenizer
     self.use_chat_template = use_chat_template
     self._cache: dict[tuple[str, str], list[int]] = {}
+    self.length: int | None = None
+
+  def fix_length(self, longest: int) -> None:
+    """Pads every later batch to the bucket of `longest` tokens (one shape for the run)."""
+    self.length = bucket_length(longest, PROMPT_BUCKETS)
 
   def ids(self, example: Example) -> list[int]:
     key = (example.domain, example.id)
@@ -50,7 +55,9 @@ class PromptEncoder:
     """[K][B] examples -> tokens, valid [K, B, P] with P a shared prompt bucket."""
     ids = [[self.ids(e) for e in row] for row in examples]
     longest = max(len(x) for row in ids for x in row)
-    length = length or bucket_length(longest, PROMPT_BUCKETS)
+    length = length or self.length or bucket_length(longest, PROMPT_BUCKETS)
+    if longest > length:
+      raise ValueError(f'a prompt of {longest} tokens exceeds the run\'s prompt bucket {length}')
     pad = self.tokenizer.pad_token_id or 0
     padded = [pad_prompts(row, length, pad) for row in ids]
     return np.stack([t for t, _ in padded]), np.stack([v for _, v in padded])

@@ -1,0 +1,554 @@
+"""Jitted, sharded GRPO and OPD updates on branch-stacked state.
+
+`BranchState` holds K branches' parameters, optimizer state, step counters and rng keys, every
+leaf stacked on a leading 'branch' axis and sharded over the mesh's 'branch' axis; graphdef,
+optimizer and `StepConfig` stay static outside it. One update is a per-branch function vmapped
+over K and jitted with explicit shardings and a donated state:
+
+  grpo_step(state, batch[K, N, T] (, ref_params)) -> (state, metrics[K])
+  opd_step(state, native[K, N, T], distill[R, K, M, T] (, ref_params)) -> (state, metrics[K])
+
+Within a branch the loss is accumulated over micro-batches with `lax.scan` against one
+normaliser computed from the whole batch first, so micro-batching leaves the update unchanged.
+GRPO groups repeat one prompt G times; with StepConfig.group_size / prompt_length set, each
+group's prompt is scored once and its KV cache shared by the group's rows
+(`shared_prompt_logprobs`), which removes (G - 1) / G of the prompt compute from the update.
+
+OPD teacher signal: in round r (`Topology.rounds()`), student k distils from teacher_of[k]. The
+students' tokens are permuted along the branch axis to their teachers' shards, every teacher
+scores them with its own parameters, and the log-probs are permuted back. Parameters never leave
+their branch; only [K, M, T] tokens and log-probs cross it. `make_edge_topk` does the same for
+the behavioural metrics (top-k ids and log-probs of student and teacher per position).
+
+Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in(rng, step).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from copd_jax import losses
+from copd_jax.errors import UserInputError
+from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
+from copd_jax.models.qwen3 import KVCache, default_positions
+from copd_jax.scoring import TokenScores, apply_model, logprobs_from_logits, sequence_logprobs
+
+# How many times each step function has been traced (a retrace means a recompile).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+class BranchState(NamedTuple):
+  """Per-branch training state; every leaf has a leading [K] 'branch' axis."""
+  params: nnx.State     # nnx.split(model)[1] stacked K times
+  opt_state: Any        # optimizer.init of one branch, vmapped
+  step: jax.Array       # [K] int32, updates applied
+  rng: jax.Array        # [K, 2] uint32 raw keys (jax.random.wrap_key_data to use)
+
+
+class RolloutBatch(NamedTuple):
+  """Sampled sequences to train on; every leaf [K, N, T] (or [R, K, M, T] for OPD distillation),
+  T = prompt + completion positions."""
+  tokens: jax.Array             # int32
+  token_valid: jax.Array        # bool, real (non-pad) tokens
+  completion_mask: jax.Array    # bool, completion tokens that are trained on
+  sampler_logprobs: jax.Array   # float32, the sampler's log-prob of each token (0 elsewhere)
+  advantages: jax.Array         # float32 per token (GRPO: the sequence advantage broadcast);
+                                # ignored for distillation batches
+
+
+class StepConfigError(UserInputError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Loss and update settings (see copd_jax.losses for the formulas).
+
+  max_completion_tokens is the constant of 'seq-mean-token-sum-norm' (default: T).
+  temperature scores the student and, in OPD, the teacher (they must match the sampler's).
+  opd_beta scales delta = log pi_teacher - log pi_student; opd_clamp bounds |delta| (None: off).
+  kl_coef > 0 adds a k3 KL to a frozen reference and makes ref_params a step argument.
+  group_size > 1 with prompt_length > 0 makes grpo_step score each group's prompt once: rows
+  k*G .. k*G+G-1 of a batch must repeat one prompt in columns [0, prompt_length) (the sampler's
+  layout), and each micro-batch then holds whole groups. The opd_step ignores both fields.
+  """
+  epsilon_low: float = 0.2
+  epsilon_high: float = 0.28
+  aggregation: str = 'seq-mean-token-mean'
+  max_completion_tokens: int | None = None
+  kl_coef: float = 0.0
+  entropy_coef: float = 0.0
+  temperature: float = 1.0
+  num_micro_batches: int = 1
+  opd_beta: float = 1.0
+  opd_clamp: float | None = None
+  frozen_branches: tuple[int, ...] = ()
+  group_size: int = 1
+  prompt_length: int = 0
+
+  def __post_init__(self):
+    def fail(name, why):
+      raise StepConfigError(f'StepConfig.{name}: {why}, got {getattr(self, name)!r}')
+    for name in ('epsilon_low', 'epsilon_high', 'kl_coef', 'entropy_coef'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        fail(name, 'must be a number >= 0')
+    if self.epsilon_low >= 1:
+      fail('epsilon_low', 'must be < 1')
+    if self.aggregation not in losses.AGGREGATIONS:
+      fail('aggregation', f'must be one of {losses.AGGREGATIONS}')
+    for name in ('max_completion_tokens', 'num_micro_batches', 'group_size'):
+      value = getattr(self, name)
+      if value is None and name == 'max_completion_tokens':
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail(name, 'must be a positive integer')
+    if (isinstance(self.prompt_length, bool) or not isinstance(self.prompt_length, int)
+        or self.prompt_length < 0):
+      fail('prompt_length', 'must be an integer >= 0')
+    if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+      fail('temperature', 'must be > 0')
+    if not isinstance(self.opd_beta, (int, float)):
+      fail('opd_beta', 'must be a number')
+    if self.opd_clamp is not None and (not isinstance(self.opd_clamp, (int, float))
+                                       or self.opd_clamp <= 0):
+      fail('opd_clamp', 'must be > 0 or None')
+
+  @property
+  def shares_prompts(self) -> bool:
+    return self.group_size > 1 and self.prompt_length > 0
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> 'StepConfig':
+    if hasattr(values, 'to_dict'):
+      values = values.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise StepConfigError(f'StepConfig.{unknown[0]}: unknown field; known: {sorted(known)}')
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------- state
+
+def stack_params(params: nnx.State, num_branches: int) -> nnx.State:
+  """Every leaf broadcast to [K, ...]."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (num_branches,) + x.shape), params)
+
+
+def _is_param_tree(params_def):
+  return lambda x: jax.tree.structure(x) == params_def
+
+
+def branch_state_shardings(state: BranchState, mesh: Mesh,
+                           rules: Mapping[str, str | None] = DEFAULT_RULES) -> BranchState:
+  """Shardings for a concrete or abstract (`jax.eval_shape`) BranchState.
+
+  Params follow their logical axes with the leading 'branch' axis; every sub-tree of the
+  optimizer state shaped like the params (Adam's mu, nu, ...) gets the params' shardings; every
+  other optimizer leaf (counts) and step/rng are sharded on 'branch' only.
+  """
+  param_sh = state_shardings(state.params, mesh, rules, branch_stacked=True)
+  is_params = _is_param_tree(jax.tree.structure(state.params))
+  opt_sh = jax.tree.map(lambda x: param_sh if is_params(x) else branch_sharded(mesh, x.ndim),
+                        state.opt_state, is_leaf=is_params)
+  return BranchState(param_sh, opt_sh, branch_sharded(mesh, 1), branch_sharded(mesh, 2))
+
+
+def init_branch_state(graphdef, base_params: nnx.State, num_branches: int,
+                      optimizer: optax.GradientTransformation, mesh: Mesh, seed: int,
+                      rules: Mapping[str, str | None] = DEFAULT_RULES) -> BranchState:
+  """K copies of base_params with fresh optimizer states, built directly in their shardings.
+
+  graphdef is accepted for symmetry with the step factories (the state never contains it).
+  """
+  del graphdef
+  if mesh.shape['branch'] and num_branches % mesh.shape['branch']:
+    raise StepConfigError(f'num_branches={num_branches} is not divisible by the mesh branch axis '
+                          f'({mesh.shape["branch"]})')
+
+  def init(params):
+    stacked = stack_params(params, num_branches)
+    keys = jax.random.split(jax.random.key(seed), num_branches)
+    return BranchState(stacked, jax.vmap(optimizer.init)(stacked),
+                       jnp.zeros((num_branches,), jnp.int32), jax.random.key_data(keys))
+
+  shardings = branch_state_shardings(jax.eval_shape(init, base_params), mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(base_params)
+
+
+def reference_shardings(state_sharding: BranchState) -> Any:
+  """Shardings of un-stacked (reference) params: the branch-stacked ones without 'branch'."""
+  return jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), state_sharding.params)
+
+
+# ----------------------------------------------------------------------------- batch layout
+
+def _rows_constraint(x: jax.Array, mesh: Mesh, branch_dim: int) -> jax.Array:
+  """Branch dim on 'branch'; the sequence dim after it on 'fsdp' (data parallel within a branch)
+  when it divides; the rest replicated."""
+  spec = [None] * x.ndim
+  spec[branch_dim] = 'branch'
+  rows = branch_dim + 1
+  if rows < x.ndim and x.shape[rows] % mesh.shape['fsdp'] == 0:
+    spec[rows] = 'fsdp'
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def _split_micro(x: jax.Array, num: int, group: int = 1) -> jax.Array:
+  """[N, ...] -> [num, N // num, ...]; group j of `group` adjacent rows goes to micro-batch
+  j % num, so a block-sharded N stays block-sharded inside every micro-batch."""
+  n = x.shape[0]
+  if n % (num * group):
+    raise StepConfigError(f'StepConfig.num_micro_batches={num} (x group_size={group}) does not '
+                          f'divide the {n} sequences per branch')
+  x = jnp.swapaxes(x.reshape(n // (num * group), num, group, *x.shape[1:]), 0, 1)
+  return x.reshape(num, n // num, *x.shape[3:])
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+  """Inverse of _split_micro."""
+  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+# ----------------------------------------------------------------------------- one branch
+
+def shared_prompt_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax.Array,
+                           temperature: float, group_size: int, prompt_length: int) -> TokenScores:
+  """`scoring.sequence_logprobs` for rows [B, T] whose groups of `group_size` adjacent rows repeat
+  one prompt in columns [0, prompt_length): each prompt runs once into a KV cache that every row
+  of its group continues from, saving (G - 1) / G of the prompt compute. Completion positions
+  (t >= prompt_length) equal sequence_logprobs' up to float reordering; prompt positions are 0.
+  """
+  model = nnx.merge(graphdef, params)
+  B, T = tokens.shape
+  P, G = prompt_length, group_size
+  if not 0 < P < T or B % G:
+    raise StepConfigError(f'StepConfig.prompt_length={P} / group_size={G} do not fit a batch of '
+                          f'{B} rows of {T} tokens')
+  positions = default_positions(token_valid)
+  cache = KVCache.empty(model.config, B // G, T, model.compute_dtype)
+  prompt_logits, cache = model(tokens[::G, :P], positions=positions[::G, :P],
+                               token_valid=token_valid[::G, :P], cache=cache)
+  cache = KVCache(jnp.repeat(cache.k, G, axis=1), jnp.repeat(cache.v, G, axis=1),
+                  jnp.repeat(cache.valid, G, axis=0), cache.index)
+  logits, _ = model(tokens[:, P:], positions=positions[:, P:], token_valid=token_valid[:, P:],
+                    cache=cache)
+  # logits predicting tokens P .. T-1: the prompt's last position, then the completion's
+  logits = jnp.concatenate([jnp.repeat(prompt_logits[:, P - 1:], G, axis=0), logits[:, :-1]],
+                           axis=1)
+  scores = logprobs_from_logits(logits, tokens[:, P:], temperature)
+  pad = lambda x: jnp.pad(x, ((0, 0), (P, 0))) * token_valid
+  return TokenScores(pad(scores.logprobs), pad(scores.entropy))
+
+
+def prompt_mismatch(tokens: jax.Array, token_valid: jax.Array, group_size: int,
+                    prompt_length: int) -> jax.Array:
+  """Share of rows [..., N, T] whose prompt columns differ from their group's first row (0 when
+  the batch fits the shared-prompt layout)."""
+  shape = tokens.shape[:-2] + (tokens.shape[-2] // group_size, group_size, prompt_length)
+  def differs(x):
+    x = x[..., :prompt_length].reshape(shape)
+    return jnp.any(x != x[..., :1, :], axis=-1)
+  return jnp.mean(differs(tokens) | differs(token_valid), axis=(-2, -1))
+
+
+class _Distill(NamedTuple):
+  """Teacher signal for the rows of a combined batch ([N, T] / [N] leaves)."""
+  teacher_logprobs: jax.Array   # [N, T], 0 on native rows
+  is_distill: jax.Array         # [N] bool: the row is a distillation rollout
+
+
+def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | None, ref_params,
+                   trainable, *, graphdef, optimizer, cfg: StepConfig):
+  """One optimizer update of one branch from batch [N, T] (native rows with their advantages,
+  plus, for OPD, distillation rows whose advantage is the teacher signal), micro-batched against
+  one normaliser of the whole batch. Returns (params, opt_state, metrics).
+
+  The update is applied only when the branch is `trainable` (frozen teachers are not) and its
+  loss and gradients are finite; metrics['skipped_nonfinite'] is 1 when a non-finite value
+  blocked it (numerical guard: params and optimizer state stay as they were)."""
+  mask = batch.completion_mask.astype(jnp.float32)
+  normalizer = losses.aggregation_weights(mask, cfg.aggregation, cfg.max_completion_tokens)[1]
+  token_count = jnp.sum(mask)
+  if distill is not None:
+    distill_count = jnp.maximum(jnp.sum(mask * distill.is_distill[:, None]), 1.0)
+
+  group = cfg.group_size if cfg.shares_prompts and distill is None else 1
+  def score(p, mb: RolloutBatch) -> TokenScores:
+    if group > 1:
+      return shared_prompt_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
+                                    group, cfg.prompt_length)
+    return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature)
+
+  def loss_fn(p, mb: RolloutBatch, mb_distill: _Distill | None):
+    scores = score(p, mb)
+    advantages = mb.advantages
+    if mb_distill is not None:
+      mb_mask = mb.completion_mask * mb_distill.is_distill[:, None].astype(mb.completion_mask.dtype)
+      opd_adv, delta = losses.opd_advantages(mb_distill.teacher_logprobs, scores.logprobs, mb_mask,
+                                             beta=cfg.opd_beta, clamp=cfg.opd_clamp)
+      advantages = jnp.where(mb_distill.is_distill[:, None], opd_adv, advantages)
+    ref_lp = None
+    if ref_params is not None:
+      ref_lp = score(ref_params, mb).logprobs
+    loss, metrics = losses.policy_loss(
+        scores.logprobs, mb.sampler_logprobs, advantages, mb.completion_mask,
+        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
+        max_tokens=cfg.max_completion_tokens, normalizer=normalizer, token_count=token_count,
+        entropy=scores.entropy, entropy_coef=cfg.entropy_coef, ref_logprobs=ref_lp,
+        kl_coef=cfg.kl_coef)
+    if mb_distill is not None:
+      metrics['opd_delta_mean'] = jnp.sum(delta) / distill_count
+      metrics['opd_delta_abs_mean'] = jnp.sum(jnp.abs(delta)) / distill_count
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  xs = jax.tree.map(lambda x: _split_micro(x, cfg.num_micro_batches, group), (batch, distill))
+
+  def body(carry, x):
+    g_acc, m_acc = carry
+    (_, metrics), g = grad_fn(params, *x)
+    g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+    return (g_acc, jax.tree.map(jnp.add, m_acc, metrics)), None
+
+  metric_shapes = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0], xs))[0][1])
+  init = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+  (grads, metrics), _ = jax.lax.scan(body, init, xs)
+  metrics = dict(metrics)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  apply = finite & trainable
+  keep_old = lambda new, old: jnp.where(apply, new, old)
+  params = jax.tree.map(keep_old, optax.apply_updates(params, updates), params)
+  opt_state = jax.tree.map(keep_old, new_opt_state, opt_state)
+  metrics['skipped_nonfinite'] = (~finite).astype(jnp.float32)
+  return params, opt_state, metrics
+
+
+def _trainable(cfg: StepConfig, num_branches: int) -> jax.Array:
+  return jnp.asarray([k not in cfg.frozen_branches for k in range(num_branches)])
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   config: StepConfig, state_sharding: BranchState) -> Callable:
+  """Jitted `grpo_step(state, batch (, ref_params if config.kl_coef > 0)) -> (state, metrics)`.
+
+  batch: RolloutBatch of [K, N, T] leaves. metrics: dict of [K] arrays (loss, pg_loss,
+  clip_frac_low/high, approx_kl, entropy, grad_norm, advantage_mean/std/min/max, ref_kl; with
+  shared prompts also prompt_mismatch, which must be 0: the share of rows whose prompt differs
+  from their group's first row, whose scores are then wrong).
+  The state argument is donated.
+  """
+  use_ref = config.kl_coef > 0
+  rows = NamedSharding(mesh, P('branch'))
+
+  def grpo_step(state: BranchState, batch: RolloutBatch, ref_params=None):
+    TRACE_COUNTS['grpo_step'] += 1
+    batch = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), batch)
+    update = lambda p, o, b, r, t: _branch_update(p, o, b, None, r, t, graphdef=graphdef,
+                                                  optimizer=optimizer, cfg=config)
+    params, opt_state, metrics = jax.vmap(update, in_axes=(0, 0, 0, None, 0))(
+        state.params, state.opt_state, batch, ref_params,
+        _trainable(config, batch.tokens.shape[0]))
+    metrics.update(jax.vmap(losses.advantage_stats)(batch.advantages, batch.completion_mask))
+    if config.shares_prompts:
+      metrics['prompt_mismatch'] = prompt_mismatch(batch.tokens, batch.token_valid,
+                                                   config.group_size, config.prompt_length)
+    return BranchState(params, opt_state, state.step + 1, state.rng), metrics
+
+  in_sh = (state_sharding, rows) + ((reference_shardings(state_sharding),) if use_ref else ())
+  return jax.jit(grpo_step, in_shardings=in_sh, out_shardings=(state_sharding, rows),
+                 donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- OPD
+
+def _check_rounds(rounds: Sequence[Sequence[int]], num_branches: int) -> np.ndarray:
+  table = np.asarray(rounds, np.int32).reshape(len(rounds), num_branches)
+  for r, teacher_of in enumerate(table):
+    teachers = teacher_of[teacher_of >= 0]
+    if len(set(teachers.tolist())) != len(teachers) or np.any(teacher_of >= num_branches):
+      raise StepConfigError(f'rounds[{r}]={teacher_of.tolist()} is not a partial permutation')
+    if np.any(teacher_of == np.arange(num_branches)):
+      raise StepConfigError(f'rounds[{r}]={teacher_of.tolist()}: a branch cannot teach itself')
+  return table
+
+
+def _routing(teacher_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(to_teacher, to_student, active) index arrays for one round.
+
+  Row t of x[to_teacher] is the batch of t's student (t's own rows when it teaches nobody);
+  row k of y[to_student] is what k's teacher computed (k's own row when k is idle)."""
+  K = len(teacher_of)
+  active = teacher_of >= 0
+  to_student = np.where(active, teacher_of, np.arange(K))
+  to_teacher = np.arange(K)
+  to_teacher[teacher_of[active]] = np.nonzero(active)[0]
+  return to_teacher, to_student, active
+
+
+def _route(x: jax.Array, index: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Rows of x [K, M, ...] permuted along the branch axis; only x itself crosses branches."""
+  return _rows_constraint(x[index], mesh, 0)
+
+
+def _chunked(fn, num: int, *xs):
+  """fn over [M, ...] inputs evaluated num sequential micro-batches at a time (bounded memory)."""
+  if num == 1:
+    return fn(*xs)
+  out = jax.lax.map(lambda c: fn(*c), tuple(_split_micro(x, num) for x in xs))
+  return jax.tree.map(_merge_micro, out)
+
+
+def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
+                     mesh: Mesh, temperature: float, num_micro_batches: int = 1) -> jax.Array:
+  """[R, K, M, T] log pi_teacher of each student's distillation tokens (0 for idle students),
+  computed on the teacher's shard with the teacher's parameters."""
+  score = lambda p, tok, valid: _chunked(
+      lambda t, v: sequence_logprobs(graphdef, p, t, v, temperature).logprobs,
+      num_micro_batches, tok, valid)
+  out = []
+  for r, teacher_of in enumerate(rounds):
+    to_teacher, to_student, active = _routing(teacher_of)
+    tokens = _route(distill.tokens[r], to_teacher, mesh)
+    valid = _route(distill.token_valid[r], to_teacher, mesh)
+    lp = jax.vmap(score)(params, tokens, valid)
+    lp = _route(lp, to_student, mesh)
+    out.append(lp * jnp.asarray(active, lp.dtype)[:, None, None])
+  return jnp.stack(out)
+
+
+def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
+                  config: StepConfig, state_sharding: BranchState,
+                  rounds: Sequence[Sequence[int]]) -> Callable:
+  """Jitted `opd_step(state, native, distill (, ref_params)) -> (state, metrics)` (Algorithm 1,
+  lines 8-17): one update per branch from its native GRPO batch native [K, N, T] together with
+  its distillation rollouts distill [R, K, M, T] (row [r, k] sampled by student k on the domain
+  of rounds[r][k]; its advantages field is ignored; rows of idle students are masked out).
+
+  Distillation tokens get the advantage opd_beta * delta (optionally clamped). The native and
+  distillation rows form one batch [K, N + R * M, max T] (right-padded), so they share one
+  aggregation normaliser and num_micro_batches must divide N + R * M (and M, for the teacher
+  pass). metrics [K]: those of grpo_step plus opd_delta_mean and
+  opd_delta_abs_mean (over distillation tokens). rounds is static (Topology.rounds()).
+  """
+  use_ref = config.kl_coef > 0
+  rows = NamedSharding(mesh, P('branch'))
+  rounds_sh = NamedSharding(mesh, P(None, 'branch'))
+
+  def opd_step(state: BranchState, native: RolloutBatch, distill: RolloutBatch, ref_params=None):
+    TRACE_COUNTS['opd_step'] += 1
+    R, K, M = distill.tokens.shape[:3]
+    table = _check_rounds(rounds, K)
+    if R != len(table):
+      raise StepConfigError(f'distill batch has {R} rounds but the topology has {len(table)}')
+    native = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), native)
+    active = jnp.asarray(table >= 0)[:, :, None, None]
+    mask = distill.completion_mask
+    distill = distill._replace(completion_mask=mask * active.astype(mask.dtype))
+    distill = jax.tree.map(lambda x: _rows_constraint(x, mesh, 1), distill)
+    teacher_lp = teacher_logprobs(graphdef, state.params, distill, table, mesh,
+                                  config.temperature, config.num_micro_batches)
+    # One combined batch per branch: native rows, then its distillation rows of all rounds
+    # ([R, K, M, T] -> [K, R * M, T]), both right-padded to a common T.
+    per_branch = lambda x: jnp.swapaxes(x, 0, 1).reshape(K, R * M, *x.shape[3:])
+    distill_rows = jax.tree.map(per_branch, distill._replace(advantages=jnp.zeros_like(
+        distill.sampler_logprobs)))
+    T = max(native.tokens.shape[-1], distill.tokens.shape[-1])
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[-1])))
+    combined = jax.tree.map(lambda a, b: jnp.concatenate([pad(a), pad(b)], axis=1),
+                            native, distill_rows)
+    N = native.tokens.shape[1]
+    signal = _Distill(
+        jnp.concatenate([jnp.zeros((K, N, T), jnp.float32),
+                         pad(per_branch(teacher_lp)).astype(jnp.float32)], axis=1),
+        jnp.broadcast_to(jnp.arange(N + R * M) >= N, (K, N + R * M)))
+    combined, signal = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), (combined, signal))
+
+    update = lambda p, o, b, d, r, t: _branch_update(p, o, b, d, r, t, graphdef=graphdef,
+                                                     optimizer=optimizer, cfg=config)
+    params, opt_state, metrics = jax.vmap(update, in_axes=(0, 0, 0, 0, None, 0))(
+        state.params, state.opt_state, combined, signal, ref_params, _trainable(config, K))
+    metrics.update(jax.vmap(losses.advantage_stats)(native.advantages, native.completion_mask))
+    return BranchState(params, opt_state, state.step + 1, state.rng), metrics
+
+  in_sh = ((state_sharding, rows, rounds_sh)
+           + ((reference_shardings(state_sharding),) if use_ref else ()))
+  return jax.jit(opd_step, in_shardings=in_sh, out_shardings=(state_sharding, rows),
+                 donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- top-k per edge
+
+class EdgeTopK(NamedTuple):
+  """Per round r and student k (teacher rounds[r][k]), at each position t of the student's
+  distillation rollout: the next-token distribution predicting token t (position 0 and
+  positions outside the completion mask hold ids -1 and log-probs 0; so do idle students)."""
+  student_ids: jax.Array             # [R, K, M, T, k] int32, descending probability
+  student_logprobs: jax.Array        # [R, K, M, T, k]
+  teacher_ids: jax.Array             # [R, K, M, T, k]
+  teacher_logprobs: jax.Array        # [R, K, M, T, k]
+  student_token_logprob: jax.Array   # [R, K, M, T] log-prob of the sampled token
+  teacher_token_logprob: jax.Array   # [R, K, M, T]
+
+
+def _next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int):
+  """[M, T] tokens -> (ids [M, T, k], logprobs [M, T, k], token_logprob [M, T]), aligned as in
+  scoring.sequence_logprobs (position t describes the prediction of token t)."""
+  logits, _ = apply_model(graphdef, params, tokens, token_valid=valid)
+  logits = logits[:, :-1]
+  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  top_lp, top_ids = jax.lax.top_k(logp_all, k)
+  token_lp = logprobs_from_logits(logits, tokens[:, 1:], temperature).logprobs
+  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+  return pad(top_ids), pad(top_lp), pad(token_lp)
+
+
+def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
+                   rounds: Sequence[Sequence[int]], k: int, temperature: float = 1.0,
+                   num_micro_batches: int = 1) -> Callable:
+  """Jitted `edge_topk(params [K, ...], distill [R, K, M, T]) -> EdgeTopK` for the behavioural
+  metrics (top-k overlap, symmetric KL). Tokens travel to the teacher's shard and only the
+  top-k results come back; parameters stay where they are."""
+  rounds_sh = NamedSharding(mesh, P(None, 'branch'))
+
+  def edge_topk(params: nnx.State, distill: RolloutBatch) -> EdgeTopK:
+    TRACE_COUNTS['edge_topk'] += 1
+    R, K = distill.tokens.shape[:2]
+    table = _check_rounds(rounds, K)
+    if R != len(table):
+      raise StepConfigError(f'distill batch has {R} rounds but the topology has {len(table)}')
+    score = lambda p, tok, valid: _chunked(
+        lambda t, v: _next_token_topk(graphdef, p, t, v, temperature, k),
+        num_micro_batches, tok, valid)
+    out = []
+    for r, teacher_of in enumerate(table):
+      to_teacher, to_student, active = _routing(teacher_of)
+      tokens = _rows_constraint(distill.tokens[r], mesh, 0)
+      valid = _rows_constraint(distill.token_valid[r], mesh, 0)
+      s_ids, s_lp, s_tok = jax.vmap(score)(params, tokens, valid)
+      t_ids, t_lp, t_tok = jax.vmap(score)(params, _route(tokens, to_teacher, mesh),
+                                           _route(valid, to_teacher, mesh))
+      t_ids, t_lp, t_tok = (_route(x, to_student, mesh) for x in (t_ids, t_lp, t_tok))
+      keep = distill.completion_mask[r].astype(bool) & jnp.asarray(active)[:, None, None]
+      ids = lambda x: jnp.where(keep[..., None], x, -1)
+      vals = lambda x: jnp.where(keep[..., None] if x.ndim == 4 else keep, x, 0.0)
+      out.append(EdgeTopK(ids(s_ids), vals(s_lp), ids(t_ids), vals(t_lp), vals(s_tok),
+                          vals(t_tok)))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+  return jax.jit(edge_topk, in_shardings=(state_sharding.params, rounds_sh),
+                 out_shardings=rounds_sh)
