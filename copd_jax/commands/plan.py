@@ -1,0 +1,77 @@
+"""`python -m copd_jax plan --config FILE --devices N [--device-memory-gb G] [--config.a.b=v ...]`
+
+Per-device memory of a run config on an N-device mesh, from shapes only (nothing is allocated):
+parameters, optimizer state, gradients, the sampler's parameter copy and KV cache, activation
+estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_plan.py). Data files
+and model.hf_path need not exist: without a config.json the architecture is model.preset.
+
+The plan runs on N CPU devices (--xla_force_host_platform_device_count); per-device bytes do not
+depend on the platform. XLA reads that flag once, when jax starts, so when this process's jax
+already runs with another device count the command re-runs itself in a fresh interpreter.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+ACCEPTS_EXTRA = True  # --config.a.b=value overrides
+
+_CHILD_ENV = 'COPD_JAX_PLAN_CHILD'
+_DEVICE_FLAG = '--xla_force_host_platform_device_count'
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument('--config', required=True, help='config file (configs/*.py)')
+  parser.add_argument('--devices', type=int, required=True, help='number of devices N')
+  parser.add_argument('--device-memory-gb', type=float, default=None,
+                      help='memory of one device in GiB; warns when a phase will not fit')
+  parser.add_argument('--prompt-tokens', type=int, default=256,
+                      help='padded prompt length (a sampler bucket: a power of two)')
+  parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
+
+
+def cpu_env(num_devices: int, env: dict[str, str]) -> dict[str, str]:
+  """`env` with JAX on CPU and exactly `num_devices` host devices."""
+  flags = re.sub(rf'{_DEVICE_FLAG}=\S+', '', env.get('XLA_FLAGS', '')).strip()
+  out = dict(env)
+  out['XLA_FLAGS'] = f'{flags} {_DEVICE_FLAG}={num_devices}'.strip()
+  out['JAX_PLATFORMS'] = 'cpu'
+  return out
+
+
+def _argv(args) -> list[str]:
+  argv = ['plan', '--config', args.config, '--devices', str(args.devices),
+          '--prompt-tokens', str(args.prompt_tokens)]
+  if args.device_memory_gb is not None:
+    argv += ['--device-memory-gb', str(args.device_memory_gb)]
+  if args.no_leaves:
+    argv.append('--no-leaves')
+  return argv + list(args.extra)
+
+
+def run(args) -> int:
+  from copd_jax.memory_plan import PlanError
+  bad = [a for a in args.extra if not a.startswith('--config.')]
+  if bad:
+    raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+  if args.devices < 1:
+    raise PlanError(f'--devices must be a positive integer, got {args.devices}')
+  if 'jax' not in sys.modules:
+    os.environ.update(cpu_env(args.devices, dict(os.environ)))
+  import jax
+  if jax.default_backend() != 'cpu' or jax.device_count() != args.devices:
+    if os.environ.get(_CHILD_ENV):
+      raise PlanError(f'could not start JAX with {args.devices} CPU devices '
+                      f'(got {jax.device_count()} on {jax.default_backend()})')
+    env = cpu_env(args.devices, {**os.environ, _CHILD_ENV: '1'})
+    return subprocess.run([sys.executable, '-m', 'copd_jax'] + _argv(args), env=env).returncode
+
+  from copd_jax.config import load_config
+  from copd_jax.memory_plan import GIB, format_plan, make_plan
+  config = load_config(args.config, args.extra, check_files=False)
+  plan = make_plan(config, jax.devices(), args.prompt_tokens)
+  memory = args.device_memory_gb * GIB if args.device_memory_gb else None
+  print(format_plan(plan, memory, leaves=not args.no_leaves))
+  return 0

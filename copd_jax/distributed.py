@@ -1,0 +1,218 @@
+"""Multi-host runs: starting JAX's distributed runtime, process-0-only logging, which rows of a
+global batch each process feeds, and run paths that may be local or remote (gs://).
+
+One host needs none of this: `maybe_initialize()` is then a no-op and every helper reduces to
+the single-process case. On several hosts every process runs the same program; each must call
+`maybe_initialize()` before anything else touches JAX devices.
+
+Batch layout (the train steps' `_rows_constraint`, the sampler's prompts): a global batch
+[K, B, ...] is split over the mesh's 'branch' axis on K and over 'fsdp' on B (when 'fsdp'
+divides B; otherwise B is replicated), and replicated over 'tensor'. A process feeds the block of
+rows that its own devices hold: `process_rows` computes it from the mesh's device-to-process
+map, `global_batch` assembles the global jax.Array from every process's block with
+`jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from copd_jax.errors import UserInputError
+
+MULTIHOST_ENV = 'COPD_JAX_MULTIHOST'
+COORDINATOR_ENVS = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS')
+PROCESS_COUNT_ENVS = ('JAX_PROCESS_COUNT', 'JAX_NUM_PROCESSES', 'NUM_PROCESSES')
+PROCESS_ID_ENVS = ('JAX_PROCESS_ID', 'PROCESS_ID')
+_TRUE = ('1', 'true', 'yes', 'on')
+
+
+class DistributedConfigError(UserInputError):
+  """A launch environment that cannot describe a multi-host run (names the variable)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+  """Arguments of `jax.distributed.initialize`; None lets JAX detect them (Cloud TPU, SLURM,
+  Open MPI, Kubernetes)."""
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def kwargs(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str | None, str | None]:
+  for name in names:
+    if env.get(name, '').strip():
+      return name, env[name].strip()
+  return None, None
+
+
+def _int_env(env: Mapping[str, str], names: tuple[str, ...], minimum: int) -> int | None:
+  name, raw = _first(env, names)
+  if name is None:
+    return None
+  try:
+    value = int(raw)
+  except ValueError:
+    value = None
+  if value is None or value < minimum:
+    raise DistributedConfigError(f'environment variable {name}={raw!r}: expected an integer '
+                                 f'>= {minimum}')
+  return value
+
+
+def launch_spec(env: Mapping[str, str], multihost: bool | None = None) -> LaunchSpec | None:
+  """How this process joins a multi-host run, or None on a single host.
+
+  Multi-host when `multihost` is True (a --multihost flag), or, with multihost None, when
+  COPD_JAX_MULTIHOST is true, a coordinator address is set (JAX_COORDINATOR_ADDRESS or
+  COORDINATOR_ADDRESS) or the process count (JAX_PROCESS_COUNT, JAX_NUM_PROCESSES,
+  NUM_PROCESSES) exceeds 1. multihost=False forces a single host.
+  """
+  _, coordinator = _first(env, COORDINATOR_ENVS)
+  count = _int_env(env, PROCESS_COUNT_ENVS, minimum=1)
+  process_id = _int_env(env, PROCESS_ID_ENVS, minimum=0)
+  if count is not None and process_id is not None and process_id >= count:
+    name, _ = _first(env, PROCESS_ID_ENVS)
+    raise DistributedConfigError(f'environment variable {name}={process_id}: must be smaller '
+                                 f'than the process count {count}')
+  if multihost is None:
+    multihost = (env.get(MULTIHOST_ENV, '').strip().lower() in _TRUE
+                 or coordinator is not None or (count or 1) > 1)
+  if not multihost:
+    return None
+  return LaunchSpec(coordinator, count, process_id)
+
+
+def maybe_initialize(multihost: bool | None = None,
+                     env: Mapping[str, str] | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when this is a multi-host launch (see `launch_spec`);
+  returns whether the distributed runtime is on. Safe to call twice; a no-op on one host."""
+  spec = launch_spec(os.environ if env is None else env, multihost)
+  if spec is None:
+    return False
+  if not jax.distributed.is_initialized():
+    jax.distributed.initialize(**spec.kwargs())
+  return True
+
+
+def is_primary() -> bool:
+  """True on process 0 (the one that logs, writes metrics and non-Orbax files)."""
+  return jax.process_index() == 0
+
+
+def primary_logger(log: Callable[[str], None] = print) -> Callable[[str], None]:
+  """`log` on process 0, a no-op elsewhere (pass it as the driver's `log`)."""
+  def primary_only(message: str) -> None:
+    if is_primary():
+      log(message)
+  return primary_only
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-process batch rows
+# ---------------------------------------------------------------------------------------------
+
+def batch_spec(mesh: Mesh, global_shape: tuple[int, ...]) -> P:
+  """PartitionSpec of a [K, B, ...] batch: K on 'branch', B on 'fsdp' when it divides B."""
+  rows = 'fsdp' if len(global_shape) > 1 and global_shape[1] % mesh.shape['fsdp'] == 0 else None
+  return P('branch', rows, *([None] * (len(global_shape) - 2)))
+
+
+def mesh_process_ids(mesh: Mesh) -> np.ndarray:
+  """The process index of every device, in the mesh's shape."""
+  return np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+
+
+def process_rows(process_ids: np.ndarray, process: int, num_branches: int, batch: int
+                 ) -> tuple[slice, slice]:
+  """(branch rows, batch rows) of a [K, B] global batch that `process` feeds.
+
+  process_ids: [branch, fsdp, tensor] process index of each mesh device. K is split into
+  `branch` blocks and B into `fsdp` blocks (B whole when 'fsdp' does not divide it); the process
+  feeds every block one of its devices holds, which must form one rectangle of blocks.
+  """
+  n_branch, n_fsdp = process_ids.shape[:2]
+  if num_branches % n_branch:
+    raise ValueError(f'mesh axis branch={n_branch} does not divide K={num_branches}')
+  owned = np.any(process_ids.reshape(n_branch, n_fsdp, -1) == process, axis=-1)
+  if batch % n_fsdp:  # B replicated over 'fsdp': a process needs every row of its branches
+    owned = np.broadcast_to(owned.any(axis=1, keepdims=True), owned.shape)
+    n_fsdp_used = 1
+  else:
+    n_fsdp_used = n_fsdp
+  if not owned.any():
+    raise ValueError(f'process {process} holds no device of the mesh')
+  ii, jj = np.nonzero(owned.any(axis=1))[0], np.nonzero(owned.any(axis=0))[0]
+  block = owned[ii[0]:ii[-1] + 1, jj[0]:jj[-1] + 1]
+  if not block.all() or block.size != owned.sum():
+    raise ValueError(f'the devices of process {process} do not hold one rectangle of batch '
+                     f'blocks ({owned.astype(int).tolist()}); order the mesh devices by process')
+  k_step = num_branches // n_branch
+  k_rows = slice(int(ii[0]) * k_step, (int(ii[-1]) + 1) * k_step)
+  if n_fsdp_used == 1:
+    return k_rows, slice(0, batch)
+  b_step = batch // n_fsdp
+  return k_rows, slice(int(jj[0]) * b_step, (int(jj[-1]) + 1) * b_step)
+
+
+def local_rows(mesh: Mesh, num_branches: int, batch: int) -> tuple[slice, slice]:
+  """`process_rows` for this process on `mesh`."""
+  return process_rows(mesh_process_ids(mesh), jax.process_index(), num_branches, batch)
+
+
+def global_batch(local: Any, mesh: Mesh, global_shape: tuple[int, ...]) -> jax.Array:
+  """The global [K, B, ...] jax.Array from this process's rows `local` (its `local_rows` block,
+  the whole batch on one host), sharded by `batch_spec`."""
+  sharding = NamedSharding(mesh, batch_spec(mesh, tuple(global_shape)))
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+
+
+def global_batch_tree(tree: Any, mesh: Mesh, num_branches: int, batch: int) -> Any:
+  """`global_batch` of every [K, B, ...] leaf of a pytree of full host batches (each process
+  built the same global batch from the same seed): each process hands over only its rows."""
+  k_rows, b_rows = local_rows(mesh, num_branches, batch)
+  def one(x):
+    x = np.asarray(x)
+    return global_batch(x[k_rows, b_rows], mesh, x.shape)
+  return jax.tree.map(one, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths that may be remote
+# ---------------------------------------------------------------------------------------------
+
+_SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def is_remote(path: str) -> bool:
+  """True for URLs such as gs://bucket/run (Orbax writes them through etils.epath)."""
+  return bool(_SCHEME.match(str(path)))
+
+
+def resolve_dir(path: str) -> str:
+  """A run directory in canonical form: remote URLs unchanged (os.path.abspath would turn
+  'gs://b/run' into '<cwd>/gs:/b/run'), local paths absolute."""
+  path = str(path)
+  if is_remote(path):
+    return path.rstrip('/')
+  return os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+  """Path join that keeps a URL's scheme and uses '/' for remote paths."""
+  if is_remote(path):
+    return '/'.join([str(path).rstrip('/')] + [p.strip('/') for p in parts])
+  return os.path.join(path, *parts)

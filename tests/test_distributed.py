@@ -1,0 +1,170 @@
+"""copd_jax.distributed on one host (launch detection, per-process batch rows, global batch
+assembly, remote paths) and scripts/tpu_vm.sh's dry run for a v5e-16 slice (4 workers)."""
+import os
+import shlex
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from copd_jax import distributed as dist
+from copd_jax import mesh as mesh_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- start-up
+
+def test_launch_spec_detects_multihost_launches():
+  assert dist.launch_spec({}) is None
+  assert dist.launch_spec({'JAX_PROCESS_COUNT': '1'}) is None
+  assert dist.launch_spec({'COPD_JAX_MULTIHOST': '0'}) is None
+  # Cloud TPU: JAX finds coordinator and ids itself.
+  assert dist.launch_spec({'COPD_JAX_MULTIHOST': 'true'}).kwargs() == {}
+  assert dist.launch_spec({}, multihost=True).kwargs() == {}
+  env = {'COORDINATOR_ADDRESS': '10.0.0.2:8476', 'JAX_PROCESS_COUNT': '4', 'PROCESS_ID': '3'}
+  assert dist.launch_spec(env).kwargs() == {'coordinator_address': '10.0.0.2:8476',
+                                            'num_processes': 4, 'process_id': 3}
+  assert dist.launch_spec(env, multihost=False) is None
+  assert dist.launch_spec({'JAX_NUM_PROCESSES': '2'}).kwargs() == {'num_processes': 2}
+
+
+def test_launch_spec_errors_name_the_variable():
+  with pytest.raises(dist.DistributedConfigError, match='JAX_PROCESS_COUNT=.two.: expected'):
+    dist.launch_spec({'JAX_PROCESS_COUNT': 'two'})
+  with pytest.raises(dist.DistributedConfigError, match='JAX_PROCESS_ID=4: must be smaller'):
+    dist.launch_spec({'JAX_PROCESS_COUNT': '4', 'JAX_PROCESS_ID': '4'})
+
+
+def test_maybe_initialize_is_a_noop_on_one_host_and_passes_the_spec_otherwise(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  assert dist.maybe_initialize(env={}) is False
+  assert calls == [] and not jax.distributed.is_initialized()
+  env = {'JAX_COORDINATOR_ADDRESS': 'host0:1234', 'JAX_PROCESS_COUNT': '2', 'JAX_PROCESS_ID': '0'}
+  assert dist.maybe_initialize(env=env) is True
+  assert calls == [{'coordinator_address': 'host0:1234', 'num_processes': 2, 'process_id': 0}]
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  assert dist.maybe_initialize(env=env) is True and len(calls) == 1   # not twice
+
+
+def test_primary_logger_logs_on_process_zero_only(monkeypatch):
+  lines = []
+  log = dist.primary_logger(lines.append)
+  log('hello')
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  log('from process 1')
+  assert lines == ['hello'] and not dist.is_primary()
+
+
+# ----------------------------------------------------------------------------- batch rows
+
+def test_process_rows_two_hosts_one_branch_each():
+  ids = np.array([0, 0, 0, 0, 1, 1, 1, 1]).reshape(2, 4, 1)   # branch=2, fsdp=4
+  assert dist.process_rows(ids, 0, 4, 16) == (slice(0, 2), slice(0, 16))
+  assert dist.process_rows(ids, 1, 4, 16) == (slice(2, 4), slice(0, 16))
+
+
+def test_process_rows_two_hosts_splitting_the_rows_of_every_branch():
+  ids = np.array([0, 0, 0, 0, 1, 1, 1, 1]).reshape(1, 8, 1)   # branch=1, fsdp=8
+  assert dist.process_rows(ids, 0, 3, 16) == (slice(0, 3), slice(0, 8))
+  assert dist.process_rows(ids, 1, 3, 16) == (slice(0, 3), slice(8, 16))
+  # 6 rows are not split over fsdp=8 (replicated): both hosts feed all of them.
+  assert dist.process_rows(ids, 1, 3, 6) == (slice(0, 3), slice(0, 6))
+
+
+def test_process_rows_four_hosts_tile_the_batch_exactly_once():
+  ids = np.array([0, 0, 1, 1, 2, 2, 3, 3]).reshape(2, 2, 2)   # tensor pairs on one host
+  K, B = 4, 8
+  cover = np.zeros((K, B), int)
+  for p in range(4):
+    k, b = dist.process_rows(ids, p, K, B)
+    cover[k, b] += 1
+  assert dist.process_rows(ids, 3, K, B) == (slice(2, 4), slice(4, 8))
+  assert (cover == 1).all()
+
+
+def test_process_rows_rejects_scattered_devices():
+  ids = np.array([0, 1, 1, 0]).reshape(2, 2, 1)
+  with pytest.raises(ValueError, match='one rectangle'):
+    dist.process_rows(ids, 0, 2, 4)
+  with pytest.raises(ValueError, match='holds no device'):
+    dist.process_rows(ids, 2, 2, 4)
+
+
+def test_global_batch_on_one_host_is_the_sharded_global_array():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  assert dist.local_rows(mesh, 2, 8) == (slice(0, 2), slice(0, 8))
+  tokens = np.arange(2 * 8 * 3, dtype=np.int32).reshape(2, 8, 3)
+  valid = tokens % 2 == 0
+  out = dist.global_batch_tree((tokens, valid), mesh, 2, 8)
+  for x, ref in zip(out, (tokens, valid)):
+    np.testing.assert_array_equal(np.asarray(x), ref)
+    assert x.sharding.spec == P('branch', 'fsdp', None)
+  odd = dist.global_batch(np.zeros((2, 6), np.float32), mesh, (2, 6))   # 6 rows: replicated
+  assert odd.sharding.spec == P('branch', None)
+
+
+# ----------------------------------------------------------------------------- paths
+
+def test_remote_paths_keep_their_scheme():
+  assert dist.is_remote('gs://bucket/runs/a') and not dist.is_remote('/tmp/runs/a')
+  assert not dist.is_remote('runs/gs:/a')
+  # What checkpoint.py's os.path.abspath does to a bucket path (why it must not be used):
+  assert os.path.abspath('gs://bucket/run') != 'gs://bucket/run'
+  assert dist.resolve_dir('gs://bucket/run/') == 'gs://bucket/run'
+  assert dist.resolve_dir('runs/a') == os.path.abspath('runs/a')
+  assert dist.join('gs://bucket/run', 'checkpoints', '7') == 'gs://bucket/run/checkpoints/7'
+  assert dist.join('runs/a', 'checkpoints') == os.path.join('runs/a', 'checkpoints')
+
+
+# ----------------------------------------------------------------------------- TPU VM script
+
+def _dry_run(*args):
+  return subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'tpu_vm.sh'), '--dry-run', *args],
+                        capture_output=True, text=True, cwd=ROOT)
+
+
+def test_tpu_vm_dry_run_for_v5e_16_prints_the_command_sequence():
+  result = _dry_run('--name', 'copd-v5e', '--zone', 'us-west4-a', '--accelerator-type',
+                    'v5litepod-16', '--project', 'proj', '--config',
+                    'configs/qwen3_0p6b_math_code.py', '--workdir', 'gs://bucket/runs/0p6b',
+                    '--', '--config.copd.num_cycles=2')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].startswith('# v5litepod-16: 16 chips on 4 worker(s); runtime '
+                             'v2-alpha-tpuv5-lite; jax[tpu]==0.10.2')
+  commands = [shlex.split(line) for line in lines[1:]]   # every line is valid shell
+  where = ['--zone=us-west4-a', '--project=proj']
+  assert commands[0] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'copd-v5e', *where,
+                         '--accelerator-type=v5litepod-16', '--version=v2-alpha-tpuv5-lite']
+  assert commands[1][:2] == ['tar', '-czf'] and '--exclude=.venv' in commands[1]
+  assert commands[2] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', '/tmp/copd_jax-copd-v5e.tgz',
+                         'copd-v5e:~/copd_jax.tgz', *where, '--worker=all']
+  ssh = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'copd-v5e', *where]
+  install, train, tail = commands[3:6]
+  assert install[:-1] == ssh + ['--worker=all']
+  assert 'pip install -q -r requirements.txt "jax[tpu]==0.10.2"' in install[-1]
+  assert train[:-1] == ssh + ['--worker=all']
+  assert train[-1] == ('--command=cd ~/copd_jax && COPD_JAX_MULTIHOST=1 nohup python3 -m copd_jax '
+                       'train --config configs/qwen3_0p6b_math_code.py --workdir '
+                       'gs://bucket/runs/0p6b --config.copd.num_cycles=2 > '
+                       '~/copd_jax_train.log 2>&1 < /dev/null &')
+  assert tail == ssh + ['--worker=0', '--command=tail -n +1 -f ~/copd_jax_train.log']
+  assert len(commands) == 6 and result.stderr == ''
+
+
+def test_tpu_vm_single_host_and_bad_arguments():
+  result = _dry_run('--name', 'one', '--zone', 'z', '--accelerator-type', 'v5litepod-8',
+                    '--config', 'configs/toy_copd.py', '--workdir', 'runs/toy', '--skip-create')
+  assert result.returncode == 0, result.stderr
+  assert '8 chips on 1 worker(s)' in result.stdout
+  assert 'tpu-vm create' not in result.stdout and 'COPD_JAX_MULTIHOST' not in result.stdout
+  missing = _dry_run('--name', 'x', '--zone', 'z', '--config', 'configs/toy_copd.py',
+                     '--workdir', 'w')
+  assert missing.returncode == 2 and '--accelerator-type is required' in missing.stderr
+  local = _dry_run('--name', 'x', '--zone', 'z', '--accelerator-type', 'v4-32', '--config',
+                   'configs/toy_copd.py', '--workdir', 'runs/x')
+  assert '16 chips on 4 worker(s)' in local.stdout and 'is not gs://' in local.stderr

@@ -1,0 +1,250 @@
+"""copd_jax.memory_plan and `python -m copd_jax plan`: per-device bytes of a Qwen3-8B-shaped
+K=3 config on 8 CPU devices against a hand calculation, the CLI without model or data files,
+and a small allocated K=2 run on a (branch=2, fsdp=4) mesh whose GRPO and OPD steps keep the
+declared shardings and whose shards have exactly the planned sizes."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from copd_jax import mesh as mesh_lib, optim
+from copd_jax.__main__ import main
+from copd_jax.config import ConfigError, load_config
+from copd_jax.memory_plan import (QWEN3_PRESETS, PlanError, abstract_branch_state, fit_warnings,
+                                  make_plan, model_config_of, per_device_bytes_of_array,
+                                  state_leaf_plans, train_activation_bytes)
+from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings, init_branch_state,
+                            make_grpo_step, make_opd_step)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_8B = os.path.join(ROOT, 'configs', 'qwen3_8b_k3_plan.py')
+CONFIG_0P6B = os.path.join(ROOT, 'configs', 'qwen3_0p6b_math_code.py')
+# K=3 on 8 devices: the branch axis must divide 3, so branch=1, fsdp=4, tensor=2; sampling on
+# (1, 1, 8); GRPO 4 prompts x 8 = 32 rows in 2 micro-batches, OPD 2 x 4 = 8 rows per round;
+# 256 prompt + 512 new tokens.
+OVERRIDES_8B = ['--config.mesh.branch=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+                '--config.mesh_sampling.branch=1', '--config.mesh_sampling.fsdp=1',
+                '--config.mesh_sampling.tensor=8', '--config.grpo.prompts_per_step=4',
+                '--config.grpo.group_size=8', '--config.grpo.micro_batches=2',
+                '--config.opd.prompts_per_step=2', '--config.opd.samples_per_prompt=4',
+                '--config.sampling.max_new_tokens=512']
+GIB = 2 ** 30
+
+
+@pytest.fixture(scope='module')
+def plan_8b():
+  config = load_config(CONFIG_8B, OVERRIDES_8B, check_files=False)
+  return make_plan(config, jax.devices(), prompt_tokens=256)
+
+
+def test_presets_match_the_released_parameter_counts():
+  counts = {name: c.num_params() for name, c in QWEN3_PRESETS.items()}
+  assert counts == {'qwen3-0.6b': 596_049_920, 'qwen3-1.7b': 1_720_574_976,
+                    'qwen3-4b': 4_022_468_096, 'qwen3-8b': 8_190_735_360}
+  assert [c.tie_word_embeddings for c in QWEN3_PRESETS.values()] == [True, True, True, False]
+
+
+def test_8b_k3_state_per_device_matches_hand_calculation(plan_8b):
+  leaves = {(leaf.group, leaf.path): leaf for leaf in plan_8b.leaves}
+  q = leaves['params', 'layers.q_proj']
+  # [K, L, D, H, hd] = [3, 36, 4096, 32, 128] fp32: D over fsdp (4), heads over tensor (2),
+  # branch axis of size 1 dropped: 3 * 36 * 1024 * 16 * 128 * 4 bytes.
+  assert q.shape == (3, 36, 4096, 32, 128)
+  assert q.spec == P(None, None, 'fsdp', 'tensor', None)
+  assert q.per_device_bytes == 3 * 36 * 1024 * 16 * 128 * 4 == 905_969_664
+  k = leaves['params', 'layers.k_proj']   # 8 KV heads over tensor: 4 per device
+  assert k.per_device_bytes == 3 * 36 * 1024 * 4 * 128 * 4
+  embed = leaves['params', 'embed']       # [3, V, D]: vocab over tensor, D over fsdp
+  assert embed.spec == P(None, 'tensor', 'fsdp')
+  assert embed.per_device_bytes == 3 * (151_936 // 2) * (4096 // 4) * 4 == 933_494_784
+  assert leaves['params', 'lm_head'].per_device_bytes == 933_494_784   # 8B: untied head
+  norm = leaves['params', 'layers.input_norm']   # replicated
+  assert norm.spec == P(None, None, None) and norm.per_device_bytes == 3 * 36 * 4096 * 4
+
+  # All params: norms (L * (2 D + 2 hd) + D = 308,224 per branch) replicated, the other
+  # 8,190,735,360 - 308,224 parameters split 8 ways; 3 branches, 4 bytes each.
+  norms = 36 * (2 * 4096 + 2 * 128) + 4096
+  params = 3 * 4 * ((8_190_735_360 - norms) // 8 + norms)
+  assert params == 12_289_339_392
+  assert plan_8b.group_bytes('params') == params
+  # AdamW: mu and nu like the params, plus two int32 [3] step counts (Adam, lr schedule).
+  assert plan_8b.group_bytes('opt_state') == 2 * params + 2 * 3 * 4
+  assert plan_8b.group_bytes('step') == 3 * 4 and plan_8b.group_bytes('rng') == 3 * 2 * 4
+  # fp32 gradient accumulator + one fp32 micro-batch gradient.
+  assert plan_8b.gradient_bytes == 2 * params
+  # The sampler drops 'embed' from fsdp; on (1, 1, 8) every matrix splits 8 ways over
+  # tensor instead (V, heads, KV heads, MLP all divide by 8): the same bytes as training.
+  assert plan_8b.sampling_mesh_shape == {'branch': 1, 'fsdp': 1, 'tensor': 8}
+  assert plan_8b.sampling_param_bytes == params
+  assert plan_8b.reference_bytes == 0
+
+
+def test_8b_k3_kv_cache_and_activation_estimates_by_hand(plan_8b):
+  # KV cache: 3 branches x 32 rows on every device (fsdp=1), 2 (K and V) x 36 layers x 1 KV
+  # head (8 over tensor 8) x 128 x 768 slots x 2 bytes (bf16).
+  assert plan_8b.kv_cache_bytes == 3 * 32 * 2 * 36 * 1 * 128 * 768 * 2
+  # GRPO micro-batch: 32 / 2 = 16 rows per branch, 4 per device over fsdp, 3 branches -> 12
+  # rows of T = 768. Per token and layer, with q heads 32 / 2, KV heads 8 / 2, MLP 12288 / 2 on
+  # a device: bf16 2 * (4 * 4096 + 4 * 2048 + 4 * 512 + 3 * 6144), fp32 internals
+  # 4 * (4 * 4096 + 3 * 2048 + 3 * 512 + 6144); attention 12 rows * 16 heads * 768^2 * (4 + 2).
+  # The head keeps 4 fp32 [12, 768, 151936 / 2] arrays; with remat the 36 layer inputs stay and
+  # the larger of one layer and the head.
+  rows, T = 12, 768
+  per_token = 2 * (4 * 4096 + 4 * 2048 + 4 * 512 + 3 * 6144) + 4 * (4 * 4096 + 3 * 2048
+                                                                    + 3 * 512 + 6144)
+  assert per_token == 90_112 + 120_832
+  layer = rows * T * per_token + rows * 16 * T * T * 6
+  head = 4 * rows * T * 75_968 * 4
+  assert head > layer
+  assert plan_8b.activation_bytes['grpo'] == 36 * rows * T * 4096 * 2 + head
+  # OPD: 32 native + 2 rounds (hub-and-spoke, K=3) x 8 distillation rows = 48, 24 per
+  # micro-batch, 6 per device, 18 rows for 3 branches: more than GRPO.
+  assert plan_8b.workload.rounds == 2
+  assert plan_8b.activation_bytes['opd'] > plan_8b.activation_bytes['grpo']
+  assert plan_8b.train_peak == (plan_8b.state_bytes + plan_8b.gradient_bytes
+                                + plan_8b.activation_bytes['opd'])
+
+
+@pytest.mark.slow   # two compiles, ~10 s each on a 2-core machine
+@pytest.mark.parametrize('remat', [False, True])
+def test_activation_estimate_tracks_xla_memory_analysis(remat):
+  """The formula against the temp buffers XLA:CPU allocates for a compiled fp32 GRPO step
+  (minus the gradient terms, counted separately in the plan)."""
+  c = Qwen3Config(vocab_size=4096, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
+                  head_dim=32, intermediate_size=384)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0), remat=remat)))
+  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  adamw = optim.make_optimizer({'learning_rate': 1e-3})
+  state = abstract_branch_state(params, 1, adamw)
+  shardings = branch_state_shardings(state, mesh)
+  rows, T = 8, 128
+  s = lambda dtype: jax.ShapeDtypeStruct((1, rows, T), dtype)
+  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
+  step = make_grpo_step(graphdef, adamw, mesh, StepConfig(), shardings)
+  xla = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  grads = 2 * 4 * c.num_params()
+  estimate = train_activation_bytes(c, rows, T, 4, 1, remat) + grads
+  assert estimate == pytest.approx(xla, rel=0.10), (estimate, xla)
+
+
+def test_fit_warnings_name_the_phase_that_does_not_fit(plan_8b):
+  phases = lambda memory: [w.split(' needs')[0] for w in fit_warnings(plan_8b, memory)]
+  assert fit_warnings(plan_8b, 200 * GIB) == []
+  assert phases(plan_8b.state_bytes) == ['WARNING: training', 'WARNING: sampling',
+                                         'WARNING: the top-k probe']
+  others = max(plan_8b.sampling_peak, plan_8b.probe_peak)
+  assert plan_8b.train_peak > others
+  assert phases((others + plan_8b.train_peak) / 2) == ['WARNING: training']
+  # The probe scores a round's 8 distillation rows per branch (2 per device, 6 for 3 branches)
+  # in one pass: one layer's activations plus fp32 logits and log-softmax over V / 2.
+  assert plan_8b.probe_bytes > 2 * 6 * 768 * 75_968 * 4
+
+
+def test_plan_cli_prints_leaf_table_without_model_or_data_files(capsys):
+  # The config's hf_path and data files do not exist: train refuses it, plan does not.
+  with pytest.raises(ConfigError, match=r'config\.domains\.\w+\.train_path: file not found'):
+    load_config(CONFIG_8B, OVERRIDES_8B)
+  assert main(['plan', '--config', CONFIG_8B, '--devices', '8', '--device-memory-gb', '40']
+              + OVERRIDES_8B) == 0
+  out = capsys.readouterr().out
+  assert ('| params | layers.q_proj | [3, 36, 4096, 32, 128] | float32 | '
+          '(None, None, fsdp, tensor, None) | 905,969,664 |') in out
+  assert '| parameters | 12,289,339,392 | 11.445 |' in out
+  assert 'WARNING: training needs about' in out
+  assert 'model: preset qwen3-8b: 8,190,735,360 parameters per branch' in out
+
+
+def test_plan_cli_reexecs_for_another_device_count(capfd):
+  """This process's JAX has 8 devices; --devices 4 runs the plan in a fresh interpreter."""
+  code = main(['plan', '--config', CONFIG_0P6B, '--devices', '4', '--no-leaves',
+               '--config.mesh.branch=2', '--config.mesh.fsdp=2'])
+  out = capfd.readouterr().out
+  assert code == 0, out
+  assert "training mesh {'branch': 2, 'fsdp': 2, 'tensor': 1}" in out
+  assert '| parameters |' in out and '| params | embed |' not in out
+
+
+def test_model_source_errors_name_the_field():
+  config = load_config(CONFIG_0P6B, ['--config.model.preset='], check_files=False)
+  with pytest.raises(PlanError, match=r'config\.model\.hf_path: no config\.json'):
+    model_config_of(config)
+  bad_preset = r"config\.model\.preset: must be '' or one of qwen3-0\.6b, .*'qwen3-9b'"
+  with pytest.raises(ConfigError, match=bad_preset):
+    load_config(CONFIG_0P6B, ['--config.model.preset=qwen3-9b'], check_files=False)
+  sampling = ['--config.mesh_sampling.branch=4', '--config.mesh_sampling.fsdp=2']
+  with pytest.raises(ConfigError, match=r'config\.mesh_sampling\.tensor: must be a positive'):
+    load_config(CONFIG_0P6B, sampling, check_files=False)   # 0 only means "unset" for all three
+  with pytest.raises(ConfigError, match=r'config\.mesh_sampling\.branch: 4 does not divide .* K=2'):
+    load_config(CONFIG_0P6B, sampling + ['--config.mesh_sampling.tensor=1'], check_files=False)
+
+
+def test_an_existing_hf_folder_takes_precedence_over_the_preset(tmp_path):
+  # The fields of Qwen3-1.7B's config.json that copd_jax reads.
+  qwen3_1p7b = dict(architectures=['Qwen3ForCausalLM'], model_type='qwen3', vocab_size=151936,
+                    hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                    rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                    max_position_embeddings=40960)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(qwen3_1p7b, f)
+  config = load_config(CONFIG_0P6B, [f'--config.model.hf_path={tmp_path}'], check_files=False)
+  model_config, source = model_config_of(config)
+  assert source == str(tmp_path / 'config.json')
+  assert model_config == QWEN3_PRESETS['qwen3-1.7b']   # not the config's 0.6B preset
+
+
+# ----------------------------------------------------------------------------- allocated run
+
+TINY = Qwen3Config(vocab_size=48, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                   head_dim=8, intermediate_size=64)
+T = 12
+
+
+def _batch(seed: int, lead: tuple[int, ...]) -> RolloutBatch:
+  rng = np.random.default_rng(seed)
+  shape = lead + (T,)
+  tokens = rng.integers(0, TINY.vocab_size, shape).astype(np.int32)
+  lengths = rng.integers(1, T - 4 + 1, lead)
+  pos = np.arange(T)
+  valid = pos < (4 + lengths)[..., None]
+  completion = valid & (pos >= 4)
+  sampler = np.where(completion, -np.log(TINY.vocab_size), 0).astype(np.float32)
+  adv = np.where(completion, rng.standard_normal(lead)[..., None], 0).astype(np.float32)
+  return RolloutBatch(tokens, valid, completion, sampler, adv)
+
+
+def test_k2_steps_on_branch2_fsdp4_mesh_keep_planned_shardings_and_sizes():
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3(TINY, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda v: v.replace(jnp.asarray(0.02 * rng.standard_normal(v.shape), v.dtype)), abstract,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  adamw = optim.make_optimizer({'learning_rate': 1e-3})
+  state = init_branch_state(graphdef, params, 2, adamw, mesh, seed=0)
+  shardings = branch_state_shardings(state, mesh)
+  planned = state_leaf_plans(abstract_branch_state(abstract, 2, adamw), shardings)
+
+  grpo = make_grpo_step(graphdef, adamw, mesh, StepConfig(), shardings)
+  opd = make_opd_step(graphdef, adamw, mesh, StepConfig(), shardings, ((1, 0),))
+  state, grpo_metrics = grpo(state, _batch(1, (2, 8)))
+  state, opd_metrics = opd(state, _batch(2, (2, 8)), _batch(3, (1, 2, 4)))
+
+  assert state.step.tolist() == [2, 2]
+  for metrics in (grpo_metrics, opd_metrics):
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values())
+  actual = jax.tree.leaves(state)
+  declared = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  assert len(actual) == len(declared) == len(planned)
+  for x, sh, leaf in zip(actual, declared, planned):
+    assert x.sharding.is_equivalent_to(sh, x.ndim), (leaf.path, x.sharding, sh)
+    assert x.shape == leaf.shape and per_device_bytes_of_array(x) == leaf.per_device_bytes, leaf
+  q = next(leaf for leaf in planned if leaf.path == 'layers.q_proj')
+  assert q.spec == P('branch', None, 'fsdp', None, None)   # [2, 1, 32, 4, 8]: 32 over fsdp 4
+  assert q.per_device_bytes == 1 * 1 * 8 * 4 * 8 * 4
