@@ -12,7 +12,10 @@ Layout choices (the why):
 
 One KV cache layout serves prefill and decoding: slots [0, S) shared by the batch, a scalar
 write index, and a per-row validity mask, so left padding, right padding and early stops are
-all just invalid slots. RoPE positions are passed per token and count only real tokens.
+all just invalid slots. RoPE positions are passed per token and count only real tokens. The
+cache is laid out for the two attention matmuls: keys as [..., kv_heads, head_dim, slots] and
+values as [..., kv_heads, slots, head_dim], so q @ K^T and P @ V are plain batched matmuls
+over the cache as stored (no per-step transposed copy, no transposed-operand kernel on CPU).
 """
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ class Qwen3Config:
 
 
 class KVCache(NamedTuple):
-  """Decoding cache. k, v: [layers, batch, slots, kv_heads, head_dim]; valid: [batch, slots];
-  index: scalar int32, the first slot the next call writes."""
+  """Decoding cache. k: [layers, batch, kv_heads, head_dim, slots] (keys transposed);
+  v: [layers, batch, kv_heads, slots, head_dim]; valid: [batch, slots]; index: scalar int32,
+  the first slot the next call writes."""
   k: jax.Array
   v: jax.Array
   valid: jax.Array
@@ -74,8 +78,9 @@ class KVCache(NamedTuple):
 
   @classmethod
   def empty(cls, config: Qwen3Config, batch: int, slots: int, dtype=jnp.float32) -> 'KVCache':
-    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    k_shape = (config.num_layers, batch, config.num_kv_heads, config.head_dim, slots)
+    v_shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
+    return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype),
                jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
@@ -257,22 +262,29 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def attention(q, k, v, mask):
-  """Grouped-query attention. q [B,T,H,hd]; k, v [B,S,K,hd]; mask [B,1,T,S] -> [B,T,H,hd]."""
+def attention(q, k_t, v, mask):
+  """Grouped-query attention in the cache layout. q [B,T,H,hd]; k_t [B,K,hd,S] (keys
+  transposed); v [B,K,S,hd]; mask [B,1,T,S] -> [B,T,H,hd]."""
   B, T, H, hd = q.shape
-  K = k.shape[2]
-  q = q.reshape(B, T, K, H // K, hd)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  K = k_t.shape[1]
+  # Both contractions in the canonical dot form (batch dims, lhs free dims, rhs free dims) over
+  # operands as stored, so XLA inserts no transposes (on CPU it otherwise fell back to a slow
+  # generic dot kernel for P @ V; benchmarks/sampler.py).
+  q = q.reshape(B, T, K, H // K, hd).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t, preferred_element_type=jnp.float32)
   scores = scores * (hd ** -0.5)
   scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
-  return out.reshape(B, T, H, hd)
+  out = jnp.einsum('bkgts,bksd->bkgtd', probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwen3Config, dtype):
   """One pre-norm decoder block. With `cache_slot = (k_all, v_all, layer, index)` the new K/V are
-  written into the stacked cache (in place under jit) and attention reads the whole layer cache."""
+  written at slot `index` (in place under jit) and attention reads the whole layer cache: k_all,
+  v_all are the stacked KVCache arrays and `layer` an index into them, or, with layer None, this
+  layer's own buffers (k [B, K, hd, S], v [B, K, S, hd]), which an unrolled decode loop can
+  update without slicing or reshaping a stacked buffer."""
   w = {name: value.astype(dtype) for name, value in p.items()}
   x = rms_norm(h, p['input_norm'], c.rms_norm_eps)
   q = jnp.einsum('btd,dhk->bthk', x, w['q_proj'])
@@ -282,14 +294,21 @@ def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwe
     q, k, v = q + w['q_bias'], k + w['k_bias'], v + w['v_bias']
   q = apply_rope(rms_norm(q, p['q_norm'], c.rms_norm_eps), cos, sin)
   k = apply_rope(rms_norm(k, p['k_norm'], c.rms_norm_eps), cos, sin)
+  k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)   # [B,K,hd,T], [B,K,T,hd]
   new_cache = None
   if cache_slot is not None:
     k_all, v_all, layer, index = cache_slot
     zero = jnp.zeros((), jnp.int32)
-    start = (layer, zero, index, zero, zero)
-    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-    k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
+    if layer is None:
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (zero, zero, zero, index))
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (zero, zero, index, zero))
+      k, v = k_all.astype(dtype), v_all.astype(dtype)
+    else:
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
+                                           (layer, zero, zero, zero, index))
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
+                                           (layer, zero, zero, index, zero))
+      k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
     new_cache = (k_all, v_all)
   attn = attention(q, k, v, mask)
   out = jnp.einsum('bthk,hkd->btd', attn, w['o_proj'])

@@ -1,0 +1,271 @@
+"""Rollout sampler throughput: copd_jax.sampling.generate vs Tunix's `Sampler`, side by side.
+
+    .venv/bin/python benchmarks/sampler.py --peer-python /work/tunix_venv/bin/python
+
+One command: this process starts two long-lived workers (ours in this interpreter's venv, Tunix's
+in --peer-python's venv), lets each build and compile its sampler, then alternates timed runs
+between them (one worker runs at a time), and prints medians, tokens/s and the ratio. Workers
+talk JSON lines over stdin/stdout. Our worker never imports tunix; the Tunix worker never imports
+copd_jax (it only builds a same-shaped Tunix Qwen3 with random weights).
+
+Workload (both sides): a random-init Qwen3 (vocab 256, hidden 256, 4 layers, 8 q heads, 4 kv
+heads, head_dim 32, intermediate 768, fp32), 64 prompts of 16 tokens, 48 new tokens,
+temperature 1 with no top-k / top-p, and an EOS id the model cannot emit so every row generates
+all 48 tokens. Timed: one full sampler call to host-ready results (ours: `generate`, then the
+completion mask fetched to the host; Tunix: `Sampler.__call__`, which tokenises the prompt
+strings and returns host lists). Reported per sampler: wall-clock median / min / max, tokens/s
+from the median, the ratio to Tunix's tokens/s, the median over repetitions of the ratio of
+back-to-back runs (each pair sees about the same load from other jobs), the median process CPU
+time of a run (also less sensitive to other jobs), and compile time (first call minus median).
+`--ours` adds copd_jax variants: 'model-scan' / 'model-unrolled' decode through
+`Qwen3.hidden_states` with scan_layers True / False instead of the default 'layerwise' path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIG = dict(vocab=256, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
+              intermediate=768)
+BATCH, PROMPT_LEN, NEW_TOKENS = 64, 16, 48
+OURS_MODES = ('layerwise', 'model-scan', 'model-unrolled')
+
+
+def _prompt_ids(seed: int = 0) -> list[list[int]]:
+  """64 prompts of 16 ids in [3, vocab); ids 0..2 are pad / bos / unused."""
+  import random
+  rng = random.Random(seed)
+  return [[rng.randrange(3, CONFIG['vocab']) for _ in range(PROMPT_LEN)] for _ in range(BATCH)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: each returns (setup, run) where run(rep) -> generated tokens (for a sanity check)
+# ---------------------------------------------------------------------------------------------
+
+def _ours_worker(mode: str):
+  """mode: 'layerwise', 'model-scan' or 'model-unrolled' (sampling.DECODE_MODE, scan_layers)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from copd_jax import sampling
+  from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+  from copd_jax.scoring import split_model
+
+  sampling.DECODE_MODE = 'layerwise' if mode == 'layerwise' else 'model'
+  c = CONFIG
+  config = Qwen3Config(vocab_size=c['vocab'], hidden_size=c['hidden'], num_layers=c['layers'],
+                       num_heads=c['heads'], num_kv_heads=c['kv_heads'], head_dim=c['head_dim'],
+                       intermediate_size=c['intermediate'])
+  model = Qwen3(config, rngs=nnx.Rngs(0), scan_layers=mode != 'model-unrolled')
+  graphdef, params = split_model(model)
+  tokens, valid = sampling.pad_prompts(_prompt_ids(), PROMPT_LEN, pad_id=0)
+  params_spec = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0)
+  eos = (c['vocab'],)   # never sampled: every row runs the full length
+
+  def run(rep: int) -> int:
+    out = sampling.generate(graphdef, params, tokens, valid, jax.random.key(rep), params_spec,
+                            eos_ids=eos, pad_id=0)
+    return int(np.asarray(out.completion_mask).sum())
+  return run
+
+
+class _WordTokenizer:
+  """Ids as words 'w<id>'; the duck-typed interface Tunix's TokenizerAdapter accepts."""
+
+  def encode(self, text: str, **_) -> list[int]:
+    return [int(w[1:]) for w in text.split()]
+
+  def decode(self, ids, **_) -> str:
+    return ' '.join(f'w{int(i)}' for i in ids)
+
+  def bos_id(self) -> int:
+    return 1
+
+  def eos_id(self) -> int:
+    return 2
+
+  def pad_id(self) -> int:
+    return 0
+
+
+def _tunix_worker():
+  import jax
+  from flax import nnx
+  from jax.sharding import AxisType
+  from tunix.generate import sampler as sampler_lib
+  from tunix.models.qwen3 import model as qwen3_lib
+
+  c = CONFIG
+  config = qwen3_lib.ModelConfig(
+      num_layers=c['layers'], vocab_size=c['vocab'], embed_dim=c['hidden'],
+      hidden_dim=c['intermediate'], num_heads=c['heads'], head_dim=c['head_dim'],
+      num_kv_heads=c['kv_heads'], rope_theta=1_000_000, norm_eps=1e-6)
+  mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
+  with jax.set_mesh(mesh):
+    model = qwen3_lib.Qwen3(config, rngs=nnx.Rngs(0))
+  # Tunix initialises MLP kernels to zero (it expects a checkpoint): re-draw them.
+  key = jax.random.key(1)
+  for layer in model.layers:
+    for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+      key, sub = jax.random.split(key)
+      kernel = proj.kernel[...]
+      proj.kernel[...] = 0.02 * jax.random.normal(sub, kernel.shape, kernel.dtype)
+  cache = sampler_lib.CacheConfig(cache_size=PROMPT_LEN + NEW_TOKENS, num_layers=c['layers'],
+                                  num_kv_heads=c['kv_heads'], head_dim=c['head_dim'])
+  sampler = sampler_lib.Sampler(model, _WordTokenizer(), cache)
+  # The sampler prepends BOS, so 15 words make a 16-token prompt.
+  prompts = [' '.join(f'w{i}' for i in ids[1:]) for ids in _prompt_ids()]
+
+  def run(rep: int) -> int:
+    with jax.set_mesh(mesh):
+      out = sampler(prompts, max_generation_steps=NEW_TOKENS, max_prompt_length=PROMPT_LEN,
+                    temperature=1.0, top_p=1.0, top_k=None, eos_tokens=[c['vocab']], seed=rep)
+    return sum(len(t) for t in out.tokens)
+  return run
+
+
+def worker_main(kind: str):
+  """Compiles (first call, timed), then answers 'run <rep>' lines with JSON timings."""
+  start = time.perf_counter()
+  run = _tunix_worker() if kind == 'tunix' else _ours_worker(kind)
+  build_s = time.perf_counter() - start
+  start = time.perf_counter()
+  n = run(-1)
+  first_s = time.perf_counter() - start
+  print(json.dumps({'ready': True, 'build_s': build_s, 'first_call_s': first_s, 'tokens': n}),
+        flush=True)
+  for line in sys.stdin:
+    rep = int(line.split()[1])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    n = run(rep)
+    print(json.dumps({'seconds': time.perf_counter() - start,
+                      'cpu_seconds': time.process_time() - cpu_start, 'tokens': n}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestrator
+# ---------------------------------------------------------------------------------------------
+
+class _Worker:
+  def __init__(self, name: str, argv: list[str]):
+    self.name = name
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+    env.setdefault('JAX_PLATFORMS', 'cpu')
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                 text=True)
+
+  def read(self) -> dict:
+    while True:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f'{self.name} worker exited (code {self.proc.wait()})')
+      if line.startswith('{'):
+        return json.loads(line)
+
+  def run(self, rep: int) -> dict:
+    self.proc.stdin.write(f'run {rep}\n')
+    self.proc.stdin.flush()
+    return self.read()
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def orchestrate(args) -> dict:
+  me = os.path.abspath(__file__)
+  specs = [(mode, [sys.executable, me, '--worker', mode]) for mode in args.ours.split(',')]
+  if args.peer_python:
+    specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix']))
+  workers, setup = [], {}
+  for name, argv in specs:   # built one after the other so compiles do not overlap
+    worker = _Worker(name, argv)
+    setup[name] = worker.read()
+    workers.append(worker)
+  times: dict[str, list[float]] = {w.name: [] for w in workers}
+  cpu_times: dict[str, list[float]] = {w.name: [] for w in workers}
+  for rep in range(args.reps):
+    order = workers if rep % 2 == 0 else workers[::-1]
+    for worker in order:
+      result = worker.run(rep)
+      expected = BATCH * NEW_TOKENS
+      if result['tokens'] != expected:
+        raise RuntimeError(f'{worker.name} generated {result["tokens"]} tokens, not {expected}')
+      times[worker.name].append(result['seconds'])
+      cpu_times[worker.name].append(result['cpu_seconds'])
+  for worker in workers:
+    worker.close()
+  summary = {}
+  for name, ts in times.items():
+    median = statistics.median(ts)
+    summary[name] = {'median_s': median, 'min_s': min(ts), 'max_s': max(ts),
+                     'tokens_per_s': BATCH * NEW_TOKENS / median,
+                     'compile_s': setup[name]['first_call_s'] - median,
+                     'cpu_median_s': statistics.median(cpu_times[name]),
+                     'first_call_s': setup[name]['first_call_s'], 'runs_s': ts}
+  if 'tunix' in times:   # pairs of back-to-back runs see about the same machine load
+    for name, ts in times.items():
+      summary[name]['paired_ratio'] = statistics.median(
+          t / o for t, o in zip(times['tunix'], ts))
+  return summary
+
+
+def print_table(summary: dict):
+  tunix = summary.get('tunix')
+  print('| sampler | median s | min s | max s | tokens/s | vs tunix | paired vs tunix | '
+        'CPU s (median) | compile s |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+  for name, s in summary.items():
+    ratio = f'{s["tokens_per_s"] / tunix["tokens_per_s"]:.2f}x' if tunix else '-'
+    paired = f'{s["paired_ratio"]:.2f}x' if tunix else '-'
+    label = name if name == 'tunix' else f'copd_jax ({name})'
+    print(f'| {label} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | {s["max_s"]:.3f} | '
+          f'{s["tokens_per_s"]:.0f} | {ratio} | {paired} | {s["cpu_median_s"]:.3f} | '
+          f'{s["compile_s"]:.2f} |')
+
+
+def machine_line() -> str:
+  import datetime
+  import platform
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  load = ' '.join(f'{x:.2f}' for x in os.getloadavg())
+  return (f'{datetime.date.today()} | {os.cpu_count()} CPUs ({cpu}) | load average {load} | '
+          f'python {platform.python_version()}')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--peer-python', default='', help="Tunix venv's python (omit: ours only)")
+  parser.add_argument('--reps', type=int, default=7, help='timed runs per sampler')
+  parser.add_argument('--ours', default='layerwise',
+                      help='comma-separated copd_jax variants: layerwise (the default sampler), '
+                           'model-scan, model-unrolled (decode through Qwen3.hidden_states)')
+  parser.add_argument('--json', default='', help='also write the summary to this file')
+  parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix'], help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    worker_main(args.worker)
+    return
+  print('before:', machine_line())
+  summary = orchestrate(args)
+  print('after: ', machine_line())
+  print_table(summary)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(summary, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,123 @@
+"""`python -m copd_jax generate`: sample completions of one prompt from a model folder.
+
+    python -m copd_jax generate --model PATH --prompt "12+7=" --max-new-tokens 32 --greedy
+
+PATH is a Hugging Face folder (config.json + safetensors + tokenizer files). The prompt is
+tokenised as plain text; `--chat` renders it with the tokenizer's chat template first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+
+from copd_jax import sampling
+from copd_jax.errors import UserInputError
+from copd_jax.models import hf_io
+from copd_jax.models.tokenizer import load_tokenizer
+from copd_jax.scoring import split_model
+
+
+class ModelPathError(UserInputError):
+  """A --model path that cannot be loaded (the message names the path and what is missing)."""
+
+
+def load_model_and_tokenizer(path: str, branch: int | None = None):
+  """(Qwen3 module, tokenizer, tokenizer folder) from a model path: a Hugging Face folder, a
+  run workdir / step folder (with `branch`) or a merged checkpoint."""
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    model = hf_io.load_model(path)   # raises HFFormatError naming the file for a bad folder
+    tokenizer_dir = path
+  else:
+    from flax import nnx
+
+    from copd_jax import checkpoint as ckpt
+    from copd_jax.models.qwen3 import Qwen3
+    config, params, tokenizer_dir = ckpt.load_params_for_inference(path, branch)
+    if not tokenizer_dir:
+      raise ModelPathError(f'{path}: the checkpoint records no tokenizer folder')
+    model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+    nnx.update(model, state)
+  try:
+    tokenizer = load_tokenizer(tokenizer_dir)
+  except FileNotFoundError as e:
+    raise ModelPathError(str(e)) from None
+  return model, tokenizer, tokenizer_dir
+
+
+def eos_ids_of(path: str, tokenizer) -> tuple[int, ...]:
+  """EOS ids from the tokenizer and from generation_config.json / config.json (int or list)."""
+  ids = set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  for name in ('generation_config.json', 'config.json'):
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      continue
+    try:
+      with open(file) as f:
+        value = json.load(f).get('eos_token_id')
+    except json.JSONDecodeError as e:
+      raise ModelPathError(f'{file}:{e.lineno}: invalid JSON: {e.msg}') from None
+    if value is not None:
+      ids.update(int(v) for v in (value if isinstance(value, list) else [value]))
+  if not ids:
+    raise ModelPathError(f'{path}: no EOS token id (tokenizer, generation_config.json and '
+                         'config.json name none)')
+  return tuple(sorted(ids))
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+  if chat:
+    if not getattr(tokenizer, 'chat_template', None):
+      raise UserInputError('--chat: the tokenizer has no chat template')
+    prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}],
+                                           add_generation_prompt=True, tokenize=False)
+  ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
+  if not ids:
+    raise UserInputError('--prompt: the prompt encodes to no tokens')
+  return ids
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  parser.add_argument('--model', required=True,
+                      help='Hugging Face folder, run workdir / checkpoint, or merged checkpoint')
+  parser.add_argument('--branch', type=int, default=None, help='branch of a run checkpoint')
+  parser.add_argument('--prompt', required=True, help='prompt text')
+  parser.add_argument('--max-new-tokens', type=int, default=64)
+  parser.add_argument('--temperature', type=float, default=1.0)
+  parser.add_argument('--top-k', type=int, default=0, help='0: no top-k filter')
+  parser.add_argument('--top-p', type=float, default=1.0, help='1: no nucleus filter')
+  parser.add_argument('--greedy', action='store_true', help='argmax decoding')
+  parser.add_argument('--num-samples', type=int, default=1, help='completions to sample')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--chat', action='store_true', help="apply the tokenizer's chat template")
+  parser.add_argument('--stop', action='append', default=[],
+                      help='stop string (repeatable); the completion is cut before it')
+
+
+def run(args) -> int:
+  if args.num_samples < 1:
+    raise UserInputError(f'--num-samples must be >= 1, got {args.num_samples}')
+  params = sampling.SamplingParams(max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, greedy=args.greedy)
+  model, tokenizer, tokenizer_dir = load_model_and_tokenizer(args.model, args.branch)
+  eos = eos_ids_of(tokenizer_dir, tokenizer)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+  ids = encode_prompt(tokenizer, args.prompt, args.chat)
+  tokens, valid = sampling.pad_prompts([ids] * args.num_samples, pad_id=pad_id)
+  graphdef, state = split_model(model)
+  output = sampling.generate(graphdef, state, tokens, valid, jax.random.key(args.seed), params,
+                             eos_ids=eos, pad_id=pad_id)
+  decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
+  texts, _ = sampling.apply_stop_strings(output, decode, args.stop, pad_id)
+  for i, text in enumerate(texts):
+    if len(texts) > 1:
+      print(f'--- sample {i + 1} ---')
+    print(text)
+  return 0

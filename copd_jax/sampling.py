@@ -1,0 +1,470 @@
+"""Batched rollout sampling: prefill, then a `lax.while_loop` of one-token decode steps over a
+preallocated KV cache, all inside one jitted program.
+
+Layout of every [B, P + N] output (P prompt slots, N = max_new_tokens): the prompt's real tokens
+are packed to the right of the first P columns (left padding; any other padding pattern of the
+input is repacked inside the program), the completion starts at column P. Position t refers to
+token t, the convention of `copd_jax.scoring.sequence_logprobs`, so a trainer scores the same
+arrays teacher-forced.
+
+Compiled programs are cached by jax.jit per (graphdef, shapes, SamplingParams, eos_ids, pad_id);
+pad prompts to a bucket (`pad_prompts`, `DEFAULT_BUCKETS`) so a run compiles a bounded number of
+times. The KV cache and the output buffers are allocated inside the program and updated in place
+by the while loop (dynamic_update_slice on loop-carried buffers), so no step copies them and
+nothing needs donating across the program boundary; parameters are only read.
+
+Speed notes (CPU, see BENCHMARKS.md): decode steps run the layers unrolled over weights sliced
+once before the loop and per-layer cache buffers ('layerwise'); the model's cache layout makes
+both attention matmuls plain batched matmuls; argmax is two plain reductions. Per-token cost is
+then dominated by the projection and MLP matmuls.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from copd_jax import mesh as mesh_lib
+from copd_jax.errors import UserInputError
+from copd_jax.models import qwen3
+from copd_jax.models.qwen3 import KVCache
+
+# Prompt-length (and generation-length) buckets: powers of two from 16 to 32k.
+DEFAULT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 16))
+
+# Parameter shardings while sampling on a mesh: the training rules without 'fsdp' on the embed
+# dimension, so weights are gathered once per call (not once per decode step) and the batch is
+# split over 'fsdp' instead (data parallel); 'tensor' sharding of heads / mlp / vocab stays.
+SAMPLING_RULES = {**mesh_lib.DEFAULT_RULES, 'embed': None}
+
+# How prefill and decode steps run the model (see `_Forward`): 'layerwise' (the fast one) or
+# 'model' (Qwen3.hidden_states as configured). benchmarks/sampler.py compares them.
+DECODE_MODE = 'layerwise'
+
+
+class SamplingConfigError(UserInputError):
+  """Invalid sampling settings (the message names the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to pick each next token. top_k=0 and top_p=1 switch those filters off. Greedy picks the
+  argmax; its reported log-prob is then that of the untruncated distribution at `temperature`."""
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+      raise SamplingConfigError(f'sampling.max_new_tokens must be a positive integer, got '
+                                f'{self.max_new_tokens!r}')
+    if not self.temperature > 0:
+      raise SamplingConfigError(f'sampling.temperature must be > 0 (use greedy=True for argmax), '
+                                f'got {self.temperature!r}')
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise SamplingConfigError(f'sampling.top_k must be an integer >= 0, got {self.top_k!r}')
+    if not 0 < self.top_p <= 1:
+      raise SamplingConfigError(f'sampling.top_p must be in (0, 1], got {self.top_p!r}')
+
+
+class SampleOutput(NamedTuple):
+  """All [B, P + N] (or [K, B, P + N] from `generate_branches`)."""
+  tokens: jax.Array           # int32: left-padded prompt, then completion; pad after EOS / end
+  token_valid: jax.Array      # bool: real prompt tokens and generated tokens (EOS included)
+  completion_mask: jax.Array  # bool: generated tokens only (EOS included)
+  logprobs: jax.Array         # fp32: log-prob of each generated token under the distribution it
+                              # was sampled from (after temperature / top-k / top-p); 0 elsewhere
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers: buckets and padding
+# ---------------------------------------------------------------------------------------------
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+  """The smallest bucket >= n."""
+  ordered = sorted(buckets)
+  i = bisect.bisect_left(ordered, n)
+  if i == len(ordered):
+    raise SamplingConfigError(f'length {n} exceeds the largest bucket {ordered[-1]}')
+  return ordered[i]
+
+
+def pad_prompts(token_lists: list[list[int]], length: int | None = None, pad_id: int = 0,
+                buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to `length` (default: the bucket of the longest) ->
+  (tokens [B, length] int32, valid [B, length] bool)."""
+  longest = max((len(t) for t in token_lists), default=0)
+  if length is None:
+    length = bucket_length(max(longest, 1), buckets)
+  if longest > length:
+    raise SamplingConfigError(f'prompt of {longest} tokens is longer than the padded length '
+                              f'{length}')
+  tokens = np.full((len(token_lists), length), pad_id, np.int32)
+  valid = np.zeros((len(token_lists), length), bool)
+  for row, ids in enumerate(token_lists):
+    if ids:
+      tokens[row, length - len(ids):] = ids
+      valid[row, length - len(ids):] = True
+  return tokens, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Token selection (pure, [B, V] -> [B])
+# ---------------------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """Temperature, then top-k, then top-p (nucleus over the top-k distribution). Filtered-out
+  entries become -inf; [B, V] fp32. Ties at the top-k / top-p threshold are all kept."""
+  x = logits.astype(jnp.float32) / sampling.temperature
+  vocab = x.shape[-1]
+  if 0 < sampling.top_k < vocab:
+    kth = jax.lax.top_k(x, sampling.top_k)[0][:, -1:]
+    x = jnp.where(x >= kth, x, -jnp.inf)
+  if sampling.top_p < 1:
+    ordered = jax.lax.top_k(x, vocab)[0]   # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True)   # >= 1
+    threshold = jnp.take_along_axis(ordered, keep - 1, axis=-1)
+    x = jnp.where(x >= threshold, x, -jnp.inf)
+  return x
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+  """argmax over the last axis (first index of the maximum) as two plain reductions: [B, V] ->
+  [B] int32. XLA:CPU runs jnp.argmax's variadic reduce unvectorised, several times slower."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  first = jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+  return jnp.minimum(first, x.shape[-1] - 1)   # a NaN row picks the last id, not out of range
+
+
+def select_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingParams
+                  ) -> tuple[jax.Array, jax.Array]:
+  """logits [B, V] -> (tokens [B] int32, their log-probs [B] fp32). Sampling is Gumbel-max over
+  the filtered logits, so filtered-out tokens are never drawn."""
+  if sampling.greedy:
+    x = logits.astype(jnp.float32) / sampling.temperature
+    tokens = first_argmax(x)
+  else:
+    x = filter_logits(logits, sampling)
+    tokens = first_argmax(x + jax.random.gumbel(key, x.shape, jnp.float32))
+  chosen = jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]
+  return tokens, chosen - jax.nn.logsumexp(x, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling program
+# ---------------------------------------------------------------------------------------------
+
+def left_pack(tokens: jax.Array, valid: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's real tokens (in order) to the right end: [B, P] -> [B, P]."""
+  order = jnp.argsort(valid.astype(jnp.int32), axis=-1, stable=True)
+  valid = jnp.take_along_axis(valid, order, axis=-1)
+  tokens = jnp.take_along_axis(tokens, order, axis=-1)
+  return jnp.where(valid, tokens, pad_id).astype(jnp.int32), valid
+
+
+class _LayerCaches(NamedTuple):
+  """The model's KVCache split into one buffer per layer (k [B, kv_heads, head_dim, S], v
+  [B, kv_heads, S, head_dim]): a step updates each in place and attends to it whole, with no
+  slice or reshape of a stacked buffer (either makes XLA copy the cache every step)."""
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array       # [B, S]
+  index: jax.Array       # scalar int32
+
+
+class _Weights(NamedTuple):
+  params: Any            # the model's nnx.State
+  layers: Any            # per-layer weight dicts ('layerwise'), sliced once per call; or None
+
+
+class _Forward:
+  """The model's cached forward: (weights, tokens [B, T], positions [B, T], token_valid [B, T],
+  cache) -> (fp32 logits of the last position [B, V], updated cache). Two modes, same function:
+
+  'model': `Qwen3.hidden_states` as the model is configured (scan over layers, or unrolled).
+  'layerwise': the same decoder blocks (`qwen3.decoder_layer`) unrolled over per-layer weights,
+  sliced once before the decode loop (`prepare`), and per-layer cache buffers, so no step
+  re-slices a stacked weight or cache (slices are copies on CPU; see BENCHMARKS.md). The slices
+  are a second copy of the layer weights for the duration of the call.
+  """
+
+  def __init__(self, graphdef, mode: str):
+    if mode not in ('layerwise', 'model'):
+      raise ValueError(f'unknown decode mode {mode!r}')
+    self.graphdef = graphdef
+    self.mode = mode
+
+  def prepare(self, params) -> _Weights:
+    if self.mode == 'model':
+      return _Weights(params, None)
+    model = nnx.merge(self.graphdef, params)
+    stacked = model.layers.as_dict()
+    return _Weights(params, [{name: w[i] for name, w in stacked.items()}
+                             for i in range(model.config.num_layers)])
+
+  def empty_cache(self, weights: _Weights, batch: int, slots: int):
+    model = nnx.merge(self.graphdef, weights.params)
+    cache = KVCache.empty(model.config, batch, slots, dtype=model.compute_dtype)
+    if self.mode == 'model':
+      return cache
+    layers = range(model.config.num_layers)
+    return _LayerCaches(tuple(cache.k[i] for i in layers), tuple(cache.v[i] for i in layers),
+                        cache.valid, cache.index)
+
+  def __call__(self, weights: _Weights, tokens, positions, token_valid, cache):
+    model = nnx.merge(self.graphdef, weights.params)
+    if self.mode == 'model':
+      hidden, cache = model.hidden_states(tokens, positions=positions, token_valid=token_valid,
+                                          cache=cache)
+      return model.logits(hidden[:, -1:])[:, 0], cache
+    # Mirrors the cached branch of Qwen3.hidden_states, layer by layer.
+    c, dtype = model.config, model.compute_dtype
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
+    mask = qwen3.cached_mask(valid, cache.index, tokens.shape[1])
+    h = jnp.take(model.embed[...], tokens, axis=0).astype(dtype)
+    cos, sin = qwen3.rope_tables(positions, c.head_dim, c.rope_theta)
+    ks, vs = [], []
+    for p, k, v in zip(weights.layers, cache.k, cache.v):
+      h, (k, v) = qwen3.decoder_layer(p, h, cos, sin, mask, (k, v, None, cache.index), c, dtype)
+      ks.append(k)
+      vs.append(v)
+    h = qwen3.rms_norm(h[:, -1:], model.final_norm[...], c.rms_norm_eps)
+    cache = _LayerCaches(tuple(ks), tuple(vs), valid, cache.index + tokens.shape[1])
+    return model.logits(h)[:, 0], cache
+
+
+class _LoopState(NamedTuple):
+  """One sequence batch's decode state (the step counter lives outside, shared by branches)."""
+  last: jax.Array        # [B] int32, the token sampled last
+  done: jax.Array        # [B] bool, row has emitted EOS (or has no prompt)
+  length: jax.Array      # [B] int32, tokens generated so far (EOS included)
+  tokens: jax.Array      # [B, N] int32
+  logprobs: jax.Array    # [B, N] fp32
+  cache: Any             # KVCache ('model' mode) or _LayerCaches ('layerwise')
+
+
+class _Program:
+  """The pieces of one sampling program, written for one batch; `_generate_impl` runs them
+  directly or vmapped over branches, with the while_loop itself outside any vmap."""
+
+  def __init__(self, graphdef, sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int):
+    self.forward = _Forward(graphdef, DECODE_MODE)
+    self.sampling, self.eos_ids, self.pad_id = sampling, eos_ids, pad_id
+
+  def record(self, state: _LoopState, logits, key, step) -> _LoopState:
+    """Samples token `step` from logits [B, V] into the state."""
+    token, logp = select_tokens(logits, jax.random.fold_in(key, step), self.sampling)
+    active = ~state.done
+    token = jnp.where(active, token, self.pad_id)
+    at = (0, step)
+    return state._replace(
+        last=token,
+        done=state.done | jnp.isin(token, jnp.asarray(self.eos_ids, jnp.int32)),
+        length=state.length + active,
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], at),
+        logprobs=jax.lax.dynamic_update_slice(state.logprobs,
+                                              jnp.where(active, logp, 0.0)[:, None], at))
+
+  def start(self, weights: _Weights, prompt_tokens, prompt_valid, key):
+    """Prefill and the first token -> (state, left-packed prompt [B, P], its valid [B, P],
+    prompt lengths [B])."""
+    B, P = prompt_tokens.shape
+    N = self.sampling.max_new_tokens
+    prompt, valid = left_pack(prompt_tokens, prompt_valid, self.pad_id)
+    n_prompt = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    logits, cache = self.forward(weights, prompt, qwen3.default_positions(valid), valid,
+                                 self.forward.empty_cache(weights, B, P + N))
+    state = _LoopState(jnp.zeros((B,), jnp.int32), n_prompt == 0, jnp.zeros((B,), jnp.int32),
+                       jnp.full((B, N), self.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+                       cache)
+    return self.record(state, logits, key, 0), prompt, valid, n_prompt
+
+  def advance(self, weights: _Weights, n_prompt, key, state: _LoopState, step) -> _LoopState:
+    """Feeds token step-1 (slot P + step - 1, RoPE position n_prompt + step - 1), samples token
+    `step`."""
+    logits, cache = self.forward(weights, state.last[:, None], (n_prompt + step - 1)[:, None],
+                                 ~state.done[:, None], state.cache)
+    return self.record(state._replace(cache=cache), logits, key, step)
+
+  @staticmethod
+  def output(state: _LoopState, prompt, valid) -> SampleOutput:
+    N = state.tokens.shape[1]
+    generated = jnp.arange(N)[None, :] < state.length[:, None]
+    return SampleOutput(
+        tokens=jnp.concatenate([prompt, state.tokens], axis=1),
+        token_valid=jnp.concatenate([valid, generated], axis=1),
+        completion_mask=jnp.concatenate([jnp.zeros_like(valid), generated], axis=1),
+        logprobs=jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32), state.logprobs], axis=1))
+
+
+def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
+                   eos_ids: tuple[int, ...], pad_id: int, branched: bool = False) -> SampleOutput:
+  """The whole sampling program. branched: every input has a leading branch axis [K, ...]; the
+  per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
+  predicate would `select` the whole state, KV caches included, every step) and stops when every
+  row of every branch is done."""
+  program = _Program(graphdef, sampling, eos_ids, pad_id)
+  over = (lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes)) if branched else (lambda f, **_: f)
+  weights = over(program.forward.prepare)(params)
+  state, prompt, valid, n_prompt = over(program.start)(weights, prompt_tokens, prompt_valid, key)
+  advance = over(program.advance, in_axes=(0, 0, 0, 0, None))
+
+  def cond(carry):
+    step, state = carry
+    return (step < sampling.max_new_tokens) & ~jnp.all(state.done)
+
+  def body(carry):
+    step, state = carry
+    return step + 1, advance(weights, n_prompt, key, state, step)
+
+  _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), state))
+  return over(program.output)(state, prompt, valid)
+
+
+_STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id')
+# Python calls of _generate_impl, i.e. traces; tests read it to check that shapes compile once.
+TRACE_COUNT = {'generate': 0, 'generate_branches': 0}
+
+
+def _counted(name: str, fn: Callable) -> Callable:
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    TRACE_COUNT[name] += 1
+    return fn(*args, **kwargs)
+  return wrapper
+
+
+_generate_jit = jax.jit(_counted('generate', _generate_impl), static_argnames=_STATIC)
+
+
+def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int):
+  if prompt_tokens.ndim != lead + 2 or prompt_valid.shape != prompt_tokens.shape:
+    raise ValueError(f'prompt_tokens {prompt_tokens.shape} and prompt_valid {prompt_valid.shape} '
+                     f'must be equal shapes of rank {lead + 2}')
+  if not eos_ids:
+    raise ValueError('eos_ids must name at least one token id')
+
+
+def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
+             eos_ids: tuple[int, ...], pad_id: int = 0) -> SampleOutput:
+  """Samples up to `sampling.max_new_tokens` tokens after each prompt.
+
+  prompt_tokens [B, P] int32, prompt_valid [B, P] bool (left padding preferred; other patterns
+  are repacked); key: a PRNG key. A row stops after any token of `eos_ids`; a row without any
+  valid prompt token generates nothing. Returns SampleOutput of [B, P + N] arrays.
+  """
+  prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
+                                                                                   bool)
+  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=0)
+  return _generate_jit(graphdef, params, prompt_tokens, prompt_valid, key, sampling=sampling,
+                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+
+
+def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
+                   eos_ids, pad_id):
+  return _generate_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
+                        eos_ids, pad_id, branched=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _branches_jit(mesh: Mesh | None) -> Callable:
+  fn = _counted('generate_branches', _branches_impl)
+  if mesh is None:
+    return jax.jit(fn, static_argnames=_STATIC)
+  out = NamedSharding(mesh, P('branch'))
+  return jax.jit(fn, static_argnames=_STATIC, out_shardings=SampleOutput(out, out, out, out))
+
+
+def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
+                      sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int = 0,
+                      mesh: Mesh | None = None) -> SampleOutput:
+  """`generate` for K branches at once, one compiled program vmapped over the leading axis.
+
+  stacked_params: params with every leaf [K, ...]; prompt_tokens, prompt_valid [K, B, P];
+  keys [K] PRNG keys. With a ('branch', 'fsdp', 'tensor') mesh, branch k runs on its slice of
+  the 'branch' axis: parameters are placed by SAMPLING_RULES (stacked on 'branch', replicated
+  over 'fsdp'), prompts are split over 'branch' and, when it divides the batch, over 'fsdp'.
+  Returns [K, B, P + N], sharded over 'branch'.
+  """
+  prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
+                                                                                   bool)
+  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=1)
+  K, B = prompt_tokens.shape[:2]
+  if mesh is not None:
+    if K % mesh.shape['branch']:
+      raise mesh_lib.MeshConfigError(f'mesh axis branch={mesh.shape["branch"]} does not divide '
+                                     f'the number of branches K={K}')
+    stacked_params = jax.device_put(stacked_params, mesh_lib.state_shardings(
+        stacked_params, mesh, SAMPLING_RULES, branch_stacked=True))
+    batch_axis = 'fsdp' if B % mesh.shape['fsdp'] == 0 else None
+    prompt_sharding = NamedSharding(mesh, P('branch', batch_axis, None))
+    prompt_tokens = jax.device_put(prompt_tokens, prompt_sharding)
+    prompt_valid = jax.device_put(prompt_valid, prompt_sharding)
+    keys = jax.device_put(keys, mesh_lib.branch_sharded(mesh, keys.ndim))
+  return _branches_jit(mesh)(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
+                             sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
+                             pad_id=int(pad_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: decoding completions and stop strings
+# ---------------------------------------------------------------------------------------------
+
+def completion_token_lists(output: SampleOutput) -> list[list[int]]:
+  """The generated token ids of each row (EOS included), as Python lists. Works on [B, T]."""
+  tokens, mask = np.asarray(output.tokens), np.asarray(output.completion_mask)
+  return [row[m].tolist() for row, m in zip(tokens, mask)]
+
+
+def apply_stop_strings(output: SampleOutput, decode: Callable[[list[int]], str],
+                       stop_strings: Sequence[str], pad_id: int = 0
+                       ) -> tuple[list[str], SampleOutput]:
+  """Cuts each completion after the first token that completes any of `stop_strings`.
+
+  decode maps token ids to text (e.g. `tokenizer.decode`). Returns the decoded completions,
+  truncated before the stop string, and a numpy SampleOutput whose masks, tokens and log-probs
+  end at that token (the stop string stays in the masked completion, like EOS). [B, T] only.
+  """
+  tokens = np.array(output.tokens)
+  token_valid = np.array(output.token_valid)
+  completion = np.array(output.completion_mask)
+  logprobs = np.array(output.logprobs)
+  texts = []
+  for row in range(tokens.shape[0]):
+    cols = np.flatnonzero(completion[row])
+    ids = tokens[row, cols].tolist()
+    text = decode(ids)
+    hits = [(text.find(s), s) for s in stop_strings if s and s in text]
+    if not hits:
+      texts.append(text)
+      continue
+    start, stop = min(hits)
+    end = start + len(stop)
+    # Fewest tokens whose decoded text reaches the end of the stop string (binary search:
+    # decoded length grows with the prefix).
+    lo, hi = 1, len(ids)
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if len(decode(ids[:mid])) >= end:
+        hi = mid
+      else:
+        lo = mid + 1
+    cut = cols[lo:]
+    tokens[row, cut] = pad_id
+    token_valid[row, cut] = False
+    completion[row, cut] = False
+    logprobs[row, cut] = 0.0
+    texts.append(text[:start])
+  return texts, SampleOutput(tokens, token_valid, completion, logprobs)
