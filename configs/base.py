@@ -30,7 +30,8 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             aggregation, kl_coef (k3 to the base), entropy_coef, micro_batches
   opd                       prompts_per_step (per teacher), samples_per_prompt
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p
-  optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps,
+  optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps (total
+                            steps of a 'cosine' / 'linear' schedule; unused by 'constant'),
                             weight_decay, b1, b2, max_grad_norm (copd_jax/optim.py)
   mesh                      axis sizes for ('branch', 'fsdp', 'tensor'); -1 = the rest
   mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
@@ -70,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-4, schedule='constant', warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999,
-      max_grad_norm=1.0))
+      learning_rate=3e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,
+      b1=0.9, b2=0.999, max_grad_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=1, tensor=1))
   c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
   c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4))

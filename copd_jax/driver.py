@@ -210,9 +210,9 @@ class RunResult:
 def train(config, workdir: str, log: Callable[[str], None] = print, progress: bool = True,
           stop_after: int | None = None) -> RunResult:
   """Runs (or resumes) the configured experiment in `workdir` to the end."""
-  os.makedirs(workdir, exist_ok=True)
   K = len(config.branches)
-  domains = load_domains(config)  # validates data files before any compute
+  domains = load_domains(config)  # validates data files before any compute or any write
+  os.makedirs(workdir, exist_ok=True)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last)
   if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
     try:

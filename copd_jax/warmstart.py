@@ -89,13 +89,18 @@ def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=p
             'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
   stamp = os.path.join(path, _STAMP)
   if os.path.isfile(stamp):
-    with open(stamp) as f:
-      if json.load(f) == recipe:
-        log(f'base model: reusing {path}')
-        return path
+    try:
+      with open(stamp) as f:
+        cached = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      cached = None  # a torn stamp: train the base again
+    if cached == recipe:
+      log(f'base model: reusing {path}')
+      return path
   log(f'base model: warm-starting a character model on {len(pairs)} examples')
   config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
   hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
-  with open(stamp, 'w') as f:
+  with open(stamp + '.tmp', 'w') as f:
     json.dump(recipe, f)
+  os.replace(stamp + '.tmp', stamp)  # atomic: a kill leaves the old stamp or the new one
   return path

@@ -11,7 +11,7 @@ import os
 import jax
 import numpy as np
 
-from copd_jax.config import load_config
+from copd_jax.config import ConfigError, load_config
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
@@ -37,7 +37,8 @@ def default_output(source) -> str:
 def run(args) -> int:
   bad = [a for a in args.extra if not a.startswith('--config.')]
   if bad:
-    raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+    raise ConfigError(f'unrecognized arguments: {" ".join(bad)} (overrides look like '
+                      '--config.section.field=value)')
   config = load_config(args.config, args.extra)
   from flax import nnx
 

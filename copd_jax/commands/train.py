@@ -5,7 +5,7 @@ model, N cycles of GRPO and mutual OPD over K branches, the merge, and the evalu
 """
 from __future__ import annotations
 
-from copd_jax.config import load_config
+from copd_jax.config import ConfigError, load_config
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   bad = [a for a in args.extra if not a.startswith('--config.')]
   if bad:
-    raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+    raise ConfigError(f'unrecognized arguments: {" ".join(bad)} (overrides look like '
+                      '--config.section.field=value)')
   from copd_jax import distributed
   distributed.maybe_initialize()  # multi-host: before anything asks jax about devices
   config = load_config(args.config, args.extra)  # all checks before any compute

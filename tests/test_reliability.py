@@ -1,0 +1,428 @@
+"""Reliability: bad configs and data files fail before any compute with one line naming the field
+or file:line; corrupted checkpoints make `train` fall back and `export-hf` / `merge` refuse; 1,000
+adversarial completions through every reward function; merge / export outputs appear only when
+complete; untrusted model folders never run code; random SIGKILLs of a run lose nothing (slow).
+
+The catalogues of bad inputs live in scripts/fault_injection.py, which also prints the tables
+of docs/reliability.md from real runs.
+"""
+import gc
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from copd_jax import checkpoint as ckpt
+from copd_jax.models import hf_io
+from copd_jax.models.tokenizer import char_tokenizer
+from tests.test_checkpoint import TINY, abstract, assert_trees_equal, make_state, shifted
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_harness():
+  spec = importlib.util.spec_from_file_location(
+      'fault_injection', os.path.join(ROOT, 'scripts', 'fault_injection.py'))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses resolve their module by name
+  spec.loader.exec_module(module)
+  return module
+
+
+fi = _load_harness()
+
+# Orbax leaves the reads of a failed restore un-awaited; the warnings about them are expected.
+DAMAGE_NOISE = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
+
+def _ids(cases):
+  return [c.label for c in cases]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Bad configs: one line naming the field, exit 2, no workdir, the driver never called
+# ---------------------------------------------------------------------------------------------
+
+def test_the_catalogues_are_large_enough():
+  assert len(fi.BAD_CONFIGS) >= 30 and len(fi.BAD_DATA) >= 10 and len(fi.CORRUPTIONS) >= 5
+  assert len({c.label for c in fi.BAD_CONFIGS}) == len(fi.BAD_CONFIGS)
+
+
+@pytest.mark.parametrize('case', fi.BAD_CONFIGS, ids=_ids(fi.BAD_CONFIGS))
+def test_bad_config_fails_before_any_compute(case, tmp_path):
+  outcome = fi.try_bad_config(case, str(tmp_path))
+  result = outcome.result
+  assert result.code == 2, (result.code, result.stderr)
+  assert result.lines == [result.message], result.stderr
+  assert result.message.startswith('error: ') and case.expect in result.message, result.message
+  assert not outcome.workdir_created
+
+
+def test_the_tripwire_sees_a_good_config_reach_the_driver(tmp_path):
+  # The check above can fail: a valid config gets past validation and trips the wire.
+  outcome = fi.try_bad_config(fi.ConfigCase('valid', ('--config.seed=3',), 'error'), str(tmp_path))
+  assert outcome.result.code == 'compute started' and not outcome.ok
+
+
+def _cli_env():
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={fi.IN_PROCESS_DEVICES}')
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (('--config.branches=count,sort,reverse',), 'config.copd.topology'),
+    (('--config.sampling.temperature=0',), 'config.sampling.temperature'),
+    (('--config.domains.sort.source=file', '--config.domains.sort.train_path=/no/such.jsonl'),
+     'config.domains.sort.train_path'),
+])
+def test_bad_config_through_a_fresh_interpreter(tmp_path, overrides, field):
+  workdir = tmp_path / 'w'
+  result = subprocess.run(
+      [sys.executable, '-m', 'copd_jax', 'train', '--config', fi.TOY_CONFIG, '--workdir',
+       str(workdir), *fi.BASE_OVERRIDES, *overrides],
+      cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+  assert result.stderr.startswith(f'error: {field}: ')
+  assert not workdir.exists() and result.stdout == ''
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Bad data files: one line with file and line (or row), before the warm start
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('case', fi.BAD_DATA, ids=_ids(fi.BAD_DATA))
+def test_bad_data_file_names_file_and_line_before_compute(case, tmp_path):
+  outcome = fi.try_bad_data(case, str(tmp_path))
+  result = outcome.result
+  path = str(tmp_path / case.name)
+  assert result.code == 2, (result.code, result.stderr)
+  assert result.lines == [result.message], result.stderr
+  if case.expect.startswith(':'):
+    assert result.message.startswith(f'error: {path}{case.expect}'), result.message
+  else:
+    assert path in result.message and case.expect in result.message, result.message
+  assert outcome.workdir_entries == []  # nothing written: no base model, no checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Corrupted checkpoints: restore falls back with a warning; export-hf / merge refuse
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  """A run workdir with checkpoints of steps 1 and 2 (K=2, tiny Qwen3, a tokenizer)."""
+  folder = tmp_path_factory.mktemp('run')
+  tokenizer_dir = str(folder / 'tokenizer')
+  char_tokenizer().save_pretrained(tokenizer_dir)
+  state = make_state(num_branches=2)
+  workdir = str(folder / 'workdir')
+  with ckpt.RunCheckpointer(workdir) as saver:
+    for step, delta in ((1, 0.0), (2, 1.0)):
+      saver.save(step, shifted(state, delta), ckpt.run_meta(
+          cycle=0, phase='rl', step=step, model_config=TINY, tokenizer_dir=tokenizer_dir,
+          base_params=None, config={'seed': 0}, data_state={}))
+  return workdir, state
+
+
+def _damaged_copy(run_dir, tmp_path, name):
+  workdir, state = run_dir
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  damage, unreadable = fi.CORRUPTIONS[name]
+  damage(os.path.join(copy, 'checkpoints', '2'))
+  return copy, state, unreadable
+
+
+@DAMAGE_NOISE
+@pytest.mark.parametrize('name', list(fi.CORRUPTIONS))
+def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_path, name):
+  copy, state, unreadable = _damaged_copy(run_dir, tmp_path, name)
+  saver = ckpt.RunCheckpointer(copy)
+  if unreadable:
+    with pytest.warns(UserWarning) as warned:
+      restored, meta = saver.restore(abstract(state))
+    messages = [str(w.message) for w in warned]
+    assert any('checkpoints/2: unreadable checkpoint' in m and 'falling back' in m
+               for m in messages), messages
+    assert any(m.startswith('moved unreadable checkpoint step 2') for m in messages), messages
+    assert meta['step'] == 1
+    assert_trees_equal(restored, state)
+    assert saver.all_steps() == [1]  # the damaged step is set aside, so it can be saved again
+    assert os.listdir(os.path.join(copy, 'checkpoints_unreadable'))[0].startswith('2-')
+  else:
+    restored, meta = saver.restore(abstract(state))
+    assert meta['step'] == 2
+    assert_trees_equal(restored, shifted(state, 1.0))
+  saver.close()
+  gc.collect()
+
+
+@DAMAGE_NOISE
+@pytest.mark.parametrize('name', list(fi.CORRUPTIONS))
+def test_export_and_merge_of_a_corrupted_checkpoint(run_dir, tmp_path, name):
+  copy, state, unreadable = _damaged_copy(run_dir, tmp_path, name)
+  export_out, merge_out = str(tmp_path / 'hf'), str(tmp_path / 'merged')
+  export = fi.run_cli(['export-hf', '--checkpoint', copy, '--branch', '1', '--out', export_out])
+  merge = fi.run_cli(['merge', '--workdir', copy, '--out', merge_out])
+  if unreadable:
+    for result in (export, merge):
+      assert result.code == 2, result.stderr
+      assert result.lines == [result.message], result.stderr
+      assert result.message.startswith(f'error: {copy}/checkpoints/2'), result.message
+    assert not os.path.exists(export_out) and not os.path.exists(merge_out)
+  else:  # a leftover temporary folder is ignored: the newest complete step is used
+    assert export.code == 0 and merge.code == 0, export.stderr + merge.stderr
+    pure = nnx.to_pure_dict(shifted(state, 1.0).params)
+    exported = hf_io.load_params(export_out)
+    np.testing.assert_array_equal(exported['embed'], np.asarray(pure['embed'])[1])
+    merged, _ = ckpt.load_params_checkpoint(merge_out)
+    np.testing.assert_allclose(merged['embed'], np.asarray(pure['embed']).mean(0), rtol=1e-6)
+  gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Adversarial completions through every reward function
+# ---------------------------------------------------------------------------------------------
+
+def test_adversarial_completions_cover_every_category_and_are_deterministic():
+  items = fi.adversarial_completions(1000, seed=0)
+  assert len(items) == 1000 and items == fi.adversarial_completions(1000, seed=0)
+  categories = {c for c, _ in items}
+  assert {'huge number', 'nesting', 'LaTeX bomb', 'unicode / control', 'code-like',
+          '1 MB string', 'random composition'} <= categories
+  assert max(len(t) for _, t in items) >= 1_000_000
+  assert {c for c, _ in fi.adversarial_completions(100, seed=0)} == categories
+
+
+def _check_sweep(results):
+  kinds = [r.kind for r in results]
+  assert kinds[:2] == ['exact', 'math'] and len(results) == 3
+  for r in results:
+    assert r.crashes == [], r.crashes
+    assert not r.executed
+    assert r.controls_ok, r.kind
+    assert r.ones == 0, r.kind  # no written-out attack scores as correct
+    assert r.slowest_s <= r.bound_s, (r.kind, r.slowest_s, r.slowest_category)
+  assert results[1].timeouts >= 1  # the bombs are real: the per-item deadline stopped some
+
+
+def test_1000_adversarial_completions_through_every_reward_function():
+  _check_sweep(fi.reward_sweep(1000, seed=0, timeout_s=0.5, grace_s=1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Atomic outputs: merge / export-hf interrupted midway leave no complete-looking folder
+# ---------------------------------------------------------------------------------------------
+
+def _looks_complete_hf(folder):
+  return os.path.isfile(os.path.join(folder, 'config.json'))
+
+
+def test_export_interrupted_by_an_exception_leaves_no_model(run_dir, tmp_path, monkeypatch):
+  workdir, _ = run_dir
+  out = str(tmp_path / 'hf')
+  good = fi.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', out])
+  assert good.code == 0
+  before = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)}
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(hf_io, 'save_file', disk_full)
+  other = str(tmp_path / 'hf2')
+  failed = fi.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', other])
+  assert failed.code == 'crash (OSError)' and not os.path.exists(other)
+  # --overwrite of a complete folder that fails midway keeps the old folder intact.
+  failed = fi.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '1', '--out', out,
+                       '--overwrite'])
+  assert failed.code == 'crash (OSError)'
+  assert {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)} == before
+
+
+def test_merge_interrupted_by_an_exception_leaves_no_checkpoint(run_dir, tmp_path, monkeypatch):
+  workdir, _ = run_dir
+  out = str(tmp_path / 'merged')
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(ckpt.shutil, 'copy', disk_full)  # the tokenizer copy, after the arrays
+  failed = fi.run_cli(['merge', '--workdir', workdir, '--out', out])
+  assert failed.code == 'crash (OSError)' and not os.path.exists(out)
+  monkeypatch.undo()
+  assert fi.run_cli(['merge', '--workdir', workdir, '--out', out]).code == 0
+  params, meta = ckpt.load_params_checkpoint(out)
+  assert meta['merge']['method'] == 'mean' and 'embed' in params
+
+
+KILL_SELF = textwrap.dedent('''
+    import importlib.util, os, signal, sys
+    import copd_jax.checkpoint as ckpt
+    from copd_jax.models import hf_io
+    real = hf_io.save_file
+    def write_then_die(tensors, path, **kwargs):  # the shard is on disk, nothing renamed yet
+      real(tensors, path, **kwargs)
+      os.kill(os.getpid(), signal.SIGKILL)
+    hf_io.save_file = write_then_die
+    ckpt.shutil.copy = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    from copd_jax.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+@pytest.mark.parametrize('command', ['export-hf', 'merge'])
+def test_sigkill_midway_leaves_no_complete_looking_output(run_dir, tmp_path, command):
+  workdir, _ = run_dir
+  out = str(tmp_path / 'out')
+  argv = (['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', out]
+          if command == 'export-hf' else ['merge', '--workdir', workdir, '--out', out])
+  env = dict(_cli_env(), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  killed = subprocess.run([sys.executable, '-c', KILL_SELF, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr
+  assert not os.path.exists(out)
+  leftovers = [n for n in os.listdir(tmp_path) if n != 'out']
+  assert leftovers and all(n.startswith('.out.tmp-') for n in leftovers)  # hidden, incomplete
+  # A rerun writes the complete output next to the stale temporary folder.
+  assert fi.run_cli(argv).code == 0
+  if command == 'export-hf':
+    assert _looks_complete_hf(out) and 'embed' in hf_io.load_params(out)
+  else:
+    assert 'embed' in ckpt.load_params_checkpoint(out)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Untrusted inputs: no remote code, no pickle, sandboxed chat templates
+# ---------------------------------------------------------------------------------------------
+
+def _marker_code(marker):
+  return (f'open({str(marker)!r}, "a").write("ran")\n'
+          'from transformers import PreTrainedTokenizerFast\n'
+          'class Evil(PreTrainedTokenizerFast):\n  pass\n')
+
+
+class _Pwn:
+  """Unpickling this touches the marker file."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def _hf_folder(tmp_path, name='hf'):
+  folder = str(tmp_path / name)
+  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(make_state(1).params))
+  hf_io.save_hf_folder(params, TINY, folder, tokenizer=char_tokenizer())
+  return folder
+
+
+def test_auto_map_custom_code_is_never_imported(tmp_path):
+  from copd_jax.commands.generate import load_model_and_tokenizer
+  folder = _hf_folder(tmp_path)
+  marker = tmp_path / 'EXECUTED'
+  for name in ('evil_tokenizer.py', 'evil_config.py', 'evil_model.py'):
+    with open(os.path.join(folder, name), 'w') as f:
+      f.write(_marker_code(marker))
+  for file, auto_map, extra in (
+      ('tokenizer_config.json', {'AutoTokenizer': ['evil_tokenizer.Evil', 'evil_tokenizer.Evil']},
+       {'tokenizer_class': 'Evil'}),
+      ('config.json', {'AutoConfig': 'evil_config.Evil', 'AutoModelForCausalLM': 'evil_model.Evil'},
+       {})):
+    path = os.path.join(folder, file)
+    with open(path) as f:
+      raw = json.load(f)
+    raw.update(auto_map=auto_map, **extra)
+    with open(path, 'w') as f:
+      json.dump(raw, f)
+  model, tokenizer, _ = load_model_and_tokenizer(folder)
+  assert tokenizer('1+1', add_special_tokens=False)['input_ids']
+  assert model.config == TINY
+  # The same folder claiming a custom architecture is refused by name, without importing it.
+  with open(os.path.join(folder, 'config.json')) as f:
+    raw = json.load(f)
+  raw.update(model_type='evil', architectures=['EvilForCausalLM'])
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(raw, f)
+  result = fi.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  assert result.code == 2 and 'unsupported architecture' in result.message
+  assert not marker.exists()
+
+
+def test_pickled_weights_are_refused_and_never_unpickled(tmp_path):
+  marker = tmp_path / 'EXECUTED'
+  folder = _hf_folder(tmp_path)
+  os.remove(os.path.join(folder, 'model.safetensors'))
+  with open(os.path.join(folder, 'pytorch_model.bin'), 'wb') as f:
+    pickle.dump(_Pwn(marker), f)
+  result = fi.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  assert result.code == 2 and 'only pickle (.bin) weights found' in result.message
+  # A pickle disguised as safetensors is unreadable, not unpickled.
+  with open(os.path.join(folder, 'model.safetensors'), 'wb') as f:
+    pickle.dump(_Pwn(marker), f)
+  result = fi.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  assert result.code == 2 and 'unreadable safetensors file' in result.message, result.stderr
+  assert not marker.exists()
+
+
+def test_chat_templates_render_in_a_sandbox(tmp_path):
+  import jinja2
+  from copd_jax.data.domain import Example, render_prompt
+  marker = tmp_path / 'EXECUTED'
+  tokenizer = char_tokenizer()
+  example = Example('1+1', '2', 'd', 'd:0')
+  for template in (f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}",
+                   "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
+    tokenizer.chat_template = template
+    with pytest.raises(jinja2.exceptions.SecurityError):
+      render_prompt(tokenizer, example, use_chat_template=True)
+  assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Real runs (slow): corrupted checkpoints through `train`, random kills
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def harness_folder(tmp_path_factory):
+  """One folder (and JAX compilation cache) shared by the slow tests' tiny runs."""
+  return str(tmp_path_factory.mktemp('fault_injection'))
+
+
+@pytest.mark.slow
+def test_train_resumes_past_corrupted_checkpoints_and_loses_nothing(harness_folder):
+  names = ['overwrite half an array file with random bytes', 'delete the whole state item',
+           'leftover tmp folder of a newer, interrupted save']
+  outcomes = fi.corruption_experiment(harness_folder, names, log=lambda s: None)
+  for o in outcomes:
+    assert o.problems == [], (o.name, o.problems)
+    assert o.ok, o
+  assert all(o.train_warning for o in outcomes[:2]) and not outcomes[2].train_warning
+
+
+@pytest.mark.slow
+def test_random_sigkills_then_resume_equal_an_uninterrupted_run(harness_folder):
+  report = fi.kill_experiment(harness_folder, kills=2, seed=1, cycles=1, log=lambda s: None)
+  assert report.problems == [], report.problems
+  assert sum(r.landed for r in report.records) >= 1, report.records
+
+
+@pytest.mark.slow
+def test_nan_in_one_branch_is_skipped_and_repeated_nans_stop_the_run(harness_folder):
+  skipped, halted = fi.nan_experiment(harness_folder, log=lambda s: None)
+  assert skipped.problems == [] and skipped.code == 0, skipped
+  assert "['b1_sort']; update skipped (1/3 consecutive)" in skipped.guard_lines[0]
+  assert halted.problems == [] and halted.code == 3, halted
+  assert halted.final_line.startswith('stopped: 2 consecutive steps') and halted.newest_step == 1
