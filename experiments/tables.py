@@ -1,0 +1,175 @@
+"""Markdown tables in the paper's layouts from the runs' eval.json files: accuracy in %, mean ± std
+over seeds (population std), per domain and overall (the mean over domains, per seed, then over
+seeds).
+
+Table 1 / 2: rows = domains + overall, columns = methods (best non-base cell in bold, worst
+non-base cell marked †, as in the paper). Table 3, the overlap-schedule comparison and the
+phase-ratio sweep: rows = methods, columns = domains + overall.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from experiments import methods as M
+
+METRICS = (('pass@1', 'greedy pass@1'), ('avg@k', 'sampled avg@k'))
+TITLES = {
+    'table1': 'Table 1 (toy): K=2, count & sort',
+    'table2': 'Table 2 (toy): K=3, count (hub), sort & arithmetic',
+    'table3': 'Table 3 (toy): ablations of CoPD, K=2',
+    'overlap_schedule': 'Overlap-driven schedule vs the fixed 1.5:1 schedule (same budget)',
+    'phase_ratio': 'Phase ratio S_RL : S_OPD (equal updates per branch; merged model)',
+}
+
+
+def load_eval(out: str, seed: int, run: str) -> dict | None:
+  path = os.path.join(out, 'runs', f'seed{seed}', run, 'eval.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)['results']
+
+
+def method_scores(out: str, seeds: Sequence[int], method: M.Method, domains: Sequence[str],
+                  metric: str) -> np.ndarray | None:
+  """-> [num_seeds_found, len(domains) + 1] accuracies in % (last column: overall), or None."""
+  rows = []
+  for seed in seeds:
+    results = load_eval(out, seed, method.run)
+    if results is None or method.row not in results:
+      continue
+    accs = [100 * results[method.row][d][metric] for d in domains]
+    rows.append(accs + [float(np.mean(accs))])
+  return np.asarray(rows) if rows else None
+
+
+def cell(values: np.ndarray | None) -> str:
+  if values is None:
+    return '—'
+  if len(values) == 1:
+    return f'{values[0]:.1f}'
+  return f'{values.mean():.1f} ± {values.std():.1f}'
+
+
+def missing_note(runs: dict[str, M.RunSpec], method: M.Method) -> str:
+  spec = runs.get(method.run)
+  if spec is None:
+    return 'not run: no integer (num_cycles, S_RL, S_OPD) schedule for this budget'
+  missing = M.missing_features(spec) if spec else []
+  return f'not run: driver lacks {", ".join(missing)}' if missing else 'not run yet'
+
+
+def column_table(out: str, seeds: Sequence[int], methods: Sequence[M.Method],
+                 domains: Sequence[str], metric: str, runs: dict[str, M.RunSpec]) -> str:
+  """Paper layout of Tables 1 and 2: one column per method."""
+  scores = [method_scores(out, seeds, m, domains, metric) for m in methods]
+  header = '| Domain | ' + ' | '.join(m.label for m in methods) + ' |'
+  lines = [header, '|:---|' + ':---:|' * len(methods)]
+  for j, name in enumerate(list(domains) + ['Overall']):
+    means = [s[:, j].mean() if s is not None else None for s in scores]
+    ranked = [(v, i) for i, v in enumerate(means) if v is not None and methods[i].row != 'base']
+    best = max(ranked)[1] if ranked else None
+    worst = min(ranked)[1] if len(ranked) > 1 else None
+    cells = []
+    for i, s in enumerate(scores):
+      text = cell(s[:, j] if s is not None else None)
+      text = f'**{text}**' if i == best else f'{text}†' if i == worst else text
+      cells.append(text)
+    label = f'**{name} Avg.**' if name == 'Overall' else f'{name} acc.'
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  notes = [f'- {m.label}: {missing_note(runs, m)}' for m, s in zip(methods, scores) if s is None]
+  seeds_found = {m.label: 0 if s is None else len(s) for m, s in zip(methods, scores)}
+  lines.append('')
+  lines.append('Seeds per column: ' + ', '.join(f'{k} {v}' for k, v in seeds_found.items()))
+  return '\n'.join(lines + notes)
+
+
+def row_table(out: str, seeds: Sequence[int], methods: Sequence[M.Method],
+              domains: Sequence[str], metric: str, runs: dict[str, M.RunSpec],
+              first: str = 'Method') -> str:
+  """Layout of Table 3: one row per method."""
+  lines = [f'| {first} | ' + ' | '.join(f'{d} acc.' for d in domains) + ' | Overall Avg. | seeds |',
+           '|:---|' + ':---:|' * (len(domains) + 2)]
+  notes = []
+  for m in methods:
+    s = method_scores(out, seeds, m, domains, metric)
+    cells = [cell(s[:, j] if s is not None else None) for j in range(len(domains) + 1)]
+    lines.append(f'| {m.label} | ' + ' | '.join(cells) + f' | {0 if s is None else len(s)} |')
+    if s is None:
+      notes.append(f'- {m.label}: {missing_note(runs, m)}')
+  return '\n'.join(lines + notes)
+
+
+def budget_lines(profile: M.Profile, K: int) -> str:
+  N, R, O = profile.num_cycles, profile.s_rl, profile.s_opd
+  U = profile.updates_per_branch
+  return (f'Budget: U = {N} x ({R} + {O}) = {U} updates per CoPD branch; every method spends '
+          f'{K} x {U} = {K * U} optimizer updates in total ({K * N * R} RL-only, '
+          f'{K * N * O} with a distillation batch for CoPD / static OPD / MOPD; experts and '
+          'mixed RLVR: all RL). See README.md.')
+
+
+def render(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
+           runs: dict[str, M.RunSpec], sweep_updates: int = 60) -> str:
+  methods = M.command_methods(command, sweep_updates)
+  domains = M.K3_DOMAINS if command == 'table2' else M.K2_DOMAINS
+  parts = [f'# {TITLES[command]}', '']
+  if command in ('table1', 'table2', 'table3', 'overlap_schedule'):
+    parts += [budget_lines(profile, len(domains)), '']
+  if command == 'phase_ratio':
+    parts += [f'{sweep_updates} updates per branch. ' + 'Schedules (num_cycles, S_RL, S_OPD): ' + ', '.join(
+        f'{m.label}: ' + ' '.join(o.split('=')[1] for o in runs[m.run].overrides[:3])
+        for m in methods if m.run in runs), '']
+  for metric, title in METRICS:
+    parts.append(f'## {title} (%), mean ± std over seeds {list(seeds)}')
+    parts.append('')
+    if command in ('table1', 'table2'):
+      parts.append(column_table(out, seeds, methods, domains, metric, runs))
+    else:
+      first = 'S_RL : S_OPD' if command == 'phase_ratio' else 'Method'
+      parts.append(row_table(out, seeds, methods, domains, metric, runs, first))
+    parts.append('')
+  return '\n'.join(parts)
+
+
+def write_command(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
+                  runs: dict[str, M.RunSpec], sweep_updates: int = 60) -> list[str]:
+  """Writes OUT/<command>.md (phase_ratio: OUT/phase_ratio_u<updates>.md; no table for 'pilot',
+  which is figures only); -> paths."""
+  written = []
+  if command in M.TABLE_METHODS or command == 'phase_ratio':
+    suffix = f'_u{sweep_updates}' if command == 'phase_ratio' else ''
+    path = os.path.join(out, f'{command}{suffix}.md')
+    os.makedirs(out, exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(render(command, out, seeds, profile, runs, sweep_updates))
+    written.append(path)
+  written.append(write_run_log(out))
+  return written
+
+
+def write_run_log(out: str) -> str:
+  """OUT/RUNS.md: every finished run's exact command, wall time and machine."""
+  infos = []
+  root = os.path.join(out, 'runs')
+  for dirpath, _, files in os.walk(root):
+    if 'run_info.json' in files:
+      with open(os.path.join(dirpath, 'run_info.json')) as f:
+        infos.append(json.load(f))
+  infos.sort(key=lambda i: (i['seed'], i['finished']))
+  lines = ['# Runs (exact commands; $WORK = the --work folder of experiments.run)', '',
+           '| seed | run | wall s | machine | finished | command |', '|---|---|---|---|---|---|']
+  for i in infos:
+    lines.append(f"| {i['seed']} | {i['run']} | {i['wall_seconds']} | {i['machine']} | "
+                 f"{i['finished']} | `{i['command']}` |")
+  total = sum(i['wall_seconds'] for i in infos)
+  lines += ['', f'Total wall time: {total / 60:.1f} min over {len(infos)} runs.']
+  path = os.path.join(out, 'RUNS.md')
+  os.makedirs(out, exist_ok=True)
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return path
