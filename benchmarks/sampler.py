@@ -26,9 +26,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.workers import Worker  # noqa: E402
 
 CONFIG = dict(vocab=256, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
               intermediate=768)
@@ -151,34 +153,6 @@ def worker_main(kind: str):
 # Orchestrator
 # ---------------------------------------------------------------------------------------------
 
-class _Worker:
-  def __init__(self, name: str, argv: list[str]):
-    self.name = name
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-    env.setdefault('JAX_PLATFORMS', 'cpu')
-    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                 text=True)
-
-  def read(self) -> dict:
-    while True:
-      line = self.proc.stdout.readline()
-      if not line:
-        raise RuntimeError(f'{self.name} worker exited (code {self.proc.wait()})')
-      if line.startswith('{'):
-        return json.loads(line)
-
-  def run(self, rep: int) -> dict:
-    self.proc.stdin.write(f'run {rep}\n')
-    self.proc.stdin.flush()
-    return self.read()
-
-  def close(self):
-    self.proc.stdin.close()
-    self.proc.wait()
-
-
 def orchestrate(args) -> dict:
   me = os.path.abspath(__file__)
   specs = [(mode, [sys.executable, me, '--worker', mode]) for mode in args.ours.split(',')]
@@ -186,7 +160,7 @@ def orchestrate(args) -> dict:
     specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix']))
   workers, setup = [], {}
   for name, argv in specs:   # built one after the other so compiles do not overlap
-    worker = _Worker(name, argv)
+    worker = Worker(name, argv)
     setup[name] = worker.read()
     workers.append(worker)
   times: dict[str, list[float]] = {w.name: [] for w in workers}
