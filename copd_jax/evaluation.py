@@ -6,6 +6,7 @@ branch-vmapped sampler, so M models cost one compiled program per prompt bucket.
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 import jax
@@ -63,5 +64,6 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]], samples_k: i
 
 
 def save_results(path: str, results, samples_k: int) -> None:
-  with open(path, 'w') as f:
+  with open(path + '.tmp', 'w') as f:
     json.dump({'samples_k': samples_k, 'results': results}, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)

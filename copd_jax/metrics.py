@@ -82,8 +82,9 @@ class MetricsLog:
           break  # a torn last line from a kill
         if record.get('step', -1) < step:
           kept.append(line if line.endswith('\n') else line + '\n')
-    with open(self.path, 'w') as f:
+    with open(self.path + '.tmp', 'w') as f:
       f.writelines(kept)
+    os.replace(self.path + '.tmp', self.path)  # a kill mid-rewrite keeps the old file
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:

@@ -55,7 +55,8 @@ def run(args) -> int:
   from copd_jax.memory_plan import PlanError
   bad = [a for a in args.extra if not a.startswith('--config.')]
   if bad:
-    raise SystemExit(f'error: unrecognized arguments: {" ".join(bad)}')
+    raise PlanError(f'unrecognized arguments: {" ".join(bad)} (overrides look like '
+                    '--config.section.field=value)')
   if args.devices < 1:
     raise PlanError(f'--devices must be a positive integer, got {args.devices}')
   if 'jax' not in sys.modules:
