@@ -173,27 +173,13 @@ def run_tunix():
   import numpy as np
   import optax
   from flax import nnx
-  from jax.sharding import AxisType
-  from tunix.models.qwen3 import model as qwen3_lib
   from tunix.rl import rl_cluster as rl_cluster_lib
   from tunix.rl.grpo import grpo_learner
   from tunix.rl.rollout import base_rollout
 
+  from benchmarks.tunix_model import random_tunix_qwen3
   c = CONFIG
-  config = qwen3_lib.ModelConfig(
-      num_layers=c['layers'], vocab_size=c['vocab'], embed_dim=c['hidden'],
-      hidden_dim=c['intermediate'], num_heads=c['heads'], head_dim=c['head_dim'],
-      num_kv_heads=c['kv_heads'], rope_theta=1_000_000, norm_eps=1e-6)
-  mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
-  with jax.set_mesh(mesh):
-    model = qwen3_lib.Qwen3(config, rngs=nnx.Rngs(0))
-  # Tunix initialises MLP kernels to zero (it expects a checkpoint): re-draw them.
-  key = jax.random.key(1)
-  for layer in model.layers:
-    for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-      key, sub = jax.random.split(key)
-      kernel = proj.kernel[...]
-      proj.kernel[...] = 0.02 * jax.random.normal(sub, kernel.shape, kernel.dtype)
+  model, mesh = random_tunix_qwen3(c)
 
   rollout = base_rollout.RolloutConfig(
       max_tokens_to_generate=NEW_TOKENS, max_prompt_length=PROMPT_LEN, temperature=1.0,

@@ -1,0 +1,28 @@
+"""The peer's model for the side-by-side benchmarks: a random-init Tunix Qwen3 of the benchmark
+config. Imported only inside the Tunix worker (its own venv); nothing of Tunix is copied here."""
+from __future__ import annotations
+
+
+def random_tunix_qwen3(c: dict):
+  """(model, mesh) for config dict c (vocab, hidden, layers, heads, kv_heads, head_dim,
+  intermediate). A 1x1 ('fsdp', 'tp') mesh with Auto axes (jax 0.10's Explicit default breaks
+  Tunix's embedding lookup); MLP kernels re-drawn, since Tunix initialises them to zero."""
+  import jax
+  from flax import nnx
+  from jax.sharding import AxisType
+  from tunix.models.qwen3 import model as qwen3_lib
+
+  config = qwen3_lib.ModelConfig(
+      num_layers=c['layers'], vocab_size=c['vocab'], embed_dim=c['hidden'],
+      hidden_dim=c['intermediate'], num_heads=c['heads'], head_dim=c['head_dim'],
+      num_kv_heads=c['kv_heads'], rope_theta=1_000_000, norm_eps=1e-6)
+  mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
+  with jax.set_mesh(mesh):
+    model = qwen3_lib.Qwen3(config, rngs=nnx.Rngs(0))
+  key = jax.random.key(1)
+  for layer in model.layers:
+    for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+      key, sub = jax.random.split(key)
+      kernel = proj.kernel[...]
+      proj.kernel[...] = 0.02 * jax.random.normal(sub, kernel.shape, kernel.dtype)
+  return model, mesh
