@@ -76,35 +76,16 @@ def _ours_worker(mode: str):
   return run
 
 
-class _WordTokenizer:
-  """Ids as words 'w<id>'; the duck-typed interface Tunix's TokenizerAdapter accepts."""
-
-  def encode(self, text: str, **_) -> list[int]:
-    return [int(w[1:]) for w in text.split()]
-
-  def decode(self, ids, **_) -> str:
-    return ' '.join(f'w{int(i)}' for i in ids)
-
-  def bos_id(self) -> int:
-    return 1
-
-  def eos_id(self) -> int:
-    return 2
-
-  def pad_id(self) -> int:
-    return 0
-
-
 def _tunix_worker():
   import jax
   from tunix.generate import sampler as sampler_lib
 
-  from benchmarks.tunix_model import random_tunix_qwen3
+  from benchmarks.tunix_model import WordTokenizer, random_tunix_qwen3
   c = CONFIG
   model, mesh = random_tunix_qwen3(c)
   cache = sampler_lib.CacheConfig(cache_size=PROMPT_LEN + NEW_TOKENS, num_layers=c['layers'],
                                   num_kv_heads=c['kv_heads'], head_dim=c['head_dim'])
-  sampler = sampler_lib.Sampler(model, _WordTokenizer(), cache)
+  sampler = sampler_lib.Sampler(model, WordTokenizer(), cache)
   # The sampler prepends BOS, so 15 words make a 16-token prompt.
   prompts = [' '.join(f'w{i}' for i in ids[1:]) for ids in _prompt_ids()]
 

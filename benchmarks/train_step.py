@@ -147,25 +147,6 @@ def _emit(obj: dict):
 # Tunix worker
 # ---------------------------------------------------------------------------------------------
 
-class _WordTokenizer:
-  """Ids as words 'w<id>'; the duck-typed interface Tunix's TokenizerAdapter accepts."""
-
-  def encode(self, text: str, **_) -> list[int]:
-    return [int(w[1:]) for w in text.split()]
-
-  def decode(self, ids, **_) -> str:
-    return ' '.join(f'w{int(i)}' for i in ids)
-
-  def bos_id(self) -> int:
-    return BOS
-
-  def eos_id(self) -> int:
-    return 2
-
-  def pad_id(self) -> int:
-    return PAD
-
-
 def run_tunix():
   """GrpoLearner.train pulls batches from a generator; each pull after the first two (warm-up)
   reports the previous step's timings and waits for the orchestrator's next 'run' line."""
@@ -177,7 +158,7 @@ def run_tunix():
   from tunix.rl.grpo import grpo_learner
   from tunix.rl.rollout import base_rollout
 
-  from benchmarks.tunix_model import random_tunix_qwen3
+  from benchmarks.tunix_model import WordTokenizer, random_tunix_qwen3
   c = CONFIG
   model, mesh = random_tunix_qwen3(c)
 
@@ -191,7 +172,7 @@ def run_tunix():
                                              pbar_description=None)
   role = rl_cluster_lib.Role
   cluster = rl_cluster_lib.RLCluster(
-      actor=model, reference=None, tokenizer=_WordTokenizer(),
+      actor=model, reference=None, tokenizer=WordTokenizer(),
       cluster_config=rl_cluster_lib.ClusterConfig(
           role_to_mesh={role.ACTOR: mesh, role.REFERENCE: mesh, role.ROLLOUT: mesh},
           rollout_engine='vanilla', offload_to_cpu=False, training_config=training,

@@ -1,5 +1,5 @@
-"""The peer's model for the side-by-side benchmarks: a random-init Tunix Qwen3 of the benchmark
-config. Imported only inside the Tunix worker (its own venv); nothing of Tunix is copied here."""
+"""The peer's side of the benchmarks: a random-init Tunix Qwen3 of the benchmark config and a word
+tokenizer. Imported only inside the Tunix worker (its own venv); nothing of Tunix is copied here."""
 from __future__ import annotations
 
 
@@ -26,3 +26,23 @@ def random_tunix_qwen3(c: dict):
       kernel = proj.kernel[...]
       proj.kernel[...] = 0.02 * jax.random.normal(sub, kernel.shape, kernel.dtype)
   return model, mesh
+
+
+class WordTokenizer:
+  """Ids as words 'w<id>' (ids 0 pad, 1 BOS, 2 EOS); the duck-typed interface Tunix's
+  TokenizerAdapter accepts, so both sides see the same token ids."""
+
+  def encode(self, text: str, **_) -> list[int]:
+    return [int(w[1:]) for w in text.split()]
+
+  def decode(self, ids, **_) -> str:
+    return ' '.join(f'w{int(i)}' for i in ids)
+
+  def bos_id(self) -> int:
+    return 1
+
+  def eos_id(self) -> int:
+    return 2
+
+  def pad_id(self) -> int:
+    return 0
