@@ -17,7 +17,10 @@ strings and returns host lists). Reported per sampler: wall-clock median / min /
 from the median, the ratio to Tunix's tokens/s, the median over repetitions of the ratio of
 back-to-back runs (each pair sees about the same load from other jobs), the median process CPU
 time of a run (also less sensitive to other jobs), and compile time (first call minus median).
-`--ours` adds copd_jax variants: 'model-scan' / 'model-unrolled' decode through
+`--model qwen3-0.6b --batch 256 --dtype bfloat16` is the accelerator workload (run by
+benchmarks/gpu_check.sh), with the fraction of the memory-bandwidth roofline reached
+(`weight_and_cache_bytes` over the median time, against --peak-gbps or the datasheet figure of
+the device kind). `--ours` adds copd_jax variants: 'model-scan' / 'model-unrolled' decode through
 `Qwen3.hidden_states` with scan_layers True / False instead of the default 'layerwise' path.
 """
 from __future__ import annotations
@@ -32,26 +35,47 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.workers import Worker  # noqa: E402
 
-CONFIG = dict(vocab=256, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
-              intermediate=768)
-BATCH, PROMPT_LEN, NEW_TOKENS = 64, 16, 48
+# Model shapes: 'tiny' is the issue's CPU workload; 'qwen3-0.6b' its accelerator workload.
+MODELS = {
+    'tiny': dict(vocab=256, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
+                 intermediate=768, tied=False),
+    'qwen3-0.6b': dict(vocab=151936, hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
+                       intermediate=3072, tied=True),
+}
+PROMPT_LEN, NEW_TOKENS = 16, 48
 OURS_MODES = ('layerwise', 'model-scan', 'model-unrolled')
+# HBM bandwidth per device, GB/s (vendor datasheets), matched against jax's device_kind.
+PEAK_GBPS = (('H200', 4800.0), ('H100 PCIe', 2000.0), ('H100', 3350.0), ('A100', 2039.0))
 
 
-def _prompt_ids(seed: int = 0) -> list[list[int]]:
-  """64 prompts of 16 ids in [3, vocab); ids 0..2 are pad / bos / unused."""
+def _prompt_ids(vocab: int, batch: int, seed: int = 0) -> list[list[int]]:
+  """`batch` prompts of 16 ids in [3, vocab); ids 0..2 are pad / bos / unused."""
   import random
   rng = random.Random(seed)
-  return [[rng.randrange(3, CONFIG['vocab']) for _ in range(PROMPT_LEN)] for _ in range(BATCH)]
+  return [[rng.randrange(3, vocab) for _ in range(PROMPT_LEN)] for _ in range(batch)]
+
+
+def weight_and_cache_bytes(c: dict, batch: int, dtype_bytes: int) -> int:
+  """HBM bytes one sampler call must move at least (both samplers attend over the whole
+  preallocated cache each step): every decode step reads the matmul weights (the embedding
+  table as the tied head) and the K/V cache of P + N slots; the prefill reads the weights once.
+  Activations and logits are ignored, so this bounds the roofline fraction from above."""
+  h, L, hd = c['hidden'], c['layers'], c['head_dim']
+  per_layer = h * hd * (2 * c['heads'] + 2 * c['kv_heads']) + 3 * h * c['intermediate']
+  weights = (L * per_layer + c['vocab'] * h) * dtype_bytes
+  slots = PROMPT_LEN + NEW_TOKENS
+  cache = 2 * L * batch * c['kv_heads'] * hd * slots * dtype_bytes
+  return (NEW_TOKENS + 1) * weights + NEW_TOKENS * cache
 
 
 # ---------------------------------------------------------------------------------------------
 # Workers: each returns (setup, run) where run(rep) -> generated tokens (for a sanity check)
 # ---------------------------------------------------------------------------------------------
 
-def _ours_worker(mode: str):
+def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   """mode: 'layerwise', 'model-scan' or 'model-unrolled' (sampling.DECODE_MODE, scan_layers)."""
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from flax import nnx
   from copd_jax import sampling
@@ -59,13 +83,14 @@ def _ours_worker(mode: str):
   from copd_jax.scoring import split_model
 
   sampling.DECODE_MODE = 'layerwise' if mode == 'layerwise' else 'model'
-  c = CONFIG
   config = Qwen3Config(vocab_size=c['vocab'], hidden_size=c['hidden'], num_layers=c['layers'],
                        num_heads=c['heads'], num_kv_heads=c['kv_heads'], head_dim=c['head_dim'],
-                       intermediate_size=c['intermediate'])
-  model = Qwen3(config, rngs=nnx.Rngs(0), scan_layers=mode != 'model-unrolled')
+                       intermediate_size=c['intermediate'], tie_word_embeddings=c['tied'])
+  dtype = jnp.dtype(dtype_name)
+  model = Qwen3(config, rngs=nnx.Rngs(0), scan_layers=mode != 'model-unrolled',
+                param_dtype=dtype, compute_dtype=dtype)
   graphdef, params = split_model(model)
-  tokens, valid = sampling.pad_prompts(_prompt_ids(), PROMPT_LEN, pad_id=0)
+  tokens, valid = sampling.pad_prompts(_prompt_ids(c['vocab'], batch), PROMPT_LEN, pad_id=0)
   params_spec = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0)
   eos = (c['vocab'],)   # never sampled: every row runs the full length
 
@@ -76,18 +101,18 @@ def _ours_worker(mode: str):
   return run
 
 
-def _tunix_worker():
+def _tunix_worker(c: dict, batch: int, dtype_name: str):
   import jax
+  import jax.numpy as jnp
   from tunix.generate import sampler as sampler_lib
 
   from benchmarks.tunix_model import WordTokenizer, random_tunix_qwen3
-  c = CONFIG
-  model, mesh = random_tunix_qwen3(c)
+  model, mesh = random_tunix_qwen3(c, jnp.dtype(dtype_name))
   cache = sampler_lib.CacheConfig(cache_size=PROMPT_LEN + NEW_TOKENS, num_layers=c['layers'],
                                   num_kv_heads=c['kv_heads'], head_dim=c['head_dim'])
   sampler = sampler_lib.Sampler(model, WordTokenizer(), cache)
   # The sampler prepends BOS, so 15 words make a 16-token prompt.
-  prompts = [' '.join(f'w{i}' for i in ids[1:]) for ids in _prompt_ids()]
+  prompts = [' '.join(f'w{i}' for i in ids[1:]) for ids in _prompt_ids(c['vocab'], batch)]
 
   def run(rep: int) -> int:
     with jax.set_mesh(mesh):
@@ -97,16 +122,18 @@ def _tunix_worker():
   return run
 
 
-def worker_main(kind: str):
+def worker_main(kind: str, model: str, batch: int, dtype: str):
   """Compiles (first call, timed), then answers 'run <rep>' lines with JSON timings."""
   start = time.perf_counter()
-  run = _tunix_worker() if kind == 'tunix' else _ours_worker(kind)
+  c = MODELS[model]
+  run = _tunix_worker(c, batch, dtype) if kind == 'tunix' else _ours_worker(kind, c, batch, dtype)
   build_s = time.perf_counter() - start
   start = time.perf_counter()
   n = run(-1)
   first_s = time.perf_counter() - start
-  print(json.dumps({'ready': True, 'build_s': build_s, 'first_call_s': first_s, 'tokens': n}),
-        flush=True)
+  import jax
+  print(json.dumps({'ready': True, 'build_s': build_s, 'first_call_s': first_s, 'tokens': n,
+                    'device_kind': jax.devices()[0].device_kind}), flush=True)
   for line in sys.stdin:
     rep = int(line.split()[1])
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -121,9 +148,11 @@ def worker_main(kind: str):
 
 def orchestrate(args) -> dict:
   me = os.path.abspath(__file__)
-  specs = [(mode, [sys.executable, me, '--worker', mode]) for mode in args.ours.split(',')]
+  workload = ['--model', args.model, '--batch', str(args.batch), '--dtype', args.dtype]
+  specs = [(mode, [sys.executable, me, '--worker', mode, *workload])
+           for mode in args.ours.split(',')]
   if args.peer_python:
-    specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix']))
+    specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix', *workload]))
   workers, setup = [], {}
   for name, argv in specs:   # built one after the other so compiles do not overlap
     worker = Worker(name, argv)
@@ -135,7 +164,7 @@ def orchestrate(args) -> dict:
     order = workers if rep % 2 == 0 else workers[::-1]
     for worker in order:
       result = worker.run(rep)
-      expected = BATCH * NEW_TOKENS
+      expected = args.batch * NEW_TOKENS
       if result['tokens'] != expected:
         raise RuntimeError(f'{worker.name} generated {result["tokens"]} tokens, not {expected}')
       times[worker.name].append(result['seconds'])
@@ -146,10 +175,18 @@ def orchestrate(args) -> dict:
   for name, ts in times.items():
     median = statistics.median(ts)
     summary[name] = {'median_s': median, 'min_s': min(ts), 'max_s': max(ts),
-                     'tokens_per_s': BATCH * NEW_TOKENS / median,
+                     'tokens_per_s': args.batch * NEW_TOKENS / median,
                      'compile_s': setup[name]['first_call_s'] - median,
                      'cpu_median_s': statistics.median(cpu_times[name]),
                      'first_call_s': setup[name]['first_call_s'], 'runs_s': ts}
+  dtype_bytes = 2 if args.dtype == 'bfloat16' else 4
+  moved = weight_and_cache_bytes(MODELS[args.model], args.batch, dtype_bytes)
+  for name in summary:
+    kind = setup[name]['device_kind']
+    peak = args.peak_gbps or next((g for n, g in PEAK_GBPS if n.lower() in kind.lower()), None)
+    summary[name].update(device_kind=kind, min_bytes=moved, peak_gbps=peak,
+                         roofline_fraction=moved / summary[name]['median_s'] / (peak * 1e9)
+                         if peak else None)
   if 'tunix' in times:   # pairs of back-to-back runs see about the same machine load
     for name, ts in times.items():
       summary[name]['paired_ratio'] = statistics.median(
@@ -160,15 +197,16 @@ def orchestrate(args) -> dict:
 def print_table(summary: dict):
   tunix = summary.get('tunix')
   print('| sampler | median s | min s | max s | tokens/s | vs tunix | paired vs tunix | '
-        'CPU s (median) | compile s |')
-  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+        'CPU s (median) | compile s | roofline |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
   for name, s in summary.items():
     ratio = f'{s["tokens_per_s"] / tunix["tokens_per_s"]:.2f}x' if tunix else '-'
     paired = f'{s["paired_ratio"]:.2f}x' if tunix else '-'
     label = name if name == 'tunix' else f'copd_jax ({name})'
+    roofline = f'{100 * s["roofline_fraction"]:.0f}%' if s['roofline_fraction'] else 'n/a'
     print(f'| {label} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | {s["max_s"]:.3f} | '
           f'{s["tokens_per_s"]:.0f} | {ratio} | {paired} | {s["cpu_median_s"]:.3f} | '
-          f'{s["compile_s"]:.2f} |')
+          f'{s["compile_s"]:.2f} | {roofline} |')
 
 
 def machine_line() -> str:
@@ -192,11 +230,17 @@ def main():
   parser.add_argument('--ours', default='layerwise',
                       help='comma-separated copd_jax variants: layerwise (the default sampler), '
                            'model-scan, model-unrolled (decode through Qwen3.hidden_states)')
+  parser.add_argument('--model', choices=sorted(MODELS), default='tiny')
+  parser.add_argument('--batch', type=int, default=64, help='prompts per call')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='parameter and compute dtype, both samplers')
+  parser.add_argument('--peak-gbps', type=float, default=None,
+                      help='memory bandwidth for the roofline (default: from the device kind)')
   parser.add_argument('--json', default='', help='also write the summary to this file')
   parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix'], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker)
+    worker_main(args.worker, args.model, args.batch, args.dtype)
     return
   print('before:', machine_line())
   summary = orchestrate(args)

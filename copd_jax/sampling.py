@@ -187,6 +187,7 @@ class _LayerCaches(NamedTuple):
 class _Weights(NamedTuple):
   params: Any            # the model's nnx.State
   layers: Any            # per-layer weight dicts ('layerwise'), sliced once per call; or None
+  head: Any              # the output projection in the compute dtype ('layerwise'); or None
 
 
 class _Forward:
@@ -208,11 +209,17 @@ class _Forward:
 
   def prepare(self, params) -> _Weights:
     if self.mode == 'model':
-      return _Weights(params, None)
+      return _Weights(params, None, None)
     model = nnx.merge(self.graphdef, params)
+    dtype = model.compute_dtype
+    # Matmul weights are cast to the compute dtype here, once per call, instead of in every
+    # decode step (fp32 master weights with bf16 compute would otherwise be read at 4 bytes per
+    # parameter per token). Same values: the decoder block casts them the same way; norm scales
+    # are read in their own dtype there, so they stay as they are.
     stacked = model.layers.as_dict()
-    return _Weights(params, [{name: w[i] for name, w in stacked.items()}
-                             for i in range(model.config.num_layers)])
+    layers = [{name: w[i] if 'norm' in name else w[i].astype(dtype)
+               for name, w in stacked.items()} for i in range(model.config.num_layers)]
+    return _Weights(params, layers, model.head_weight())
 
   def empty_cache(self, weights: _Weights, batch: int, slots: int):
     model = nnx.merge(self.graphdef, weights.params)
@@ -242,7 +249,7 @@ class _Forward:
       vs.append(v)
     h = qwen3.rms_norm(h[:, -1:], model.final_norm[...], c.rms_norm_eps)
     cache = _LayerCaches(tuple(ks), tuple(vs), valid, cache.index + tokens.shape[1])
-    return model.logits(h)[:, 0], cache
+    return qwen3.head_logits(h, weights.head, c.tie_word_embeddings)[:, 0], cache
 
 
 class _LoopState(NamedTuple):

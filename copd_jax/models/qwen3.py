@@ -203,12 +203,20 @@ class Qwen3(nnx.Module):
       cache = KVCache(k_all, v_all, valid, cache.index + T)
     return rms_norm(h, self.final_norm[...], c.rms_norm_eps), cache
 
+  def head_weight(self) -> jax.Array:
+    """The output projection in the compute dtype: the embedding [V, D] when tied, else the
+    head [D, V]."""
+    w = self.embed if self.config.tie_word_embeddings else self.lm_head
+    return w[...].astype(self.compute_dtype)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
-    if self.config.tie_word_embeddings:
-      w = self.embed[...].astype(self.compute_dtype)
-      return jnp.einsum('btd,vd->btv', hidden, w, preferred_element_type=jnp.float32)
-    w = self.lm_head[...].astype(self.compute_dtype)
-    return jnp.einsum('btd,dv->btv', hidden, w, preferred_element_type=jnp.float32)
+    return head_logits(hidden, self.head_weight(), self.config.tie_word_embeddings)
+
+
+def head_logits(hidden: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
+  """fp32 logits [B, T, V] of hidden [B, T, D] through `Qwen3.head_weight()`."""
+  spec = 'btd,vd->btv' if tied else 'btd,dv->btv'
+  return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
 
 
 def _over_layers(body, carry, xs, num_layers: int, scan: bool):
