@@ -12,13 +12,15 @@ decoding the rest: the merge streams tensor by tensor and inference loads a sing
 
 A params-only checkpoint (the merge output) is a folder with items 'params' (the pure-dict
 parameter tree of one model) and 'meta', plus an optional bundled 'tokenizer/' folder.
+
+Every path may be local or remote (gs://...): see copd_jax/storage.py for what each guarantees.
+On a remote path a params-only checkpoint counts only once its completion marker is written.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
-import os
 import shutil
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -29,8 +31,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from flax import nnx
-from safetensors import safe_open
 
+from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
@@ -60,8 +62,8 @@ def run_meta(*, cycle: int, phase: str, step: int, model_config: Qwen3Config,
   (Grain's `get_state()` bytes decoded to str); extra: further JSON-able fields."""
   return {'cycle': int(cycle), 'phase': phase, 'step': int(step),
           META_MODEL_CONFIG: dataclasses.asdict(model_config),
-          META_TOKENIZER_DIR: os.path.abspath(tokenizer_dir) if tokenizer_dir else None,
-          META_BASE_PARAMS: os.path.abspath(base_params) if base_params else None,
+          META_TOKENIZER_DIR: storage.resolve(tokenizer_dir) if tokenizer_dir else None,
+          META_BASE_PARAMS: storage.resolve(base_params) if base_params else None,
           'config': _plain_dict(config), 'data_state': dict(data_state or {}), **extra}
 
 
@@ -146,8 +148,8 @@ class RunCheckpointer:
                read_only: bool = False):
     if keep_last < 1:
       raise ValueError(f'keep_last must be >= 1, got {keep_last}')
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINTS_SUBDIR)
+    self.workdir = storage.resolve(workdir)
+    self.directory = storage.join(self.workdir, CHECKPOINTS_SUBDIR)
     self.read_only = read_only
     self._policy = _RunPreservation(keep_last, set(), keep_fn)
     policies = ocp.checkpoint_managers
@@ -158,7 +160,7 @@ class RunCheckpointer:
         save_decision_policy=save_policy, preservation_policy=self._policy,
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         cleanup_tmp_directories=not read_only)
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not storage.is_dir(self.directory):
       raise CheckpointError(f'{self.directory}: no checkpoints directory')
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -245,11 +247,11 @@ class RunCheckpointer:
 
   def _set_aside(self, steps: Sequence[int]) -> None:
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-    target = os.path.join(self.workdir, UNREADABLE_SUBDIR)
-    os.makedirs(target, exist_ok=True)
+    target = storage.join(self.workdir, UNREADABLE_SUBDIR)
+    storage.makedirs(target)
     for s in steps:
-      dest = os.path.join(target, f'{s}-{stamp}')
-      os.replace(self._step_dir(s), dest)
+      dest = storage.join(target, f'{s}-{stamp}')
+      storage.move(self._step_dir(s), dest)
       warnings.warn(f'moved unreadable checkpoint step {s} to {dest}', stacklevel=3)
     self._manager.reload()
 
@@ -274,7 +276,7 @@ def _first_line(e: BaseException) -> str:
 
 def read_meta(checkpoint_dir: str) -> dict[str, Any]:
   """The 'meta' item of a run step folder or a params-only checkpoint folder."""
-  path = os.path.join(checkpoint_dir, META)
+  path = storage.join(checkpoint_dir, META)
   try:
     return dict(ocp.JsonCheckpointHandler().restore(epath.Path(path), ocp.args.JsonRestore()))
   except FileNotFoundError:
@@ -290,40 +292,38 @@ def read_meta(checkpoint_dir: str) -> dict[str, Any]:
 _PARAMS_DATA_FILE_BYTES = 32 * 2**20
 
 
-def _tmp_sibling(out_dir: str) -> str:
-  out_dir = os.path.abspath(out_dir)
-  return os.path.join(os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.tmp-{os.getpid()}')
-
-
 def save_params_checkpoint(out_dir: str, params: Mapping[str, Any], meta: Mapping[str, Any], *,
                            tokenizer_dir: str | None = None, overwrite: bool = False) -> None:
   """Writes one model's pure-dict params + meta (+ a copy of tokenizer_dir's files) to out_dir.
 
-  Built under a temporary sibling name and renamed into place, so an interrupted write never
-  leaves a complete-looking checkpoint."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
+  Written with `storage.publish_dir`: locally built under a temporary sibling and renamed into
+  place, remotely written in place with a completion marker last; either way an interrupted write
+  never leaves a checkpoint that reads as complete."""
+  out_dir = storage.resolve(out_dir)
+  if storage.exists(out_dir) and not overwrite:
     raise CheckpointError(f'{out_dir}: already exists (remove it or choose another --out)')
   _check_json(meta)
-  tmp = _tmp_sibling(out_dir)
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   # Small OCDBT data files: the writer buffers a whole data file in memory before flushing it.
   save = ocp.args.PyTreeSave(params, chunked_save_args(params),
                              ocdbt_target_data_file_size=_PARAMS_DATA_FILE_BYTES)
   args = ocp.args.Composite(**{PARAMS: save, META: ocp.args.JsonSave(dict(meta))})
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(epath.Path(tmp), args=args)
-  if tokenizer_dir:
-    dest = os.path.join(tmp, TOKENIZER_SUBDIR)
-    os.makedirs(dest)
-    for name in hf_io.TOKENIZER_FILES:
-      src = os.path.join(tokenizer_dir, name)
-      if os.path.isfile(src):
-        shutil.copy(src, dest)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
+
+  def build(folder: str) -> None:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(epath.Path(folder), args=args)
+    if tokenizer_dir:
+      dest = storage.join(folder, TOKENIZER_SUBDIR)
+      storage.makedirs(dest)
+      for name in hf_io.TOKENIZER_FILES:
+        src = storage.join(tokenizer_dir, name)
+        if not storage.is_file(src):
+          continue
+        if storage.is_remote(src) or storage.is_remote(dest):
+          storage.copy_file(src, storage.join(dest, name))
+        else:
+          shutil.copy(src, dest)
+
+  storage.publish_dir(out_dir, build)
 
 
 def load_params_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -464,7 +464,7 @@ class ParamsSource:
     file = self._hf_files.get(name)
     if file is None:
       raise CheckpointError(f'{self.path}: missing tensor {name}')
-    with safe_open(file, framework='numpy') as f:
+    with hf_io.open_safetensors(file) as f:
       return np.asarray(f.get_tensor(name)).astype(np.float32)
 
 
@@ -485,20 +485,20 @@ def _orbax_arrays(item_dir: str, subtree: str | None, where: str):
 
 
 def _bundled_tokenizer(checkpoint_dir: str, meta: Mapping[str, Any]) -> str | None:
-  bundled = os.path.join(checkpoint_dir, TOKENIZER_SUBDIR)
-  if os.path.isdir(bundled) and os.listdir(bundled):
+  bundled = storage.join(checkpoint_dir, TOKENIZER_SUBDIR)
+  if storage.is_dir(bundled) and storage.listdir(bundled):
     return bundled
   return meta.get(META_TOKENIZER_DIR)
 
 
 def _has_tokenizer(folder: str) -> bool:
-  return any(os.path.isfile(os.path.join(folder, f))
+  return any(storage.is_file(storage.join(folder, f))
              for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.json'))
 
 
 def latest_step_dir(workdir: str) -> str:
   """The newest committed step folder of a run workdir."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
+  directory = storage.join(storage.resolve(workdir), CHECKPOINTS_SUBDIR)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       read_only=True, create=False))
   step = manager.latest_step()
@@ -511,10 +511,10 @@ def latest_step_dir(workdir: str) -> str:
 def open_source(path: str) -> ParamsSource:
   """A ParamsSource for a HF folder, a run workdir (its newest checkpoint), a run step folder or
   a params-only checkpoint."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = storage.resolve(path)
+  if not storage.is_dir(path):
     raise CheckpointError(f'{path}: no such directory')
-  if os.path.isfile(os.path.join(path, 'config.json')):
+  if storage.is_file(storage.join(path, 'config.json')):
     config = hf_io.read_config(path)
     abstract = _abstract_params(config)
     source = ParamsSource(path, 'hf', config, path if _has_tokenizer(path) else None, {},
@@ -522,18 +522,21 @@ def open_source(path: str) -> ParamsSource:
                           jax.tree.map(lambda s: np.dtype(np.float32), abstract))
     source._hf_files = hf_io.tensor_files(path)
     return source
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
+  if storage.is_dir(storage.join(path, CHECKPOINTS_SUBDIR)):
     path = latest_step_dir(path)
-  if os.path.isdir(os.path.join(path, STATE)):
+  if storage.is_dir(storage.join(path, STATE)):
     kind, item, subtree = 'run', STATE, PARAMS
-  elif os.path.isdir(os.path.join(path, PARAMS)):
+  elif storage.is_dir(storage.join(path, PARAMS)):
     kind, item, subtree = 'params', PARAMS, None
+    if not storage.is_complete(path):
+      raise CheckpointError(f'{path}: incomplete params checkpoint (no {storage.COMPLETE_MARKER}:'
+                            ' its write was interrupted; write it again)')
   else:
     raise CheckpointError(f'{path}: not a checkpoint (expected config.json, checkpoints/, '
                           f'{STATE}/ or {PARAMS}/ inside)')
   meta = read_meta(path)
-  config = model_config_from_meta(meta, os.path.join(path, META))
-  arrays, use_zarr3, use_ocdbt = _orbax_arrays(os.path.join(path, item), subtree, path)
+  config = model_config_from_meta(meta, storage.join(path, META))
+  arrays, use_zarr3, use_ocdbt = _orbax_arrays(storage.join(path, item), subtree, path)
   drop = 1 if kind == 'run' else 0
   shapes, dtypes, branches = {}, {}, set()
   for p, a in arrays.items():

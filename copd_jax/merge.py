@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import zlib
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 
 from copd_jax import checkpoint as ckpt
+from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3Config
@@ -204,14 +204,13 @@ def resolve_models(inputs: str | Sequence[str]) -> list[MergeModel]:
 
 
 def _tokenizer_digest(folder: str) -> dict[str, str]:
-  if not os.path.isdir(folder):
+  if not storage.is_dir(folder):
     raise MergeError(f'tokenizer_dir {folder}: does not exist')
   digest = {}
   for name in hf_io.TOKENIZER_FILES:
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
-      with open(path, 'rb') as f:
-        digest[name] = hashlib.sha256(f.read()).hexdigest()
+    path = storage.join(folder, name)
+    if storage.is_file(path):
+      digest[name] = hashlib.sha256(storage.read_bytes(path)).hexdigest()
   return digest
 
 
@@ -329,12 +328,13 @@ def merge_checkpoints(inputs: str | Sequence[str], method: str = 'mean', *,
                       lam: float = 1.0, density: float = 0.2, seed: int = 0,
                       out: str | None = None, overwrite: bool = False) -> MergeResult:
   """Merges the models named by `inputs` (a run workdir or checkpoint: all its branches; or a
-  list of PATH[:BRANCH]) and, with `out`, writes a params-only checkpoint there.
+  list of PATH[:BRANCH]) and, with `out`, writes a params-only checkpoint there. Any path may be
+  local or remote (gs://...).
 
   base: theta_0 (HF folder or params-only checkpoint) for task_arithmetic / ties / dare;
   defaults to the base_params recorded in the run's meta."""
   recipe = MergeRecipe(method, tuple(weights) if weights else None, lam, density, seed)
-  if out is not None and os.path.exists(out) and not overwrite:
+  if out is not None and storage.exists(out) and not overwrite:
     raise MergeError(f'--out {out}: already exists (remove it or choose another --out)')
   models = resolve_models(inputs)
   if recipe.method == 'weighted':

@@ -15,10 +15,12 @@ log-prob of the student's sampled token.
 from __future__ import annotations
 
 import json
-import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
+
+from copd_jax import storage
 
 
 def masked_mean(x, mask) -> float:
@@ -55,52 +57,85 @@ class MetricsLog:
   """Appends scalar metrics to <workdir>/metrics.jsonl and TensorBoard event files.
 
   On resume, lines at or after the resumed step are dropped first, so the file always equals
-  that of an uninterrupted run.
+  that of an uninterrupted run. The workdir may be remote (gs://...): object stores cannot append,
+  so there the log is kept in memory and uploaded whole (one atomic object write) at most every
+  `flush_secs`, on `flush()` and on `close()`; call `flush()` before saving a checkpoint so a
+  resume never misses lines before its step. TensorBoard writes remote URLs itself
+  (tensorboardX: gs:// needs google-cloud-storage); tensorboard=False turns it off.
   """
 
-  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True,
+               tensorboard: bool = True, flush_secs: float = 60.0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = storage.join(storage.resolve(workdir), 'metrics.jsonl')
+    self.remote = storage.is_remote(self.path)
+    self.flush_secs = flush_secs
+    self._lines: list[str] = []   # remote: the whole file
+    self._dirty = False
+    self._last_flush = time.monotonic()
     self._writer = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if resume_step is not None and os.path.exists(self.path):
+    storage.makedirs(storage.parent(self.path))
+    exists = storage.exists(self.path)
+    if resume_step is not None and exists:
       self._truncate_from(resume_step)
-    elif resume_step is None and os.path.exists(self.path):
-      os.remove(self.path)
-    from tensorboardX import SummaryWriter
-    self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=10)
+    elif resume_step is None and exists:
+      storage.rmtree(self.path)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(storage.join(storage.parent(self.path), 'tensorboard'),
+                                   flush_secs=10)
 
   def _truncate_from(self, step: int) -> None:
     kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          break  # a torn last line from a kill
-        if record.get('step', -1) < step:
-          kept.append(line if line.endswith('\n') else line + '\n')
-    with open(self.path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(self.path + '.tmp', self.path)  # a kill mid-rewrite keeps the old file
+    for line in storage.read_text(self.path).splitlines(keepends=True):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break  # a torn last line from a kill
+      if record.get('step', -1) < step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    # Local: temporary file + os.replace, so a kill mid-rewrite keeps the old file; remote: one
+    # object upload, which replaces the old object whole or not at all.
+    storage.write_text(self.path, ''.join(kept))
+    if self.remote:
+      self._lines = kept
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items() if v is not None}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **clean}, sort_keys=True) + '\n')
-    for key, value in clean.items():
-      if np.isfinite(value):
-        self._writer.add_scalar(key, value, step)
+    line = json.dumps({'step': step, **clean}, sort_keys=True) + '\n'
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+      if time.monotonic() - self._last_flush >= self.flush_secs:
+        self.flush()
+    else:
+      with open(self.path, 'a') as f:
+        f.write(line)
+    if self._writer is not None:
+      for key, value in clean.items():
+        if np.isfinite(value):
+          self._writer.add_scalar(key, value, step)
+
+  def flush(self) -> None:
+    """Makes every written line durable (remote: uploads the file; local lines already are)."""
+    if self.remote and self._dirty:
+      storage.write_text(self.path, ''.join(self._lines))
+      self._dirty = False
+    self._last_flush = time.monotonic()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
+    if self.enabled:
+      self.flush()
     if self._writer is not None:
       self._writer.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = storage.read_text(storage.join(storage.resolve(workdir), 'metrics.jsonl'))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

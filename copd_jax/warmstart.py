@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Sequence
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from copd_jax import storage
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
@@ -83,15 +83,14 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
 
 def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print) -> str:
   """Path of the warm-started base HF folder in `workdir`, trained now unless already cached with
-  the same settings."""
-  path = os.path.join(workdir, 'base')
+  the same settings. `workdir` may be remote (gs://...)."""
+  path = storage.join(storage.resolve(workdir), 'base')
   recipe = {'model': model_cfg.toy.to_dict(), 'warmstart': warm_cfg.to_dict(), 'seed': seed,
             'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
-  stamp = os.path.join(path, _STAMP)
-  if os.path.isfile(stamp):
+  stamp = storage.join(path, _STAMP)
+  if storage.is_file(stamp):
     try:
-      with open(stamp) as f:
-        cached = json.load(f)
+      cached = json.loads(storage.read_text(stamp))
     except (json.JSONDecodeError, UnicodeDecodeError):
       cached = None  # a torn stamp: train the base again
     if cached == recipe:
@@ -100,7 +99,7 @@ def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=p
   log(f'base model: warm-starting a character model on {len(pairs)} examples')
   config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
   hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
-  with open(stamp + '.tmp', 'w') as f:
-    json.dump(recipe, f)
-  os.replace(stamp + '.tmp', stamp)  # atomic: a kill leaves the old stamp or the new one
+  # Atomic (local: temporary file + os.replace; remote: one object upload): a kill leaves the
+  # old stamp or the new one.
+  storage.write_text(stamp, json.dumps(recipe))
   return path

@@ -3,14 +3,18 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from copd_jax.mesh import make_mesh, state_shardings
 from copd_jax.models import hf_io
+from copd_jax.models.qwen3 import Qwen3
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size, load_tokenizer
 from tests.hf_fixtures import TINY_CONFIGS, save_hf_model
 
@@ -91,24 +95,113 @@ def test_invalid_json_names_line(tmp_path):
     hf_io.read_config(str(src))
 
 
-def test_missing_tensor_is_named(tmp_path):
+def _fsdp_mesh():
+  return make_mesh({'branch': 1, 'fsdp': 4, 'tensor': 2})
+
+
+LOADERS = {'plain': lambda folder: hf_io.load_model(folder),
+           'sharded': lambda folder: hf_io.load_model(folder, mesh=_fsdp_mesh())}
+
+
+@pytest.mark.parametrize('loader', sorted(LOADERS))
+def test_missing_tensor_is_named(tmp_path, loader):
   src = _broken_copy(tmp_path)
   tensors = load_file(str(src / 'model.safetensors'))
   del tensors['model.layers.1.mlp.up_proj.weight']
   save_file(tensors, str(src / 'model.safetensors'), metadata={'format': 'pt'})
   with pytest.raises(hf_io.HFFormatError,
-                     match=r'model.safetensors: missing tensor model.layers.1.mlp.up_proj.weight'):
-    hf_io.load_model(str(src))
+                     match=r'model.safetensors: missing tensor model.layers.1.mlp.up_proj.weight$'):
+    LOADERS[loader](str(src))
 
 
-def test_shape_mismatch_is_named(tmp_path):
+@pytest.mark.parametrize('loader', sorted(LOADERS))
+def test_shape_mismatch_is_named(tmp_path, loader):
   src = _broken_copy(tmp_path)
   tensors = load_file(str(src / 'model.safetensors'))
   tensors['model.layers.0.self_attn.k_proj.weight'] = np.zeros((8, 48), np.float32)
   save_file(tensors, str(src / 'model.safetensors'), metadata={'format': 'pt'})
   with pytest.raises(hf_io.HFFormatError,
                      match=r'tensor model.layers.0.self_attn.k_proj.weight has shape \(8, 48\)'):
-    hf_io.load_model(str(src))
+    LOADERS[loader](str(src))
+
+
+@pytest.mark.parametrize('loader', sorted(LOADERS))
+def test_missing_shard_file_is_named(tmp_path, loader):
+  src = _broken_copy(tmp_path)
+  sharded = tmp_path / 'sharded'
+  params = hf_io.load_params(str(src))
+  hf_io.save_hf_folder(params, hf_io.read_config(str(src)), str(sharded), max_shard_bytes=20_000)
+  files = sorted(f for f in os.listdir(sharded) if f.endswith('.safetensors'))
+  assert len(files) > 2
+  os.remove(sharded / files[1])
+  with pytest.raises(hf_io.HFFormatError,
+                     match=rf'{files[1]}: missing safetensors shard \(needed for tensor [\w.]+\)$'):
+    LOADERS[loader](str(sharded))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading straight into shardings
+# ---------------------------------------------------------------------------------------------
+
+def _flat(tree, prefix=()):
+  for key in sorted(tree):
+    if isinstance(tree[key], dict):
+      yield from _flat(tree[key], prefix + (key,))
+    else:
+      yield prefix + (key,), tree[key]
+
+
+def test_sharded_load_gives_declared_shardings_and_plain_values(tmp_path):
+  src = tmp_path / 'src'
+  save_hf_model('untied_gqa2', src)
+  plain = hf_io.load_params(str(src))
+  config = hf_io.read_config(str(src))
+  abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+  shardings = state_shardings(nnx.state(abstract, nnx.Param), _fsdp_mesh())
+  loaded = hf_io.load_params_sharded(str(src), shardings)
+  declared = dict(_flat(nnx.to_pure_dict(shardings)))
+  values = dict(_flat(plain))
+  assert sorted(dict(_flat(loaded))) == sorted(values)
+  split = 0
+  for path, array in _flat(loaded):
+    assert isinstance(array, jax.Array) and array.sharding == declared[path], path
+    np.testing.assert_array_equal(np.asarray(array), values[path], err_msg=str(path))
+    shard_shape = array.sharding.shard_shape(array.shape)
+    assert all(s.data.shape == shard_shape for s in array.addressable_shards)
+    split += shard_shape != array.shape
+  # D over fsdp (4) and heads over tensor (2): q_proj [L, D, H, hd] is split 8 ways per device.
+  q = loaded['layers']['q_proj']
+  assert q.sharding.shard_shape(q.shape) == (2, 12, 2, 16)
+  assert split == 9  # every matrix (embed, lm_head, 7 per layer) split; the norms replicated
+
+
+def test_sharded_load_places_each_tensor_before_reading_the_next(tmp_path, monkeypatch):
+  src = tmp_path / 'src'
+  save_hf_model('tied_mqa', src)
+  events = []
+  real_get, real_place = hf_io._TensorReader.get, jax.make_array_from_callback
+  monkeypatch.setattr(hf_io._TensorReader, 'get',
+                      lambda self, name: events.append('read') or real_get(self, name))
+  monkeypatch.setattr(jax, 'make_array_from_callback',
+                      lambda *a, **k: events.append('place') or real_place(*a, **k))
+  config = hf_io.read_config(str(src))
+  abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+  shardings = state_shardings(nnx.state(abstract, nnx.Param), _fsdp_mesh())
+  hf_io.load_params_sharded(str(src), shardings)
+  # tied: embed, final_norm, then 11 per-layer tensors stacked over 3 layers.
+  assert events == ['read', 'place'] * 2 + (['read'] * 3 + ['place']) * 11
+
+
+def test_sharded_load_model_gives_the_same_logits(tmp_path):
+  src = tmp_path / 'src'
+  save_hf_model('untied_gqa2', src)
+  plain = hf_io.load_model(str(src))
+  sharded = hf_io.load_model(str(src), mesh=_fsdp_mesh())
+  q = nnx.state(sharded, nnx.Param)['layers']['q_proj'].get_value()
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 96, (2, 9)))
+  np.testing.assert_allclose(np.asarray(sharded(tokens)[0]), np.asarray(plain(tokens)[0]),
+                             atol=1e-5)
 
 
 def test_pickle_weights_are_refused(tmp_path):

@@ -6,11 +6,10 @@ checkpoint or a Hugging Face folder: that model. Prints a markdown table and sav
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
+from copd_jax import storage
 from copd_jax.config import ConfigError, load_config
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
@@ -28,9 +27,10 @@ def add_arguments(parser) -> None:
 
 def default_output(source) -> str:
   """<workdir>/eval_<step>.json for a run checkpoint, else <model folder>.eval.json."""
-  path = source.path.rstrip('/')
+  path = storage.resolve(source.path)
   if source.kind == 'run':
-    return os.path.join(os.path.dirname(os.path.dirname(path)), f'eval_{os.path.basename(path)}.json')
+    workdir = storage.parent(storage.parent(path))
+    return storage.join(workdir, f'eval_{storage.basename(path)}.json')
   return path + '.eval.json'
 
 
@@ -55,17 +55,17 @@ def run(args) -> int:
   named: list[tuple[str, dict]] = []
   if source.kind == 'run':
     base = source.meta.get(ckpt.META_BASE_PARAMS)
-    if base and os.path.isdir(base):
+    if base and storage.is_dir(base):
       named.append(('base', ckpt.open_source(base).read_all()))
     named += [(f'branch{k}', source.read_all(k)) for k in range(source.num_branches)]
     if args.merge_method != 'none' and source.num_branches > 1:
       merged = merge_checkpoints(args.checkpoint, args.merge_method)
       named.append((f'merged:{args.merge_method}', merged.params))
   else:
-    named.append((os.path.basename(source.path.rstrip('/')), source.read_all()))
+    named.append((storage.basename(source.path), source.read_all()))
   if not source.tokenizer_dir:
     raise ckpt.CheckpointError(f'{source.path}: no tokenizer recorded; cannot render prompts')
-  tokenizer = load_tokenizer(source.tokenizer_dir)
+  tokenizer = load_tokenizer(storage.local_copy(source.tokenizer_dir))
 
   model = nnx.eval_shape(lambda: Qwen3(source.model_config, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model)

@@ -5,7 +5,6 @@ that looks complete."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import checkpoint as ckpt
+from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3Config
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_out_dir(path: str, overwrite: bool, flag: str) -> None:
-  if os.path.exists(path) and not overwrite:
+  if storage.exists(path) and not overwrite:
     raise UserInputError(f'{flag} {path}: already exists (pass --overwrite to replace it)')
 
 
@@ -44,7 +44,7 @@ def write_hf_folder(params: dict[str, Any], config: Qwen3Config, tokenizer_dir: 
   if tokenizer_dir:
     from copd_jax.models.tokenizer import load_tokenizer  # imports transformers
     try:
-      tokenizer = load_tokenizer(tokenizer_dir)
+      tokenizer = load_tokenizer(storage.local_copy(tokenizer_dir))
     except FileNotFoundError as e:
       raise UserInputError(f'tokenizer_dir {tokenizer_dir}: {e}') from None
     for name in ('bos_token_id', 'eos_token_id', 'pad_token_id'):

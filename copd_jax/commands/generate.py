@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import jax
 
-from copd_jax import sampling
+from copd_jax import sampling, storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.tokenizer import load_tokenizer
@@ -26,8 +25,8 @@ class ModelPathError(UserInputError):
 
 def load_model_and_tokenizer(path: str, branch: int | None = None):
   """(Qwen3 module, tokenizer, tokenizer folder) from a model path: a Hugging Face folder, a
-  run workdir / step folder (with `branch`) or a merged checkpoint."""
-  if os.path.isfile(os.path.join(path, 'config.json')):
+  run workdir / step folder (with `branch`) or a merged checkpoint; local or remote (gs://)."""
+  if storage.is_file(storage.join(path, 'config.json')):
     model = hf_io.load_model(path)   # raises HFFormatError naming the file for a bad folder
     tokenizer_dir = path
   else:
@@ -43,7 +42,7 @@ def load_model_and_tokenizer(path: str, branch: int | None = None):
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
     nnx.update(model, state)
   try:
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(storage.local_copy(tokenizer_dir))
   except FileNotFoundError as e:
     raise ModelPathError(str(e)) from None
   return model, tokenizer, tokenizer_dir
@@ -55,12 +54,11 @@ def eos_ids_of(path: str, tokenizer) -> tuple[int, ...]:
   if tokenizer.eos_token_id is not None:
     ids.add(int(tokenizer.eos_token_id))
   for name in ('generation_config.json', 'config.json'):
-    file = os.path.join(path, name)
-    if not os.path.isfile(file):
+    file = storage.join(path, name)
+    if not storage.is_file(file):
       continue
     try:
-      with open(file) as f:
-        value = json.load(f).get('eos_token_id')
+      value = json.loads(storage.read_text(file)).get('eos_token_id')
     except json.JSONDecodeError as e:
       raise ModelPathError(f'{file}:{e.lineno}: invalid JSON: {e.msg}') from None
     if value is not None:

@@ -1,25 +1,36 @@
 """Hugging Face folders <-> copd_jax Qwen3 parameters.
 
 Reading streams tensor by tensor out of (possibly sharded) safetensors into preallocated stacked
-numpy arrays, so peak host memory is about one copy of the model. Only safetensors are read;
+numpy arrays, so peak host memory is about one copy of the model; `load_params_sharded` instead
+places each (layer-stacked) tensor on the devices with its sharding as soon as it is read, so the
+host holds about one stacked tensor and each device only its shards. Only safetensors are read;
 pickled `.bin` checkpoints are refused. Writing produces config.json + safetensors (sharded with
 an index above `max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Folders may be local or remote (gs://...; see copd_jax/storage.py). Remote safetensors are read
+with one ranged read per tensor; a remote export writes its files in place with config.json, then
+the completion marker, last.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
-from typing import Any, Callable, Iterator
+import struct
+import tempfile
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
+from copd_jax import mesh as mesh_lib
+from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 
@@ -39,14 +50,13 @@ class HFFormatError(UserInputError):
 # ---------------------------------------------------------------------------------------------
 
 def read_config(folder: str) -> Qwen3Config:
-  path = os.path.join(folder, 'config.json')
-  if not os.path.isdir(folder):
+  path = storage.join(folder, 'config.json')
+  if not storage.is_dir(folder):
     raise HFFormatError(f'{folder}: not a directory (expected a Hugging Face model folder)')
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise HFFormatError(f'{path}: missing config.json (expected a Hugging Face model folder)')
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise HFFormatError(f'{path}:{e.lineno}: invalid JSON: {e.msg}') from None
   return config_from_hf_dict(raw, path)
@@ -154,43 +164,110 @@ def top_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
 
 def tensor_files(folder: str) -> dict[str, str]:
   """HF tensor name -> safetensors file path."""
-  index = os.path.join(folder, 'model.safetensors.index.json')
-  single = os.path.join(folder, 'model.safetensors')
-  if os.path.isfile(index):
+  index = storage.join(folder, 'model.safetensors.index.json')
+  single = storage.join(folder, 'model.safetensors')
+  if storage.is_file(index):
     try:
-      with open(index) as f:
-        weight_map = json.load(f)['weight_map']
+      weight_map = json.loads(storage.read_text(index))['weight_map']
     except (json.JSONDecodeError, KeyError) as e:
       raise HFFormatError(f'{index}: not a valid safetensors index ({e})') from None
-    return {name: os.path.join(folder, file) for name, file in weight_map.items()}
-  if os.path.isfile(single):
+    return {name: storage.join(folder, file) for name, file in weight_map.items()}
+  if storage.is_file(single):
     try:
-      with safe_open(single, framework='numpy') as f:
+      with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a corrupt header
       raise HFFormatError(f'{single}: unreadable safetensors file ({e})') from None
-  if any(name.endswith('.bin') for name in os.listdir(folder)):
+  if any(name.endswith('.bin') for name in storage.listdir(folder)):
     raise HFFormatError(f'{folder}: only pickle (.bin) weights found; copd_jax reads safetensors '
                         'only (convert with transformers: save_pretrained(safe_serialization=True))')
   raise HFFormatError(f'{folder}: no model.safetensors or model.safetensors.index.json')
 
 
-def _read_tensors(files: dict[str, str], wanted: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) for `wanted` names, opening each file once."""
-  by_file: dict[str, list[str]] = {}
-  for name in wanted:
-    by_file.setdefault(files[name], []).append(name)
-  for path, names in by_file.items():
-    if not os.path.isfile(path):
-      raise HFFormatError(f'{path}: missing safetensors shard (needed for tensor {names[0]})')
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+                       'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+                       'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+class _StreamedSafetensors:
+  """A safetensors file read through a seekable file object (remote files): the header once,
+  then each tensor with one ranged read into its own array. The `safe_open` methods we use."""
+
+  def __init__(self, path: str):
+    self._file = storage.as_path(path).open('rb')
     try:
-      with safe_open(path, framework='numpy') as f:
-        for name in names:
-          yield name, f.get_tensor(name)
+      (size,) = struct.unpack('<Q', self._file.read(8))
+      header = json.loads(self._file.read(size))
+    except Exception:
+      self._file.close()
+      raise
+    header.pop('__metadata__', None)
+    self._header, self._data_start = header, 8 + size
+
+  def keys(self) -> list[str]:
+    return list(self._header)
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    info = self._header[name]
+    begin, end = info['data_offsets']
+    out = np.empty(info['shape'], _SAFETENSORS_DTYPES[info['dtype']])
+    if out.nbytes != end - begin:
+      raise ValueError(f'tensor {name}: {end - begin} bytes for shape {info["shape"]} '
+                       f'{info["dtype"]}')
+    self._file.seek(self._data_start + begin)
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < out.nbytes:
+      n = self._file.readinto(view[done:])
+      if not n:
+        raise ValueError(f'tensor {name}: file ends after {done} of {out.nbytes} bytes')
+      done += n
+    return out
+
+  def close(self) -> None:
+    self._file.close()
+
+  def __enter__(self) -> '_StreamedSafetensors':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_safetensors(path: str):
+  """A reader with `keys()` and `get_tensor(name)` (numpy): safetensors' memory-mapped `safe_open`
+  for local files, ranged reads for remote ones. Use it as a context manager."""
+  if storage.is_remote(path):
+    return _StreamedSafetensors(path)
+  return safe_open(path, framework='numpy')
+
+
+class _TensorReader:
+  """Reads HF tensors by name from a folder's safetensors files, opening each file once; errors
+  name the file and the tensor."""
+
+  def __init__(self, files: dict[str, str]):
+    self._files = files
+    self._open: dict[str, Any] = {}
+    self._stack = contextlib.ExitStack()
+
+  def get(self, name: str) -> np.ndarray:
+    path = self._files[name]
+    try:
+      if path not in self._open:
+        if not storage.is_file(path):
+          raise HFFormatError(f'{path}: missing safetensors shard (needed for tensor {name})')
+        self._open[path] = self._stack.enter_context(open_safetensors(path))
+      return self._open[path].get_tensor(name)
     except HFFormatError:
       raise
     except Exception as e:
-      raise HFFormatError(f'{path}: cannot read tensor {names[0]} ({e})') from None
+      raise HFFormatError(f'{path}: cannot read tensor {name} ({e})') from None
+
+  def __enter__(self) -> '_TensorReader':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stack.close()
 
 
 def _as_float_numpy(x: np.ndarray, dtype) -> np.ndarray:
@@ -198,43 +275,84 @@ def _as_float_numpy(x: np.ndarray, dtype) -> np.ndarray:
   return np.asarray(x).astype(np.float32).astype(dtype) if x.dtype != dtype else x
 
 
-def load_params(folder: str, config: Qwen3Config | None = None,
-                param_dtype=np.float32) -> dict[str, Any]:
-  """Reads the folder's safetensors into the nested dict layout of `nnx.state(Qwen3, Param)`."""
-  config = config or read_config(folder)
+def _checked_files(folder: str, config: Qwen3Config) -> dict[str, str]:
+  """tensor_files(folder), after checking that every tensor the config needs is listed."""
   files = tensor_files(folder)
-  top, per_layer = top_mapping(config), layer_mapping(config)
-  expected = _expected_shapes(config)
-  params: dict[str, Any] = {'layers': {}}
-  for name, (shape, _, _) in expected['layers'].items():
-    params['layers'][name] = np.empty(shape, param_dtype)
-
-  wanted = [hf for hf, _, _ in top.values()]
+  wanted = [hf for hf, _, _ in top_mapping(config).values()]
   for i in range(config.num_layers):
-    wanted += [f'model.layers.{i}.{hf}' for hf, _, _ in per_layer.values()]
+    wanted += [f'model.layers.{i}.{hf}' for hf, _, _ in layer_mapping(config).values()]
   missing = [n for n in wanted if n not in files]
   if missing:
     where = sorted(set(files.values())) or [folder]
     raise HFFormatError(f'{where[0]}: missing tensor {missing[0]}'
                         + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
-  hf_to_ours = {hf: (ours, to_ours) for ours, (hf, to_ours, _) in top.items()}
-  layer_hf_to_ours = {hf: (ours, to_ours) for ours, (hf, to_ours, _) in per_layer.items()}
+  return files
 
-  for hf_name, array in _read_tensors(files, wanted):
-    layer_match = _LAYER_RE.match(hf_name)
-    if layer_match:
-      i, rest = int(layer_match.group(1)), layer_match.group(2)
-      ours, to_ours = layer_hf_to_ours[rest]
-      target_shape = expected['layers'][ours][0][1:]
-    else:
-      ours, to_ours = hf_to_ours[hf_name]
-      target_shape = expected[ours][0]
-    value = _convert(array, to_ours, target_shape, hf_name, files[hf_name])
-    if layer_match:
-      params['layers'][ours][i] = _as_float_numpy(value, param_dtype)
-    else:
-      params[ours] = _as_float_numpy(value, param_dtype)
+
+def iter_params(folder: str, config: Qwen3Config | None = None, param_dtype=np.float32
+                ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """(key path, host array) for every parameter of the folder's model, one at a time, in the
+  layout of `nnx.state(Qwen3, Param)`: top-level tensors, then each per-layer tensor stacked over
+  the layers [L, ...]. Holds one stacked tensor (plus one HF tensor) at a time."""
+  config = config or read_config(folder)
+  files = _checked_files(folder, config)
+  shapes = _expected_shapes(config)
+  with _TensorReader(files) as reader:
+    for ours, (hf_name, to_ours, _) in top_mapping(config).items():
+      value = _convert(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name])
+      yield (ours,), _as_float_numpy(value, param_dtype)
+    for ours, (hf, to_ours, _) in layer_mapping(config).items():
+      stacked = np.empty(shapes['layers'][ours], param_dtype)
+      for i in range(config.num_layers):
+        hf_name = f'model.layers.{i}.{hf}'
+        value = _convert(reader.get(hf_name), to_ours, stacked.shape[1:], hf_name, files[hf_name])
+        stacked[i] = _as_float_numpy(value, param_dtype)
+      yield ('layers', ours), stacked
+
+
+def load_params(folder: str, config: Qwen3Config | None = None,
+                param_dtype=np.float32) -> dict[str, Any]:
+  """Reads the folder's safetensors into the nested dict layout of `nnx.state(Qwen3, Param)`."""
+  params: dict[str, Any] = {}
+  for path, value in iter_params(folder, config, param_dtype):
+    _set(params, path, value)
   return params
+
+
+def load_params_sharded(folder: str, shardings: Mapping[str, Any],
+                        config: Qwen3Config | None = None, param_dtype=jnp.float32
+                        ) -> dict[str, Any]:
+  """The folder's parameters as jax.Arrays placed with `shardings` as they are read.
+
+  shardings: a jax.sharding.Sharding per parameter, in the nested layout `load_params` returns
+  (a pure dict, or the nnx.State that `copd_jax.mesh.state_shardings` gives for the model's
+  Params). Each (layer-stacked) tensor is read on the host, every addressable device receives
+  only its shard of it (`jax.make_array_from_callback`), and the host copy is dropped before the
+  next tensor: host memory stays near one stacked tensor and no device holds the whole model.
+  On several hosts each process reads every tensor and places only its own devices' shards.
+  Raises HFFormatError as `load_params` does.
+  """
+  if isinstance(shardings, nnx.State):
+    shardings = nnx.to_pure_dict(shardings)
+  dtype = np.dtype(param_dtype)
+  params: dict[str, Any] = {}
+  for path, value in iter_params(folder, config, dtype):
+    sharding = shardings
+    try:
+      for key in path:
+        sharding = sharding[key]
+    except (KeyError, TypeError):
+      raise ValueError(f'shardings: no sharding for parameter {".".join(path)}') from None
+    _set(params, path, jax.make_array_from_callback(value.shape, sharding,
+                                                    lambda index, v=value: v[index]))
+    del value  # the next tensor is read only after this one's host copy is released
+  return params
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
 
 
 def _convert(array, to_ours, target_shape, hf_name, path):
@@ -253,22 +371,31 @@ def _hf_shape_hint(target_shape, hf_name) -> str:
 
 
 def _expected_shapes(config: Qwen3Config) -> dict[str, Any]:
+  """Shape tuple of every parameter, in the nested layout of `nnx.state(Qwen3, Param)`."""
   abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
   state = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  out = jax.tree.map(lambda s: (tuple(s.shape), None, None), state)
-  return out
+  def shapes(tree):
+    return {k: shapes(v) if isinstance(v, Mapping) else tuple(v.shape) for k, v in tree.items()}
+  return shapes(state)
 
 
 def load_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float32,
-               remat: bool = False, scan_layers: bool = True) -> Qwen3:
-  """A Qwen3 module holding the folder's weights (on the default device)."""
+               remat: bool = False, scan_layers: bool = True, mesh=None,
+               rules: Mapping[str, str | None] | None = None) -> Qwen3:
+  """A Qwen3 module holding the folder's weights: on the default device, or with `mesh` sharded
+  by the model's logical axes (`copd_jax.mesh.state_shardings`, `rules` defaulting to its
+  DEFAULT_RULES) and loaded with `load_params_sharded`."""
   config = read_config(folder)
   model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
                                        compute_dtype=compute_dtype, remat=remat,
                                        scan_layers=scan_layers))
-  params = load_params(folder, config, np.dtype(param_dtype))
   state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, load_params(folder, config, np.dtype(param_dtype)))
+  else:
+    shardings = mesh_lib.state_shardings(state, mesh, rules or mesh_lib.DEFAULT_RULES)
+    params = load_params_sharded(folder, shardings, config, param_dtype)
+  nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
 
@@ -288,65 +415,81 @@ def params_to_hf_tensors(params: dict[str, Any], config: Qwen3Config,
       yield f'model.layers.{i}.{hf}', np.ascontiguousarray(to_hf(layer_value).astype(dtype))
 
 
+def _shard_plan(params: dict[str, Any], config: Qwen3Config, dtype,
+                max_shard_bytes: int) -> list[list[str]]:
+  """HF tensor names per safetensors file, in `params_to_hf_tensors` order, from shapes alone: a
+  file is closed before the tensor that would take it past max_shard_bytes."""
+  itemsize = np.dtype(dtype).itemsize
+  sizes = [(hf, int(np.prod(np.shape(params[ours]))) * itemsize)
+           for ours, (hf, _, _) in top_mapping(config).items()]
+  for i in range(config.num_layers):
+    sizes += [(f'model.layers.{i}.{hf}',
+               int(np.prod(np.shape(params['layers'][ours])[1:])) * itemsize)
+              for ours, (hf, _, _) in layer_mapping(config).items()]
+  plan: list[list[str]] = [[]]
+  filled = 0
+  for name, size in sizes:
+    if plan[-1] and filled + size > max_shard_bytes:
+      plan.append([])
+      filled = 0
+    plan[-1].append(name)
+    filled += size
+  return plan
+
+
 def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
                    tokenizer_from: str | None = None, tokenizer=None, dtype=np.float32,
                    max_shard_bytes: int = 5 * 2**30, generation: dict[str, Any] | None = None):
-  """Writes a Hugging Face folder. The folder is built under a temporary name and renamed into
-  place, so an interrupted export never leaves a complete-looking half model."""
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{os.path.basename(os.path.abspath(out_dir))}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-
-  # Shards are written as soon as they fill (host memory stays near one shard), under
-  # provisional names that are fixed once the shard count is known.
-  written: list[tuple[str, list[str], int]] = []   # (file, tensor names, bytes)
-  shard: dict[str, np.ndarray] = {}
+  """Writes a Hugging Face folder (local or remote) with `storage.publish_dir`: locally built under
+  a temporary name and renamed into place; remotely written in place, config.json and then the
+  completion marker last. Either way an interrupted export never leaves a complete-looking half
+  model. Shards are written as soon as they fill: host memory stays near one shard."""
+  plan = _shard_plan(params, config, dtype, max_shard_bytes)
+  files = (['model.safetensors'] if len(plan) == 1 else
+           [f'model-{k + 1:05d}-of-{len(plan):05d}.safetensors' for k in range(len(plan))])
   metadata = {'format': 'pt'}
 
-  def flush():
-    file = f'shard-{len(written):05d}.safetensors'
-    save_file(shard, os.path.join(tmp, file), metadata=metadata)
-    written.append((file, list(shard), sum(a.nbytes for a in shard.values())))
-    shard.clear()
+  def write_shard(path: str, tensors: dict[str, np.ndarray]) -> None:
+    if storage.is_remote(path):
+      storage.write_bytes(path, save(tensors, metadata=metadata))
+    else:
+      save_file(tensors, path, metadata=metadata)
 
-  for name, array in params_to_hf_tensors(params, config, dtype):
-    if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
-      flush()
-    shard[name] = array
-  flush()
-  if len(written) == 1:
-    os.replace(os.path.join(tmp, written[0][0]), os.path.join(tmp, 'model.safetensors'))
-  else:
-    weight_map = {}
-    for k, (file, names, _) in enumerate(written):
-      final = f'model-{k + 1:05d}-of-{len(written):05d}.safetensors'
-      os.replace(os.path.join(tmp, file), os.path.join(tmp, final))
-      weight_map.update({name: final for name in names})
-    with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as f:
-      json.dump({'metadata': {'total_size': sum(b for _, _, b in written)},
-                 'weight_map': weight_map}, f, indent=2)
+  def build(folder: str) -> None:
+    storage.makedirs(folder)
+    shard: dict[str, np.ndarray] = {}
+    k, total = 0, 0
+    for name, array in params_to_hf_tensors(params, config, dtype):
+      shard[name] = array
+      total += array.nbytes
+      if len(shard) == len(plan[k]):
+        write_shard(storage.join(folder, files[k]), shard)
+        shard, k = {}, k + 1
+    if len(plan) > 1:
+      weight_map = {name: file for file, names in zip(files, plan) for name in names}
+      storage.write_text(storage.join(folder, 'model.safetensors.index.json'), json.dumps(
+          {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
 
-  token_ids = {}
-  if tokenizer_from:
-    for file in TOKENIZER_FILES:
-      src = os.path.join(tokenizer_from, file)
-      if os.path.isfile(src):
-        shutil.copy(src, tmp)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(tmp)
-    token_ids = {k: getattr(tokenizer, f'{k}_id', None) for k in ('bos_token', 'eos_token',
-                                                                  'pad_token')}
-  extra = {f'{k}_id': v for k, v in token_ids.items() if v is not None}
-  extra.update(generation or {})
-  dtype_name = np.dtype(dtype).name if dtype is not jnp.bfloat16 else 'bfloat16'
-  with open(os.path.join(tmp, 'config.json'), 'w') as f:
-    json.dump(config_to_hf_dict(config, dtype=dtype_name, **extra), f, indent=2)
+    token_ids = {}
+    if tokenizer_from:
+      for file in TOKENIZER_FILES:
+        src = storage.join(tokenizer_from, file)
+        if storage.is_file(src):
+          storage.copy_file(src, storage.join(folder, file))
+    if tokenizer is not None:
+      with tempfile.TemporaryDirectory() as staging:  # transformers writes local files only
+        tokenizer.save_pretrained(staging)
+        for file in sorted(os.listdir(staging)):
+          storage.copy_file(os.path.join(staging, file), storage.join(folder, file))
+      token_ids = {k: getattr(tokenizer, f'{k}_id', None) for k in ('bos_token', 'eos_token',
+                                                                    'pad_token')}
+    extra = {f'{k}_id': v for k, v in token_ids.items() if v is not None}
+    extra.update(generation or {})
+    dtype_name = np.dtype(dtype).name if dtype is not jnp.bfloat16 else 'bfloat16'
+    storage.write_text(storage.join(folder, 'config.json'),
+                       json.dumps(config_to_hf_dict(config, dtype=dtype_name, **extra), indent=2))
 
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
+  storage.publish_dir(out_dir, build)
 
 
 def model_params_dict(model: Qwen3) -> dict[str, Any]:
