@@ -79,10 +79,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3))
   c.merge = ml_collections.ConfigDict(dict(method='mean', lam=1.0, density=0.2))
+  # Locked: a config file that sets a field the schema lacks (a typo) fails where it does so.
+  # Only `domains` takes new entries, each a locked domain from synthetic_domain().
+  c.lock()
+  c.domains.unlock()
+  for domain in c.domains.values():
+    domain.lock()
   return c
 
 
 def synthetic_domain(num_train: int = 2000, num_eval: int = 200) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  """A domain entry (locked; a file domain sets source='file', train_path and eval_path)."""
+  domain = ml_collections.ConfigDict(dict(
       source='synthetic', reward='exact', num_train=num_train, num_eval=num_eval, train_path='',
       eval_path='', prompt_field='', answer_field='', use_chat_template=True))
+  domain.lock()
+  return domain

@@ -10,6 +10,7 @@ import ast
 import importlib.util
 import math
 import os
+import traceback
 from typing import Any, Iterable
 
 import ml_collections
@@ -43,9 +44,9 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
     raise ConfigError(f'--config {path}: defines no get_config()')
   try:
     config = module.get_config()
-  except Exception as e:  # e.g. a value of the wrong type assigned to a typed field
-    raise ConfigError(f'--config {path}: get_config() failed ({type(e).__name__}: '
-                      f'{str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
+  except Exception as e:  # a field the schema lacks, a value of the wrong type for a field, ...
+    raise ConfigError(f'--config {_where(e, path)}: get_config() failed ({type(e).__name__}: '
+                      f'{_first_sentence(e)})') from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f'--config {path}: get_config() must return an ml_collections.ConfigDict, '
                       f'got {type(config).__name__}')
@@ -53,6 +54,21 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
   apply_overrides(config, overrides)
   validate(config, check_files=check_files)
   return config
+
+
+def _where(error: Exception, path: str) -> str:
+  """'file:line' of the innermost frame of `error` in a config file (`path` or a file it imports
+  from its folder, such as configs/base.py), else `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.dirname(os.path.abspath(f.filename)) == folder]
+  return f'{frames[-1].filename}:{frames[-1].lineno}' if frames else path
+
+
+def _first_sentence(error: Exception) -> str:
+  """The first line of an error message, up to ml_collections' list of every existing field."""
+  text = str(error).strip().strip('\'"')
+  return text.splitlines()[0].split(' Other fields present')[0] if text else ''
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:

@@ -1,0 +1,64 @@
+"""Config files: every shipped config loads, and a field the schema lacks -- a typo inside a
+config *file*, not only in a --config override -- fails at load with the file and line."""
+import glob
+import os
+import shutil
+import textwrap
+
+import pytest
+
+from copd_jax.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The test session has 8 CPU devices: a mesh that any K divides, sampling on the same layout.
+MESH = ('--config.mesh.branch=1', '--config.mesh.fsdp=-1', '--config.mesh_sampling.branch=0',
+        '--config.mesh_sampling.fsdp=0', '--config.mesh_sampling.tensor=0')
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))),
+                         ids=os.path.basename)
+def test_every_shipped_config_loads(path):
+  if os.path.basename(path) == 'base.py':
+    pytest.skip('the schema itself defines no get_config()')
+  config = load_config(path, MESH, check_files=False)
+  assert config.branches
+
+
+def _config_file(tmp_path, body: str) -> str:
+  shutil.copy(os.path.join(ROOT, 'configs', 'base.py'), tmp_path / 'base.py')
+  path = tmp_path / 'run.py'
+  path.write_text(textwrap.dedent('''\
+      import os, sys
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      from base import base_config, synthetic_domain
+
+      def get_config():
+        c = base_config()
+      ''') + textwrap.indent(textwrap.dedent(body), '  ') + '  return c\n')
+  return str(path)
+
+
+@pytest.mark.parametrize('body, line, field', [
+    ('c.optimizer.learnin_rate = 1e-5\n', 7, 'learnin_rate'),
+    ('c.seeds = 3\n', 7, 'seeds'),
+    ("c.domains.math = synthetic_domain()\nc.domains.math.trian_path = 'x.jsonl'\n", 8,
+     'trian_path'),
+])
+def test_unknown_field_in_a_config_file_names_file_and_line(tmp_path, body, line, field):
+  path = _config_file(tmp_path, body)
+  with pytest.raises(ConfigError) as error:
+    load_config(path)
+  message = str(error.value)
+  assert message.startswith(f'--config {path}:{line}: ') and f'"{field}"' in message, message
+  assert len(message.splitlines()) == 1
+
+
+def test_new_domains_and_known_fields_are_accepted(tmp_path):
+  path = _config_file(tmp_path, '''\
+      c.domains.math = synthetic_domain(num_train=50, num_eval=10)
+      c.domains.math.use_chat_template = False
+      c.branches = ('math', 'sort')
+      c.optimizer.learning_rate = 1e-5
+      ''')
+  config = load_config(path, MESH)
+  assert config.domains.math.num_train == 50 and config.optimizer.learning_rate == 1e-5
