@@ -381,3 +381,48 @@ def _check_toy_model(config) -> None:
   _positive_int(config, 'warmstart.steps')
   _positive_int(config, 'warmstart.batch_size')
   _real(config, 'warmstart.learning_rate', 0, low_open=True)
+
+
+# Sections that change what is trained: a resume must match them (logging, checkpointing,
+# evaluation, merge and mesh may change between runs).
+TRAINING_SECTIONS = ('branches', 'domains', 'model', 'warmstart', 'seed', 'grpo', 'opd', 'copd',
+                     'sampling', 'optimizer')
+
+
+def resume_differences(saved: dict, current: dict, sections: Iterable[str] = TRAINING_SECTIONS
+                       ) -> tuple[list[str], list[str]]:
+  """(changed, added) dotted fields of `current` against the config saved in a checkpoint,
+  within `sections`. changed: fields whose value differs or that the checkpoint has and the
+  config lacks; added: fields the checkpoint's code did not have yet (it ran with their then
+  built-in behaviour, which the caller may accept with a warning)."""
+  changed, added = [], []
+
+  def walk(old, new, where):
+    if isinstance(old, dict) and isinstance(new, dict):
+      for key in sorted(set(old) | set(new), key=str):
+        name = f'{where}.{key}'
+        if key not in new:
+          changed.append(name)
+        elif key not in old:
+          added.append(name)
+        else:
+          walk(old[key], new[key], name)
+    elif _plain(old) != _plain(new):
+      changed.append(where)
+
+  for section in sections:
+    if section not in saved:
+      added.append(f'config.{section}')
+    else:
+      walk(saved[section], current.get(section), f'config.{section}')
+  return changed, added
+
+
+def _plain(value: Any) -> Any:
+  """JSON-comparable form (tuples as lists, as a checkpoint's JSON stores them)."""
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  return value
+

@@ -62,3 +62,19 @@ def test_new_domains_and_known_fields_are_accepted(tmp_path):
       ''')
   config = load_config(path, MESH)
   assert config.domains.math.num_train == 50 and config.optimizer.learning_rate == 1e-5
+
+
+def test_resume_differences_name_changed_and_added_fields():
+  from copd_jax.config import resume_differences
+  saved = {'seed': 0, 'branches': ['count', 'sort'],
+           'grpo': {'epsilon_low': 0.2, 'epsilon_high': 0.28, 'gone': 1},
+           'copd': {'num_cycles': 6}}
+  current = {'seed': 0, 'branches': ('count', 'sort'),
+             'grpo': {'epsilon_low': 0.2, 'epsilon_high': 0.3},
+             'copd': {'num_cycles': 6, 'schedule': 'fixed'}, 'opd': {'beta': 1.0}}
+  changed, added = resume_differences(saved, current, ('seed', 'branches', 'grpo', 'copd', 'opd'))
+  assert changed == ['config.grpo.epsilon_high', 'config.grpo.gone']
+  assert added == ['config.copd.schedule', 'config.opd']
+  assert resume_differences(saved, saved) == ([], ['config.domains', 'config.model',
+                                                   'config.warmstart', 'config.opd',
+                                                   'config.sampling', 'config.optimizer'])
