@@ -32,12 +32,13 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
-from copd_jax import storage
+from copd_jax import digests, storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 
 STATE, META, PARAMS = 'state', 'meta', 'params'
+DIGESTS = 'digests'   # meta key: copd_jax.digests.tree_digests of the saved state
 TOKENIZER_SUBDIR = 'tokenizer'
 CHECKPOINTS_SUBDIR = 'checkpoints'
 UNREADABLE_SUBDIR = 'checkpoints_unreadable'
@@ -196,8 +197,9 @@ class RunCheckpointer:
     latest = self.latest_step()
     if latest is not None and step <= latest:
       return False
+    meta = {**meta, DIGESTS: digests.tree_digests(state)}
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state, chunked_save_args(state)),
-                                 META: ocp.args.JsonSave(dict(meta))})
+                                 META: ocp.args.JsonSave(meta)})
     return bool(self._manager.save(step, args=args, force=force or keep,
                                    custom_metadata={'keep': keep}))
 
@@ -220,6 +222,7 @@ class RunCheckpointer:
                                    META: ocp.args.JsonRestore()})
       try:
         restored = self._manager.restore(s, args=args)
+        _verify_digests(restored[META], restored[STATE])
       except Exception as e:  # a damaged step raises whatever its reader hits; fall back
         if step is not None:
           raise CheckpointError(f'{self._step_dir(s)}: cannot restore ({type(e).__name__}: '
@@ -267,6 +270,23 @@ class RunCheckpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class DigestMismatch(CheckpointError):
+  """Restored arrays whose bits differ from what was saved (corruption on disk)."""
+
+
+def _verify_digests(meta: Mapping[str, Any], state: Any) -> None:
+  """Raises DigestMismatch when a restored array differs from the digest saved with it
+  (checkpoints written before digests existed are not checked)."""
+  saved = meta.get(DIGESTS)
+  if not saved:
+    return
+  bad = digests.mismatches(saved, state)
+  if bad:
+    more = f' and {len(bad) - 1} more' if len(bad) > 1 else ''
+    raise DigestMismatch(f'array {bad[0]}{more} differs from the digest saved with it '
+                         '(corrupted on disk)')
 
 
 def _first_line(e: BaseException) -> str:

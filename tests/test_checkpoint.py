@@ -149,14 +149,21 @@ DAMAGE_NOISE = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExcept
 
 
 @DAMAGE_NOISE
-@pytest.mark.parametrize('damage', ['truncate_largest_data_file', 'delete_tree_metadata',
-                                    'delete_meta'])
+@pytest.mark.parametrize('damage', ['truncate_largest_data_file', 'flip_bit_in_largest_data_file',
+                                    'delete_tree_metadata', 'delete_meta'])
 def test_restore_falls_back_past_damaged_newest(tmp_path, damage):
   state = make_state()
   newest = _save_two(tmp_path, state)
   if damage == 'truncate_largest_data_file':
     largest = _files(os.path.join(newest, 'state'))[-1]
     os.truncate(largest, os.path.getsize(largest) // 2)
+  elif damage == 'flip_bit_in_largest_data_file':  # silent on disk: caught by the digests
+    largest = _files(os.path.join(newest, 'state'))[-1]
+    with open(largest, 'r+b') as f:
+      f.seek(os.path.getsize(largest) // 2)
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 0x10]))
   elif damage == 'delete_tree_metadata':
     os.remove(os.path.join(newest, 'state', '_METADATA'))
   else:
@@ -279,3 +286,25 @@ def test_load_params_for_inference_from_every_kind(tmp_path):
   assert_trees_equal(hf_params, params)
   with pytest.raises(ckpt.CheckpointError, match='not a checkpoint'):
     ckpt.load_params_for_inference(str(tmp_path))
+
+
+def test_digests_see_one_bit_and_ignore_the_sharding():
+  from copd_jax import digests
+  state = make_state()
+  saved = digests.tree_digests(state)
+  assert len(saved) == len(jax.tree.leaves(state))   # every leaf, PRNG keys included
+  assert digests.mismatches(saved, state) == []
+  # The same values on an 8-device mesh (another sharding, another reduction order).
+  mesh = make_mesh({'branch': 2, 'fsdp': 4}, num_branches=2)
+  sharded = jax.device_put(state.params, state_shardings(state.params, mesh, branch_stacked=True))
+  assert digests.mismatches(saved, state._replace(params=sharded)) == []
+  # One flipped bit in one weight, and two swapped values, are both seen, in that leaf only.
+  name, leaf = next((n, x) for n, x in zip(saved, jax.tree.leaves(state.params)) if x.ndim >= 2)
+  bits = np.asarray(leaf).view(np.uint32).copy()
+  bits.flat[5] ^= 1 << 30
+  flipped = jax.tree.map(lambda x: jnp.asarray(bits.view(np.float32)) if x is leaf else x, state)
+  assert digests.mismatches(saved, flipped) == [name]
+  swapped = np.asarray(leaf).copy()
+  swapped.flat[[0, 1]] = swapped.flat[[1, 0]]
+  moved = jax.tree.map(lambda x: jnp.asarray(swapped) if x is leaf else x, state)
+  assert digests.mismatches(saved, moved) == [name]
