@@ -1,8 +1,26 @@
-"""Multi-host runs: starting JAX's distributed runtime, process-0-only logging, which rows of a
-global batch each process feeds, and run paths that may be local or remote (gs://).
+"""Multi-host runs: starting JAX's distributed runtime, process-0-only logging, global arrays
+from host data, host values from global arrays, barriers, and run paths that may be local or
+remote (gs://).
 
-One host needs none of this: `maybe_initialize()` is then a no-op and every helper reduces to
-the single-process case. On several hosts every process runs the same program; each must call
+How a multi-host (multi-controller) run works: every process runs the same program on the same
+config and seed, so every process builds the same host-side data (prompts, rewards, advantages,
+data iterator states) in full. Device data crosses that boundary in two directions only:
+
+  host -> device  `host_to_global` / `global_keys`: a global jax.Array of a given sharding from a
+                  host array every process holds; each process copies only the blocks its own
+                  devices hold (jax.make_array_from_callback). Arrays built from process-local
+                  rows instead: `global_batch` (jax.make_array_from_process_local_data).
+  device -> host  `to_host`: numpy values of global arrays; on several processes an array that
+                  is not fully addressable is all-gathered first (process_allgather). It is a
+                  collective: every process calls it on the same values, in the same order.
+
+Everything else (the jitted sampler and train steps) runs on global arrays unchanged. Process 0
+alone writes metrics, logs and files outside Orbax; Orbax checkpoints are written by all
+processes together. `barrier` and `primary_first` order the one-off file writes (the warm-started
+base model) between processes.
+
+One host needs none of this: `maybe_initialize()` is then a no-op, `to_host` is
+jax.device_get, barriers return at once. On several hosts each process must call
 `maybe_initialize()` before anything else touches JAX devices.
 
 Batch layout (the train steps' `_rows_constraint`, the sampler's prompts): a global batch
@@ -21,6 +39,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax.errors import UserInputError
@@ -188,6 +207,75 @@ def global_batch_tree(tree: Any, mesh: Mesh, num_branches: int, batch: int) -> A
     x = np.asarray(x)
     return global_batch(x[k_rows, b_rows], mesh, x.shape)
   return jax.tree.map(one, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host data <-> global arrays, barriers
+# ---------------------------------------------------------------------------------------------
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """The global jax.Array of `sharding` holding host array `x`, which every process holds in
+  full with the same value; each process copies only the blocks its own devices hold."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def global_keys(keys: jax.Array, sharding: NamedSharding) -> jax.Array:
+  """Typed PRNG keys [K, ...] (the same on every process) as a global array of `sharding`;
+  built from their raw key data, as make_array_from_callback takes no key dtypes."""
+  data = np.asarray(jax.random.key_data(keys))
+  spec = P(*sharding.spec, *([None] * (data.ndim - len(sharding.spec))))
+  data = host_to_global(data, NamedSharding(sharding.mesh, spec))
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
+
+
+def to_host(tree: Any) -> Any:
+  """Every array leaf of `tree` as a numpy array of its global value.
+
+  One process: jax.device_get (no extra copy). Several: a leaf that is not fully addressable
+  is all-gathered first (`process_allgather`, every process ends with the whole value), so this
+  is a collective that every process must call with the same tree at the same point."""
+  if not is_multiprocess():
+    return jax.device_get(tree)
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
+_BARRIERS: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches the barrier `name` (a no-op on one process). Uses the
+  coordination service (no device collective), so a long wait (process 0 evaluating) is fine.
+  Every process must pass the same barriers in the same order."""
+  if not is_multiprocess():
+    return
+  count = _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+  key = f'copd_jax:{name}:{count}'  # a barrier id is used once
+  from jax._src import distributed as jax_distributed  # the runtime's own client
+  client = jax_distributed.global_state.client
+  if client is None:
+    multihost_utils.sync_global_devices(key)
+  else:
+    client.wait_at_barrier(key, timeout_in_ms=int(timeout_s * 1000))
+
+
+def primary_first(fn: Callable[[], Any], name: str) -> Any:
+  """fn() on process 0, then, after a barrier, on every other process: for a one-off write
+  that the others can then reuse (with a shared filesystem they find process 0's result; with
+  per-host disks each writes its own copy, with no two writers on one disk)."""
+  if not is_multiprocess():
+    return fn()
+  result = fn() if is_primary() else None
+  barrier(name)
+  return result if is_primary() else fn()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,16 @@ domain is 'a+b' trains on mixed data, so the paper's baselines run on this same 
 
 Determinism: every random draw derives from (config.seed, global step), and data iterators are
 checkpointed, so a resumed run reproduces an uninterrupted one exactly.
+
+Sampling runs on `config.mesh_sampling` when it is set (the same devices in another layout, e.g.
+no 'fsdp' split so each branch's weights are whole on fewer devices): every sampling call places
+a copy of the params in that layout; the training state stays in the training layout.
+
+Multi-host (a JAX multi-controller program; see copd_jax.distributed): every process runs this
+loop on the same config, draws the same prompts and computes the same rewards and advantages on
+the host; device batches are global arrays of which each process feeds its own devices' rows,
+and sampled tokens and step metrics are all-gathered to every host. Process 0 alone logs, writes
+metrics, the merged model and the evaluation; Orbax checkpoints are written by all processes.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
+from copd_jax import distributed
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
 from copd_jax.config import ConfigError, branch_domains, parse_indices, topology_from_config
@@ -34,11 +45,13 @@ from copd_jax.errors import TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
+from copd_jax.memory_plan import sampling_mesh
 from copd_jax.merge import merge_checkpoints
 from copd_jax.models import hf_io
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.optim import make_optimizer
-from copd_jax.rollouts import PromptEncoder, Rollouts, sample_and_score
+from copd_jax.rollouts import (PromptEncoder, Rollouts, device_batch, sample_and_score,
+                               stack_rounds, to_batch)
 from copd_jax.sampling import SamplingParams
 from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings, init_branch_state,
                             make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
@@ -144,7 +157,10 @@ def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   pairs = []
   for train, _ in domains.values():
     pairs += [(e.prompt + '\n=', e.answer) for e in train]
-  return ensure_base_model(workdir, config.model, config.warmstart, pairs, config.seed, log)
+  # Several processes: process 0 trains and writes it, the others then find it (or, on their own
+  # disks, train the same model from the same seed).
+  return distributed.primary_first(lambda: ensure_base_model(
+      workdir, config.model, config.warmstart, pairs, config.seed, log), 'warmstart')
 
 
 class PromptSources:
@@ -180,21 +196,6 @@ def repeat_rows(examples: list[list[Example]], times: int) -> list[list[Example]
   return [[e for e in row for _ in range(times)] for row in examples]
 
 
-def to_batch(rollouts: Rollouts, advantages: np.ndarray | None, row_mask=None) -> RolloutBatch:
-  """Sampler output [K, B, T] (+ per-row advantages [K, B]) -> the train step's RolloutBatch."""
-  out = rollouts.output
-  completion = np.asarray(out.completion_mask)
-  if row_mask is not None:
-    completion = completion & row_mask[:, :, None]
-  adv = np.zeros(completion.shape, np.float32)
-  if advantages is not None:
-    adv = np.broadcast_to(advantages[..., None], completion.shape) * completion
-  return RolloutBatch(tokens=jnp.asarray(out.tokens), token_valid=jnp.asarray(out.token_valid),
-                      completion_mask=jnp.asarray(completion),
-                      sampler_logprobs=jnp.asarray(out.logprobs),
-                      advantages=jnp.asarray(adv, jnp.float32))
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +210,11 @@ class RunResult:
 
 def train(config, workdir: str, log: Callable[[str], None] = print, progress: bool = True,
           stop_after: int | None = None) -> RunResult:
-  """Runs (or resumes) the configured experiment in `workdir` to the end."""
+  """Runs (or resumes) the configured experiment in `workdir` to the end. On several processes
+  every process calls it; only process 0 logs (`log`), shows progress and returns results."""
   K = len(config.branches)
+  log = distributed.primary_logger(log)
+  progress = progress and distributed.is_primary()
   domains = load_domains(config)  # validates data files before any compute or any write
   os.makedirs(workdir, exist_ok=True)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last)
@@ -229,6 +233,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
+  sample_mesh = sampling_mesh(config, list(mesh.devices.flat), K)
   rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
   optimizer = make_optimizer(config.optimizer)
   phases = PhaseController(config.copd)
@@ -281,29 +286,33 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
       key = jax.random.fold_in(root_key, step)
       t0 = time.perf_counter()
       native = _native_batch(state, graphdef, sources, encoder, sampling, reward_kinds, config,
-                             jax.random.fold_in(key, 0), mesh)
+                             jax.random.fold_in(key, 0), sample_mesh)
       scalars = _rollout_scalars(native, config.branches, 'native')
       distill = None
       if phase == 'opd' or phases.wants_probe(step, phase):
         distill = [_distill_batch(state, graphdef, loader, teacher_of, encoder, sampling,
-                                  reward_kinds, jax.random.fold_in(key, r + 1), mesh,
+                                  reward_kinds, jax.random.fold_in(key, r + 1), sample_mesh,
                                   config.opd.samples_per_prompt)
                    for r, (loader, teacher_of) in enumerate(zip(sources.rounds, rounds))]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[d.batch for d in distill])
+        stacked = stack_rounds([d.batch for d in distill],
+                               [device_batch(d.batch, mesh) for d in distill], mesh)
         for r, d in enumerate(distill):
           scalars.update(_rollout_scalars(d, config.branches, f'distill_round{r}'))
-        behaviour = _behaviour_scalars(probe, state, stacked, rounds, config.branches)
+        masks = np.stack([d.batch.completion_mask for d in distill])
+        behaviour = _behaviour_scalars(probe, state, stacked, masks, rounds, config.branches)
         scalars.update(behaviour)
         overlaps = [v for k, v in behaviour.items() if k.startswith('behaviour/overlap_top')]
         scalars['behaviour/min_overlap'] = min(overlaps) if overlaps else float('nan')
       native_batch = native.batch
       if step in injections:
         native_batch = poison(native_batch, injections[step])
+      native_batch = device_batch(native_batch, mesh)
       if phase == 'rl':
         state, step_metrics = grpo_step(state, native_batch, *ref)
       else:
         state, step_metrics = opd_step(state, native_batch, stacked, *ref)
-      skipped = np.asarray(jax.device_get(step_metrics['skipped_nonfinite']))
+      step_metrics = distributed.to_host(step_metrics)
+      skipped = np.asarray(step_metrics['skipped_nonfinite'])
       bad_steps = bad_steps + 1 if skipped.any() else 0
       if skipped.any():
         log(f'step {step}: non-finite loss or gradient in branch(es) '
@@ -334,13 +343,12 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
     bar.close()
     checkpointer.wait()
     metrics_log.close()
+  checkpointer.close()  # before _finish: its merge reads the final checkpoint from disk
   if last < total:
-    checkpointer.close()
     return RunResult(workdir, None, None, last)
 
   results, table = _finish(config, workdir, graphdef, base_params, state, domains, encoder,
-                           reward_kinds, model.config, base_path, log)
-  checkpointer.close()
+                           reward_kinds, model.config, base_path, log, final_step=last - 1)
   return RunResult(workdir, results, table, last)
 
 
@@ -367,10 +375,11 @@ def nan_injections(config) -> dict[int, list[int]]:
 
 
 def poison(batch: RolloutBatch, branches: list[int]) -> RolloutBatch:
-  """NaN advantages in the given branches: what a numerical blow-up looks like to the step."""
+  """NaN advantages in the given branches of a host batch: what a numerical blow-up looks like
+  to the step."""
   adv = np.array(batch.advantages)
   adv[branches] = np.nan
-  return batch._replace(advantages=jnp.asarray(adv))
+  return batch._replace(advantages=adv)
 
 
 def branch_init_params(paths, base_params, stacked_params, model_config):
@@ -447,10 +456,9 @@ def _rollout_scalars(sampled: _Sampled, branches, prefix: str) -> dict[str, floa
   return out
 
 
-def _branch_scalars(step_metrics, branches) -> dict[str, float]:
-  host = jax.device_get(step_metrics)
+def _branch_scalars(host_metrics, branches) -> dict[str, float]:
   out = {}
-  for key, values in host.items():
+  for key, values in host_metrics.items():
     values = np.asarray(values)
     if values.ndim == 0:
       out[f'train/{key}'] = float(values)
@@ -460,15 +468,16 @@ def _branch_scalars(step_metrics, branches) -> dict[str, float]:
   return out
 
 
-def _behaviour_scalars(probe, state, stacked, rounds, branches) -> dict[str, float]:
+def _behaviour_scalars(probe, state, stacked, masks, rounds, branches) -> dict[str, float]:
   """Top-k overlap and KL estimates of each (student <- teacher) edge on the student's
-  distillation rollouts (estimators documented in copd_jax.metrics)."""
-  edge = jax.device_get(probe(state.params, stacked))
+  distillation rollouts (estimators documented in copd_jax.metrics); masks: the host completion
+  masks [R, K, M, T] of `stacked`."""
+  edge = distributed.to_host(probe(state.params, stacked))
   names = _names(branches)
   k = edge.student_ids.shape[-1]
   out = {}
   for r, teacher_of in enumerate(rounds):
-    mask = np.asarray(stacked.completion_mask[r])
+    mask = masks[r]
     for s, t in enumerate(teacher_of):
       if t < 0:
         continue
@@ -496,17 +505,38 @@ def state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
 
 
 def _finish(config, workdir, graphdef, base_params, state, domains, encoder, reward_kinds,
-            model_config, base_path, log):
-  """Merge the branches, evaluate base / branches / merge, write the table and the merged model."""
+            model_config, base_path, log, final_step: int):
+  """Merge the branches, evaluate base / branches / merge, write the table and the merged model.
+
+  Several processes: every process gathers the final params (a collective); process 0 alone
+  merges, evaluates on its own devices and writes, while the others wait for it and return no
+  results."""
+  branch_params = distributed.to_host(state.params)
+  try:
+    if not distributed.is_primary():
+      return None, None
+    return _merge_and_evaluate(config, workdir, graphdef, base_params, branch_params, domains,
+                               encoder, reward_kinds, model_config, base_path, log, final_step)
+  finally:
+    distributed.barrier('finish')
+
+
+def _merge_and_evaluate(config, workdir, graphdef, base_params, branch_params, domains, encoder,
+                        reward_kinds, model_config, base_path, log, final_step: int):
   K = len(config.branches)
   names = ['base'] + [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
   models = [jax.tree.map(lambda x: np.asarray(x)[None], base_params),
-            jax.tree.map(np.asarray, jax.device_get(state.params))]
+            jax.tree.map(np.asarray, branch_params)]
   if config.merge.method != 'none' and K > 1:
     # The same streaming merge as `python -m copd_jax merge --workdir`, from the final checkpoint.
-    merged = merge_checkpoints(workdir, config.merge.method, lam=config.merge.lam,
-                               density=config.merge.density, out=os.path.join(workdir, 'merged'),
-                               overwrite=True)
+    # Several processes: process 0 alone runs it, and Orbax's CheckpointManager (which finds the
+    # newest step) and its params-only save wait at barriers for every process; so it reads the
+    # step folder directly and writes only the HF folder (`copd_jax merge` writes the other).
+    inputs, out = workdir, os.path.join(workdir, 'merged')
+    if distributed.is_multiprocess():
+      inputs, out = os.path.join(workdir, ckpt.CHECKPOINTS_SUBDIR, str(final_step)), None
+    merged = merge_checkpoints(inputs, config.merge.method, lam=config.merge.lam,
+                               density=config.merge.density, out=out, overwrite=True)
     out_dir = os.path.join(workdir, 'merged_hf')
     hf_io.save_hf_folder(merged.params, model_config, out_dir, tokenizer_from=base_path)
     log(f'merged model ({config.merge.method}) written to {out_dir}')

@@ -3,6 +3,12 @@ decode the completions and score them with each domain's verifiable reward.
 
 This is the host-side glue between the data, the sampler and the rewards, shared by the train
 driver and by evaluation. Shapes: K branches, B prompts per branch, T = P + N tokens.
+
+Multi-host: every process encodes the same prompts and keys (same seed, same data order) and
+hands the sampler global arrays of its own rows (`distributed.host_to_global`); the sampled
+tokens come back to every host in full (`distributed.to_host`), so every process decodes and
+scores the same rollouts and builds the same host batches. `to_batch` / `device_batch` turn them
+into the train steps' global RolloutBatch. One process takes the plain path: numpy in, numpy out.
 """
 from __future__ import annotations
 
@@ -10,12 +16,16 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from copd_jax import distributed
 from copd_jax.data import Example, render_prompt
 from copd_jax.rewards import score_completions
 from copd_jax.sampling import (SampleOutput, SamplingParams, bucket_length, completion_token_lists,
                                generate_branches, pad_prompts)
+from copd_jax.steps import RolloutBatch
 
 # Prompt buckets: every run compiles the sampler and the steps for at most these prompt lengths.
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -75,14 +85,23 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
 def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
                      encoder: PromptEncoder, sampling: SamplingParams, key, reward_kinds:
                      dict[str, str], mesh=None, timeout_s: float = 2.0) -> Rollouts:
-  """Each branch k samples one completion per example of examples[k]; rewards by domain kind."""
+  """Each branch k samples one completion per example of examples[k]; rewards by domain kind.
+
+  mesh: the sampling mesh (params are placed by sampling.SAMPLING_RULES on it, whatever their
+  layout); on several processes, global params need it (host params and no mesh sample on this
+  process's own device, as process 0's evaluation does)."""
   tokens, valid = encoder.encode(examples)
   K = len(examples)
   keys = jax.random.split(key, K)
+  if mesh is not None and distributed.is_multiprocess():
+    # The sampler's prompt layout (K on 'branch', B on 'fsdp' when it divides B).
+    prompts = NamedSharding(mesh, distributed.batch_spec(mesh, tokens.shape))
+    tokens, valid = (distributed.host_to_global(x, prompts) for x in (tokens, valid))
+    keys = distributed.global_keys(keys, NamedSharding(mesh, P('branch')))
   tokenizer = encoder.tokenizer
   output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
                              eos_ids(tokenizer), tokenizer.pad_token_id or 0, mesh=mesh)
-  output = SampleOutput(*(np.asarray(x) for x in output))
+  output = SampleOutput(*(np.asarray(x) for x in distributed.to_host(tuple(output))))
   texts = [[tokenizer.decode(ids, skip_special_tokens=True)
             for ids in completion_token_lists(SampleOutput(*(x[k] for x in output)))]
            for k in range(K)]
@@ -95,3 +114,38 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
       rewards[k, rows] = score_completions(kind, [texts[k][i] for i in rows],
                                            [examples[k][i] for i in rows], timeout_s=timeout_s)
   return Rollouts(output, [list(row) for row in examples], texts, rewards)
+
+
+def to_batch(rollouts: Rollouts, advantages: np.ndarray | None, row_mask=None) -> RolloutBatch:
+  """Sampler output [K, B, T] (+ per-row advantages [K, B]) -> the train step's RolloutBatch of
+  host (numpy) arrays; rows outside row_mask [K, B] are not trained on."""
+  out = rollouts.output
+  completion = np.asarray(out.completion_mask)
+  if row_mask is not None:
+    completion = completion & row_mask[:, :, None]
+  adv = np.zeros(completion.shape, np.float32)
+  if advantages is not None:
+    adv = np.broadcast_to(advantages[..., None], completion.shape) * completion
+  return RolloutBatch(tokens=np.asarray(out.tokens), token_valid=np.asarray(out.token_valid),
+                      completion_mask=completion, sampler_logprobs=np.asarray(out.logprobs),
+                      advantages=np.asarray(adv, np.float32))
+
+
+def device_batch(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
+  """A host RolloutBatch [K, B, T] on the devices, in the train steps' input layout (K on
+  'branch'): one process: plain device arrays (the step places them); several: global arrays
+  of which each process feeds its own devices' blocks."""
+  if not distributed.is_multiprocess():
+    return jax.tree.map(jnp.asarray, batch)
+  sharding = NamedSharding(mesh, P('branch'))
+  return jax.tree.map(lambda x: distributed.host_to_global(x, sharding), batch)
+
+
+def stack_rounds(host: Sequence[RolloutBatch], on_device: Sequence[RolloutBatch],
+                 mesh: Mesh) -> RolloutBatch:
+  """The OPD step's distillation input [R, K, M, T] from R rounds' batches (host and device
+  versions of the same values), in its input layout (K on 'branch')."""
+  if not distributed.is_multiprocess():
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *on_device)
+  sharding = NamedSharding(mesh, P(None, 'branch'))
+  return jax.tree.map(lambda *xs: distributed.host_to_global(np.stack(xs), sharding), *host)

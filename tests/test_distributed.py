@@ -1,13 +1,15 @@
 """copd_jax.distributed on one host (launch detection, per-process batch rows, global batch
-assembly, remote paths) and scripts/tpu_vm.sh's dry run for a v5e-16 slice (4 workers)."""
+assembly, host <-> global arrays, barriers, remote paths) and scripts/tpu_vm.sh's dry run for a
+v5e-16 slice (4 workers). Several real processes: tests/test_multiprocess.py."""
 import os
 import shlex
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from copd_jax import distributed as dist
 from copd_jax import mesh as mesh_lib
@@ -105,6 +107,63 @@ def test_global_batch_on_one_host_is_the_sharded_global_array():
     assert x.sharding.spec == P('branch', 'fsdp', None)
   odd = dist.global_batch(np.zeros((2, 6), np.float32), mesh, (2, 6))   # 6 rows: replicated
   assert odd.sharding.spec == P('branch', None)
+
+
+# ----------------------------------------------------------------------------- host <-> global
+
+def test_host_to_global_places_every_block_of_the_host_array():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 2, 'tensor': 2}, num_branches=2)
+  host = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+  sharding = NamedSharding(mesh, P('branch', 'fsdp'))
+  x = dist.host_to_global(host, sharding)
+  assert x.sharding == sharding and x.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(x), host)
+  for shard in x.addressable_shards:   # each device holds exactly its block
+    np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
+  assert {tuple(s.data.shape) for s in x.addressable_shards} == {(1, 2, 3)}
+
+
+def test_global_keys_are_the_same_keys_sharded_on_branch():
+  mesh = mesh_lib.make_mesh({'branch': 4, 'fsdp': 2, 'tensor': 1}, num_branches=4)
+  keys = jax.random.split(jax.random.key(3), 4)
+  out = dist.global_keys(keys, NamedSharding(mesh, P('branch')))
+  assert jax.dtypes.issubdtype(out.dtype, jax.dtypes.prng_key) and out.shape == (4,)
+  assert out.sharding.spec[0] == 'branch'
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(out)),
+                                np.asarray(jax.random.key_data(keys)))
+  # Draws from them equal draws from the original keys.
+  np.testing.assert_array_equal(np.asarray(jax.vmap(jax.random.normal)(out)),
+                                np.asarray(jax.vmap(jax.random.normal)(keys)))
+
+
+def test_to_host_returns_numpy_global_values():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  a = jax.device_put(np.arange(16.0).reshape(2, 8), NamedSharding(mesh, P('branch', 'fsdp')))
+  tree = {'a': a, 'b': (jnp.ones(3, jnp.int32), True)}
+  out = dist.to_host(tree)
+  assert isinstance(out['a'], np.ndarray) and isinstance(out['b'][0], np.ndarray)
+  np.testing.assert_array_equal(out['a'], np.arange(16.0).reshape(2, 8))
+  np.testing.assert_array_equal(out['b'][0], [1, 1, 1])
+
+
+def test_barrier_and_primary_first_on_one_process():
+  calls = []
+  dist.barrier('nothing to wait for')
+  assert dist.primary_first(lambda: calls.append('x') or 7, 'once') == 7
+  assert calls == ['x'] and not dist.is_multiprocess()
+
+
+def test_primary_first_runs_on_process_zero_before_the_others(monkeypatch):
+  events = []
+  monkeypatch.setattr(dist, 'is_multiprocess', lambda: True)
+  monkeypatch.setattr(dist, 'barrier', lambda name: events.append(f'barrier:{name}'))
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  assert dist.primary_first(lambda: events.append('work') or 'p0', 'w') == 'p0'
+  assert events == ['work', 'barrier:w']
+  events.clear()
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  assert dist.primary_first(lambda: events.append('work') or 'p1', 'w') == 'p1'
+  assert events == ['barrier:w', 'work']
 
 
 # ----------------------------------------------------------------------------- paths
