@@ -7,13 +7,16 @@ and eval.json files that experiments.run copies to OUT/runs/seed<s>/<run>/.
 - fig4c_phase_ratio.png: merged-model accuracy vs S_RL : S_OPD.
 - pilot_rl_drift.png: O_k of RL-only experts against the base and against each other at their
   kept checkpoints (experiments/probe.py; needs the experts' workdir).
-- pilot_gain_vs_overlap.png: per OPD phase of every K=2 run, the student's reward gain on the
-  teacher's domain (its distillation rollouts, last step minus first step of the phase) against
-  the phase's mean O_k, with Pearson r.
-- overlap_schedule.png: O_k and phase of the overlap-driven schedule vs the fixed one.
+- pilot_gain_vs_overlap.png (+ .json, pilot.md): the paper's pilot (experiments/pilot.py):
+  experts trained for different numbers of RL updates teach a base student by static OPD;
+  accuracy gain on the teacher's domain against O_k before distillation, with Pearson r, and
+  O_k against the expert's RL updates.
+- overlap_schedule_u<U>.png: min O_k and phase of the overlap-driven schedule vs the fixed
+  1.5 : 1 schedule at the same budget, with the thresholds.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -122,65 +125,64 @@ def fig4c(out: str, seeds: Sequence[int], updates: int) -> str | None:
     ax.plot(ratios, v, '--', marker='.', alpha=0.7, label=f'merged, {d}')
   ax.set_xlabel('S_RL : S_OPD')
   ax.set_ylabel('greedy pass@1 (%)')
-  ax.set_title(f'accuracy vs phase ratio ({updates} updates per branch, {len(seeds)} seed(s))')
+  ax.set_title(f'accuracy vs phase ratio ({updates} updates/branch, mean ± std, '
+               f'{len(seeds)} seeds)', fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return _save(fig, os.path.join(out, f'fig4c_phase_ratio_u{updates}.png'))
 
 
-def opd_phase_points(records: list[dict]) -> list[tuple[float, float]]:
-  """(mean O_k, student's distillation-reward gain) per OPD phase and edge of a K=2 run."""
-  phases: dict[int, list[dict]] = defaultdict(list)
-  for r in records:
-    if r.get('phase_is_opd') == 1.0:
-      phases[int(r['cycle'])].append(r)
-  points = []
-  for rows in phases.values():
-    rows.sort(key=lambda r: r['step'])
-    if len(rows) < 2:
-      continue
-    edges = edge_series(rows, 'overlap')
-    for edge, series in edges.items():
-      student = edge.split('<-')[0]
-      key = f'distill_round0/reward/{student}'
-      if key not in rows[0] or key not in rows[-1]:
-        continue
-      points.append((float(np.mean(list(series.values()))), rows[-1][key] - rows[0][key]))
-  return points
-
-
-K2_RUNS_WITH_OPD = ('copd', 'copd_no_s2c', 'copd_no_c2s', 'static_s2c', 'static_c2s',
-                    'copd_overlap') + tuple(M.ratio_name(r, u) for r in M.PHASE_RATIOS
-                                            for u in (30, 60))
-
-
-def pilot_gain(out: str, seeds: Sequence[int]) -> str | None:
-  xs, ys, labels = [], [], []
-  for run in K2_RUNS_WITH_OPD:
-    for seed in seeds:
-      records = read_records(out, seed, run)
-      for o, g in opd_phase_points(records or []):
-        xs.append(o)
-        ys.append(g)
-        labels.append(run)
-  if len(xs) < 3:
+def pilot_gain(out: str, seeds: Sequence[int], pilot: M.Pilot = M.Pilot()) -> str | None:
+  """Paper's pilot: OPD gain against O_k before distillation (pass@1, avg@k), and O_k against
+  the expert's RL updates; writes pilot_gain_vs_overlap.json and pilot.md beside the figure."""
+  from experiments import pilot as P
+  points = P.collect(out, seeds, pilot)
+  if not points:
     return None
-  r = float(np.corrcoef(xs, ys)[0, 1])
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for run in sorted(set(labels)):
-    idx = [i for i, l in enumerate(labels) if l == run]
-    ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], s=14, label=run)
-  slope, icpt = np.polyfit(xs, ys, 1)
-  grid = np.linspace(min(xs), max(xs), 10)
-  ax.plot(grid, slope * grid + icpt, 'k--', lw=1)
-  ax.set_xlabel('mean O_k in the OPD phase')
-  ax.set_ylabel("gain of student's reward on teacher domain")
-  ax.set_title(f'OPD gain vs overlap: Pearson r = {r:.2f} (n = {len(xs)})')
+  found = sorted({p['seed'] for p in points})
+  summary = P.summary(points)
+  directions = sorted({p['direction'] for p in points})
+  colours = dict(zip(directions, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for ax, metric in zip(axes[:2], P.METRICS):
+    xs = [p['overlap_before'] for p in points]
+    ys = [100 * p[f'gain_{metric}'] for p in points]
+    for d in directions:
+      group = [p for p in points if p['direction'] == d]
+      ax.scatter([p['overlap_before'] for p in group], [100 * p[f'gain_{metric}'] for p in group],
+                 s=[12 + 3 * np.log2(p['length']) ** 2 for p in group], color=colours[d],
+                 alpha=0.8, label=f'{d} (size: expert RL updates)')
+      control = 100 * np.mean([p[f'control_gain_{metric}'] for p in group])
+      ax.axhline(control, color=colours[d], ls=':', lw=1, label=f'{d} control (no teacher)')
+    if np.std(xs) > 0:
+      slope, icpt = np.polyfit(xs, ys, 1)
+      grid = np.linspace(min(xs), max(xs), 10)
+      ax.plot(grid, slope * grid + icpt, 'k--', lw=1)
+    ax.axhline(0, color='grey', lw=0.5)
+    ax.set_xlabel('O_k (top-8) before distillation, on the student\'s rollouts')
+    ax.set_ylabel(f'gain of {metric} on teacher domain (points)')
+    ax.set_title(f'{metric}: Pearson r = {summary[f"r_gain_{metric}"]:.2f} '
+                 f'(n = {len(points)}, seeds {found})', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  ax = axes[2]
+  for d in directions:
+    per_seed = [{p['length']: p['overlap_before'] for p in points
+                 if p['direction'] == d and p['seed'] == s} for s in found]
+    x, mean, std = seed_mean(per_seed)
+    ax.errorbar(x, mean, yerr=std, marker='o', capsize=3, color=colours[d],
+                label=f'{d.split("→")[0]} expert vs base student')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel("expert's GRPO updates")
+  ax.set_ylabel('O_k before distillation')
+  ax.set_title('O_k falls under RLVR (mean ± std over seeds)', fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=6)
+  ax.legend(fontsize=7)
   with open(os.path.join(out, 'pilot_gain_vs_overlap.json'), 'w') as f:
-    json.dump({'pearson_r': r, 'n': len(xs), 'points': [
-        {'run': l, 'overlap': x, 'gain': y} for l, x, y in zip(labels, xs, ys)]}, f, indent=1)
+    json.dump({'summary': summary, 'seeds': found, 'pilot': dataclasses.asdict(pilot),
+               'points': points}, f, indent=1)
+  with open(os.path.join(out, 'pilot.md'), 'w') as f:
+    f.write(P.markdown(points, found, pilot))
   return _save(fig, os.path.join(out, 'pilot_gain_vs_overlap.png'))
 
 
@@ -228,40 +230,57 @@ def pilot_drift(out: str, seeds: Sequence[int], work: str) -> str | None:
   return _save(fig, os.path.join(out, 'pilot_rl_drift.png'))
 
 
-def overlap_schedule_fig(out: str, seeds: Sequence[int]) -> str | None:
-  fig, ax = plt.subplots(figsize=(6, 3.8))
+def overlap_schedule_fig(out: str, seeds: Sequence[int], updates: int) -> str | None:
+  """Min O_k over the edges (top) and phase (bottom) of the overlap-driven schedule per seed,
+  against the fixed 1.5 : 1 schedule at the same budget, with the two thresholds."""
+  from experiments import thresholds as T
+  limits = T.load(out, updates)
+  fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True,
+                           gridspec_kw={'height_ratios': [3, 1]})
   drawn = False
-  for run, style in (('copd', '-'), ('copd_overlap', '--')):
-    per_edge: dict[str, list] = defaultdict(list)
+  runs = ((M.ratio_name(1.5, updates), 'fixed 1.5 : 1', '-'),
+          (M.overlap_name(updates), 'overlap-driven', '--'))
+  for run, label, style in runs:
     for seed in seeds:
-      records = read_records(out, seed, run)
-      for edge, series in edge_series(records or [], 'overlap').items():
-        per_edge[edge].append(series)
-    for edge, per_seed in sorted(per_edge.items()):
-      x, mean, _ = seed_mean(per_seed)
-      ax.plot(x + 1, mean, style, marker='.', label=f'{run} {edge}')
+      records = read_records(out, seed, run) or []
+      points = [(r['step'] + 1, r[T.KEY]) for r in records if T.KEY in r]
+      if not points:
+        continue
+      x, y = zip(*points)
+      line, = axes[0].plot(x, y, style, marker='.', ms=3, lw=0.8, label=f'{label}, seed {seed}')
+      steps = [r['step'] + 1 for r in records]
+      axes[1].step(steps, [r['phase_is_opd'] + 0.03 * seed for r in records], style,
+                   where='post', color=line.get_color(), lw=0.8)
       drawn = True
   if not drawn:
     plt.close(fig)
     return None
-  ax.set_xlabel('global step')
-  ax.set_ylabel('top-8 overlap O_k')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  return _save(fig, os.path.join(out, 'overlap_schedule.png'))
+  if limits is not None:
+    for value, name in zip(limits, ('overlap_low', 'overlap_high')):
+      axes[0].axhline(value, color='k', ls=':', lw=1)
+      axes[0].text(1, value, f' {name} = {value:.3f}', fontsize=7, va='bottom')
+  axes[0].set_ylabel('min O_k over edges')
+  axes[0].set_title(f'overlap-driven vs fixed 1.5 : 1 schedule ({updates} updates per branch)')
+  axes[0].grid(alpha=0.3)
+  axes[0].legend(fontsize=6, ncol=2)
+  axes[1].set_yticks([0, 1], ['RL', 'OPD'])
+  axes[1].set_xlabel('step (optimizer update per branch)')
+  axes[1].grid(alpha=0.3)
+  return _save(fig, os.path.join(out, f'overlap_schedule_u{updates}.png'))
 
 
 def write_command(command: str, out: str, seeds: Sequence[int], runs: dict[str, M.RunSpec],
-                  work: str | None = None, sweep_updates: int = 60) -> list[str]:
+                  work: str | None = None, sweep_updates: int = 60,
+                  pilot: M.Pilot = M.Pilot()) -> list[str]:
   paths: list[str | None] = []
   if command == 'table1':
     paths.append(fig4ab(out, seeds, runs))
   elif command == 'phase_ratio':
     paths.append(fig4c(out, seeds, sweep_updates))
   elif command == 'pilot':
-    paths.append(pilot_gain(out, seeds))
+    paths.append(pilot_gain(out, seeds, pilot))
     if work is not None:
       paths.append(pilot_drift(out, seeds, work))
   elif command == 'overlap_schedule':
-    paths.append(overlap_schedule_fig(out, seeds))
+    paths.append(overlap_schedule_fig(out, seeds, sweep_updates))
   return [p for p in paths if p]

@@ -132,8 +132,6 @@ def mopd_run(p: Profile) -> RunSpec:
       K3_DOMAINS, needs=('freeze', 'branch_init', 'edges'), after=(short,))
 
 
-OVERLAP_LOW, OVERLAP_HIGH = 0.93, 0.95
-
 # Phase-ratio sweep: S_RL : S_OPD with the same total updates per branch.
 PHASE_RATIOS = (0.5, 1.0, 1.5, 2.0, 3.0)
 SWEEP_CYCLES = 5  # preferred number of cycles (the one closest to it is taken)
@@ -155,10 +153,94 @@ def ratio_name(ratio: float, updates: int) -> str:
   return f'ratio_{ratio:g}_u{updates}'.replace('.', 'p')
 
 
-def all_runs(p: Profile, sweep_updates: int = 60) -> dict[str, RunSpec]:
+@dataclasses.dataclass(frozen=True)
+class Pilot:
+  """The paper's pilot study: experts trained for `lengths` RL updates (one K=2 experts run;
+  its kept checkpoints at every multiple of gcd(lengths) are the shorter experts) each teach a
+  student started from the base, by static OPD for `opd_steps` updates, teacher frozen. All
+  (expert length, direction) pairs run side by side as branches of one driver run, with one
+  control student per domain that has no teacher (its native GRPO batch only)."""
+  lengths: tuple[int, ...] = (5, 10, 20, 40, 80)
+  opd_steps: int = 16
+  eval_examples: int = 200
+  experts_run: str = 'pilot_experts'
+
+
+@dataclasses.dataclass(frozen=True)
+class PilotPair:
+  """One distillation of the pilot: branch `student` (domain `student_domain`, from the base)
+  learns from frozen branch `teacher`, the `teacher_domain` expert after `length` RL updates."""
+  length: int
+  student: int
+  teacher: int
+  student_domain: str
+  teacher_domain: str
+
+
+def pilot_layout(pilot: Pilot) -> tuple[tuple[PilotPair, ...], tuple[tuple[int, str], ...]]:
+  """-> (pairs, controls): per length, for each expert domain d (branch k of the experts run),
+  a student on the other domain and the frozen expert; then (branch, domain) of one teacherless
+  control student per domain, last."""
+  pairs = []
+  for length in pilot.lengths:
+    for k, teacher_domain in enumerate(K2_DOMAINS):
+      b = 2 * len(pairs)
+      pairs.append(PilotPair(length, b, b + 1, K2_DOMAINS[1 - k], teacher_domain))
+  first = 2 * len(pairs)
+  controls = tuple((first + i, d) for i, d in enumerate(K2_DOMAINS))
+  return tuple(pairs), controls
+
+
+def pilot_runs(p: Profile, pilot: Pilot = Pilot()) -> dict[str, RunSpec]:
+  """The pilot's experts run (unless `pilot.experts_run` names another run) and its OPD run."""
+  import math
+  step = math.gcd(*pilot.lengths)
+  runs = {}
+  if pilot.experts_run == 'pilot_experts':
+    runs['pilot_experts'] = RunSpec(
+        'pilot_experts', K2_CONFIG, schedule(max(pilot.lengths) // step, step, 0) + (
+            '--config.copd.topology=none',) + p.common(), K2_DOMAINS)
+  pairs, controls = pilot_layout(pilot)
+  branches, inits = [], []
+  for pair in pairs:
+    k = K2_DOMAINS.index(pair.teacher_domain)
+    branches += [pair.student_domain, pair.teacher_domain]
+    inits += ["''", "'{run:%s}/checkpoints/%d:%d'" % (pilot.experts_run, pair.length - 1, k)]
+  for _, domain in controls:
+    branches.append(domain)
+    inits.append("''")
+  runs['pilot_opd'] = RunSpec(
+      'pilot_opd', K2_CONFIG, schedule(1, 0, pilot.opd_steps) + (
+          "--config.branches=(%s,)" % ','.join(f"'{b}'" for b in branches),
+          '--config.model.branch_init=(%s,)' % ','.join(inits),
+          '--config.copd.topology=edges',
+          '--config.copd.edges=' + ','.join(f'{q.student}<-{q.teacher}' for q in pairs),
+          '--config.copd.freeze=' + ','.join(str(q.teacher) for q in pairs),
+          '--config.merge.method=none', f'--config.eval.num_examples={pilot.eval_examples}')
+      + p.extra, K2_DOMAINS, needs=('freeze', 'branch_init', 'edges'),
+      after=(pilot.experts_run,))
+  return runs
+
+
+def overlap_name(updates: int) -> str:
+  return f'copd_overlap_u{updates}'
+
+
+def overlap_run(p: Profile, updates: int, low: float, high: float) -> RunSpec:
+  """CoPD with the overlap-driven schedule, `updates` steps per branch (the sweep's budget)."""
+  return RunSpec(overlap_name(updates), K2_CONFIG, schedule(*phase_schedule(1.5, updates)) + (
+      '--config.copd.schedule=overlap', f'--config.copd.overlap_low={low:.4f}',
+      f'--config.copd.overlap_high={high:.4f}') + p.common(), K2_DOMAINS,
+      needs=('overlap_schedule',))
+
+
+def all_runs(p: Profile, sweep_updates: int = 60,
+             thresholds: tuple[float, float] | None = None,
+             pilot: Pilot = Pilot()) -> dict[str, RunSpec]:
   """Every run of every command; the phase-ratio runs have `sweep_updates` updates per branch
   (60 = lcm of the cycle lengths 3, 2, 5, 3, 4 fits all five ratios; ratios without an
-  integer schedule are left out)."""
+  integer schedule are left out). The overlap-driven run, at the sweep's budget, exists once
+  its (overlap_low, overlap_high) are known (experiments/thresholds.py)."""
   runs = {}
   runs.update(k_runs(p, '', K2_CONFIG, K2_DOMAINS))
   runs.update(k_runs(p, '_k3', K3_CONFIG, K3_DOMAINS))
@@ -169,17 +251,14 @@ def all_runs(p: Profile, sweep_updates: int = 60) -> dict[str, RunSpec]:
   for name, edge in (('copd_no_s2c', '0<-1'), ('copd_no_c2s', '1<-0')):
     runs[name] = RunSpec(name, K2_CONFIG, schedule(N, R, O) + (f'--config.copd.drop_edges={edge}',)
                          + p.common(), K2_DOMAINS)
-  # Thresholds set to the O_k range CoPD's seed-0 logs show at this scale (0.91-0.97) before any
-  # overlap-schedule run; the config defaults (0.85 / 0.92) would never leave RL in 20 steps.
-  runs['copd_overlap'] = RunSpec('copd_overlap', K2_CONFIG, schedule(N, R, O) + (
-      '--config.copd.schedule=overlap', f'--config.copd.overlap_low={OVERLAP_LOW}',
-      f'--config.copd.overlap_high={OVERLAP_HIGH}') + p.common(), K2_DOMAINS,
-      needs=('overlap_schedule',))
   for ratio in PHASE_RATIOS:
     plan = phase_schedule(ratio, sweep_updates)
     if plan is not None:
       name = ratio_name(ratio, sweep_updates)
       runs[name] = RunSpec(name, K2_CONFIG, schedule(*plan) + p.common(), K2_DOMAINS)
+  runs.update(pilot_runs(p, pilot))
+  if thresholds is not None:
+    runs[overlap_name(sweep_updates)] = overlap_run(p, sweep_updates, *thresholds)
   return runs
 
 
@@ -211,14 +290,16 @@ TABLE3 = (
     Method('Count-Branch Only (no merge)', 'copd', 'branch0:count'),
     Method('Sort-Branch Only (no merge)', 'copd', 'branch1:sort'),
 )
-OVERLAP = (
-    Method('CoPD fixed 1.5:1 (table profile)', 'copd', 'merged:mean'),
-    Method('CoPD overlap-driven schedule', 'copd_overlap', 'merged:mean'),
-)
 
 
 def phase_methods(updates: int) -> tuple[Method, ...]:
   return tuple(Method(f'{r:g}', ratio_name(r, updates), 'merged:mean') for r in PHASE_RATIOS)
+
+
+def overlap_methods(updates: int) -> tuple[Method, ...]:
+  """Every fixed ratio of the sweep, then the overlap-driven schedule, at the same budget."""
+  return tuple(Method(f'fixed {m.label} : 1', m.run, m.row) for m in phase_methods(updates)) + (
+      Method('overlap-driven', overlap_name(updates), 'merged:mean'),)
 
 
 # Which runs each command needs (in run order).
@@ -226,21 +307,34 @@ COMMAND_RUNS = {
     'table1': ('copd', 'experts', 'mixed', 'static_s2c', 'static_c2s'),
     'table3': ('copd', 'copd_no_s2c', 'copd_no_c2s'),
     'table2': ('copd_k3', 'experts_k3', 'mixed_k3', 'mopd_k3'),
-    'pilot': ('experts', 'copd', 'static_s2c', 'static_c2s'),
-    'overlap_schedule': ('copd', 'copd_overlap'),
+    'pilot': ('experts', 'copd', 'pilot_experts', 'pilot_opd'),
 }
-TABLE_METHODS = {'table1': TABLE1, 'table2': TABLE2, 'table3': TABLE3,
-                 'overlap_schedule': OVERLAP}
+TABLE_METHODS = {'table1': TABLE1, 'table2': TABLE2, 'table3': TABLE3}
 
 
 def command_runs(command: str, sweep_updates: int) -> tuple[str, ...]:
   if command == 'phase_ratio':
     return tuple(ratio_name(r, sweep_updates) for r in PHASE_RATIOS)
+  if command == 'overlap_schedule':
+    return tuple(ratio_name(r, sweep_updates) for r in PHASE_RATIOS) + (
+        overlap_name(sweep_updates),)
   return COMMAND_RUNS[command]
 
 
 def command_methods(command: str, sweep_updates: int) -> tuple[Method, ...]:
-  return phase_methods(sweep_updates) if command == 'phase_ratio' else TABLE_METHODS[command]
+  if command == 'phase_ratio':
+    return phase_methods(sweep_updates)
+  if command == 'overlap_schedule':
+    return overlap_methods(sweep_updates)
+  return TABLE_METHODS[command]
+
+
+def absent_reason(name: str) -> str:
+  """Why a run that a command names is not in all_runs()."""
+  if name.startswith('copd_overlap_u'):
+    return ('its overlap thresholds come from the phase-ratio sweep at the same budget, which '
+            'has not finished for every seed (run phase_ratio first)')
+  return 'no integer (num_cycles, S_RL, S_OPD) schedule for this budget (methods.phase_schedule)'
 
 
 def feature_available(name: str) -> bool:

@@ -4,6 +4,9 @@ and figures.
   python -m experiments.run table1|table2|table3|phase_ratio|pilot|overlap_schedule|all \
       --seeds 3 --out experiments/results [--work runs/experiments]
 
+overlap_schedule needs the finished phase-ratio sweep at the same --sweep-updates: its
+thresholds are computed from the sweep's logged O_k (experiments/thresholds.py).
+
 Each run is `python -m copd_jax train --config FILE --workdir WORK/seed<s>/<run> ...` (methods.py
 lists them). Heavy workdirs (checkpoints) stay under --work; each finished run's eval.json,
 metrics.jsonl and run_info.json (command, wall time, machine) are copied to
@@ -26,6 +29,7 @@ import time
 from typing import Callable, Sequence
 
 from experiments import methods as M
+from experiments import thresholds as T
 
 COMMANDS = ('table1', 'table3', 'phase_ratio', 'table2', 'pilot', 'overlap_schedule')
 COPIED = ('eval.json', 'metrics.jsonl')
@@ -118,8 +122,8 @@ def ensure_runs(names: Sequence[str], runs: dict[str, M.RunSpec], seeds: Sequenc
   not_run: dict[str, list[str]] = {}
   for name in names:
     if name not in runs:
-      log(f'{name}: NOT RUN -- no integer schedule for this budget (methods.phase_schedule)')
-      not_run[name] = ['no integer schedule']
+      log(f'{name}: NOT RUN -- {M.absent_reason(name)}')
+      not_run[name] = [M.absent_reason(name)]
   names = [n for n in names if n in runs]
   for seed in seeds:
     for name in names:
@@ -163,11 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   profile = M.Profile(args.num_cycles, args.s_rl, args.s_opd, args.eval_examples,
                       tuple(args.override))
-  runs = M.all_runs(profile, args.sweep_updates)
   commands = COMMANDS if args.command == 'all' else (args.command,)
   not_run: dict[str, list[str]] = {}
   for command in commands:
     seeds = range(args.sweep_seeds if command == 'phase_ratio' and args.sweep_seeds else args.seeds)
+    # The overlap-driven run's thresholds come from the finished sweep's O_k (thresholds.py).
+    limits = T.load_or_compute(args.out, list(seeds), args.sweep_updates) \
+        if command == 'overlap_schedule' else None
+    runs = M.all_runs(profile, args.sweep_updates, limits)
     if not args.no_run:
       not_run.update(ensure_runs(M.command_runs(command, args.sweep_updates), runs, list(seeds), args.out, args.work))
     from experiments import figures, tables

@@ -21,7 +21,8 @@ TITLES = {
     'table1': 'Table 1 (toy): K=2, count & sort',
     'table2': 'Table 2 (toy): K=3, count (hub), sort & arithmetic',
     'table3': 'Table 3 (toy): ablations of CoPD, K=2',
-    'overlap_schedule': 'Overlap-driven schedule vs the fixed 1.5:1 schedule (same budget)',
+    'overlap_schedule': 'Overlap-driven schedule vs every fixed S_RL : S_OPD ratio (same budget; '
+                        'merged model)',
     'phase_ratio': 'Phase ratio S_RL : S_OPD (equal updates per branch; merged model)',
 }
 
@@ -58,7 +59,7 @@ def cell(values: np.ndarray | None) -> str:
 def missing_note(runs: dict[str, M.RunSpec], method: M.Method) -> str:
   spec = runs.get(method.run)
   if spec is None:
-    return 'not run: no integer (num_cycles, S_RL, S_OPD) schedule for this budget'
+    return 'not run: ' + M.absent_reason(method.run)
   missing = M.missing_features(spec) if spec else []
   return f'not run: driver lacks {", ".join(missing)}' if missing else 'not run yet'
 
@@ -113,13 +114,63 @@ def budget_lines(profile: M.Profile, K: int) -> str:
           'mixed RLVR: all RL). See README.md.')
 
 
+def overlap_header(out: str, seeds: Sequence[int], runs: dict[str, M.RunSpec],
+                   updates: int) -> list[str]:
+  """Budget, thresholds and the phases the overlap-driven runs actually took."""
+  from experiments import thresholds as T
+  lines = [f'{updates} updates per branch for every row (the phase-ratio sweep\'s budget).']
+  limits = T.load(out, updates)
+  if limits is None:
+    return lines + ['Thresholds: not yet computed (the sweep has not finished).', '']
+  lines.append(f'Thresholds overlap_low = {limits[0]:.4f}, overlap_high = {limits[1]:.4f}: the '
+               f'{T.LOW_PERCENTILE}th percentile and the median of the min O_k logged at every '
+               'OPD step of the fixed-ratio runs (all ratios and seeds), fixed before the '
+               f'overlap-driven runs (`{os.path.basename(T.path(out, updates))}`, '
+               'experiments/thresholds.py).')
+  taken = []
+  for seed in seeds:
+    path = os.path.join(out, 'runs', f'seed{seed}', M.overlap_name(updates), 'metrics.jsonl')
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      phases = [json.loads(line)['phase_is_opd'] for line in f if line.strip()]
+    switches = sum(1 for a, b in zip(phases, phases[1:]) if a != b)
+    taken.append(f'seed {seed}: {int(sum(phases))} OPD / {len(phases) - int(sum(phases))} RL '
+                 f'steps, {switches} phase switch{"es" if switches != 1 else ""}')
+  if taken:
+    lines.append('Phases the overlap-driven schedule took: ' + '; '.join(taken) + '.')
+  return lines + ['']
+
+
+def best_fixed_line(out: str, seeds: Sequence[int], methods: Sequence[M.Method],
+                    domains: Sequence[str], metric: str) -> str:
+  """The best fixed ratio by mean overall score, and overlap-driven minus it, paired by seed."""
+  fixed = [(m, method_scores(out, seeds, m, domains, metric)) for m in methods[:-1]]
+  fixed = [(m, s) for m, s in fixed if s is not None]
+  adaptive = method_scores(out, seeds, methods[-1], domains, metric)
+  if not fixed or adaptive is None:
+    return 'Best fixed ratio: not available yet.'
+  best, scores = max(fixed, key=lambda ms: ms[1][:, -1].mean())
+  diff = []
+  for seed in seeds:
+    a = method_scores(out, [seed], methods[-1], domains, metric)
+    b = method_scores(out, [seed], best, domains, metric)
+    if a is not None and b is not None:
+      diff.append(a[0, -1] - b[0, -1])
+  return (f'Best fixed ratio (by mean overall): {best.label} ({cell(scores[:, -1])}). '
+          f'Overlap-driven minus it, paired by seed: {cell(np.asarray(diff))} points '
+          f'({len(diff)} seeds).')
+
+
 def render(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
            runs: dict[str, M.RunSpec], sweep_updates: int = 60) -> str:
   methods = M.command_methods(command, sweep_updates)
   domains = M.K3_DOMAINS if command == 'table2' else M.K2_DOMAINS
   parts = [f'# {TITLES[command]}', '']
-  if command in ('table1', 'table2', 'table3', 'overlap_schedule'):
+  if command in ('table1', 'table2', 'table3'):
     parts += [budget_lines(profile, len(domains)), '']
+  if command == 'overlap_schedule':
+    parts += overlap_header(out, seeds, runs, sweep_updates)
   if command == 'phase_ratio':
     parts += [f'{sweep_updates} updates per branch. ' + 'Schedules (num_cycles, S_RL, S_OPD): ' + ', '.join(
         f'{m.label}: ' + ' '.join(o.split('=')[1] for o in runs[m.run].overrides[:3])
@@ -132,17 +183,19 @@ def render(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
     else:
       first = 'S_RL : S_OPD' if command == 'phase_ratio' else 'Method'
       parts.append(row_table(out, seeds, methods, domains, metric, runs, first))
+      if command == 'overlap_schedule':
+        parts += ['', best_fixed_line(out, seeds, methods, domains, metric)]
     parts.append('')
   return '\n'.join(parts)
 
 
 def write_command(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
                   runs: dict[str, M.RunSpec], sweep_updates: int = 60) -> list[str]:
-  """Writes OUT/<command>.md (phase_ratio: OUT/phase_ratio_u<updates>.md; no table for 'pilot',
-  which is figures only); -> paths."""
+  """Writes OUT/<command>.md (phase_ratio / overlap_schedule: OUT/<command>_u<updates>.md; the
+  pilot's pilot.md is written by figures.pilot_gain); -> paths."""
   written = []
-  if command in M.TABLE_METHODS or command == 'phase_ratio':
-    suffix = f'_u{sweep_updates}' if command == 'phase_ratio' else ''
+  if command in M.TABLE_METHODS or command in ('phase_ratio', 'overlap_schedule'):
+    suffix = f'_u{sweep_updates}' if command in ('phase_ratio', 'overlap_schedule') else ''
     path = os.path.join(out, f'{command}{suffix}.md')
     os.makedirs(out, exist_ok=True)
     with open(path, 'w') as f:

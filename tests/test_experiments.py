@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from experiments import figures, methods as M, run as R, tables
+import numpy as np
+
+from experiments import figures, methods as M, pilot as P, run as R, tables, thresholds as T
 from tests.test_driver import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +19,7 @@ EXISTING_TABLE1_RUNS = ('copd', 'experts', 'mixed')  # need no new driver featur
 
 def test_every_table_method_has_a_run_and_equal_budget():
   runs = M.all_runs(M.Profile())
-  for methods, K in ((M.TABLE1, 2), (M.TABLE2, 3), (M.TABLE3, 2), (M.OVERLAP, 2)):
+  for methods, K in ((M.TABLE1, 2), (M.TABLE2, 3), (M.TABLE3, 2)):
     U = M.Profile().updates_per_branch
     for m in methods:
       assert m.run in runs, m
@@ -25,6 +27,9 @@ def test_every_table_method_has_a_run_and_equal_budget():
         assert M.method_updates(m, runs, K) == K * U, (m, M.method_updates(m, runs, K))
   sweep = {M.method_updates(m, runs, 2) for m in M.phase_methods(60)}
   assert sweep == {120}
+  assert M.overlap_name(60) not in runs  # no thresholds yet: the overlap run cannot be built
+  runs = M.all_runs(M.Profile(), 60, thresholds=(0.9, 0.91))
+  assert {M.method_updates(m, runs, 2) for m in M.overlap_methods(60)} == {120}
   for ratio in M.PHASE_RATIOS:
     n, s_rl, s_opd = M.phase_schedule(ratio, 60)
     assert s_rl / s_opd == ratio and n * (s_rl + s_opd) == 60
@@ -40,6 +45,54 @@ def test_static_opd_run_is_expressed_with_the_fixed_field_names():
   assert '--config.copd.s_rl=0' in argv and '--config.copd.topology=edges' in argv
   mopd = runs['mopd_k3'].resolved(lambda name: f'/w/{name}')
   assert '--config.copd.freeze=1,2,3' in mopd and '--config.copd.edges=0<-1,0<-2,0<-3' in mopd
+
+
+def test_pilot_layout_pairs_every_expert_length_with_a_base_student():
+  pilot = M.Pilot(lengths=(5, 10, 20), opd_steps=4)
+  pairs, controls = M.pilot_layout(pilot)
+  assert [(q.length, q.teacher_domain, q.student_domain) for q in pairs] == [
+      (L, t, s) for L in (5, 10, 20) for t, s in (('count', 'sort'), ('sort', 'count'))]
+  assert controls == ((12, 'count'), (13, 'sort'))
+  runs = M.pilot_runs(M.Profile(), pilot)
+  # One experts run; its checkpoint after L updates (step L-1) is kept at every phase end.
+  assert runs['pilot_experts'].overrides[:3] == M.schedule(4, 5, 0)
+  argv = runs['pilot_opd'].resolved(lambda name: f'/w/{name}')
+  assert M.schedule(1, 0, 4) == argv[:3]
+  inits = next(a for a in argv if a.startswith('--config.model.branch_init='))
+  assert "'/w/pilot_experts/checkpoints/19:1'" in inits and inits.count("''") == 6 + 2
+  assert '--config.copd.edges=0<-1,2<-3,4<-5,6<-7,8<-9,10<-11' in argv
+  assert '--config.copd.freeze=1,3,5,7,9,11' in argv
+  branches = next(a for a in argv if a.startswith('--config.branches='))
+  assert branches.count("'sort'") == branches.count("'count'") == 7
+
+
+def _fake_sweep(out, seeds, updates, overlaps):
+  for seed in seeds:
+    for ratio in M.PHASE_RATIOS:
+      d = os.path.join(out, 'runs', f'seed{seed}', M.ratio_name(ratio, updates))
+      os.makedirs(d)
+      with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+        for step, value in enumerate(overlaps):
+          f.write(json.dumps({'step': step, 'phase_is_opd': 1.0, T.KEY: value}) + '\n')
+        f.write(json.dumps({'step': len(overlaps), 'phase_is_opd': 0.0}) + '\n')
+      open(os.path.join(d, 'eval.json'), 'w').write('{}')
+
+
+def test_overlap_thresholds_come_from_the_sweep_and_are_fixed_once(tmp_path):
+  out = str(tmp_path)
+  assert T.load_or_compute(out, [0], 60) is None  # sweep not run
+  _fake_sweep(out, [0, 1], 60, [0.80, 0.85, 0.90, 0.95])
+  assert T.load_or_compute(out, [0, 1, 2], 60) is None  # seed 2 missing
+  low, high = T.load_or_compute(out, [0, 1], 60)
+  assert (low, high) == (round(float(np.percentile([0.8, 0.85, 0.9, 0.95], 25)), 4), 0.875)
+  record = json.load(open(T.path(out, 60)))
+  assert record['num_values'] == 2 * 5 * 4 and record['overlap_low'] == low
+  # Recorded once: later sweep data cannot move them.
+  _fake_sweep(out, [3], 60, [0.1, 0.2])
+  assert T.load_or_compute(out, [0, 1, 3], 60) == (low, high)
+  spec = M.all_runs(M.Profile(), 60, (low, high))[M.overlap_name(60)]
+  assert f'--config.copd.overlap_low={low:.4f}' in spec.overrides
+  assert '--config.copd.schedule=overlap' in spec.overrides
 
 
 def test_missing_feature_is_reported_not_run(monkeypatch, tmp_path):
@@ -63,8 +116,9 @@ def test_every_run_config_validates():
   """Each run's overrides load through the driver's own config checks (no compute); runs whose
   driver feature is missing are listed in the skip reason instead."""
   from copd_jax.config import load_config
-  runs = M.all_runs(M.Profile(), sweep_updates=60)
-  assert {M.ratio_name(r, 60) for r in M.PHASE_RATIOS} <= set(runs)
+  runs = M.all_runs(M.Profile(), sweep_updates=60, thresholds=(0.9, 0.91))
+  assert {M.ratio_name(r, 60) for r in M.PHASE_RATIOS} | {
+      'pilot_experts', 'pilot_opd', M.overlap_name(60)} <= set(runs)
   unavailable = []
   for name, spec in sorted(runs.items()):
     if M.missing_features(spec):
@@ -127,6 +181,43 @@ def test_table3_rows_come_from_copd_branches(tiny_results):
   for label in ('CoPD (Full)', 'Count-Branch Only (no merge)', 'Sort-Branch Only (no merge)'):
     row = next(l for l in text.splitlines() if l.startswith(f'| {label} |'))
     assert '—' not in row and row.rstrip().endswith('| 1 |')
+
+
+def test_tiny_pilot_gain_against_overlap(tiny_results):
+  """The pilot's OPD run on tiny settings, its experts taken from the tiny CoPD run's first
+  checkpoint: gain = student's accuracy on the teacher's domain minus the base's, O_k from the
+  first OPD step's log."""
+  out, work, _ = tiny_results
+  pilot = M.Pilot(lengths=(1,), opd_steps=1, eval_examples=4, experts_run='copd')
+  runs = M.all_runs(TINY_PROFILE, pilot=pilot)
+  assert 'pilot_experts' not in runs
+  assert R.ensure_runs(['pilot_opd'], runs, [0], out, work) == {}
+  written = figures.write_command('pilot', out, [0], runs, None, pilot=pilot)
+  assert os.path.join(out, 'pilot_gain_vs_overlap.png') in written
+  points = P.seed_points(out, 0, pilot)
+  results = json.load(open(os.path.join(out, 'runs', 'seed0', 'pilot_opd', 'eval.json')))['results']
+  assert set(results) == {'base'} | {f'branch{k}:{d}' for k, d in
+                                     enumerate(('sort', 'count', 'count', 'sort', 'count', 'sort'))}
+  first = json.loads(open(os.path.join(out, 'runs', 'seed0', 'pilot_opd',
+                                       'metrics.jsonl')).readline())
+  assert [(p['length'], p['direction']) for p in points] == [(1, 'count→sort'), (1, 'sort→count')]
+  for p, (student, teacher, sd, td, control) in zip(points, ((0, 1, 'sort', 'count', 5),
+                                                             (2, 3, 'count', 'sort', 4))):
+    for metric in P.METRICS:
+      after = results[f'branch{student}:{sd}'][td][metric]
+      assert p[f'gain_{metric}'] == pytest.approx(after - results['base'][td][metric])
+      assert p[f'control_gain_{metric}'] == pytest.approx(
+          results[f'branch{control}:{sd}'][td][metric] - results['base'][td][metric])
+    assert p['overlap_before'] == first[f'behaviour/overlap_top8/b{student}_{sd}<-b{teacher}_{td}']
+    assert 0.0 < p['overlap_before'] <= 1.0
+  saved = json.load(open(os.path.join(out, 'pilot_gain_vs_overlap.json')))
+  assert saved['summary']['n'] == 2 and len(saved['points']) == 2
+  assert '| count→sort | 1 |' in open(os.path.join(out, 'pilot.md')).read()
+
+
+def test_pearson_is_nan_without_spread():
+  assert np.isnan(P.pearson([0.9, 0.9, 0.9], [1, 2, 3]))
+  assert P.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
 
 
 @pytest.mark.slow
