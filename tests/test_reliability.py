@@ -3,11 +3,10 @@ or file:line; corrupted checkpoints make `train` fall back and `export-hf` / `me
 adversarial completions through every reward function; merge / export outputs appear only when
 complete; untrusted model folders never run code; random SIGKILLs of a run lose nothing (slow).
 
-The catalogues of bad inputs live in scripts/fault_injection.py, which also prints the tables
-of docs/reliability.md from real runs.
+The catalogues of bad inputs live in scripts/faults/ (one module per fault kind);
+scripts/fault_injection.py prints the tables of docs/reliability.md from real runs of them.
 """
 import gc
-import importlib.util
 import json
 import os
 import pickle
@@ -25,21 +24,13 @@ from flax import nnx
 from copd_jax import checkpoint as ckpt
 from copd_jax.models import hf_io
 from copd_jax.models.tokenizer import char_tokenizer
+from scripts.faults import checkpoints as checkpoint_faults
+from scripts.faults import cli, configs, data_files, kills, nan_guard
+from scripts.faults import rewards as reward_faults
 from tests.test_checkpoint import TINY, abstract, assert_trees_equal, make_state, shifted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _load_harness():
-  spec = importlib.util.spec_from_file_location(
-      'fault_injection', os.path.join(ROOT, 'scripts', 'fault_injection.py'))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses resolve their module by name
-  spec.loader.exec_module(module)
-  return module
-
-
-fi = _load_harness()
 
 # Orbax leaves the reads of a failed restore un-awaited; the warnings about them are expected.
 DAMAGE_NOISE = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -54,13 +45,14 @@ def _ids(cases):
 # ---------------------------------------------------------------------------------------------
 
 def test_the_catalogues_are_large_enough():
-  assert len(fi.BAD_CONFIGS) >= 30 and len(fi.BAD_DATA) >= 10 and len(fi.CORRUPTIONS) >= 5
-  assert len({c.label for c in fi.BAD_CONFIGS}) == len(fi.BAD_CONFIGS)
+  assert len(configs.BAD_CONFIGS) >= 30 and len(data_files.BAD_DATA) >= 10
+  assert len(checkpoint_faults.CORRUPTIONS) >= 5
+  assert len({c.label for c in configs.BAD_CONFIGS}) == len(configs.BAD_CONFIGS)
 
 
-@pytest.mark.parametrize('case', fi.BAD_CONFIGS, ids=_ids(fi.BAD_CONFIGS))
+@pytest.mark.parametrize('case', configs.BAD_CONFIGS, ids=_ids(configs.BAD_CONFIGS))
 def test_bad_config_fails_before_any_compute(case, tmp_path):
-  outcome = fi.try_bad_config(case, str(tmp_path))
+  outcome = configs.try_bad_config(case, str(tmp_path))
   result = outcome.result
   assert result.code == 2, (result.code, result.stderr)
   assert result.lines == [result.message], result.stderr
@@ -70,13 +62,14 @@ def test_bad_config_fails_before_any_compute(case, tmp_path):
 
 def test_the_tripwire_sees_a_good_config_reach_the_driver(tmp_path):
   # The check above can fail: a valid config gets past validation and trips the wire.
-  outcome = fi.try_bad_config(fi.ConfigCase('valid', ('--config.seed=3',), 'error'), str(tmp_path))
+  valid = configs.ConfigCase('valid', ('--config.seed=3',), 'error')
+  outcome = configs.try_bad_config(valid, str(tmp_path))
   assert outcome.result.code == 'compute started' and not outcome.ok
 
 
 def _cli_env():
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={fi.IN_PROCESS_DEVICES}')
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={cli.IN_PROCESS_DEVICES}')
 
 
 @pytest.mark.parametrize('overrides, field', [
@@ -88,8 +81,8 @@ def _cli_env():
 def test_bad_config_through_a_fresh_interpreter(tmp_path, overrides, field):
   workdir = tmp_path / 'w'
   result = subprocess.run(
-      [sys.executable, '-m', 'copd_jax', 'train', '--config', fi.TOY_CONFIG, '--workdir',
-       str(workdir), *fi.BASE_OVERRIDES, *overrides],
+      [sys.executable, '-m', 'copd_jax', 'train', '--config', cli.TOY_CONFIG, '--workdir',
+       str(workdir), *cli.BASE_OVERRIDES, *overrides],
       cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr
   assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
@@ -101,9 +94,9 @@ def test_bad_config_through_a_fresh_interpreter(tmp_path, overrides, field):
 # 2. Bad data files: one line with file and line (or row), before the warm start
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('case', fi.BAD_DATA, ids=_ids(fi.BAD_DATA))
+@pytest.mark.parametrize('case', data_files.BAD_DATA, ids=_ids(data_files.BAD_DATA))
 def test_bad_data_file_names_file_and_line_before_compute(case, tmp_path):
-  outcome = fi.try_bad_data(case, str(tmp_path))
+  outcome = data_files.try_bad_data(case, str(tmp_path))
   result = outcome.result
   path = str(tmp_path / case.name)
   assert result.code == 2, (result.code, result.stderr)
@@ -139,13 +132,13 @@ def _damaged_copy(run_dir, tmp_path, name):
   workdir, state = run_dir
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  damage, unreadable = fi.CORRUPTIONS[name]
+  damage, unreadable = checkpoint_faults.CORRUPTIONS[name]
   damage(os.path.join(copy, 'checkpoints', '2'))
   return copy, state, unreadable
 
 
 @DAMAGE_NOISE
-@pytest.mark.parametrize('name', list(fi.CORRUPTIONS))
+@pytest.mark.parametrize('name', list(checkpoint_faults.CORRUPTIONS))
 def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_path, name):
   copy, state, unreadable = _damaged_copy(run_dir, tmp_path, name)
   saver = ckpt.RunCheckpointer(copy)
@@ -169,12 +162,12 @@ def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_pat
 
 
 @DAMAGE_NOISE
-@pytest.mark.parametrize('name', list(fi.CORRUPTIONS))
+@pytest.mark.parametrize('name', list(checkpoint_faults.CORRUPTIONS))
 def test_export_and_merge_of_a_corrupted_checkpoint(run_dir, tmp_path, name):
   copy, state, unreadable = _damaged_copy(run_dir, tmp_path, name)
   export_out, merge_out = str(tmp_path / 'hf'), str(tmp_path / 'merged')
-  export = fi.run_cli(['export-hf', '--checkpoint', copy, '--branch', '1', '--out', export_out])
-  merge = fi.run_cli(['merge', '--workdir', copy, '--out', merge_out])
+  export = cli.run_cli(['export-hf', '--checkpoint', copy, '--branch', '1', '--out', export_out])
+  merge = cli.run_cli(['merge', '--workdir', copy, '--out', merge_out])
   if unreadable:
     for result in (export, merge):
       assert result.code == 2, result.stderr
@@ -196,13 +189,13 @@ def test_export_and_merge_of_a_corrupted_checkpoint(run_dir, tmp_path, name):
 # ---------------------------------------------------------------------------------------------
 
 def test_adversarial_completions_cover_every_category_and_are_deterministic():
-  items = fi.adversarial_completions(1000, seed=0)
-  assert len(items) == 1000 and items == fi.adversarial_completions(1000, seed=0)
+  items = reward_faults.adversarial_completions(1000, seed=0)
+  assert len(items) == 1000 and items == reward_faults.adversarial_completions(1000, seed=0)
   categories = {c for c, _ in items}
   assert {'huge number', 'nesting', 'LaTeX bomb', 'unicode / control', 'code-like',
           '1 MB string', 'random composition'} <= categories
   assert max(len(t) for _, t in items) >= 1_000_000
-  assert {c for c, _ in fi.adversarial_completions(100, seed=0)} == categories
+  assert {c for c, _ in reward_faults.adversarial_completions(100, seed=0)} == categories
 
 
 def _check_sweep(results):
@@ -218,7 +211,7 @@ def _check_sweep(results):
 
 
 def test_1000_adversarial_completions_through_every_reward_function():
-  _check_sweep(fi.reward_sweep(1000, seed=0, timeout_s=0.5, grace_s=1.0))
+  _check_sweep(reward_faults.reward_sweep(1000, seed=0, timeout_s=0.5, grace_s=1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +225,7 @@ def _looks_complete_hf(folder):
 def test_export_interrupted_by_an_exception_leaves_no_model(run_dir, tmp_path, monkeypatch):
   workdir, _ = run_dir
   out = str(tmp_path / 'hf')
-  good = fi.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', out])
+  good = cli.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', out])
   assert good.code == 0
   before = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)}
 
@@ -241,10 +234,10 @@ def test_export_interrupted_by_an_exception_leaves_no_model(run_dir, tmp_path, m
 
   monkeypatch.setattr(hf_io, 'save_file', disk_full)
   other = str(tmp_path / 'hf2')
-  failed = fi.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', other])
+  failed = cli.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', other])
   assert failed.code == 'crash (OSError)' and not os.path.exists(other)
   # --overwrite of a complete folder that fails midway keeps the old folder intact.
-  failed = fi.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '1', '--out', out,
+  failed = cli.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '1', '--out', out,
                        '--overwrite'])
   assert failed.code == 'crash (OSError)'
   assert {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)} == before
@@ -258,10 +251,10 @@ def test_merge_interrupted_by_an_exception_leaves_no_checkpoint(run_dir, tmp_pat
     raise OSError(28, 'No space left on device')
 
   monkeypatch.setattr(ckpt.shutil, 'copy', disk_full)  # the tokenizer copy, after the arrays
-  failed = fi.run_cli(['merge', '--workdir', workdir, '--out', out])
+  failed = cli.run_cli(['merge', '--workdir', workdir, '--out', out])
   assert failed.code == 'crash (OSError)' and not os.path.exists(out)
   monkeypatch.undo()
-  assert fi.run_cli(['merge', '--workdir', workdir, '--out', out]).code == 0
+  assert cli.run_cli(['merge', '--workdir', workdir, '--out', out]).code == 0
   params, meta = ckpt.load_params_checkpoint(out)
   assert meta['merge']['method'] == 'mean' and 'embed' in params
 
@@ -295,7 +288,7 @@ def test_sigkill_midway_leaves_no_complete_looking_output(run_dir, tmp_path, com
   leftovers = [n for n in os.listdir(tmp_path) if n != 'out']
   assert leftovers and all(n.startswith('.out.tmp-') for n in leftovers)  # hidden, incomplete
   # A rerun writes the complete output next to the stale temporary folder.
-  assert fi.run_cli(argv).code == 0
+  assert cli.run_cli(argv).code == 0
   if command == 'export-hf':
     assert _looks_complete_hf(out) and 'embed' in hf_io.load_params(out)
   else:
@@ -356,7 +349,7 @@ def test_auto_map_custom_code_is_never_imported(tmp_path):
   raw.update(model_type='evil', architectures=['EvilForCausalLM'])
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(raw, f)
-  result = fi.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  result = cli.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
   assert result.code == 2 and 'unsupported architecture' in result.message
   assert not marker.exists()
 
@@ -367,12 +360,12 @@ def test_pickled_weights_are_refused_and_never_unpickled(tmp_path):
   os.remove(os.path.join(folder, 'model.safetensors'))
   with open(os.path.join(folder, 'pytorch_model.bin'), 'wb') as f:
     pickle.dump(_Pwn(marker), f)
-  result = fi.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  result = cli.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
   assert result.code == 2 and 'only pickle (.bin) weights found' in result.message
   # A pickle disguised as safetensors is unreadable, not unpickled.
   with open(os.path.join(folder, 'model.safetensors'), 'wb') as f:
     pickle.dump(_Pwn(marker), f)
-  result = fi.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  result = cli.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
   assert result.code == 2 and 'unreadable safetensors file' in result.message, result.stderr
   assert not marker.exists()
 
@@ -405,7 +398,7 @@ def harness_folder(tmp_path_factory):
 def test_train_resumes_past_corrupted_checkpoints_and_loses_nothing(harness_folder):
   names = ['overwrite half an array file with random bytes', 'delete the whole state item',
            'leftover tmp folder of a newer, interrupted save']
-  outcomes = fi.corruption_experiment(harness_folder, names, log=lambda s: None)
+  outcomes = checkpoint_faults.corruption_experiment(harness_folder, names, log=lambda s: None)
   for o in outcomes:
     assert o.problems == [], (o.name, o.problems)
     assert o.ok, o
@@ -414,14 +407,14 @@ def test_train_resumes_past_corrupted_checkpoints_and_loses_nothing(harness_fold
 
 @pytest.mark.slow
 def test_random_sigkills_then_resume_equal_an_uninterrupted_run(harness_folder):
-  report = fi.kill_experiment(harness_folder, kills=2, seed=1, cycles=1, log=lambda s: None)
+  report = kills.kill_experiment(harness_folder, kills=2, seed=1, cycles=1, log=lambda s: None)
   assert report.problems == [], report.problems
   assert sum(r.landed for r in report.records) >= 1, report.records
 
 
 @pytest.mark.slow
 def test_nan_in_one_branch_is_skipped_and_repeated_nans_stop_the_run(harness_folder):
-  skipped, halted = fi.nan_experiment(harness_folder, log=lambda s: None)
+  skipped, halted = nan_guard.nan_experiment(harness_folder, log=lambda s: None)
   assert skipped.problems == [] and skipped.code == 0, skipped
   assert "['b1_sort']; update skipped (1/3 consecutive)" in skipped.guard_lines[0]
   assert halted.problems == [] and halted.code == 3, halted
