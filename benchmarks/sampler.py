@@ -43,7 +43,7 @@ MODELS = {
                        intermediate=3072, tied=True),
 }
 PROMPT_LEN, NEW_TOKENS = 16, 48
-OURS_MODES = ('layerwise', 'model-scan', 'model-unrolled')
+OURS_MODES = ('layerwise', 'model-scan', 'model-unrolled', 'branches')
 # HBM bandwidth per device, GB/s (vendor datasheets), matched against jax's device_kind.
 PEAK_GBPS = (('H200', 4800.0), ('H100 PCIe', 2000.0), ('H100', 3350.0), ('A100', 2039.0))
 
@@ -73,7 +73,9 @@ def weight_and_cache_bytes(c: dict, batch: int, dtype_bytes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
-  """mode: 'layerwise', 'model-scan' or 'model-unrolled' (sampling.DECODE_MODE, scan_layers)."""
+  """mode: 'layerwise', 'model-scan' or 'model-unrolled' (sampling.DECODE_MODE, scan_layers);
+  'branches': the layerwise path through `generate_branches` with K=1 on a one-device mesh
+  (how the driver samples)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -82,7 +84,7 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   from copd_jax.models.qwen3 import Qwen3, Qwen3Config
   from copd_jax.scoring import split_model
 
-  sampling.DECODE_MODE = 'layerwise' if mode == 'layerwise' else 'model'
+  sampling.DECODE_MODE = 'model' if mode.startswith('model') else 'layerwise'
   config = Qwen3Config(vocab_size=c['vocab'], hidden_size=c['hidden'], num_layers=c['layers'],
                        num_heads=c['heads'], num_kv_heads=c['kv_heads'], head_dim=c['head_dim'],
                        intermediate_size=c['intermediate'], tie_word_embeddings=c['tied'])
@@ -93,6 +95,18 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   tokens, valid = sampling.pad_prompts(_prompt_ids(c['vocab'], batch), PROMPT_LEN, pad_id=0)
   params_spec = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0)
   eos = (c['vocab'],)   # never sampled: every row runs the full length
+
+  if mode == 'branches':
+    from copd_jax import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+    stacked = jax.tree.map(lambda x: x[None], params)
+
+    def run(rep: int) -> int:
+      out = sampling.generate_branches(graphdef, stacked, tokens[None], valid[None],
+                                       jax.random.key(rep)[None], params_spec, eos_ids=eos,
+                                       pad_id=0, mesh=mesh)
+      return int(np.asarray(out.completion_mask).sum())
+    return run
 
   def run(rep: int) -> int:
     out = sampling.generate(graphdef, params, tokens, valid, jax.random.key(rep), params_spec,
@@ -229,7 +243,8 @@ def main():
   parser.add_argument('--reps', type=int, default=7, help='timed runs per sampler')
   parser.add_argument('--ours', default='layerwise',
                       help='comma-separated copd_jax variants: layerwise (the default sampler), '
-                           'model-scan, model-unrolled (decode through Qwen3.hidden_states)')
+                           'model-scan, model-unrolled (decode through Qwen3.hidden_states), '
+                           'branches (generate_branches, K=1, as the driver samples)')
   parser.add_argument('--model', choices=sorted(MODELS), default='tiny')
   parser.add_argument('--batch', type=int, default=64, help='prompts per call')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',

@@ -21,7 +21,10 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             scale), delta_clamp (0 = off); schedule 'fixed' (N x (S_RL, S_OPD))
                             or 'overlap' (RL until the smallest measured O_k < overlap_low,
                             then OPD until it is >= overlap_high; O_k probed every probe_every
-                            RL steps; the budget stays N x (S_RL + S_OPD) steps)
+                            RL steps; the budget stays N x (S_RL + S_OPD) steps). The
+                            defaults 0.87 / 0.89 are the 25th percentile and median of the toy
+                            runs' logged O_k (experiments/thresholds.py); O_k's level depends on
+                            k, the vocabulary and the model, so re-derive them per setting
   guard                     max_bad_steps: consecutive steps with a non-finite loss or gradient
                             in any branch (updates skipped) before the run stops cleanly;
                             inject_nan 'BRANCH:STEP[,...]' poisons that branch's batch at that
@@ -35,8 +38,8 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             weight_decay, b1, b2, max_grad_norm (copd_jax/optim.py)
   mesh                      axis sizes for ('branch', 'fsdp', 'tensor'); -1 = the rest
   mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
-                            like mesh; all 0 = sample on the training mesh. Read by `plan`;
-                            the driver still samples on config.mesh (docs/scaling.md)
+                            like mesh; all 0 = sample on the training mesh. The driver
+                            moves the weights into it for each sampling call; `plan` counts it
   eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
   metrics                   log_every (steps), overlap_top_k (k of O_k)
   checkpoint                every_steps, keep_last
@@ -62,8 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3))
   c.copd = ml_collections.ConfigDict(dict(
       num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
-      freeze='', beta=1.0, delta_clamp=0.0, schedule='fixed', overlap_low=0.85,
-      overlap_high=0.92, probe_every=2))
+      freeze='', beta=1.0, delta_clamp=0.0, schedule='fixed', overlap_low=0.87,
+      overlap_high=0.89, probe_every=2))
   c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3, inject_nan=''))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,

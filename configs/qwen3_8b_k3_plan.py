@@ -22,7 +22,7 @@ numbers by hand).
 mesh_sampling (3, 2, 8) is the layout sampling should use: the sampler does not split
 parameters over 'fsdp' (sampling.SAMPLING_RULES), so on the training mesh every device would
 hold a quarter of a branch in fp32 for decoding; a wider tensor axis keeps that copy small. The
-driver does not reshard to mesh_sampling yet (it samples on config.mesh); `plan` shows both.
+driver samples on mesh_sampling (the training state stays on config.mesh); `plan` shows both.
 Not run in this repository yet (no accelerator here): no result is claimed for it.
 """
 import os

@@ -329,6 +329,10 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _typed(config, 'grpo.std_normalize', bool)
   _positive_int(config, 'opd.prompts_per_step')
   _positive_int(config, 'opd.samples_per_prompt')
+  distill_rows = config.opd.prompts_per_step * config.opd.samples_per_prompt
+  _check(distill_rows % config.grpo.micro_batches == 0, 'grpo.micro_batches',
+         f'must also divide the OPD rows opd.prompts_per_step * opd.samples_per_prompt = '
+         f'{distill_rows} (teachers score them in the same micro-batches)')
 
   _positive_int(config, 'sampling.max_new_tokens')
   _real(config, 'sampling.temperature', 0, low_open=True)

@@ -1,6 +1,6 @@
 """Multi-host runs: starting JAX's distributed runtime, process-0-only logging, global arrays
-from host data, host values from global arrays, barriers, and run paths that may be local or
-remote (gs://).
+from host data, host values from global arrays, and barriers (run paths that may be local or
+gs:// are copd_jax/storage.py's).
 
 How a multi-host (multi-controller) run works: every process runs the same program on the same
 config and seed, so every process builds the same host-side data (prompts, rewards, advantages,
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -276,31 +275,3 @@ def primary_first(fn: Callable[[], Any], name: str) -> Any:
   result = fn() if is_primary() else None
   barrier(name)
   return result if is_primary() else fn()
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths that may be remote
-# ---------------------------------------------------------------------------------------------
-
-_SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
-
-
-def is_remote(path: str) -> bool:
-  """True for URLs such as gs://bucket/run (Orbax writes them through etils.epath)."""
-  return bool(_SCHEME.match(str(path)))
-
-
-def resolve_dir(path: str) -> str:
-  """A run directory in canonical form: remote URLs unchanged (os.path.abspath would turn
-  'gs://b/run' into '<cwd>/gs:/b/run'), local paths absolute."""
-  path = str(path)
-  if is_remote(path):
-    return path.rstrip('/')
-  return os.path.abspath(path)
-
-
-def join(path: str, *parts: str) -> str:
-  """Path join that keeps a URL's scheme and uses '/' for remote paths."""
-  if is_remote(path):
-    return '/'.join([str(path).rstrip('/')] + [p.strip('/') for p in parts])
-  return os.path.join(path, *parts)

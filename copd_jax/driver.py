@@ -26,8 +26,6 @@ metrics, the merged model and the evaluation; Orbax checkpoints are written by a
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Callable
 
@@ -40,7 +38,9 @@ from copd_jax import checkpoint as ckpt
 from copd_jax import distributed
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
-from copd_jax.config import ConfigError, branch_domains, parse_indices, topology_from_config
+from copd_jax import storage
+from copd_jax.config import (ConfigError, branch_domains, parse_indices, resume_differences,
+                             topology_from_config)
 from copd_jax.errors import TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
@@ -216,7 +216,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   log = distributed.primary_logger(log)
   progress = progress and distributed.is_primary()
   domains = load_domains(config)  # validates data files before any compute or any write
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last)
   if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
     try:
@@ -224,12 +224,12 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
     except Exception:  # a damaged newest checkpoint: restore() falls back and we check then
       saved = None
     if saved is not None:
-      _check_resume_compatible(saved, config)
+      _check_resume_compatible(saved, config, log)
   base_path = base_model_path(config, workdir, domains, log)
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
                            remat=config.model.remat, scan_layers=config.model.scan_layers)
-  tokenizer = load_tokenizer(base_path)
+  tokenizer = load_tokenizer(storage.local_copy(base_path))
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
@@ -255,7 +255,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
-    _check_resume_compatible(meta['config'], config)
+    _check_resume_compatible(meta['config'], config, log=lambda _: None)  # noted above
     start = meta['step'] + 1
     sources.set_state(meta['data_state'])
     phases.set_state(meta['phases'])
@@ -269,7 +269,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
       if rounds else None
   probe = make_edge_topk(graphdef, mesh, sharding, rounds, config.metrics.overlap_top_k,
-                         config.sampling.temperature) if rounds else None
+                         config.sampling.temperature,
+                         num_micro_batches=config.grpo.micro_batches) if rounds else None
   # The frozen reference of the optional k3 KL term is the base model.
   ref = (jax.device_put(base_params, reference_shardings(sharding)),) \
       if step_config.kl_coef > 0 else ()
@@ -334,6 +335,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
       bar.update(1)
       if (step + 1) % config.checkpoint.every_steps == 0 or phases.is_phase_end(step) \
           or step == total - 1:
+        metrics_log.flush()  # a resume from this checkpoint then finds every logged step
         checkpointer.save(step, state, ckpt.run_meta(
             cycle=cycle, phase=phase, step=step, model_config=model.config,
             tokenizer_dir=base_path, base_params=base_path, config=config,
@@ -348,7 +350,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
     return RunResult(workdir, None, None, last)
 
   results, table = _finish(config, workdir, graphdef, base_params, state, domains, encoder,
-                           reward_kinds, model.config, base_path, log, final_step=last - 1)
+                           reward_kinds, model.config, base_path, log)
   return RunResult(workdir, results, table, last)
 
 
@@ -404,15 +406,21 @@ def branch_init_params(paths, base_params, stacked_params, model_config):
   return jax.device_put(state_from_pure_dict(stacked_params, stacked), shardings)
 
 
-def _check_resume_compatible(saved: dict, config) -> None:
-  current = config.to_dict()
-  # Sections that change what is trained; logging, checkpoint, eval and mesh may change.
-  for field in ('branches', 'domains', 'model', 'warmstart', 'seed', 'grpo', 'opd', 'copd',
-                'sampling', 'optimizer'):
-    if json.loads(json.dumps(saved.get(field))) != json.loads(json.dumps(current[field])):
-      raise ConfigError(f'config.{field}: differs from the checkpoint in this workdir '
-                        f'(saved {saved.get(field)!r}); resume with the original config or use '
-                        'a new --workdir')
+def _check_resume_compatible(saved: dict, config, log: Callable[[str], None]) -> None:
+  """Refuses a resume whose training fields (config.TRAINING_SECTIONS) differ from the
+  checkpoint's; fields the checkpoint's code did not have yet are accepted with a note."""
+  changed, added = resume_differences(saved, config.to_dict())
+  if changed:
+    field = changed[0]
+    value = saved
+    for key in field.split('.')[1:]:
+      value = value.get(key) if isinstance(value, dict) else None
+    more = f' (and {len(changed) - 1} more field(s))' if len(changed) > 1 else ''
+    raise ConfigError(f'{field}: differs from the checkpoint in this workdir (saved {value!r})'
+                      f'{more}; resume with the original config or use a new --workdir')
+  if added:
+    log(f'resume: the checkpoint predates {", ".join(added)}; continuing with their configured '
+        'values')
 
 
 def _names(branches) -> list[str]:
@@ -505,7 +513,7 @@ def state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
 
 
 def _finish(config, workdir, graphdef, base_params, state, domains, encoder, reward_kinds,
-            model_config, base_path, log, final_step: int):
+            model_config, base_path, log):
   """Merge the branches, evaluate base / branches / merge, write the table and the merged model.
 
   Several processes: every process gathers the final params (a collective); process 0 alone
@@ -516,28 +524,24 @@ def _finish(config, workdir, graphdef, base_params, state, domains, encoder, rew
     if not distributed.is_primary():
       return None, None
     return _merge_and_evaluate(config, workdir, graphdef, base_params, branch_params, domains,
-                               encoder, reward_kinds, model_config, base_path, log, final_step)
+                               encoder, reward_kinds, model_config, base_path, log)
   finally:
     distributed.barrier('finish')
 
 
 def _merge_and_evaluate(config, workdir, graphdef, base_params, branch_params, domains, encoder,
-                        reward_kinds, model_config, base_path, log, final_step: int):
+                        reward_kinds, model_config, base_path, log):
   K = len(config.branches)
   names = ['base'] + [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
   models = [jax.tree.map(lambda x: np.asarray(x)[None], base_params),
             jax.tree.map(np.asarray, branch_params)]
   if config.merge.method != 'none' and K > 1:
-    # The same streaming merge as `python -m copd_jax merge --workdir`, from the final checkpoint.
-    # Several processes: process 0 alone runs it, and Orbax's CheckpointManager (which finds the
-    # newest step) and its params-only save wait at barriers for every process; so it reads the
-    # step folder directly and writes only the HF folder (`copd_jax merge` writes the other).
-    inputs, out = workdir, os.path.join(workdir, 'merged')
-    if distributed.is_multiprocess():
-      inputs, out = os.path.join(workdir, ckpt.CHECKPOINTS_SUBDIR, str(final_step)), None
-    merged = merge_checkpoints(inputs, config.merge.method, lam=config.merge.lam,
-                               density=config.merge.density, out=out, overwrite=True)
-    out_dir = os.path.join(workdir, 'merged_hf')
+    # The same streaming merge as `python -m copd_jax merge --workdir`, from the final checkpoint
+    # (on several processes, process 0 alone: checkpoint.this_process_only).
+    merged = merge_checkpoints(workdir, config.merge.method, lam=config.merge.lam,
+                               density=config.merge.density,
+                               out=storage.join(workdir, 'merged'), overwrite=True)
+    out_dir = storage.join(workdir, 'merged_hf')
     hf_io.save_hf_folder(merged.params, model_config, out_dir, tokenizer_from=base_path)
     log(f'merged model ({config.merge.method}) written to {out_dir}')
     models.append(jax.tree.map(lambda x: np.asarray(x)[None],
@@ -549,8 +553,7 @@ def _merge_and_evaluate(config, workdir, graphdef, base_params, branch_params, d
                             config.sampling.max_new_tokens, config.sampling.temperature,
                             config.eval.samples_k, config.seed)
   table = markdown_table(results, config.eval.samples_k)
-  save_results(os.path.join(workdir, 'eval.json'), results, config.eval.samples_k)
-  with open(os.path.join(workdir, 'eval.md'), 'w') as f:
-    f.write(table + '\n')
+  save_results(storage.join(workdir, 'eval.json'), results, config.eval.samples_k)
+  storage.write_text(storage.join(workdir, 'eval.md'), table + '\n')
   log('\n' + table)
   return results, table

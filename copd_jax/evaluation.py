@@ -6,12 +6,12 @@ branch-vmapped sampler, so M models cost one compiled program per prompt bucket.
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from copd_jax import storage
 from copd_jax.data import Example
 from copd_jax.rollouts import PromptEncoder, sample_and_score
 from copd_jax.sampling import SamplingParams
@@ -64,6 +64,5 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]], samples_k: i
 
 
 def save_results(path: str, results, samples_k: int) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'samples_k': samples_k, 'results': results}, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  storage.write_text(path, json.dumps({'samples_k': samples_k, 'results': results}, indent=2,
+                                      sort_keys=True))

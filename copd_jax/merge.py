@@ -317,7 +317,7 @@ def _on_host(x: np.ndarray):
   """x as a jax array on the host CPU: Orbax writes those with about half the transient memory
   of numpy arrays. Falls back to numpy where no CPU backend is enabled."""
   try:
-    cpu = jax.devices('cpu')[0]
+    cpu = jax.local_devices(backend='cpu')[0]   # this process's own (merging may run on one)
   except RuntimeError:
     return x
   return jax.device_put(x, cpu)

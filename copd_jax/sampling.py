@@ -379,15 +379,35 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
                        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
 
 
-def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                   eos_ids, pad_id):
+def _local_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
+                    eos_ids, pad_id):
+  """The branches held in one place. A single branch runs the plain program: a vmapped axis of
+  size 1 costs XLA:CPU about 1.6x the CPU time per token (BENCHMARKS.md, "Sampler")."""
+  if prompt_tokens.shape[0] == 1:
+    out = _generate_impl(graphdef, jax.tree.map(lambda x: x[0], stacked_params), prompt_tokens[0],
+                         prompt_valid[0], keys[0], sampling, eos_ids, pad_id)
+    return jax.tree.map(lambda x: x[None], out)
   return _generate_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
                         eos_ids, pad_id, branched=True)
 
 
+def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
+                   eos_ids, pad_id, mesh: Mesh | None = None):
+  """On a mesh, each slice of the 'branch' axis runs its own branches' program (shard_map over
+  'branch' alone; 'fsdp' and 'tensor' stay with the compiler), so with one branch per slice no
+  branch axis is left inside the program and each slice stops when its own rows are done."""
+  local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
+                            pad_id=pad_id)
+  if mesh is None:
+    return local(stacked_params, prompt_tokens, prompt_valid, keys)
+  return jax.shard_map(local, mesh=mesh, in_specs=P('branch'), out_specs=P('branch'),
+                       axis_names={'branch'}, check_vma=False)(
+                           stacked_params, prompt_tokens, prompt_valid, keys)
+
+
 @functools.lru_cache(maxsize=None)
 def _branches_jit(mesh: Mesh | None) -> Callable:
-  fn = _counted('generate_branches', _branches_impl)
+  fn = _counted('generate_branches', functools.partial(_branches_impl, mesh=mesh))
   if mesh is None:
     return jax.jit(fn, static_argnames=_STATIC)
   out = NamedSharding(mesh, P('branch'))

@@ -166,19 +166,6 @@ def test_primary_first_runs_on_process_zero_before_the_others(monkeypatch):
   assert events == ['barrier:w', 'work']
 
 
-# ----------------------------------------------------------------------------- paths
-
-def test_remote_paths_keep_their_scheme():
-  assert dist.is_remote('gs://bucket/runs/a') and not dist.is_remote('/tmp/runs/a')
-  assert not dist.is_remote('runs/gs:/a')
-  # What checkpoint.py's os.path.abspath does to a bucket path (why it must not be used):
-  assert os.path.abspath('gs://bucket/run') != 'gs://bucket/run'
-  assert dist.resolve_dir('gs://bucket/run/') == 'gs://bucket/run'
-  assert dist.resolve_dir('runs/a') == os.path.abspath('runs/a')
-  assert dist.join('gs://bucket/run', 'checkpoints', '7') == 'gs://bucket/run/checkpoints/7'
-  assert dist.join('runs/a', 'checkpoints') == os.path.join('runs/a', 'checkpoints')
-
-
 # ----------------------------------------------------------------------------- TPU VM script
 
 def _dry_run(*args):
