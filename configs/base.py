@@ -30,7 +30,13 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             inject_nan 'BRANCH:STEP[,...]' poisons that branch's batch at that
                             global step (fault-injection test hook; '' = off)
   grpo                      group_size G, prompts_per_step, epsilon_low/high, std_normalize,
-                            aggregation, kl_coef (k3 to the base), entropy_coef, micro_batches
+                            aggregation, kl_coef (k3 to the base), entropy_coef, micro_batches,
+                            logits_chunk: score that many positions of full-vocabulary logits
+                            at a time, recomputing them in the backward pass (bounds the
+                            [rows, T, vocab] logits of the GRPO / OPD updates, the OPD
+                            teacher pass and the overlap probe to [rows, logits_chunk, vocab];
+                            0 = off, all T at once). micro_batches and logits_chunk change
+                            memory, not results, and may change when a run is resumed
   opd                       prompts_per_step (per teacher), samples_per_prompt
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p
   optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps (total
@@ -70,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3, inject_nan=''))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
-      aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1))
+      aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1,
+      logits_chunk=0))
   c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer = ml_collections.ConfigDict(dict(

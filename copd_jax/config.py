@@ -327,6 +327,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _real(config, 'grpo.kl_coef', 0)
   _real(config, 'grpo.entropy_coef')
   _typed(config, 'grpo.std_normalize', bool)
+  _positive_int(config, 'grpo.logits_chunk', allow_zero=True)  # 0 = off
   _positive_int(config, 'opd.prompts_per_step')
   _positive_int(config, 'opd.samples_per_prompt')
   distill_rows = config.opd.prompts_per_step * config.opd.samples_per_prompt
@@ -391,6 +392,9 @@ def _check_toy_model(config) -> None:
 # evaluation, merge and mesh may change between runs).
 TRAINING_SECTIONS = ('branches', 'domains', 'model', 'warmstart', 'seed', 'grpo', 'opd', 'copd',
                      'sampling', 'optimizer')
+# Fields inside those sections that change memory, not the maths (results equal up to float
+# rounding): a resume may change them, e.g. to get past an out-of-memory error.
+MEMORY_ONLY_FIELDS = ('config.grpo.logits_chunk', 'config.grpo.micro_batches')
 
 
 def resume_differences(saved: dict, current: dict, sections: Iterable[str] = TRAINING_SECTIONS
@@ -419,7 +423,8 @@ def resume_differences(saved: dict, current: dict, sections: Iterable[str] = TRA
       added.append(f'config.{section}')
     else:
       walk(saved[section], current.get(section), f'config.{section}')
-  return changed, added
+  free = lambda names: [n for n in names if n not in MEMORY_ONLY_FIELDS]
+  return free(changed), free(added)
 
 
 def _plain(value: Any) -> Any:

@@ -270,7 +270,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
       if rounds else None
   probe = make_edge_topk(graphdef, mesh, sharding, rounds, config.metrics.overlap_top_k,
                          config.sampling.temperature,
-                         num_micro_batches=config.grpo.micro_batches) if rounds else None
+                         num_micro_batches=config.grpo.micro_batches,
+                         logits_chunk=step_config.logits_chunk) if rounds else None
   # The frozen reference of the optional k3 KL term is the base model.
   ref = (jax.device_put(base_params, reference_shardings(sharding)),) \
       if step_config.kl_coef > 0 else ()
@@ -364,7 +365,8 @@ def step_config_from(config, prompt_length: int) -> StepConfig:
                     temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
                     opd_beta=config.copd.beta, opd_clamp=config.copd.delta_clamp or None,
                     frozen_branches=tuple(parse_indices(config.copd.freeze, 'copd.freeze')),
-                    group_size=g.group_size, prompt_length=prompt_length)
+                    group_size=g.group_size, prompt_length=prompt_length,
+                    logits_chunk=g.logits_chunk or None)
 
 
 def nan_injections(config) -> dict[int, list[int]]:

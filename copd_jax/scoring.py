@@ -3,14 +3,23 @@ signal and the sampler-parity tests all use.
 
 The model is used functionally, as (graphdef, params) from `nnx.split`, so the same call works
 under `jax.jit` and `jax.vmap` over branch-stacked parameters.
+
+Chunked scoring (`chunk_size`): full-vocabulary fp32 logits [B, T, V], with their log-softmax,
+exp and gradient, dominate training memory when V >> D (Qwen3: V = 151,936, D = 1,024). With a
+chunk size the model runs to its final hidden states [B, T, D] once, and the output projection,
+log-softmax, target log-prob and entropy are computed `chunk_size` positions at a time, each
+chunk under `jax.checkpoint`: the backward pass recomputes a chunk's logits instead of storing
+them, so at most [B, chunk_size, V] logits are live. The math per position is unchanged.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from copd_jax.models.qwen3 import head_logits
 
 
 class TokenScores(NamedTuple):
@@ -39,14 +48,72 @@ def logprobs_from_logits(logits: jax.Array, targets: jax.Array,
   return TokenScores(logp, entropy)
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size < 1):
+    raise ValueError(f'chunk_size must be a positive integer or None, got {chunk_size!r}')
+
+
+def map_head_chunks(fn: Callable[[jax.Array, jax.Array], Any], model: nnx.Module,
+                    hidden: jax.Array, targets: jax.Array, chunk_size: int | None) -> Any:
+  """`fn(logits [B, c, V] fp32, targets [B, c])` -> pytree of [B, c, ...] arrays, applied to the
+  model's output projection of final hidden states `hidden` [B, T, D] (`Qwen3.hidden_states`)
+  predicting `targets` [B, T]; returns the pytree with [B, T, ...] leaves.
+
+  chunk_size None or >= T: one call on all T positions. Otherwise `lax.map` over chunks of
+  chunk_size positions, each under `jax.checkpoint` (its logits are recomputed in the backward
+  pass, never stored); a last partial chunk is padded and its padding dropped.
+  """
+  check_chunk_size(chunk_size)
+  tied = model.config.tie_word_embeddings
+  B, T = targets.shape
+  if chunk_size is None or chunk_size >= T:
+    return fn(head_logits(hidden, model.head_weight(), tied), targets)
+  # The head enters each chunk in its parameter dtype and is cast there, so the gradient the
+  # scan accumulates over chunks has the parameter's precision (not bf16 compute precision).
+  w = (model.embed if tied else model.lm_head)[...]
+  dtype = model.compute_dtype
+
+  def one_chunk(w, h, tgt):
+    return fn(head_logits(h, w.astype(dtype), tied), tgt)
+
+  one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)  # prevent_cse is moot inside a scan
+  n = -(-T // chunk_size)
+  pad = n * chunk_size - T
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk_size, *x.shape[2:]), 1, 0)
+  out = jax.lax.map(lambda xs: one_chunk(w, *xs), (to_chunks(hidden), to_chunks(targets)))
+  from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * chunk_size, *x.shape[3:])[:, :T]
+  return jax.tree.map(from_chunks, out)
+
+
+def scores_from_hidden(model: nnx.Module, hidden: jax.Array, targets: jax.Array,
+                       temperature: float | jax.Array = 1.0,
+                       chunk_size: int | None = None) -> TokenScores:
+  """Final hidden states [B, T, D] predicting targets [B, T] (already aligned) -> TokenScores,
+  `chunk_size` positions of logits at a time (None: all at once)."""
+  return map_head_chunks(lambda logits, tgt: logprobs_from_logits(logits, tgt, temperature),
+                         model, hidden, targets, chunk_size)
+
+
 def sequence_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax.Array,
-                      temperature: float | jax.Array = 1.0) -> TokenScores:
+                      temperature: float | jax.Array = 1.0,
+                      chunk_size: int | None = None) -> TokenScores:
   """Teacher-forced scores of every token of `tokens` [B, T] under the model at `temperature`.
 
   Output position t scores tokens[:, t] from the logits at t-1; position 0 and invalid tokens
-  score 0, so masks over completion tokens apply directly.
+  score 0, so masks over completion tokens apply directly. chunk_size (None or >= T: off) bounds
+  the logits held at once to [B, chunk_size, V], forward and backward (`map_head_chunks`); the
+  model must then expose `hidden_states` and its head as Qwen3 does.
   """
-  logits, _ = apply_model(graphdef, params, tokens, token_valid=token_valid)
-  scores = logprobs_from_logits(logits[:, :-1], tokens[:, 1:], temperature)
+  check_chunk_size(chunk_size)
+  if chunk_size is None or chunk_size >= tokens.shape[1]:
+    logits, _ = apply_model(graphdef, params, tokens, token_valid=token_valid)
+    scores = logprobs_from_logits(logits[:, :-1], tokens[:, 1:], temperature)
+  else:
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(tokens, token_valid=token_valid)
+    scores = scores_from_hidden(model, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size)
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * token_valid
   return TokenScores(pad(scores.logprobs), pad(scores.entropy))

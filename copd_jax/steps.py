@@ -39,7 +39,8 @@ from copd_jax import losses
 from copd_jax.errors import UserInputError
 from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
 from copd_jax.models.qwen3 import KVCache, default_positions
-from copd_jax.scoring import TokenScores, apply_model, logprobs_from_logits, sequence_logprobs
+from copd_jax.scoring import (TokenScores, check_chunk_size, logprobs_from_logits, map_head_chunks,
+                              scores_from_hidden, sequence_logprobs)
 
 # How many times each step function has been traced (a retrace means a recompile).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -79,6 +80,9 @@ class StepConfig:
   group_size > 1 with prompt_length > 0 makes grpo_step score each group's prompt once: rows
   k*G .. k*G+G-1 of a batch must repeat one prompt in columns [0, prompt_length) (the sampler's
   layout), and each micro-batch then holds whole groups. The opd_step ignores both fields.
+  logits_chunk (None: off) scores logits_chunk positions at a time, recomputing each chunk's
+  logits in the backward pass (scoring.map_head_chunks): peak memory holds [rows, logits_chunk,
+  vocab] logits instead of [rows, T, vocab], at the cost of a second head matmul.
   """
   epsilon_low: float = 0.2
   epsilon_high: float = 0.28
@@ -93,6 +97,7 @@ class StepConfig:
   frozen_branches: tuple[int, ...] = ()
   group_size: int = 1
   prompt_length: int = 0
+  logits_chunk: int | None = None
 
   def __post_init__(self):
     def fail(name, why):
@@ -121,6 +126,10 @@ class StepConfig:
     if self.opd_clamp is not None and (not isinstance(self.opd_clamp, (int, float))
                                        or self.opd_clamp <= 0):
       fail('opd_clamp', 'must be > 0 or None')
+    try:
+      check_chunk_size(self.logits_chunk)
+    except ValueError:
+      fail('logits_chunk', 'must be a positive integer or None')
 
   @property
   def shares_prompts(self) -> bool:
@@ -222,11 +231,14 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- one branch
 
 def shared_prompt_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax.Array,
-                           temperature: float, group_size: int, prompt_length: int) -> TokenScores:
+                           temperature: float, group_size: int, prompt_length: int,
+                           chunk_size: int | None = None) -> TokenScores:
   """`scoring.sequence_logprobs` for rows [B, T] whose groups of `group_size` adjacent rows repeat
   one prompt in columns [0, prompt_length): each prompt runs once into a KV cache that every row
   of its group continues from, saving (G - 1) / G of the prompt compute. Completion positions
   (t >= prompt_length) equal sequence_logprobs' up to float reordering; prompt positions are 0.
+  Only the T - prompt_length scored positions go through the output head, chunk_size at a time
+  (None: all at once; see scoring.map_head_chunks).
   """
   model = nnx.merge(graphdef, params)
   B, T = tokens.shape
@@ -236,16 +248,16 @@ def shared_prompt_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax
                           f'{B} rows of {T} tokens')
   positions = default_positions(token_valid)
   cache = KVCache.empty(model.config, B // G, T, model.compute_dtype)
-  prompt_logits, cache = model(tokens[::G, :P], positions=positions[::G, :P],
-                               token_valid=token_valid[::G, :P], cache=cache)
+  prompt_hidden, cache = model.hidden_states(tokens[::G, :P], positions=positions[::G, :P],
+                                             token_valid=token_valid[::G, :P], cache=cache)
   cache = KVCache(jnp.repeat(cache.k, G, axis=1), jnp.repeat(cache.v, G, axis=1),
                   jnp.repeat(cache.valid, G, axis=0), cache.index)
-  logits, _ = model(tokens[:, P:], positions=positions[:, P:], token_valid=token_valid[:, P:],
-                    cache=cache)
-  # logits predicting tokens P .. T-1: the prompt's last position, then the completion's
-  logits = jnp.concatenate([jnp.repeat(prompt_logits[:, P - 1:], G, axis=0), logits[:, :-1]],
+  hidden, _ = model.hidden_states(tokens[:, P:], positions=positions[:, P:],
+                                  token_valid=token_valid[:, P:], cache=cache)
+  # hidden states predicting tokens P .. T-1: the prompt's last position, then the completion's
+  hidden = jnp.concatenate([jnp.repeat(prompt_hidden[:, P - 1:], G, axis=0), hidden[:, :-1]],
                            axis=1)
-  scores = logprobs_from_logits(logits, tokens[:, P:], temperature)
+  scores = scores_from_hidden(model, hidden, tokens[:, P:], temperature, chunk_size)
   pad = lambda x: jnp.pad(x, ((0, 0), (P, 0))) * token_valid
   return TokenScores(pad(scores.logprobs), pad(scores.entropy))
 
@@ -286,8 +298,9 @@ def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | N
   def score(p, mb: RolloutBatch) -> TokenScores:
     if group > 1:
       return shared_prompt_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
-                                    group, cfg.prompt_length)
-    return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature)
+                                    group, cfg.prompt_length, cfg.logits_chunk)
+    return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
+                             cfg.logits_chunk)
 
   def loss_fn(p, mb: RolloutBatch, mb_distill: _Distill | None):
     scores = score(p, mb)
@@ -414,11 +427,13 @@ def _chunked(fn, num: int, *xs):
 
 
 def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
-                     mesh: Mesh, temperature: float, num_micro_batches: int = 1) -> jax.Array:
+                     mesh: Mesh, temperature: float, num_micro_batches: int = 1,
+                     logits_chunk: int | None = None) -> jax.Array:
   """[R, K, M, T] log pi_teacher of each student's distillation tokens (0 for idle students),
-  computed on the teacher's shard with the teacher's parameters."""
+  computed on the teacher's shard with the teacher's parameters (logits_chunk positions of
+  logits at a time; None: all)."""
   score = lambda p, tok, valid: _chunked(
-      lambda t, v: sequence_logprobs(graphdef, p, t, v, temperature).logprobs,
+      lambda t, v: sequence_logprobs(graphdef, p, t, v, temperature, logits_chunk).logprobs,
       num_micro_batches, tok, valid)
   out = []
   for r, teacher_of in enumerate(rounds):
@@ -461,7 +476,8 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     distill = distill._replace(completion_mask=mask * active.astype(mask.dtype))
     distill = jax.tree.map(lambda x: _rows_constraint(x, mesh, 1), distill)
     teacher_lp = teacher_logprobs(graphdef, state.params, distill, table, mesh,
-                                  config.temperature, config.num_micro_batches)
+                                  config.temperature, config.num_micro_batches,
+                                  config.logits_chunk)
     # One combined batch per branch: native rows, then its distillation rows of all rounds
     # ([R, K, M, T] -> [K, R * M, T]), both right-padded to a common T.
     per_branch = lambda x: jnp.swapaxes(x, 0, 1).reshape(K, R * M, *x.shape[3:])
@@ -505,24 +521,32 @@ class EdgeTopK(NamedTuple):
   teacher_token_logprob: jax.Array   # [R, K, M, T]
 
 
-def _next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int):
+def _next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int,
+                     logits_chunk: int | None = None):
   """[M, T] tokens -> (ids [M, T, k], logprobs [M, T, k], token_logprob [M, T]), aligned as in
-  scoring.sequence_logprobs (position t describes the prediction of token t)."""
-  logits, _ = apply_model(graphdef, params, tokens, token_valid=valid)
-  logits = logits[:, :-1]
-  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  top_lp, top_ids = jax.lax.top_k(logp_all, k)
-  token_lp = logprobs_from_logits(logits, tokens[:, 1:], temperature).logprobs
+  scoring.sequence_logprobs (position t describes the prediction of token t); logits_chunk
+  positions of logits at a time (None: all)."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+
+  def topk(logits, targets):
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp_all, k)
+    return top_ids, top_lp, logprobs_from_logits(logits, targets, temperature).logprobs
+
+  top_ids, top_lp, token_lp = map_head_chunks(topk, model, hidden[:, :-1], tokens[:, 1:],
+                                              logits_chunk)
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
   return pad(top_ids), pad(top_lp), pad(token_lp)
 
 
 def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
                    rounds: Sequence[Sequence[int]], k: int, temperature: float = 1.0,
-                   num_micro_batches: int = 1) -> Callable:
+                   num_micro_batches: int = 1, logits_chunk: int | None = None) -> Callable:
   """Jitted `edge_topk(params [K, ...], distill [R, K, M, T]) -> EdgeTopK` for the behavioural
   metrics (top-k overlap, symmetric KL). Tokens travel to the teacher's shard and only the
-  top-k results come back; parameters stay where they are."""
+  top-k results come back; parameters stay where they are. logits_chunk as in StepConfig."""
+  check_chunk_size(logits_chunk)
   rounds_sh = NamedSharding(mesh, P(None, 'branch'))
 
   def edge_topk(params: nnx.State, distill: RolloutBatch) -> EdgeTopK:
@@ -532,7 +556,7 @@ def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
     if R != len(table):
       raise StepConfigError(f'distill batch has {R} rounds but the topology has {len(table)}')
     score = lambda p, tok, valid: _chunked(
-        lambda t, v: _next_token_topk(graphdef, p, t, v, temperature, k),
+        lambda t, v: _next_token_topk(graphdef, p, t, v, temperature, k, logits_chunk),
         num_micro_batches, tok, valid)
     out = []
     for r, teacher_of in enumerate(table):

@@ -78,3 +78,12 @@ def test_resume_differences_name_changed_and_added_fields():
   assert resume_differences(saved, saved) == ([], ['config.domains', 'config.model',
                                                    'config.warmstart', 'config.opd',
                                                    'config.sampling', 'config.optimizer'])
+
+
+def test_memory_only_fields_may_change_on_resume():
+  from copd_jax.config import resume_differences
+  saved = {'grpo': {'micro_batches': 1, 'logits_chunk': 0, 'epsilon_low': 0.2}}
+  current = {'grpo': {'micro_batches': 4, 'logits_chunk': 128, 'epsilon_low': 0.2}}
+  assert resume_differences(saved, current, ('grpo',)) == ([], [])
+  current['grpo']['epsilon_low'] = 0.1
+  assert resume_differences(saved, current, ('grpo',)) == (['config.grpo.epsilon_low'], [])

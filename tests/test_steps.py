@@ -18,6 +18,7 @@ from copd_jax.steps import (TRACE_COUNTS, BranchState, RolloutBatch, StepConfig,
                             branch_state_shardings, init_branch_state, make_edge_topk,
                             make_grpo_step, make_opd_step, prompt_mismatch,
                             shared_prompt_logprobs, teacher_logprobs)
+from copd_jax.steps import _next_token_topk
 
 CONFIG = Qwen3Config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, intermediate_size=64)
@@ -495,3 +496,48 @@ def test_optimizer_clips_global_norm_and_skips_decay_on_norms(model):
                                                                 jax.tree.leaves(params))))):
     updates = first_update(optim.make_optimizer({**adam, 'max_grad_norm': max_norm}), huge)
     np.testing.assert_allclose(optax.global_norm(updates), want, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- chunked logits
+
+def test_chunked_logits_steps_equal_unchunked_steps(one_device):
+  """logits_chunk=5 (does not divide the 11 scored positions) in the GRPO update, the OPD
+  teacher pass and the top-k probe gives what the whole-sequence logits give."""
+  graphdef, stacked, mesh, sh = (one_device[k] for k in ('graphdef', 'stacked', 'mesh', 'sh'))
+  batch = _batch(0, (2, 8))
+  chunked = make_grpo_step(graphdef, OPTIMIZER, mesh, StepConfig(logits_chunk=5, **CFG), sh)
+  full, m_full = one_device['grpo'](_state(stacked, OPTIMIZER, mesh)[0], batch)
+  got, m_got = chunked(_state(stacked, OPTIMIZER, mesh)[0], batch)
+  _assert_trees_close(got.params, full.params)
+  for key in ('loss', 'grad_norm', 'clip_frac_low', 'approx_kl', 'entropy'):
+    np.testing.assert_allclose(m_got[key], m_full[key], rtol=1e-5, err_msg=key)
+
+  distill = _batch(4, (1, 2, 4))
+  rounds = np.array([[1, 0]])
+  teacher = jax.jit(lambda p, d, c: teacher_logprobs(graphdef, p, d, rounds, mesh, 0.9, 1, c),
+                    static_argnums=2)
+  np.testing.assert_allclose(teacher(stacked, distill, 5), teacher(stacked, distill, None),
+                             rtol=0, atol=1e-6)
+  probe = jax.jit(lambda p, t, v, c: _next_token_topk(graphdef, p, t, v, 0.9, 5, c),
+                  static_argnums=3)
+  p0, tokens, valid = jax.tree.map(lambda x: x[0], stacked), distill.tokens[0, 0], \
+      distill.token_valid[0, 0]
+  for a, b in zip(probe(p0, tokens, valid, 5), probe(p0, tokens, valid, None), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_logits_chunk_config_field_reaches_the_step_config():
+  from configs.base import base_config
+  from copd_jax.config import ConfigError, validate
+  from copd_jax.driver import step_config_from
+  config = base_config()
+  config.mesh.branch, config.mesh.fsdp = 1, -1   # any K divides the 8 test devices
+  assert step_config_from(config, 8).logits_chunk is None   # 0 = off
+  config.grpo.logits_chunk = 64
+  validate(config, check_files=False)
+  assert step_config_from(config, 8).logits_chunk == 64
+  config.grpo.logits_chunk = -1
+  with pytest.raises(ConfigError, match='grpo.logits_chunk'):
+    validate(config, check_files=False)
+  with pytest.raises(UserInputError, match=r'^StepConfig.logits_chunk:'):
+    StepConfig(logits_chunk=0)
