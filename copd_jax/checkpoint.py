@@ -13,6 +13,12 @@ decoding the rest: the merge streams tensor by tensor and inference loads a sing
 A params-only checkpoint (the merge output) is a folder with items 'params' (the pure-dict
 parameter tree of one model) and 'meta', plus an optional bundled 'tokenizer/' folder.
 
+Both kinds carry per-array digests in their meta (copd_jax/digests.py; run checkpoints also one
+per branch of each params leaf). `RunCheckpointer.restore` checks the whole state; `ParamsSource`
+checks each parameter tensor once its reads have covered it (see `ParamsSource.read`), so
+export-hf, merge, evaluate and generate refuse a checkpoint whose bits changed on disk.
+Checkpoints written before digests existed are read without a check.
+
 Every path may be local or remote (gs://...): see copd_jax/storage.py for what each guarantees.
 On a remote path a params-only checkpoint counts only once its completion marker is written.
 """
@@ -38,7 +44,7 @@ from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 
 STATE, META, PARAMS = 'state', 'meta', 'params'
-DIGESTS = 'digests'   # meta key: copd_jax.digests.tree_digests of the saved state
+DIGESTS = 'digests'   # meta key: copd_jax.digests.tree_digests of the saved state / params
 TOKENIZER_SUBDIR = 'tokenizer'
 CHECKPOINTS_SUBDIR = 'checkpoints'
 UNREADABLE_SUBDIR = 'checkpoints_unreadable'
@@ -197,7 +203,7 @@ class RunCheckpointer:
     latest = self.latest_step()
     if latest is not None and step <= latest:
       return False
-    meta = {**meta, DIGESTS: digests.tree_digests(state)}
+    meta = {**meta, DIGESTS: digests.tree_digests(state, per_branch=_is_params_leaf)}
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state, chunked_save_args(state)),
                                  META: ocp.args.JsonSave(meta)})
     return bool(self._manager.save(step, args=args, force=force or keep,
@@ -272,8 +278,13 @@ class RunCheckpointer:
     self.close()
 
 
+def _is_params_leaf(name: str) -> bool:
+  """Leaves of the state's 'params' field, read one branch at a time by ParamsSource."""
+  return name.split('/', 1)[0] == PARAMS
+
+
 class DigestMismatch(CheckpointError):
-  """Restored arrays whose bits differ from what was saved (corruption on disk)."""
+  """Arrays read back whose bits differ from what was saved (corruption on disk)."""
 
 
 def _verify_digests(meta: Mapping[str, Any], state: Any) -> None:
@@ -283,10 +294,12 @@ def _verify_digests(meta: Mapping[str, Any], state: Any) -> None:
   if not saved:
     return
   bad = digests.mismatches(saved, state)
+  if len(bad) == 1:
+    raise DigestMismatch(f'array {bad[0]} differs from the digest saved with it (corrupted on '
+                         'disk)')
   if bad:
-    more = f' and {len(bad) - 1} more' if len(bad) > 1 else ''
-    raise DigestMismatch(f'array {bad[0]}{more} differs from the digest saved with it '
-                         '(corrupted on disk)')
+    raise DigestMismatch(f'arrays {bad[0]} and {len(bad) - 1} more differ from the digests '
+                         'saved with them (corrupted on disk)')
 
 
 def _first_line(e: BaseException) -> str:
@@ -318,18 +331,27 @@ def save_params_checkpoint(out_dir: str, params: Mapping[str, Any], meta: Mappin
 
   Written with `storage.publish_dir`: locally built under a temporary sibling and renamed into
   place, remotely written in place with a completion marker last; either way an interrupted write
-  never leaves a checkpoint that reads as complete."""
+  never leaves a checkpoint that reads as complete. The meta gets the digest of every tensor,
+  computed on the host (one pass over the params, by this process alone)."""
   out_dir = storage.resolve(out_dir)
   if storage.exists(out_dir) and not overwrite:
     raise CheckpointError(f'{out_dir}: already exists (remove it or choose another --out)')
   _check_json(meta)
+  if jax.process_count() > 1:  # Orbax refuses host-local jax.Arrays on several processes
+    params = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, params)
+  meta = {**meta, DIGESTS: digests.host_tree_digests(params)}
   # Small OCDBT data files: the writer buffers a whole data file in memory before flushing it.
   save = ocp.args.PyTreeSave(params, chunked_save_args(params),
                              ocdbt_target_data_file_size=_PARAMS_DATA_FILE_BYTES)
   args = ocp.args.Composite(**{PARAMS: save, META: ocp.args.JsonSave(dict(meta))})
 
   def build(folder: str) -> None:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    one = this_process_only()   # every layer of Orbax's save syncs processes unless told
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=one),
+        **{PARAMS: ocp.PyTreeCheckpointHandler(multiprocessing_options=one),
+           META: ocp.JsonCheckpointHandler(multiprocessing_options=one)})
+    with ocp.Checkpointer(handler, multiprocessing_options=one) as checkpointer:
       checkpointer.save(epath.Path(folder), args=args)
     if tokenizer_dir:
       dest = storage.join(folder, TOKENIZER_SUBDIR)
@@ -359,13 +381,18 @@ def load_params_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 # Reading parameters leaf by leaf from any kind of checkpoint
 # ---------------------------------------------------------------------------------------------
 
-def _collapse_variables(tree: Any) -> Any:
-  """Orbax metadata of an nnx.State nests each array as {'value': array}; drop that level."""
+def _variable_leaves(tree: Any, short: tuple[str, ...] = (), full: tuple[str, ...] = ()
+                     ) -> Iterator[tuple[tuple[str, ...], tuple[str, ...], Any]]:
+  """(path, stored path, leaf) of Orbax metadata. Metadata of an nnx.State nests each array as
+  {'value': array}: `path` drops that level, the stored path (as saved) keeps it."""
   if isinstance(tree, Mapping):
     if set(tree) == {'value'} and not isinstance(tree['value'], Mapping):
-      return tree['value']
-    return {k: _collapse_variables(v) for k, v in tree.items()}
-  return tree
+      yield short, full + ('value',), tree['value']
+      return
+    for key in sorted(tree):
+      yield from _variable_leaves(tree[key], short + (str(key),), full + (str(key),))
+  else:
+    yield short, full, tree
 
 
 def flatten_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
@@ -419,6 +446,10 @@ class ParamsSource:
   _use_zarr3: bool = dataclasses.field(default=False, repr=False)
   _use_ocdbt: bool = dataclasses.field(default=True, repr=False)
   _hf_last: Any = dataclasses.field(default=None, repr=False)
+  # Saved digest per leaf path: one per branch (run) or of the whole tensor (params).
+  _expected: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict, repr=False)
+  _coverage: dict[tuple[Any, ...], digests.Coverage] = dataclasses.field(default_factory=dict,
+                                                                         repr=False)
 
   def leaf_paths(self) -> list[tuple[str, ...]]:
     return [p for p, _ in flatten_paths(self.shapes)]
@@ -427,7 +458,13 @@ class ParamsSource:
            block: tuple[slice, ...] | None = None) -> np.ndarray:
     """The tensor at key path `path` of one model (branch `branch` of a run checkpoint); with
     `layer`, only that index of its leading (layers) axis; with `block`, only that index tuple
-    of what remains."""
+    (ints and slices of step 1) of what remains.
+
+    Checked against the digests saved with the checkpoint (DigestMismatch naming the folder and
+    tensor): a tensor read whole, by that read; a tensor read in pieces (layers, blocks), by the
+    read that completes its coverage, which raises instead of returning its piece. Not checked:
+    a piece read on its own, pieces that overlap without being equal, and checkpoints without
+    digests (written before digests existed; HF folders)."""
     path = tuple(path)
     if self.kind == 'run':
       if branch is None or not 0 <= branch < self.num_branches:
@@ -439,10 +476,36 @@ class ParamsSource:
     index: tuple[Any, ...] = ((branch,) if self.kind == 'run' else ()) + (
         (layer,) if layer is not None else ()) + (tuple(block) if block is not None else ())
     try:
-      return np.asarray(self._tensorstore(path)[index].read().result())
+      value = np.asarray(self._tensorstore(path)[index].read().result())
     except Exception as e:
       raise CheckpointError(f'{self.path}: cannot read tensor {".".join(path)} '
                             f'({type(e).__name__}: {_first_line(e)})') from None
+    self._verify(path, branch, layer, block, value)
+    return value
+
+  def _verify(self, path: tuple[str, ...], branch: int | None, layer: int | None,
+              block: tuple[Any, ...] | None, value: np.ndarray) -> None:
+    expected = self._expected.get(path)
+    if expected is None:
+      return
+    shape = get_path(self.shapes, path)
+    region = _region(shape, layer, block)
+    if region is None:
+      return
+    words_shape = digests.word_shape(shape, value.dtype)
+    words = digests.host_words(value.reshape([b - a for a, b in region]))
+    region += ((0, 2),) if len(words_shape) > len(shape) else ()
+    part = digests.region_digest(words, [a for a, _ in region], words_shape)
+    key = (path, branch)
+    digest = self._coverage.setdefault(key, digests.Coverage(words_shape)).add(region, part)
+    if digest is None:
+      return
+    del self._coverage[key]
+    saved = expected[branch] if self.kind == 'run' else expected
+    if list(saved) != digest:
+      of = f' of branch {branch}' if self.kind == 'run' else ''
+      raise DigestMismatch(f'{self.path}: tensor {".".join(path)}{of} differs from the digest '
+                           'saved with it (corrupted on disk)')
 
   def read_all(self, branch: int | None = None) -> dict[str, Any]:
     """Every tensor of one model as a pure dict of numpy arrays."""
@@ -488,6 +551,28 @@ class ParamsSource:
       return np.asarray(f.get_tensor(name)).astype(np.float32)
 
 
+def _region(shape: Sequence[int], layer: int | None, block: tuple[Any, ...] | None
+            ) -> digests.Region | None:
+  """(start, stop) per axis of `shape` that read(layer=, block=) returns; None when the index
+  is not plain ints and step-1 slices."""
+  index = ((layer,) if layer is not None else ()) + (tuple(block) if block is not None else ())
+  if len(index) > len(shape):
+    return None
+  region = []
+  for i, dim in zip(index, shape):
+    if isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+      i = int(i) + dim if i < 0 else int(i)
+      region.append((i, i + 1))
+    elif isinstance(i, slice):
+      start, stop, step = i.indices(dim)
+      if step != 1:
+        return None
+      region.append((start, max(start, stop)))
+    else:
+      return None
+  return tuple(region) + tuple((0, d) for d in shape[len(index):])
+
+
 def _orbax_arrays(item_dir: str, subtree: str | None, where: str):
   try:
     metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
@@ -499,9 +584,31 @@ def _orbax_arrays(item_dir: str, subtree: str | None, where: str):
     if not isinstance(tree, Mapping) or subtree not in tree:
       raise CheckpointError(f'{where}: the state has no {subtree!r} field')
     tree = tree[subtree]
-  arrays = dict(flatten_paths(_collapse_variables(tree)))
+  leaves = list(_variable_leaves(tree))
+  arrays = {path: array for path, _, array in leaves}
+  stored = {path: ((subtree,) if subtree else ()) + full for path, full, _ in leaves}
   use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(item_dir))
-  return arrays, bool(metadata.use_zarr3), use_ocdbt
+  return arrays, stored, bool(metadata.use_zarr3), use_ocdbt
+
+
+def _expected_digests(meta: Mapping[str, Any], kind: str, arrays: Mapping[tuple[str, ...], Any],
+                      stored: Mapping[tuple[str, ...], tuple[str, ...]]
+                      ) -> dict[tuple[str, ...], Any]:
+  """Saved digest per leaf that ParamsSource can check: per branch for a run, whole for params;
+  leaves whose record is missing or describes another dtype or shape are left out."""
+  saved = meta.get(DIGESTS) or {}
+  out = {}
+  for path, array in arrays.items():
+    record = saved.get('/'.join(stored[path]))
+    if (not isinstance(record, Mapping) or record.get('shape') != list(array.shape)
+        or record.get('dtype') != str(np.dtype(array.dtype))):
+      continue
+    if kind == 'run':
+      if len(record.get('branches') or ()) == array.shape[0]:
+        out[path] = [list(d) for d in record['branches']]
+    elif record.get('digest'):
+      out[path] = list(record['digest'])
+  return out
 
 
 def _bundled_tokenizer(checkpoint_dir: str, meta: Mapping[str, Any]) -> str | None:
@@ -516,11 +623,21 @@ def _has_tokenizer(folder: str) -> bool:
              for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.json'))
 
 
+def this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a read or write that one process does alone (process 0 merging at the
+  end of a multi-process run): Orbax's default waits at barriers for every process."""
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f'process{me}')
+
+
 def latest_step_dir(workdir: str) -> str:
   """The newest committed step folder of a run workdir."""
   directory = storage.join(storage.resolve(workdir), CHECKPOINTS_SUBDIR)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False))
+      read_only=True, create=False, multiprocessing_options=this_process_only()))
   step = manager.latest_step()
   manager.close()
   if step is None:
@@ -556,7 +673,7 @@ def open_source(path: str) -> ParamsSource:
                           f'{STATE}/ or {PARAMS}/ inside)')
   meta = read_meta(path)
   config = model_config_from_meta(meta, storage.join(path, META))
-  arrays, use_zarr3, use_ocdbt = _orbax_arrays(storage.join(path, item), subtree, path)
+  arrays, stored, use_zarr3, use_ocdbt = _orbax_arrays(storage.join(path, item), subtree, path)
   drop = 1 if kind == 'run' else 0
   shapes, dtypes, branches = {}, {}, set()
   for p, a in arrays.items():
@@ -569,6 +686,7 @@ def open_source(path: str) -> ParamsSource:
   source = ParamsSource(path, kind, config, _bundled_tokenizer(path, meta), meta, shapes, dtypes,
                         branches.pop() if branches else None)
   source._arrays = arrays
+  source._expected = _expected_digests(meta, kind, arrays, stored)
   source._use_zarr3, source._use_ocdbt = use_zarr3, use_ocdbt
   source._ts_context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
   return source

@@ -3,6 +3,7 @@ leaf-by-leaf reads, params-only checkpoints and load_params_for_inference."""
 import dataclasses
 import gc
 import glob
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -308,3 +309,93 @@ def test_digests_see_one_bit_and_ignore_the_sharding():
   swapped.flat[[0, 1]] = swapped.flat[[1, 0]]
   moved = jax.tree.map(lambda x: jnp.asarray(swapped) if x is leaf else x, state)
   assert digests.mismatches(saved, moved) == [name]
+
+
+def test_per_branch_digests_add_up_to_the_whole_leaf():
+  from copd_jax import digests
+  state = make_state(num_branches=3)
+  saved = digests.tree_digests(state, per_branch=lambda name: name.startswith('params/'))
+  plain = digests.tree_digests(state)
+  assert {n: r['digest'] for n, r in saved.items()} == {n: r['digest'] for n, r in plain.items()}
+  pure = nnx.to_pure_dict(state.params)
+  record = saved['params/layers/q_proj/value']
+  q = np.asarray(pure['layers']['q_proj'])
+  assert record['branches'] == [digests.array_digest(q[k]) for k in range(3)]
+  assert 'branches' not in saved['step'] and record['digest'] == digests.array_digest(q)
+  # Blocks of one branch, read in any order, add up to that branch's digest.
+  words = digests.host_words(q[1])
+  coverage = digests.Coverage(words.shape)
+  got = [coverage.add(((layer, layer + 1), (0, 16), (h, h + 1), (0, 8)),
+                      digests.region_digest(words[layer:layer + 1, :, h:h + 1],
+                                            (layer, 0, h, 0), words.shape))
+         for layer in (1, 0) for h in (0, 1)]
+  assert got[:3] == [None] * 3 and got[3] == record['branches'][1]
+  overlapping = digests.Coverage(words.shape)
+  for region in [((0, 1), (0, 16), (0, 2), (0, 8)), ((0, 2), (0, 16), (0, 1), (0, 8)),
+                 ((1, 2), (0, 16), (0, 2), (0, 8))]:
+    assert overlapping.add(region, [0, 0]) is None   # never claims a verified array
+
+
+def _edit_meta(step_dir, edit):
+  path = os.path.join(step_dir, 'meta', 'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  edit(meta)
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+
+
+def test_params_source_checks_whole_and_streamed_reads_against_the_digests(tmp_path):
+  state = make_state(num_branches=2)
+  with ckpt.RunCheckpointer(str(tmp_path)) as saver:
+    saver.save(1, state, meta_for(1))
+  step_dir = os.path.join(str(tmp_path), 'checkpoints', '1')
+  pure = nnx.to_pure_dict(state.params)
+  source = ckpt.open_source(str(tmp_path))
+  assert len(source._expected) == len(source.leaf_paths())
+  assert_trees_equal(source.read_all(1), jax.tree.map(lambda x: np.asarray(x)[1], pure))
+
+  # What a flipped bit in branch 1 of q_proj looks like to the reader: another digest.
+  def corrupt(meta):
+    meta[ckpt.DIGESTS]['params/layers/q_proj/value']['branches'][1][0] ^= 1 << 7
+  _edit_meta(step_dir, corrupt)
+  source = ckpt.open_source(str(tmp_path))
+  source.read_all(0)                                       # branch 0 is intact
+  with pytest.raises(ckpt.DigestMismatch) as raised:
+    source.read_all(1)
+  assert str(raised.value) == (f'{step_dir}: tensor layers.q_proj of branch 1 differs from the '
+                               'digest saved with it (corrupted on disk)')
+  # Streamed by layer and block: one piece alone passes; the piece that completes the tensor
+  # raises; reading it again in pieces raises again.
+  for attempt in range(2):
+    source.read(('layers', 'q_proj'), 1, 0)
+    source.read(('layers', 'q_proj'), 1, 1, (slice(0, 9),))
+    with pytest.raises(ckpt.DigestMismatch, match='layers.q_proj of branch 1'):
+      source.read(('layers', 'q_proj'), 1, 1, (slice(9, None),))
+  # A checkpoint without digests (written before they existed) is read without a check.
+  _edit_meta(step_dir, lambda meta: meta.pop(ckpt.DIGESTS))
+  source = ckpt.open_source(str(tmp_path))
+  assert source._expected == {}
+  assert_trees_equal(source.read_all(1), jax.tree.map(lambda x: np.asarray(x)[1], pure))
+  _, params, _ = ckpt.load_params_for_inference(step_dir, branch=1)
+  assert_trees_equal(params, jax.tree.map(lambda x: np.asarray(x)[1], pure))
+
+
+def test_params_checkpoint_carries_digests_and_refuses_changed_bits(tmp_path):
+  from copd_jax import digests
+  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(branch_params(1)))
+  out = str(tmp_path / 'merged')
+  ckpt.save_params_checkpoint(out, params, {'model_config': dataclasses.asdict(TINY)})
+  meta = ckpt.read_meta(out)
+  assert meta[ckpt.DIGESTS]['layers/up_proj']['digest'] == digests.array_digest(
+      params['layers']['up_proj'])
+  assert len(meta[ckpt.DIGESTS]) == len(jax.tree.leaves(params))
+  def corrupt(meta):
+    meta[ckpt.DIGESTS]['layers/up_proj']['digest'][1] += 1
+  _edit_meta(out, corrupt)
+  with pytest.raises(ckpt.DigestMismatch, match=f'^{out}: tensor layers.up_proj differs'):
+    ckpt.load_params_checkpoint(out)
+  source = ckpt.open_source(out)                # per layer: the second layer completes it
+  source.read(('layers', 'up_proj'), None, 0)
+  with pytest.raises(ckpt.DigestMismatch):
+    source.read(('layers', 'up_proj'), None, 1)

@@ -1,7 +1,9 @@
 """Merge methods against hand-computed numpy, the streaming merge against plain Orbax reads,
 input checks, and the merged model exported to Hugging Face against transformers' logits."""
 import dataclasses
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -103,8 +105,9 @@ def test_mean_merge_equals_mean_of_branches_read_with_plain_orbax(run, tmp_path)
   state_dir = os.path.join(run['workdir'], 'checkpoints', '10', 'state')
   restored = ocp.StandardCheckpointer().restore(state_dir)
   branches = jax.tree.map(np.asarray, restored['params'])
-  want = {k: v for k, v in ckpt._collapse_variables(branches).items()}
-  want = jax.tree.map(lambda x: x.mean(axis=0), want)
+  want: dict = {}
+  for path, _, leaf in ckpt._variable_leaves(branches):
+    ckpt.set_path(want, path, leaf.mean(axis=0))
   assert_close_trees(result.params, want)
   written, meta = ckpt.load_params_checkpoint(out)
   assert_close_trees(written, want)
@@ -146,6 +149,38 @@ def test_blocked_merge_equals_whole_tensor_merge_with_hf_base(run, tmp_path):
   want = jax.tree.map(lambda b, x: b + 0.7 * (np.asarray(x) - b).mean(0), run['base'],
                       run['params'])
   assert_close_trees(whole, want, atol=1e-6)
+
+
+def _corrupt_digest(step_dir, name, branch=None):
+  """Changes one saved digest in the meta: what a flipped bit on disk looks like to a reader."""
+  path = os.path.join(step_dir, 'meta', 'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  record = meta[ckpt.DIGESTS][name]
+  (record['digest'] if branch is None else record['branches'][branch])[0] ^= 1
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+
+
+def test_streaming_merge_verifies_every_tensor_it_reads(run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run['workdir'], workdir)
+  step_dir = os.path.join(workdir, 'checkpoints', '10')
+  _corrupt_digest(step_dir, 'params/layers/down_proj/value', branch=2)
+  out = str(tmp_path / 'merged')
+  with pytest.raises(ckpt.DigestMismatch,
+                     match=f'^{step_dir}: tensor layers.down_proj of branch 2 differs'):
+    mg.merge_checkpoints(workdir, out=out)
+  assert not os.path.exists(out)
+  models = mg.resolve_models(workdir)  # in blocks of layers: the last block of the last layer
+  with pytest.raises(ckpt.DigestMismatch, match='layers.down_proj of branch 2'):
+    mg.merge_models(models, mg.MergeRecipe('mean'), block_bytes=256)
+  # A params-only base is verified too (merge_checkpoints's output carries digests).
+  base = str(tmp_path / 'base')
+  shutil.copytree(run['base_path'], base)
+  _corrupt_digest(base, 'final_norm')
+  with pytest.raises(ckpt.DigestMismatch, match=f'^{base}: tensor final_norm differs'):
+    mg.merge_checkpoints(run['workdir'], 'task_arithmetic', base=base)
 
 
 def test_branch_selectors(run):

@@ -1,5 +1,6 @@
 """Reliability: bad configs and data files fail before any compute with one line naming the field
-or file:line; corrupted checkpoints make `train` fall back and `export-hf` / `merge` refuse; 1,000
+or file:line; corrupted checkpoints (silent bit flips included, caught by the digests) make
+`train` fall back and `export-hf` / `merge` refuse when what they read was hit; 1,000
 adversarial completions through every reward function; merge / export outputs appear only when
 complete; untrusted model folders never run code; random SIGKILLs of a run lose nothing (slow).
 
@@ -112,6 +113,14 @@ def test_bad_data_file_names_file_and_line_before_compute(case, tmp_path):
 # 3. Corrupted checkpoints: restore falls back with a warning; export-hf / merge refuse
 # ---------------------------------------------------------------------------------------------
 
+def _random_floats(tree, seed: int):
+  """Float leaves replaced by random values (Adam's zero moments would be stored inline in the
+  OCDBT index, leaving no optimizer chunk in a data file to damage)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jax.numpy.asarray(rng.standard_normal(x.shape).astype(x.dtype))
+                      if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, tree)
+
+
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
   """A run workdir with checkpoints of steps 1 and 2 (K=2, tiny Qwen3, a tokenizer)."""
@@ -119,6 +128,7 @@ def run_dir(tmp_path_factory):
   tokenizer_dir = str(folder / 'tokenizer')
   char_tokenizer().save_pretrained(tokenizer_dir)
   state = make_state(num_branches=2)
+  state = state._replace(opt_state=_random_floats(state.opt_state, 1))
   workdir = str(folder / 'workdir')
   with ckpt.RunCheckpointer(workdir) as saver:
     for step, delta in ((1, 0.0), (2, 1.0)):
@@ -128,21 +138,48 @@ def run_dir(tmp_path_factory):
   return workdir, state
 
 
+EXPORT_BRANCH = 1
+DAMAGES = list(checkpoint_faults.ALL_DAMAGES)
+
+
 def _damaged_copy(run_dir, tmp_path, name):
+  """A copy of the run with step 2 damaged, and what each command must do with it."""
   workdir, state = run_dir
   copy = str(tmp_path / 'run')
   shutil.copytree(workdir, copy)
-  damage, unreadable = checkpoint_faults.CORRUPTIONS[name]
-  damage(os.path.join(copy, 'checkpoints', '2'))
-  return copy, state, unreadable
+  hit = checkpoint_faults.ALL_DAMAGES[name](os.path.join(copy, 'checkpoints', '2'))
+  return copy, state, checkpoint_faults.expected(hit, EXPORT_BRANCH)
+
+
+def test_damages_hit_what_their_names_say(run_dir, tmp_path):
+  workdir, _ = run_dir
+  chunks = checkpoint_faults.array_chunks(os.path.join(workdir, 'checkpoints', '2'))
+  assert {c.is_param for c in chunks} == {True, False} and {c.branch for c in chunks} == {0, 1}
+  for name, params, others in [('flip one bit in 3 parameter chunks of branch 0', 3, 0),
+                               ('flip one bit in one optimizer-state chunk', 0, 1)]:
+    copy = str(tmp_path / f'run{params}')
+    shutil.copytree(workdir, copy)
+    hit = checkpoint_faults.ALL_DAMAGES[name](os.path.join(copy, 'checkpoints', '2'))
+    assert len(hit.params(0)) == len(hit.params()) == params and not hit.structure
+    assert len(hit.chunks) - params == others
+  for name in ('truncate every array data file to half',
+               'overwrite the middle half of every array data file with random bytes'):
+    copy = str(tmp_path / name.split()[0])
+    shutil.copytree(workdir, copy)
+    step_dir = os.path.join(copy, 'checkpoints', '2')
+    before = {f: os.path.getsize(f) for f in checkpoint_faults.data_files(step_dir)}
+    hit = checkpoint_faults.ALL_DAMAGES[name](step_dir)
+    assert len(before) >= 1 and hit.params() and not hit.structure
+    if name.startswith('truncate'):
+      assert all(os.path.getsize(f) == size // 2 for f, size in before.items())
 
 
 @DAMAGE_NOISE
-@pytest.mark.parametrize('name', list(checkpoint_faults.CORRUPTIONS))
+@pytest.mark.parametrize('name', DAMAGES)
 def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_path, name):
-  copy, state, unreadable = _damaged_copy(run_dir, tmp_path, name)
+  copy, state, want = _damaged_copy(run_dir, tmp_path, name)
   saver = ckpt.RunCheckpointer(copy)
-  if unreadable:
+  if want.train_falls_back:
     with pytest.warns(UserWarning) as warned:
       restored, meta = saver.restore(abstract(state))
     messages = [str(w.message) for w in warned]
@@ -162,23 +199,30 @@ def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_pat
 
 
 @DAMAGE_NOISE
-@pytest.mark.parametrize('name', list(checkpoint_faults.CORRUPTIONS))
+@pytest.mark.parametrize('name', DAMAGES)
 def test_export_and_merge_of_a_corrupted_checkpoint(run_dir, tmp_path, name):
-  copy, state, unreadable = _damaged_copy(run_dir, tmp_path, name)
+  copy, state, want = _damaged_copy(run_dir, tmp_path, name)
   export_out, merge_out = str(tmp_path / 'hf'), str(tmp_path / 'merged')
-  export = cli.run_cli(['export-hf', '--checkpoint', copy, '--branch', '1', '--out', export_out])
+  export = cli.run_cli(['export-hf', '--checkpoint', copy, '--branch', str(EXPORT_BRANCH),
+                        '--out', export_out])
   merge = cli.run_cli(['merge', '--workdir', copy, '--out', merge_out])
-  if unreadable:
-    for result in (export, merge):
+  pure = nnx.to_pure_dict(shifted(state, 1.0).params)
+  for result, out, refuses in ((export, export_out, want.export_refuses),
+                               (merge, merge_out, want.merge_refuses)):
+    if refuses:
       assert result.code == 2, result.stderr
       assert result.lines == [result.message], result.stderr
       assert result.message.startswith(f'error: {copy}/checkpoints/2'), result.message
-    assert not os.path.exists(export_out) and not os.path.exists(merge_out)
-  else:  # a leftover temporary folder is ignored: the newest complete step is used
-    assert export.code == 0 and merge.code == 0, export.stderr + merge.stderr
-    pure = nnx.to_pure_dict(shifted(state, 1.0).params)
+      assert not os.path.exists(out)
+    else:  # damage elsewhere (or a leftover temporary folder) leaves the parameters intact
+      assert result.code == 0, result.stderr
+  if name.startswith('flip one bit in 3 parameter'):  # decodable: only the digests see it
+    assert 'differs from the digest saved with it' in merge.message, merge.message
+  if not want.export_refuses:
     exported = hf_io.load_params(export_out)
-    np.testing.assert_array_equal(exported['embed'], np.asarray(pure['embed'])[1])
+    for key in ('embed', 'lm_head'):
+      np.testing.assert_array_equal(exported[key], np.asarray(pure[key])[EXPORT_BRANCH])
+  if not want.merge_refuses:
     merged, _ = ckpt.load_params_checkpoint(merge_out)
     np.testing.assert_allclose(merged['embed'], np.asarray(pure['embed']).mean(0), rtol=1e-6)
   gc.collect()
@@ -396,7 +440,8 @@ def harness_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_resumes_past_corrupted_checkpoints_and_loses_nothing(harness_folder):
-  names = ['overwrite half an array file with random bytes', 'delete the whole state item',
+  names = ['overwrite the middle half of every array data file with random bytes',
+           'flip one bit in 3 parameter chunks of branch 0',
            'leftover tmp folder of a newer, interrupted save']
   outcomes = checkpoint_faults.corruption_experiment(harness_folder, names, log=lambda s: None)
   for o in outcomes:
