@@ -150,21 +150,31 @@ DAMAGE_NOISE = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExcept
 
 
 @DAMAGE_NOISE
-@pytest.mark.parametrize('damage', ['truncate_largest_data_file', 'flip_bit_in_largest_data_file',
+def _array_data_files(state_dir):
+  """Orbax's OCDBT array data files. Which arrays each holds, and whether a file is referenced
+  at all, varies from run to run, so the damages below hit every one of them."""
+  return [f for f in _files(state_dir) if os.sep + 'ocdbt.process_' in f and
+          os.sep + 'd' + os.sep in f]
+
+
+@pytest.mark.parametrize('damage', ['truncate_data_files', 'flip_bit_in_data_files',
                                     'delete_tree_metadata', 'delete_meta'])
 def test_restore_falls_back_past_damaged_newest(tmp_path, damage):
   state = make_state()
   newest = _save_two(tmp_path, state)
-  if damage == 'truncate_largest_data_file':
-    largest = _files(os.path.join(newest, 'state'))[-1]
-    os.truncate(largest, os.path.getsize(largest) // 2)
-  elif damage == 'flip_bit_in_largest_data_file':  # silent on disk: caught by the digests
-    largest = _files(os.path.join(newest, 'state'))[-1]
-    with open(largest, 'r+b') as f:
-      f.seek(os.path.getsize(largest) // 2)
-      byte = f.read(1)[0]
-      f.seek(-1, os.SEEK_CUR)
-      f.write(bytes([byte ^ 0x10]))
+  data_files = _array_data_files(os.path.join(newest, 'state'))
+  if damage == 'truncate_data_files':
+    assert data_files
+    for path in data_files:
+      os.truncate(path, os.path.getsize(path) // 2)
+  elif damage == 'flip_bit_in_data_files':  # silent on disk: caught by the digests
+    assert data_files
+    for path in data_files:
+      with open(path, 'r+b') as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
   elif damage == 'delete_tree_metadata':
     os.remove(os.path.join(newest, 'state', '_METADATA'))
   else:
