@@ -35,14 +35,6 @@ from experiments import tables  # noqa: E402
 EDGE_KEY = re.compile(r'behaviour/(overlap_top\d+|symmetric_kl)/(b\d+_[\w+]+)<-(b\d+_[\w+]+)$')
 
 
-def read_records(out: str, seed: int, run: str) -> list[dict] | None:
-  path = os.path.join(out, 'runs', f'seed{seed}', run, 'metrics.jsonl')
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def edge_series(records: list[dict], kind: str) -> dict[str, dict[int, float]]:
   """'overlap' | 'symmetric_kl' -> {edge: {step: value}} of the logged OPD steps."""
   out: dict[str, dict[int, float]] = defaultdict(dict)
@@ -85,7 +77,7 @@ def fig4ab(out: str, seeds: Sequence[int], runs: dict[str, M.RunSpec]) -> str | 
     for label, run, shift, style in sources:
       per_edge: dict[str, list] = defaultdict(list)
       for seed in seeds:
-        records = read_records(out, seed, run)
+        records = tables.read_records(out, seed, run)
         if records:
           for edge, series in edge_series(records, kind).items():
             per_edge[edge].append(series)
@@ -242,7 +234,7 @@ def overlap_schedule_fig(out: str, seeds: Sequence[int], updates: int) -> str | 
           (M.overlap_name(updates), 'overlap-driven', '--'))
   for run, label, style in runs:
     for seed in seeds:
-      records = read_records(out, seed, run) or []
+      records = tables.read_records(out, seed, run) or []
       points = [(r['step'] + 1, r[T.KEY]) for r in records if T.KEY in r]
       if not points:
         continue

@@ -10,8 +10,6 @@ For each (expert RL length, direction) pair of methods.pilot_layout:
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Sequence
 
 import numpy as np
@@ -20,14 +18,6 @@ from experiments import methods as M
 from experiments import tables
 
 METRICS = ('pass@1', 'avg@k')
-
-
-def _records(out: str, seed: int, run: str) -> list[dict] | None:
-  path = os.path.join(out, 'runs', f'seed{seed}', run, 'metrics.jsonl')
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _edge_value(record: dict, kind: str, edge: str) -> float:
@@ -41,7 +31,7 @@ def _edge_value(record: dict, kind: str, edge: str) -> float:
 def seed_points(out: str, seed: int, pilot: M.Pilot = M.Pilot()) -> list[dict] | None:
   """One dict per pilot pair of this seed, or None when the pilot_opd run is missing."""
   results = tables.load_eval(out, seed, 'pilot_opd')
-  records = _records(out, seed, 'pilot_opd')
+  records = tables.read_records(out, seed, 'pilot_opd')
   if results is None or not records:
     return None
   records = sorted((r for r in records if r.get('phase_is_opd') == 1.0), key=lambda r: r['step'])

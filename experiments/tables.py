@@ -35,6 +35,15 @@ def load_eval(out: str, seed: int, run: str) -> dict | None:
     return json.load(f)['results']
 
 
+def read_records(out: str, seed: int, run: str) -> list[dict] | None:
+  """A run's metrics.jsonl records, or None when the run has not written one."""
+  path = os.path.join(out, 'runs', f'seed{seed}', run, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def method_scores(out: str, seeds: Sequence[int], method: M.Method, domains: Sequence[str],
                   metric: str) -> np.ndarray | None:
   """-> [num_seeds_found, len(domains) + 1] accuracies in % (last column: overall), or None."""
