@@ -27,7 +27,6 @@ table below (dense bf16), unknown on CPU (MFU is then not reported).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.workers import write_json  # noqa: E402
 from copd_jax import losses, mesh as mesh_lib, optim, sampling  # noqa: E402
 from copd_jax.memory_plan import QWEN3_PRESETS  # noqa: E402
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config  # noqa: E402
@@ -217,9 +217,7 @@ def main():
         setattr(args, name, value)
   result = run(args)
   print_table(result)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=2)
+  write_json(args.json, result)
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.workers import Worker  # noqa: E402
+from benchmarks.workers import Worker, write_json  # noqa: E402
 
 # Model shapes: 'tiny' is the CPU workload; 'qwen3-0.6b' its accelerator workload.
 MODELS = {
@@ -261,9 +261,7 @@ def main():
   summary = orchestrate(args)
   print('after: ', machine_line())
   print_table(summary)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(summary, f, indent=2)
+  write_json(args.json, summary)
 
 
 if __name__ == '__main__':

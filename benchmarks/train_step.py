@@ -39,7 +39,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.workers import Worker  # noqa: E402
+from benchmarks.workers import Worker, write_json  # noqa: E402
 
 CONFIG = dict(vocab=256, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
               intermediate=768)
@@ -312,9 +312,7 @@ def main():
     return
   summary = orchestrate(args)
   print_table(summary)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(summary, f, indent=2)
+  write_json(args.json, summary)
 
 
 if __name__ == '__main__':

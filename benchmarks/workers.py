@@ -35,3 +35,10 @@ class Worker:
   def close(self):
     self.proc.stdin.close()
     self.proc.wait()
+
+
+def write_json(path: str, data) -> None:
+  """A benchmark's result summary as JSON (--json); nothing when path is empty."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(data, f, indent=2)
