@@ -95,7 +95,7 @@ def build(args, config: Qwen3Config):
   del model, params
   shardings = branch_state_shardings(state, mesh)
   cfg = StepConfig(num_micro_batches=args.micro_batches,
-                   max_completion_tokens=args.new_tokens)
+                   max_completion_tokens=args.new_tokens, logits_chunk=args.logits_chunk or None)
   grpo = make_grpo_step(graphdef, optimizer, mesh, cfg, shardings)
   opd = make_opd_step(graphdef, optimizer, mesh, cfg, shardings, ((1, 0),))
   return mesh, graphdef, state, grpo, opd
@@ -159,7 +159,8 @@ def run(args) -> dict:
             'mesh': dict(mesh.shape), 'model': 'tiny' if args.tiny else 'qwen3-0.6b',
             'params_per_branch': config.num_params(), 'peak_flops_per_device': peak,
             'rows_per_branch': rows, 'distill_rows_per_branch': M, 'seq': T,
-            'micro_batches': args.micro_batches, 'remat': not args.no_remat, 'phases': {}}
+            'micro_batches': args.micro_batches, 'logits_chunk': args.logits_chunk,
+            'remat': not args.no_remat, 'phases': {}}
   for phase, runs in times.items():
     entry = {}
     for part in ('rollout', 'update'):
@@ -180,7 +181,7 @@ def print_table(result: dict) -> None:
         f"{result['num_devices']} x {result['device_kind']}, mesh {result['mesh']}, "
         f"{result['rows_per_branch']} rows (+{result['distill_rows_per_branch']} OPD) x "
         f"{result['seq']} tokens per branch, {result['micro_batches']} micro-batches, "
-        f"remat={result['remat']}")
+        f"logits_chunk={result['logits_chunk']}, remat={result['remat']}")
   print('| step | part | median s | tokens/s | model TFLOPs | MFU |')
   print('|---|---|---:|---:|---:|---:|')
   for phase, entry in result['phases'].items():
@@ -206,6 +207,9 @@ def main():
   parser.add_argument('--new-tokens', type=int, default=384)
   parser.add_argument('--micro-batches', type=int, default=4)
   parser.add_argument('--no-remat', action='store_true')
+  parser.add_argument('--logits-chunk', type=int, default=0,
+                      help='score this many positions of full-vocabulary logits at a time '
+                           '(grpo.logits_chunk; 0 = all at once)')
   parser.add_argument('--peak-tflops', type=float, default=None,
                       help='dense bf16 peak per device (default: from the device kind)')
   parser.add_argument('--json', default='', help='also write the result to this file')

@@ -74,8 +74,9 @@ def weight_and_cache_bytes(c: dict, batch: int, dtype_bytes: int) -> int:
 
 def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   """mode: 'layerwise', 'model-scan' or 'model-unrolled' (sampling.DECODE_MODE, scan_layers);
-  'branches': the layerwise path through `generate_branches` with K=1 on a one-device mesh
-  (how the driver samples)."""
+  'branches': the layerwise path through `generate_branches` with K=1, its rows split over a
+  ('fsdp' = all devices) mesh, as the driver samples; on a CPU host the worker first splits
+  the cores into one device each, as `python -m copd_jax train` does (copd_jax/host_devices.py)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -98,7 +99,8 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
 
   if mode == 'branches':
     from copd_jax import mesh as mesh_lib
-    mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+    # As `train` samples on a CPU host: rows split over one device per core (host_devices).
+    mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': -1, 'tensor': 1})
     stacked = jax.tree.map(lambda x: x[None], params)
 
     def run(rep: int) -> int:
@@ -115,13 +117,17 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   return run
 
 
-def _tunix_worker(c: dict, batch: int, dtype_name: str):
+def _tunix_worker(c: dict, batch: int, dtype_name: str, per_core: bool = False):
+  """per_core ('tunix-cores'): the same one-device-per-core CPU split as our 'branches',
+  with Tunix's model on an ('fsdp' = all devices) mesh."""
   import jax
+  if per_core:
+    jax.config.update('jax_num_cpu_devices', len(os.sched_getaffinity(0)))
   import jax.numpy as jnp
   from tunix.generate import sampler as sampler_lib
 
   from benchmarks.tunix_model import WordTokenizer, random_tunix_qwen3
-  model, mesh = random_tunix_qwen3(c, jnp.dtype(dtype_name))
+  model, mesh = random_tunix_qwen3(c, jnp.dtype(dtype_name), fsdp=jax.device_count())
   cache = sampler_lib.CacheConfig(cache_size=PROMPT_LEN + NEW_TOKENS, num_layers=c['layers'],
                                   num_kv_heads=c['kv_heads'], head_dim=c['head_dim'])
   sampler = sampler_lib.Sampler(model, WordTokenizer(), cache)
@@ -138,15 +144,20 @@ def _tunix_worker(c: dict, batch: int, dtype_name: str):
 
 def worker_main(kind: str, model: str, batch: int, dtype: str):
   """Compiles (first call, timed), then answers 'run <rep>' lines with JSON timings."""
+  if kind == 'branches':
+    from copd_jax import host_devices
+    host_devices.configure(host_devices.cpu_cores())
   start = time.perf_counter()
   c = MODELS[model]
-  run = _tunix_worker(c, batch, dtype) if kind == 'tunix' else _ours_worker(kind, c, batch, dtype)
+  run = _tunix_worker(c, batch, dtype, per_core=kind == 'tunix-cores') \
+      if kind.startswith('tunix') else _ours_worker(kind, c, batch, dtype)
   build_s = time.perf_counter() - start
   start = time.perf_counter()
   n = run(-1)
   first_s = time.perf_counter() - start
   import jax
   print(json.dumps({'ready': True, 'build_s': build_s, 'first_call_s': first_s, 'tokens': n,
+                    'devices': jax.device_count(),
                     'device_kind': jax.devices()[0].device_kind}), flush=True)
   for line in sys.stdin:
     rep = int(line.split()[1])
@@ -167,6 +178,8 @@ def orchestrate(args) -> dict:
            for mode in args.ours.split(',')]
   if args.peer_python:
     specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix', *workload]))
+    if args.peer_cores:
+      specs.append(('tunix-cores', [args.peer_python, me, '--worker', 'tunix-cores', *workload]))
   workers, setup = [], {}
   for name, argv in specs:   # built one after the other so compiles do not overlap
     worker = Worker(name, argv)
@@ -198,7 +211,7 @@ def orchestrate(args) -> dict:
   for name in summary:
     kind = setup[name]['device_kind']
     peak = args.peak_gbps or next((g for n, g in PEAK_GBPS if n.lower() in kind.lower()), None)
-    summary[name].update(device_kind=kind, min_bytes=moved, peak_gbps=peak,
+    summary[name].update(device_kind=kind, devices=setup[name]['devices'], min_bytes=moved, peak_gbps=peak,
                          roofline_fraction=moved / summary[name]['median_s'] / (peak * 1e9)
                          if peak else None)
   if 'tunix' in times:   # pairs of back-to-back runs see about the same machine load
@@ -210,15 +223,15 @@ def orchestrate(args) -> dict:
 
 def print_table(summary: dict):
   tunix = summary.get('tunix')
-  print('| sampler | median s | min s | max s | tokens/s | vs tunix | paired vs tunix | '
+  print('| sampler | devices | median s | min s | max s | tokens/s | vs tunix | paired vs tunix | '
         'CPU s (median) | compile s | roofline |')
-  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
   for name, s in summary.items():
     ratio = f'{s["tokens_per_s"] / tunix["tokens_per_s"]:.2f}x' if tunix else '-'
     paired = f'{s["paired_ratio"]:.2f}x' if tunix else '-'
-    label = name if name == 'tunix' else f'copd_jax ({name})'
+    label = name if name.startswith('tunix') else f'copd_jax ({name})'
     roofline = f'{100 * s["roofline_fraction"]:.0f}%' if s['roofline_fraction'] else 'n/a'
-    print(f'| {label} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | {s["max_s"]:.3f} | '
+    print(f'| {label} | {s["devices"]} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | {s["max_s"]:.3f} | '
           f'{s["tokens_per_s"]:.0f} | {ratio} | {paired} | {s["cpu_median_s"]:.3f} | '
           f'{s["compile_s"]:.2f} | {roofline} |')
 
@@ -252,7 +265,10 @@ def main():
   parser.add_argument('--peak-gbps', type=float, default=None,
                       help='memory bandwidth for the roofline (default: from the device kind)')
   parser.add_argument('--json', default='', help='also write the summary to this file')
-  parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix'], help=argparse.SUPPRESS)
+  parser.add_argument('--peer-cores', action='store_true',
+                      help="also run Tunix on one CPU device per core ('tunix-cores')")
+  parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix', 'tunix-cores'],
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     worker_main(args.worker, args.model, args.batch, args.dtype)

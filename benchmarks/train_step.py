@@ -24,7 +24,8 @@ Timed per step:
              (Tunix: the time between two batch requests of GrpoLearner.train, a global step)
   update     the update alone (ours: grpo_step; Tunix: RLCluster.update_actor), each followed by
              block_until_ready on the parameters so asynchronous dispatch is not mistaken for speed
-  rollout    sampling to host tokens (ours: sampling.generate; Tunix: RLCluster.generate)
+  rollout    sampling to host tokens (ours: sampling.generate_branches; Tunix:
+             RLCluster.generate)
 Tokens per step: 64 rows x 64 positions (prompt + completion) = 4096.
 """
 from __future__ import annotations
@@ -49,10 +50,15 @@ TOKENS_PER_STEP = ROWS * (PROMPT_LEN + NEW_TOKENS)
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 1e-4, 1.0
 REWARD_ID, BOS, PAD = 7, 1, 0
 WARMUP_STEPS = 2
-# Our variants (--ours): 'shared' scores each group's prompt once (StepConfig.group_size /
-# prompt_length), 'plain' scores every row's prompt (as Tunix does); 'unrolled' runs the decoder
-# layers as a Python loop (as Tunix's model does), 'scan' with lax.scan (Qwen3 scan_layers=True).
-OURS_VARIANTS = ('shared+unrolled', 'plain+unrolled', 'shared+scan', 'plain+scan')
+# Our variants (--ours), '+'-joined: 'shared' scores each group's prompt once in the update
+# (StepConfig.group_size / prompt_length) and the sampler prefills it once (generate_branches
+# group_size), 'plain' does both per row (as Tunix does); 'unrolled' runs the decoder layers as a
+# Python loop (as Tunix's model does), 'scan' with lax.scan (Qwen3 scan_layers=True); 'cores'
+# splits the CPU into one jax device per core and runs the step data-parallel over them (rows
+# over 'fsdp', parameters replicated: config.shard_params_over_fsdp = False), as
+# `python -m copd_jax train` lays out a CPU host (copd_jax/host_devices.py); without it, one device.
+OURS_VARIANTS = ('shared+unrolled+cores', 'plain+unrolled+cores', 'shared+unrolled',
+                 'plain+unrolled', 'shared+scan', 'plain+scan')
 
 
 def _prompt_ids(rep: int) -> list[list[int]]:
@@ -68,7 +74,11 @@ def _prompt_ids(rep: int) -> list[list[int]]:
 
 def _ours_worker(variant: str):
   """Returns step(rep) -> timings dict."""
-  share_prompts, scan_layers = variant.startswith('shared'), variant.endswith('scan')
+  flags = set(variant.split('+'))
+  share_prompts, scan_layers, per_core = 'shared' in flags, 'scan' in flags, 'cores' in flags
+  from copd_jax import host_devices
+  if per_core:
+    host_devices.configure(host_devices.cpu_cores())
   import jax
   import numpy as np
   from flax import nnx
@@ -83,35 +93,36 @@ def _ours_worker(variant: str):
                        num_heads=c['heads'], num_kv_heads=c['kv_heads'], head_dim=c['head_dim'],
                        intermediate_size=c['intermediate'])
   graphdef, params = split_model(Qwen3(config, rngs=nnx.Rngs(0), scan_layers=scan_layers))
-  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  devices = jax.devices() if per_core else jax.devices()[:1]
+  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': -1, 'tensor': 1}, devices=devices)
+  rules = mesh_lib.param_rules(shard_params_over_fsdp=not per_core)
   optimizer = optim.make_optimizer({'learning_rate': LEARNING_RATE, 'weight_decay': WEIGHT_DECAY,
                                     'max_grad_norm': MAX_GRAD_NORM})
-  state = init_branch_state(graphdef, params, 1, optimizer, mesh, seed=0)
+  state = init_branch_state(graphdef, params, 1, optimizer, mesh, seed=0, rules=rules)
   step_config = StepConfig(group_size=GROUP, prompt_length=PROMPT_LEN) if share_prompts \
       else StepConfig()
   grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config,
-                             branch_state_shardings(state, mesh))
+                             branch_state_shardings(state, mesh, rules))
   sampling_params = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0)
   eos = (c['vocab'],)   # never sampled: every row runs the full length
   holder = {'state': state}
-  # One branch: sample with `generate` on its parameters (with K > 1 the driver uses
-  # generate_branches, which vmaps the same program over branches).
-  first_branch = jax.jit(lambda stacked: jax.tree.map(lambda x: x[0], stacked))
 
   def step(rep: int) -> dict:
     start = time.perf_counter()
     prompts = np.asarray([[BOS] + ids for ids in _prompt_ids(rep) for _ in range(GROUP)],
                          np.int32)
     state = holder['state']
-    out = sampling.generate(graphdef, first_branch(state.params), prompts,
-                            np.ones_like(prompts, bool), jax.random.key(10_000 + rep),
-                            sampling_params, eos_ids=eos, pad_id=PAD)
-    tokens, completion = np.asarray(out.tokens), np.asarray(out.completion_mask)
+    # As the driver samples: generate_branches on the branch-stacked parameters.
+    out = sampling.generate_branches(graphdef, state.params, prompts[None],
+                                     np.ones_like(prompts, bool)[None],
+                                     jax.random.key(10_000 + rep)[None], sampling_params,
+                                     eos_ids=eos, pad_id=PAD, mesh=mesh,
+                                     group_size=GROUP if share_prompts else 1)
+    tokens, completion = np.asarray(out.tokens[0]), np.asarray(out.completion_mask[0])
     rollout_s = time.perf_counter() - start
     rewards = ((tokens == REWARD_ID) & completion).sum(-1) / NEW_TOKENS
     advantages = np.asarray(losses.group_advantages(rewards.astype(np.float32), GROUP))
-    batch = RolloutBatch(out.tokens[None], out.token_valid[None], out.completion_mask[None],
-                         out.logprobs[None],
+    batch = RolloutBatch(out.tokens, out.token_valid, out.completion_mask, out.logprobs,
                          (advantages[..., None] * completion).astype(np.float32)[None])
     update_start, update_cpu = time.perf_counter(), time.process_time()
     state, metrics = grpo_step(state, batch)
@@ -147,10 +158,14 @@ def _emit(obj: dict):
 # Tunix worker
 # ---------------------------------------------------------------------------------------------
 
-def run_tunix():
+def run_tunix(per_core: bool = False):
   """GrpoLearner.train pulls batches from a generator; each pull after the first two (warm-up)
-  reports the previous step's timings and waits for the orchestrator's next 'run' line."""
+  reports the previous step's timings and waits for the orchestrator's next 'run' line.
+  per_core ('tunix-cores'): the CPU split into one device per core, as for our 'cores'
+  variants, with every role on an ('fsdp' = all devices) mesh."""
   import jax
+  if per_core:
+    jax.config.update('jax_num_cpu_devices', len(os.sched_getaffinity(0)))
   import numpy as np
   import optax
   from flax import nnx
@@ -160,7 +175,7 @@ def run_tunix():
 
   from benchmarks.tunix_model import WordTokenizer, random_tunix_qwen3
   c = CONFIG
-  model, mesh = random_tunix_qwen3(c)
+  model, mesh = random_tunix_qwen3(c, fsdp=jax.device_count())
 
   rollout = base_rollout.RolloutConfig(
       max_tokens_to_generate=NEW_TOKENS, max_prompt_length=PROMPT_LEN, temperature=1.0,
@@ -242,6 +257,8 @@ def orchestrate(args) -> dict:
   specs = [(f'copd_jax ({v})', [sys.executable, me, '--worker', v]) for v in args.ours.split(',')]
   if args.peer_python:
     specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix']))
+    if args.peer_cores:
+      specs.append(('tunix-cores', [args.peer_python, me, '--worker', 'tunix-cores']))
   workers, setup = [], {}
   for name, argv in specs:   # built one after the other so compiles do not overlap
     worker = Worker(name, argv)
@@ -302,13 +319,18 @@ def main():
   parser.add_argument('--json', default='', help='also write the summary to this file')
   parser.add_argument('--ours', default=OURS_VARIANTS[0],
                       help=f'comma-separated copd_jax variants of {OURS_VARIANTS}')
-  parser.add_argument('--worker', choices=[*OURS_VARIANTS, 'tunix'], help=argparse.SUPPRESS)
+  parser.add_argument('--peer-cores', action='store_true',
+                      help="also run Tunix on one CPU device per core ('tunix-cores')")
+  parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  for variant in ([args.worker] if args.worker else args.ours.split(',')):
+    if variant not in ('tunix', 'tunix-cores') and variant not in OURS_VARIANTS:
+      parser.error(f'unknown variant {variant!r}; choose from {OURS_VARIANTS}')
   if args.worker in OURS_VARIANTS:
     run_ours(args.worker)
     return
-  if args.worker == 'tunix':
-    run_tunix()
+  if args.worker in ('tunix', 'tunix-cores'):
+    run_tunix(per_core=args.worker == 'tunix-cores')
     return
   summary = orchestrate(args)
   print_table(summary)

@@ -3,10 +3,11 @@ tokenizer. Imported only inside the Tunix worker (its own venv); nothing of Tuni
 from __future__ import annotations
 
 
-def random_tunix_qwen3(c: dict, dtype=None):
+def random_tunix_qwen3(c: dict, dtype=None, fsdp: int = 1):
   """(model, mesh) for config dict c (vocab, hidden, layers, heads, kv_heads, head_dim,
-  intermediate, tied), parameters and compute in `dtype` (default float32). A 1x1 ('fsdp', 'tp') mesh with Auto axes (jax 0.10's Explicit default breaks
-  Tunix's embedding lookup); MLP kernels re-drawn, since Tunix initialises them to zero."""
+  intermediate, tied), parameters and compute in `dtype` (default float32). An (fsdp x 1)
+  ('fsdp', 'tp') mesh with Auto axes (jax 0.10's Explicit default breaks Tunix's embedding
+  lookup); MLP kernels re-drawn, since Tunix initialises them to zero."""
   import jax
   from flax import nnx
   from jax.sharding import AxisType
@@ -18,7 +19,7 @@ def random_tunix_qwen3(c: dict, dtype=None):
       num_kv_heads=c['kv_heads'], rope_theta=1_000_000, norm_eps=1e-6,
       use_tied_embedding=c.get('tied', False), **({'dtype': dtype, 'param_dtype': dtype}
                                                   if dtype is not None else {}))
-  mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
+  mesh = jax.make_mesh((fsdp, 1), ('fsdp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
   with jax.set_mesh(mesh):
     model = qwen3_lib.Qwen3(config, rngs=nnx.Rngs(0))
   key = jax.random.key(1)

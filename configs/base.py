@@ -46,6 +46,14 @@ Field reference (all checked by copd_jax.config.validate before any compute):
   mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
                             like mesh; all 0 = sample on the training mesh. The driver
                             moves the weights into it for each sampling call; `plan` counts it
+  shard_params_over_fsdp    True: parameters and optimizer state are sharded over 'fsdp'
+                            (FSDP); False: replicated over it (plain data parallelism,
+                            faster for small models and on CPU devices). Layout only: a
+                            resumed run may change it
+  cpu_devices               on a CPU-only host, how many jax devices to split the cores into
+                            (copd_jax/host_devices.py): 0 = as many as the mesh can use, up to
+                            one per core; 1 = jax's default single device. Ignored when
+                            XLA_FLAGS or JAX_NUM_CPU_DEVICES set the count, and on GPU / TPU
   eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
   metrics                   log_every (steps), overlap_top_k (k of O_k)
   checkpoint                every_steps, keep_last
@@ -85,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, max_grad_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=1, tensor=1))
   c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
+  c.shard_params_over_fsdp = True
+  c.cpu_devices = 0
   c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4))
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3))

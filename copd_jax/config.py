@@ -52,6 +52,8 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
                       f'got {type(config).__name__}')
   config.lock()
   apply_overrides(config, overrides)
+  from copd_jax import host_devices
+  host_devices.configure_for_config(config)  # must precede validate's first device query
   validate(config, check_files=check_files)
   return config
 
@@ -346,6 +348,8 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
     if isinstance(value, float):
       _real(config, f'optimizer.{field}')
 
+  _positive_int(config, 'cpu_devices', allow_zero=True)
+  _typed(config, 'shard_params_over_fsdp', bool)
   import jax
   from copd_jax import mesh as mesh_lib
   mesh_shape = mesh_lib.resolve_mesh_shape(config.mesh, jax.device_count())

@@ -248,7 +248,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
                          for e in part))
   sources = PromptSources(config, domains, rounds)
 
-  state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed)
+  param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
+  state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed, param_rules)
   if config.model.branch_init:
     state = state._replace(params=branch_init_params(config.model.branch_init, base_params,
                                                      state.params, model.config))
@@ -264,7 +265,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
                                        enabled=jax.process_index() == 0)
 
   step_config = step_config_from(config, encoder.length)
-  sharding = branch_state_shardings(state, mesh)
+  sharding = branch_state_shardings(state, mesh, param_rules)
   grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
   opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
       if rounds else None
@@ -439,7 +440,7 @@ def _native_batch(state, graphdef, sources, encoder, sampling, reward_kinds, con
   prompts = sources.native.next()
   rows = repeat_rows(prompts, config.grpo.group_size)
   rollouts = sample_and_score(graphdef, state.params, rows, encoder, sampling, key, reward_kinds,
-                              mesh=mesh)
+                              mesh=mesh, group_size=config.grpo.group_size)
   advantages = np.asarray(group_advantages(jnp.asarray(rollouts.rewards), config.grpo.group_size,
                                            normalize_std=config.grpo.std_normalize))
   return _Sampled(rollouts, to_batch(rollouts, advantages))
@@ -450,7 +451,7 @@ def _distill_batch(state, graphdef, loader, teacher_of, encoder, sampling, rewar
   prompts = loader.next()
   rows = repeat_rows(prompts, samples_per_prompt)
   rollouts = sample_and_score(graphdef, state.params, rows, encoder, sampling, key, reward_kinds,
-                              mesh=mesh)
+                              mesh=mesh, group_size=samples_per_prompt)
   learns = np.asarray([t >= 0 for t in teacher_of])
   row_mask = np.broadcast_to(learns[:, None], rollouts.rewards.shape)
   return _Sampled(rollouts, to_batch(rollouts, None, row_mask))

@@ -40,8 +40,11 @@ def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (size - real)
         call_key = jax.random.fold_in(jax.random.fold_in(key, d), start + (metric == SAMPLED))
+        # Chunks hold whole groups of `repeats` copies when size is a multiple of it (padding
+        # repeats the last example): then each group's prompt is prefilled once.
         out = sample_and_score(graphdef, stacked_params, [chunk] * M, encoder, sampling,
-                               call_key, reward_kinds)
+                               call_key, reward_kinds,
+                               group_size=repeats if size % repeats == 0 else 1)
         rewards.append(out.rewards[:, :real])
       per_model = np.concatenate(rewards, axis=1).mean(axis=1)
       for name, acc in zip(model_names, per_model):

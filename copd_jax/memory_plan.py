@@ -328,7 +328,8 @@ def make_plan(config, devices: Sequence[jax.Device], prompt_tokens: int) -> Memo
   param_dtype = DTYPES[config.model.param_dtype]
   _, params = abstract_params(mc, param_dtype)
   state = abstract_branch_state(params, K, make_optimizer(config.optimizer))
-  shardings = branch_state_shardings(state, mesh)
+  shardings = branch_state_shardings(state, mesh,
+                                     mesh_lib.param_rules(config.shard_params_over_fsdp))
   leaves = state_leaf_plans(state, shardings)
 
   param_leaves = [leaf for leaf in leaves if leaf.group == 'params']

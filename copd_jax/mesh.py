@@ -34,6 +34,17 @@ DEFAULT_RULES: dict[str, str | None] = {
 }
 
 
+# Plain data parallelism over 'fsdp': the batch is split, parameters and optimizer state are
+# replicated (gradients are all-reduced). Faster than FSDP for models far from filling a device,
+# e.g. on CPU devices (BENCHMARKS.md, "Train step"); FSDP is what large models need.
+REPLICATED_OVER_FSDP_RULES: dict[str, str | None] = {**DEFAULT_RULES, 'embed': None}
+
+
+def param_rules(shard_params_over_fsdp: bool) -> dict[str, str | None]:
+  """The rules config.shard_params_over_fsdp selects."""
+  return DEFAULT_RULES if shard_params_over_fsdp else REPLICATED_OVER_FSDP_RULES
+
+
 class MeshConfigError(UserInputError):
   pass
 

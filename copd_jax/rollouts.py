@@ -82,15 +82,36 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
   return tuple(sorted(i for i in ids if i is not None))
 
 
+def check_groups(tokens: np.ndarray, valid: np.ndarray, group_size: int) -> None:
+  """Raises ValueError unless rows k*G .. k*G+G-1 of every branch of the encoded prompts
+  tokens, valid [K, B, P] are identical (G = group_size, which must divide B)."""
+  K, B, length = tokens.shape
+  if group_size < 1 or B % group_size:
+    raise ValueError(f'group_size={group_size} does not divide the {B} rows of each branch')
+  for name, x in (('tokens', tokens), ('valid', valid)):
+    grouped = x.reshape(K, B // group_size, group_size, length)
+    differs = np.any(grouped != grouped[:, :, :1], axis=(2, 3))
+    if differs.any():
+      k, g = (int(i) for i in np.argwhere(differs)[0])
+      raise ValueError(f'group_size={group_size}: prompt {name} of branch {k} rows '
+                       f'{g * group_size}..{(g + 1) * group_size - 1} are not all the same')
+
+
 def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
                      encoder: PromptEncoder, sampling: SamplingParams, key, reward_kinds:
-                     dict[str, str], mesh=None, timeout_s: float = 2.0) -> Rollouts:
+                     dict[str, str], mesh=None, timeout_s: float = 2.0,
+                     group_size: int = 1) -> Rollouts:
   """Each branch k samples one completion per example of examples[k]; rewards by domain kind.
 
   mesh: the sampling mesh (params are placed by sampling.SAMPLING_RULES on it, whatever their
   layout); on several processes, global params need it (host params and no mesh sample on this
-  process's own device, as process 0's evaluation does)."""
+  process's own device, as process 0's evaluation does).
+  group_size: rows k*G .. k*G+G-1 of every branch repeat one example (the driver's
+  `repeat_rows` layout), so the sampler prefills each group's prompt once; checked on the
+  encoded prompts first (`check_groups`)."""
   tokens, valid = encoder.encode(examples)
+  if group_size > 1:
+    check_groups(tokens, valid, group_size)
   K = len(examples)
   keys = jax.random.split(key, K)
   if mesh is not None and distributed.is_multiprocess():
@@ -100,7 +121,8 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
     keys = distributed.global_keys(keys, NamedSharding(mesh, P('branch')))
   tokenizer = encoder.tokenizer
   output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
-                             eos_ids(tokenizer), tokenizer.pad_token_id or 0, mesh=mesh)
+                             eos_ids(tokenizer), tokenizer.pad_token_id or 0, mesh=mesh,
+                             group_size=group_size)
   output = SampleOutput(*(np.asarray(x) for x in distributed.to_host(tuple(output))))
   texts = [[tokenizer.decode(ids, skip_special_tokens=True)
             for ids in completion_token_lists(SampleOutput(*(x[k] for x in output)))]

@@ -7,16 +7,21 @@ input is repacked inside the program), the completion starts at column P. Positi
 token t, the convention of `copd_jax.scoring.sequence_logprobs`, so a trainer scores the same
 arrays teacher-forced.
 
-Compiled programs are cached by jax.jit per (graphdef, shapes, SamplingParams, eos_ids, pad_id);
-pad prompts to a bucket (`pad_prompts`, `DEFAULT_BUCKETS`) so a run compiles a bounded number of
-times. The KV cache and the output buffers are allocated inside the program and updated in place
-by the while loop (dynamic_update_slice on loop-carried buffers), so no step copies them and
-nothing needs donating across the program boundary; parameters are only read.
+Compiled programs are cached by jax.jit per (graphdef, shapes, SamplingParams, eos_ids, pad_id,
+group_size, DECODE_MODE); pad prompts to a bucket (`pad_prompts`, `DEFAULT_BUCKETS`) so a run
+compiles a bounded number of times. The KV cache and the output buffers are allocated inside
+the program and updated in place by the while loop (dynamic_update_slice on loop-carried
+buffers), so no step copies them and nothing needs donating across the program boundary;
+parameters are only read.
 
 Speed notes (CPU, see BENCHMARKS.md): decode steps run the layers unrolled over weights sliced
 once before the loop and per-layer cache buffers ('layerwise'); the model's cache layout makes
 both attention matmuls plain batched matmuls; argmax is two plain reductions. Per-token cost is
 then dominated by the projection and MLP matmuls.
+
+Group sharing (group_size G > 1, for GRPO-style batches whose rows k*G .. k*G+G-1 repeat one
+prompt): the prefill runs on the first row of each group only, and its last-position logits and
+KV cache are repeated to the group's G rows, which then sample on their own key streams.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ DEFAULT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 16))
 # Parameter shardings while sampling on a mesh: the training rules without 'fsdp' on the embed
 # dimension, so weights are gathered once per call (not once per decode step) and the batch is
 # split over 'fsdp' instead (data parallel); 'tensor' sharding of heads / mlp / vocab stays.
-SAMPLING_RULES = {**mesh_lib.DEFAULT_RULES, 'embed': None}
+SAMPLING_RULES = mesh_lib.REPLICATED_OVER_FSDP_RULES
 
 # How prefill and decode steps run the model (see `_Forward`): 'layerwise' (the fast one) or
 # 'model' (Qwen3.hidden_states as configured). benchmarks/sampler.py compares them.
@@ -266,9 +271,11 @@ class _Program:
   """The pieces of one sampling program, written for one batch; `_generate_impl` runs them
   directly or vmapped over branches, with the while_loop itself outside any vmap."""
 
-  def __init__(self, graphdef, sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int):
-    self.forward = _Forward(graphdef, DECODE_MODE)
+  def __init__(self, graphdef, sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
+               group_size: int = 1, decode_mode: str = 'layerwise'):
+    self.forward = _Forward(graphdef, decode_mode)
     self.sampling, self.eos_ids, self.pad_id = sampling, eos_ids, pad_id
+    self.group_size = group_size
 
   def record(self, state: _LoopState, logits, key, step) -> _LoopState:
     """Samples token `step` from logits [B, V] into the state."""
@@ -286,17 +293,28 @@ class _Program:
 
   def start(self, weights: _Weights, prompt_tokens, prompt_valid, key):
     """Prefill and the first token -> (state, left-packed prompt [B, P], its valid [B, P],
-    prompt lengths [B])."""
+    prompt lengths [B], rows [B] bool whose prompt differs from their group's first row (None
+    when group_size is 1))."""
     B, P = prompt_tokens.shape
-    N = self.sampling.max_new_tokens
+    N, G = self.sampling.max_new_tokens, self.group_size
     prompt, valid = left_pack(prompt_tokens, prompt_valid, self.pad_id)
     n_prompt = jnp.sum(valid, axis=-1, dtype=jnp.int32)
-    logits, cache = self.forward(weights, prompt, qwen3.default_positions(valid), valid,
-                                 self.forward.empty_cache(weights, B, P + N))
+    if G == 1:
+      logits, cache = self.forward(weights, prompt, qwen3.default_positions(valid), valid,
+                                   self.forward.empty_cache(weights, B, P + N))
+      broken = None
+    else:
+      lead_prompt, lead_valid = prompt[::G], valid[::G]
+      logits, cache = self.forward(weights, lead_prompt, qwen3.default_positions(lead_valid),
+                                   lead_valid, self.forward.empty_cache(weights, B // G, P + N))
+      logits, cache = jnp.repeat(logits, G, axis=0), _repeat_cache(cache, G)
+      # Compared after left-packing: rows that pack to the same prompt share it correctly.
+      broken = jnp.any((prompt != jnp.repeat(lead_prompt, G, axis=0))
+                       | (valid != jnp.repeat(lead_valid, G, axis=0)), axis=-1)
     state = _LoopState(jnp.zeros((B,), jnp.int32), n_prompt == 0, jnp.zeros((B,), jnp.int32),
                        jnp.full((B, N), self.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
                        cache)
-    return self.record(state, logits, key, 0), prompt, valid, n_prompt
+    return self.record(state, logits, key, 0), prompt, valid, n_prompt, broken
 
   def advance(self, weights: _Weights, n_prompt, key, state: _LoopState, step) -> _LoopState:
     """Feeds token step-1 (slot P + step - 1, RoPE position n_prompt + step - 1), samples token
@@ -306,26 +324,43 @@ class _Program:
     return self.record(state._replace(cache=cache), logits, key, step)
 
   @staticmethod
-  def output(state: _LoopState, prompt, valid) -> SampleOutput:
+  def output(state: _LoopState, prompt, valid, broken=None) -> SampleOutput:
+    """broken [B] bool or None: rows whose completion log-probs become NaN (see `generate`)."""
     N = state.tokens.shape[1]
     generated = jnp.arange(N)[None, :] < state.length[:, None]
+    logprobs = state.logprobs
+    if broken is not None:
+      logprobs = jnp.where(broken[:, None] & generated, jnp.nan, logprobs)
     return SampleOutput(
         tokens=jnp.concatenate([prompt, state.tokens], axis=1),
         token_valid=jnp.concatenate([valid, generated], axis=1),
         completion_mask=jnp.concatenate([jnp.zeros_like(valid), generated], axis=1),
-        logprobs=jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32), state.logprobs], axis=1))
+        logprobs=jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32), logprobs], axis=1))
+
+
+def _repeat_cache(cache, times: int):
+  """Each batch row of a KV cache `times` times in place (row b -> rows b*times ..
+  b*times+times-1): [B, ...] -> [B * times, ...] for both layouts."""
+  if isinstance(cache, KVCache):   # k, v: [layers, B, ...]
+    return KVCache(jnp.repeat(cache.k, times, axis=1), jnp.repeat(cache.v, times, axis=1),
+                   jnp.repeat(cache.valid, times, axis=0), cache.index)
+  rows = lambda xs: tuple(jnp.repeat(x, times, axis=0) for x in xs)
+  return _LayerCaches(rows(cache.k), rows(cache.v), jnp.repeat(cache.valid, times, axis=0),
+                      cache.index)
 
 
 def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
-                   eos_ids: tuple[int, ...], pad_id: int, branched: bool = False) -> SampleOutput:
+                   eos_ids: tuple[int, ...], pad_id: int, group_size: int = 1,
+                   decode_mode: str = 'layerwise', branched: bool = False) -> SampleOutput:
   """The whole sampling program. branched: every input has a leading branch axis [K, ...]; the
   per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
   predicate would `select` the whole state, KV caches included, every step) and stops when every
   row of every branch is done."""
-  program = _Program(graphdef, sampling, eos_ids, pad_id)
+  program = _Program(graphdef, sampling, eos_ids, pad_id, group_size, decode_mode)
   over = (lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes)) if branched else (lambda f, **_: f)
   weights = over(program.forward.prepare)(params)
-  state, prompt, valid, n_prompt = over(program.start)(weights, prompt_tokens, prompt_valid, key)
+  state, prompt, valid, n_prompt, broken = over(program.start)(weights, prompt_tokens,
+                                                               prompt_valid, key)
   advance = over(program.advance, in_axes=(0, 0, 0, 0, None))
 
   def cond(carry):
@@ -337,10 +372,10 @@ def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, key, sampling:
     return step + 1, advance(weights, n_prompt, key, state, step)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), state))
-  return over(program.output)(state, prompt, valid)
+  return over(program.output)(state, prompt, valid, broken)
 
 
-_STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id')
+_STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id', 'group_size', 'decode_mode')
 # Python calls of _generate_impl, i.e. traces; tests read it to check that shapes compile once.
 TRACE_COUNT = {'generate': 0, 'generate_branches': 0}
 
@@ -356,48 +391,66 @@ def _counted(name: str, fn: Callable) -> Callable:
 _generate_jit = jax.jit(_counted('generate', _generate_impl), static_argnames=_STATIC)
 
 
-def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int):
+def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int, group_size: int):
   if prompt_tokens.ndim != lead + 2 or prompt_valid.shape != prompt_tokens.shape:
     raise ValueError(f'prompt_tokens {prompt_tokens.shape} and prompt_valid {prompt_valid.shape} '
                      f'must be equal shapes of rank {lead + 2}')
   if not eos_ids:
     raise ValueError('eos_ids must name at least one token id')
+  batch = prompt_tokens.shape[lead]
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    raise ValueError(f'group_size must be a positive integer, got {group_size!r}')
+  if batch % group_size:
+    raise ValueError(f'group_size={group_size} does not divide the batch B={batch}')
 
 
 def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
-             eos_ids: tuple[int, ...], pad_id: int = 0) -> SampleOutput:
+             eos_ids: tuple[int, ...], pad_id: int = 0, group_size: int = 1) -> SampleOutput:
   """Samples up to `sampling.max_new_tokens` tokens after each prompt.
 
   prompt_tokens [B, P] int32, prompt_valid [B, P] bool (left padding preferred; other patterns
   are repacked); key: a PRNG key. A row stops after any token of `eos_ids`; a row without any
   valid prompt token generates nothing. Returns SampleOutput of [B, P + N] arrays.
+
+  group_size G > 1 (must divide B) prefills each group of G adjacent rows (k*G .. k*G+G-1) once,
+  from its first row, and gives every row of the group that prompt's cache; the rows then sample
+  independently, so the result equals group_size=1's. The caller promises that the rows of a
+  group have the same prompt (the same tokens in the same valid positions, up to the repacking
+  above). Nothing extra is returned to check it, but a row that breaks the promise is not given
+  a plausible completion: it is sampled after its group's first prompt and its completion
+  log-probs are NaN (a cheap in-program check), so any loss built on them is non-finite.
   """
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
-  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=0)
+  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=0, group_size=group_size)
   return _generate_jit(graphdef, params, prompt_tokens, prompt_valid, key, sampling=sampling,
-                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+                       eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                       group_size=group_size, decode_mode=DECODE_MODE)
 
 
 def _local_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                    eos_ids, pad_id):
+                    eos_ids, pad_id, group_size, decode_mode):
   """The branches held in one place. A single branch runs the plain program: a vmapped axis of
   size 1 costs XLA:CPU about 1.6x the CPU time per token (BENCHMARKS.md, "Sampler")."""
   if prompt_tokens.shape[0] == 1:
     out = _generate_impl(graphdef, jax.tree.map(lambda x: x[0], stacked_params), prompt_tokens[0],
-                         prompt_valid[0], keys[0], sampling, eos_ids, pad_id)
+                         prompt_valid[0], keys[0], sampling, eos_ids, pad_id, group_size,
+                         decode_mode)
     return jax.tree.map(lambda x: x[None], out)
   return _generate_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                        eos_ids, pad_id, branched=True)
+                        eos_ids, pad_id, group_size, decode_mode, branched=True)
 
 
 def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                   eos_ids, pad_id, mesh: Mesh | None = None):
+                   eos_ids, pad_id, group_size=1, decode_mode='layerwise',
+                   mesh: Mesh | None = None):
   """On a mesh, each slice of the 'branch' axis runs its own branches' program (shard_map over
   'branch' alone; 'fsdp' and 'tensor' stay with the compiler), so with one branch per slice no
-  branch axis is left inside the program and each slice stops when its own rows are done."""
+  branch axis is left inside the program and each slice stops when its own rows are done.
+  Group sharing's row selection and repeat are then on the global batch of the slice (the
+  compiler places them over 'fsdp')."""
   local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
-                            pad_id=pad_id)
+                            pad_id=pad_id, group_size=group_size, decode_mode=decode_mode)
   if mesh is None:
     return local(stacked_params, prompt_tokens, prompt_valid, keys)
   return jax.shard_map(local, mesh=mesh, in_specs=P('branch'), out_specs=P('branch'),
@@ -414,20 +467,34 @@ def _branches_jit(mesh: Mesh | None) -> Callable:
   return jax.jit(fn, static_argnames=_STATIC, out_shardings=SampleOutput(out, out, out, out))
 
 
+def mesh_group_size(mesh: Mesh, batch: int, group_size: int) -> int:
+  """The group size a sampling mesh runs: prompts [K, B, P] are split over 'fsdp' when it divides
+  B (else replicated), and every 'fsdp' shard must hold whole groups, so groups that would
+  straddle shards are cut to the largest divisor of group_size that fits a shard (rows of a
+  group of G identical rows form groups of any divisor of G). Decode stays data parallel;
+  only the prefill sharing shrinks."""
+  if batch % mesh.shape['fsdp']:
+    return group_size
+  shard = batch // mesh.shape['fsdp']
+  return max(g for g in range(1, group_size + 1) if group_size % g == 0 and shard % g == 0)
+
+
 def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
                       sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int = 0,
-                      mesh: Mesh | None = None) -> SampleOutput:
+                      mesh: Mesh | None = None, group_size: int = 1) -> SampleOutput:
   """`generate` for K branches at once, one compiled program vmapped over the leading axis.
 
   stacked_params: params with every leaf [K, ...]; prompt_tokens, prompt_valid [K, B, P];
   keys [K] PRNG keys. With a ('branch', 'fsdp', 'tensor') mesh, branch k runs on its slice of
   the 'branch' axis: parameters are placed by SAMPLING_RULES (stacked on 'branch', replicated
   over 'fsdp'), prompts are split over 'branch' and, when it divides the batch, over 'fsdp'.
+  group_size: as in `generate`, per branch (must divide B; the same promise); on a mesh, cut to
+  whole groups per 'fsdp' shard (`mesh_group_size`).
   Returns [K, B, P + N], sharded over 'branch'.
   """
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
-  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=1)
+  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=1, group_size=group_size)
   K, B = prompt_tokens.shape[:2]
   if mesh is not None:
     if K % mesh.shape['branch']:
@@ -437,12 +504,13 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
         stacked_params, mesh, SAMPLING_RULES, branch_stacked=True))
     batch_axis = 'fsdp' if B % mesh.shape['fsdp'] == 0 else None
     prompt_sharding = NamedSharding(mesh, P('branch', batch_axis, None))
+    group_size = mesh_group_size(mesh, B, group_size)
     prompt_tokens = jax.device_put(prompt_tokens, prompt_sharding)
     prompt_valid = jax.device_put(prompt_valid, prompt_sharding)
     keys = jax.device_put(keys, mesh_lib.branch_sharded(mesh, keys.ndim))
   return _branches_jit(mesh)(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
                              sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
-                             pad_id=int(pad_id))
+                             pad_id=int(pad_id), group_size=group_size, decode_mode=DECODE_MODE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from copd_jax import mesh as mesh_lib
 from copd_jax.models import hf_io
+from copd_jax.models import qwen3
 from copd_jax.models.qwen3 import KVCache, Qwen3, Qwen3Config, default_positions
 from tests.hf_fixtures import TINY_CONFIGS, save_hf_model
 
@@ -77,6 +78,30 @@ def test_bf16_compute_stays_close_to_fp32(tmp_path):
   assert b.dtype == jnp.float32 and bf16.layers.q_proj[...].dtype == jnp.float32
   err = np.abs(np.asarray(a) - np.asarray(b))[valid]
   assert 0 < err.max() < 0.1
+
+
+def test_gated_silu_gradient_matches_autodiff():
+  gate, up, cotangent = jax.random.normal(jax.random.key(0), (3, 5, 7, 64)) * 6.0
+  plain = lambda g, u: jax.nn.silu(g) * u
+  value, vjp = jax.vjp(qwen3.gated_silu, gate, up)
+  value_ref, vjp_ref = jax.vjp(plain, gate, up)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-6, atol=1e-6)
+  for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('x_shape, w_shape', [((2, 3, 16), (16, 40)), ((2, 3, 40), (40, 16)),
+                                               ((5, 16), (16, 4, 8))])
+def test_dense_gradient_matches_autodiff(x_shape, w_shape):
+  keys = jax.random.split(jax.random.key(1), 3)
+  x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+  cotangent = jax.random.normal(keys[2], x_shape[:-1] + w_shape[1:])
+  value, vjp = jax.vjp(qwen3.dense, x, w)
+  value_ref, vjp_ref = jax.vjp(lambda x, w: jnp.tensordot(x, w, axes=1), x, w)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-6, atol=1e-6)
+  for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_remat_gives_same_loss_and_gradients():

@@ -1,5 +1,6 @@
 """The rollout sampler: log-prob parity with teacher forcing, greedy parity with transformers,
-masks, branch-vmapped sampling on a mesh, determinism, compile caching, and the generate CLI."""
+masks, branch-vmapped sampling on a mesh, determinism, compile caching, group-shared prefill,
+and the generate CLI."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 from flax import nnx
 
 from copd_jax import mesh as mesh_lib
+from copd_jax import rollouts
 from copd_jax import sampling
 from copd_jax.__main__ import main as cli_main
+from copd_jax.data import synthetic_domain
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
@@ -222,6 +225,163 @@ def test_branch_vmapped_sampler_equals_separate_calls_on_a_mesh():
   with pytest.raises(mesh_lib.MeshConfigError, match='does not divide'):
     sampling.generate_branches(graphdef, stacked, tokens, valid, keys, spec, eos,
                                mesh=mesh_lib.make_mesh({'branch': 8}))
+
+
+# ---------------------------------------------------------------------------- group sharing
+
+G = 4
+
+
+def grouped_prompts(lengths=(5, 10, 1), length=10, seed=8):
+  """One prompt per length, each repeated G times in adjacent rows: [len(lengths) * G, length]."""
+  _, tokens, valid = prompts(lengths, length, seed)
+  return np.repeat(tokens, G, axis=0), np.repeat(valid, G, axis=0)
+
+
+GROUP_SPEC = sampling.SamplingParams(max_new_tokens=8)
+
+
+@pytest.mark.parametrize('mode', ['layerwise', 'model'])
+def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode, monkeypatch):
+  graphdef, params = model
+  monkeypatch.setattr(sampling, 'DECODE_MODE', mode)
+  tokens, valid = grouped_prompts()
+  P = tokens.shape[1]
+  # The prefill itself: one cache per group, repeated, equals the per-row cache; the slots of
+  # the new tokens stay zero and invalid.
+  def start(group_size):
+    program = sampling._Program(graphdef, GROUP_SPEC, NEVER, 0, group_size, mode)
+    def run(p, t, v, key):
+      state, *_, broken = program.start(program.forward.prepare(p), t, v, key)
+      return broken, state.cache
+    return jax.jit(run)(params, tokens, valid, jax.random.key(0))
+  (none, per_row), (broken, shared) = start(1), start(G)
+  assert none is None and not np.asarray(broken).any()
+  for a, b in zip(jax.tree.leaves(per_row), jax.tree.leaves(shared)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
+  new_slots = [x[..., P:] for x in jax.tree.leaves(shared.k)] + [
+      x[..., P:, :] for x in jax.tree.leaves(shared.v)] + [shared.valid[:, P:]]
+  assert not any(np.asarray(x).any() for x in new_slots)
+
+  for spec in (GROUP_SPEC, sampling.SamplingParams(max_new_tokens=8, greedy=True)):
+    ref = sampling.generate(graphdef, params, tokens, valid, jax.random.key(2), spec, NEVER)
+    out = sampling.generate(graphdef, params, tokens, valid, jax.random.key(2), spec, NEVER,
+                            group_size=G)
+    check_layout(out, valid, NEVER, 8)
+    for name in ('tokens', 'completion_mask', 'token_valid'):
+      np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)))
+    # Different prefill batch shapes round differently in the last float32 bits (measured up to
+    # ~3e-6 on log-probs of magnitude ~7), hence the file's parity tolerance.
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    completions = {tuple(row) for row in np.asarray(out.tokens)[:G, P:].tolist()}
+    assert len(completions) == (1 if spec.greedy else G)   # sampled rows of a group diverge
+
+
+def test_group_sharing_compiles_once_and_poisons_rows_that_break_the_promise(model, monkeypatch):
+  graphdef, params = model
+  monkeypatch.setattr(sampling, 'DECODE_MODE', 'layerwise')
+  tokens, valid = grouped_prompts()
+  sampling.generate(graphdef, params, tokens, valid, jax.random.key(0), GROUP_SPEC, NEVER,
+                    group_size=G)
+  traced = sampling.TRACE_COUNT['generate']
+  other_tokens, other_valid = grouped_prompts((3, 7, 9), seed=9)
+  sampling.generate(graphdef, params, other_tokens, other_valid, jax.random.key(1), GROUP_SPEC,
+                    NEVER, group_size=G)
+  # Rows 1 and 6 get another prompt than their group's first row.
+  mixed, mixed_valid = tokens.copy(), valid.copy()
+  mixed[1], mixed_valid[1] = other_tokens[0], other_valid[0]
+  mixed[6, -1] = (mixed[6, -1] + 1) % CONFIG.vocab_size
+  out = sampling.generate(graphdef, params, mixed, mixed_valid, jax.random.key(1), GROUP_SPEC,
+                          NEVER, group_size=G)
+  assert sampling.TRACE_COUNT['generate'] == traced   # same shapes and group_size: no retrace
+  logprobs, completion = np.asarray(out.logprobs), np.asarray(out.completion_mask)
+  broken = np.isnan(logprobs).any(axis=1)
+  np.testing.assert_array_equal(np.flatnonzero(broken), [1, 6])
+  assert np.isnan(logprobs[1][completion[1]]).all()
+  assert np.isfinite(logprobs[~broken]).all()
+  # A new group_size is a new program.
+  sampling.generate(graphdef, params, tokens, valid, jax.random.key(0), GROUP_SPEC, NEVER,
+                    group_size=2)
+  assert sampling.TRACE_COUNT['generate'] == traced + 1
+
+
+def test_group_size_must_divide_the_batch(model):
+  graphdef, params = model
+  tokens, valid = grouped_prompts()   # B = 12
+  with pytest.raises(ValueError, match=r'group_size=5 does not divide the batch B=12'):
+    sampling.generate(graphdef, params, tokens, valid, jax.random.key(0), GROUP_SPEC, NEVER,
+                      group_size=5)
+  with pytest.raises(ValueError, match='group_size must be a positive integer'):
+    sampling.generate(graphdef, params, tokens, valid, jax.random.key(0), GROUP_SPEC, NEVER,
+                      group_size=0)
+  stacked = jax.tree.map(lambda x: x[None], params)
+  with pytest.raises(ValueError, match=r'group_size=8 does not divide the batch B=12'):
+    sampling.generate_branches(graphdef, stacked, tokens[None], valid[None],
+                               jax.random.split(jax.random.key(0), 1), GROUP_SPEC, NEVER,
+                               group_size=8)
+
+
+def test_group_sharing_on_the_branch_fsdp_mesh_equals_separate_calls():
+  models = [tiny_model(seed) for seed in (0, 1)]
+  graphdef = models[0][0]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *[p for _, p in models])
+  per_branch = [prompts((6, 2), length=10, seed=s)[1:] for s in (3, 4)]
+  tokens = np.stack([np.repeat(t, G, axis=0) for t, _ in per_branch])   # [2, 8, 10]
+  valid = np.stack([np.repeat(v, G, axis=0) for _, v in per_branch])
+  keys = jax.random.split(jax.random.key(23), 2)
+  spec = sampling.SamplingParams(max_new_tokens=10, top_p=0.9)
+  eos = tuple(range(3, CONFIG.vocab_size, 9))
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1})
+  # 8 rows over fsdp=4: shards of 2 rows hold whole groups of 2; groups of 4 are cut to 2 (the
+  # batch stays split over fsdp); 6 rows do not split over fsdp=4 and keep their groups.
+  assert [sampling.mesh_group_size(mesh, b, g) for b, g in ((8, 2), (8, 4), (8, 8), (6, 3))] \
+      == [2, 2, 2, 3]
+  assert sampling.mesh_group_size(mesh_lib.make_mesh({'branch': 2, 'fsdp': 1, 'tensor': 4}), 8, 4) == 4
+  out = sampling.generate_branches(graphdef, stacked, tokens, valid, keys, spec, eos, mesh=mesh,
+                                   group_size=G)   # runs groups of 2, batch split over fsdp
+  assert out.tokens.shape == (2, 8, 20) and out.tokens.sharding.spec[0] == 'branch'
+  for k, (graphdef_k, params_k) in enumerate(models):
+    ref = sampling.generate(graphdef_k, params_k, tokens[k], valid[k], keys[k], spec, eos)
+    for name in ('tokens', 'completion_mask', 'token_valid'):
+      np.testing.assert_array_equal(np.asarray(getattr(out, name)[k]),
+                                    np.asarray(getattr(ref, name)))
+    np.testing.assert_allclose(np.asarray(out.logprobs[k]), np.asarray(ref.logprobs), atol=1e-5)
+  assert np.asarray(out.completion_mask).sum(-1).min() >= 1
+
+
+def test_rollouts_check_groups_names_the_broken_group():
+  tokens = np.repeat(np.arange(12, dtype=np.int32).reshape(1, 3, 4), 2, axis=1)   # [1, 6, 4]
+  valid = np.ones_like(tokens, bool)
+  rollouts.check_groups(tokens, valid, 2)
+  with pytest.raises(ValueError, match='does not divide'):
+    rollouts.check_groups(tokens, valid, 4)
+  valid[0, 3, 0] = False
+  with pytest.raises(ValueError, match=r'valid of branch 0 rows 2\.\.3'):
+    rollouts.check_groups(tokens, valid, 2)
+  with pytest.raises(ValueError, match=r'tokens of branch 0 rows 0\.\.2'):
+    rollouts.check_groups(tokens, valid, 3)
+
+
+def test_sample_and_score_with_groups_equals_ungrouped():
+  config = Qwen3Config(vocab_size=char_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, intermediate_size=64)
+  graphdef, params = split_model(Qwen3(config, rngs=nnx.Rngs(1), init_std=0.2))
+  stacked = jax.tree.map(lambda x: x[None], params)
+  examples = synthetic_domain('count', 0, 3, 0)[0]
+  rows = [[e for e in examples for _ in range(G)]]   # the driver's repeat_rows layout, K = 1
+  encoder = rollouts.PromptEncoder(char_tokenizer(), {'count': False})
+  spec = sampling.SamplingParams(max_new_tokens=6)
+  run = lambda rows, group: rollouts.sample_and_score(
+      graphdef, stacked, rows, encoder, spec, jax.random.key(3), {'count': 'exact'},
+      group_size=group)
+  ref, out = run(rows, 1), run(rows, G)
+  np.testing.assert_array_equal(out.output.tokens, ref.output.tokens)
+  np.testing.assert_array_equal(out.output.completion_mask, ref.output.completion_mask)
+  np.testing.assert_allclose(out.output.logprobs, ref.output.logprobs, atol=1e-5)
+  assert out.texts == ref.texts and (out.rewards == ref.rewards).all()
+  with pytest.raises(ValueError, match=r'branch 0 rows 4\.\.7 are not all the same'):
+    run([rows[0][:5] + rows[0][9:10] + rows[0][6:]], G)
 
 
 def test_buckets_padding_and_settings_errors():

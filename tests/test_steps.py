@@ -150,6 +150,27 @@ def test_vmapped_branches_equal_separate_single_branch_steps(one_device):
   assert np.all(np.asarray(m_joint['grad_norm']) > 0.05)  # the per-branch clip was active
 
 
+def test_data_parallel_step_equals_one_device_step(one_device):
+  """config.shard_params_over_fsdp = False: rows split over 'fsdp', parameters and optimizer
+  state replicated there (and kept so by the step), same update as on one device."""
+  stacked = one_device['stacked']
+  batch = _batch(2, (2, 8))
+  want, _ = one_device['grpo'](_state(stacked, OPTIMIZER, one_device['mesh'])[0], batch)
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  rules = mesh_lib.param_rules(shard_params_over_fsdp=False)
+  state = BranchState(stacked, jax.vmap(OPTIMIZER.init)(stacked), jnp.zeros((2,), jnp.int32),
+                      jax.random.key_data(jax.random.split(jax.random.key(0), 2)))
+  sh = branch_state_shardings(state, mesh, rules)
+  state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state), sh)
+  step = make_grpo_step(one_device['graphdef'], OPTIMIZER, mesh, StepConfig(**CFG), sh)
+  got, _ = step(state, batch)
+  _assert_trees_close(got.params, want.params)
+  assert not _placement_errors(got, sh)
+  specs = {leaf.sharding.spec for leaf in jax.tree.leaves(got.params)}
+  assert all('fsdp' not in spec for spec in specs), specs   # replicated over 'fsdp'
+  assert mesh_lib.param_rules(True) is mesh_lib.DEFAULT_RULES
+
+
 def test_opd_step_equals_grpo_step_on_combined_batch_with_hand_made_advantages(one_device):
   """Algorithm 1: one update from the native batch plus the distillation rows, whose advantage
   is beta * clamp(log pi_teacher - log pi_student); teacher = the other branch."""

@@ -295,9 +295,9 @@ def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwe
   update without slicing or reshaping a stacked buffer."""
   w = {name: value.astype(dtype) for name, value in p.items()}
   x = rms_norm(h, p['input_norm'], c.rms_norm_eps)
-  q = jnp.einsum('btd,dhk->bthk', x, w['q_proj'])
-  k = jnp.einsum('btd,dhk->bthk', x, w['k_proj'])
-  v = jnp.einsum('btd,dhk->bthk', x, w['v_proj'])
+  q = dense(x, w['q_proj'])
+  k = dense(x, w['k_proj'])
+  v = dense(x, w['v_proj'])
   if c.attention_bias:
     q, k, v = q + w['q_bias'], k + w['k_bias'], v + w['v_bias']
   q = apply_rope(rms_norm(q, p['q_norm'], c.rms_norm_eps), cos, sin)
@@ -319,15 +319,69 @@ def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwe
       k, v = k_all[layer].astype(dtype), v_all[layer].astype(dtype)
     new_cache = (k_all, v_all)
   attn = attention(q, k, v, mask)
-  out = jnp.einsum('bthk,hkd->btd', attn, w['o_proj'])
+  o_proj = w['o_proj']
+  out = dense(attn.reshape(*attn.shape[:2], -1), o_proj.reshape(-1, o_proj.shape[-1]))
   if c.attention_bias:
     out = out + w['o_bias']
   h = h + out
   x = rms_norm(h, p['post_attention_norm'], c.rms_norm_eps)
-  gate = jnp.einsum('btd,df->btf', x, w['gate_proj'])
-  up = jnp.einsum('btd,df->btf', x, w['up_proj'])
-  h = h + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, w['down_proj'])
+  gate = dense(x, w['gate_proj'])
+  up = dense(x, w['up_proj'])
+  h = h + dense(gated_silu(gate, up), w['down_proj'])
   return h, new_cache
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d] times w [d, *out] -> [..., *out], a projection over x's last axis.
+
+  Same value as the einsum; the backward pass spells out both matmuls on 2-D views and puts
+  the transpose of the weight gradient on the narrower operand (x for d <= out, else the
+  output): left to itself, XLA:CPU transposed the wide [tokens, intermediate] activation
+  gradients, with the elementwise backward fused into that strided copy, about 10% of a
+  GRPO update (BENCHMARKS.md, "Train step")."""
+  return jnp.tensordot(x, w, axes=1)
+
+
+def _dense_fwd(x, w):
+  return dense(x, w), (x, w)
+
+
+def _dense_bwd(residuals, grad):
+  x, w = residuals
+  d = x.shape[-1]
+  w2 = w.reshape(d, -1)
+  x2, g2 = x.reshape(-1, d), grad.reshape(-1, w2.shape[1])
+  dx = (g2 @ w2.T).reshape(x.shape)
+  dw = x2.T @ g2 if d <= w2.shape[1] else (g2.T @ x2).T
+  return dx, dw.reshape(w.shape)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def gated_silu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, the SwiGLU product. Its backward multiplies the incoming gradient by two
+  factors saved in the forward pass, instead of autodiff's sigmoid recomputation: XLA:CPU fuses
+  the backward into the transposed copy it makes for the weight-gradient matmul, and a fusion
+  that recomputes exp there ran ~3x slower per element (BENCHMARKS.md, "Train step"). Same
+  residual memory as autodiff (two [.., F] arrays)."""
+  return jax.nn.silu(gate) * up
+
+
+def _gated_silu_fwd(gate, up):
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  return silu * up, (silu, up * (sig + silu * (1 - sig)))
+
+
+def _gated_silu_bwd(residuals, grad):
+  silu, d_silu_up = residuals
+  return grad * d_silu_up, grad * silu
+
+
+gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
 
 
 def param_logical_axes(model: Qwen3) -> Any:
