@@ -86,4 +86,4 @@ def configure_for_config(config) -> bool:
     count = requested if requested > 0 else count_for_mesh(fits)
   except (AttributeError, KeyError, TypeError, ValueError):
     return False
-  return configure(count) if count >= 1 else False
+  return configure(count)
