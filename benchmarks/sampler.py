@@ -17,6 +17,8 @@ strings and returns host lists). Reported per sampler: wall-clock median / min /
 from the median, the ratio to Tunix's tokens/s, the median over repetitions of the ratio of
 back-to-back runs (each pair sees about the same load from other jobs), the median process CPU
 time of a run (also less sensitive to other jobs), and compile time (first call minus median).
+With --solo-reps, each sampler then also runs that many times alone, back to back ('solo'):
+alternating can slow a sampler whose thread pools go idle while the other side runs.
 `--model qwen3-0.6b --batch 256 --dtype bfloat16` is the accelerator workload (run by
 benchmarks/gpu_check.sh), with the fraction of the memory-bandwidth roofline reached
 (`weight_and_cache_bytes` over the median time, against --peak-gbps or the datasheet figure of
@@ -196,6 +198,12 @@ def orchestrate(args) -> dict:
         raise RuntimeError(f'{worker.name} generated {result["tokens"]} tokens, not {expected}')
       times[worker.name].append(result['seconds'])
       cpu_times[worker.name].append(result['cpu_seconds'])
+  # Then each sampler alone, back to back: interleaving can slow a sampler whose thread pools
+  # go idle while the other side runs, so both views are reported.
+  solo: dict[str, list[float]] = {w.name: [] for w in workers}
+  for worker in workers:
+    for rep in range(args.solo_reps):
+      solo[worker.name].append(worker.run(args.reps + rep)['seconds'])
   for worker in workers:
     worker.close()
   summary = {}
@@ -205,7 +213,9 @@ def orchestrate(args) -> dict:
                      'tokens_per_s': args.batch * NEW_TOKENS / median,
                      'compile_s': setup[name]['first_call_s'] - median,
                      'cpu_median_s': statistics.median(cpu_times[name]),
-                     'first_call_s': setup[name]['first_call_s'], 'runs_s': ts}
+                     'first_call_s': setup[name]['first_call_s'], 'runs_s': ts,
+                     'solo_median_s': statistics.median(solo[name]) if solo[name] else None,
+                     'solo_runs_s': solo[name]}
   dtype_bytes = 2 if args.dtype == 'bfloat16' else 4
   moved = weight_and_cache_bytes(MODELS[args.model], args.batch, dtype_bytes)
   for name in summary:
@@ -223,17 +233,23 @@ def orchestrate(args) -> dict:
 
 def print_table(summary: dict):
   tunix = summary.get('tunix')
+  solo = all(s['solo_median_s'] for s in summary.values())   # --solo-reps given
   print('| sampler | devices | median s | min s | max s | tokens/s | vs tunix | paired vs tunix | '
-        'CPU s (median) | compile s | roofline |')
-  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+        'CPU s (median) | compile s | roofline |'
+        + (' solo median s | solo vs tunix |' if solo else ''))
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if solo else ''))
   for name, s in summary.items():
     ratio = f'{s["tokens_per_s"] / tunix["tokens_per_s"]:.2f}x' if tunix else '-'
     paired = f'{s["paired_ratio"]:.2f}x' if tunix else '-'
     label = name if name.startswith('tunix') else f'copd_jax ({name})'
     roofline = f'{100 * s["roofline_fraction"]:.0f}%' if s['roofline_fraction'] else 'n/a'
-    print(f'| {label} | {s["devices"]} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | {s["max_s"]:.3f} | '
-          f'{s["tokens_per_s"]:.0f} | {ratio} | {paired} | {s["cpu_median_s"]:.3f} | '
-          f'{s["compile_s"]:.2f} | {roofline} |')
+    row = (f'| {label} | {s["devices"]} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | '
+           f'{s["max_s"]:.3f} | {s["tokens_per_s"]:.0f} | {ratio} | {paired} | '
+           f'{s["cpu_median_s"]:.3f} | {s["compile_s"]:.2f} | {roofline} |')
+    if solo:
+      solo_ratio = f'{tunix["solo_median_s"] / s["solo_median_s"]:.2f}x' if tunix else '-'
+      row += f' {s["solo_median_s"]:.3f} | {solo_ratio} |'
+    print(row)
 
 
 def machine_line() -> str:
@@ -264,6 +280,9 @@ def main():
                       help='parameter and compute dtype, both samplers')
   parser.add_argument('--peak-gbps', type=float, default=None,
                       help='memory bandwidth for the roofline (default: from the device kind)')
+  parser.add_argument('--solo-reps', type=int, default=0,
+                      help='after the alternating runs, this many back-to-back runs of each '
+                           'sampler alone (reported as "solo")')
   parser.add_argument('--json', default='', help='also write the summary to this file')
   parser.add_argument('--peer-cores', action='store_true',
                       help="also run Tunix on one CPU device per core ('tunix-cores')")

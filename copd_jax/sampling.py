@@ -16,8 +16,14 @@ parameters are only read.
 
 Speed notes (CPU, see BENCHMARKS.md): decode steps run the layers unrolled over weights sliced
 once before the loop and per-layer cache buffers ('layerwise'); the model's cache layout makes
-both attention matmuls plain batched matmuls; argmax is two plain reductions. Per-token cost is
+both attention matmuls plain batched matmuls; argmax is two plain reductions; RoPE tables are
+computed once per call and looked up; the prefill's last layer runs the last position only;
+every random number is drawn before the loop (one uniform per row and token, `select_tokens`);
+on a mesh each device loops over its own rows with no per-step collective. Per-token cost is
 then dominated by the projection and MLP matmuls.
+
+Randomness: row b of a call with key k samples from `row_keys(k, B)[b]` alone, so results do
+not depend on how rows are split over devices.
 
 Group sharing (group_size G > 1, for GRPO-style batches whose rows k*G .. k*G+G-1 repeat one
 prompt): the prefill runs on the first row of each group only, and its last-position logits and
@@ -153,18 +159,63 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return jnp.minimum(first, x.shape[-1] - 1)   # a NaN row picks the last id, not out of range
 
 
-def select_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingParams
+# Vocabulary block of the two-level inverse CDF (`inverse_cdf`). Outside TPU, XLA's prefix sum
+# is a log-depth scan of V-sized passes; over block masses and then inside the one block where
+# the sum crosses, the draw costs about one pass over the probabilities (at V = 151936 on an H200
+# the flat scan cost more than the Gumbel noise it replaces; BENCHMARKS.md, "Sampler").
+CDF_BLOCK = 1024
+
+
+def _first_above(mass: jax.Array, target: jax.Array) -> jax.Array:
+  """mass [B, n] >= 0, target [B] -> [B] int32: the first entry of non-zero mass at which the
+  running sum exceeds the target; where rounding leaves none, the last entry of non-zero mass
+  (every row has one)."""
+  n = mass.shape[-1]
+  index = jnp.arange(n, dtype=jnp.int32)
+  hit = (jnp.cumsum(mass, axis=-1) > target[:, None]) & (mass > 0)
+  # One reduction gives both answers: a hit scores its index, another non-zero entry 2n - index.
+  score = jnp.where(hit, index, jnp.where(mass > 0, 2 * n - index, 3 * n))
+  best = jnp.min(score, axis=-1)
+  return jnp.where(best < n, best, 2 * n - best)
+
+
+def inverse_cdf(probs: jax.Array, uniforms: jax.Array, block: int = CDF_BLOCK) -> jax.Array:
+  """probs [B, V] unnormalised probabilities (0: excluded), uniforms [B] in [0, 1) -> [B] int32:
+  the token at which the row's running probability first exceeds uniform * total, an exact
+  draw. A token of zero probability is never returned, whatever the rounding. Beyond `block`
+  tokens, in two levels: the block in which the sum crosses, then the token inside it."""
+  B, V = probs.shape
+  target = uniforms * jnp.sum(probs, axis=-1)
+  if V <= block:
+    return _first_above(probs, target)
+  num_blocks = -(-V // block)
+  blocks = jnp.pad(probs, ((0, 0), (0, num_blocks * block - V))).reshape(B, num_blocks, block)
+  mass = jnp.sum(blocks, axis=-1)
+  chosen = _first_above(mass, target)
+  before = jnp.take_along_axis(jnp.cumsum(mass, axis=-1) - mass, chosen[:, None], axis=-1)[:, 0]
+  inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
+  return chosen * block + _first_above(inside, target - before)
+
+
+def select_tokens(logits: jax.Array, uniforms: jax.Array, sampling: SamplingParams
                   ) -> tuple[jax.Array, jax.Array]:
-  """logits [B, V] -> (tokens [B] int32, their log-probs [B] fp32). Sampling is Gumbel-max over
-  the filtered logits, so filtered-out tokens are never drawn."""
+  """logits [B, V], uniforms [B] (one draw in [0, 1) per row) -> (tokens [B] int32, their
+  log-probs [B] fp32). Sampling inverts the CDF of the filtered distribution at the row's
+  uniform (`inverse_cdf`), so filtered-out tokens are never drawn; greedy ignores the draws.
+  One uniform per row and token, instead of Gumbel-max's one per vocabulary entry, keeps the
+  random-number generation out of the decode loop (`_Program.draws`)."""
   if sampling.greedy:
     x = logits.astype(jnp.float32) / sampling.temperature
     tokens = first_argmax(x)
+    log_total = jax.nn.logsumexp(x, axis=-1)
   else:
     x = filter_logits(logits, sampling)
-    tokens = first_argmax(x + jax.random.gumbel(key, x.shape, jnp.float32))
+    top = jnp.max(x, axis=-1, keepdims=True)
+    probs = jnp.exp(x - top)
+    tokens = inverse_cdf(probs, uniforms)
+    log_total = top[:, 0] + jnp.log(jnp.sum(probs, axis=-1))
   chosen = jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]
-  return tokens, chosen - jax.nn.logsumexp(x, axis=-1)
+  return tokens, chosen - log_total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +244,7 @@ class _Weights(NamedTuple):
   params: Any            # the model's nnx.State
   layers: Any            # per-layer weight dicts ('layerwise'), sliced once per call; or None
   head: Any              # the output projection in the compute dtype ('layerwise'); or None
+  rope: Any              # (cos, sin) [slots, head_dim] for positions 0..slots-1 ('layerwise')
 
 
 class _Forward:
@@ -212,9 +264,10 @@ class _Forward:
     self.graphdef = graphdef
     self.mode = mode
 
-  def prepare(self, params) -> _Weights:
+  def prepare(self, params, slots: int) -> _Weights:
+    """slots: the cache length (every RoPE position is below it)."""
     if self.mode == 'model':
-      return _Weights(params, None, None)
+      return _Weights(params, None, None, None)
     model = nnx.merge(self.graphdef, params)
     dtype = model.compute_dtype
     # Matmul weights are cast to the compute dtype here, once per call, instead of in every
@@ -224,7 +277,10 @@ class _Forward:
     stacked = model.layers.as_dict()
     layers = [{name: w[i] if 'norm' in name else w[i].astype(dtype)
                for name, w in stacked.items()} for i in range(model.config.num_layers)]
-    return _Weights(params, layers, model.head_weight())
+    # RoPE tables for every position, looked up per step: computed from the step's positions
+    # instead, XLA fuses the sin / cos into each layer's consumers and evaluates them there.
+    rope = qwen3.rope_tables(jnp.arange(slots), model.config.head_dim, model.config.rope_theta)
+    return _Weights(params, layers, model.head_weight(), rope)
 
   def empty_cache(self, weights: _Weights, batch: int, slots: int):
     model = nnx.merge(self.graphdef, weights.params)
@@ -246,13 +302,15 @@ class _Forward:
     valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
     mask = qwen3.cached_mask(valid, cache.index, tokens.shape[1])
     h = jnp.take(model.embed[...], tokens, axis=0).astype(dtype)
-    cos, sin = qwen3.rope_tables(positions, c.head_dim, c.rope_theta)
+    cos, sin = (jnp.take(table, positions, axis=0) for table in weights.rope)
     ks, vs = [], []
-    for p, k, v in zip(weights.layers, cache.k, cache.v):
-      h, (k, v) = qwen3.decoder_layer(p, h, cos, sin, mask, (k, v, None, cache.index), c, dtype)
+    last = len(weights.layers) - 1
+    for i, (p, k, v) in enumerate(zip(weights.layers, cache.k, cache.v)):
+      h, (k, v) = qwen3.decoder_layer(p, h, cos, sin, mask, (k, v, None, cache.index), c, dtype,
+                                      last_query_only=i == last)
       ks.append(k)
       vs.append(v)
-    h = qwen3.rms_norm(h[:, -1:], model.final_norm[...], c.rms_norm_eps)
+    h = qwen3.rms_norm(h, model.final_norm[...], c.rms_norm_eps)
     cache = _LayerCaches(tuple(ks), tuple(vs), valid, cache.index + tokens.shape[1])
     return qwen3.head_logits(h, weights.head, c.tie_word_embeddings)[:, 0], cache
 
@@ -277,9 +335,15 @@ class _Program:
     self.sampling, self.eos_ids, self.pad_id = sampling, eos_ids, pad_id
     self.group_size = group_size
 
-  def record(self, state: _LoopState, logits, key, step) -> _LoopState:
-    """Samples token `step` from logits [B, V] into the state."""
-    token, logp = select_tokens(logits, jax.random.fold_in(key, step), self.sampling)
+  def draws(self, row_keys) -> jax.Array:
+    """[B, N] uniforms in [0, 1): row b's draw for each of its tokens, from its key alone."""
+    N = self.sampling.max_new_tokens
+    return jax.vmap(lambda key: jax.random.uniform(key, (N,), jnp.float32))(row_keys)
+
+  def record(self, state: _LoopState, logits, draws, step) -> _LoopState:
+    """Samples token `step` from logits [B, V] into the state; draws: `draws(...)`."""
+    uniforms = jax.lax.dynamic_index_in_dim(draws, step, axis=1, keepdims=False)
+    token, logp = select_tokens(logits, uniforms, self.sampling)
     active = ~state.done
     token = jnp.where(active, token, self.pad_id)
     at = (0, step)
@@ -291,7 +355,7 @@ class _Program:
         logprobs=jax.lax.dynamic_update_slice(state.logprobs,
                                               jnp.where(active, logp, 0.0)[:, None], at))
 
-  def start(self, weights: _Weights, prompt_tokens, prompt_valid, key):
+  def start(self, weights: _Weights, prompt_tokens, prompt_valid, draws):
     """Prefill and the first token -> (state, left-packed prompt [B, P], its valid [B, P],
     prompt lengths [B], rows [B] bool whose prompt differs from their group's first row (None
     when group_size is 1))."""
@@ -314,14 +378,14 @@ class _Program:
     state = _LoopState(jnp.zeros((B,), jnp.int32), n_prompt == 0, jnp.zeros((B,), jnp.int32),
                        jnp.full((B, N), self.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
                        cache)
-    return self.record(state, logits, key, 0), prompt, valid, n_prompt, broken
+    return self.record(state, logits, draws, 0), prompt, valid, n_prompt, broken
 
-  def advance(self, weights: _Weights, n_prompt, key, state: _LoopState, step) -> _LoopState:
+  def advance(self, weights: _Weights, n_prompt, draws, state: _LoopState, step) -> _LoopState:
     """Feeds token step-1 (slot P + step - 1, RoPE position n_prompt + step - 1), samples token
     `step`."""
     logits, cache = self.forward(weights, state.last[:, None], (n_prompt + step - 1)[:, None],
                                  ~state.done[:, None], state.cache)
-    return self.record(state._replace(cache=cache), logits, key, step)
+    return self.record(state._replace(cache=cache), logits, draws, step)
 
   @staticmethod
   def output(state: _LoopState, prompt, valid, broken=None) -> SampleOutput:
@@ -349,18 +413,26 @@ def _repeat_cache(cache, times: int):
                       cache.index)
 
 
-def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+  """One PRNG key per row ([batch]): a row's samples depend on (key, row) only, not on how the
+  rows are split over devices."""
+  return jax.random.split(key, batch)
+
+
+def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, keys, sampling: SamplingParams,
                    eos_ids: tuple[int, ...], pad_id: int, group_size: int = 1,
                    decode_mode: str = 'layerwise', branched: bool = False) -> SampleOutput:
-  """The whole sampling program. branched: every input has a leading branch axis [K, ...]; the
-  per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
-  predicate would `select` the whole state, KV caches included, every step) and stops when every
-  row of every branch is done."""
+  """The whole sampling program; keys: one PRNG key per row (`row_keys`). branched: every input
+  has a leading branch axis [K, ...]; the per-batch pieces are vmapped, the while_loop is not (a
+  vmapped while_loop with a per-branch predicate would `select` the whole state, KV caches
+  included, every step) and stops when every row of every branch is done."""
   program = _Program(graphdef, sampling, eos_ids, pad_id, group_size, decode_mode)
   over = (lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes)) if branched else (lambda f, **_: f)
-  weights = over(program.forward.prepare)(params)
+  slots = prompt_tokens.shape[-1] + sampling.max_new_tokens
+  weights = over(functools.partial(program.forward.prepare, slots=slots))(params)
+  draws = over(program.draws)(keys)
   state, prompt, valid, n_prompt, broken = over(program.start)(weights, prompt_tokens,
-                                                               prompt_valid, key)
+                                                               prompt_valid, draws)
   advance = over(program.advance, in_axes=(0, 0, 0, 0, None))
 
   def cond(carry):
@@ -369,7 +441,7 @@ def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, key, sampling:
 
   def body(carry):
     step, state = carry
-    return step + 1, advance(weights, n_prompt, key, state, step)
+    return step + 1, advance(weights, n_prompt, draws, state, step)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), state))
   return over(program.output)(state, prompt, valid, broken)
@@ -388,7 +460,12 @@ def _counted(name: str, fn: Callable) -> Callable:
   return wrapper
 
 
-_generate_jit = jax.jit(_counted('generate', _generate_impl), static_argnames=_STATIC)
+def _generate_from_key(graphdef, params, prompt_tokens, prompt_valid, key, **static):
+  return _generate_impl(graphdef, params, prompt_tokens, prompt_valid,
+                        row_keys(key, prompt_tokens.shape[0]), **static)
+
+
+_generate_jit = jax.jit(_counted('generate', _generate_from_key), static_argnames=_STATIC)
 
 
 def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int, group_size: int):
@@ -444,18 +521,28 @@ def _local_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
 def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
                    eos_ids, pad_id, group_size=1, decode_mode='layerwise',
                    mesh: Mesh | None = None):
-  """On a mesh, each slice of the 'branch' axis runs its own branches' program (shard_map over
-  'branch' alone; 'fsdp' and 'tensor' stay with the compiler), so with one branch per slice no
-  branch axis is left inside the program and each slice stops when its own rows are done.
-  Group sharing's row selection and repeat are then on the global batch of the slice (the
-  compiler places them over 'fsdp')."""
+  """keys [K] -> one key per row, then the branches' programs. On a mesh, each device runs its
+  own program on its own rows (shard_map over 'branch', and over 'fsdp' when it divides the
+  batch B; 'tensor' stays with the compiler): with one branch per 'branch' slice no branch axis
+  is left inside the program, and each device's decode loop stops when its own rows are done,
+  with no collective per step (a per-step all-reduce of the stop test costs ~4% of a CPU
+  sampler call; BENCHMARKS.md, "Sampler"). Group sharing then works on each device's rows,
+  which `mesh_group_size` makes whole groups."""
+  B = prompt_tokens.shape[1]
+  keys = jax.vmap(lambda key: row_keys(key, B))(keys)
   local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
                             pad_id=pad_id, group_size=group_size, decode_mode=decode_mode)
   if mesh is None:
     return local(stacked_params, prompt_tokens, prompt_valid, keys)
-  return jax.shard_map(local, mesh=mesh, in_specs=P('branch'), out_specs=P('branch'),
-                       axis_names={'branch'}, check_vma=False)(
-                           stacked_params, prompt_tokens, prompt_valid, keys)
+  rows = P('branch', _batch_axis(mesh, B))
+  return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), rows, rows, rows),
+                       out_specs=rows, axis_names={'branch'} | set(rows) - {None},
+                       check_vma=False)(stacked_params, prompt_tokens, prompt_valid, keys)
+
+
+def _batch_axis(mesh: Mesh, batch: int) -> str | None:
+  """'fsdp' when it divides the batch (rows are then split over it), else None (replicated)."""
+  return 'fsdp' if batch % mesh.shape['fsdp'] == 0 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -473,7 +560,7 @@ def mesh_group_size(mesh: Mesh, batch: int, group_size: int) -> int:
   straddle shards are cut to the largest divisor of group_size that fits a shard (rows of a
   group of G identical rows form groups of any divisor of G). Decode stays data parallel;
   only the prefill sharing shrinks."""
-  if batch % mesh.shape['fsdp']:
+  if _batch_axis(mesh, batch) is None:
     return group_size
   shard = batch // mesh.shape['fsdp']
   return max(g for g in range(1, group_size + 1) if group_size % g == 0 and shard % g == 0)
@@ -502,8 +589,7 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
                                      f'the number of branches K={K}')
     stacked_params = jax.device_put(stacked_params, mesh_lib.state_shardings(
         stacked_params, mesh, SAMPLING_RULES, branch_stacked=True))
-    batch_axis = 'fsdp' if B % mesh.shape['fsdp'] == 0 else None
-    prompt_sharding = NamedSharding(mesh, P('branch', batch_axis, None))
+    prompt_sharding = NamedSharding(mesh, P('branch', _batch_axis(mesh, B), None))
     group_size = mesh_group_size(mesh, B, group_size)
     prompt_tokens = jax.device_put(prompt_tokens, prompt_sharding)
     prompt_valid = jax.device_put(prompt_valid, prompt_sharding)

@@ -192,14 +192,37 @@ def test_filters_keep_the_right_tokens_and_renormalise():
   np.testing.assert_array_equal(kept(top_k=2, top_p=0.6), [[1, 0, 0, 0], [0, 0, 1, 1]])
 
   spec = sampling.SamplingParams(max_new_tokens=1, top_k=2)
-  keys = jax.random.split(jax.random.key(0), 400)
-  tokens, logps = jax.vmap(lambda k: sampling.select_tokens(logits, k, spec))(keys)
+  uniforms = jax.random.uniform(jax.random.key(0), (400, 2))   # 400 draws of both rows
+  tokens, logps = jax.vmap(lambda u: sampling.select_tokens(logits, u, spec))(uniforms)
   tokens, logps = np.asarray(tokens), np.asarray(logps)
   assert set(tokens[:, 0]) == {0, 1} and set(tokens[:, 1]) == {2, 3}
   renorm = {0: 0.5 / 0.75, 1: 0.25 / 0.75, 2: 0.3 / 0.7, 3: 0.4 / 0.7}
   expected = np.vectorize(renorm.get)(tokens)
   np.testing.assert_allclose(logps, np.log(expected), rtol=1e-5)
   assert abs((tokens[:, 0] == 0).mean() - 2 / 3) < 0.1   # the sampled frequencies follow
+
+
+@pytest.mark.parametrize('block', [1024, 2, 3])   # one level; two levels, with padding
+def test_inverse_cdf_quantiles_and_never_a_zero_probability_token(block):
+  pick = lambda probs, u: np.asarray(sampling.inverse_cdf(
+      jnp.asarray(probs, jnp.float32), jnp.asarray(u, jnp.float32), block=block))
+  probs = [[0.5, 0.25, 0.25]] * 5
+  np.testing.assert_array_equal(pick(probs, [0.0, 0.49, 0.51, 0.74, 0.76]), [0, 0, 1, 1, 2])
+  # Excluded (zero) entries at both ends and inside; the extreme uniforms land on the first and
+  # last allowed token, never beside them.
+  probs = [[0.0, 0.3, 0.0, 0.1, 2.0, 0.0, 0.0]] * 4
+  u = [0.0, 1e-30, 0.5, float(np.nextafter(np.float32(1), np.float32(0)))]
+  tokens = pick(probs, u)
+  assert set(tokens) <= {1, 3, 4} and tokens[0] == tokens[1] == 1 and tokens[3] == 4
+
+
+def test_two_level_inverse_cdf_equals_one_level():
+  probs = jnp.exp(3 * jax.random.normal(jax.random.key(0), (512, 1000)))
+  probs = probs * (jax.random.uniform(jax.random.key(1), probs.shape) > 0.3)   # some excluded
+  u = jax.random.uniform(jax.random.key(2), (512,))
+  flat = np.asarray(sampling.inverse_cdf(probs, u, block=1000))
+  np.testing.assert_array_equal(np.asarray(sampling.inverse_cdf(probs, u, block=64)), flat)
+  assert len(set(flat)) > 100 and np.all(np.asarray(probs)[np.arange(512), flat] > 0)
 
 
 def test_branch_vmapped_sampler_equals_separate_calls_on_a_mesh():
@@ -252,7 +275,9 @@ def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode, mo
   def start(group_size):
     program = sampling._Program(graphdef, GROUP_SPEC, NEVER, 0, group_size, mode)
     def run(p, t, v, key):
-      state, *_, broken = program.start(program.forward.prepare(p), t, v, key)
+      state, *_, broken = program.start(program.forward.prepare(
+          p, slots=t.shape[1] + GROUP_SPEC.max_new_tokens), t, v,
+          program.draws(sampling.row_keys(key, t.shape[0])))
       return broken, state.cache
     return jax.jit(run)(params, tokens, valid, jax.random.key(0))
   (none, per_row), (broken, shared) = start(1), start(G)

@@ -287,20 +287,29 @@ def attention(q, k_t, v, mask):
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwen3Config, dtype):
+def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwen3Config, dtype,
+                  *, last_query_only: bool = False):
   """One pre-norm decoder block. With `cache_slot = (k_all, v_all, layer, index)` the new K/V are
   written at slot `index` (in place under jit) and attention reads the whole layer cache: k_all,
   v_all are the stacked KVCache arrays and `layer` an index into them, or, with layer None, this
   layer's own buffers (k [B, K, hd, S], v [B, K, S, hd]), which an unrolled decode loop can
-  update without slicing or reshaping a stacked buffer."""
+  update without slicing or reshaping a stacked buffer.
+
+  last_query_only: K/V for every position, but queries, attention and the rest of the block for
+  the last position only (returns h [B, 1, D]): a prefill's last layer, whose other positions
+  feed nothing."""
   w = {name: value.astype(dtype) for name, value in p.items()}
   x = rms_norm(h, p['input_norm'], c.rms_norm_eps)
-  q = dense(x, w['q_proj'])
+  if last_query_only:
+    h, mask, cos_q, sin_q = h[:, -1:], mask[:, :, -1:], cos[:, -1:], sin[:, -1:]
+  else:
+    cos_q, sin_q = cos, sin
+  q = dense(x[:, -1:] if last_query_only else x, w['q_proj'])
   k = dense(x, w['k_proj'])
   v = dense(x, w['v_proj'])
   if c.attention_bias:
     q, k, v = q + w['q_bias'], k + w['k_bias'], v + w['v_bias']
-  q = apply_rope(rms_norm(q, p['q_norm'], c.rms_norm_eps), cos, sin)
+  q = apply_rope(rms_norm(q, p['q_norm'], c.rms_norm_eps), cos_q, sin_q)
   k = apply_rope(rms_norm(k, p['k_norm'], c.rms_norm_eps), cos, sin)
   k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)   # [B,K,hd,T], [B,K,T,hd]
   new_cache = None
