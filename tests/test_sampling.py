@@ -225,7 +225,9 @@ def test_two_level_inverse_cdf_equals_one_level():
   assert len(set(flat)) > 100 and np.all(np.asarray(probs)[np.arange(512), flat] > 0)
 
 
-def test_branch_vmapped_sampler_equals_separate_calls_on_a_mesh():
+@pytest.mark.parametrize('axes', [{'branch': 2, 'fsdp': 4, 'tensor': 1},
+                                  {'branch': 2, 'fsdp': 2, 'tensor': 2}])
+def test_branch_vmapped_sampler_equals_separate_calls_on_a_mesh(axes):
   models = [tiny_model(seed) for seed in (0, 1)]
   graphdef = models[0][0]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *[p for _, p in models])
@@ -235,7 +237,8 @@ def test_branch_vmapped_sampler_equals_separate_calls_on_a_mesh():
   keys = jax.random.split(jax.random.key(21), 2)
   spec = sampling.SamplingParams(max_new_tokens=10, top_p=0.9)
   eos = tuple(range(3, CONFIG.vocab_size, 9))
-  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1})
+  # Rows split over 'fsdp' (each device loops over its own rows); heads split over 'tensor'.
+  mesh = mesh_lib.make_mesh(axes)
   out = sampling.generate_branches(graphdef, stacked, tokens, valid, keys, spec, eos, mesh=mesh)
   assert out.tokens.shape == (2, 4, 20)
   assert out.tokens.sharding.spec[0] == 'branch'
