@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from copd_jax import mesh as mesh_lib
+from copd_jax import cpu_sharing, mesh as mesh_lib
 from copd_jax.errors import UserInputError
 from copd_jax.models import qwen3
 from copd_jax.models.qwen3 import KVCache
@@ -242,7 +242,7 @@ class _LayerCaches(NamedTuple):
 
 class _Weights(NamedTuple):
   params: Any            # the model's nnx.State
-  layers: Any            # per-layer weight dicts ('layerwise'), sliced once per call; or None
+  layers: Any            # per-layer weight dicts ('layerwise'): given, or sliced once per call
   head: Any              # the output projection in the compute dtype ('layerwise'); or None
   rope: Any              # (cos, sin) [slots, head_dim] for positions 0..slots-1 ('layerwise')
 
@@ -264,19 +264,23 @@ class _Forward:
     self.graphdef = graphdef
     self.mode = mode
 
-  def prepare(self, params, slots: int) -> _Weights:
-    """slots: the cache length (every RoPE position is below it)."""
+  def prepare(self, params, layers=None, *, slots: int) -> _Weights:
+    """slots: the cache length (every RoPE position is below it). layers: the per-layer weight
+    dicts as program inputs (`_unstacked_layers`), or None to slice them here."""
     if self.mode == 'model':
       return _Weights(params, None, None, None)
     model = nnx.merge(self.graphdef, params)
     dtype = model.compute_dtype
+    if layers is None:
+      stacked = model.layers.as_dict()
+      layers = [{name: w[i] for name, w in stacked.items()}
+                for i in range(model.config.num_layers)]
     # Matmul weights are cast to the compute dtype here, once per call, instead of in every
     # decode step (fp32 master weights with bf16 compute would otherwise be read at 4 bytes per
     # parameter per token). Same values: the decoder block casts them the same way; norm scales
     # are read in their own dtype there, so they stay as they are.
-    stacked = model.layers.as_dict()
-    layers = [{name: w[i] if 'norm' in name else w[i].astype(dtype)
-               for name, w in stacked.items()} for i in range(model.config.num_layers)]
+    layers = [{name: w if 'norm' in name else w.astype(dtype) for name, w in layer.items()}
+              for layer in layers]
     # RoPE tables for every position, looked up per step: computed from the step's positions
     # instead, XLA fuses the sin / cos into each layer's consumers and evaluates them there.
     rope = qwen3.rope_tables(jnp.arange(slots), model.config.head_dim, model.config.rope_theta)
@@ -419,17 +423,19 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
   return jax.random.split(key, batch)
 
 
-def _generate_impl(graphdef, params, prompt_tokens, prompt_valid, keys, sampling: SamplingParams,
-                   eos_ids: tuple[int, ...], pad_id: int, group_size: int = 1,
-                   decode_mode: str = 'layerwise', branched: bool = False) -> SampleOutput:
-  """The whole sampling program; keys: one PRNG key per row (`row_keys`). branched: every input
-  has a leading branch axis [K, ...]; the per-batch pieces are vmapped, the while_loop is not (a
-  vmapped while_loop with a per-branch predicate would `select` the whole state, KV caches
-  included, every step) and stops when every row of every branch is done."""
+def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
+                   sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
+                   group_size: int = 1, decode_mode: str = 'layerwise',
+                   branched: bool = False) -> SampleOutput:
+  """The whole sampling program; layers: `_unstacked_layers(params)` or None; keys: one PRNG
+  key per row (`row_keys`). branched: every input has a leading branch axis [K, ...]; the
+  per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
+  predicate would `select` the whole state, KV caches included, every step) and stops when every
+  row of every branch is done."""
   program = _Program(graphdef, sampling, eos_ids, pad_id, group_size, decode_mode)
   over = (lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes)) if branched else (lambda f, **_: f)
   slots = prompt_tokens.shape[-1] + sampling.max_new_tokens
-  weights = over(functools.partial(program.forward.prepare, slots=slots))(params)
+  weights = over(functools.partial(program.forward.prepare, slots=slots))(params, layers)
   draws = over(program.draws)(keys)
   state, prompt, valid, n_prompt, broken = over(program.start)(weights, prompt_tokens,
                                                                prompt_valid, draws)
@@ -460,8 +466,8 @@ def _counted(name: str, fn: Callable) -> Callable:
   return wrapper
 
 
-def _generate_from_key(graphdef, params, prompt_tokens, prompt_valid, key, **static):
-  return _generate_impl(graphdef, params, prompt_tokens, prompt_valid,
+def _generate_from_key(graphdef, params, layers, prompt_tokens, prompt_valid, key, **static):
+  return _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid,
                         row_keys(key, prompt_tokens.shape[0]), **static)
 
 
@@ -500,26 +506,28 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
   _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=0, group_size=group_size)
-  return _generate_jit(graphdef, params, prompt_tokens, prompt_valid, key, sampling=sampling,
+  return _generate_jit(graphdef, params, _unstacked_layers(params, layer_axis=0), prompt_tokens,
+                       prompt_valid, key, sampling=sampling,
                        eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                        group_size=group_size, decode_mode=DECODE_MODE)
 
 
-def _local_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                    eos_ids, pad_id, group_size, decode_mode):
+def _local_branches(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
+                    sampling, eos_ids, pad_id, group_size, decode_mode):
   """The branches held in one place. A single branch runs the plain program: a vmapped axis of
   size 1 costs XLA:CPU about 1.6x the CPU time per token (BENCHMARKS.md, "Sampler")."""
   if prompt_tokens.shape[0] == 1:
-    out = _generate_impl(graphdef, jax.tree.map(lambda x: x[0], stacked_params), prompt_tokens[0],
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    out = _generate_impl(graphdef, first(stacked_params), first(layers), prompt_tokens[0],
                          prompt_valid[0], keys[0], sampling, eos_ids, pad_id, group_size,
                          decode_mode)
     return jax.tree.map(lambda x: x[None], out)
-  return _generate_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                        eos_ids, pad_id, group_size, decode_mode, branched=True)
+  return _generate_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
+                        sampling, eos_ids, pad_id, group_size, decode_mode, branched=True)
 
 
-def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, sampling,
-                   eos_ids, pad_id, group_size=1, decode_mode='layerwise',
+def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
+                   sampling, eos_ids, pad_id, group_size=1, decode_mode='layerwise',
                    mesh: Mesh | None = None):
   """keys [K] -> one key per row, then the branches' programs. On a mesh, each device runs its
   own program on its own rows (shard_map over 'branch', and over 'fsdp' when it divides the
@@ -533,11 +541,26 @@ def _branches_impl(graphdef, stacked_params, prompt_tokens, prompt_valid, keys, 
   local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
                             pad_id=pad_id, group_size=group_size, decode_mode=decode_mode)
   if mesh is None:
-    return local(stacked_params, prompt_tokens, prompt_valid, keys)
+    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys)
   rows = P('branch', _batch_axis(mesh, B))
-  return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), rows, rows, rows),
+  return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), P('branch'), rows, rows, rows),
                        out_specs=rows, axis_names={'branch'} | set(rows) - {None},
-                       check_vma=False)(stacked_params, prompt_tokens, prompt_valid, keys)
+                       check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys)
+
+
+def _unstacked_layers(params, layer_axis: int) -> list[dict[str, jax.Array]] | None:
+  """On CPU, the decoder's per-layer weights as views of `params` ([..., layers, ...] ->
+  one dict per layer), for the program to read as inputs: slicing them inside it would give
+  every device its own copy, while views keep replicas shared (`cpu_sharing`). None elsewhere,
+  and in 'model' decode mode; the program then slices them itself."""
+  if DECODE_MODE != 'layerwise':
+    return None
+  split = {name: cpu_sharing.unstack(variable[...], layer_axis)
+           for name, variable in params['layers'].items()}
+  if any(pieces is None for pieces in split.values()):
+    return None
+  num_layers = len(next(iter(split.values())))
+  return [{name: pieces[i] for name, pieces in split.items()} for i in range(num_layers)]
 
 
 def _batch_axis(mesh: Mesh, batch: int) -> str | None:
@@ -587,15 +610,16 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
     if K % mesh.shape['branch']:
       raise mesh_lib.MeshConfigError(f'mesh axis branch={mesh.shape["branch"]} does not divide '
                                      f'the number of branches K={K}')
-    stacked_params = jax.device_put(stacked_params, mesh_lib.state_shardings(
+    stacked_params = cpu_sharing.put(stacked_params, mesh_lib.state_shardings(
         stacked_params, mesh, SAMPLING_RULES, branch_stacked=True))
     prompt_sharding = NamedSharding(mesh, P('branch', _batch_axis(mesh, B), None))
     group_size = mesh_group_size(mesh, B, group_size)
     prompt_tokens = jax.device_put(prompt_tokens, prompt_sharding)
     prompt_valid = jax.device_put(prompt_valid, prompt_sharding)
     keys = jax.device_put(keys, mesh_lib.branch_sharded(mesh, keys.ndim))
-  return _branches_jit(mesh)(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
-                             sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
+  return _branches_jit(mesh)(graphdef, stacked_params,
+                             _unstacked_layers(stacked_params, layer_axis=1), prompt_tokens,
+                             prompt_valid, keys, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                              pad_id=int(pad_id), group_size=group_size, decode_mode=DECODE_MODE)
 
 

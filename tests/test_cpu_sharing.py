@@ -1,0 +1,56 @@
+"""Replicas as one buffer on CPU: the values of `jax.device_put`, with one physical copy per shard,
+and per-layer views that alias the stacked weights (what the sampler reads; BENCHMARKS.md,
+"Sampler")."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from copd_jax import cpu_sharing, mesh as mesh_lib
+
+
+def pointers(x: jax.Array) -> list[int]:
+  return [s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
+
+
+def test_put_equals_device_put_with_one_buffer_per_shard():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 2, 'tensor': 2})
+  x = jnp.arange(2 * 6 * 16 * 8, dtype=jnp.float32).reshape(2, 6, 16, 8)
+  for spec in (P(), P('branch'), P('branch', None, None, 'tensor')):
+    sharding = NamedSharding(mesh, spec)
+    shared, ref = cpu_sharing.put(x, sharding), jax.device_put(x, sharding)
+    assert shared.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(shared), np.asarray(ref))
+    for a, b in zip(shared.addressable_shards, ref.addressable_shards):
+      np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    # Devices holding the same shard index read one buffer; different indices, different ones.
+    by_index = {}
+    for shard in shared.addressable_shards:
+      by_index.setdefault(str(shard.index), set()).add(shard.data.unsafe_buffer_pointer())
+    assert all(len(p) == 1 for p in by_index.values())
+    assert len({next(iter(p)) for p in by_index.values()}) == len(by_index)
+  # Then a computation on it gives device_put's result.
+  sharding = NamedSharding(mesh, P('branch'))
+  f = jax.jit(lambda a: jnp.tanh(a) @ a[0, 0].T)
+  np.testing.assert_array_equal(np.asarray(f(cpu_sharing.put(x, sharding))),
+                                np.asarray(f(jax.device_put(x, sharding))))
+
+
+def test_unstack_aliases_the_stacked_array():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 2, 'tensor': 2})
+  x = cpu_sharing.put(jnp.arange(2 * 3 * 16 * 8, dtype=jnp.float32).reshape(2, 3, 16, 8),
+                      NamedSharding(mesh, P('branch', None, None, 'tensor')))
+  layers = cpu_sharing.unstack(x, axis=1)
+  assert len(layers) == 3
+  for i, layer in enumerate(layers):
+    assert layer.sharding.spec == P('branch', None, 'tensor')
+    np.testing.assert_array_equal(np.asarray(layer), np.asarray(x)[:, i])
+  # Each device's layer i sits inside its own stacked shard, at layer i's offset (no copy),
+  # so replicas of the stacked array stay shared.
+  stride = 16 * 4 * 4   # one layer of a [1, 3, 16, 4] shard, in bytes
+  for i, layer in enumerate(layers):
+    assert pointers(layer) == [p + i * stride for p in pointers(x)]
+  # Sharded along the axis, or off a NamedSharding on CPU: nothing to alias.
+  assert cpu_sharing.unstack(x, axis=3) is None
+  single = jnp.ones((3, 4, 8))
+  assert pointers(cpu_sharing.unstack(single, axis=0)[2])[0] == pointers(single)[0] + 2 * 128
