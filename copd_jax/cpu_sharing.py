@@ -28,9 +28,26 @@ def all_cpu(sharding: jax.sharding.Sharding) -> bool:
   return all(d.platform == 'cpu' for d in sharding.device_set)
 
 
-def _shard_views(x: jax.Array) -> list[tuple[jax.Device, np.ndarray]]:
-  """(device, zero-copy host view of its shard) for every addressable shard."""
-  return [(s.device, np.asarray(s.data)) for s in x.addressable_shards]
+class _Pieces:
+  """Global arrays to build from host views: add() each array's (shape, sharding, devices,
+  views), then build() places every view with one `jax.device_put` (a batched call: ~15 us per
+  view instead of ~60 us per call) and assembles the arrays in order."""
+
+  def __init__(self):
+    self.arrays, self.views, self.devices = [], [], []
+
+  def add(self, shape, sharding, devices, views) -> None:
+    self.arrays.append((shape, sharding, len(views)))
+    self.views += views
+    self.devices += devices
+
+  def build(self) -> list[jax.Array]:
+    buffers = jax.device_put(self.views, self.devices) if self.views else []
+    out, at = [], 0
+    for shape, sharding, n in self.arrays:
+      out.append(jax.make_array_from_single_device_arrays(shape, sharding, buffers[at:at + n]))
+      at += n
+    return out
 
 
 def _zero_copy_able(view: np.ndarray) -> np.ndarray:
@@ -45,47 +62,60 @@ def _zero_copy_able(view: np.ndarray) -> np.ndarray:
   return out
 
 
-def _assemble(shape, sharding, devices, views) -> jax.Array:
-  """One global array from host views, one per device; views of aligned memory are not copied,
-  so devices given the same view share it."""
-  buffers = jax.device_put(views, devices)
-  return jax.make_array_from_single_device_arrays(shape, sharding, buffers)
+class _Placement:
+  """(array, sharding): a pytree leaf, unlike a tuple."""
+  __slots__ = ('x', 'sharding')
+
+  def __init__(self, x, sharding):
+    self.x, self.sharding = x, sharding
+
+  def __iter__(self):
+    return iter((self.x, self.sharding))
 
 
 def put(tree: Any, shardings: Any) -> Any:
   """`jax.device_put(tree, shardings)`, except that on CPU (one process) each shard is stored
-  once and every device that holds it reads that buffer."""
-  def put_one(x, sharding: NamedSharding):
-    if (not all_cpu(sharding) or jax.process_count() > 1 or
-        (isinstance(x, jax.Array) and x.sharding == sharding)):
-      return jax.device_put(x, sharding)
-    host = np.asarray(x)   # a view when x is one CPU buffer; else gathered once
+  once and every device that holds it reads that buffer (also when tree is already placed
+  with one copy per device)."""
+  # shardings is a prefix of tree (an nnx Variable is a node holding its array).
+  pairs = jax.tree.leaves(jax.tree.map(lambda sharding, sub: jax.tree.map(
+      lambda x: _Placement(x, sharding), sub), shardings, tree))
+  if jax.process_count() > 1 or not all(all_cpu(sharding) for _, sharding in pairs):
+    return jax.device_put(tree, shardings)
+  pieces = _Pieces()
+  for x, sharding in pairs:
+    host = np.asarray(x)   # a view when x is (replicated) CPU buffers; else gathered once
     index_map = sharding.addressable_devices_indices_map(host.shape)
     shards: dict[str, np.ndarray] = {}   # one host array per distinct shard
     views = [shards.setdefault(str(index), _zero_copy_able(host[index]))
              for index in index_map.values()]
-    return _assemble(host.shape, sharding, list(index_map), views)
-  # shardings is a prefix of tree (an nnx Variable is a node holding its array).
-  return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: put_one(x, sharding), sub),
+    pieces.add(host.shape, sharding, list(index_map), views)
+  placed = iter(pieces.build())
+  return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda _: next(placed), sub),
                       shardings, tree)
 
 
-def unstack(x: jax.Array, axis: int) -> list[jax.Array] | None:
-  """x's slices along an unsharded `axis`, as arrays that alias x's buffers (no copy, replicas
-  stay shared); None off CPU or where x is sharded along `axis`."""
-  sharding = getattr(x, 'sharding', None)
-  if isinstance(sharding, jax.sharding.SingleDeviceSharding) and all_cpu(sharding):
-    out_sharding = sharding
-  elif isinstance(sharding, NamedSharding) and all_cpu(sharding):
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    if spec[axis] is not None:
+def unstack(arrays: list[jax.Array], axis: int) -> list[list[jax.Array]] | None:
+  """Each array's slices along an unsharded `axis` (all arrays the same length there), as arrays
+  that alias its buffers: no copy, and replicas stay shared. None off CPU, or where an array is
+  sharded along `axis`."""
+  pieces = _Pieces()
+  for x in arrays:
+    sharding = getattr(x, 'sharding', None)
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding) and all_cpu(sharding):
+      out_sharding = sharding
+    elif isinstance(sharding, NamedSharding) and all_cpu(sharding):
+      spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+      if spec[axis] is not None:
+        return None
+      out_sharding = NamedSharding(sharding.mesh, P(*spec[:axis], *spec[axis + 1:]))
+    else:
       return None
-    out_sharding = NamedSharding(sharding.mesh, P(*spec[:axis], *spec[axis + 1:]))
-  else:
-    return None
-  out_shape = x.shape[:axis] + x.shape[axis + 1:]
-  pieces = _shard_views(x)
-  devices = [d for d, _ in pieces]
-  take = lambda view, i: view[(slice(None),) * axis + (i,)]
-  return [_assemble(out_shape, out_sharding, devices, [take(v, i) for _, v in pieces])
-          for i in range(x.shape[axis])]
+    shards = [(s.device, np.asarray(s.data)) for s in x.addressable_shards]
+    devices = [d for d, _ in shards]
+    for i in range(x.shape[axis]):
+      pieces.add(x.shape[:axis] + x.shape[axis + 1:], out_sharding, devices,
+                 [view[(slice(None),) * axis + (i,)] for _, view in shards])
+  built = pieces.build()
+  n = len(built) // max(len(arrays), 1)
+  return [built[j * n:(j + 1) * n] for j in range(len(arrays))]

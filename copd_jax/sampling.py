@@ -265,16 +265,16 @@ class _Forward:
     self.mode = mode
 
   def prepare(self, params, layers=None, *, slots: int) -> _Weights:
-    """slots: the cache length (every RoPE position is below it). layers: the per-layer weight
-    dicts as program inputs (`_unstacked_layers`), or None to slice them here."""
+    """slots: the cache length (every RoPE position is below it). layers: per-layer dicts of
+    weights given as program inputs (`_unstacked_layers`), or None; the rest are sliced here."""
     if self.mode == 'model':
       return _Weights(params, None, None, None)
     model = nnx.merge(self.graphdef, params)
     dtype = model.compute_dtype
-    if layers is None:
-      stacked = model.layers.as_dict()
-      layers = [{name: w[i] for name, w in stacked.items()}
-                for i in range(model.config.num_layers)]
+    stacked = model.layers.as_dict()
+    given = layers or [{}] * model.config.num_layers
+    layers = [{name: layer[name] if name in layer else w[i] for name, w in stacked.items()}
+              for i, layer in enumerate(given)]
     # Matmul weights are cast to the compute dtype here, once per call, instead of in every
     # decode step (fp32 master weights with bf16 compute would otherwise be read at 4 bytes per
     # parameter per token). Same values: the decoder block casts them the same way; norm scales
@@ -549,18 +549,18 @@ def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid
 
 
 def _unstacked_layers(params, layer_axis: int) -> list[dict[str, jax.Array]] | None:
-  """On CPU, the decoder's per-layer weights as views of `params` ([..., layers, ...] ->
+  """On CPU, the decoder's per-layer matmul weights as views of `params` ([..., layers, ...] ->
   one dict per layer), for the program to read as inputs: slicing them inside it would give
   every device its own copy, while views keep replicas shared (`cpu_sharing`). None elsewhere,
   and in 'model' decode mode; the program then slices them itself."""
   if DECODE_MODE != 'layerwise':
     return None
-  split = {name: cpu_sharing.unstack(variable[...], layer_axis)
-           for name, variable in params['layers'].items()}
-  if any(pieces is None for pieces in split.values()):
+  # The matmul weights: norm scales are small, and slicing them in the program costs nothing.
+  names = [name for name in params['layers'].keys() if 'norm' not in name]
+  split = cpu_sharing.unstack([params['layers'][name][...] for name in names], layer_axis)
+  if split is None:
     return None
-  num_layers = len(next(iter(split.values())))
-  return [{name: pieces[i] for name, pieces in split.items()} for i in range(num_layers)]
+  return [dict(zip(names, layer)) for layer in zip(*split)]
 
 
 def _batch_axis(mesh: Mesh, batch: int) -> str | None:

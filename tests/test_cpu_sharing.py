@@ -16,9 +16,15 @@ def pointers(x: jax.Array) -> list[int]:
 def test_put_equals_device_put_with_one_buffer_per_shard():
   mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 2, 'tensor': 2})
   x = jnp.arange(2 * 6 * 16 * 8, dtype=jnp.float32).reshape(2, 6, 16, 8)
-  for spec in (P(), P('branch'), P('branch', None, None, 'tensor')):
+  specs = (P(), P('branch'), P('branch', None, None, 'tensor'))
+  # A tree (tuples included), placed in one call; an array placed with one copy per device
+  # (device_put's replicas) is re-placed as shared views.
+  trees = cpu_sharing.put({'a': (x, x), 'b': [jax.device_put(x, NamedSharding(mesh, P()))] * 2},
+                          {'a': (NamedSharding(mesh, specs[0]), NamedSharding(mesh, specs[1])),
+                           'b': [NamedSharding(mesh, specs[0]), NamedSharding(mesh, specs[2])]})
+  for shared, spec in zip([*trees['a'], *trees['b']], [*specs[:2], specs[0], specs[2]]):
     sharding = NamedSharding(mesh, spec)
-    shared, ref = cpu_sharing.put(x, sharding), jax.device_put(x, sharding)
+    ref = jax.device_put(x, sharding)
     assert shared.sharding == sharding
     np.testing.assert_array_equal(np.asarray(shared), np.asarray(ref))
     for a, b in zip(shared.addressable_shards, ref.addressable_shards):
@@ -40,8 +46,10 @@ def test_unstack_aliases_the_stacked_array():
   mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 2, 'tensor': 2})
   x = cpu_sharing.put(jnp.arange(2 * 3 * 16 * 8, dtype=jnp.float32).reshape(2, 3, 16, 8),
                       NamedSharding(mesh, P('branch', None, None, 'tensor')))
-  layers = cpu_sharing.unstack(x, axis=1)
-  assert len(layers) == 3
+  y = cpu_sharing.put(2 * x, x.sharding)
+  layers, y_layers = cpu_sharing.unstack([x, y], axis=1)
+  assert len(layers) == len(y_layers) == 3
+  np.testing.assert_array_equal(np.asarray(y_layers[2]), 2 * np.asarray(x)[:, 2])
   for i, layer in enumerate(layers):
     assert layer.sharding.spec == P('branch', None, 'tensor')
     np.testing.assert_array_equal(np.asarray(layer), np.asarray(x)[:, i])
@@ -51,6 +59,7 @@ def test_unstack_aliases_the_stacked_array():
   for i, layer in enumerate(layers):
     assert pointers(layer) == [p + i * stride for p in pointers(x)]
   # Sharded along the axis, or off a NamedSharding on CPU: nothing to alias.
-  assert cpu_sharing.unstack(x, axis=3) is None
+  assert cpu_sharing.unstack([y, x], axis=3) is None
   single = jnp.ones((3, 4, 8))
-  assert pointers(cpu_sharing.unstack(single, axis=0)[2])[0] == pointers(single)[0] + 2 * 128
+  [single_layers] = cpu_sharing.unstack([single], axis=0)
+  assert pointers(single_layers[2])[0] == pointers(single)[0] + 2 * 128
