@@ -14,7 +14,7 @@ import numpy as np
 from copd_jax import storage
 from copd_jax.data import Example
 from copd_jax.rollouts import PromptEncoder, sample_and_score
-from copd_jax.sampling import SamplingParams
+from copd_jax.sampling import SamplingParams, place_weights
 
 GREEDY, SAMPLED = 'pass@1', 'avg@k'
 
@@ -30,6 +30,7 @@ def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
   sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
   results = {name: {} for name in model_names}
   key = jax.random.key(seed)
+  stacked_params = place_weights(stacked_params)   # once for every sampling call below
   for d, (domain, examples) in enumerate(sorted(eval_sets.items())):
     for metric, sampling, repeats in ((GREEDY, greedy, 1), (SAMPLED, sampled, samples_k)):
       rows = [e for e in examples for _ in range(repeats)]

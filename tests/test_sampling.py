@@ -248,6 +248,14 @@ def test_branch_vmapped_sampler_equals_separate_calls_on_a_mesh(axes):
     np.testing.assert_array_equal(np.asarray(out.completion_mask[k]),
                                   np.asarray(ref.completion_mask))
     np.testing.assert_allclose(np.asarray(out.logprobs[k]), np.asarray(ref.logprobs), atol=1e-5)
+  # Weights placed once (on CPU: one shared buffer per shard) and sampled from twice.
+  placed = sampling.place_weights(stacked, mesh)
+  for _ in range(2):
+    again = sampling.generate_branches(graphdef, placed, tokens, valid, keys, spec, eos, mesh=mesh)
+    for a, b in zip(again, out):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match='another mesh'):
+    sampling.generate_branches(graphdef, placed, tokens, valid, keys, spec, eos)
   with pytest.raises(mesh_lib.MeshConfigError, match='does not divide'):
     sampling.generate_branches(graphdef, stacked, tokens, valid, keys, spec, eos,
                                mesh=mesh_lib.make_mesh({'branch': 8}))
