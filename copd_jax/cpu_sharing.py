@@ -8,6 +8,9 @@ slower with one 12.6 MB weight set per core than with one set read by both;
 BENCHMARKS.md, "Sampler"). PJRT's CPU client puts a 64-byte-aligned numpy array on a device
 without copying, so the replicas of a shard can all be views of one buffer.
 
+Views pin their buffers: while one is alive, a jitted call that donates the viewed array gets
+no donation (jax keeps the buffer and the call allocates a new one), so values stay right.
+
 Everything here is a no-op in effect off CPU: the functions fall back to `jax.device_put` /
 return None, and the caller keeps its usual path.
 """

@@ -63,3 +63,16 @@ def test_unstack_aliases_the_stacked_array():
   single = jnp.ones((3, 4, 8))
   [single_layers] = cpu_sharing.unstack([single], axis=0)
   assert pointers(single_layers[2])[0] == pointers(single)[0] + 2 * 128
+
+
+def test_a_donating_call_leaves_views_intact():
+  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 8, 'tensor': 1})
+  x = jnp.arange(1 << 14, dtype=jnp.float32)
+  placed = cpu_sharing.put(x, NamedSharding(mesh, P()))
+  y = jnp.arange(1 << 14, dtype=jnp.float32).reshape(4, -1)
+  [views] = cpu_sharing.unstack([y], axis=0)
+  donating = jax.jit(lambda a: a * 2 + 1, donate_argnums=0)
+  donating(x), donating(y)
+  jnp.full(1 << 14, 7.0).block_until_ready()   # would reuse freed memory
+  np.testing.assert_array_equal(np.asarray(placed), np.arange(1 << 14))
+  np.testing.assert_array_equal(np.asarray(views[3]), np.arange(3 << 12, 4 << 12))
