@@ -19,8 +19,9 @@ once before the loop and per-layer cache buffers ('layerwise'); the model's cach
 both attention matmuls plain batched matmuls; argmax is two plain reductions; RoPE tables are
 computed once per call and looked up; the prefill's last layer runs the last position only;
 every random number is drawn before the loop (one uniform per row and token, `select_tokens`);
-on a mesh each device loops over its own rows with no per-step collective. Per-token cost is
-then dominated by the projection and MLP matmuls.
+on a mesh each device loops over its own rows with no per-step collective; on CPU the devices
+read one shared copy of the weights, passed in as per-layer views (`place_weights`,
+`cpu_sharing`). Per-token cost is then dominated by the projection and MLP matmuls.
 
 Randomness: row b of a call with key k samples from `row_keys(k, B)[b]` alone, so results do
 not depend on how rows are split over devices.
