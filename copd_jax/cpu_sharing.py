@@ -90,7 +90,7 @@ def put(tree: Any, shardings: Any) -> Any:
     host = np.asarray(x)   # a view when x is (replicated) CPU buffers; else gathered once
     index_map = sharding.addressable_devices_indices_map(host.shape)
     shards: dict[str, np.ndarray] = {}   # one host array per distinct shard
-    views = [shards.setdefault(str(index), _zero_copy_able(host[index]))
+    views = [shards.setdefault(str(index), _zero_copy_able(np.asarray(host[index])))
              for index in index_map.values()]
     pieces.add(host.shape, sharding, list(index_map), views)
   placed = iter(pieces.build())
