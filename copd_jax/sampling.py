@@ -255,8 +255,9 @@ class _Forward:
   'model': `Qwen3.hidden_states` as the model is configured (scan over layers, or unrolled).
   'layerwise': the same decoder blocks (`qwen3.decoder_layer`) unrolled over per-layer weights,
   sliced once before the decode loop (`prepare`), and per-layer cache buffers, so no step
-  re-slices a stacked weight or cache (slices are copies on CPU; see BENCHMARKS.md). The slices
-  are a second copy of the layer weights for the duration of the call.
+  re-slices a stacked weight or cache (slices are copies on CPU; see BENCHMARKS.md). Sliced in
+  the program (GPU / TPU) they are a second copy of the layer weights for the duration of the
+  call; on CPU the matmul weights come in as views of the stacked ones (`_unstacked_layers`).
   """
 
   def __init__(self, graphdef, mode: str):
