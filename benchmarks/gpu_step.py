@@ -41,7 +41,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.workers import write_json  # noqa: E402
 from copd_jax import losses, mesh as mesh_lib, optim, sampling  # noqa: E402
-from copd_jax.memory_plan import QWEN3_PRESETS  # noqa: E402
+from copd_jax.models.presets import QWEN3_PRESETS  # noqa: E402
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config  # noqa: E402
 from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings,  # noqa: E402
                             init_branch_state, make_grpo_step, make_opd_step)

@@ -1,6 +1,9 @@
 """Shared defaults of every run config. Experiment files call `base_config()` and change fields.
 
-Field reference (all checked by copd_jax.config.validate before any compute):
+Field reference (all checked by copd_jax.config_checks.validate before any compute; a section
+the code turns into an object is checked by that object: grpo / opd -> copd_jax.step_config,
+sampling -> copd_jax.sampling.SamplingParams, optimizer -> copd_jax/optim.py, mesh ->
+copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
   seed                      base of every PRNG stream and data order
   branches                  one domain name per branch; 'a+b' = a branch trained on mixed data
   domains.<name>            source 'synthetic' (num_train/num_eval) or 'file' (train_path/eval_path
@@ -11,15 +14,14 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             branch ('' = the base) to start that branch from: a HF folder, a
                             merged checkpoint, or a run workdir with ':k' for its branch k; preset: '' or a built-in
                             Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
-                            'qwen3-8b', copd_jax.memory_plan.QWEN3_PRESETS) that `plan` uses
+                            'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) that `plan` uses
                             when hf_path holds no config.json (shapes only, no weights)
   warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
   copd                      num_cycles N, s_rl, s_opd (steps per phase), topology ('pairwise',
                             'hub_and_spoke', 'full', 'edges' with edges='s<-t,...', 'none'),
                             hub, drop_edges ('s<-t,...'), freeze (branch indices never
-                            updated: frozen teachers, e.g. '1' or '1,2'), beta (OPD advantage
-                            scale), delta_clamp (0 = off); schedule 'fixed' (N x (S_RL, S_OPD))
-                            or 'overlap' (RL until the smallest measured O_k < overlap_low,
+                            updated: frozen teachers, e.g. '1' or '1,2'); schedule 'fixed'
+                            (N x (S_RL, S_OPD)) or 'overlap' (RL until the smallest measured O_k < overlap_low,
                             then OPD until it is >= overlap_high; O_k probed every probe_every
                             RL steps; the budget stays N x (S_RL + S_OPD) steps). The
                             defaults 0.87 / 0.89 are the 25th percentile and median of the toy
@@ -37,7 +39,10 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             teacher pass and the overlap probe to [rows, logits_chunk, vocab];
                             0 = off, all T at once). micro_batches and logits_chunk change
                             memory, not results, and may change when a run is resumed
-  opd                       prompts_per_step (per teacher), samples_per_prompt
+  opd                       prompts_per_step (per teacher), samples_per_prompt, beta (scale of
+                            the OPD advantage beta * delta), delta_clamp (bound on |delta|;
+                            0 = off). A checkpoint written when beta and delta_clamp were in
+                            copd still resumes (copd_jax.config.MOVED_FIELDS)
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p
   optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps (total
                             steps of a 'cosine' / 'linear' schedule; unused by 'constant'),
@@ -79,14 +84,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3))
   c.copd = ml_collections.ConfigDict(dict(
       num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
-      freeze='', beta=1.0, delta_clamp=0.0, schedule='fixed', overlap_low=0.87,
+      freeze='', schedule='fixed', overlap_low=0.87,
       overlap_high=0.89, probe_every=2))
   c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3, inject_nan=''))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
       aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1,
       logits_chunk=0))
-  c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4))
+  c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0,
+                                         delta_clamp=0.0))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,

@@ -53,11 +53,10 @@ def get_config():
   c.model.compute_dtype = 'bfloat16'
   c.model.remat = True
 
-  c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='hub_and_spoke', hub=0,
-                     beta=1.0, delta_clamp=5.0))
+  c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='hub_and_spoke', hub=0))
   c.grpo.update(dict(group_size=8, prompts_per_step=16, epsilon_low=0.2, epsilon_high=0.28,
                      aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=8))
-  c.opd.update(dict(prompts_per_step=8, samples_per_prompt=4))
+  c.opd.update(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0, delta_clamp=5.0))
   c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
                           weight_decay=0.0, max_grad_norm=1.0))

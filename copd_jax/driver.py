@@ -39,25 +39,25 @@ from copd_jax import distributed
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
 from copd_jax import storage
-from copd_jax.config import (ConfigError, branch_domains, parse_indices, resume_differences,
-                             topology_from_config)
-from copd_jax.errors import TrainingHalted
+from copd_jax.config import resume_differences
+from copd_jax.config_checks import branch_domains
+from copd_jax.errors import ConfigError, TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
-from copd_jax.memory_plan import sampling_mesh
 from copd_jax.merge import merge_checkpoints
 from copd_jax.models import hf_io
+from copd_jax.models.presets import DTYPES
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.optim import make_optimizer
 from copd_jax.rollouts import (PromptEncoder, Rollouts, device_batch, sample_and_score,
                                stack_rounds, to_batch)
 from copd_jax.sampling import SamplingParams
-from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings, init_branch_state,
+from copd_jax.step_config import StepConfig
+from copd_jax.steps import (RolloutBatch, branch_state_shardings, init_branch_state,
                             make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,13 +233,11 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
-  sample_mesh = sampling_mesh(config, list(mesh.devices.flat), K)
+  sample_mesh = mesh_lib.sampling_mesh(config, list(mesh.devices.flat), K)
   rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
   optimizer = make_optimizer(config.optimizer)
   phases = PhaseController(config.copd)
-  sampling = SamplingParams(max_new_tokens=config.sampling.max_new_tokens,
-                            temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                            top_p=config.sampling.top_p)
+  sampling = SamplingParams.from_config(config)
   reward_kinds = {name: config.domains[name].reward for name in domains}
   encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
   # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
@@ -264,7 +262,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None,
                                        enabled=jax.process_index() == 0)
 
-  step_config = step_config_from(config, encoder.length)
+  step_config = StepConfig.from_config(config, encoder.length)
   sharding = branch_state_shardings(state, mesh, param_rules)
   grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
   opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
@@ -354,20 +352,6 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   results, table = _finish(config, workdir, graphdef, base_params, state, domains, encoder,
                            reward_kinds, model.config, base_path, log)
   return RunResult(workdir, results, table, last)
-
-
-def step_config_from(config, prompt_length: int) -> StepConfig:
-  """prompt_length: the fixed prompt bucket of the run; GRPO groups then score their shared
-  prompt once (StepConfig.group_size / prompt_length)."""
-  g = config.grpo
-  return StepConfig(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                    aggregation=g.aggregation, max_completion_tokens=config.sampling.max_new_tokens,
-                    kl_coef=g.kl_coef, entropy_coef=g.entropy_coef,
-                    temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
-                    opd_beta=config.copd.beta, opd_clamp=config.copd.delta_clamp or None,
-                    frozen_branches=tuple(parse_indices(config.copd.freeze, 'copd.freeze')),
-                    group_size=g.group_size, prompt_length=prompt_length,
-                    logits_chunk=g.logits_chunk or None)
 
 
 def nan_injections(config) -> dict[int, list[int]]:

@@ -12,3 +12,7 @@ class UserInputError(ValueError):
 class TrainingHalted(RuntimeError):
   """The run stopped itself cleanly (e.g. repeated non-finite losses); checkpoints are intact.
   The CLI prints the message as one line and exits with status 3."""
+
+
+class ConfigError(UserInputError):
+  """A bad run config: a field's value, a config file, or a `--config.a.b=v` override."""

@@ -55,31 +55,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from copd_jax import mesh as mesh_lib
 from copd_jax.errors import UserInputError
+from copd_jax.models import hf_io
+from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.optim import make_optimizer
+from copd_jax.sampling import SAMPLING_RULES
+from copd_jax.steps import branch_state_init, branch_state_shardings
+from copd_jax.topology import topology_from_config
 
 GIB = 2 ** 30
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def _qwen3(hidden: int, layers: int, heads: int, mlp: int, tied: bool) -> Qwen3Config:
-  return Qwen3Config(vocab_size=151_936, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                     num_kv_heads=8, head_dim=128, intermediate_size=mlp, rope_theta=1_000_000.0,
-                     rms_norm_eps=1e-6, tie_word_embeddings=tied, max_position_embeddings=40_960)
-
-
-# Architectures of the released Qwen3 dense models (their config.json files). Parameter counts
-# (Qwen3Config.num_params): 0.6B 596,049,920; 1.7B 1,720,574,976; 4B 4,022,468,096;
-# 8B 8,190,735,360.
-QWEN3_PRESETS: dict[str, Qwen3Config] = {
-    'qwen3-0.6b': _qwen3(1024, 28, 16, 3072, tied=True),
-    'qwen3-1.7b': _qwen3(2048, 28, 16, 6144, tied=True),
-    'qwen3-4b': _qwen3(2560, 36, 32, 9728, tied=True),
-    'qwen3-8b': _qwen3(4096, 36, 32, 12288, tied=False),
-}
 
 
 class PlanError(UserInputError):
@@ -95,10 +83,8 @@ def model_config_of(config) -> tuple[Qwen3Config, str]:
   else config.model.preset; source 'toy' uses the built-in character model's shape."""
   model = config.model
   if model.source == 'toy':
-    from copd_jax.warmstart import toy_model_config
-    return toy_model_config(model), 'toy'
+    return toy_model_config(model.toy), 'toy'
   if model.hf_path and os.path.isfile(os.path.join(model.hf_path, 'config.json')):
-    from copd_jax.models import hf_io
     return hf_io.read_config(model.hf_path), os.path.join(model.hf_path, 'config.json')
   if model.preset:
     return QWEN3_PRESETS[model.preset], f'preset {model.preset}'
@@ -127,7 +113,6 @@ class Workload:
 
 def num_opd_rounds(config) -> int:
   """R of the OPD step: the rounds of the run's topology (0 when there are no OPD steps)."""
-  from copd_jax.config import topology_from_config
   if not config.copd.s_opd:
     return 0
   return len(topology_from_config(config).rounds())
@@ -158,14 +143,7 @@ def abstract_params(model_config: Qwen3Config, param_dtype=jnp.float32) -> tuple
 
 def abstract_branch_state(params: nnx.State, num_branches: int, optimizer) -> Any:
   """The BranchState `steps.init_branch_state` builds, as ShapeDtypeStructs."""
-  from copd_jax.steps import BranchState, stack_params
-
-  def init(p):
-    stacked = stack_params(p, num_branches)
-    keys = jax.random.split(jax.random.key(0), num_branches)
-    return BranchState(stacked, jax.vmap(optimizer.init)(stacked),
-                       jnp.zeros((num_branches,), jnp.int32), jax.random.key_data(keys))
-  return jax.eval_shape(init, params)
+  return jax.eval_shape(branch_state_init(num_branches, optimizer, seed=0), params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,24 +285,13 @@ class MemoryPlan:
     return max(self.train_peak, self.sampling_peak, self.probe_peak)
 
 
-def sampling_mesh(config, devices: Sequence[jax.Device], num_branches: int) -> Mesh:
-  """The mesh sampling runs on: config.mesh_sampling over the same devices, or config.mesh when
-  mesh_sampling is all 0."""
-  sizes = config.mesh_sampling if any(config.mesh_sampling.values()) else config.mesh
-  return mesh_lib.make_mesh(sizes, devices=devices, num_branches=num_branches)
-
-
 def make_plan(config, devices: Sequence[jax.Device], prompt_tokens: int) -> MemoryPlan:
   """The MemoryPlan of `config` with its mesh over `devices`."""
-  from copd_jax.optim import make_optimizer
-  from copd_jax.sampling import SAMPLING_RULES
-  from copd_jax.steps import branch_state_shardings
-
   mc, source = model_config_of(config)
   work = workload_of(config, prompt_tokens)
   K = work.num_branches
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices, num_branches=K)
-  s_mesh = sampling_mesh(config, devices, K)
+  s_mesh = mesh_lib.sampling_mesh(config, devices, K)
   param_dtype = DTYPES[config.model.param_dtype]
   _, params = abstract_params(mc, param_dtype)
   state = abstract_branch_state(params, K, make_optimizer(config.optimizer))

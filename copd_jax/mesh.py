@@ -14,8 +14,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from copd_jax.errors import UserInputError
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from copd_jax.errors import ConfigError
 
 MESH_AXES = ('branch', 'fsdp', 'tensor')
 
@@ -45,43 +46,76 @@ def param_rules(shard_params_over_fsdp: bool) -> dict[str, str | None]:
   return DEFAULT_RULES if shard_params_over_fsdp else REPLICATED_OVER_FSDP_RULES
 
 
-class MeshConfigError(UserInputError):
+class MeshConfigError(ConfigError):
   pass
 
 
-def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-  """Sizes for MESH_AXES; one axis may be -1 ('the rest')."""
+def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int,
+                       field: str = 'config.mesh') -> tuple[int, ...]:
+  """Sizes for MESH_AXES; one axis may be -1 ('the rest'). Errors name `field`."""
   unknown = set(axis_sizes) - set(MESH_AXES)
   if unknown:
-    raise MeshConfigError(f'config.mesh: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}')
+    raise MeshConfigError(f'{field}: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}')
   sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:
-    raise MeshConfigError('config.mesh: at most one axis may be -1')
+    raise MeshConfigError(f'{field}: at most one axis may be -1')
   for axis, s in zip(MESH_AXES, sizes):
     if s == 0 or s < -1:
-      raise MeshConfigError(f'config.mesh.{axis}: must be a positive integer or -1, got {s}')
+      raise MeshConfigError(f'{field}.{axis}: must be a positive integer or -1, got {s}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise MeshConfigError(f'config.mesh: {num_devices} devices are not divisible by the fixed '
+      raise MeshConfigError(f'{field}: {num_devices} devices are not divisible by the fixed '
                             f'axes {dict(zip(MESH_AXES, sizes))} (product {known})')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise MeshConfigError(f'config.mesh: axes {dict(zip(MESH_AXES, sizes))} use '
+    raise MeshConfigError(f'{field}: axes {dict(zip(MESH_AXES, sizes))} use '
                           f'{math.prod(sizes)} devices but {num_devices} are available')
   return tuple(sizes)
 
 
+def branch_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int, num_branches: int,
+                      field: str = 'config.mesh') -> tuple[int, ...]:
+  """resolve_mesh_shape, also checking that the 'branch' axis divides the K branches."""
+  shape = resolve_mesh_shape(axis_sizes, num_devices, field)
+  if num_branches % shape[0]:
+    raise MeshConfigError(f'{field}.branch: {shape[0]} does not divide the number of branches '
+                          f'K={num_branches}')
+  return shape
+
+
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
-              num_branches: int | None = None) -> Mesh:
+              num_branches: int | None = None, field: str = 'config.mesh') -> Mesh:
   """Mesh over `devices` (default: all). With num_branches, checks the 'branch' axis divides K."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = resolve_mesh_shape(axis_sizes, len(devices))
-  if num_branches is not None and num_branches % shape[0]:
-    raise MeshConfigError(f'config.mesh.branch={shape[0]} does not divide the number of branches '
-                          f'K={num_branches}')
+  if num_branches is None:
+    shape = resolve_mesh_shape(axis_sizes, len(devices), field)
+  else:
+    shape = branch_mesh_shape(axis_sizes, len(devices), num_branches, field)
   device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def sampling_layout(config) -> tuple[Mapping[str, int], str]:
+  """(axis sizes, config field) of the layout sampling runs on: config.mesh_sampling, or
+  config.mesh when mesh_sampling is all 0."""
+  if any(config.mesh_sampling.values()):
+    return config.mesh_sampling, 'config.mesh_sampling'
+  return config.mesh, 'config.mesh'
+
+
+def sampling_mesh(config, devices: Sequence[jax.Device], num_branches: int) -> Mesh:
+  """The mesh sampling runs on (`sampling_layout`), over the training mesh's devices."""
+  sizes, field = sampling_layout(config)
+  return make_mesh(sizes, devices=devices, num_branches=num_branches, field=field)
+
+
+def check_mesh_config(config, num_devices: int) -> None:
+  """config.mesh and config.mesh_sampling fit `num_devices` and K; errors name the field."""
+  K = len(config.branches)
+  branch_mesh_shape(config.mesh, num_devices, K)
+  sizes, field = sampling_layout(config)
+  branch_mesh_shape(sizes, num_devices, K, field)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

@@ -15,20 +15,21 @@ Config fields (all optional except learning_rate), errors name `config.optimizer
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
 import optax
 from flax import nnx
 
-from copd_jax.errors import UserInputError
+from copd_jax.errors import ConfigError
 
 SCHEDULES = ('constant', 'cosine', 'linear')
 FIELDS = ('learning_rate', 'schedule', 'warmup_steps', 'decay_steps', 'end_lr_ratio',
           'weight_decay', 'b1', 'b2', 'eps', 'max_grad_norm')
 
 
-class OptimizerConfigError(UserInputError):
+class OptimizerConfigError(ConfigError):
   pass
 
 
@@ -48,8 +49,8 @@ def _number(cfg: Mapping[str, Any], name: str, default: Any, *, minimum: float |
             integer: bool = False, positive: bool = False) -> Any:
   value = cfg.get(name, default)
   kind = int if integer else (int, float)
-  if isinstance(value, bool) or not isinstance(value, kind):
-    expected = 'an integer' if integer else 'a number'
+  if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+    expected = 'an integer' if integer else 'a finite number'
     raise OptimizerConfigError(f'config.optimizer.{name}: expected {expected}, got {value!r}')
   if positive and value <= 0:
     raise OptimizerConfigError(f'config.optimizer.{name}: must be > 0, got {value!r}')

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax import cpu_sharing, mesh as mesh_lib
 from copd_jax.errors import UserInputError
+from copd_jax.fields import FieldError, Fields, named_by_config
 from copd_jax.models import qwen3
 from copd_jax.models.qwen3 import KVCache
 
@@ -65,6 +66,10 @@ class SamplingConfigError(UserInputError):
   """Invalid sampling settings (the message names the field)."""
 
 
+class SamplingFieldError(FieldError, SamplingConfigError):
+  """A bad SamplingParams field."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How to pick each next token. top_k=0 and top_p=1 switch those filters off. Greedy picks the
@@ -76,16 +81,19 @@ class SamplingParams:
   greedy: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-      raise SamplingConfigError(f'sampling.max_new_tokens must be a positive integer, got '
-                                f'{self.max_new_tokens!r}')
-    if not self.temperature > 0:
-      raise SamplingConfigError(f'sampling.temperature must be > 0 (use greedy=True for argmax), '
-                                f'got {self.temperature!r}')
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise SamplingConfigError(f'sampling.top_k must be an integer >= 0, got {self.top_k!r}')
-    if not 0 < self.top_p <= 1:
-      raise SamplingConfigError(f'sampling.top_p must be in (0, 1], got {self.top_p!r}')
+    check = Fields('SamplingParams', SamplingFieldError)
+    check.positive_int('max_new_tokens', self.max_new_tokens)
+    check.real('temperature', self.temperature, 0, low_open=True)  # greedy=True for argmax
+    check.positive_int('top_k', self.top_k, allow_zero=True)
+    check.real('top_p', self.top_p, 0, 1, low_open=True)
+    check.typed('greedy', self.greedy, bool)
+
+  @classmethod
+  def from_config(cls, config) -> 'SamplingParams':
+    """The run's settings from config.sampling; a bad value names its config field."""
+    s, names = config.sampling, ('max_new_tokens', 'temperature', 'top_k', 'top_p')
+    with named_by_config({name: f'sampling.{name}' for name in names}):
+      return cls(**{name: s[name] for name in names})
 
 
 class SampleOutput(NamedTuple):

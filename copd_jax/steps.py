@@ -25,7 +25,6 @@ Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -36,11 +35,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax import losses
-from copd_jax.errors import UserInputError
 from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
 from copd_jax.models.qwen3 import KVCache, default_positions
 from copd_jax.scoring import (TokenScores, check_chunk_size, logprobs_from_logits, map_head_chunks,
                               scores_from_hidden, sequence_logprobs)
+from copd_jax.step_config import StepConfig, StepConfigError
 
 # How many times each step function has been traced (a retrace means a recompile).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -63,87 +62,6 @@ class RolloutBatch(NamedTuple):
   sampler_logprobs: jax.Array   # float32, the sampler's log-prob of each token (0 elsewhere)
   advantages: jax.Array         # float32 per token (GRPO: the sequence advantage broadcast);
                                 # ignored for distillation batches
-
-
-class StepConfigError(UserInputError):
-  pass
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Loss and update settings (see copd_jax.losses for the formulas).
-
-  max_completion_tokens is the constant of 'seq-mean-token-sum-norm' (default: T).
-  temperature scores the student and, in OPD, the teacher (they must match the sampler's).
-  opd_beta scales delta = log pi_teacher - log pi_student; opd_clamp bounds |delta| (None: off).
-  kl_coef > 0 adds a k3 KL to a frozen reference and makes ref_params a step argument.
-  group_size > 1 with prompt_length > 0 makes grpo_step score each group's prompt once: rows
-  k*G .. k*G+G-1 of a batch must repeat one prompt in columns [0, prompt_length) (the sampler's
-  layout), and each micro-batch then holds whole groups. The opd_step ignores both fields.
-  logits_chunk (None: off) scores logits_chunk positions at a time, recomputing each chunk's
-  logits in the backward pass (scoring.map_head_chunks): peak memory holds [rows, logits_chunk,
-  vocab] logits instead of [rows, T, vocab], at the cost of a second head matmul.
-  """
-  epsilon_low: float = 0.2
-  epsilon_high: float = 0.28
-  aggregation: str = 'seq-mean-token-mean'
-  max_completion_tokens: int | None = None
-  kl_coef: float = 0.0
-  entropy_coef: float = 0.0
-  temperature: float = 1.0
-  num_micro_batches: int = 1
-  opd_beta: float = 1.0
-  opd_clamp: float | None = None
-  frozen_branches: tuple[int, ...] = ()
-  group_size: int = 1
-  prompt_length: int = 0
-  logits_chunk: int | None = None
-
-  def __post_init__(self):
-    def fail(name, why):
-      raise StepConfigError(f'StepConfig.{name}: {why}, got {getattr(self, name)!r}')
-    for name in ('epsilon_low', 'epsilon_high', 'kl_coef', 'entropy_coef'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        fail(name, 'must be a number >= 0')
-    if self.epsilon_low >= 1:
-      fail('epsilon_low', 'must be < 1')
-    if self.aggregation not in losses.AGGREGATIONS:
-      fail('aggregation', f'must be one of {losses.AGGREGATIONS}')
-    for name in ('max_completion_tokens', 'num_micro_batches', 'group_size'):
-      value = getattr(self, name)
-      if value is None and name == 'max_completion_tokens':
-        continue
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        fail(name, 'must be a positive integer')
-    if (isinstance(self.prompt_length, bool) or not isinstance(self.prompt_length, int)
-        or self.prompt_length < 0):
-      fail('prompt_length', 'must be an integer >= 0')
-    if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-      fail('temperature', 'must be > 0')
-    if not isinstance(self.opd_beta, (int, float)):
-      fail('opd_beta', 'must be a number')
-    if self.opd_clamp is not None and (not isinstance(self.opd_clamp, (int, float))
-                                       or self.opd_clamp <= 0):
-      fail('opd_clamp', 'must be > 0 or None')
-    try:
-      check_chunk_size(self.logits_chunk)
-    except ValueError:
-      fail('logits_chunk', 'must be a positive integer or None')
-
-  @property
-  def shares_prompts(self) -> bool:
-    return self.group_size > 1 and self.prompt_length > 0
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> 'StepConfig':
-    if hasattr(values, 'to_dict'):
-      values = values.to_dict()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise StepConfigError(f'StepConfig.{unknown[0]}: unknown field; known: {sorted(known)}')
-    return cls(**values)
 
 
 # ----------------------------------------------------------------------------- state
@@ -184,14 +102,21 @@ def init_branch_state(graphdef, base_params: nnx.State, num_branches: int,
     raise StepConfigError(f'num_branches={num_branches} is not divisible by the mesh branch axis '
                           f'({mesh.shape["branch"]})')
 
+  init = branch_state_init(num_branches, optimizer, seed)
+  shardings = branch_state_shardings(jax.eval_shape(init, base_params), mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(base_params)
+
+
+def branch_state_init(num_branches: int, optimizer: optax.GradientTransformation, seed: int
+                      ) -> Callable[[nnx.State], BranchState]:
+  """params -> the BranchState of K copies with fresh optimizer states, step 0 and per-branch
+  keys from `seed` (traceable: `jax.eval_shape` of it is the abstract state `plan` measures)."""
   def init(params):
     stacked = stack_params(params, num_branches)
     keys = jax.random.split(jax.random.key(seed), num_branches)
     return BranchState(stacked, jax.vmap(optimizer.init)(stacked),
                        jnp.zeros((num_branches,), jnp.int32), jax.random.key_data(keys))
-
-  shardings = branch_state_shardings(jax.eval_shape(init, base_params), mesh, rules)
-  return jax.jit(init, out_shardings=shardings)(base_params)
+  return init
 
 
 def reference_shardings(state_sharding: BranchState) -> Any:

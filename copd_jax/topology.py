@@ -7,6 +7,8 @@ from `teacher`'s log-probs. Topologies:
 - 'full': every ordered pair;
 - 'edges': an explicit list of (student, teacher) pairs.
 `drop_edges` removes edges afterwards (ablation: CoPD without one OPD direction).
+`topology_from_config` builds the run's topology from config.copd, where edges are written as
+text ('0<-1, 2<-0').
 
 `Topology.rounds()` decomposes the edges into rounds for the OPD step. A round is a partial
 permutation `teacher_of[k]` (a teacher index, or -1 when branch k learns nothing in that round)
@@ -20,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Sequence
 
-from copd_jax.errors import UserInputError
+from copd_jax.errors import ConfigError
 
 KINDS = ('pairwise', 'hub_and_spoke', 'full', 'edges')
 
 Edge = tuple[int, int]
 
 
-class TopologyError(UserInputError):
+class TopologyError(ConfigError):
   pass
 
 
@@ -81,6 +83,40 @@ def make_topology(kind: str, num_branches: int, *, hub: int = 0,
                           f'of the {kind!r} topology {[list(x) for x in base]}')
   kept = tuple(e for e in base if e not in set(dropped))
   return Topology(K, kept)
+
+
+def parse_edges(text: str, field: str) -> list[Edge]:
+  """'0<-1, 2<-0' -> [(0, 1), (2, 0)] as (student, teacher) pairs; errors name config.<field>."""
+  edges = []
+  for item in (e.strip() for e in text.split(',')):
+    if not item:
+      continue
+    parts = item.split('<-')
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+      raise ConfigError(f"config.{field}: {item!r} is not an edge 'student<-teacher' like '0<-1'")
+    edges.append((int(parts[0]), int(parts[1])))
+  return edges
+
+
+def parse_indices(text: str, field: str) -> list[int]:
+  """'1,2' -> [1, 2] (branch indices); errors name config.<field>."""
+  items = [t.strip() for t in text.split(',') if t.strip()]
+  if not all(t.isdigit() for t in items):
+    raise ConfigError(f"config.{field}: expected comma-separated branch indices like '1,2', "
+                      f'got {text!r}')
+  return [int(t) for t in items]
+
+
+def topology_from_config(config) -> Topology:
+  """The run's Topology from config.copd (no edges for K = 1 or topology 'none')."""
+  K = len(config.branches)
+  kind = config.copd.topology
+  if K == 1 or kind == 'none':
+    return make_topology('edges', K, edges=(), field='config.copd')
+  edges = parse_edges(config.copd.edges, 'copd.edges') if kind == 'edges' else None
+  return make_topology(kind, K, hub=config.copd.hub, edges=edges,
+                       drop_edges=parse_edges(config.copd.drop_edges, 'copd.drop_edges'),
+                       field='config.copd')
 
 
 def _check_edges(edges: Iterable[Sequence[int]], K: int, field: str) -> list[Edge]:

@@ -17,19 +17,12 @@ from flax import nnx
 
 from copd_jax import storage
 from copd_jax.models import hf_io
+from copd_jax.models.presets import toy_model_config
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
-from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
+from copd_jax.models.tokenizer import char_tokenizer
 from copd_jax.scoring import sequence_logprobs
 
 _STAMP = 'warmstart.json'
-
-
-def toy_model_config(model_cfg) -> Qwen3Config:
-  t = model_cfg.toy
-  return Qwen3Config(vocab_size=char_vocab_size(), hidden_size=t.hidden_size,
-                     num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                     head_dim=t.head_dim, intermediate_size=t.intermediate_size,
-                     rope_theta=10_000.0, tie_word_embeddings=True, max_position_embeddings=512)
 
 
 def encode_sft_batch(tokenizer, pairs: Sequence[tuple[str, str]], length: int):
@@ -53,7 +46,7 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
                log=print) -> tuple[Qwen3Config, dict]:
   """Supervised warm start on rendered (prompt, answer) pairs; returns (config, params dict)."""
   tokenizer = char_tokenizer()
-  config = toy_model_config(model_cfg)
+  config = toy_model_config(model_cfg.toy)
   model = Qwen3(config, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),

@@ -15,9 +15,10 @@ from jax.sharding import PartitionSpec as P
 from copd_jax import mesh as mesh_lib, optim
 from copd_jax.__main__ import main
 from copd_jax.config import ConfigError, load_config
-from copd_jax.memory_plan import (QWEN3_PRESETS, PlanError, abstract_branch_state, fit_warnings,
+from copd_jax.memory_plan import (PlanError, abstract_branch_state, fit_warnings,
                                   make_plan, model_config_of, per_device_bytes_of_array,
                                   state_leaf_plans, train_activation_bytes)
+from copd_jax.models.presets import QWEN3_PRESETS
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.steps import (RolloutBatch, StepConfig, branch_state_shardings, init_branch_state,
                             make_grpo_step, make_opd_step)

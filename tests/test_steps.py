@@ -550,13 +550,12 @@ def test_chunked_logits_steps_equal_unchunked_steps(one_device):
 def test_logits_chunk_config_field_reaches_the_step_config():
   from configs.base import base_config
   from copd_jax.config import ConfigError, validate
-  from copd_jax.driver import step_config_from
   config = base_config()
   config.mesh.branch, config.mesh.fsdp = 1, -1   # any K divides the 8 test devices
-  assert step_config_from(config, 8).logits_chunk is None   # 0 = off
+  assert StepConfig.from_config(config, 8).logits_chunk is None   # 0 = off
   config.grpo.logits_chunk = 64
   validate(config, check_files=False)
-  assert step_config_from(config, 8).logits_chunk == 64
+  assert StepConfig.from_config(config, 8).logits_chunk == 64
   config.grpo.logits_chunk = -1
   with pytest.raises(ConfigError, match='grpo.logits_chunk'):
     validate(config, check_files=False)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from copd_jax.fields import Fields
+
 # Finite "minus infinity": a fully masked row (a padding query) then softmaxes to a uniform
 # distribution instead of NaN. Its output is ignored downstream.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -48,16 +50,14 @@ class Qwen3Config:
   max_position_embeddings: int = 40_960
 
   def __post_init__(self):
+    check = Fields('Qwen3Config')
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
                  'head_dim', 'intermediate_size'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f'Qwen3Config.{name} must be a positive integer, got {value!r}')
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'Qwen3Config.num_heads ({self.num_heads}) must be a multiple of '
-                       f'num_kv_heads ({self.num_kv_heads})')
-    if self.head_dim % 2:
-      raise ValueError(f'Qwen3Config.head_dim must be even for rotary embeddings, got {self.head_dim}')
+      check.positive_int(name, getattr(self, name))
+    check.check(self.num_heads % self.num_kv_heads == 0, 'num_heads',
+                f'must be a multiple of num_kv_heads ({self.num_kv_heads}), got {self.num_heads}')
+    check.check(self.head_dim % 2 == 0, 'head_dim',
+                f'must be even (rotary embeddings), got {self.head_dim}')
 
   def num_params(self) -> int:
     d, f, l = self.hidden_size, self.intermediate_size, self.num_layers

@@ -1,0 +1,175 @@
+"""Static checks of a run config, before any compute.
+
+Each section the code turns into an object is checked by building that object, which checks
+its own fields: grpo / opd / sampling.temperature / copd.freeze -> `StepConfig`, sampling ->
+`SamplingParams`, optimizer -> the optax optimizer, mesh / mesh_sampling -> the meshes,
+copd's topology fields -> `Topology`, model.toy -> the toy model's `Qwen3Config`. What no object
+owns (data sources, schedule, guard, logging, merge) and the rules that span sections (batch
+rows that micro_batches must divide) are checked here. Every error names the config field.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from copd_jax import mesh as mesh_lib
+from copd_jax.data.domain import REWARD_KINDS
+from copd_jax.fields import Fields
+from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
+from copd_jax.optim import make_optimizer
+from copd_jax.sampling import SamplingParams
+from copd_jax.step_config import StepConfig
+from copd_jax.topology import KINDS, parse_edges, topology_from_config
+
+TOPOLOGIES = KINDS + ('none',)
+MERGE_METHODS = ('mean', 'task_arithmetic', 'ties', 'dare', 'none')
+
+# check.<rule>('section.field', value, ...) raises 'config.section.field: <why>'.
+check = Fields('config')
+
+
+def branch_domains(config) -> list[list[str]]:
+  """Per branch, the domain names it trains on ('a+b' in config.branches means mixed data)."""
+  return [[d.strip() for d in spec.split('+')] for spec in config.branches]
+
+
+def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> None:
+  """All static checks of a run config. Raises ConfigError naming the first bad field.
+  check_files=False skips the existence checks of data files, model.hf_path and branch_init."""
+  _check_data(config, check_files)
+  _check_model(config, check_files)
+  _check_copd(config)
+  SamplingParams.from_config(config)
+  StepConfig.from_config(config)
+  _check_batches(config)
+  make_optimizer(config.optimizer)
+  check.positive_int('cpu_devices', config.cpu_devices, allow_zero=True)
+  check.typed('shard_params_over_fsdp', config.shard_params_over_fsdp, bool)
+  mesh_lib.check_mesh_config(config, jax.device_count())
+  for field in ('eval.num_examples', 'eval.samples_k', 'metrics.log_every',
+                'metrics.overlap_top_k', 'checkpoint.every_steps', 'checkpoint.keep_last'):
+    check.positive_int(field, _get(config, field))
+  check.positive_int('seed', config.seed, allow_zero=True)
+  check.one_of('merge.method', config.merge.method, MERGE_METHODS)
+  check.real('merge.lam', config.merge.lam)
+  if config.merge.method in ('ties', 'dare'):
+    check.real('merge.density', config.merge.density, 0, 1, low_open=True)
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split('.'):
+    node = node[part]
+  return node
+
+
+def _check_data(config, check_files: bool) -> None:
+  check.check(isinstance(config.branches, (tuple, list)) and len(config.branches) >= 1 and
+              all(isinstance(b, str) for b in config.branches), 'branches',
+              f'must be a non-empty tuple of domain names, got {config.branches!r}')
+  for k, names in enumerate(branch_domains(config)):
+    for name in names:
+      check.check(name in config.domains, f'branches[{k}]',
+                  f'domain {name!r} is not defined in config.domains '
+                  f'({", ".join(config.domains)})')
+  for name, domain in config.domains.items():
+    where = f'domains.{name}'
+    check.one_of(f'{where}.source', domain.source, ('synthetic', 'file'))
+    check.one_of(f'{where}.reward', domain.reward, REWARD_KINDS)
+    check.typed(f'{where}.use_chat_template', domain.use_chat_template, bool)
+    if domain.source == 'file' and check_files:
+      for split in ('train_path', 'eval_path'):
+        path = domain[split]
+        check.check(bool(path) and os.path.isfile(path), f'{where}.{split}',
+                    f'file not found: {path!r}')
+    elif domain.source == 'synthetic':
+      check.positive_int(f'{where}.num_train', domain.num_train)
+      check.positive_int(f'{where}.num_eval', domain.num_eval)
+
+
+def _check_model(config, check_files: bool) -> None:
+  model, K = config.model, len(config.branches)
+  check.one_of('model.source', model.source, ('toy', 'hf'))
+  check.check(model.preset in ('',) + tuple(QWEN3_PRESETS), 'model.preset',
+              f"must be '' or one of {', '.join(QWEN3_PRESETS)}; got {model.preset!r}")
+  if model.source == 'hf' and check_files:
+    path = model.hf_path
+    check.check(bool(path) and os.path.isfile(os.path.join(path, 'config.json')),
+                'model.hf_path', f'no Hugging Face model folder (config.json) at {path!r}')
+  check.one_of('model.compute_dtype', model.compute_dtype, tuple(DTYPES))
+  check.one_of('model.param_dtype', model.param_dtype, tuple(DTYPES))
+  for field in ('remat', 'scan_layers'):
+    check.typed(f'model.{field}', model[field], bool)
+  check.check(isinstance(model.branch_init, (tuple, list)) and
+              len(model.branch_init) in (0, K), 'model.branch_init',
+              f'must be empty or give one path per branch (K={K}; "" = the base)')
+  for k, path in enumerate(model.branch_init):
+    if path and check_files:
+      folder = path.rsplit(':', 1)[0] if ':' in path and path.rsplit(':', 1)[1].isdigit() else path
+      check.check(os.path.isdir(folder), f'model.branch_init[{k}]', f'no such folder: {folder!r}')
+  if model.source == 'toy':  # checked now: the toy model is first built after the data load
+    toy_model_config(model.toy)
+    warm = config.warmstart
+    check.positive_int('warmstart.steps', warm.steps)
+    check.positive_int('warmstart.batch_size', warm.batch_size)
+    check.real('warmstart.learning_rate', warm.learning_rate, 0, low_open=True)
+
+
+def _check_copd(config) -> None:
+  copd, K = config.copd, len(config.branches)
+  check.positive_int('copd.num_cycles', copd.num_cycles)
+  check.positive_int('copd.s_rl', copd.s_rl, allow_zero=True)
+  check.positive_int('copd.s_opd', copd.s_opd, allow_zero=True)
+  check.check(copd.s_rl + copd.s_opd > 0, 'copd.s_rl',
+              's_rl and s_opd are both 0: a cycle would do nothing')
+  check.one_of('copd.topology', copd.topology, TOPOLOGIES)
+  if copd.s_opd > 0:
+    check.check(K >= 2 and copd.topology != 'none', 'copd.s_opd',
+                f'OPD steps need at least 2 branches and a topology (K={K}, '
+                f'topology={copd.topology!r}); set copd.s_opd=0 for single-branch runs')
+  check.positive_int('copd.hub', copd.hub, allow_zero=True)
+  check.check(copd.hub < K, 'copd.hub', f'must index a branch in [0, {K}), got {copd.hub}')
+  for field in ('edges', 'drop_edges', 'freeze'):
+    check.typed(f'copd.{field}', copd[field], str)
+  for field in ('edges', 'drop_edges'):
+    parse_edges(copd[field], f'copd.{field}')
+  if copd.topology == 'edges':
+    check.check(bool(parse_edges(copd.edges, 'copd.edges')), 'copd.edges',
+                "topology 'edges' needs a list like '0<-1,1<-0'")
+  topology = topology_from_config(config)
+  if copd.s_opd > 0:
+    check.check(bool(topology.edges), 'copd.drop_edges',
+                'no teaching edge is left for the OPD steps')
+  check.one_of('copd.schedule', copd.schedule, ('fixed', 'overlap'))
+  if copd.schedule == 'overlap':
+    check.real('copd.overlap_low', copd.overlap_low, 0, 1, low_open=True)
+    check.real('copd.overlap_high', copd.overlap_high, 0, 1, low_open=True)
+    check.check(copd.overlap_low <= copd.overlap_high, 'copd.overlap_low',
+                'needs 0 < overlap_low <= overlap_high <= 1')
+    check.check(copd.s_opd > 0, 'copd.schedule', "'overlap' needs OPD steps (s_opd > 0)")
+    check.positive_int('copd.probe_every', copd.probe_every)
+  check.positive_int('guard.max_bad_steps', config.guard.max_bad_steps)
+  for item in (t.strip() for t in config.guard.inject_nan.split(',') if t.strip()):
+    parts = item.split(':')
+    check.check(len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < K,
+                'guard.inject_nan', f"expected 'BRANCH:STEP' items with BRANCH < {K}, got {item!r}")
+
+
+def _check_batches(config) -> None:
+  """Batch shapes (StepConfig has checked group_size and micro_batches are positive)."""
+  grpo, opd = config.grpo, config.opd
+  check.check(grpo.group_size >= 2, 'grpo.group_size',
+              f'GRPO needs at least 2 samples per prompt to form a group, got {grpo.group_size}')
+  check.positive_int('grpo.prompts_per_step', grpo.prompts_per_step)
+  check.typed('grpo.std_normalize', grpo.std_normalize, bool)
+  rows = grpo.prompts_per_step * grpo.group_size
+  check.check(rows % grpo.micro_batches == 0, 'grpo.micro_batches',
+              f'must divide prompts_per_step * group_size = {rows}')
+  check.positive_int('opd.prompts_per_step', opd.prompts_per_step)
+  check.positive_int('opd.samples_per_prompt', opd.samples_per_prompt)
+  distill_rows = opd.prompts_per_step * opd.samples_per_prompt
+  check.check(distill_rows % grpo.micro_batches == 0, 'grpo.micro_batches',
+              f'must also divide the OPD rows opd.prompts_per_step * opd.samples_per_prompt = '
+              f'{distill_rows} (teachers score them in the same micro-batches)')
