@@ -87,3 +87,86 @@ def test_memory_only_fields_may_change_on_resume():
   assert resume_differences(saved, current, ('grpo',)) == ([], [])
   current['grpo']['epsilon_low'] = 0.1
   assert resume_differences(saved, current, ('grpo',)) == (['config.grpo.epsilon_low'], [])
+
+
+TOY = os.path.join(ROOT, 'configs', 'toy_copd.py')
+
+
+@pytest.mark.parametrize('override, field', [
+    # StepConfig (grpo, opd, copd.freeze)
+    ('--config.opd.beta=0', 'opd.beta'),
+    ('--config.opd.delta_clamp=-1.0', 'opd.delta_clamp'),
+    ('--config.grpo.epsilon_low=1.0', 'grpo.epsilon_low'),
+    ('--config.grpo.entropy_coef=-0.1', 'grpo.entropy_coef'),
+    ('--config.grpo.aggregation=mean', 'grpo.aggregation'),
+    ('--config.grpo.logits_chunk=-1', 'grpo.logits_chunk'),
+    ('--config.copd.freeze=5', 'copd.freeze'),
+    # SamplingParams
+    ('--config.sampling.top_p=1.5', 'sampling.top_p'),
+    ('--config.sampling.max_new_tokens=0', 'sampling.max_new_tokens'),
+    # the optimizer
+    ('--config.optimizer.b2=1.0', 'optimizer.b2'),
+    ('--config.optimizer.weight_decay=nan', 'optimizer.weight_decay'),
+    # the meshes
+    ('--config.mesh.tensor=3', 'mesh'),
+    ('--config.mesh_sampling.branch=1', 'mesh_sampling'),
+    # the toy model's Qwen3Config
+    ('--config.model.toy.head_dim=15', 'model.toy.head_dim'),
+    ('--config.model.toy.num_kv_heads=3', 'model.toy.num_heads'),
+    # checked by config_checks itself
+    ('--config.merge.method=median', 'merge.method'),
+    ('--config.copd.topology=ring', 'copd.topology'),
+])
+def test_a_bad_value_names_its_config_field(override, field):
+  with pytest.raises(ConfigError) as error:
+    load_config(TOY, MESH + (override,), check_files=False)
+  assert str(error.value).startswith(f'config.{field}'), str(error.value)
+
+
+def test_objects_built_directly_name_their_own_fields():
+  from copd_jax.models.qwen3 import Qwen3Config
+  from copd_jax.sampling import SamplingConfigError, SamplingParams
+  from copd_jax.step_config import StepConfig
+  with pytest.raises(ConfigError, match=r'^StepConfig.opd_beta: must be a finite number > 0'):
+    StepConfig(opd_beta=0.0)
+  with pytest.raises(SamplingConfigError, match=r'^SamplingParams.top_p: '):
+    SamplingParams(max_new_tokens=4, top_p=2.0)
+  with pytest.raises(ValueError, match=r'^Qwen3Config.head_dim: must be even'):
+    Qwen3Config(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                head_dim=3, intermediate_size=8)
+
+
+def test_opd_settings_live_in_the_opd_section():
+  from copd_jax.step_config import StepConfig
+  config = load_config(TOY, MESH + ('--config.opd.beta=0.5', '--config.opd.delta_clamp=2.0'),
+                       check_files=False)
+  assert 'beta' not in config.copd and 'delta_clamp' not in config.copd
+  step = StepConfig.from_config(config, prompt_length=16)
+  assert (step.opd_beta, step.opd_clamp, step.prompt_length) == (0.5, 2.0, 16)
+  config = load_config(TOY, MESH, check_files=False)
+  assert StepConfig.from_config(config).opd_clamp is None   # delta_clamp 0 = off
+  with pytest.raises(ConfigError, match='unknown field config.copd.beta'):
+    load_config(TOY, MESH + ('--config.copd.beta=2.0',), check_files=False)
+
+
+def _saved_before_the_opd_move(config) -> dict:
+  """`config` as a checkpoint written when beta and delta_clamp were in copd stores it."""
+  saved = config.to_dict()
+  saved['copd']['beta'] = saved['opd'].pop('beta')
+  saved['copd']['delta_clamp'] = saved['opd'].pop('delta_clamp')
+  return saved
+
+
+def test_a_checkpoint_with_copd_beta_still_resumes():
+  from copd_jax.config import resume_differences
+  from copd_jax.driver import _check_resume_compatible
+  config = load_config(TOY, MESH, check_files=False)
+  saved = _saved_before_the_opd_move(config)
+  assert resume_differences(saved, config.to_dict()) == ([], [])
+  notes = []
+  _check_resume_compatible(saved, config, notes.append)
+  assert notes == []
+  changed = load_config(TOY, MESH + ('--config.opd.beta=0.5',), check_files=False)
+  assert resume_differences(saved, changed.to_dict()) == (['config.opd.beta'], [])
+  with pytest.raises(ConfigError, match=r'^config.opd.beta: differs from the checkpoint'):
+    _check_resume_compatible(saved, changed, notes.append)
