@@ -69,6 +69,7 @@ def run(args) -> int:
     env = cpu_env(args.devices, {**os.environ, _CHILD_ENV: '1'})
     return subprocess.run([sys.executable, '-m', 'copd_jax'] + _argv(args), env=env).returncode
 
+  # Imported here, not at the top: they import jax, which must start after XLA_FLAGS is set.
   from copd_jax.config import load_config
   from copd_jax.memory_plan import GIB, format_plan, make_plan
   config = load_config(args.config, args.extra, check_files=False)
