@@ -22,6 +22,7 @@ TOPOLOGIES = ('pairwise', 'hub_and_spoke', 'full', 'edges', 'none')
 DTYPES = ('float32', 'bfloat16')
 REWARD_KINDS = ('exact', 'math')
 MERGE_METHODS = ('mean', 'task_arithmetic', 'ties', 'dare', 'none')
+_PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 
 class ConfigError(UserInputError):
@@ -59,11 +60,11 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
 
 
 def _where(error: Exception, path: str) -> str:
-  """'file:line' of the innermost frame of `error` in a config file (`path` or a file it imports
-  from its folder, such as configs/base.py), else `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
+  """'file:line' of the innermost frame of `error` in a config file (`path`, a file it imports
+  from its folder, or the packaged copd_jax/configs/base.py), else `path`."""
+  folders = {os.path.dirname(os.path.abspath(path)), _PACKAGED_CONFIGS}
   frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if os.path.dirname(os.path.abspath(f.filename)) == folder]
+            if os.path.dirname(os.path.abspath(f.filename)) in folders]
   return f'{frames[-1].filename}:{frames[-1].lineno}' if frames else path
 
 

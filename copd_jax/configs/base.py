@@ -1,4 +1,6 @@
-"""Shared defaults of every run config. Experiment files call `base_config()` and change fields.
+"""Shared defaults of every run config. Config files call `base_config()` and change fields:
+`from copd_jax.configs.base import base_config, synthetic_domain` (installed or not; the
+repository's configs/base.py re-exports both).
 
 Field reference (all checked by copd_jax.config.validate before any compute):
   seed                      base of every PRNG stream and data order
