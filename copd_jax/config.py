@@ -369,12 +369,22 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _positive_int(config, 'metrics.log_every')
   _positive_int(config, 'metrics.overlap_top_k')
   _positive_int(config, 'checkpoint.every_steps')
-  _positive_int(config, 'checkpoint.keep_last')
+  _check_checkpoint_retention(config)
   _positive_int(config, 'seed', allow_zero=True)
   _one_of(config, 'merge.method', MERGE_METHODS)
   _real(config, 'merge.lam')
   if config.merge.method in ('ties', 'dare'):
     _real(config, 'merge.density', 0, 1, low_open=True)
+
+
+def _check_checkpoint_retention(config) -> None:
+  """checkpoint.keep_last (>= 1: the newest checkpoint is what a resume needs) and
+  checkpoint.keep_phase_ends (phase-end checkpoints kept besides them; -1 = all)."""
+  _positive_int(config, 'checkpoint.keep_last')
+  value = config.checkpoint.keep_phase_ends
+  _check(isinstance(value, int) and not isinstance(value, bool) and value >= -1,
+         'checkpoint.keep_phase_ends',
+         f'must be a non-negative integer, or -1 to keep every phase end, got {value!r}')
 
 
 def _check_toy_model(config) -> None:

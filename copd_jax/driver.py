@@ -217,7 +217,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   progress = progress and distributed.is_primary()
   domains = load_domains(config)  # validates data files before any compute or any write
   storage.makedirs(workdir)
-  checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last)
+  checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
+                                      keep_marked=config.checkpoint.keep_phase_ends)
   if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
     try:
       saved = checkpointer.restore_meta()['config']

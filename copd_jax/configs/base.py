@@ -58,7 +58,11 @@ Field reference (all checked by copd_jax.config.validate before any compute):
                             XLA_FLAGS or JAX_NUM_CPU_DEVICES set the count, and on GPU / TPU
   eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
   metrics                   log_every (steps), overlap_top_k (k of O_k)
-  checkpoint                every_steps, keep_last
+  checkpoint                every_steps; keep_last: how many of the newest checkpoints stay on
+                            disk; keep_phase_ends: how many of the newest phase-end checkpoints
+                            (end of each RL / OPD phase) stay besides them (0 = none, -1 = all;
+                            at most keep_last + keep_phase_ends on disk; `plan` prints the
+                            bytes). Either may change when a run is resumed
   merge                     method applied at the end ('mean', 'task_arithmetic', 'ties', 'dare',
                             'none'), lam (task vector scale), density (TIES / DARE)
 """
@@ -99,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cpu_devices = 0
   c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4))
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3, keep_phase_ends=0))
   c.merge = ml_collections.ConfigDict(dict(method='mean', lam=1.0, density=0.2))
   # Locked: a config file that sets a field the schema lacks (a typo) fails where it does so.
   # Only `domains` takes new entries, each a locked domain from synthetic_domain().
