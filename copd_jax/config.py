@@ -56,6 +56,8 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
   from copd_jax import host_devices
   host_devices.configure_for_config(config)  # must precede validate's first device query
   validate(config, check_files=check_files)
+  if check_files:
+    check_reward_functions(config, path)
   return config
 
 
@@ -241,8 +243,8 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
              f'domain {name!r} is not defined in config.domains ({", ".join(config.domains)})')
   for name, domain in config.domains.items():
     _one_of(config, f'domains.{name}.source', ('synthetic', 'file'))
-    _one_of(config, f'domains.{name}.reward', REWARD_KINDS)
-    _typed(config, f'domains.{name}.use_chat_template', bool)
+    _check_domain_prompting(config, name)
+    _check_domain_scoring(config, name)
     if domain.source == 'file' and check_files:
       for split in ('train_path', 'eval_path'):
         path = domain[split]
@@ -375,6 +377,44 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _real(config, 'merge.lam')
   if config.merge.method in ('ties', 'dare'):
     _real(config, 'merge.density', 0, 1, low_open=True)
+
+
+def _check_domain_prompting(config, name: str) -> None:
+  """domains.<name>: use_chat_template, system_prompt, enable_thinking."""
+  _typed(config, f'domains.{name}.use_chat_template', bool)
+  _typed(config, f'domains.{name}.system_prompt', str)
+  _typed(config, f'domains.{name}.enable_thinking', bool)
+  domain = config.domains[name]
+  _check(domain.use_chat_template or not domain.system_prompt, f'domains.{name}.system_prompt',
+         'needs use_chat_template=True (the system prompt is a turn of the chat template)')
+
+
+def _check_domain_scoring(config, name: str) -> None:
+  """domains.<name>: reward (a built-in kind or 'package.module:function', whose import
+  load_config checks), answer_extraction, reward_timeout_s."""
+  from copd_jax.answers import EXTRACTIONS
+  from copd_jax.data.domain import is_reward_name
+  reward = config.domains[name].reward
+  _check(is_reward_name(reward), f'domains.{name}.reward',
+         f"must be one of {', '.join(REWARD_KINDS)} or 'package.module:function'; got {reward!r}")
+  _one_of(config, f'domains.{name}.answer_extraction', EXTRACTIONS)
+  _real(config, f'domains.{name}.reward_timeout_s', 0, low_open=True)
+
+
+def check_reward_functions(config, config_path: str) -> None:
+  """Imports every domain's user reward function ('package.module:function') now, with the
+  config file's folder and the current directory on sys.path, so a bad name stops the run
+  here with one line naming the field (copd_jax/user_rewards.py)."""
+  from copd_jax import user_rewards
+  names = [n for n, d in config.domains.items() if user_rewards.is_function_spec(d.reward)]
+  if not names:
+    return
+  user_rewards.add_search_path([os.path.dirname(os.path.abspath(config_path)), os.getcwd()])
+  for name in names:
+    try:
+      user_rewards.resolve(config.domains[name].reward)
+    except UserInputError as e:
+      raise ConfigError(f'config.domains.{name}.reward: {e}') from None
 
 
 def _check_checkpoint_retention(config) -> None:

@@ -43,6 +43,8 @@ from copd_jax.config import (ConfigError, branch_domains, parse_indices, resume_
                              topology_from_config)
 from copd_jax.errors import TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
+from copd_jax.data.domain import prompt_format
+from copd_jax.rewards import reward_spec
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
 from copd_jax.memory_plan import sampling_mesh
@@ -241,8 +243,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   sampling = SamplingParams(max_new_tokens=config.sampling.max_new_tokens,
                             temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                             top_p=config.sampling.top_p)
-  reward_kinds = {name: config.domains[name].reward for name in domains}
-  encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
+  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
   # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
   # sampler / step per phase, and GRPO groups can share their prompt's computation.
   encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split

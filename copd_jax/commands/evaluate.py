@@ -43,11 +43,13 @@ def run(args) -> int:
   from flax import nnx
 
   from copd_jax import checkpoint as ckpt
+  from copd_jax.data.domain import prompt_format
   from copd_jax.driver import load_domains
   from copd_jax.evaluation import evaluate_models, markdown_table, save_results
   from copd_jax.merge import merge_checkpoints
   from copd_jax.models.qwen3 import Qwen3
   from copd_jax.models.tokenizer import load_tokenizer
+  from copd_jax.rewards import reward_spec
   from copd_jax.rollouts import PromptEncoder
 
   domains = load_domains(config)
@@ -73,10 +75,10 @@ def run(args) -> int:
   params = jax.tree.map(lambda x: x, abstract)
   nnx.replace_by_pure_dict(params, stacked)
 
-  encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
-                            {n: config.domains[n].reward for n in domains},
+                            {n: reward_spec(config.domains[n]) for n in domains},
                             config.sampling.max_new_tokens, config.sampling.temperature,
                             config.eval.samples_k, config.seed)
   print(markdown_table(results, config.eval.samples_k))

@@ -6,8 +6,19 @@ Field reference (all checked by copd_jax.config.validate before any compute):
   seed                      base of every PRNG stream and data order
   branches                  one domain name per branch; 'a+b' = a branch trained on mixed data
   domains.<name>            source 'synthetic' (num_train/num_eval) or 'file' (train_path/eval_path
-                            JSONL or Parquet, prompt_field/answer_field), reward 'exact' or 'math',
-                            use_chat_template for file data rendered with the tokenizer's template
+                            JSONL or Parquet, prompt_field/answer_field; a prompt is a string or
+                            a 'messages' list of {role, content}; an answer a string or a
+                            number). Prompting: use_chat_template (render with the tokenizer's
+                            template), system_prompt ('' = none; a row's own system message
+                            wins), enable_thinking (Qwen3's template: False closes an empty
+                            <think></think> so the model answers directly). Scoring: reward
+                            'exact' (normalised: whitespace, one trailing period), 'math'
+                            (math-verify) or 'package.module:function' (your own function,
+                            signature in copd_jax/user_rewards.py; configs/custom_reward_example.py);
+                            answer_extraction: what is scored, always from the text after the
+                            last </think>: 'final' (that text), 'boxed' (its last \boxed{}),
+                            'last_number'; reward_timeout_s: seconds per completion in the
+                            reward worker (past it: 0, logged)
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
                             compute/param dtype, remat, scan_layers; branch_init: one path per
                             branch ('' = the base) to start that branch from: a HF folder, a
@@ -118,6 +129,7 @@ def synthetic_domain(num_train: int = 2000, num_eval: int = 200) -> ml_collectio
   """A domain entry (locked; a file domain sets source='file', train_path and eval_path)."""
   domain = ml_collections.ConfigDict(dict(
       source='synthetic', reward='exact', num_train=num_train, num_eval=num_eval, train_path='',
-      eval_path='', prompt_field='', answer_field='', use_chat_template=True))
+      eval_path='', prompt_field='', answer_field='', use_chat_template=True, system_prompt='',
+      enable_thinking=True, answer_extraction='final', reward_timeout_s=2.0))
   domain.lock()
   return domain
