@@ -259,9 +259,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _check(config.model.preset in ('',) + tuple(QWEN3_PRESETS), 'model.preset',
          f"must be '' or one of {', '.join(QWEN3_PRESETS)}; got {config.model.preset!r}")
   if config.model.source == 'hf' and check_files:
-    path = config.model.hf_path
-    _check(bool(path) and os.path.isfile(os.path.join(path, 'config.json')), 'model.hf_path',
-           f'no Hugging Face model folder (config.json) at {path!r}')
+    _check_model_path(config)
   _one_of(config, 'model.compute_dtype', DTYPES)
   _one_of(config, 'model.param_dtype', DTYPES)
   for field in ('remat', 'scan_layers'):
@@ -415,6 +413,19 @@ def check_reward_functions(config, config_path: str) -> None:
       user_rewards.resolve(config.domains[name].reward)
     except UserInputError as e:
       raise ConfigError(f'config.domains.{name}.reward: {e}') from None
+
+
+def _check_model_path(config) -> None:
+  """model.hf_path: a local Hugging Face folder, or a Hub id fetched (or found in the cache)
+  now, so a missing model stops the run before any compute (copd_jax/models/hub.py)."""
+  from copd_jax.models import hub
+  path = config.model.hf_path
+  try:
+    local = hub.local_model_path(path) if path else path
+  except UserInputError as e:
+    raise ConfigError(f'config.model.hf_path: {e}') from None
+  _check(bool(local) and os.path.isfile(os.path.join(local, 'config.json')), 'model.hf_path',
+         f'no Hugging Face model folder (config.json) at {path!r}')
 
 
 def _check_checkpoint_retention(config) -> None:

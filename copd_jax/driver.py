@@ -44,6 +44,7 @@ from copd_jax.config import (ConfigError, branch_domains, parse_indices, resume_
 from copd_jax.errors import TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.data.domain import prompt_format
+from copd_jax.models.hub import local_model_path
 from copd_jax.rewards import reward_spec
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
@@ -155,7 +156,7 @@ def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
 
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   if config.model.source == 'hf':
-    return config.model.hf_path
+    return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
   pairs = []
   for train, _ in domains.values():
     pairs += [(e.prompt + '\n=', e.answer) for e in train]

@@ -2,7 +2,10 @@
 
 Per-domain accuracy (greedy pass@1 and sampled avg@k) on the config's eval splits. For a run
 checkpoint: the base model, every branch and their merge (`--merge-method`); for a merged
-checkpoint or a Hugging Face folder: that model. Prints a markdown table and saves JSON.
+checkpoint or a Hugging Face folder: that model. Prints a markdown table and saves JSON to
+--out (default: the current directory, never next to the model). Branches are named like
+`train`'s evaluation table: 'branch<k>:<domain>' ('branch<k>' when the run's branches are
+unknown).
 """
 from __future__ import annotations
 
@@ -22,16 +25,22 @@ def add_arguments(parser) -> None:
   parser.add_argument('--merge-method', default='mean',
                       help="merge of a run's branches to evaluate too ('none' to skip)")
   parser.add_argument('--out', default=None,
-                      help='JSON file (default: <workdir>/eval_<step>.json, or <CKPT>.eval.json)')
+                      help='JSON file (default: ./eval_<step>.json for a run checkpoint, '
+                           'else ./<model folder name>.eval.json)')
 
 
 def default_output(source) -> str:
-  """<workdir>/eval_<step>.json for a run checkpoint, else <model folder>.eval.json."""
-  path = storage.resolve(source.path)
-  if source.kind == 'run':
-    workdir = storage.parent(storage.parent(path))
-    return storage.join(workdir, f'eval_{storage.basename(path)}.json')
-  return path + '.eval.json'
+  """In the current directory: eval_<step>.json for a run checkpoint, else <model folder
+  name>.eval.json (a model folder may be read-only, shared, or remote)."""
+  name = storage.basename(storage.resolve(source.path).rstrip('/'))
+  return f'eval_{name}.json' if source.kind == 'run' else f'{name}.eval.json'
+
+
+def branch_names(num_branches: int, branches=None) -> list[str]:
+  """'branch<k>:<domain>' as `train` names them; 'branch<k>' without the run's branch list."""
+  if branches and len(branches) == num_branches:
+    return [f'branch{k}:{b}' for k, b in enumerate(branches)]
+  return [f'branch{k}' for k in range(num_branches)]
 
 
 def run(args) -> int:
@@ -59,7 +68,9 @@ def run(args) -> int:
     base = source.meta.get(ckpt.META_BASE_PARAMS)
     if base and storage.is_dir(base):
       named.append(('base', ckpt.open_source(base).read_all()))
-    named += [(f'branch{k}', source.read_all(k)) for k in range(source.num_branches)]
+    branches = (source.meta.get('config') or {}).get('branches')
+    named += [(name, source.read_all(k))
+              for k, name in enumerate(branch_names(source.num_branches, branches))]
     if args.merge_method != 'none' and source.num_branches > 1:
       merged = merge_checkpoints(args.checkpoint, args.merge_method)
       named.append((f'merged:{args.merge_method}', merged.params))

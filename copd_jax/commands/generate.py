@@ -16,7 +16,7 @@ import jax
 
 from copd_jax import sampling, storage
 from copd_jax.errors import UserInputError
-from copd_jax.models import hf_io
+from copd_jax.models import hf_io, hub
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.scoring import split_model
 
@@ -26,8 +26,10 @@ class ModelPathError(UserInputError):
 
 
 def load_model_and_tokenizer(path: str, branch: int | None = None):
-  """(Qwen3 module, tokenizer, tokenizer folder) from a model path: a Hugging Face folder, a
-  run workdir / step folder (with `branch`) or a merged checkpoint; local or remote (gs://)."""
+  """(Qwen3 module, tokenizer, tokenizer folder) from a model path: a Hugging Face folder (or
+  Hub id, copd_jax/models/hub.py), a run workdir / step folder (with `branch`) or a merged
+  checkpoint; local or remote (gs://)."""
+  path = hub.local_model_path(path)
   if storage.is_file(storage.join(path, 'config.json')):
     model = hf_io.load_model(path)   # raises HFFormatError naming the file for a bad folder
     tokenizer_dir = path
