@@ -1,5 +1,7 @@
-"""The copd_jax command line: `python -m copd_jax <command> ...`, or `copd-jax <command> ...` once
-the package is installed (`pip install .`; pyproject.toml's [project.scripts] names `main`).
+"""The copd_jax command line: `python -m copd_jax <command> ...` or `copd-jax <command> ...`.
+
+`copd-jax` is the installed command (`pip install .`; pyproject.toml's [project.scripts] names
+`main`).
 
 Each command lives in `copd_jax/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; this file only dispatches (modules are imported lazily so `--help` is fast).

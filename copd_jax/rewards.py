@@ -263,7 +263,8 @@ class _Worker:
     env = dict(os.environ)
     # The parent's import path (a user function's module may live in the config's folder).
     path = [package_root] + [p for p in sys.path if p and os.path.isdir(p)]
-    env['PYTHONPATH'] = os.pathsep.join(dict.fromkeys(path + [env.get('PYTHONPATH', '')]))
+    path += [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
+    env['PYTHONPATH'] = os.pathsep.join(dict.fromkeys(path))
     env.setdefault('JAX_PLATFORMS', 'cpu')
     env[_SCORER_ENV] = scorer
     self.stderr = tempfile.TemporaryFile()
