@@ -1,4 +1,7 @@
-"""The copd_jax command line: `python -m copd_jax <command> ...`.
+"""The copd_jax command line: `python -m copd_jax <command> ...` or `copd-jax <command> ...`.
+
+`copd-jax` is the installed command (`pip install .`; pyproject.toml's [project.scripts] names
+`main`).
 
 Each command lives in `copd_jax/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`; this file only dispatches (modules are imported lazily so `--help` is fast).
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from copd_jax.errors import TrainingHalted, UserInputError
@@ -24,7 +28,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(prog='python -m copd_jax', description=__doc__.splitlines()[0])
+  prog = program_name(sys.argv[0])
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
   available = {}
   for name, (module_name, help_text) in COMMANDS.items():
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)  # prints usage / help and exits
     return 2
   module = importlib.import_module(available[command])
-  command_parser = argparse.ArgumentParser(prog=f'python -m copd_jax {command}',
+  command_parser = argparse.ArgumentParser(prog=f'{prog} {command}',
                                            description=COMMANDS[command][1])
   module.add_arguments(command_parser)
   args, extra = command_parser.parse_known_args(argv[1:])
@@ -52,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingHalted as e:
     print(f'stopped: {e}', file=sys.stderr)
     return 3
+
+
+def program_name(argv0: str) -> str:
+  """'copd-jax' when started by the installed command, else 'python -m copd_jax' (usage lines)."""
+  return 'copd-jax' if os.path.basename(argv0).startswith('copd-jax') else 'python -m copd_jax'
 
 
 if __name__ == '__main__':

@@ -39,6 +39,7 @@ from etils import epath
 from flax import nnx
 
 from copd_jax import digests, storage
+from copd_jax.retention import preserved_steps
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
@@ -127,19 +128,22 @@ def chunked_save_args(tree: Any) -> Any:
 
 @dataclasses.dataclass
 class _RunPreservation:
-  """Orbax preservation policy: the newest `keep_last` unmarked checkpoints plus every checkpoint
-  marked kept (saved with keep=True, or whose step satisfies keep_fn)."""
+  """Orbax preservation policy: the newest `keep_marked` checkpoints marked kept (saved with
+  keep=True, or whose step satisfies keep_fn; -1 = all of them), plus the newest `keep_last`
+  of the others. A marked checkpoint beyond `keep_marked` counts as an ordinary one, so the
+  newest checkpoint always survives and at most keep_last + keep_marked stay on disk."""
   keep_last: int
   kept: set[int]
   keep_fn: Callable[[int], bool] | None = None
+  keep_marked: int = -1
 
   def is_kept(self, step: int) -> bool:
     return step in self.kept or bool(self.keep_fn and self.keep_fn(step))
 
   def should_preserve(self, checkpoints, *, context) -> list[bool]:
-    rolling = [c.step for c in checkpoints if not self.is_kept(c.step)]
-    recent = set(rolling[max(0, len(rolling) - self.keep_last):])
-    return [self.is_kept(c.step) or c.step in recent for c in checkpoints]
+    steps = [c.step for c in checkpoints]
+    keep = preserved_steps(steps, self.is_kept, self.keep_last, self.keep_marked)
+    return [s in keep for s in steps]
 
 
 class RunCheckpointer:
@@ -151,14 +155,19 @@ class RunCheckpointer:
   """
 
   def __init__(self, workdir: str, *, keep_last: int = 3, save_interval_steps: int = 1,
-               keep_fn: Callable[[int], bool] | None = None, async_save: bool = True,
-               read_only: bool = False):
+               keep_fn: Callable[[int], bool] | None = None, keep_marked: int = -1,
+               async_save: bool = True, read_only: bool = False):
+    """keep_last: how many of the newest ordinary checkpoints stay; keep_marked: how many of the
+    newest checkpoints saved with keep=True (or keep_fn) stay besides them (-1 = all; the run
+    passes config.checkpoint.keep_phase_ends, its phase ends being the marked ones)."""
     if keep_last < 1:
       raise ValueError(f'keep_last must be >= 1, got {keep_last}')
+    if keep_marked < -1:
+      raise ValueError(f'keep_marked must be >= 0, or -1 for all, got {keep_marked}')
     self.workdir = storage.resolve(workdir)
     self.directory = storage.join(self.workdir, CHECKPOINTS_SUBDIR)
     self.read_only = read_only
-    self._policy = _RunPreservation(keep_last, set(), keep_fn)
+    self._policy = _RunPreservation(keep_last, set(), keep_fn, keep_marked)
     policies = ocp.checkpoint_managers
     # Saves land on multiples of the interval (or when forced / kept, or on preemption).
     save_policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
@@ -195,7 +204,8 @@ class RunCheckpointer:
            keep: bool = False) -> bool:
     """Starts saving `state` and `meta` at `step`; returns False (writing nothing) when the save
     interval skips this step or a checkpoint at or after `step` exists. keep=True (or keep_fn)
-    saves regardless of the interval and exempts the checkpoint from keep_last."""
+    saves regardless of the interval and exempts the checkpoint from keep_last while it is
+    among the newest `keep_marked` marked ones."""
     _check_json(meta)
     keep = keep or self._policy.is_kept(step)
     if keep:

@@ -16,8 +16,11 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from copd_jax import user_rewards
 from copd_jax.config_checks import validate
-from copd_jax.errors import ConfigError
+from copd_jax.errors import ConfigError, UserInputError
+
+_PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 
 def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = True
@@ -47,16 +50,33 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
   from copd_jax import host_devices
   host_devices.configure_for_config(config)  # must precede validate's first device query
   validate(config, check_files=check_files)
+  if check_files:
+    check_reward_functions(config, path)
   return config
 
 
 def _where(error: Exception, path: str) -> str:
-  """'file:line' of the innermost frame of `error` in a config file (`path` or a file it imports
-  from its folder, such as configs/base.py), else `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
+  """'file:line' of the innermost frame of `error` in a config file (`path`, a file it imports
+  from its folder, or the packaged copd_jax/configs/base.py), else `path`."""
+  folders = {os.path.dirname(os.path.abspath(path)), _PACKAGED_CONFIGS}
   frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if os.path.dirname(os.path.abspath(f.filename)) == folder]
+            if os.path.dirname(os.path.abspath(f.filename)) in folders]
   return f'{frames[-1].filename}:{frames[-1].lineno}' if frames else path
+
+
+def check_reward_functions(config, config_path: str) -> None:
+  """Imports every domain's user reward function ('package.module:function') now, with the
+  config file's folder and the current directory on sys.path, so a bad name stops the run
+  here with one line naming the field (copd_jax/user_rewards.py)."""
+  names = [n for n, d in config.domains.items() if user_rewards.is_function_spec(d.reward)]
+  if not names:
+    return
+  user_rewards.add_search_path([os.path.dirname(os.path.abspath(config_path)), os.getcwd()])
+  for name in names:
+    try:
+      user_rewards.resolve(config.domains[name].reward)
+    except UserInputError as e:
+      raise ConfigError(f'config.domains.{name}.reward: {e}') from None
 
 
 def _first_sentence(error: Exception) -> str:

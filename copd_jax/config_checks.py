@@ -15,8 +15,11 @@ import jax
 import ml_collections
 
 from copd_jax import mesh as mesh_lib
-from copd_jax.data.domain import REWARD_KINDS
+from copd_jax.answers import EXTRACTIONS
+from copd_jax.data.domain import REWARD_KINDS, is_reward_name
+from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields
+from copd_jax.models import hub
 from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
 from copd_jax.optim import make_optimizer
 from copd_jax.sampling import SamplingParams
@@ -49,8 +52,9 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   check.typed('shard_params_over_fsdp', config.shard_params_over_fsdp, bool)
   mesh_lib.check_mesh_config(config, jax.device_count())
   for field in ('eval.num_examples', 'eval.samples_k', 'metrics.log_every',
-                'metrics.overlap_top_k', 'checkpoint.every_steps', 'checkpoint.keep_last'):
+                'metrics.overlap_top_k', 'checkpoint.every_steps'):
     check.positive_int(field, _get(config, field))
+  _check_checkpoint_retention(config)
   check.positive_int('seed', config.seed, allow_zero=True)
   check.one_of('merge.method', config.merge.method, MERGE_METHODS)
   check.real('merge.lam', config.merge.lam)
@@ -77,8 +81,8 @@ def _check_data(config, check_files: bool) -> None:
   for name, domain in config.domains.items():
     where = f'domains.{name}'
     check.one_of(f'{where}.source', domain.source, ('synthetic', 'file'))
-    check.one_of(f'{where}.reward', domain.reward, REWARD_KINDS)
-    check.typed(f'{where}.use_chat_template', domain.use_chat_template, bool)
+    _check_domain_prompting(config, name)
+    _check_domain_scoring(config, name)
     if domain.source == 'file' and check_files:
       for split in ('train_path', 'eval_path'):
         path = domain[split]
@@ -95,9 +99,7 @@ def _check_model(config, check_files: bool) -> None:
   check.check(model.preset in ('',) + tuple(QWEN3_PRESETS), 'model.preset',
               f"must be '' or one of {', '.join(QWEN3_PRESETS)}; got {model.preset!r}")
   if model.source == 'hf' and check_files:
-    path = model.hf_path
-    check.check(bool(path) and os.path.isfile(os.path.join(path, 'config.json')),
-                'model.hf_path', f'no Hugging Face model folder (config.json) at {path!r}')
+    _check_model_path(config)
   check.one_of('model.compute_dtype', model.compute_dtype, tuple(DTYPES))
   check.one_of('model.param_dtype', model.param_dtype, tuple(DTYPES))
   for field in ('remat', 'scan_layers'):
@@ -173,3 +175,46 @@ def _check_batches(config) -> None:
   check.check(distill_rows % grpo.micro_batches == 0, 'grpo.micro_batches',
               f'must also divide the OPD rows opd.prompts_per_step * opd.samples_per_prompt = '
               f'{distill_rows} (teachers score them in the same micro-batches)')
+
+
+def _check_domain_prompting(config, name: str) -> None:
+  """domains.<name>: use_chat_template, system_prompt, enable_thinking."""
+  domain, where = config.domains[name], f'domains.{name}'
+  check.typed(f'{where}.use_chat_template', domain.use_chat_template, bool)
+  check.typed(f'{where}.system_prompt', domain.system_prompt, str)
+  check.typed(f'{where}.enable_thinking', domain.enable_thinking, bool)
+  check.check(domain.use_chat_template or not domain.system_prompt, f'{where}.system_prompt',
+              'needs use_chat_template=True (the system prompt is a turn of the chat template)')
+
+
+def _check_domain_scoring(config, name: str) -> None:
+  """domains.<name>: reward (a built-in kind or 'package.module:function', whose import
+  load_config checks), answer_extraction, reward_timeout_s."""
+  domain, where = config.domains[name], f'domains.{name}'
+  check.check(is_reward_name(domain.reward), f'{where}.reward',
+              f"must be one of {', '.join(REWARD_KINDS)} or 'package.module:function'; "
+              f'got {domain.reward!r}')
+  check.one_of(f'{where}.answer_extraction', domain.answer_extraction, EXTRACTIONS)
+  check.real(f'{where}.reward_timeout_s', domain.reward_timeout_s, 0, low_open=True)
+
+
+def _check_model_path(config) -> None:
+  """model.hf_path: a local Hugging Face folder, or a Hub id fetched (or found in the cache)
+  now, so a missing model stops the run before any compute (copd_jax/models/hub.py)."""
+  path = config.model.hf_path
+  try:
+    local = hub.local_model_path(path) if path else path
+  except UserInputError as e:
+    raise ConfigError(f'config.model.hf_path: {e}') from None
+  check.check(bool(local) and os.path.isfile(os.path.join(local, 'config.json')), 'model.hf_path',
+              f'no Hugging Face model folder (config.json) at {path!r}')
+
+
+def _check_checkpoint_retention(config) -> None:
+  """checkpoint.keep_last (>= 1: the newest checkpoint is what a resume needs) and
+  checkpoint.keep_phase_ends (phase-end checkpoints kept besides them; -1 = all)."""
+  check.positive_int('checkpoint.keep_last', config.checkpoint.keep_last)
+  value = config.checkpoint.keep_phase_ends
+  check.check(isinstance(value, int) and not isinstance(value, bool) and value >= -1,
+              'checkpoint.keep_phase_ends',
+              f'must be a non-negative integer, or -1 to keep every phase end, got {value!r}')

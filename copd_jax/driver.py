@@ -43,6 +43,9 @@ from copd_jax.config import resume_differences
 from copd_jax.config_checks import branch_domains
 from copd_jax.errors import ConfigError, TrainingHalted
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
+from copd_jax.data.domain import prompt_format
+from copd_jax.models.hub import local_model_path
+from copd_jax.rewards import reward_spec
 from copd_jax.evaluation import evaluate_models, markdown_table, save_results
 from copd_jax.losses import group_advantages
 from copd_jax.merge import merge_checkpoints
@@ -153,7 +156,7 @@ def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
 
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   if config.model.source == 'hf':
-    return config.model.hf_path
+    return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
   pairs = []
   for train, _ in domains.values():
     pairs += [(e.prompt + '\n=', e.answer) for e in train]
@@ -217,7 +220,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   progress = progress and distributed.is_primary()
   domains = load_domains(config)  # validates data files before any compute or any write
   storage.makedirs(workdir)
-  checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last)
+  checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
+                                      keep_marked=config.checkpoint.keep_phase_ends)
   if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
     try:
       saved = checkpointer.restore_meta()['config']
@@ -238,8 +242,8 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   optimizer = make_optimizer(config.optimizer)
   phases = PhaseController(config.copd)
   sampling = SamplingParams.from_config(config)
-  reward_kinds = {name: config.domains[name].reward for name in domains}
-  encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
+  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
   # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
   # sampler / step per phase, and GRPO groups can share their prompt's computation.
   encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split

@@ -6,7 +6,7 @@ branch-vmapped sampler, so M models cost one compiled program per prompt bucket.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -21,10 +21,11 @@ GREEDY, SAMPLED = 'pass@1', 'avg@k'
 
 def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
                     eval_sets: dict[str, list[Example]], encoder: PromptEncoder,
-                    reward_kinds: dict[str, str], max_new_tokens: int, temperature: float,
+                    reward_kinds: dict[str, Any], max_new_tokens: int, temperature: float,
                     samples_k: int, seed: int, rows_per_call: int = 256
                     ) -> dict[str, dict[str, dict[str, float]]]:
-  """-> {model: {domain: {'pass@1': acc, 'avg@k': acc}}} (accuracies in [0, 1])."""
+  """-> {model: {domain: {'pass@1': acc, 'avg@k': acc}}} (accuracies in [0, 1]).
+  reward_kinds: per domain, a reward kind or copd_jax.rewards.RewardSpec."""
   M = len(model_names)
   greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True)
   sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)

@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax import distributed
 from copd_jax.data import Example, render_prompt
-from copd_jax.rewards import score_completions
+from copd_jax.data.domain import PromptFormat
+from copd_jax.rewards import RewardSpec, score_completions
 from copd_jax.sampling import (SampleOutput, SamplingParams, bucket_length, completion_token_lists,
                                generate_branches, pad_prompts)
 from copd_jax.steps import RolloutBatch
@@ -43,7 +44,7 @@ class Rollouts:
 class PromptEncoder:
   """Renders examples with the tokenizer (chat template per domain) into left-padded buckets."""
 
-  def __init__(self, tokenizer, use_chat_template: dict[str, bool]):
+  def __init__(self, tokenizer, use_chat_template: dict[str, PromptFormat | bool]):
     self.tokenizer = tokenizer
     self.use_chat_template = use_chat_template
     self._cache: dict[tuple[str, str], list[int]] = {}
@@ -99,7 +100,7 @@ def check_groups(tokens: np.ndarray, valid: np.ndarray, group_size: int) -> None
 
 def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
                      encoder: PromptEncoder, sampling: SamplingParams, key, reward_kinds:
-                     dict[str, str], mesh=None, timeout_s: float = 2.0,
+                     dict[str, str | RewardSpec], mesh=None, timeout_s: float = 2.0,
                      group_size: int = 1) -> Rollouts:
   """Each branch k samples one completion per example of examples[k]; rewards by domain kind.
 

@@ -52,7 +52,10 @@ class Profile:
     return self.num_cycles * (self.s_rl + self.s_opd)
 
   def common(self) -> tuple[str, ...]:
-    return (f'--config.eval.num_examples={self.eval_examples}',) + self.extra
+    # Every phase-end checkpoint stays: the pilot's students start from the experts run's, and
+    # the drift figures probe the runs' checkpoints at every phase end.
+    return (f'--config.eval.num_examples={self.eval_examples}',
+            '--config.checkpoint.keep_phase_ends=-1') + self.extra
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,25 @@ def test_keep_last_and_kept_checkpoints_persist(tmp_path):
     assert saver.all_steps() == [3, 4, 12]
 
 
+def test_phase_ends_are_kept_only_as_far_as_keep_marked(tmp_path):
+  """The README run's case: a checkpoint at every phase end, keep_last=3, keep_phase_ends=0:
+  three checkpoints stay, not every phase end."""
+  state = make_state()
+  with ckpt.RunCheckpointer(str(tmp_path), keep_last=3, keep_marked=0) as saver:
+    for step in range(1, 9):
+      assert saver.save(step, state, meta_for(step), keep=step % 2 == 0)
+    saver.wait()
+    assert saver.all_steps() == [6, 7, 8]
+  # Resumed with keep_phase_ends=2: the two newest phase ends stay besides keep_last=1.
+  with ckpt.RunCheckpointer(str(tmp_path), keep_last=1, keep_marked=2) as saver:
+    assert saver.save(9, state, meta_for(9))
+    saver.wait()
+    assert saver.all_steps() == [6, 8, 9]
+    assert saver.save(10, state, meta_for(10), keep=True)
+    saver.wait()
+    assert saver.all_steps() == [8, 9, 10]  # phase end 6 fell out of the two newest
+
+
 def _save_two(tmp_path, state):
   with ckpt.RunCheckpointer(str(tmp_path)) as saver:
     saver.save(1, state, meta_for(1))

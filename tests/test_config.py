@@ -18,8 +18,8 @@ MESH = ('--config.mesh.branch=1', '--config.mesh.fsdp=-1', '--config.mesh_sampli
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))),
                          ids=os.path.basename)
 def test_every_shipped_config_loads(path):
-  if os.path.basename(path) == 'base.py':
-    pytest.skip('the schema itself defines no get_config()')
+  if os.path.basename(path) in ('base.py', 'example_rewards.py'):
+    pytest.skip('the schema re-export and a reward module define no get_config()')
   config = load_config(path, MESH, check_files=False)
   assert config.branches
 
@@ -170,3 +170,32 @@ def test_a_checkpoint_with_copd_beta_still_resumes():
   assert resume_differences(saved, changed.to_dict()) == (['config.opd.beta'], [])
   with pytest.raises(ConfigError, match=r'^config.opd.beta: differs from the checkpoint'):
     _check_resume_compatible(saved, changed, notes.append)
+
+
+@pytest.mark.parametrize('body, message', [
+    ("c.domains.count.reward = 'no_such_module_xyz:score'\n",
+     "config.domains.count.reward: cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
+    ("c.domains.count.reward = 'tests.reward_functions:nope'\n",
+     "config.domains.count.reward: 'tests.reward_functions' ("),
+    ("c.domains.count.reward = 'regex'\n",
+     "config.domains.count.reward: must be one of exact, math or 'package.module:function'"),
+    ("c.domains.count.answer_extraction = 'first_line'\n",
+     'config.domains.count.answer_extraction: must be one of final, boxed, last_number'),
+    ("c.domains.count.use_chat_template = False\nc.domains.count.system_prompt = 'Be brief.'\n",
+     'config.domains.count.system_prompt: needs use_chat_template=True'),
+    ('c.domains.count.reward_timeout_s = 0.0\n',
+     'config.domains.count.reward_timeout_s: must be a finite number > 0'),
+])
+def test_bad_reward_and_prompting_fields_stop_at_load(tmp_path, body, message):
+  path = _config_file(tmp_path, body)
+  with pytest.raises(ConfigError) as error:
+    load_config(path, MESH)
+  text = str(error.value)
+  assert text.startswith(message) and len(text.splitlines()) == 1, text
+
+
+def test_reward_module_next_to_the_config_file_resolves(tmp_path):
+  (tmp_path / 'my_scoring_17.py').write_text('def score(response, reference, example):\n'
+                                             '  return 1.0\n')
+  path = _config_file(tmp_path, "c.domains.count.reward = 'my_scoring_17:score'\n")
+  assert load_config(path, MESH).domains.count.reward == 'my_scoring_17:score'

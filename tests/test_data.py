@@ -70,8 +70,8 @@ def test_synthetic_domain_errors():
 def test_render_prompt_and_sft_pairs_with_char_tokenizer():
   tok = char_tokenizer()
   ex = Example(prompt='12+34', answer='46', domain='arithmetic', id='x')
-  assert render_prompt(tok, ex, use_chat_template=True) == '12+34\n='
-  assert render_prompt(tok, ex, use_chat_template=False) == '12+34'
+  assert render_prompt(tok, ex, True) == '12+34\n='
+  assert render_prompt(tok, ex, False) == '12+34'
   assert sft_pairs(tok, [ex]) == [('12+34\n=', '46<eos>')]
   assert tok.encode('46<eos>', add_special_tokens=False)[-1] == tok.eos_token_id
 
@@ -110,11 +110,40 @@ def test_load_parquet(tmp_path):
       ('p1', '\\boxed{2}', 'algebra:math.parquet:row1')]
 
 
+def test_numeric_answers_and_chat_rows(tmp_path):
+  path = _write_jsonl(tmp_path / 'mixed.jsonl', [
+      json.dumps({'prompt': 'p1', 'answer': 3}),
+      json.dumps({'prompt': 'p2', 'answer': 2.5}),
+      json.dumps({'prompt': 'p3', 'answer': 4.0}),
+      json.dumps({'prompt': 'p4', 'answer': -12}),
+      json.dumps({'messages': [{'role': 'system', 'content': 'Be brief.'},
+                               {'role': 'user', 'content': 'What is 2+1?'}], 'answer': 3}),
+  ])
+  examples = load_examples(path, 'math')
+  assert [e.answer for e in examples] == ['3', '2.5', '4', '-12', '3']
+  assert examples[0].messages == ()
+  assert examples[4].prompt == 'What is 2+1?'
+  assert examples[4].messages == (('system', 'Be brief.'), ('user', 'What is 2+1?'))
+  table = str(tmp_path / 'chat.parquet')
+  pq.write_table(pa.table({'messages': [[{'role': 'user', 'content': 'hi'}]], 'answer': [7]}),
+                 table)
+  (row,) = load_examples(table, 'd')
+  assert (row.prompt, row.answer, row.messages) == ('hi', '7', (('user', 'hi'),))
+
+
 @pytest.mark.parametrize('lines, where, message', [
     (['{"prompt": "a", "answer": "b"}', '{"prompt": "a", "answer": "b"', ''], ':2:',
      'malformed JSON'),
-    (['{"prompt": "a", "answer": "b"}', '{"prompt": "a", "answer": 42}'], ':2:',
-     "field 'answer' must be a string, got int"),
+    (['{"prompt": "a", "answer": "b"}', '{"prompt": "a", "answer": [42]}'], ':2:',
+     "field 'answer' must be a string or a number, got list"),
+    (['{"prompt": "a", "answer": true}'], ':1:', "field 'answer' must be a string or a number, got bool"),
+    (['{"prompt": 7, "answer": "b"}'], ':1:', "field 'prompt' must be a string, got int"),
+    (['{"messages": [], "answer": "b"}'], ':1:', "field 'messages' must be a non-empty list"),
+    (['{"messages": [{"role": "user"}], "answer": "b"}'], ':1:', "messages[0]: expected"),
+    (['{"messages": [{"role": "robot", "content": "x"}], "answer": "b"}'], ':1:',
+     "messages[0]: role 'robot' is not one of system, user, assistant"),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],'
+      ' "answer": "b"}'], ':1:', "must end with a user message"),
     (['{"prompt": "a", "answer": "b"}', '', '{"answer": "b"}'], ':3:', 'no prompt field'),
     (['{"prompt": "a", "answer": null}'], ':1:', "field 'answer' is null"),
     (['{"prompt": "  ", "answer": "b"}'], ':1:', "field 'prompt' is empty"),
@@ -158,7 +187,7 @@ def test_bad_parquet_names_file_and_row(tmp_path):
   pq.write_table(pa.table({'prompt': ['a', 'b', 'c'], 'answer': ['1', None, '3']}), path)
   with pytest.raises(DataFileError, match=f"^{path}: row 1: field 'answer' is null$"):
     load_examples(path, 'd')
-  pq.write_table(pa.table({'prompt': ['a', 'b'], 'answer': [1, 2]}), path)
+  pq.write_table(pa.table({'prompt': ['a', 'b'], 'answer': [[1], [2]]}), path)
   with pytest.raises(DataFileError, match=f"^{path}: row 0: field 'answer' must be a string"):
     load_examples(path, 'd')
   pq.write_table(pa.table({'text': ['a'], 'answer': ['1']}), path)
@@ -254,3 +283,28 @@ def test_loader_input_errors_and_eval_batches():
   examples, _ = synthetic_domain('count', 0, 10, 0)
   batches = eval_batches(examples, 4)
   assert [len(b) for b in batches] == [4, 4, 2] and sum(batches, []) == examples
+
+
+# ---------------------------------------------------------------------------------------------
+# the real Qwen3 chat template: system prompt, enable_thinking, messages rows (issue 17.4)
+
+def test_qwen3_template_system_prompt_thinking_and_messages():
+  from copd_jax.commands.generate import encode_prompt
+  from copd_jax.data.domain import PromptFormat
+  from tests.qwen3_fixture import qwen3_tokenizer
+  tok = qwen3_tokenizer()
+  ex = Example(prompt='What is 2+1?', answer='3', domain='m', id='m:0')
+  user = '<|im_start|>user\nWhat is 2+1?<|im_end|>\n<|im_start|>assistant\n'
+  assert render_prompt(tok, ex, PromptFormat()) == user  # thinking on: the model opens <think>
+  no_think = render_prompt(tok, ex, PromptFormat(system_prompt='Be brief.', enable_thinking=False))
+  assert no_think == ('<|im_start|>system\nBe brief.<|im_end|>\n' + user
+                      + '<think>\n\n</think>\n\n')
+  chat = Example(prompt='What is 2+1?', answer='3', domain='m', id='m:1',
+                 messages=(('system', 'Own rules.'), ('user', 'What is 2+1?')))
+  assert render_prompt(tok, chat, PromptFormat(system_prompt='Be brief.')) == (
+      '<|im_start|>system\nOwn rules.<|im_end|>\n' + user)  # the row's system turn wins
+  with pytest.raises(UserInputError, match='m:1: a chat row .* needs use_chat_template'):
+    render_prompt(tok, chat, False)
+  # `generate --system ... --no-thinking` renders the same text.
+  assert tok.decode(encode_prompt(tok, 'What is 2+1?', True, 'Be brief.', False)) == no_think
+  assert tok.decode(encode_prompt(tok, 'What is 2+1?', True)) == user

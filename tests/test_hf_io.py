@@ -221,3 +221,98 @@ def test_export_replaces_atomically(tmp_path):
   hf_io.save_hf_folder(hf_io.model_params_dict(model), model.config, str(out))
   assert not (out / 'stale.txt').exists() and (out / 'config.json').exists()
   assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny Qwen3 with the real vocabulary and tokenizer: special-token ids, Hub ids (issue 17.9)
+
+QWEN3_IDS = dict(bos_token_id=151643, eos_token_id=151645)
+QWEN3_GENERATION = dict(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643,
+                        do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
+
+
+def _real_vocab_qwen3(folder):
+  """A tiny random Qwen3 (vocabulary 151,936) with the real tokenizer files, Qwen3's
+  special-token ids in config.json and its generation_config.json."""
+  from tests.qwen3_fixture import qwen3_tokenizer_dir
+  tokenizer_dir = qwen3_tokenizer_dir()
+  torch.manual_seed(0)
+  config = transformers.Qwen3Config(
+      vocab_size=151936, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+      num_key_value_heads=1, head_dim=8, intermediate_size=32, tie_word_embeddings=True,
+      **QWEN3_IDS)
+  transformers.Qwen3ForCausalLM(config).save_pretrained(str(folder))
+  (folder / 'generation_config.json').write_text(json.dumps(QWEN3_GENERATION))
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    shutil.copy(os.path.join(tokenizer_dir, name), folder / name)
+  return folder
+
+
+def test_export_keeps_every_special_token_id_of_the_source(tmp_path):
+  from copd_jax.__main__ import main
+  source = _real_vocab_qwen3(tmp_path / 'source')
+  out = tmp_path / 'exported'
+  assert main(['export-hf', '--checkpoint', str(source), '--out', str(out)]) == 0
+  saved = json.loads((out / 'config.json').read_text())
+  assert (saved['bos_token_id'], saved['eos_token_id'], saved['pad_token_id']) == (
+      151643, 151645, 151643)  # pad: the tokenizer's, the source config names none
+  generation = json.loads((out / 'generation_config.json').read_text())
+  assert generation['eos_token_id'] == [151645, 151643] and generation['bos_token_id'] == 151643
+  assert transformers.AutoConfig.from_pretrained(str(out)).bos_token_id == 151643
+  # A source without generation_config.json (a merged checkpoint's tokenizer folder, say):
+  # the export writes one from the ids it kept.
+  (source / 'generation_config.json').unlink()
+  again = tmp_path / 'exported_again'
+  model = hf_io.load_model(str(source))
+  hf_io.save_hf_folder(hf_io.model_params_dict(model), model.config, str(again),
+                       tokenizer_from=str(source))
+  generation = transformers.GenerationConfig.from_pretrained(str(again))
+  assert (generation.bos_token_id, generation.eos_token_id) == (151643, 151645)
+  assert json.loads((again / 'config.json').read_text())['bos_token_id'] == 151643
+
+
+def test_hub_id_resolves_offline_from_a_filled_cache(tmp_path):
+  """model.hf_path='tiny-org/tiny-qwen3' with HF_HUB_OFFLINE=1: the cached snapshot is used;
+  an id that is not cached stops config loading with one line naming the field."""
+  import subprocess
+  import sys
+  import textwrap
+  commit = 'a' * 40
+  repo = tmp_path / 'hub' / 'models--tiny-org--tiny-qwen3'
+  (repo / 'refs').mkdir(parents=True)
+  (repo / 'refs' / 'main').write_text(commit)
+  snapshot = _real_vocab_qwen3(repo / 'snapshots' / commit)
+  config_file = tmp_path / 'hub_config.py'
+  config_file.write_text(textwrap.dedent('''\
+      import sys
+      from copd_jax.configs.base import base_config
+
+      def get_config():
+        c = base_config()
+        c.model.source = 'hf'
+        c.model.hf_path = sys.argv[1]
+        return c
+      '''))
+  script = textwrap.dedent(f'''\
+      import sys
+      from copd_jax.config import ConfigError, load_config
+      from copd_jax.models.hub import local_model_path
+      print(local_model_path(sys.argv[1]))
+      load_config({str(config_file)!r}, ['--config.mesh.branch=1', '--config.mesh.fsdp=-1'])
+      sys.argv[1] = 'tiny-org/not-cached'
+      try:
+        load_config({str(config_file)!r}, ['--config.mesh.branch=1', '--config.mesh.fsdp=-1'])
+      except ConfigError as e:
+        print(e)
+      ''')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'hub'),
+         'PYTHONPATH': root, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  result = subprocess.run([sys.executable, '-c', script, 'tiny-org/tiny-qwen3'], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == str(snapshot)
+  assert lines[1].startswith('config.model.hf_path: tiny-org/not-cached: not in the Hugging '
+                             f'Face cache ({tmp_path / "hub"}) and the Hub cannot be reached')
+  assert len(lines) == 2

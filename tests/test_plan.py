@@ -159,6 +159,8 @@ def test_plan_cli_prints_leaf_table_without_model_or_data_files(capsys):
   assert '| parameters | 12,289,339,392 | 11.445 |' in out
   assert 'WARNING: training needs about' in out
   assert 'model: preset qwen3-8b: 8,190,735,360 parameters per branch' in out
+  # 3 x 8,190,735,360 fp32 parameters and two fp32 Adam moments: 274.6 GiB per checkpoint.
+  assert 'checkpoints on disk: 274.616 GiB each' in out
 
 
 def test_plan_cli_reexecs_for_another_device_count(capfd):
@@ -249,3 +251,23 @@ def test_k2_steps_on_branch2_fsdp4_mesh_keep_planned_shardings_and_sizes():
   q = next(leaf for leaf in planned if leaf.path == 'layers.q_proj')
   assert q.spec == P('branch', None, 'fsdp', None, None)   # [2, 1, 32, 4, 8]: 32 over fsdp 4
   assert q.per_device_bytes == 1 * 1 * 8 * 4 * 8 * 4
+
+
+def test_disk_plan_counts_the_checkpoints_retention_keeps():
+  """README run (6 cycles of 6 RL + 4 OPD steps, every_steps=10): 12 phase ends; keep_last=3
+  alone keeps 3 checkpoints, keep_phase_ends=2 two more, -1 every phase end."""
+  from copd_jax.configs.base import base_config
+  from copd_jax.retention import disk_plan, format_disk_plan, phase_end_steps, saved_steps
+  config = base_config()
+  assert sorted(phase_end_steps(config.copd))[:4] == [5, 9, 15, 19]
+  assert len(saved_steps(config)) == 12  # the tens coincide with OPD phase ends
+  plan = disk_plan(config, 1000)
+  assert (plan.kept, plan.phase_ends, plan.total_bytes) == (3, 12, 3000)
+  with config.unlocked():
+    config.checkpoint.keep_phase_ends = 2
+  assert disk_plan(config, 1000).kept == 5
+  config.checkpoint.keep_phase_ends = -1
+  assert disk_plan(config, 1000).kept == 12
+  config.copd.schedule = 'overlap'  # no phase-end checkpoints: the rolling ones only
+  assert disk_plan(config, 1000).kept == 3
+  assert 'keep 3:' in format_disk_plan(disk_plan(config, 2**30), config.checkpoint)

@@ -424,7 +424,7 @@ def test_chat_templates_render_in_a_sandbox(tmp_path):
                    "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
     tokenizer.chat_template = template
     with pytest.raises(jinja2.exceptions.SecurityError):
-      render_prompt(tokenizer, example, use_chat_template=True)
+      render_prompt(tokenizer, example, True)
   assert not marker.exists()
 
 

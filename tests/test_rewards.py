@@ -173,3 +173,98 @@ def test_worker_that_cannot_start_is_reported():
       broken.score(['1'], ['1'])
   finally:
     broken.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the final answer, not the reasoning (issue 17.4)
+
+def test_math_scores_the_final_text_not_the_think_block(pool, monkeypatch):
+  monkeypatch.setattr(rewards, '_POOL', pool)
+  unsure = '<think>\nLet me see. 2+3, so the answer is 5.\n</think>\n\nI am not sure.'
+  sure = '<think>\nthe answer is 4?\n</think>\n\nThe answer is \\boxed{5}.'
+  cut = '<think>\nthe answer is 5 ... and then'  # reasoning cut at the token limit
+  assert rewards.score_completions('math', [unsure, sure, cut], [_ex('5')] * 3,
+                                   timeout_s=2.0).tolist() == [0.0, 1.0, 0.0]
+
+
+def test_exact_normalises_and_skips_the_think_block():
+  fn = rewards.reward_fn('exact')
+  assert fn('<think>\n\n</think>\n\n3', _ex('3', 'exact')) == 1.0
+  assert fn('3.', _ex('3', 'exact')) == 1.0
+  assert fn(' 3 \n', _ex('3.', 'exact')) == 1.0
+  assert fn('<think>it is 3</think>4', _ex('3', 'exact')) == 0.0
+  assert fn('<think>3', _ex('3', 'exact')) == 0.0
+
+
+@pytest.mark.parametrize('extraction, completion, reward', [
+    ('boxed', '<think>\\boxed{9}</think>So \\boxed{12}.', 1.0),
+    ('boxed', 'So 12.', 0.0),                                   # no box: no answer
+    ('boxed', '\\boxed{\\frac{1}{2}} then \\boxed{12}', 1.0),   # the last box
+    ('last_number', '<think>12</think>There are 1,2 or 12 apples.', 1.0),
+    ('last_number', 'twelve', 0.0),
+    ('final', '<think>x</think>\n12.\n', 1.0),
+])
+def test_answer_extraction_modes(extraction, completion, reward):
+  spec = rewards.RewardSpec('exact', extraction)
+  assert rewards.score_completions(spec, [completion], [_ex('12', 'exact')]).tolist() == [reward]
+
+
+def test_boxed_extraction_with_math(pool, monkeypatch):
+  monkeypatch.setattr(rewards, '_POOL', pool)
+  spec = rewards.RewardSpec('math', 'boxed')
+  got = rewards.score_completions(spec, ['so \\boxed{\\frac{1}{2}}', 'so 0.5'],
+                                  [_ex('0.5')] * 2, timeout_s=2.0)
+  assert got.tolist() == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the user's own reward function (issue 17.5)
+
+def _fn_spec(name, timeout_s=2.0, extraction='final'):
+  return rewards.RewardSpec(f'tests.reward_functions:{name}', extraction, timeout_s)
+
+
+@pytest.fixture
+def function_pools():
+  yield
+  with rewards._POOL_LOCK:
+    pools, rewards._POOLS = dict(rewards._POOLS), {}
+  for p in pools.values():
+    p.close()
+
+
+def test_user_function_scores_the_extracted_answer(function_pools):
+  completions = ['<think>maybe 7</think>It is 7', '<think>7</think>no idea', 'plain 7']
+  got = rewards.score_completions(_fn_spec('mentions_reference'), completions,
+                                  [_ex('7', 'tests.reward_functions:mentions_reference')] * 3)
+  assert got.tolist() == [1.25, 0.25, 1.0]  # the response is the final text; example has all
+
+
+@pytest.mark.parametrize('name, reason', [
+    ('crashes', 'ValueError: no parser for this'),
+    ('sleeps', 'took longer than 0.5 s'),
+    ('kills_its_process', 'the worker process died (exit status 7)'),
+    ('returns_text', "TypeError: returned str 'yes', not a finite number"),
+])
+def test_failing_user_function_scores_zero_with_a_logged_reason(function_pools, caplog, name,
+                                                                reason):
+  start = time.monotonic()
+  with caplog.at_level('WARNING', logger='copd_jax.rewards'):
+    got = rewards.score_completions(_fn_spec(name, timeout_s=0.5), ['a 1', 'b 1'],
+                                    [_ex('1')] * 2)
+  assert got.tolist() == [0.0, 0.0]
+  assert time.monotonic() - start < 2 * (0.5 + rewards.DEFAULT_GRACE_S) + 30  # start-up incl.
+  (record,) = [r for r in caplog.records if r.name == 'copd_jax.rewards']
+  assert f'reward tests.reward_functions:{name}: 2 of 2 completions scored 0' in record.message
+  assert reason in record.message
+
+
+def test_shipped_custom_reward_example_scores_through_the_worker(function_pools):
+  from copd_jax.config import load_config
+  root = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
+  config = load_config(f'{root}/configs/custom_reward_example.py',
+                       ('--config.mesh.branch=1', '--config.mesh.fsdp=-1'))
+  spec = rewards.reward_spec(config.domains.count)
+  assert spec == rewards.RewardSpec('example_rewards:count_close', 'last_number', 2.0)
+  got = rewards.score_completions(spec, ['3', '<think>3</think>4', 'none'], [_ex('3')] * 3)
+  assert got.tolist() == [1.0, 0.5, 0.0]

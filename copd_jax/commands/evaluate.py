@@ -2,7 +2,10 @@
 
 Per-domain accuracy (greedy pass@1 and sampled avg@k) on the config's eval splits. For a run
 checkpoint: the base model, every branch and their merge (`--merge-method`); for a merged
-checkpoint or a Hugging Face folder: that model. Prints a markdown table and saves JSON.
+checkpoint or a Hugging Face folder: that model. Prints a markdown table and saves JSON to
+--out (default: the current directory, never next to the model). Branches are named like
+`train`'s evaluation table: 'branch<k>:<domain>' ('branch<k>' when the run's branches are
+unknown).
 """
 from __future__ import annotations
 
@@ -22,16 +25,22 @@ def add_arguments(parser) -> None:
   parser.add_argument('--merge-method', default='mean',
                       help="merge of a run's branches to evaluate too ('none' to skip)")
   parser.add_argument('--out', default=None,
-                      help='JSON file (default: <workdir>/eval_<step>.json, or <CKPT>.eval.json)')
+                      help='JSON file (default: ./eval_<step>.json for a run checkpoint, '
+                           'else ./<model folder name>.eval.json)')
 
 
 def default_output(source) -> str:
-  """<workdir>/eval_<step>.json for a run checkpoint, else <model folder>.eval.json."""
-  path = storage.resolve(source.path)
-  if source.kind == 'run':
-    workdir = storage.parent(storage.parent(path))
-    return storage.join(workdir, f'eval_{storage.basename(path)}.json')
-  return path + '.eval.json'
+  """In the current directory: eval_<step>.json for a run checkpoint, else <model folder
+  name>.eval.json (a model folder may be read-only, shared, or remote)."""
+  name = storage.basename(storage.resolve(source.path).rstrip('/'))
+  return f'eval_{name}.json' if source.kind == 'run' else f'{name}.eval.json'
+
+
+def branch_names(num_branches: int, branches=None) -> list[str]:
+  """'branch<k>:<domain>' as `train` names them; 'branch<k>' without the run's branch list."""
+  if branches and len(branches) == num_branches:
+    return [f'branch{k}:{b}' for k, b in enumerate(branches)]
+  return [f'branch{k}' for k in range(num_branches)]
 
 
 def run(args) -> int:
@@ -43,11 +52,13 @@ def run(args) -> int:
   from flax import nnx
 
   from copd_jax import checkpoint as ckpt
+  from copd_jax.data.domain import prompt_format
   from copd_jax.driver import load_domains
   from copd_jax.evaluation import evaluate_models, markdown_table, save_results
   from copd_jax.merge import merge_checkpoints
   from copd_jax.models.qwen3 import Qwen3
   from copd_jax.models.tokenizer import load_tokenizer
+  from copd_jax.rewards import reward_spec
   from copd_jax.rollouts import PromptEncoder
 
   domains = load_domains(config)
@@ -57,7 +68,9 @@ def run(args) -> int:
     base = source.meta.get(ckpt.META_BASE_PARAMS)
     if base and storage.is_dir(base):
       named.append(('base', ckpt.open_source(base).read_all()))
-    named += [(f'branch{k}', source.read_all(k)) for k in range(source.num_branches)]
+    branches = (source.meta.get('config') or {}).get('branches')
+    named += [(name, source.read_all(k))
+              for k, name in enumerate(branch_names(source.num_branches, branches))]
     if args.merge_method != 'none' and source.num_branches > 1:
       merged = merge_checkpoints(args.checkpoint, args.merge_method)
       named.append((f'merged:{args.merge_method}', merged.params))
@@ -73,10 +86,10 @@ def run(args) -> int:
   params = jax.tree.map(lambda x: x, abstract)
   nnx.replace_by_pure_dict(params, stacked)
 
-  encoder = PromptEncoder(tokenizer, {n: config.domains[n].use_chat_template for n in domains})
+  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
-                            {n: config.domains[n].reward for n in domains},
+                            {n: reward_spec(config.domains[n]) for n in domains},
                             config.sampling.max_new_tokens, config.sampling.temperature,
                             config.eval.samples_k, config.seed)
   print(markdown_table(results, config.eval.samples_k))

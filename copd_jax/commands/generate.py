@@ -3,7 +3,9 @@
     python -m copd_jax generate --model PATH --prompt "12+7=" --max-new-tokens 32 --greedy
 
 PATH is a Hugging Face folder (config.json + safetensors + tokenizer files). The prompt is
-tokenised as plain text; `--chat` renders it with the tokenizer's chat template first.
+tokenised as plain text; `--chat` renders it with the tokenizer's chat template first, with
+`--system TEXT` as the system turn and `--thinking` / `--no-thinking` as Qwen3's
+`enable_thinking` (either implies --chat; without them the template's defaults apply).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax
 
 from copd_jax import sampling, storage
 from copd_jax.errors import UserInputError
-from copd_jax.models import hf_io
+from copd_jax.models import hf_io, hub
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.scoring import split_model
 
@@ -24,8 +26,10 @@ class ModelPathError(UserInputError):
 
 
 def load_model_and_tokenizer(path: str, branch: int | None = None):
-  """(Qwen3 module, tokenizer, tokenizer folder) from a model path: a Hugging Face folder, a
-  run workdir / step folder (with `branch`) or a merged checkpoint; local or remote (gs://)."""
+  """(Qwen3 module, tokenizer, tokenizer folder) from a model path: a Hugging Face folder (or
+  Hub id, copd_jax/models/hub.py), a run workdir / step folder (with `branch`) or a merged
+  checkpoint; local or remote (gs://)."""
+  path = hub.local_model_path(path)
   if storage.is_file(storage.join(path, 'config.json')):
     model = hf_io.load_model(path)   # raises HFFormatError naming the file for a bad folder
     tokenizer_dir = path
@@ -69,12 +73,18 @@ def eos_ids_of(path: str, tokenizer) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
+                  thinking: bool | None = None) -> list[int]:
+  """Token ids of `prompt`: plain text, or (chat) the chat template's rendering with an optional
+  system turn and enable_thinking (None: the template's default)."""
   if chat:
     if not getattr(tokenizer, 'chat_template', None):
       raise UserInputError('--chat: the tokenizer has no chat template')
-    prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': prompt}],
-                                           add_generation_prompt=True, tokenize=False)
+    messages = [{'role': 'system', 'content': system}] if system else []
+    options = {} if thinking is None else {'enable_thinking': thinking}
+    prompt = tokenizer.apply_chat_template(messages + [{'role': 'user', 'content': prompt}],
+                                           add_generation_prompt=True, tokenize=False,
+                                           **options)
   ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
   if not ids:
     raise UserInputError('--prompt: the prompt encodes to no tokens')
@@ -94,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument('--num-samples', type=int, default=1, help='completions to sample')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--chat', action='store_true', help="apply the tokenizer's chat template")
+  parser.add_argument('--system', default='', help='system prompt (chat template; implies --chat)')
+  parser.add_argument('--thinking', action=argparse.BooleanOptionalAction, default=None,
+                      help="Qwen3's enable_thinking in the chat template (implies --chat)")
   parser.add_argument('--stop', action='append', default=[],
                       help='stop string (repeatable); the completion is cut before it')
 
@@ -107,7 +120,8 @@ def run(args) -> int:
   model, tokenizer, tokenizer_dir = load_model_and_tokenizer(args.model, args.branch)
   eos = eos_ids_of(tokenizer_dir, tokenizer)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-  ids = encode_prompt(tokenizer, args.prompt, args.chat)
+  chat = args.chat or bool(args.system) or args.thinking is not None
+  ids = encode_prompt(tokenizer, args.prompt, chat, args.system, args.thinking)
   tokens, valid = sampling.pad_prompts([ids] * args.num_samples, pad_id=pad_id)
   graphdef, state = split_model(model)
   output = sampling.generate(graphdef, state, tokens, valid, jax.random.key(args.seed), params,

@@ -2,7 +2,8 @@
 
 Per-device memory of a run config on an N-device mesh, from shapes only (nothing is allocated):
 parameters, optimizer state, gradients, the sampler's parameter copy and KV cache, activation
-estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_plan.py). Data files
+estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_plan.py); then the
+disk space of the run's checkpoints under its retention settings (copd_jax/retention.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
 
 The plan runs on N CPU devices (--xla_force_host_platform_device_count); per-device bytes do not
@@ -76,4 +77,7 @@ def run(args) -> int:
   plan = make_plan(config, jax.devices(), args.prompt_tokens)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
   print(format_plan(plan, memory, leaves=not args.no_leaves))
+  from copd_jax.retention import disk_plan, format_disk_plan
+  state_bytes = sum(leaf.total_bytes for leaf in plan.leaves)
+  print('\n' + format_disk_plan(disk_plan(config, state_bytes), config.checkpoint))
   return 0

@@ -9,7 +9,8 @@ import importlib
 _EXPORTS = {
     'REWARD_KINDS': 'domain', 'Example': 'domain', 'content_id': 'domain',
     'dedupe_by_prompt': 'domain', 'render_prompt': 'domain', 'sft_pairs': 'domain',
-    'split_examples': 'domain',
+    'split_examples': 'domain', 'PromptFormat': 'domain', 'prompt_format': 'domain',
+    'chat_messages': 'domain', 'is_reward_name': 'domain',
     'DataFileError': 'files', 'load_examples': 'files', 'load_many': 'files',
     'BranchPromptLoader': 'pipeline', 'batched_stream': 'pipeline', 'derive_seed': 'pipeline',
     'eval_batches': 'pipeline', 'mixed_loader': 'pipeline', 'mixed_stream': 'pipeline',

@@ -9,28 +9,62 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import re
 from typing import Sequence
 
 from copd_jax.errors import UserInputError
 
 REWARD_KINDS = ('exact', 'math')
+_FUNCTION_SPEC = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$')
+
+
+def is_reward_name(kind: str) -> bool:
+  """A built-in reward kind or a user function named 'package.module:function'."""
+  return kind in REWARD_KINDS or (isinstance(kind, str) and bool(_FUNCTION_SPEC.match(kind)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One prompt and its reference answer.
 
-  prompt: the user's text, without any chat template.
+  prompt: the user's text, without any chat template (for a chat row: its last user turn).
   answer: the reference answer; compared by the reward named in `reward`.
   domain: the name of the domain / task the example belongs to (one branch's data).
   id: a stable identifier (same example, same id across runs and seeds).
-  reward: the reward kind that scores completions of this prompt ('exact' or 'math').
+  reward: what scores completions of this prompt ('exact', 'math' or 'package.module:function').
+  messages: a chat row's turns as (role, content) pairs, ending with the user turn that
+    `prompt` holds; () for a plain prompt row.
   """
   prompt: str
   answer: str
   domain: str
   id: str
   reward: str = 'exact'
+  messages: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+  """How a domain's prompts become model text (config `domains.<name>`): through the
+  tokenizer's chat template or raw; a system prompt for rows that bring none; Qwen3's
+  `enable_thinking` (False: the template closes an empty `<think></think>` block itself, so
+  the model answers without reasoning; other templates ignore it)."""
+  use_chat_template: bool = True
+  system_prompt: str = ''
+  enable_thinking: bool = True
+
+
+def prompt_format(domain) -> PromptFormat:
+  """The PromptFormat of a config's `domains.<name>` entry."""
+  return PromptFormat(domain.use_chat_template, domain.system_prompt, domain.enable_thinking)
+
+
+def chat_messages(example: Example, system_prompt: str = '') -> list[dict[str, str]]:
+  """The example as chat messages; `system_prompt` leads unless the row has a system turn."""
+  turns = list(example.messages) or [('user', example.prompt)]
+  if system_prompt and not any(role == 'system' for role, _ in turns):
+    turns.insert(0, ('system', system_prompt))
+  return [{'role': role, 'content': content} for role, content in turns]
 
 
 def content_id(domain: str, prompt: str) -> str:
@@ -39,15 +73,20 @@ def content_id(domain: str, prompt: str) -> str:
   return f'{domain}:{digest}'
 
 
-def render_prompt(tokenizer, example: Example, use_chat_template: bool) -> str:
-  """The text the model is conditioned on: the chat template with a generation prompt, or the
-  raw prompt. With the character tokenizer, '12+34' renders as '12+34\\n='."""
-  if not use_chat_template:
+def render_prompt(tokenizer, example: Example, fmt: PromptFormat | bool = True) -> str:
+  """The text the model is conditioned on: the chat template with a generation prompt (system
+  prompt and enable_thinking from `fmt`), or the raw prompt. With the character tokenizer,
+  '12+34' renders as '12+34\\n='. `fmt` may be a bool: use_chat_template with the defaults."""
+  fmt = fmt if isinstance(fmt, PromptFormat) else PromptFormat(use_chat_template=bool(fmt))
+  if not fmt.use_chat_template:
+    if len(example.messages) > 1:
+      raise UserInputError(f'{example.id}: a chat row (messages) needs use_chat_template=True')
     return example.prompt
   if getattr(tokenizer, 'chat_template', None) is None:
     raise UserInputError('data.use_chat_template is true but the tokenizer has no chat_template')
-  text = tokenizer.apply_chat_template([{'role': 'user', 'content': example.prompt}],
-                                       tokenize=False, add_generation_prompt=True)
+  text = tokenizer.apply_chat_template(chat_messages(example, fmt.system_prompt), tokenize=False,
+                                       add_generation_prompt=True,
+                                       enable_thinking=fmt.enable_thinking)
   if not isinstance(text, str):
     raise TypeError(f'apply_chat_template returned {type(text).__name__}, expected str')
   return text

@@ -1,19 +1,25 @@
 """Examples from local data files: JSON Lines (.jsonl / .json, one object per line) or Parquet.
 
+A row's prompt is a string field, or a chat: a `messages` list of {'role', 'content'} turns
+(roles system / user / assistant, ending with a user turn) rendered with the chat template. Its
+answer is a string or a number (3 -> '3', 2.5 -> '2.5', 4.0 -> '4').
+
 Everything is validated while loading, before any training: a missing or empty file, a
-malformed JSON line, a missing field or a non-string value raises `DataFileError` whose
+malformed JSON line, a missing field or a value of the wrong type raises `DataFileError` whose
 one-line message names the file and the line (JSON Lines, 1-based) or row (Parquet, 0-based).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Iterator, Sequence
 
-from copd_jax.data.domain import REWARD_KINDS, Example
+from copd_jax.data.domain import REWARD_KINDS, Example, is_reward_name
 from copd_jax.errors import UserInputError
 
-PROMPT_FIELDS = ('prompt', 'question', 'problem')
+PROMPT_FIELDS = ('prompt', 'question', 'problem', 'messages')
+CHAT_ROLES = ('system', 'user', 'assistant')
 ANSWER_FIELDS = ('answer', 'solution')
 JSONL_EXTENSIONS = ('.jsonl', '.json')
 PARQUET_EXTENSIONS = ('.parquet', '.pq')
@@ -27,22 +33,60 @@ def _candidates(field: str | None, defaults: tuple[str, ...]) -> tuple[str, ...]
   return (field,) if field else defaults
 
 
-def _pick(record: dict[str, Any], names: tuple[str, ...], kind: str, where: str) -> str:
-  """The value of the first of `names` present in `record`, checked to be a non-empty string."""
+def _field(record: dict[str, Any], names: tuple[str, ...], kind: str, where: str
+           ) -> tuple[str, Any]:
+  """(name, value) of the first of `names` present in `record`, the value not null."""
   for name in names:
     if name in record:
-      value = record[name]
-      if value is None:
+      if record[name] is None:
         raise DataFileError(f'{where}: field {name!r} is null')
-      if not isinstance(value, str):
-        raise DataFileError(f'{where}: field {name!r} must be a string, got '
-                            f'{type(value).__name__} ({_short(value)})')
-      if not value.strip():
-        raise DataFileError(f'{where}: field {name!r} is empty')
-      return value
+      return name, record[name]
   tried = ', '.join(repr(n) for n in names)
   present = ', '.join(repr(k) for k in list(record)[:10]) or 'none'
   raise DataFileError(f'{where}: no {kind} field (tried {tried}; fields present: {present})')
+
+
+def _text(name: str, value: Any, where: str) -> str:
+  if not isinstance(value, str):
+    raise DataFileError(f'{where}: field {name!r} must be a string, got '
+                        f'{type(value).__name__} ({_short(value)})')
+  if not value.strip():
+    raise DataFileError(f'{where}: field {name!r} is empty')
+  return value
+
+
+def _answer_text(name: str, value: Any, where: str) -> str:
+  """A string answer as is; an integer or finite float as text (4.0 -> '4')."""
+  if isinstance(value, str):
+    return _text(name, value, where)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise DataFileError(f'{where}: field {name!r} must be a string or a number, got '
+                        f'{type(value).__name__} ({_short(value)})')
+  if isinstance(value, float) and not math.isfinite(value):
+    raise DataFileError(f'{where}: field {name!r} is {value}, not a usable answer')
+  if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+    return str(int(value))
+  return str(value)
+
+
+def _chat(name: str, value: Any, where: str) -> tuple[tuple[str, str], ...]:
+  """A `messages` list as (role, content) pairs, checked: roles known, contents non-empty
+  strings, the last turn the user's (the model writes the next one)."""
+  if not isinstance(value, (list, tuple)) or not value:
+    raise DataFileError(f'{where}: field {name!r} must be a non-empty list of '
+                        f"{{'role', 'content'}} messages, got {_short(value)}")
+  turns = []
+  for k, message in enumerate(value):
+    at = f'{where}: {name}[{k}]'
+    if not isinstance(message, dict) or 'role' not in message or 'content' not in message:
+      raise DataFileError(f"{at}: expected {{'role': ..., 'content': ...}}, got {_short(message)}")
+    if message['role'] not in CHAT_ROLES:
+      raise DataFileError(f'{at}: role {message["role"]!r} is not one of {", ".join(CHAT_ROLES)}')
+    turns.append((message['role'], _text('content', message['content'], at)))
+  if turns[-1][0] != 'user':
+    raise DataFileError(f'{where}: field {name!r} must end with a user message (the model '
+                        f'answers it), ends with {turns[-1][0]!r}')
+  return tuple(turns)
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -98,12 +142,13 @@ def load_examples(path: str, domain: str, prompt_field: str | None = None,
   """All examples of a JSON Lines or Parquet file, validated.
 
   The prompt is the first field present among `prompt_field` (if given, only that one) or
-  'prompt', 'question', 'problem'; the answer likewise among `answer_field` or 'answer',
-  'solution'. Both must be non-empty strings. Ids are '<domain>:<file name>:<line or row>'.
+  'prompt', 'question', 'problem', 'messages': a non-empty string, or a list of chat messages
+  (see the module docstring). The answer likewise among `answer_field` or 'answer',
+  'solution': a non-empty string or a number. Ids are '<domain>:<file name>:<line or row>'.
   """
-  if reward not in REWARD_KINDS:
+  if not is_reward_name(reward):
     raise UserInputError(f'{path}: unknown reward kind {reward!r}; choose from '
-                         f'{", ".join(REWARD_KINDS)}')
+                         f"{', '.join(REWARD_KINDS)} or 'package.module:function'")
   if not os.path.exists(path):
     raise DataFileError(f'{path}: data file does not exist')
   if not os.path.isfile(path):
@@ -121,10 +166,13 @@ def load_examples(path: str, domain: str, prompt_field: str | None = None,
   name = os.path.basename(path)
   examples = []
   for where, index, record in records:
-    prompt = _pick(record, prompt_names, 'prompt', where)
-    answer = _pick(record, answer_names, 'answer', where)
+    field, value = _field(record, prompt_names, 'prompt', where)
+    messages = _chat(field, value, where) if isinstance(value, (list, tuple)) else ()
+    prompt = messages[-1][1] if messages else _text(field, value, where)
+    answer = _answer_text(*_field(record, answer_names, 'answer', where), where)
     examples.append(Example(prompt=prompt, answer=answer, domain=domain,
-                            id=f'{domain}:{name}:{label}{index}', reward=reward))
+                            id=f'{domain}:{name}:{label}{index}', reward=reward,
+                            messages=messages))
   if not examples:
     raise DataFileError(f'{path}: no examples (empty file)')
   return examples

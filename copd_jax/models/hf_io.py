@@ -471,11 +471,13 @@ def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
           {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
 
     token_ids = {}
+    copied = set()
     if tokenizer_from:
       for file in TOKENIZER_FILES:
         src = storage.join(tokenizer_from, file)
         if storage.is_file(src):
           storage.copy_file(src, storage.join(folder, file))
+          copied.add(file)
     if tokenizer is not None:
       with tempfile.TemporaryDirectory() as staging:  # transformers writes local files only
         tokenizer.save_pretrained(staging)
@@ -485,11 +487,34 @@ def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
                                                                     'pad_token')}
     extra = {f'{k}_id': v for k, v in token_ids.items() if v is not None}
     extra.update(generation or {})
+    if tokenizer_from:  # the source model's own ids win (its bos_token_id, eos list, ...)
+      extra.update(source_token_ids(tokenizer_from))
+    if 'generation_config.json' not in copied and extra:
+      import transformers
+      storage.write_text(storage.join(folder, 'generation_config.json'),
+                         transformers.GenerationConfig(**extra).to_json_string(use_diff=True))
     dtype_name = np.dtype(dtype).name if dtype is not jnp.bfloat16 else 'bfloat16'
     storage.write_text(storage.join(folder, 'config.json'),
                        json.dumps(config_to_hf_dict(config, dtype=dtype_name, **extra), indent=2))
 
   storage.publish_dir(out_dir, build)
+
+
+def source_token_ids(folder: str) -> dict[str, Any]:
+  """Every special-token id ('*_token_id': bos, eos (an int or a list), pad, ...) that a model
+  folder's config.json or generation_config.json sets; config.json's win. An export writes
+  them back, so the exported model starts and stops generating like its source."""
+  ids: dict[str, Any] = {}
+  for name in ('generation_config.json', 'config.json'):
+    path = storage.join(folder, name)
+    if not storage.is_file(path):
+      continue
+    try:
+      raw = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+      raise HFFormatError(f'{path}:{e.lineno}: invalid JSON: {e.msg}') from None
+    ids.update({k: v for k, v in raw.items() if k.endswith('_token_id') and v is not None})
+  return ids
 
 
 def model_params_dict(model: Qwen3) -> dict[str, Any]:

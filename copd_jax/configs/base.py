@@ -1,0 +1,141 @@
+"""Shared defaults of every run config. Config files call `base_config()` and change fields:
+`from copd_jax.configs.base import base_config, synthetic_domain` (installed or not; the
+repository's configs/base.py re-exports both).
+
+Field reference (all checked by copd_jax.config_checks.validate before any compute; a section
+the code turns into an object is checked by that object: grpo / opd -> copd_jax.step_config,
+sampling -> copd_jax.sampling.SamplingParams, optimizer -> copd_jax/optim.py, mesh ->
+copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
+  seed                      base of every PRNG stream and data order
+  branches                  one domain name per branch; 'a+b' = a branch trained on mixed data
+  domains.<name>            source 'synthetic' (num_train/num_eval) or 'file' (train_path/eval_path
+                            JSONL or Parquet, prompt_field/answer_field; a prompt is a string or
+                            a 'messages' list of {role, content}; an answer a string or a
+                            number). Prompting: use_chat_template (render with the tokenizer's
+                            template), system_prompt ('' = none; a row's own system message
+                            wins), enable_thinking (Qwen3's template: False closes an empty
+                            <think></think> so the model answers directly). Scoring: reward
+                            'exact' (normalised: whitespace, one trailing period), 'math'
+                            (math-verify) or 'package.module:function' (your own function,
+                            signature in copd_jax/user_rewards.py; configs/custom_reward_example.py);
+                            answer_extraction: what is scored, always from the text after the
+                            last </think>: 'final' (that text), 'boxed' (its last \boxed{}),
+                            'last_number'; reward_timeout_s: seconds per completion in the
+                            reward worker (past it: 0, logged)
+  model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
+                            compute/param dtype, remat, scan_layers; branch_init: one path per
+                            branch ('' = the base) to start that branch from: a HF folder, a
+                            merged checkpoint, or a run workdir with ':k' for its branch k; preset: '' or a built-in
+                            Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
+                            'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) that `plan` uses
+                            when hf_path holds no config.json (shapes only, no weights)
+  warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
+  copd                      num_cycles N, s_rl, s_opd (steps per phase), topology ('pairwise',
+                            'hub_and_spoke', 'full', 'edges' with edges='s<-t,...', 'none'),
+                            hub, drop_edges ('s<-t,...'), freeze (branch indices never
+                            updated: frozen teachers, e.g. '1' or '1,2'); schedule 'fixed'
+                            (N x (S_RL, S_OPD)) or 'overlap' (RL until the smallest measured O_k < overlap_low,
+                            then OPD until it is >= overlap_high; O_k probed every probe_every
+                            RL steps; the budget stays N x (S_RL + S_OPD) steps). The
+                            defaults 0.87 / 0.89 are the 25th percentile and median of the toy
+                            runs' logged O_k (experiments/thresholds.py); O_k's level depends on
+                            k, the vocabulary and the model, so re-derive them per setting
+  guard                     max_bad_steps: consecutive steps with a non-finite loss or gradient
+                            in any branch (updates skipped) before the run stops cleanly;
+                            inject_nan 'BRANCH:STEP[,...]' poisons that branch's batch at that
+                            global step (fault-injection test hook; '' = off)
+  grpo                      group_size G, prompts_per_step, epsilon_low/high, std_normalize,
+                            aggregation, kl_coef (k3 to the base), entropy_coef, micro_batches,
+                            logits_chunk: score that many positions of full-vocabulary logits
+                            at a time, recomputing them in the backward pass (bounds the
+                            [rows, T, vocab] logits of the GRPO / OPD updates, the OPD
+                            teacher pass and the overlap probe to [rows, logits_chunk, vocab];
+                            0 = off, all T at once). micro_batches and logits_chunk change
+                            memory, not results, and may change when a run is resumed
+  opd                       prompts_per_step (per teacher), samples_per_prompt, beta (scale of
+                            the OPD advantage beta * delta), delta_clamp (bound on |delta|;
+                            0 = off). A checkpoint written when beta and delta_clamp were in
+                            copd still resumes (copd_jax.config.MOVED_FIELDS)
+  sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p
+  optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps (total
+                            steps of a 'cosine' / 'linear' schedule; unused by 'constant'),
+                            weight_decay, b1, b2, max_grad_norm (copd_jax/optim.py)
+  mesh                      axis sizes for ('branch', 'fsdp', 'tensor'); -1 = the rest
+  mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
+                            like mesh; all 0 = sample on the training mesh. The driver
+                            moves the weights into it for each sampling call; `plan` counts it
+  shard_params_over_fsdp    True: parameters and optimizer state are sharded over 'fsdp'
+                            (FSDP); False: replicated over it (plain data parallelism,
+                            faster for small models and on CPU devices). Layout only: a
+                            resumed run may change it
+  cpu_devices               on a CPU-only host, how many jax devices to split the cores into
+                            (copd_jax/host_devices.py): 0 = as many as the mesh can use, up to
+                            one per core; 1 = jax's default single device. Ignored when
+                            XLA_FLAGS or JAX_NUM_CPU_DEVICES set the count, and on GPU / TPU
+  eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
+  metrics                   log_every (steps), overlap_top_k (k of O_k)
+  checkpoint                every_steps; keep_last: how many of the newest checkpoints stay on
+                            disk; keep_phase_ends: how many of the newest phase-end checkpoints
+                            (end of each RL / OPD phase) stay besides them (0 = none, -1 = all;
+                            at most keep_last + keep_phase_ends on disk; `plan` prints the
+                            bytes). Either may change when a run is resumed
+  merge                     method applied at the end ('mean', 'task_arithmetic', 'ties', 'dare',
+                            'none'), lam (task vector scale), density (TIES / DARE)
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.branches = ('count', 'sort')
+  c.domains = ml_collections.ConfigDict()
+  for name in ('arithmetic', 'reverse', 'sort', 'count'):
+    c.domains[name] = synthetic_domain()
+
+  c.model = ml_collections.ConfigDict(dict(
+      source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
+      scan_layers=True, preset='', branch_init=(),
+      toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+               intermediate_size=192)))
+  c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3))
+  c.copd = ml_collections.ConfigDict(dict(
+      num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
+      freeze='', schedule='fixed', overlap_low=0.87,
+      overlap_high=0.89, probe_every=2))
+  c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3, inject_nan=''))
+  c.grpo = ml_collections.ConfigDict(dict(
+      group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
+      aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1,
+      logits_chunk=0))
+  c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0,
+                                         delta_clamp=0.0))
+  c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,
+      b1=0.9, b2=0.999, max_grad_norm=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=1, tensor=1))
+  c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
+  c.shard_params_over_fsdp = True
+  c.cpu_devices = 0
+  c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4))
+  c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3, keep_phase_ends=0))
+  c.merge = ml_collections.ConfigDict(dict(method='mean', lam=1.0, density=0.2))
+  # Locked: a config file that sets a field the schema lacks (a typo) fails where it does so.
+  # Only `domains` takes new entries, each a locked domain from synthetic_domain().
+  c.lock()
+  c.domains.unlock()
+  for domain in c.domains.values():
+    domain.lock()
+  return c
+
+
+def synthetic_domain(num_train: int = 2000, num_eval: int = 200) -> ml_collections.ConfigDict:
+  """A domain entry (locked; a file domain sets source='file', train_path and eval_path)."""
+  domain = ml_collections.ConfigDict(dict(
+      source='synthetic', reward='exact', num_train=num_train, num_eval=num_eval, train_path='',
+      eval_path='', prompt_field='', answer_field='', use_chat_template=True, system_prompt='',
+      enable_thinking=True, answer_extraction='final', reward_timeout_s=2.0))
+  domain.lock()
+  return domain
