@@ -553,7 +553,9 @@ class ParamsSource:
     if file is None:
       raise CheckpointError(f'{self.path}: missing tensor {name}')
     with hf_io.open_safetensors(file) as f:
-      return np.asarray(f.get_tensor(name)).astype(np.float32)
+      tensor = np.asarray(f.get_tensor(name))
+    hf_io.check_weight_values(tensor, name, file)   # NaN / inf or integer weights, by name
+    return tensor.astype(np.float32)
 
 
 def _region(shape: Sequence[int], layer: int | None, block: tuple[Any, ...] | None

@@ -259,6 +259,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
     path = config.model.hf_path
     _check(bool(path) and os.path.isfile(os.path.join(path, 'config.json')), 'model.hf_path',
            f'no Hugging Face model folder (config.json) at {path!r}')
+    _check_hf_tokenizer(path)
   _one_of(config, 'model.compute_dtype', DTYPES)
   _one_of(config, 'model.param_dtype', DTYPES)
   for field in ('remat', 'scan_layers'):
@@ -370,10 +371,54 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _positive_int(config, 'checkpoint.every_steps')
   _positive_int(config, 'checkpoint.keep_last')
   _positive_int(config, 'seed', allow_zero=True)
+  _check_sizes(config, check_files)
   _one_of(config, 'merge.method', MERGE_METHODS)
   _real(config, 'merge.lam')
   if config.merge.method in ('ties', 'dare'):
     _real(config, 'merge.density', 0, 1, low_open=True)
+
+
+def _check_hf_tokenizer(folder: str) -> None:
+  """The model folder must hold a tokenizer `transformers` can build without network or
+  custom code: tokenizer.json, or vocab.json with merges.txt, or a SentencePiece
+  tokenizer.model (tokenizer_config.json alone names a class but holds no vocabulary)."""
+  has = lambda name: os.path.isfile(os.path.join(folder, name))
+  alone = '; tokenizer_config.json alone holds no vocabulary' if has('tokenizer_config.json') \
+      else ''
+  _check(has('tokenizer.json') or (has('vocab.json') and has('merges.txt'))
+         or has('tokenizer.model'), 'model.hf_path',
+         f'no tokenizer in {folder!r} (expected tokenizer.json, or vocab.json and merges.txt'
+         f'{alone})')
+
+
+# Seeds are offset per domain and per OPD round and must stay within uint32 (JAX, Grain, numpy).
+MAX_SEED = 2**31 - 1
+
+
+def _model_vocab_size(config, check_files: bool) -> int | None:
+  """The model's vocabulary size, known before any compute (None: not known yet)."""
+  if config.model.source == 'toy':
+    from copd_jax.models.tokenizer import char_vocab_size
+    return char_vocab_size()
+  if not check_files:
+    return None
+  import json
+  try:
+    with open(os.path.join(config.model.hf_path, 'config.json')) as f:
+      size = json.load(f).get('vocab_size')
+  except (OSError, ValueError, AttributeError):
+    return None   # reported with its file and field when the model is read
+  return size if isinstance(size, int) else None
+
+
+def _check_sizes(config, check_files: bool) -> None:
+  """Values that pass their type checks but would fail mid-run: a seed past uint32 (after the
+  workdir is made), a top-k overlap wider than the vocabulary (after checkpoint 0)."""
+  _check(config.seed <= MAX_SEED, 'seed', f'must be at most {MAX_SEED:,}, got {config.seed}')
+  vocab = _model_vocab_size(config, check_files)
+  _check(vocab is None or config.metrics.overlap_top_k <= vocab, 'metrics.overlap_top_k',
+         f'must be at most the model\'s vocabulary size {vocab}, got '
+         f'{config.metrics.overlap_top_k}')
 
 
 def _check_toy_model(config) -> None:

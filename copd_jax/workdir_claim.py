@@ -42,11 +42,15 @@ def newest_meta(workdir: str) -> tuple[int, dict] | None:
 
 def _remove_own_leftovers(workdir: str, created: bool, before: set[str]) -> None:
   """After a failed start, while still holding the lock: removes the lock file and marker this
-  claim added, when nothing else was written (and the workdir, when the claim created it)."""
+  claim added, and empty folders the run made, when nothing else was written (and the workdir,
+  when the claim created it)."""
   if not storage.is_dir(workdir):
     return
   added = set(storage.listdir(workdir)) - before
-  if not added <= {workdir_lock.LOCK_FILE, workdir_lock.LEASE_OBJECT, run_owner.RUN_MARKER}:
+  ours = {workdir_lock.LOCK_FILE, workdir_lock.LEASE_OBJECT, run_owner.RUN_MARKER}
+  empty = {n for n in added if storage.is_dir(storage.join(workdir, n))
+           and not storage.listdir(storage.join(workdir, n))}   # e.g. checkpoints/, made early
+  if not added <= ours | empty:
     return
   for name in added - {workdir_lock.LEASE_OBJECT}:   # the lease goes with the lock's release
     storage.rmtree(storage.join(workdir, name))

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save, save_file
 
 from copd_jax import mesh as mesh_lib
-from copd_jax import output_paths, storage
+from copd_jax import finite, output_paths, storage
 from copd_jax.errors import UserInputError
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 
@@ -363,7 +363,21 @@ def _convert(array, to_ours, target_shape, hf_name, path):
   if value is None or tuple(value.shape) != tuple(target_shape):
     raise HFFormatError(f'{path}: tensor {hf_name} has shape {tuple(array.shape)}, which does not '
                         f'match config.json (expected {_hf_shape_hint(target_shape, hf_name)})')
+  check_weight_values(array, hf_name, path)
   return value
+
+
+def check_weight_values(array, hf_name: str, path: str) -> None:
+  """Refuses a weight that is not floating point (integer tensors would be used as floats) or
+  holds NaN / inf (every output would be NaN), naming the tensor and its file."""
+  dtype = np.asarray(array).dtype
+  if not (np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16):
+    raise HFFormatError(f'{path}: tensor {hf_name} has dtype {dtype}; weights must be floating '
+                        'point')
+  bad = finite.nonfinite_count(array)
+  if bad:
+    raise HFFormatError(f'{path}: tensor {hf_name} has {bad:,} of {np.asarray(array).size:,} '
+                        'values NaN or inf')
 
 
 def _hf_shape_hint(target_shape, hf_name) -> str:
