@@ -32,8 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from scripts.faults import (checkpoints, configs, data_files, kills, nan_guard,  # noqa: E402
-                            report, rewards, workdirs)
+from scripts.faults import (checkpoints, configs, data_files, kills,  # noqa: E402
+                            model_inputs, nan_guard, report, rewards, workdirs)
 from scripts.faults.cli import IN_PROCESS_DEVICES  # noqa: E402
 
 MODES = ('inputs', 'checkpoints', 'nan', 'rewards', 'kills', 'workdirs')
@@ -42,7 +42,8 @@ MODES = ('inputs', 'checkpoints', 'nan', 'rewards', 'kills', 'workdirs')
 def section(mode: str, folder: str, args: argparse.Namespace) -> report.Section:
   """The report section of one mode, run in `folder`."""
   if mode == 'inputs':
-    return report.join_sections([configs.markdown(folder), data_files.markdown(folder)])
+    return report.join_sections([configs.markdown(folder), data_files.markdown(folder),
+                                 model_inputs.markdown(folder)])
   if mode == 'checkpoints':
     return checkpoints.markdown(folder)
   if mode == 'nan':

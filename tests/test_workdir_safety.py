@@ -204,7 +204,8 @@ def _file_run(tmp_path):
   train_file, eval_file = tmp_path / 'train.jsonl', tmp_path / 'eval.jsonl'
   train_file.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n')
   eval_file.write_text('{"prompt": "3+3", "answer": "6"}\n')
-  overrides = ['--config.domains.count.source=file', f'--config.domains.count.train_path={train_file}',
+  overrides = ['--config.domains.count.source=file',
+               f'--config.domains.count.train_path={train_file}',
                f'--config.domains.count.eval_path={eval_file}']
   config = load_config(cli.TOY_CONFIG, [*cli.BASE_OVERRIDES, *overrides])
   recorded = data_digests.digests_of(config)
