@@ -14,6 +14,7 @@ import subprocess
 import time
 from typing import Callable
 
+from copd_jax.workdir_lock import LOCK_FILE
 from scripts.faults import report, runs
 from scripts.faults.checkpoints import partial_run
 from scripts.faults.cli import ROOT, CliResult, cli_subprocess
@@ -218,15 +219,17 @@ def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
   rows[0] = json.dumps({'prompt': train[0].prompt, 'answer': train[0].answer + '0'})
   with open(paths['train'], 'w') as f:
     f.write('\n'.join(rows) + '\n')
-  before = snapshot(workdir)
+  # The lock file records each run that takes the lock (this refused one too): not run data.
+  contents = lambda: {k: v for k, v in snapshot(workdir).items() if k != LOCK_FILE}
+  before = contents()
   refused = runs.train_process(workdir, env, extra)
   cli = CliResult(refused.returncode, refused.stderr)
   problems = [] if cli.one_error_line and 'changed since the checkpoint of step 1' in \
       cli.message and paths['train'] in cli.message else ['no one-line refusal naming the file']
-  if snapshot(workdir) != before:
+  if contents() != before:
     problems.append('the workdir changed')
   first = Probe('resume after the train file changed (same row count)', refused.returncode,
-                cli.message, problems, 'the workdir byte for byte')
+                cli.message, problems, 'the workdir byte for byte (its lock file aside)')
   accepted = runs.train_process(workdir, env, [*extra, '--accept-changed-data'])
   text = accepted.stdout + accepted.stderr
   warning = next((l.strip() for l in text.splitlines() if l.startswith('warning: config.')), '')
