@@ -38,7 +38,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
-from copd_jax import digests, storage
+from copd_jax import digests, output_paths, storage
 from copd_jax.retention import preserved_steps
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
@@ -336,8 +336,11 @@ _PARAMS_DATA_FILE_BYTES = 32 * 2**20
 
 
 def save_params_checkpoint(out_dir: str, params: Mapping[str, Any], meta: Mapping[str, Any], *,
-                           tokenizer_dir: str | None = None, overwrite: bool = False) -> None:
+                           tokenizer_dir: str | None = None, overwrite: bool = False,
+                           output_of: str | None = None) -> None:
   """Writes one model's pure-dict params + meta (+ a copy of tokenizer_dir's files) to out_dir.
+  output_of: the command whose output this is, recorded in the folder's marker file
+  (copd_jax/output_paths.py: what `--overwrite` may replace).
 
   Written with `storage.publish_dir`: locally built under a temporary sibling and renamed into
   place, remotely written in place with a completion marker last; either way an interrupted write
@@ -374,6 +377,8 @@ def save_params_checkpoint(out_dir: str, params: Mapping[str, Any], meta: Mappin
           storage.copy_file(src, storage.join(dest, name))
         else:
           shutil.copy(src, dest)
+    if output_of:
+      output_paths.write_marker(folder, output_of)
 
   storage.publish_dir(out_dir, build)
 
@@ -558,7 +563,9 @@ class ParamsSource:
     if file is None:
       raise CheckpointError(f'{self.path}: missing tensor {name}')
     with hf_io.open_safetensors(file) as f:
-      return np.asarray(f.get_tensor(name)).astype(np.float32)
+      tensor = np.asarray(f.get_tensor(name))
+    hf_io.check_weight_values(tensor, name, file)   # NaN / inf or integer weights, by name
+    return tensor.astype(np.float32)
 
 
 def _region(shape: Sequence[int], layer: int | None, block: tuple[Any, ...] | None

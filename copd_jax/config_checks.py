@@ -9,6 +9,7 @@ rows that micro_batches must divide) are checked here. Every error names the con
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -20,6 +21,7 @@ from copd_jax.data.domain import REWARD_KINDS, is_reward_name
 from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields
 from copd_jax.models import hub
+from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
 from copd_jax.optim import make_optimizer
 from copd_jax.sampling import SamplingParams
@@ -56,6 +58,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
     check.positive_int(field, _get(config, field))
   _check_checkpoint_retention(config)
   check.positive_int('seed', config.seed, allow_zero=True)
+  _check_sizes(config, check_files)
   check.one_of('merge.method', config.merge.method, MERGE_METHODS)
   check.real('merge.lam', config.merge.lam)
   if config.merge.method in ('ties', 'dare'):
@@ -208,6 +211,48 @@ def _check_model_path(config) -> None:
     raise ConfigError(f'config.model.hf_path: {e}') from None
   check.check(bool(local) and os.path.isfile(os.path.join(local, 'config.json')), 'model.hf_path',
               f'no Hugging Face model folder (config.json) at {path!r}')
+  _check_hf_tokenizer(local)
+
+
+def _check_hf_tokenizer(folder: str) -> None:
+  """The model folder must hold a tokenizer `transformers` can build without network or
+  custom code: tokenizer.json, or vocab.json with merges.txt, or a SentencePiece
+  tokenizer.model (tokenizer_config.json alone names a class but holds no vocabulary)."""
+  has = lambda name: os.path.isfile(os.path.join(folder, name))
+  alone = '; tokenizer_config.json alone holds no vocabulary' if has('tokenizer_config.json') \
+      else ''
+  check.check(has('tokenizer.json') or (has('vocab.json') and has('merges.txt'))
+              or has('tokenizer.model'), 'model.hf_path',
+              f'no tokenizer in {folder!r} (expected tokenizer.json, or vocab.json and merges.txt'
+              f'{alone})')
+
+
+# Seeds are offset per domain and per OPD round and must stay within uint32 (JAX, Grain, numpy).
+MAX_SEED = 2**31 - 1
+
+
+def _model_vocab_size(config, check_files: bool) -> int | None:
+  """The model's vocabulary size, known before any compute (None: not known yet)."""
+  if config.model.source == 'toy':
+    return char_vocab_size()
+  if not check_files:
+    return None
+  try:
+    with open(os.path.join(hub.local_model_path(config.model.hf_path), 'config.json')) as f:
+      size = json.load(f).get('vocab_size')
+  except (OSError, ValueError, AttributeError, UserInputError):
+    return None   # reported with its file and field when the model is read
+  return size if isinstance(size, int) else None
+
+
+def _check_sizes(config, check_files: bool) -> None:
+  """Values that pass their type checks but would fail mid-run: a seed past uint32 (after the
+  workdir is made), a top-k overlap wider than the vocabulary (after checkpoint 0)."""
+  check.check(config.seed <= MAX_SEED, 'seed', f'must be at most {MAX_SEED:,}, got {config.seed}')
+  vocab = _model_vocab_size(config, check_files)
+  check.check(vocab is None or config.metrics.overlap_top_k <= vocab, 'metrics.overlap_top_k',
+              f"must be at most the model's vocabulary size {vocab}, got "
+              f'{config.metrics.overlap_top_k}')
 
 
 def _check_checkpoint_retention(config) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
+from copd_jax import data_digests
 from copd_jax import distributed
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
@@ -219,6 +220,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   log = distributed.primary_logger(log)
   progress = progress and distributed.is_primary()
   domains = load_domains(config)  # validates data files before any compute or any write
+  data_files = data_digests.digests_of(config)  # in every checkpoint: a resume checks them
   storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
                                       keep_marked=config.checkpoint.keep_phase_ends)
@@ -343,7 +345,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
         checkpointer.save(step, state, ckpt.run_meta(
             cycle=cycle, phase=phase, step=step, model_config=model.config,
             tokenizer_dir=base_path, base_params=base_path, config=config,
-            data_state=sources.get_state(), phases=phases.get_state()),
+            data_state=sources.get_state(), phases=phases.get_state(), data_files=data_files),
             keep=phases.is_phase_end(step))
   finally:
     bar.close()

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from copd_jax import checkpoint as ckpt
-from copd_jax import storage
+from copd_jax import finite, storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3Config
@@ -125,9 +125,10 @@ class MergeRecipe:
       raise MergeError(f'--weights: only used by --method weighted (got --method {self.method})')
     if self.method in ('ties', 'dare') and not 0 < self.density <= 1:
       raise MergeError(f'--density: must be in (0, 1], got {self.density}')
+    check_recipe_numbers(self)
 
   def as_dict(self) -> dict[str, Any]:
-    out = {'method': self.method}
+    out: dict[str, Any] = {'method': self.method}
     if self.method == 'weighted':
       out['weights'] = list(self.weights)
     if self.method in NEEDS_BASE:
@@ -137,6 +138,24 @@ class MergeRecipe:
     if self.method == 'dare':
       out['seed'] = self.seed
     return out
+
+
+# Largest |--lambda| accepted: a task vector scaled further is no longer a merge of the inputs.
+MAX_ABS_LAMBDA = 100.0
+
+
+def check_recipe_numbers(recipe: MergeRecipe) -> None:
+  """Refuses non-finite or out-of-range numeric options of `recipe` (a NaN --lambda would give
+  an all-NaN model), naming the flag."""
+  if not math.isfinite(recipe.lam) or abs(recipe.lam) > MAX_ABS_LAMBDA:
+    raise MergeError(f'--lambda: must be a finite number in [-{MAX_ABS_LAMBDA:g}, '
+                     f'{MAX_ABS_LAMBDA:g}], got {recipe.lam}')
+  if not math.isfinite(recipe.density):
+    raise MergeError(f'--density: must be a finite number in (0, 1], got {recipe.density}')
+  if recipe.weights is not None and not all(math.isfinite(w) for w in recipe.weights):
+    raise MergeError(f'--weights: must be finite numbers, got {list(recipe.weights)}')
+  if not 0 <= recipe.seed < 2**63:
+    raise MergeError(f'--seed: must be an integer in [0, 2^63), got {recipe.seed}')
 
 
 def merge_tensor(recipe: MergeRecipe, thetas: np.ndarray, base: np.ndarray | None = None,
@@ -349,6 +368,10 @@ def merge_checkpoints(inputs: str | Sequence[str], method: str = 'mean', *,
     raise MergeError(f'--base {base}: must be a HF folder or params-only checkpoint, not a run')
   check_compatible(models, base_source)
   params = merge_models(models, recipe, base_source)
+  bad = finite.first_nonfinite(params)
+  if bad is not None:
+    raise MergeError(f'merged model: {finite.describe(bad)} (from the inputs '
+                     f'{", ".join(m.label for m in models)}); nothing written')
   first = models[0].source
   meta = {'kind': 'merged', ckpt.META_MODEL_CONFIG: dataclasses.asdict(first.model_config),
           ckpt.META_TOKENIZER_DIR: first.tokenizer_dir,
@@ -356,5 +379,5 @@ def merge_checkpoints(inputs: str | Sequence[str], method: str = 'mean', *,
           'merge': {**recipe.as_dict(), 'inputs': [m.label for m in models]}}
   if out is not None:
     ckpt.save_params_checkpoint(out, params, meta, tokenizer_dir=first.tokenizer_dir,
-                                overwrite=overwrite)
+                                overwrite=overwrite, output_of='merge')
   return MergeResult(params, first.model_config, first.tokenizer_dir, meta)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -57,7 +58,9 @@ class MetricsLog:
   """Appends scalar metrics to <workdir>/metrics.jsonl and TensorBoard event files.
 
   On resume, lines at or after the resumed step are dropped first, so the file always equals
-  that of an uninterrupted run. The workdir may be remote (gs://...): object stores cannot append,
+  that of an uninterrupted run; every readable record before it is kept, and damaged lines
+  (a torn line from a kill, bytes garbled on disk) are skipped with a warning and kept aside in
+  metrics.jsonl.damaged. The workdir may be remote (gs://...): object stores cannot append,
   so there the log is kept in memory and uploaded whole (one atomic object write) at most every
   `flush_secs`, on `flush()` and on `close()`; call `flush()` before saving a checkpoint so a
   resume never misses lines before its step. TensorBoard writes remote URLs itself
@@ -88,14 +91,11 @@ class MetricsLog:
                                    flush_secs=10)
 
   def _truncate_from(self, step: int) -> None:
-    kept = []
-    for line in storage.read_text(self.path).splitlines(keepends=True):
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        break  # a torn last line from a kill
-      if record.get('step', -1) < step:
-        kept.append(line if line.endswith('\n') else line + '\n')
+    """Keeps every readable record before `step`; damaged lines are skipped, reported (one
+    warning naming the file and their line numbers) and kept in `<path>.damaged`."""
+    kept, damaged = records_before(storage.read_text(self.path), step)
+    if damaged:
+      keep_damaged_lines(self.path, damaged)
     # Local: temporary file + os.replace, so a kill mid-rewrite keeps the old file; remote: one
     # object upload, which replaces the old object whole or not at all.
     storage.write_text(self.path, ''.join(kept))
@@ -134,6 +134,37 @@ class MetricsLog:
       self.flush()
     if self._writer is not None:
       self._writer.close()
+
+
+def records_before(text: str, step: int) -> tuple[list[str], list[tuple[int, str]]]:
+  """(lines of metrics.jsonl `text` holding a record of a step before `step`, each ending in a
+  newline; (1-based line number, line) of every damaged line: not a JSON object with an integer
+  'step'). A damaged line never hides the good records after it."""
+  kept, damaged = [], []
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    recorded = record.get('step') if isinstance(record, dict) else None
+    if not isinstance(recorded, int) or isinstance(recorded, bool):
+      damaged.append((number, line))
+    elif recorded < step:
+      kept.append(line + '\n')
+  return kept, damaged
+
+
+def keep_damaged_lines(path: str, damaged: list[tuple[int, str]]) -> None:
+  """Appends the damaged lines of `path` to `<path>.damaged` (so nothing is lost) and warns
+  once, naming the file and the line numbers."""
+  aside = path + '.damaged'
+  old = storage.read_text(aside) if storage.exists(aside) else ''
+  storage.write_text(aside, old + ''.join(f'{line}\n' for _, line in damaged))
+  numbers = ', '.join(str(n) for n, _ in damaged[:10]) + (' ...' if len(damaged) > 10 else '')
+  warnings.warn(f'{path}: skipped {len(damaged)} unreadable line(s) on resume (line {numbers}); '
+                f'kept them in {aside}', stacklevel=3)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

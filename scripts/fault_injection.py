@@ -8,10 +8,12 @@ tried, what the program did (its actual one-line message), and whether anything 
   python scripts/fault_injection.py nan                     # NaN in one branch: the guard
   python scripts/fault_injection.py rewards [--completions 1000]
   python scripts/fault_injection.py kills [--kills 5] [--seed 0]
+  python scripts/fault_injection.py workdirs                # data loss: outputs, locks, resumes
   python scripts/fault_injection.py all                     # everything (docs/reliability.md)
 
 The cases live in scripts/faults/, one module per fault kind (configs, data_files, checkpoints,
-nan_guard, rewards, kills); this file only parses the command line and prints the report.
+nan_guard, rewards, kills, workdirs); this file only parses the command line and prints the
+report.
 `kills` runs the tiny toy experiment of tests/test_driver.py (TINY, plus --cycles) once
 uninterrupted, then again while killing it with SIGKILL at random points and resuming, and
 checks that every output equals the uninterrupted run's (see scripts/faults/kills.py).
@@ -30,23 +32,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from scripts.faults import (checkpoints, configs, data_files, kills, nan_guard,  # noqa: E402
-                            report, rewards)
+from scripts.faults import (checkpoints, configs, data_files, kills,  # noqa: E402
+                            model_inputs, nan_guard, report, rewards, workdirs)
 from scripts.faults.cli import IN_PROCESS_DEVICES  # noqa: E402
 
-MODES = ('inputs', 'checkpoints', 'nan', 'rewards', 'kills')
+MODES = ('inputs', 'checkpoints', 'nan', 'rewards', 'kills', 'workdirs')
 
 
 def section(mode: str, folder: str, args: argparse.Namespace) -> report.Section:
   """The report section of one mode, run in `folder`."""
   if mode == 'inputs':
-    return report.join_sections([configs.markdown(folder), data_files.markdown(folder)])
+    return report.join_sections([configs.markdown(folder), data_files.markdown(folder),
+                                 model_inputs.markdown(folder)])
   if mode == 'checkpoints':
     return checkpoints.markdown(folder)
   if mode == 'nan':
     return nan_guard.markdown(folder)
   if mode == 'rewards':
     return rewards.markdown(args.completions, args.seed)
+  if mode == 'workdirs':
+    return workdirs.markdown(folder)
   return kills.markdown(folder, args.kills, args.seed, args.cycles)
 
 

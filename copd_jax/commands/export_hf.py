@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import checkpoint as ckpt
-from copd_jax import storage
+from copd_jax import finite, output_paths, storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3Config
@@ -32,14 +32,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
 
 
-def check_out_dir(path: str, overwrite: bool, flag: str) -> None:
-  if storage.exists(path) and not overwrite:
-    raise UserInputError(f'{flag} {path}: already exists (pass --overwrite to replace it)')
+def check_out_dir(path: str, overwrite: bool, flag: str, command: str = 'export-hf',
+                  inputs: Sequence[tuple[str, str]] = ()) -> None:
+  """Refuses an output path that is, contains or lies inside one of `inputs` ((flag, path)
+  pairs), and an existing one unless --overwrite was given and it is a previous output of
+  `command` (copd_jax/output_paths.py)."""
+  output_paths.check_not_overlapping(flag, path, inputs)
+  output_paths.check_replaceable(flag, path, overwrite, command)
+
+
+def check_finite(params: dict[str, Any], where: str) -> None:
+  """Refuses to write a model with NaN or inf parameters, naming the first such tensor."""
+  bad = finite.first_nonfinite(params)
+  if bad is not None:
+    raise UserInputError(f'{where}: {finite.describe(bad)}; refusing to export it')
 
 
 def write_hf_folder(params: dict[str, Any], config: Qwen3Config, tokenizer_dir: str | None,
-                    out_dir: str, dtype: str = 'float32') -> None:
-  """save_hf_folder with the tokenizer files of tokenizer_dir and its special-token ids."""
+                    out_dir: str, dtype: str = 'float32', command: str = 'export-hf') -> None:
+  """save_hf_folder with the tokenizer files of tokenizer_dir and its special-token ids, marked
+  as an output of `command`."""
   generation = {}
   if tokenizer_dir:
     from copd_jax.models.tokenizer import load_tokenizer  # imports transformers
@@ -54,12 +66,15 @@ def write_hf_folder(params: dict[str, Any], config: Qwen3Config, tokenizer_dir: 
     print(f'warning: no tokenizer recorded for this model; {out_dir} has weights and config only',
           file=sys.stderr)
   hf_io.save_hf_folder(params, config, out_dir, tokenizer_from=tokenizer_dir,
-                       dtype=HF_DTYPES[dtype], generation=generation)
+                       dtype=HF_DTYPES[dtype], generation=generation, output_of=command)
 
 
 def run(args: argparse.Namespace) -> int:
-  check_out_dir(args.out, args.overwrite, '--out')
+  check_out_dir(args.out, args.overwrite, '--out', inputs=[('--checkpoint', args.checkpoint)])
   config, params, tokenizer_dir = ckpt.load_params_for_inference(args.checkpoint, args.branch)
+  check_finite(params, args.checkpoint + ('' if args.branch is None else f' branch {args.branch}'))
+  if tokenizer_dir:
+    check_out_dir(args.out, args.overwrite, '--out', inputs=[('tokenizer_dir', tokenizer_dir)])
   write_hf_folder(params, config, tokenizer_dir, args.out, args.dtype)
   print(f'wrote {args.out} ({config.num_params():,} parameters, {args.dtype})')
   return 0

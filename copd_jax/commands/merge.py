@@ -37,10 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
 
 
+def merge_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+  """(flag, path) of every input folder named on the command line."""
+  inputs = [('--workdir', args.workdir)] if args.workdir else [
+      ('--inputs', merge_lib.parse_input(spec)[0]) for spec in args.inputs]
+  return inputs + ([('--base', args.base)] if args.base else [])
+
+
 def run(args: argparse.Namespace) -> int:
-  check_out_dir(args.out, args.overwrite, '--out')
+  inputs = merge_inputs(args)
+  check_out_dir(args.out, args.overwrite, '--out', 'merge', inputs)
   if args.hf_out:
-    check_out_dir(args.hf_out, args.overwrite, '--hf-out')
+    check_out_dir(args.hf_out, args.overwrite, '--hf-out', 'merge',
+                  inputs + [('--out', args.out)])
   result = merge_lib.merge_checkpoints(
       args.workdir or args.inputs, args.method, base=args.base, weights=args.weights,
       lam=args.lam, density=args.density, seed=args.seed, out=args.out, overwrite=args.overwrite)
@@ -48,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
   print(f'merged {len(recipe["inputs"])} models with {recipe["method"]} -> {args.out}')
   if args.hf_out:
     write_hf_folder(result.params, result.model_config, result.tokenizer_dir, args.hf_out,
-                    args.hf_dtype)
+                    args.hf_dtype, command='merge')
     print(f'wrote {args.hf_out}')
   return 0

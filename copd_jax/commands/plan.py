@@ -21,6 +21,8 @@ ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
 _CHILD_ENV = 'COPD_JAX_PLAN_CHILD'
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
+# Largest --devices: above the biggest TPU slices (8,960 chips); each is a CPU host device here.
+MAX_DEVICES = 10_240
 
 
 def add_arguments(parser) -> None:
@@ -58,8 +60,10 @@ def run(args) -> int:
   if bad:
     raise PlanError(f'unrecognized arguments: {" ".join(bad)} (overrides look like '
                     '--config.section.field=value)')
-  if args.devices < 1:
-    raise PlanError(f'--devices must be a positive integer, got {args.devices}')
+  if not 1 <= args.devices <= MAX_DEVICES:
+    raise PlanError(f'--devices must be an integer in [1, {MAX_DEVICES:,}], got {args.devices:,} '
+                    '(the plan starts that many CPU host devices: about 1 GiB of memory and a '
+                    'minute per 8,192)')
   if 'jax' not in sys.modules:
     os.environ.update(cpu_env(args.devices, dict(os.environ)))
   import jax

@@ -2,6 +2,9 @@
 
 Runs the experiment in the config file (or resumes it from DIR's newest checkpoint): the base
 model, N cycles of GRPO and mutual OPD over K branches, the merge, and the evaluation table.
+The run holds DIR's lock while it runs (a second `train` on DIR is refused), refuses a DIR that
+holds another run's files unless --overwrite, and refuses to resume on data files that changed
+since the newest checkpoint unless --accept-changed-data (copd_jax/workdir_claim.py).
 """
 from __future__ import annotations
 
@@ -16,6 +19,12 @@ def add_arguments(parser) -> None:
   parser.add_argument('--no-progress', action='store_true', help='no progress bar')
   parser.add_argument('--stop-after', type=int, default=None,
                       help='stop after this many global steps (the run resumes later)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='start in a non-empty --workdir that holds no checkpoint of this run '
+                           '(its metrics.jsonl is replaced)')
+  parser.add_argument('--accept-changed-data', action='store_true',
+                      help='resume even though a data file changed since the newest checkpoint '
+                           '(logged as a warning)')
 
 
 def run(args) -> int:
@@ -27,5 +36,8 @@ def run(args) -> int:
   distributed.maybe_initialize()  # multi-host: before anything asks jax about devices
   config = load_config(args.config, args.extra)  # all checks before any compute
   from copd_jax.driver import train  # heavy imports after the config is known to be good
-  train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+  from copd_jax.workdir_claim import claim
+  with claim(args.workdir, config, overwrite=args.overwrite,
+             accept_changed_data=args.accept_changed_data, primary=distributed.is_primary()):
+    train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
   return 0

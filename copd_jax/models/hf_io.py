@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save, save_file
 
 from copd_jax import mesh as mesh_lib
-from copd_jax import storage
+from copd_jax import finite, output_paths, storage
 from copd_jax.errors import UserInputError
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 
@@ -363,7 +363,21 @@ def _convert(array, to_ours, target_shape, hf_name, path):
   if value is None or tuple(value.shape) != tuple(target_shape):
     raise HFFormatError(f'{path}: tensor {hf_name} has shape {tuple(array.shape)}, which does not '
                         f'match config.json (expected {_hf_shape_hint(target_shape, hf_name)})')
+  check_weight_values(array, hf_name, path)
   return value
+
+
+def check_weight_values(array, hf_name: str, path: str) -> None:
+  """Refuses a weight that is not floating point (integer tensors would be used as floats) or
+  holds NaN / inf (every output would be NaN), naming the tensor and its file."""
+  dtype = np.asarray(array).dtype
+  if not (np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16):
+    raise HFFormatError(f'{path}: tensor {hf_name} has dtype {dtype}; weights must be floating '
+                        'point')
+  bad = finite.nonfinite_count(array)
+  if bad:
+    raise HFFormatError(f'{path}: tensor {hf_name} has {bad:,} of {np.asarray(array).size:,} '
+                        'values NaN or inf')
 
 
 def _hf_shape_hint(target_shape, hf_name) -> str:
@@ -439,11 +453,14 @@ def _shard_plan(params: dict[str, Any], config: Qwen3Config, dtype,
 
 def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
                    tokenizer_from: str | None = None, tokenizer=None, dtype=np.float32,
-                   max_shard_bytes: int = 5 * 2**30, generation: dict[str, Any] | None = None):
+                   max_shard_bytes: int = 5 * 2**30, generation: dict[str, Any] | None = None,
+                   output_of: str | None = None):
   """Writes a Hugging Face folder (local or remote) with `storage.publish_dir`: locally built under
   a temporary name and renamed into place; remotely written in place, config.json and then the
   completion marker last. Either way an interrupted export never leaves a complete-looking half
-  model. Shards are written as soon as they fill: host memory stays near one shard."""
+  model. Shards are written as soon as they fill: host memory stays near one shard. output_of:
+  the command whose output this is, recorded in the folder's marker file
+  (copd_jax/output_paths.py: what `--overwrite` may replace)."""
   plan = _shard_plan(params, config, dtype, max_shard_bytes)
   files = (['model.safetensors'] if len(plan) == 1 else
            [f'model-{k + 1:05d}-of-{len(plan):05d}.safetensors' for k in range(len(plan))])
@@ -496,6 +513,8 @@ def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
     dtype_name = np.dtype(dtype).name if dtype is not jnp.bfloat16 else 'bfloat16'
     storage.write_text(storage.join(folder, 'config.json'),
                        json.dumps(config_to_hf_dict(config, dtype=dtype_name, **extra), indent=2))
+    if output_of:
+      output_paths.write_marker(folder, output_of)
 
   storage.publish_dir(out_dir, build)
 

@@ -1,0 +1,104 @@
+"""Bad input caught before any compute with one line naming field, file or tensor (issue 21,
+points 6, 9 and 10): NaN and integer HF weights named at load, an HF folder without a usable
+tokenizer, a seed past uint32, overlap_top_k wider than the vocabulary, an absurd plan --devices;
+and none leaves a half-made workdir."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from copd_jax.models import hf_io
+from copd_jax.models.tokenizer import char_tokenizer
+from scripts.faults import cli
+from tests.test_checkpoint import TINY, make_state
+
+
+def _hf_folder(tmp_path, name='hf'):
+  folder = str(tmp_path / name)
+  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(make_state(1).params))
+  hf_io.save_hf_folder(params, TINY, folder, tokenizer=char_tokenizer())
+  return folder
+
+
+def _rewrite_tensor(folder, name, change):
+  path = os.path.join(folder, 'model.safetensors')
+  tensors = load_file(path)
+  tensors[name] = change(tensors[name])
+  save_file(tensors, path, metadata={'format': 'pt'})
+
+
+def _train_on(folder, workdir, *extra):
+  return cli.run_cli(['train', '--config', cli.TOY_CONFIG, '--workdir', workdir, '--no-progress',
+                      *cli.BASE_OVERRIDES, '--config.model.source=hf',
+                      f'--config.model.hf_path={folder}', *extra])
+
+
+@pytest.mark.parametrize('change, expect', [
+    (lambda t: np.where(np.arange(t.size).reshape(t.shape) == 3, np.nan, t).astype(t.dtype),
+     'has 1 of'),
+    (lambda t: np.full_like(t, np.inf), 'NaN or inf'),
+    (lambda t: t.astype(np.int32), 'has dtype int32; weights must be floating point'),
+])
+def test_bad_hf_weights_are_named_at_load(tmp_path, change, expect):
+  folder = _hf_folder(tmp_path)
+  name = 'model.layers.1.mlp.down_proj.weight'
+  _rewrite_tensor(folder, name, change)
+  exported = cli.run_cli(['export-hf', '--checkpoint', folder, '--out', str(tmp_path / 'x')])
+  assert exported.one_error_line, exported.stderr
+  assert f'tensor {name}' in exported.message and expect in exported.message, exported.message
+  workdir = str(tmp_path / 'w')
+  trained = _train_on(folder, workdir)
+  assert trained.one_error_line and f'tensor {name}' in trained.message, trained.stderr
+  assert not os.path.exists(workdir)   # nothing half made
+  with pytest.raises(hf_io.HFFormatError, match=expect):
+    hf_io.load_params(folder)
+
+
+@pytest.mark.parametrize('remove, expect', [
+    (('tokenizer.json',), 'tokenizer_config.json alone holds no vocabulary'),
+    (('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'), 'no tokenizer in'),
+])
+def test_an_hf_folder_without_a_usable_tokenizer_is_refused_before_compute(tmp_path, remove,
+                                                                           expect):
+  folder = _hf_folder(tmp_path)
+  for name in remove:
+    if os.path.exists(os.path.join(folder, name)):
+      os.remove(os.path.join(folder, name))
+  workdir = str(tmp_path / 'w')
+  with cli.tripwire('train'):
+    result = _train_on(folder, workdir)
+  assert result.one_error_line, result.stderr
+  assert result.message.startswith('error: config.model.hf_path: ') and expect in \
+      result.message, result.message
+  assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize('override, field', [
+    ('--config.seed=99999999999999999999', 'config.seed: must be at most 2,147,483,647'),
+    ('--config.metrics.overlap_top_k=100000', 'config.metrics.overlap_top_k: must be at most'),
+])
+def test_sizes_that_would_fail_mid_run_are_refused_up_front(tmp_path, override, field):
+  workdir = str(tmp_path / 'w')
+  with cli.tripwire('train'):
+    result = cli.run_cli(['train', '--config', cli.TOY_CONFIG, '--workdir', workdir,
+                          *cli.BASE_OVERRIDES, override])
+  assert result.one_error_line and field in result.message, result.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_the_largest_seed_is_accepted(tmp_path):
+  with cli.tripwire('train'):
+    result = cli.run_cli(['train', '--config', cli.TOY_CONFIG, '--workdir', str(tmp_path / 'w'),
+                          *cli.BASE_OVERRIDES, '--config.seed=2147483647'])
+  assert result.code == 'compute started', result.stderr
+
+
+@pytest.mark.parametrize('devices', ['100000000', '0', '10241'])
+def test_plan_refuses_absurd_device_counts_without_starting_them(devices):
+  result = cli.run_cli(['plan', '--config', cli.TOY_CONFIG, '--devices', devices])
+  assert result.one_error_line and '--devices must be an integer in [1, 10,240]' in \
+      result.message, result.stderr
