@@ -75,7 +75,7 @@ def weight_and_cache_bytes(c: dict, batch: int, dtype_bytes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
-  """mode: 'layerwise', 'model-scan' or 'model-unrolled' (sampling.DECODE_MODE, scan_layers);
+  """mode: 'layerwise', 'model-scan' or 'model-unrolled' (generate's decode_mode, scan_layers);
   'branches': the layerwise path through `generate_branches` with K=1, its rows split over a
   ('fsdp' = all devices) mesh, as the driver samples; on a CPU host the worker first splits
   the cores into one device each, as `python -m copd_jax train` does (copd_jax/host_devices.py)."""
@@ -85,9 +85,10 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   from flax import nnx
   from copd_jax import sampling
   from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+  from copd_jax.rollouts import pad_prompts
   from copd_jax.scoring import split_model
 
-  sampling.DECODE_MODE = 'model' if mode.startswith('model') else 'layerwise'
+  decode_mode = 'model' if mode.startswith('model') else 'layerwise'
   config = Qwen3Config(vocab_size=c['vocab'], hidden_size=c['hidden'], num_layers=c['layers'],
                        num_heads=c['heads'], num_kv_heads=c['kv_heads'], head_dim=c['head_dim'],
                        intermediate_size=c['intermediate'], tie_word_embeddings=c['tied'])
@@ -95,7 +96,7 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
   model = Qwen3(config, rngs=nnx.Rngs(0), scan_layers=mode != 'model-unrolled',
                 param_dtype=dtype, compute_dtype=dtype)
   graphdef, params = split_model(model)
-  tokens, valid = sampling.pad_prompts(_prompt_ids(c['vocab'], batch), PROMPT_LEN, pad_id=0)
+  tokens, valid = pad_prompts(_prompt_ids(c['vocab'], batch), PROMPT_LEN, pad_id=0)
   params_spec = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0)
   eos = (c['vocab'],)   # never sampled: every row runs the full length
 
@@ -110,13 +111,13 @@ def _ours_worker(mode: str, c: dict, batch: int, dtype_name: str):
     def run(rep: int) -> int:
       out = sampling.generate_branches(graphdef, weights, tokens[None], valid[None],
                                        jax.random.key(rep)[None], params_spec, eos_ids=eos,
-                                       pad_id=0, mesh=mesh)
+                                       pad_id=0, mesh=mesh, decode_mode=decode_mode)
       return int(np.asarray(out.completion_mask).sum())
     return run
 
   def run(rep: int) -> int:
     out = sampling.generate(graphdef, params, tokens, valid, jax.random.key(rep), params_spec,
-                            eos_ids=eos, pad_id=0)
+                            eos_ids=eos, pad_id=0, decode_mode=decode_mode)
     return int(np.asarray(out.completion_mask).sum())
   return run
 

@@ -2,9 +2,8 @@
 
 With one jax device per core (`host_devices`), every device holding a replicated weight gets its
 own copy, although all devices address the same memory. For decoding that costs speed as well
-as memory: the sampler streams every weight once per token, and two copies of the weights
-crowd the cores' shared L3 (on the 2-core benchmark VM a [32, 256] x [256, 768] matmul ran ~20%
-slower with one 12.6 MB weight set per core than with one set read by both;
+as memory: the sampler streams every weight once per token, and one copy of the weights per
+core crowds the cores' shared cache where one copy read by all would not (measurements in
 BENCHMARKS.md, "Sampler"). PJRT's CPU client puts a 64-byte-aligned numpy array on a device
 without copying, so the replicas of a shard can all be views of one buffer.
 
@@ -33,8 +32,8 @@ def all_cpu(sharding: jax.sharding.Sharding) -> bool:
 
 class _Pieces:
   """Global arrays to build from host views: add() each array's (shape, sharding, devices,
-  views), then build() places every view with one `jax.device_put` (a batched call: ~15 us per
-  view instead of ~60 us per call) and assembles the arrays in order."""
+  views), then build() places every view with one batched `jax.device_put` (much cheaper per
+  view than one call each) and assembles the arrays in order."""
 
   def __init__(self):
     self.arrays, self.views, self.devices = [], [], []

@@ -1,5 +1,7 @@
-"""From prompts to scored rollouts: render and tokenise examples, sample every branch at once,
-decode the completions and score them with each domain's verifiable reward.
+"""From prompts to scored rollouts: render and tokenise examples, pad them to a prompt bucket,
+sample every branch at once, decode the completions and score them with each domain's
+verifiable reward. Also the host-side pieces any sampler caller needs: prompt buckets and
+padding (`pad_prompts`), completion token lists and stop strings (`apply_stop_strings`).
 
 This is the host-side glue between the data, the sampler and the rewards, shared by the train
 driver and by evaluation. Shapes: K branches, B prompts per branch, T = P + N tokens.
@@ -12,8 +14,9 @@ into the train steps' global RolloutBatch. One process takes the plain path: num
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +26,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from copd_jax import distributed
 from copd_jax.data import Example, render_prompt
 from copd_jax.data.domain import PromptFormat
+from copd_jax.prompt_groups import check_groups
 from copd_jax.rewards import RewardSpec, score_completions
-from copd_jax.sampling import (SampleOutput, SamplingParams, bucket_length, completion_token_lists,
-                               generate_branches, pad_prompts)
+from copd_jax.sampling import SampleOutput, SamplingConfigError, SamplingParams, generate_branches
 from copd_jax.steps import RolloutBatch
 
-# Prompt buckets: every run compiles the sampler and the steps for at most these prompt lengths.
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Prompt-length buckets, powers of two from 16 to 32k: a run compiles the sampler and the steps
+# for at most these prompt lengths.
+PROMPT_BUCKETS: tuple[int, ...] = tuple(2 ** i for i in range(4, 16))
+
+
+def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+  """The smallest bucket >= n."""
+  ordered = sorted(buckets)
+  i = bisect.bisect_left(ordered, n)
+  if i == len(ordered):
+    raise SamplingConfigError(f'length {n} exceeds the largest bucket {ordered[-1]}')
+  return ordered[i]
+
+
+def pad_prompts(token_lists: list[list[int]], length: int | None = None, pad_id: int = 0,
+                buckets: Sequence[int] = PROMPT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to `length` (default: the bucket of the longest) ->
+  (tokens [B, length] int32, valid [B, length] bool)."""
+  longest = max((len(t) for t in token_lists), default=0)
+  if length is None:
+    length = bucket_length(max(longest, 1), buckets)
+  if longest > length:
+    raise SamplingConfigError(f'prompt of {longest} tokens is longer than the padded length '
+                              f'{length}')
+  tokens = np.full((len(token_lists), length), pad_id, np.int32)
+  valid = np.zeros((len(token_lists), length), bool)
+  for row, ids in enumerate(token_lists):
+    if ids:
+      tokens[row, length - len(ids):] = ids
+      valid[row, length - len(ids):] = True
+  return tokens, valid
 
 
 @dataclasses.dataclass
@@ -81,21 +113,6 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
     if tid is not None:
       ids.add(tid)
   return tuple(sorted(i for i in ids if i is not None))
-
-
-def check_groups(tokens: np.ndarray, valid: np.ndarray, group_size: int) -> None:
-  """Raises ValueError unless rows k*G .. k*G+G-1 of every branch of the encoded prompts
-  tokens, valid [K, B, P] are identical (G = group_size, which must divide B)."""
-  K, B, length = tokens.shape
-  if group_size < 1 or B % group_size:
-    raise ValueError(f'group_size={group_size} does not divide the {B} rows of each branch')
-  for name, x in (('tokens', tokens), ('valid', valid)):
-    grouped = x.reshape(K, B // group_size, group_size, length)
-    differs = np.any(grouped != grouped[:, :, :1], axis=(2, 3))
-    if differs.any():
-      k, g = (int(i) for i in np.argwhere(differs)[0])
-      raise ValueError(f'group_size={group_size}: prompt {name} of branch {k} rows '
-                       f'{g * group_size}..{(g + 1) * group_size - 1} are not all the same')
 
 
 def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
@@ -172,3 +189,51 @@ def stack_rounds(host: Sequence[RolloutBatch], on_device: Sequence[RolloutBatch]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *on_device)
   sharding = NamedSharding(mesh, P(None, 'branch'))
   return jax.tree.map(lambda *xs: distributed.host_to_global(np.stack(xs), sharding), *host)
+
+
+def completion_token_lists(output: SampleOutput) -> list[list[int]]:
+  """The generated token ids of each row (EOS included), as Python lists. Works on [B, T]."""
+  tokens, mask = np.asarray(output.tokens), np.asarray(output.completion_mask)
+  return [row[m].tolist() for row, m in zip(tokens, mask)]
+
+
+def apply_stop_strings(output: SampleOutput, decode: Callable[[list[int]], str],
+                       stop_strings: Sequence[str], pad_id: int = 0
+                       ) -> tuple[list[str], SampleOutput]:
+  """Cuts each completion after the first token that completes any of `stop_strings`.
+
+  decode maps token ids to text (e.g. `tokenizer.decode`). Returns the decoded completions,
+  truncated before the stop string, and a numpy SampleOutput whose masks, tokens and log-probs
+  end at that token (the stop string stays in the masked completion, like EOS). [B, T] only.
+  """
+  tokens = np.array(output.tokens)
+  token_valid = np.array(output.token_valid)
+  completion = np.array(output.completion_mask)
+  logprobs = np.array(output.logprobs)
+  texts = []
+  for row in range(tokens.shape[0]):
+    cols = np.flatnonzero(completion[row])
+    ids = tokens[row, cols].tolist()
+    text = decode(ids)
+    hits = [(text.find(s), s) for s in stop_strings if s and s in text]
+    if not hits:
+      texts.append(text)
+      continue
+    start, stop = min(hits)
+    end = start + len(stop)
+    # Fewest tokens whose decoded text reaches the end of the stop string (binary search:
+    # decoded length grows with the prefix).
+    lo, hi = 1, len(ids)
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if len(decode(ids[:mid])) >= end:
+        hi = mid
+      else:
+        lo = mid + 1
+    cut = cols[lo:]
+    tokens[row, cut] = pad_id
+    token_valid[row, cut] = False
+    completion[row, cut] = False
+    logprobs[row, cut] = 0.0
+    texts.append(text[:start])
+  return texts, SampleOutput(tokens, token_valid, completion, logprobs)

@@ -24,7 +24,6 @@ Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in
 """
 from __future__ import annotations
 
-import collections
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -37,12 +36,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from copd_jax import losses
 from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
 from copd_jax.models.qwen3 import KVCache, default_positions
+from copd_jax.prompt_groups import repeat_cache, rows_off_group
 from copd_jax.scoring import (TokenScores, check_chunk_size, logprobs_from_logits, map_head_chunks,
                               scores_from_hidden, sequence_logprobs)
 from copd_jax.step_config import StepConfig, StepConfigError
-
-# How many times each step function has been traced (a retrace means a recompile).
-TRACE_COUNTS: collections.Counter = collections.Counter()
+from copd_jax.tracing import TRACE_COUNTS
 
 
 class BranchState(NamedTuple):
@@ -175,8 +173,7 @@ def shared_prompt_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax
   cache = KVCache.empty(model.config, B // G, T, model.compute_dtype)
   prompt_hidden, cache = model.hidden_states(tokens[::G, :P], positions=positions[::G, :P],
                                              token_valid=token_valid[::G, :P], cache=cache)
-  cache = KVCache(jnp.repeat(cache.k, G, axis=1), jnp.repeat(cache.v, G, axis=1),
-                  jnp.repeat(cache.valid, G, axis=0), cache.index)
+  cache = repeat_cache(cache, G)
   hidden, _ = model.hidden_states(tokens[:, P:], positions=positions[:, P:],
                                   token_valid=token_valid[:, P:], cache=cache)
   # hidden states predicting tokens P .. T-1: the prompt's last position, then the completion's
@@ -191,11 +188,8 @@ def prompt_mismatch(tokens: jax.Array, token_valid: jax.Array, group_size: int,
                     prompt_length: int) -> jax.Array:
   """Share of rows [..., N, T] whose prompt columns differ from their group's first row (0 when
   the batch fits the shared-prompt layout)."""
-  shape = tokens.shape[:-2] + (tokens.shape[-2] // group_size, group_size, prompt_length)
-  def differs(x):
-    x = x[..., :prompt_length].reshape(shape)
-    return jnp.any(x != x[..., :1, :], axis=-1)
-  return jnp.mean(differs(tokens) | differs(token_valid), axis=(-2, -1))
+  differs = lambda x: rows_off_group(x[..., :prompt_length], group_size)
+  return jnp.mean(differs(tokens) | differs(token_valid), axis=-1)
 
 
 class _Distill(NamedTuple):

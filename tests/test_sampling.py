@@ -9,14 +9,17 @@ import torch
 from flax import nnx
 
 from copd_jax import mesh as mesh_lib
+from copd_jax import prompt_groups
 from copd_jax import rollouts
 from copd_jax import sampling
+from copd_jax.sampling import decode
 from copd_jax.__main__ import main as cli_main
 from copd_jax.data import synthetic_domain
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
 from copd_jax.scoring import sequence_logprobs, split_model
+from copd_jax.tracing import TRACE_COUNTS
 from tests.hf_fixtures import save_hf_model
 
 CONFIG = Qwen3Config(vocab_size=96, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -37,7 +40,7 @@ def model():
 def prompts(batch_lengths=(5, 9, 1, 7), length=10, seed=0):
   rng = np.random.RandomState(seed)
   lists = [rng.randint(3, CONFIG.vocab_size, n).tolist() for n in batch_lengths]
-  return lists, *sampling.pad_prompts(lists, length, pad_id=0)
+  return lists, *rollouts.pad_prompts(lists, length, pad_id=0)
 
 
 def check_layout(out: sampling.SampleOutput, valid: np.ndarray, eos, n: int, pad_id: int = 0):
@@ -79,15 +82,15 @@ def test_sampler_logprobs_equal_teacher_forced(model, temperature):
 
 
 @pytest.mark.slow
-def test_decode_modes_and_scan_layers_agree(model, monkeypatch):
+def test_decode_modes_and_scan_layers_agree(model):
   graphdef, params = model
   _, tokens, valid = prompts()
   spec = sampling.SamplingParams(max_new_tokens=8)
   runs = []
   for mode, scan in (('layerwise', True), ('model', True), ('model', False)):
-    monkeypatch.setattr(sampling, 'DECODE_MODE', mode)
     graphdef, params = tiny_model(scan_layers=scan)
-    runs.append(sampling.generate(graphdef, params, tokens, valid, jax.random.key(3), spec, NEVER))
+    runs.append(sampling.generate(graphdef, params, tokens, valid, jax.random.key(3), spec, NEVER,
+                                  decode_mode=mode))
   for other in runs[1:]:
     np.testing.assert_array_equal(runs[0].tokens, other.tokens)
     np.testing.assert_allclose(runs[0].logprobs, other.logprobs, atol=1e-5)
@@ -157,17 +160,17 @@ def test_determinism_top_k_one_is_greedy_and_one_compile(model):
   graphdef, params = model
   _, tokens, valid = prompts()
   a = sampling.generate(graphdef, params, tokens, valid, jax.random.key(11), FULL, NEVER)
-  traced = sampling.TRACE_COUNT['generate']
+  traced = TRACE_COUNTS['generate']
   b = sampling.generate(graphdef, params, tokens, valid, jax.random.key(11), FULL, NEVER)
   c = sampling.generate(graphdef, params, tokens, valid, jax.random.key(12), FULL, NEVER)
-  assert sampling.TRACE_COUNT['generate'] == traced   # same shapes and settings: no retrace
+  assert TRACE_COUNTS['generate'] == traced   # same shapes and settings: no retrace
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_array_equal(a.logprobs, b.logprobs)
   assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
   # A new sequence length is a new program, traced once.
   short = sampling.SamplingParams(max_new_tokens=5, temperature=0.9)
   sampling.generate(graphdef, params, tokens[:, 3:], valid[:, 3:], jax.random.key(0), short, NEVER)
-  assert sampling.TRACE_COUNT['generate'] == traced + 1
+  assert TRACE_COUNTS['generate'] == traced + 1
 
   greedy = sampling.generate(graphdef, params, tokens, valid, jax.random.key(0),
                              sampling.SamplingParams(max_new_tokens=12, greedy=True), NEVER)
@@ -276,15 +279,14 @@ GROUP_SPEC = sampling.SamplingParams(max_new_tokens=8)
 
 
 @pytest.mark.parametrize('mode', ['layerwise', 'model'])
-def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode, monkeypatch):
+def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode):
   graphdef, params = model
-  monkeypatch.setattr(sampling, 'DECODE_MODE', mode)
   tokens, valid = grouped_prompts()
   P = tokens.shape[1]
   # The prefill itself: one cache per group, repeated, equals the per-row cache; the slots of
   # the new tokens stay zero and invalid.
   def start(group_size):
-    program = sampling._Program(graphdef, GROUP_SPEC, NEVER, 0, group_size, mode)
+    program = decode._Program(graphdef, GROUP_SPEC, NEVER, 0, group_size, mode)
     def run(p, t, v, key):
       state, *_, broken = program.start(program.forward.prepare(
           p, slots=t.shape[1] + GROUP_SPEC.max_new_tokens), t, v,
@@ -301,9 +303,10 @@ def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode, mo
   assert not any(np.asarray(x).any() for x in new_slots)
 
   for spec in (GROUP_SPEC, sampling.SamplingParams(max_new_tokens=8, greedy=True)):
-    ref = sampling.generate(graphdef, params, tokens, valid, jax.random.key(2), spec, NEVER)
+    ref = sampling.generate(graphdef, params, tokens, valid, jax.random.key(2), spec, NEVER,
+                            decode_mode=mode)
     out = sampling.generate(graphdef, params, tokens, valid, jax.random.key(2), spec, NEVER,
-                            group_size=G)
+                            group_size=G, decode_mode=mode)
     check_layout(out, valid, NEVER, 8)
     for name in ('tokens', 'completion_mask', 'token_valid'):
       np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)))
@@ -314,13 +317,12 @@ def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode, mo
     assert len(completions) == (1 if spec.greedy else G)   # sampled rows of a group diverge
 
 
-def test_group_sharing_compiles_once_and_poisons_rows_that_break_the_promise(model, monkeypatch):
+def test_group_sharing_compiles_once_and_poisons_rows_that_break_the_promise(model):
   graphdef, params = model
-  monkeypatch.setattr(sampling, 'DECODE_MODE', 'layerwise')
   tokens, valid = grouped_prompts()
   sampling.generate(graphdef, params, tokens, valid, jax.random.key(0), GROUP_SPEC, NEVER,
                     group_size=G)
-  traced = sampling.TRACE_COUNT['generate']
+  traced = TRACE_COUNTS['generate']
   other_tokens, other_valid = grouped_prompts((3, 7, 9), seed=9)
   sampling.generate(graphdef, params, other_tokens, other_valid, jax.random.key(1), GROUP_SPEC,
                     NEVER, group_size=G)
@@ -330,7 +332,7 @@ def test_group_sharing_compiles_once_and_poisons_rows_that_break_the_promise(mod
   mixed[6, -1] = (mixed[6, -1] + 1) % CONFIG.vocab_size
   out = sampling.generate(graphdef, params, mixed, mixed_valid, jax.random.key(1), GROUP_SPEC,
                           NEVER, group_size=G)
-  assert sampling.TRACE_COUNT['generate'] == traced   # same shapes and group_size: no retrace
+  assert TRACE_COUNTS['generate'] == traced   # same shapes and group_size: no retrace
   logprobs, completion = np.asarray(out.logprobs), np.asarray(out.completion_mask)
   broken = np.isnan(logprobs).any(axis=1)
   np.testing.assert_array_equal(np.flatnonzero(broken), [1, 6])
@@ -339,7 +341,7 @@ def test_group_sharing_compiles_once_and_poisons_rows_that_break_the_promise(mod
   # A new group_size is a new program.
   sampling.generate(graphdef, params, tokens, valid, jax.random.key(0), GROUP_SPEC, NEVER,
                     group_size=2)
-  assert sampling.TRACE_COUNT['generate'] == traced + 1
+  assert TRACE_COUNTS['generate'] == traced + 1
 
 
 def test_group_size_must_divide_the_batch(model):
@@ -389,14 +391,14 @@ def test_group_sharing_on_the_branch_fsdp_mesh_equals_separate_calls():
 def test_rollouts_check_groups_names_the_broken_group():
   tokens = np.repeat(np.arange(12, dtype=np.int32).reshape(1, 3, 4), 2, axis=1)   # [1, 6, 4]
   valid = np.ones_like(tokens, bool)
-  rollouts.check_groups(tokens, valid, 2)
+  prompt_groups.check_groups(tokens, valid, 2)
   with pytest.raises(ValueError, match='does not divide'):
-    rollouts.check_groups(tokens, valid, 4)
+    prompt_groups.check_groups(tokens, valid, 4)
   valid[0, 3, 0] = False
   with pytest.raises(ValueError, match=r'valid of branch 0 rows 2\.\.3'):
-    rollouts.check_groups(tokens, valid, 2)
+    prompt_groups.check_groups(tokens, valid, 2)
   with pytest.raises(ValueError, match=r'tokens of branch 0 rows 0\.\.2'):
-    rollouts.check_groups(tokens, valid, 3)
+    prompt_groups.check_groups(tokens, valid, 3)
 
 
 def test_sample_and_score_with_groups_equals_ungrouped():
@@ -421,16 +423,16 @@ def test_sample_and_score_with_groups_equals_ungrouped():
 
 
 def test_buckets_padding_and_settings_errors():
-  assert sampling.bucket_length(1) == 16 and sampling.bucket_length(17) == 32
-  assert sampling.bucket_length(5, (4, 8)) == 8
+  assert rollouts.bucket_length(1) == 16 and rollouts.bucket_length(17) == 32
+  assert rollouts.bucket_length(5, (4, 8)) == 8
   with pytest.raises(sampling.SamplingConfigError, match='largest bucket 8'):
-    sampling.bucket_length(9, (4, 8))
-  tokens, valid = sampling.pad_prompts([[7, 8], [9]], pad_id=1)
+    rollouts.bucket_length(9, (4, 8))
+  tokens, valid = rollouts.pad_prompts([[7, 8], [9]], pad_id=1)
   assert tokens.shape == (2, 16) and tokens.dtype == np.int32
   np.testing.assert_array_equal(tokens[:, -2:], [[7, 8], [1, 9]])
   assert valid.sum() == 3 and valid[1, -1] and not valid[1, -2]
   with pytest.raises(sampling.SamplingConfigError, match='longer than the padded length 1'):
-    sampling.pad_prompts([[1, 2]], 1)
+    rollouts.pad_prompts([[1, 2]], 1)
   for bad, field in (({'max_new_tokens': 0}, 'max_new_tokens'),
                      ({'max_new_tokens': 1, 'temperature': 0.0}, 'temperature'),
                      ({'max_new_tokens': 1, 'top_p': 0.0}, 'top_p'),
@@ -448,11 +450,11 @@ def test_stop_strings_cut_text_and_masks():
   completion = np.zeros((1, P + N), bool)
   completion[0, P:P + len(ids)] = True
   out = sampling.SampleOutput(tokens, completion.copy(), completion, np.where(completion, -1.0, 0))
-  texts, cut = sampling.apply_stop_strings(out, tok.decode, [';c', 'zz'])
+  texts, cut = rollouts.apply_stop_strings(out, tok.decode, [';c', 'zz'])
   assert texts == ['ab']
   np.testing.assert_array_equal(cut.completion_mask[0, P:], [1, 1, 1, 1, 0, 0, 0, 0])
   assert (cut.tokens[0, P + 4:] == 0).all() and (cut.logprobs[0, P + 4:] == 0).all()
-  texts, same = sampling.apply_stop_strings(out, tok.decode, ['zz'])
+  texts, same = rollouts.apply_stop_strings(out, tok.decode, ['zz'])
   assert texts == ['ab;cd;'] and (same.completion_mask == completion).all()
 
 

@@ -14,10 +14,12 @@ import json
 
 import jax
 
-from copd_jax import sampling, storage
+from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io, hub
 from copd_jax.models.tokenizer import load_tokenizer
+from copd_jax.rollouts import apply_stop_strings, pad_prompts
+from copd_jax.sampling import SamplingParams, generate
 from copd_jax.scoring import split_model
 
 
@@ -114,20 +116,19 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
   if args.num_samples < 1:
     raise UserInputError(f'--num-samples must be >= 1, got {args.num_samples}')
-  params = sampling.SamplingParams(max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, greedy=args.greedy)
+  params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
   model, tokenizer, tokenizer_dir = load_model_and_tokenizer(args.model, args.branch)
   eos = eos_ids_of(tokenizer_dir, tokenizer)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   chat = args.chat or bool(args.system) or args.thinking is not None
   ids = encode_prompt(tokenizer, args.prompt, chat, args.system, args.thinking)
-  tokens, valid = sampling.pad_prompts([ids] * args.num_samples, pad_id=pad_id)
+  tokens, valid = pad_prompts([ids] * args.num_samples, pad_id=pad_id)
   graphdef, state = split_model(model)
-  output = sampling.generate(graphdef, state, tokens, valid, jax.random.key(args.seed), params,
-                             eos_ids=eos, pad_id=pad_id)
+  output = generate(graphdef, state, tokens, valid, jax.random.key(args.seed), params,
+                    eos_ids=eos, pad_id=pad_id)
   decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
-  texts, _ = sampling.apply_stop_strings(output, decode, args.stop, pad_id)
+  texts, _ = apply_stop_strings(output, decode, args.stop, pad_id)
   for i, text in enumerate(texts):
     if len(texts) > 1:
       print(f'--- sample {i + 1} ---')
