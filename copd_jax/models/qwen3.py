@@ -20,7 +20,7 @@ over the cache as stored (no per-step transposed copy, no transposed-operand ker
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -392,9 +392,3 @@ def _gated_silu_bwd(residuals, grad):
 
 gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
 
-
-def param_logical_axes(model: Qwen3) -> Any:
-  """nnx.State with each Param's logical axis names in place of its value."""
-  state = nnx.state(model, nnx.Param)
-  return jax.tree.map(lambda v: v.get_metadata().get('logical_axes'), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
