@@ -32,6 +32,14 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
                 ) -> ml_collections.ConfigDict:
   """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates, returns it locked.
   check_files=False skips the checks that data files and model.hf_path exist (`plan`)."""
+  config = read_config(path, overrides)
+  validate(config, check_files=check_files)
+  return config
+
+
+def read_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """`load_config` without the validation (which asks jax for its devices): for callers that
+  must act on the config before jax starts (the train command sets the CPU device count)."""
   if not os.path.isfile(path):
     raise ConfigError(f'--config {path}: file not found')
   spec = importlib.util.spec_from_file_location(f'_copd_config_{abs(hash(path))}', path)
@@ -52,9 +60,6 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
                       f'got {type(config).__name__}')
   config.lock()
   apply_overrides(config, overrides)
-  from copd_jax import host_devices
-  host_devices.configure_for_config(config)  # must precede validate's first device query
-  validate(config, check_files=check_files)
   return config
 
 
@@ -309,10 +314,6 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
       folder = path.rsplit(':', 1)[0] if ':' in path and path.rsplit(':', 1)[1].isdigit() else path
       _check(os.path.isdir(folder), f'model.branch_init[{k}]', f'no such folder: {folder!r}')
   _positive_int(config, 'guard.max_bad_steps')
-  for item in (t.strip() for t in config.guard.inject_nan.split(',') if t.strip()):
-    parts = item.split(':')
-    _check(len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < K,
-           'guard.inject_nan', f"expected 'BRANCH:STEP' items with BRANCH < {K}, got {item!r}")
   _real(config, 'copd.delta_clamp', 0)  # 0 disables the clamp
 
   _positive_int(config, 'grpo.group_size')

@@ -550,7 +550,7 @@ def test_chunked_logits_steps_equal_unchunked_steps(one_device):
 def test_logits_chunk_config_field_reaches_the_step_config():
   from configs.base import base_config
   from copd_jax.config import ConfigError, validate
-  from copd_jax.driver import step_config_from
+  from copd_jax.run_setup import step_config_from
   config = base_config()
   config.mesh.branch, config.mesh.fsdp = 1, -1   # any K divides the 8 test devices
   assert step_config_from(config, 8).logits_chunk is None   # 0 = off

@@ -5,7 +5,7 @@ model, N cycles of GRPO and mutual OPD over K branches, the merge, and the evalu
 """
 from __future__ import annotations
 
-from copd_jax.config import ConfigError, load_config
+from copd_jax.config import ConfigError, read_config, validate
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
@@ -18,14 +18,27 @@ def add_arguments(parser) -> None:
                       help='stop after this many global steps (the run resumes later)')
 
 
-def run(args) -> int:
+def load_run_config(path: str, overrides=()):
+  """The validated config of a run, after asking jax for one CPU device per core that the
+  config's meshes can use (copd_jax.host_devices; a no-op on GPU / TPU hosts). The device count
+  must be set before jax starts its backends, i.e. before validation's first device query."""
+  from copd_jax import host_devices  # imports jax: kept out of `train --help`
+  config = read_config(path, overrides)
+  host_devices.configure_for_config(config)
+  validate(config)
+  return config
+
+
+def run(args, hooks=()) -> int:
+  """hooks: copd_jax.hooks.Hook objects for the run (tests and the fault harness)."""
   bad = [a for a in args.extra if not a.startswith('--config.')]
   if bad:
     raise ConfigError(f'unrecognized arguments: {" ".join(bad)} (overrides look like '
                       '--config.section.field=value)')
   from copd_jax import distributed
   distributed.maybe_initialize()  # multi-host: before anything asks jax about devices
-  config = load_config(args.config, args.extra)  # all checks before any compute
+  config = load_run_config(args.config, args.extra)  # all checks before any compute
   from copd_jax.driver import train  # heavy imports after the config is known to be good
-  train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after)
+  train(config, args.workdir, progress=not args.no_progress, stop_after=args.stop_after,
+        hooks=hooks)
   return 0
