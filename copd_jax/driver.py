@@ -59,8 +59,8 @@ class RunResult:
 
 def train(config, workdir: str, log: Callable[[str], None] = print, progress: bool = True,
           stop_after: int | None = None, hooks: Sequence[Hook] = ()) -> RunResult:
-  """Runs (or resumes) the configured experiment in `workdir` to the end, or to global step
-  `stop_after`. On several processes every process calls it; only process 0 logs (`log`), shows
+  """Runs (or resumes) the configured experiment in `workdir` to the end, or until `stop_after`
+  global steps are done. On several processes every process calls it; only process 0 logs (`log`), shows
   progress and returns results. `hooks` run before the standard ones (copd_jax.hooks)."""
   log = distributed.primary_logger(log)
   run = setup_run(config, workdir, log)

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from copd_jax import checkpoint as ckpt
 from copd_jax.errors import TrainingHalted
@@ -105,7 +106,6 @@ class ProgressBar(Hook):
   """A tqdm bar over the run's steps showing each branch's native reward."""
 
   def __init__(self, total_steps: int, start_step: int, names: Sequence[str], enabled: bool):
-    from tqdm import tqdm  # only runs with a bar pay for the import
     self.names = list(names)
     self.bar = tqdm(total=total_steps, initial=start_step, desc='train', disable=not enabled,
                     dynamic_ncols=True)

@@ -42,8 +42,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class Run:
   """What the loop of one run reads: configuration, data, compiled steps, and where it writes.
 
-  `state` is the branch state the run starts from (restored on resume; the loop carries its own
-  from there) and `start_step` the first global step still to run."""
+  `state` is the branch state the run starts from (restored on resume) and `start_step` the
+  first global step still to run. The first step donates `state`'s buffers: from then on the
+  loop's own state is the live one."""
   config: Any
   workdir: str
   log: Callable[[str], None]
