@@ -19,9 +19,7 @@ pipelines equals CoPD's (K * N * S_RL RL updates, K * N * S_OPD OPD updates):
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K2_CONFIG = 'configs/toy_copd.py'
