@@ -26,7 +26,9 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, **run_options) -> int:
+  """run_options go to the command's run(args, ...) (e.g. `hooks` of train, for the fault
+  harness); the command line itself has none."""
   argv = sys.argv[1:] if argv is None else argv
   prog = program_name(sys.argv[0])
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
   if extra and not getattr(module, 'ACCEPTS_EXTRA', False):
     command_parser.error(f'unrecognized arguments: {" ".join(extra)}')
   try:
-    return int(module.run(args) or 0)
+    return int(module.run(args, **run_options) or 0)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

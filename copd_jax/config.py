@@ -27,6 +27,22 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
                 ) -> ml_collections.ConfigDict:
   """Loads `path`'s get_config(), applies `--config.x.y=v` overrides, validates, returns it locked.
   check_files=False skips the checks that data files and model.hf_path exist (`plan`)."""
+  config = read_config(path, overrides)
+  check_config(config, path, check_files=check_files)
+  return config
+
+
+def check_config(config: ml_collections.ConfigDict, path: str, check_files: bool = True) -> None:
+  """Every check of a read config (`path` is its file: user reward modules may sit beside it).
+  The mesh checks ask jax for its devices: on a CPU host, set the device count first."""
+  validate(config, check_files=check_files)
+  if check_files:
+    check_reward_functions(config, path)
+
+
+def read_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """`load_config` without the checks (which ask jax for its devices): for callers that must act
+  on the config before jax starts (the train command sets the CPU device count)."""
   if not os.path.isfile(path):
     raise ConfigError(f'--config {path}: file not found')
   spec = importlib.util.spec_from_file_location(f'_copd_config_{abs(hash(path))}', path)
@@ -47,11 +63,6 @@ def load_config(path: str, overrides: Iterable[str] = (), check_files: bool = Tr
                       f'got {type(config).__name__}')
   config.lock()
   apply_overrides(config, overrides)
-  from copd_jax import host_devices
-  host_devices.configure_for_config(config)  # must precede validate's first device query
-  validate(config, check_files=check_files)
-  if check_files:
-    check_reward_functions(config, path)
   return config
 
 

@@ -2,14 +2,14 @@
 
 XLA:CPU runs a program on one device and splits each op over the cores (intra-op threads). For
 the small matmuls of decoding and of small models that split is poor: each op's threads meet at
-a barrier, so a 2-core host ran the tiny benchmark sampler at ~1.5 cores' worth of CPU time for
-1x the work. With one device per core, a mesh splits the *program* instead (branches over
-'branch', rows over 'fsdp'), every core runs its own share without per-op barriers, and the
-same sampler call took ~0.65x the time (BENCHMARKS.md, "Sampler").
+a barrier. With one device per core, a mesh splits the *program* instead (branches over
+'branch', rows over 'fsdp') and every core runs its own share without per-op barriers
+(measurements: BENCHMARKS.md, "Sampler" and "Train step").
 
 `configure(count)` must run before jax starts its backends (the first call that asks jax about
-devices); the CLI's `train` does it from the config. It only changes the number of *CPU*
-devices, so on a GPU / TPU host (where jax.devices() are the accelerators) it changes nothing.
+devices); the `train` command does it from the config (copd_jax.commands.train.load_run_config),
+before validating it. It only changes the number of *CPU* devices, so on a GPU / TPU host (where
+jax.devices() are the accelerators) it changes nothing.
 """
 from __future__ import annotations
 

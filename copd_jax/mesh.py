@@ -31,7 +31,6 @@ DEFAULT_RULES: dict[str, str | None] = {
     'kv_heads': 'tensor',
     'head_dim': None,
     'norm': None,
-    'batch': 'fsdp',
 }
 
 
@@ -150,10 +149,6 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None
     return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules))
   return jax.tree.map(to_sharding, state, logical,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 def branch_sharded(mesh: Mesh, ndim: int) -> NamedSharding:

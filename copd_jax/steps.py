@@ -192,14 +192,15 @@ def prompt_mismatch(tokens: jax.Array, token_valid: jax.Array, group_size: int,
   return jnp.mean(differs(tokens) | differs(token_valid), axis=-1)
 
 
-class _Distill(NamedTuple):
-  """Teacher signal for the rows of a combined batch ([N, T] / [N] leaves)."""
+class TeacherSignal(NamedTuple):
+  """What the OPD teachers say about the rows of a combined batch ([N, T] / [N] leaves): the
+  teacher's log-prob of each distillation token, from which the update forms the OPD advantage."""
   teacher_logprobs: jax.Array   # [N, T], 0 on native rows
   is_distill: jax.Array         # [N] bool: the row is a distillation rollout
 
 
-def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | None, ref_params,
-                   trainable, *, graphdef, optimizer, cfg: StepConfig):
+def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal | None,
+                   ref_params, trainable, *, graphdef, optimizer, cfg: StepConfig):
   """One optimizer update of one branch from batch [N, T] (native rows with their advantages,
   plus, for OPD, distillation rows whose advantage is the teacher signal), micro-batched against
   one normaliser of the whole batch. Returns (params, opt_state, metrics).
@@ -210,10 +211,10 @@ def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | N
   mask = batch.completion_mask.astype(jnp.float32)
   normalizer = losses.aggregation_weights(mask, cfg.aggregation, cfg.max_completion_tokens)[1]
   token_count = jnp.sum(mask)
-  if distill is not None:
-    distill_count = jnp.maximum(jnp.sum(mask * distill.is_distill[:, None]), 1.0)
+  if signal is not None:
+    distill_tokens = jnp.maximum(jnp.sum(mask * signal.is_distill[:, None]), 1.0)
 
-  group = cfg.group_size if cfg.shares_prompts and distill is None else 1
+  group = cfg.group_size if cfg.shares_prompts and signal is None else 1
   def score(p, mb: RolloutBatch) -> TokenScores:
     if group > 1:
       return shared_prompt_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
@@ -221,14 +222,14 @@ def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | N
     return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
                              cfg.logits_chunk)
 
-  def loss_fn(p, mb: RolloutBatch, mb_distill: _Distill | None):
+  def loss_fn(p, mb: RolloutBatch, mb_signal: TeacherSignal | None):
     scores = score(p, mb)
     advantages = mb.advantages
-    if mb_distill is not None:
-      mb_mask = mb.completion_mask * mb_distill.is_distill[:, None].astype(mb.completion_mask.dtype)
-      opd_adv, delta = losses.opd_advantages(mb_distill.teacher_logprobs, scores.logprobs, mb_mask,
+    if mb_signal is not None:
+      mb_mask = mb.completion_mask * mb_signal.is_distill[:, None].astype(mb.completion_mask.dtype)
+      opd_adv, delta = losses.opd_advantages(mb_signal.teacher_logprobs, scores.logprobs, mb_mask,
                                              beta=cfg.opd_beta, clamp=cfg.opd_clamp)
-      advantages = jnp.where(mb_distill.is_distill[:, None], opd_adv, advantages)
+      advantages = jnp.where(mb_signal.is_distill[:, None], opd_adv, advantages)
     ref_lp = None
     if ref_params is not None:
       ref_lp = score(ref_params, mb).logprobs
@@ -238,13 +239,13 @@ def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | N
         max_tokens=cfg.max_completion_tokens, normalizer=normalizer, token_count=token_count,
         entropy=scores.entropy, entropy_coef=cfg.entropy_coef, ref_logprobs=ref_lp,
         kl_coef=cfg.kl_coef)
-    if mb_distill is not None:
-      metrics['opd_delta_mean'] = jnp.sum(delta) / distill_count
-      metrics['opd_delta_abs_mean'] = jnp.sum(jnp.abs(delta)) / distill_count
+    if mb_signal is not None:
+      metrics['opd_delta_mean'] = jnp.sum(delta) / distill_tokens
+      metrics['opd_delta_abs_mean'] = jnp.sum(jnp.abs(delta)) / distill_tokens
     return loss, metrics
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  xs = jax.tree.map(lambda x: _split_micro(x, cfg.num_micro_batches, group), (batch, distill))
+  xs = jax.tree.map(lambda x: _split_micro(x, cfg.num_micro_batches, group), (batch, signal))
 
   def body(carry, x):
     g_acc, m_acc = carry
@@ -266,6 +267,17 @@ def _branch_update(params, opt_state, batch: RolloutBatch, distill: _Distill | N
   opt_state = jax.tree.map(keep_old, new_opt_state, opt_state)
   metrics['skipped_nonfinite'] = (~finite).astype(jnp.float32)
   return params, opt_state, metrics
+
+
+def _update_every_branch(graphdef, optimizer: optax.GradientTransformation,
+                         cfg: StepConfig) -> Callable:
+  """`_branch_update` vmapped over the K branches: update(params, opt_state, batch, signal,
+  ref_params, trainable), every argument stacked on 'branch' except the reference params, which
+  all branches share (signal: a TeacherSignal, or None for GRPO)."""
+  def update(params, opt_state, batch, signal, ref_params, trainable):
+    return _branch_update(params, opt_state, batch, signal, ref_params, trainable,
+                          graphdef=graphdef, optimizer=optimizer, cfg=cfg)
+  return jax.vmap(update, in_axes=(0, 0, 0, 0, None, 0))
 
 
 def _trainable(cfg: StepConfig, num_branches: int) -> jax.Array:
@@ -290,11 +302,9 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh
   def grpo_step(state: BranchState, batch: RolloutBatch, ref_params=None):
     TRACE_COUNTS['grpo_step'] += 1
     batch = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), batch)
-    update = lambda p, o, b, r, t: _branch_update(p, o, b, None, r, t, graphdef=graphdef,
-                                                  optimizer=optimizer, cfg=config)
-    params, opt_state, metrics = jax.vmap(update, in_axes=(0, 0, 0, None, 0))(
-        state.params, state.opt_state, batch, ref_params,
-        _trainable(config, batch.tokens.shape[0]))
+    update = _update_every_branch(graphdef, optimizer, config)
+    params, opt_state, metrics = update(state.params, state.opt_state, batch, None, ref_params,
+                                        _trainable(config, batch.tokens.shape[0]))
     metrics.update(jax.vmap(losses.advantage_stats)(batch.advantages, batch.completion_mask))
     if config.shares_prompts:
       metrics['prompt_mismatch'] = prompt_mismatch(batch.tokens, batch.token_valid,
@@ -308,8 +318,14 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh
 
 # ----------------------------------------------------------------------------- OPD
 
-def _check_rounds(rounds: Sequence[Sequence[int]], num_branches: int) -> np.ndarray:
+def _round_table(rounds: Sequence[Sequence[int]], num_branches: int,
+                 num_batch_rounds: int) -> np.ndarray:
+  """rounds as an [R, K] int table, checked: each round a partial permutation in which no branch
+  teaches itself, and as many rounds as the distillation batch has (num_batch_rounds)."""
   table = np.asarray(rounds, np.int32).reshape(len(rounds), num_branches)
+  if num_batch_rounds != len(table):
+    raise StepConfigError(f'distill batch has {num_batch_rounds} rounds but the topology has '
+                          f'{len(table)}')
   for r, teacher_of in enumerate(table):
     teachers = teacher_of[teacher_of >= 0]
     if len(set(teachers.tolist())) != len(teachers) or np.any(teacher_of >= num_branches):
@@ -386,9 +402,7 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
   def opd_step(state: BranchState, native: RolloutBatch, distill: RolloutBatch, ref_params=None):
     TRACE_COUNTS['opd_step'] += 1
     R, K, M = distill.tokens.shape[:3]
-    table = _check_rounds(rounds, K)
-    if R != len(table):
-      raise StepConfigError(f'distill batch has {R} rounds but the topology has {len(table)}')
+    table = _round_table(rounds, K, R)
     native = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), native)
     active = jnp.asarray(table >= 0)[:, :, None, None]
     mask = distill.completion_mask
@@ -407,16 +421,15 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     combined = jax.tree.map(lambda a, b: jnp.concatenate([pad(a), pad(b)], axis=1),
                             native, distill_rows)
     N = native.tokens.shape[1]
-    signal = _Distill(
+    signal = TeacherSignal(
         jnp.concatenate([jnp.zeros((K, N, T), jnp.float32),
                          pad(per_branch(teacher_lp)).astype(jnp.float32)], axis=1),
         jnp.broadcast_to(jnp.arange(N + R * M) >= N, (K, N + R * M)))
     combined, signal = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), (combined, signal))
 
-    update = lambda p, o, b, d, r, t: _branch_update(p, o, b, d, r, t, graphdef=graphdef,
-                                                     optimizer=optimizer, cfg=config)
-    params, opt_state, metrics = jax.vmap(update, in_axes=(0, 0, 0, 0, None, 0))(
-        state.params, state.opt_state, combined, signal, ref_params, _trainable(config, K))
+    update = _update_every_branch(graphdef, optimizer, config)
+    params, opt_state, metrics = update(state.params, state.opt_state, combined, signal,
+                                        ref_params, _trainable(config, K))
     metrics.update(jax.vmap(losses.advantage_stats)(native.advantages, native.completion_mask))
     return BranchState(params, opt_state, state.step + 1, state.rng), metrics
 
@@ -471,9 +484,7 @@ def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
   def edge_topk(params: nnx.State, distill: RolloutBatch) -> EdgeTopK:
     TRACE_COUNTS['edge_topk'] += 1
     R, K = distill.tokens.shape[:2]
-    table = _check_rounds(rounds, K)
-    if R != len(table):
-      raise StepConfigError(f'distill batch has {R} rounds but the topology has {len(table)}')
+    table = _round_table(rounds, K, R)
     score = lambda p, tok, valid: _chunked(
         lambda t, v: _next_token_topk(graphdef, p, t, v, temperature, k, logits_chunk),
         num_micro_batches, tok, valid)

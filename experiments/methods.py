@@ -19,24 +19,13 @@ pipelines equals CoPD's (K * N * S_RL RL updates, K * N * S_OPD OPD updates):
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K2_CONFIG = 'configs/toy_copd.py'
 K3_CONFIG = 'configs/toy_copd_k3.py'
 K2_DOMAINS = ('count', 'sort')
 K3_DOMAINS = ('count', 'sort', 'arithmetic')
-
-# Driver features some methods need, by their config field (section, field, description).
-FEATURES = {
-    'freeze': ('copd', 'freeze', 'copd.freeze'),
-    'branch_init': ('model', 'branch_init', 'branch_init'),
-    'edges': ('copd', 'edges', 'copd.edges'),
-    'overlap_schedule': ('copd', 'overlap_low', 'overlap_low'),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
@@ -65,7 +54,6 @@ class RunSpec:
   config: str
   overrides: tuple[str, ...]
   domains: tuple[str, ...]          # domains the run trains on (fixes its warm-started base)
-  needs: tuple[str, ...] = ()       # FEATURES keys
   after: tuple[str, ...] = ()       # runs that must finish first
 
   def resolved(self, run_dir) -> tuple[str, ...]:
@@ -118,7 +106,7 @@ def static_opd_run(p: Profile, name: str, student: int, teacher: int) -> RunSpec
           "--config.model.branch_init=('{run:%s}:0','{run:%s}:1')" % (short, short),
           '--config.copd.topology=edges', f'--config.copd.edges={student}<-{teacher}',
           f'--config.copd.freeze={teacher}') + p.common(),
-      K2_DOMAINS, needs=('freeze', 'branch_init', 'edges'), after=(short,))
+      K2_DOMAINS, after=(short,))
 
 
 def mopd_run(p: Profile) -> RunSpec:
@@ -132,7 +120,7 @@ def mopd_run(p: Profile) -> RunSpec:
           "--config.branches=('%s',%s)" % (student, ','.join(f"'{d}'" for d in K3_DOMAINS)),
           f'--config.model.branch_init=({inits})', '--config.copd.topology=edges',
           '--config.copd.edges=0<-1,0<-2,0<-3', '--config.copd.freeze=1,2,3') + p.common(),
-      K3_DOMAINS, needs=('freeze', 'branch_init', 'edges'), after=(short,))
+      K3_DOMAINS, after=(short,))
 
 
 # Phase-ratio sweep: S_RL : S_OPD with the same total updates per branch.
@@ -220,8 +208,7 @@ def pilot_runs(p: Profile, pilot: Pilot = Pilot()) -> dict[str, RunSpec]:
           '--config.copd.edges=' + ','.join(f'{q.student}<-{q.teacher}' for q in pairs),
           '--config.copd.freeze=' + ','.join(str(q.teacher) for q in pairs),
           '--config.merge.method=none', f'--config.eval.num_examples={pilot.eval_examples}')
-      + p.extra, K2_DOMAINS, needs=('freeze', 'branch_init', 'edges'),
-      after=(pilot.experts_run,))
+      + p.extra, K2_DOMAINS, after=(pilot.experts_run,))
   return runs
 
 
@@ -233,8 +220,7 @@ def overlap_run(p: Profile, updates: int, low: float, high: float) -> RunSpec:
   """CoPD with the overlap-driven schedule, `updates` steps per branch (the sweep's budget)."""
   return RunSpec(overlap_name(updates), K2_CONFIG, schedule(*phase_schedule(1.5, updates)) + (
       '--config.copd.schedule=overlap', f'--config.copd.overlap_low={low:.4f}',
-      f'--config.copd.overlap_high={high:.4f}') + p.common(), K2_DOMAINS,
-      needs=('overlap_schedule',))
+      f'--config.copd.overlap_high={high:.4f}') + p.common(), K2_DOMAINS)
 
 
 def all_runs(p: Profile, sweep_updates: int = 60,
@@ -338,22 +324,6 @@ def absent_reason(name: str) -> str:
     return ('its overlap thresholds come from the phase-ratio sweep at the same budget, which '
             'has not finished for every seed (run phase_ratio first)')
   return 'no integer (num_cycles, S_RL, S_OPD) schedule for this budget (methods.phase_schedule)'
-
-
-def feature_available(name: str) -> bool:
-  """True when the run-config schema (configs/base.py) has the feature's field: the driver
-  implements every field of the schema."""
-  import importlib.util
-  section, field, _ = FEATURES[name]
-  spec = importlib.util.spec_from_file_location('_copd_base_cfg', os.path.join(ROOT, 'configs',
-                                                                                'base.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return field in module.base_config()[section]
-
-
-def missing_features(run: RunSpec) -> list[str]:
-  return [f for f in run.needs if not feature_available(f)]
 
 
 def _override(spec: RunSpec, field: str, default: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import metrics as metrics_lib
-from copd_jax.driver import load_domains, state_from_pure_dict
+from copd_jax.run_setup import load_domains, state_from_pure_dict
 from copd_jax.models import hf_io
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.rollouts import PromptEncoder, sample_and_score

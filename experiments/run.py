@@ -12,8 +12,8 @@ lists them). Heavy workdirs (checkpoints) stay under --work; each finished run's
 metrics.jsonl and run_info.json (command, wall time, machine) are copied to
 OUT/runs/seed<s>/<run>/, and a run already complete there is skipped (resumable). Runs of one seed
 over the same domains share one warm-started base (copied in before the run; the driver reuses it
-when its warmstart.json matches). A run needing a driver feature that does not exist yet is
-reported as not run (exit status 2) and its table cells say which feature is missing.
+when its warmstart.json matches). A run that cannot be made (no schedule for its budget, no
+thresholds yet, or a failed run) is reported as not run (exit status 2) and its table cells say why.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def execute(spec: M.RunSpec, seed: int, out: str, work: str, log: Callable[[str]
 
 def ensure_runs(names: Sequence[str], runs: dict[str, M.RunSpec], seeds: Sequence[int], out: str,
                 work: str, log: Callable[[str], None] = print) -> dict[str, list[str]]:
-  """Runs what is not complete yet, seed by seed; -> {run: missing features} of runs not run."""
+  """Runs what is not complete yet, seed by seed; -> {run: [why]} of runs not run."""
   not_run: dict[str, list[str]] = {}
   for name in names:
     if name not in runs:
@@ -128,12 +128,6 @@ def ensure_runs(names: Sequence[str], runs: dict[str, M.RunSpec], seeds: Sequenc
   for seed in seeds:
     for name in names:
       spec = runs[name]
-      missing = M.missing_features(spec)
-      if missing:
-        not_run[name] = missing
-        log(f'[seed {seed}] {name}: NOT RUN -- the driver lacks ' + ', '.join(
-            f'{f} ({M.FEATURES[f][0]}.{M.FEATURES[f][1]})' for f in missing))
-        continue
       if is_complete(out, seed, name):
         continue
       try:

@@ -159,17 +159,17 @@ def _saved_before_the_opd_move(config) -> dict:
 
 def test_a_checkpoint_with_copd_beta_still_resumes():
   from copd_jax.config import resume_differences
-  from copd_jax.driver import _check_resume_compatible
+  from copd_jax.run_setup import check_resume_compatible
   config = load_config(TOY, MESH, check_files=False)
   saved = _saved_before_the_opd_move(config)
   assert resume_differences(saved, config.to_dict()) == ([], [])
   notes = []
-  _check_resume_compatible(saved, config, notes.append)
+  check_resume_compatible(saved, config, notes.append)
   assert notes == []
   changed = load_config(TOY, MESH + ('--config.opd.beta=0.5',), check_files=False)
   assert resume_differences(saved, changed.to_dict()) == (['config.opd.beta'], [])
   with pytest.raises(ConfigError, match=r'^config.opd.beta: differs from the checkpoint'):
-    _check_resume_compatible(saved, changed, notes.append)
+    check_resume_compatible(saved, changed, notes.append)
 
 
 @pytest.mark.parametrize('body, message', [

@@ -117,3 +117,43 @@ def test_bad_override_fails_before_compute(tmp_path):
   assert result.returncode == 2
   assert 'unknown field config.copd.s_rll' in result.stderr
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.slow
+def test_hooks_see_every_step_and_a_nan_hook_stops_the_run_with_checkpoints_intact(tmp_path):
+  """In process: a hook sees each step once, in order, with its phase and the state after it;
+  NaN advantages in branch 0 at steps 1 and 2 (hooks.NanInjection) with max_bad_steps=2 make the
+  guard skip both updates and stop the run before step 2 is saved: checkpoints 0 and 1, branch
+  0 unchanged by its poisoned step 1, every parameter finite."""
+  from copd_jax.config import load_config
+  from copd_jax.driver import train
+  from copd_jax.errors import TrainingHalted
+  from copd_jax.hooks import Hook, NanInjection
+
+  seen = []
+
+  class Recorder(Hook):
+    def after_step(self, info):
+      seen.append((info.step, info.phase, np.asarray(info.metrics['skipped_nonfinite']).tolist(),
+                   int(np.asarray(info.state.step)[1])))
+
+  # 8 test devices (conftest): fsdp=4 leaves branch=2 for the K=2 branches.
+  config = load_config(os.path.join(ROOT, 'configs/toy_copd.py'),
+                       TINY + ['--config.mesh.fsdp=4', '--config.guard.max_bad_steps=2'])
+  logs = []
+  with pytest.raises(TrainingHalted, match='2 consecutive steps .* stopped before saving step 2'):
+    train(config, str(tmp_path), log=logs.append, progress=False,
+          hooks=[NanInjection.parse('0:1,0:2'), Recorder()])
+  assert seen == [(0, 'rl', [0.0, 0.0], 1), (1, 'rl', [1.0, 0.0], 2), (2, 'opd', [1.0, 0.0], 3)]
+  assert [l for l in logs if 'update skipped' in l] == [
+      "step 1: non-finite loss or gradient in branch(es) ['b0_count']; update skipped "
+      '(1/2 consecutive)',
+      "step 2: non-finite loss or gradient in branch(es) ['b0_count']; update skipped "
+      '(2/2 consecutive)']
+  assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()) == [0, 1]
+  assert [r['step'] for r in read_metrics(str(tmp_path))] == [0, 1]
+  before, after = (ckpt.open_source(str(tmp_path / 'checkpoints' / s)).read_all(0)
+                   for s in ('0', '1'))
+  for (path, a), (_, b) in zip(ckpt.flatten_paths(after), ckpt.flatten_paths(before)):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
+    assert np.isfinite(a).all()

@@ -1,5 +1,5 @@
-"""The experiment machinery (experiments/): method table as data, equal budgets, the runner's
-handling of missing driver features, and an end-to-end tiny Table 1 with its figures."""
+"""The experiment machinery (experiments/): method table as data, equal budgets, the runner,
+and an end-to-end tiny Table 1 with its figures."""
 import json
 import os
 
@@ -95,42 +95,18 @@ def test_overlap_thresholds_come_from_the_sweep_and_are_fixed_once(tmp_path):
   assert '--config.copd.schedule=overlap' in spec.overrides
 
 
-def test_missing_feature_is_reported_not_run(monkeypatch, tmp_path):
-  monkeypatch.setattr(M, 'feature_available', lambda name: name != 'freeze')
-  runs = M.all_runs(TINY_PROFILE)
-  messages = []
-
-  def boom(*args, **kwargs):
-    raise AssertionError('must not execute a run whose driver feature is missing')
-
-  monkeypatch.setattr(R, 'execute', boom)
-  not_run = R.ensure_runs(['static_s2c'], runs, [0], str(tmp_path), str(tmp_path / 'w'),
-                          messages.append)
-  assert not_run == {'static_s2c': ['freeze']}
-  assert 'NOT RUN' in messages[0] and 'copd.freeze' in messages[0]
-  text = tables.render('table1', str(tmp_path), [0], TINY_PROFILE, runs)
-  assert 'OPD (S→C): not run: driver lacks freeze' in text
-
-
 def test_every_run_config_validates():
-  """Each run's overrides load through the driver's own config checks (no compute); runs whose
-  driver feature is missing are listed in the skip reason instead."""
+  """Each run's overrides load through the driver's own config checks (no compute)."""
   from copd_jax.config import load_config
   runs = M.all_runs(M.Profile(), sweep_updates=60, thresholds=(0.9, 0.91))
   assert {M.ratio_name(r, 60) for r in M.PHASE_RATIOS} | {
       'pilot_experts', 'pilot_opd', M.overlap_name(60)} <= set(runs)
-  unavailable = []
   for name, spec in sorted(runs.items()):
-    if M.missing_features(spec):
-      unavailable.append(name)
-      continue
     argv = spec.resolved(lambda dep: f'/nonexistent/{dep}')
     # The runner gives each run one device; conftest's 8 would not divide K.
     config = load_config(os.path.join(ROOT, spec.config), argv + ('--config.mesh.branch=1', '--config.mesh.fsdp=-1'),
                          check_files=False)
     assert len(config.branches) >= 1
-  if unavailable:
-    pytest.skip('validated all runs except (driver features missing): ' + ', '.join(unavailable))
 
 
 def _check_table1(out, seeds, expect_static: bool, ran=EXISTING_TABLE1_RUNS):
@@ -222,16 +198,12 @@ def test_pearson_is_nan_without_spread():
 
 @pytest.mark.slow
 def test_tiny_table1_every_method(tmp_path):
-  """The whole Table 1 on tiny runs; static OPD too once the driver has freeze/branch_init/edges
-  (until then those columns must read '—' and the runner must report them not run)."""
+  """The whole Table 1 on tiny runs, static OPD included."""
   runs = M.all_runs(TINY_PROFILE)
-  missing = M.missing_features(runs['static_s2c'])
   out, work = str(tmp_path / 'out'), str(tmp_path / 'work')
   not_run = R.ensure_runs(M.COMMAND_RUNS['table1'], runs, [0], out, work)
-  assert not_run == ({'static_s2c': missing, 'static_c2s': missing} if missing else {})
+  assert not_run == {}
   tables.write_command('table1', out, [0], TINY_PROFILE, runs)
-  _check_table1(out, [0], expect_static=not missing)
+  _check_table1(out, [0], expect_static=True)
   # Runs of one seed and domain set share one warm-started base.
   assert 'reusing' in open(os.path.join(work, 'seed0', 'experts', 'train.log')).read()
-  if missing:
-    pytest.skip(f'static OPD columns not run: driver lacks {", ".join(missing)}')

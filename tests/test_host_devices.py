@@ -1,5 +1,6 @@
-"""One jax device per CPU core: how many a config can use, and that `train`'s config loading sets
-it before jax starts (in a fresh process: this one already has conftest's 8 devices)."""
+"""One jax device per CPU core: how many a config can use, and that the train command's config
+loading sets it before jax starts (in a fresh process: this one already has conftest's 8
+devices), while plain `load_config` leaves jax's devices alone."""
 import os
 import subprocess
 import sys
@@ -37,13 +38,20 @@ def _fresh_process(code: str, **env) -> str:
   return out.stdout.strip()
 
 
-def test_loading_a_config_splits_the_cores_before_jax_starts():
-  code = ('from copd_jax import host_devices, config as c\n'
+def test_the_train_command_splits_the_cores_before_jax_starts():
+  code = ('from copd_jax import host_devices\n'
+          'from copd_jax.commands import train\n'
           'host_devices.cpu_cores = lambda: 2\n'
-          "cfg = c.load_config('configs/toy_copd.py', {extra})\n"
+          "cfg = train.load_run_config('configs/toy_copd.py', {extra})\n"
           'import jax; print(jax.device_count(), cfg.cpu_devices)')
   assert _fresh_process(code.format(extra='[]')) == '2 0'     # K = 2 branches, 2 cores
   assert _fresh_process(code.format(extra="['--config.cpu_devices=1']")) == '1 1'
   # A count chosen by the user wins over the config.
   assert _fresh_process(code.format(extra='[]'),
                         XLA_FLAGS='--xla_force_host_platform_device_count=1') == '1 0'
+  # Other commands (evaluate, plan) and library users: load_config configures nothing.
+  plain = ('from copd_jax import host_devices, config as c\n'
+           'host_devices.cpu_cores = lambda: 2\n'
+           "cfg = c.load_config('configs/toy_copd.py', ['--config.mesh.branch=1'])\n"
+           'import jax; print(jax.device_count())')
+  assert _fresh_process(plain) == '1'

@@ -104,6 +104,21 @@ def test_dense_gradient_matches_autodiff(x_shape, w_shape):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_xla_cpu_backward_passes_are_used_on_cpu_only(monkeypatch):
+  x, w = jnp.ones((2, 4)), jnp.ones((4, 4))
+  # A new function per trace: jax caches traces by function, and the choice is made at trace time.
+  model_ops = lambda: lambda x, w: qwen3.gated_silu(qwen3.dense(x, w), x)
+  custom_calls = lambda: str(jax.make_jaxpr(model_ops())(x, w)).count('custom_vjp_call')
+  grads = lambda: jax.grad(lambda x, w: jnp.sum(model_ops()(x, w)), argnums=(0, 1))(x, w)
+  assert jax.default_backend() == 'cpu' and custom_calls() == 2
+  cpu_grads = grads()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert custom_calls() == 0
+  gpu_grads = grads()
+  for a, b in zip(gpu_grads, cpu_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_remat_gives_same_loss_and_gradients():
   config = Qwen3Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                        head_dim=8, intermediate_size=48)

@@ -53,7 +53,7 @@ def run(args) -> int:
 
   from copd_jax import checkpoint as ckpt
   from copd_jax.data.domain import prompt_format
-  from copd_jax.driver import load_domains
+  from copd_jax.run_setup import load_domains
   from copd_jax.evaluation import evaluate_models, markdown_table, save_results
   from copd_jax.merge import merge_checkpoints
   from copd_jax.models.qwen3 import Qwen3

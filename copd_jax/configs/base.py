@@ -41,9 +41,8 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             runs' logged O_k (experiments/thresholds.py); O_k's level depends on
                             k, the vocabulary and the model, so re-derive them per setting
   guard                     max_bad_steps: consecutive steps with a non-finite loss or gradient
-                            in any branch (updates skipped) before the run stops cleanly;
-                            inject_nan 'BRANCH:STEP[,...]' poisons that branch's batch at that
-                            global step (fault-injection test hook; '' = off)
+                            in any branch (updates skipped) before the run stops cleanly
+                            (tests inject NaNs with copd_jax.hooks.NanInjection)
   grpo                      group_size G, prompts_per_step, epsilon_low/high, std_normalize,
                             aggregation, kl_coef (k3 to the base), entropy_coef, micro_batches,
                             logits_chunk: score that many positions of full-vocabulary logits
@@ -103,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
       freeze='', schedule='fixed', overlap_low=0.87,
       overlap_high=0.89, probe_every=2))
-  c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3, inject_nan=''))
+  c.guard = ml_collections.ConfigDict(dict(max_bad_steps=3))
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
       aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1,

@@ -9,6 +9,8 @@ Layout choices (the why):
 - Every parameter carries `logical_axes` metadata; `copd_jax.mesh` maps those names to mesh axes.
 - Parameters are stored in `param_dtype` (fp32 by default); matmuls run in `compute_dtype`,
   norms, softmax and RoPE in fp32, logits are returned in fp32.
+- The model's only backend-specific code is at the end of this file: hand-written backward
+  passes of the MLP's matmuls and SwiGLU, used on XLA:CPU only (`cpu_backward`).
 
 One KV cache layout serves prefill and decoding: slots [0, S) shared by the batch, a scalar
 write index, and a per-row validity mask, so left padding, right padding and early stops are
@@ -20,7 +22,7 @@ over the cache as stored (no per-step transposed copy, no transposed-operand ker
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -340,20 +342,42 @@ def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwe
   return h, new_cache
 
 
-@jax.custom_vjp
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., d] times w [d, *out] -> [..., *out], a projection over x's last axis.
+# ---------------------------------------------------------------------------------------------
+# Backend-specific code (the only such code in the model): backward passes for XLA:CPU.
+#
+# `dense` and `gated_silu` have hand-written backward passes (jax.custom_vjp) because XLA:CPU
+# lowers autodiff's backward of the MLP badly: it transposes the wide [tokens, intermediate]
+# activation gradients for the weight-gradient matmul and fuses the SwiGLU backward, sigmoid
+# recomputation included, into that strided copy (BENCHMARKS.md, "Train step"). GPU and TPU
+# compilers fuse autodiff's backward well (the same change measured nothing there), so on those
+# backends the model uses plain autodiff. Values are identical either way; gradients agree up to
+# float reordering. `cpu_backward()` decides at trace time, from jax's default backend.
+# ---------------------------------------------------------------------------------------------
 
-  Same value as the einsum; the backward pass spells out both matmuls on 2-D views and puts
-  the transpose of the weight gradient on the narrower operand (x for d <= out, else the
-  output): left to itself, XLA:CPU transposed the wide [tokens, intermediate] activation
-  gradients, with the elementwise backward fused into that strided copy, about 10% of a
-  GRPO update (BENCHMARKS.md, "Train step")."""
+def cpu_backward() -> bool:
+  """Whether `dense` and `gated_silu` trace with their XLA:CPU backward passes."""
+  return jax.default_backend() == 'cpu'
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d] times w [d, *out] -> [..., *out], a projection over x's last axis."""
+  return _dense_cpu(x, w) if cpu_backward() else jnp.tensordot(x, w, axes=1)
+
+
+def gated_silu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, the SwiGLU product."""
+  return _gated_silu_cpu(gate, up) if cpu_backward() else jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def _dense_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`dense` whose backward spells out both matmuls on 2-D views and puts the transpose of the
+  weight gradient on the narrower operand (x for d <= out, else the output gradient)."""
   return jnp.tensordot(x, w, axes=1)
 
 
 def _dense_fwd(x, w):
-  return dense(x, w), (x, w)
+  return _dense_cpu(x, w), (x, w)
 
 
 def _dense_bwd(residuals, grad):
@@ -366,16 +390,14 @@ def _dense_bwd(residuals, grad):
   return dx, dw.reshape(w.shape)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense_cpu.defvjp(_dense_fwd, _dense_bwd)
 
 
 @jax.custom_vjp
-def gated_silu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """silu(gate) * up, the SwiGLU product. Its backward multiplies the incoming gradient by two
-  factors saved in the forward pass, instead of autodiff's sigmoid recomputation: XLA:CPU fuses
-  the backward into the transposed copy it makes for the weight-gradient matmul, and a fusion
-  that recomputes exp there ran ~3x slower per element (BENCHMARKS.md, "Train step"). Same
-  residual memory as autodiff (two [.., F] arrays)."""
+def _gated_silu_cpu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """`gated_silu` whose backward multiplies the incoming gradient by two factors saved in the
+  forward pass instead of recomputing the sigmoid; same residual memory as autodiff (two [.., F]
+  arrays)."""
   return jax.nn.silu(gate) * up
 
 
@@ -390,11 +412,4 @@ def _gated_silu_bwd(residuals, grad):
   return grad * d_silu_up, grad * silu
 
 
-gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
-
-
-def param_logical_axes(model: Qwen3) -> Any:
-  """nnx.State with each Param's logical axis names in place of its value."""
-  state = nnx.state(model, nnx.Param)
-  return jax.tree.map(lambda v: v.get_metadata().get('logical_axes'), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+_gated_silu_cpu.defvjp(_gated_silu_fwd, _gated_silu_bwd)

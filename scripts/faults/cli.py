@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import os
 import shutil
@@ -27,19 +28,20 @@ class ComputeStarted(Exception):
 
 
 @contextlib.contextmanager
-def tripwire(attribute: str):
-  """Replaces copd_jax.driver.<attribute> by a function raising ComputeStarted."""
-  from copd_jax import driver
-  original = getattr(driver, attribute)
+def tripwire(target: str):
+  """Replaces the function `target` ('copd_jax.module.attribute') by one raising ComputeStarted."""
+  module_name, attribute = target.rsplit('.', 1)
+  module = importlib.import_module(module_name)
+  original = getattr(module, attribute)
 
   def tripped(*args, **kwargs):
-    raise ComputeStarted(f'copd_jax.driver.{attribute} was called')
+    raise ComputeStarted(f'{target} was called')
 
-  setattr(driver, attribute, tripped)
+  setattr(module, attribute, tripped)
   try:
     yield
   finally:
-    setattr(driver, attribute, original)
+    setattr(module, attribute, original)
 
 
 def is_logging_noise(line: str) -> bool:

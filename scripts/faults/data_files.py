@@ -102,7 +102,7 @@ def try_bad_data(case: DataCase, folder: str) -> InputOutcome:
   argv = ['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress', *BASE_OVERRIDES,
           '--config.domains.count.source=file', f'--config.domains.count.train_path={path}',
           f'--config.domains.count.eval_path={good}', '--config.domains.count.reward=exact']
-  with tripwire('base_model_path'):
+  with tripwire('copd_jax.run_setup.base_model_path'):
     result = run_cli(argv)
   entries = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
   # ':3: ...' / ': row 1: ...' must follow the path; other messages name the path anywhere.

@@ -1,6 +1,7 @@
-"""NaN injection (config.guard.inject_nan) into one branch of the tiny run: the numerical guard
-must skip that branch's update and log it, let the clean branch train as in a clean run, and
-stop the run with exit status 3 after max_bad_steps consecutive bad steps."""
+"""NaN injection (copd_jax.hooks.NanInjection, through scripts/faults/nan_train.py) into one
+branch of the tiny run: the numerical guard must skip that branch's update and log it, let the
+clean branch train as in a clean run, and stop the run with exit status 3 after max_bad_steps
+consecutive bad steps."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,17 +13,19 @@ from typing import Callable
 from scripts.faults import report, runs
 from scripts.faults.cli import CliResult
 
-# (label, overrides, expected exit status: 0 = the run finishes, 3 = the guard stops it)
-NAN_CASES: tuple[tuple[str, tuple[str, ...], int], ...] = (
-    ('NaN in branch 1 at step 1', ('--config.guard.inject_nan=1:1',), 0),
-    ('NaN in branch 0 at steps 1 and 2, max_bad_steps=2',
-     ('--config.guard.inject_nan=0:1,0:2', '--config.guard.max_bad_steps=2'), 3),
+# (label, injection 'BRANCH:STEP,...', overrides, expected exit status: 0 = the run finishes,
+# 3 = the guard stops it)
+NAN_CASES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
+    ('NaN in branch 1 at step 1', '1:1', (), 0),
+    ('NaN in branch 0 at steps 1 and 2, max_bad_steps=2', '0:1,0:2',
+     ('--config.guard.max_bad_steps=2',), 3),
 )
 
 
 @dataclasses.dataclass
 class NanOutcome:
   label: str
+  injection: str
   overrides: tuple[str, ...]
   code: int
   guard_lines: list[str]
@@ -73,22 +76,22 @@ def nan_problems(result: subprocess.CompletedProcess, expected_code: int, workdi
 
 def nan_experiment(folder: str, cache_dir: str | None = None,
                    log: Callable[[str], None] = print) -> list[NanOutcome]:
-  """NaN advantages injected into one branch of the tiny run (guard.inject_nan): once at one
+  """NaN advantages injected into one branch of the tiny run (NanInjection): once at one
   step (the update of that branch is skipped, the other branch and the run go on), and at
   max_bad_steps consecutive steps (the run stops cleanly with exit status 3)."""
   env = runs.run_env(folder, cache_dir)
   reference = runs.reference_run(folder, env)
   outcomes = []
-  for i, (label, overrides, expected_code) in enumerate(NAN_CASES):
+  for i, (label, injection, overrides, expected_code) in enumerate(NAN_CASES):
     workdir = os.path.join(folder, f'nan_{i}')
     shutil.rmtree(workdir, ignore_errors=True)
-    result = runs.train_process(workdir, env, overrides)
+    result = runs.train_process(workdir, env, overrides, inject_nan=injection)
     guard_lines = [l for l in (result.stdout + result.stderr).splitlines()
                    if 'update skipped' in l]
     messages = CliResult(result.returncode, result.stderr).lines
     problems = nan_problems(result, expected_code, workdir, reference, guard_lines, messages)
     steps = runs.committed_steps(workdir)
-    outcomes.append(NanOutcome(label, overrides, result.returncode, guard_lines,
+    outcomes.append(NanOutcome(label, injection, overrides, result.returncode, guard_lines,
                                messages[-1] if messages else '', steps[-1] if steps else None,
                                problems))
     log(f'{label}: {"ok" if not problems else problems}')
@@ -98,11 +101,12 @@ def nan_experiment(folder: str, cache_dir: str | None = None,
 def markdown(folder: str) -> report.Section:
   """Every case of NAN_CASES, as a table."""
   outcomes = nan_experiment(folder, log=report.log_stderr)
-  lines = ['### NaN injected into a chosen branch (`config.guard.inject_nan`)', '',
+  lines = ['### NaN injected into a chosen branch (`copd_jax.hooks.NanInjection`)', '',
            '| # | injection | exit | guard log lines | last line on stderr | newest checkpoint | '
            'checks |', '|---|---|---|---|---|---|---|']
   for i, o in enumerate(outcomes, 1):
-    lines.append(f'| {i} | {o.label} (`{" ".join(o.overrides)}`) | {o.code} | '
+    lines.append(f'| {i} | {o.label} (`{" ".join(("nan_train " + o.injection,) + o.overrides)}`) '
+                 f'| {o.code} | '
                  f'{"<br>".join(f"`{report.cell(l, 160)}`" for l in o.guard_lines)} | '
                  f'`{report.cell(report.without_folders(o.final_line, folder), 260)}` | '
                  f'step {o.newest_step} | '

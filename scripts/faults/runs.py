@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from typing import Sequence
 
 from scripts.faults.cli import ROOT, TOY_CONFIG, module_command
@@ -28,16 +29,21 @@ def run_env(folder: str, cache_dir: str | None = None) -> dict[str, str]:
   return env
 
 
-def train_argv(workdir: str, extra: Sequence[str] = ()) -> list[str]:
-  return module_command(['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress',
-                         *tiny_overrides(), *extra])
+def train_argv(workdir: str, extra: Sequence[str] = (), inject_nan: str = '') -> list[str]:
+  """The tiny run's command line; inject_nan 'BRANCH:STEP[,...]' runs it through
+  scripts/faults/nan_train.py, which poisons those branches' batches at those steps."""
+  args = ['--config', TOY_CONFIG, '--workdir', workdir, '--no-progress', *tiny_overrides(),
+          *extra]
+  if inject_nan:
+    return [sys.executable, '-m', 'scripts.faults.nan_train', inject_nan, *args]
+  return module_command(['train', *args])
 
 
 def train_process(workdir: str, env: dict[str, str], extra: Sequence[str] = (),
-                  timeout: float = 1800) -> subprocess.CompletedProcess:
+                  timeout: float = 1800, inject_nan: str = '') -> subprocess.CompletedProcess:
   """The tiny run in `workdir` to its end, whatever its exit status."""
-  return subprocess.run(train_argv(workdir, extra), cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(train_argv(workdir, extra, inject_nan), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def run_train(workdir: str, env: dict[str, str], extra: Sequence[str] = (),

@@ -1,0 +1,266 @@
+"""Everything a run needs before its first step, built once: `setup_run(config, workdir) -> Run`.
+
+Set-up order matters and is kept here in one place: data files are read (and rejected with
+file:line) before anything is written; an incompatible resume is refused before any compute;
+then the base model, the mesh, the branch state (restored from the newest checkpoint when the
+workdir has one, with the data iterators and the phase controller), the compiled steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from copd_jax import checkpoint as ckpt
+from copd_jax import data_digests
+from copd_jax import distributed
+from copd_jax import mesh as mesh_lib
+from copd_jax import metrics as metrics_lib
+from copd_jax import storage
+from copd_jax.config import resume_differences, with_moved_fields
+from copd_jax.config_checks import branch_domains
+from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
+from copd_jax.data.domain import prompt_format
+from copd_jax.errors import ConfigError
+from copd_jax.models import hf_io
+from copd_jax.models.hub import local_model_path
+from copd_jax.models.presets import DTYPES
+from copd_jax.models.qwen3 import Qwen3Config
+from copd_jax.models.tokenizer import load_tokenizer
+from copd_jax.optim import make_optimizer
+from copd_jax.rewards import RewardSpec, reward_spec
+from copd_jax.rollouts import PromptEncoder
+from copd_jax.sampling import SamplingParams
+from copd_jax.schedule import PhaseController
+from copd_jax.step_config import StepConfig
+from copd_jax.steps import (BranchState, branch_state_shardings, init_branch_state,
+                            make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+from copd_jax.topology import topology_from_config
+from copd_jax.warmstart import ensure_base_model
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop of one run reads: configuration, data, compiled steps, and where it writes.
+
+  `state` is the branch state the run starts from (restored on resume) and `start_step` the
+  first global step still to run. The first step donates `state`'s buffers: from then on the
+  loop's own state is the live one."""
+  config: Any
+  workdir: str
+  log: Callable[[str], None]
+  names: list[str]                     # 'b{k}_{branch}', the metric suffix of each branch
+  domains: dict[str, tuple[list[Example], list[Example]]]
+  base_path: str                       # the base model's folder (tokenizer, reference, eval)
+  model_config: Qwen3Config
+  graphdef: Any
+  base_params: nnx.State
+  encoder: PromptEncoder
+  sampling: SamplingParams
+  reward_kinds: dict[str, RewardSpec]
+  mesh: jax.sharding.Mesh              # training layout
+  sample_mesh: jax.sharding.Mesh       # sampling layout (config.mesh_sampling, else `mesh`)
+  rounds: tuple                        # Topology.rounds(): teacher_of per round (() without OPD)
+  phases: PhaseController
+  sources: 'PromptSources'
+  checkpointer: ckpt.RunCheckpointer
+  metrics_log: metrics_lib.MetricsLog
+  grpo_step: Callable
+  opd_step: Callable | None
+  probe: Callable | None               # steps.make_edge_topk: per-edge top-k for O_k and KLs
+  ref: tuple                           # (reference params,) when the k3 KL term is on, else ()
+  root_key: jax.Array
+  state: BranchState
+  start_step: int
+  data_files: dict                     # content digests of the data files (data_digests)
+
+
+def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
+  """Builds the run of `config` in `workdir`, resuming from its newest checkpoint if any."""
+  K = len(config.branches)
+  domains = load_domains(config)  # validates data files before any compute or any write
+  data_files = data_digests.digests_of(config)  # in every checkpoint: a resume checks them
+  storage.makedirs(workdir)
+  checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
+                                      keep_marked=config.checkpoint.keep_phase_ends)
+  if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
+    try:
+      saved = checkpointer.restore_meta()['config']
+    except Exception:  # a damaged newest checkpoint: restore() falls back and we check then
+      saved = None
+    if saved is not None:
+      check_resume_compatible(saved, config, log)
+  base_path = base_model_path(config, workdir, domains, log)
+  model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
+                           param_dtype=DTYPES[config.model.param_dtype],
+                           remat=config.model.remat, scan_layers=config.model.scan_layers)
+  tokenizer = load_tokenizer(storage.local_copy(base_path))
+  graphdef, base_params = nnx.split(model)
+
+  mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
+  sample_mesh = mesh_lib.sampling_mesh(config, list(mesh.devices.flat), K)
+  rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
+  optimizer = make_optimizer(config.optimizer)
+  phases = PhaseController(config.copd)
+  sampling = SamplingParams.from_config(config)
+  reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
+  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
+  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
+  # sampler / step per phase, and GRPO groups can share their prompt's computation.
+  encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split
+                         for e in part))
+  sources = PromptSources(config, domains, rounds)
+
+  param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
+  state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed, param_rules)
+  if config.model.branch_init:
+    state = state._replace(params=branch_init_params(config.model.branch_init, base_params,
+                                                     state.params, model.config))
+  start = 0
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(state)
+    check_resume_compatible(meta['config'], config, log=lambda _: None)  # noted above
+    start = meta['step'] + 1
+    sources.set_state(meta['data_state'])
+    phases.set_state(meta['phases'])
+    log(f'resumed from step {meta["step"]} (cycle {meta["cycle"] + 1}, phase {meta["phase"]})')
+  metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None,
+                                       enabled=jax.process_index() == 0)
+
+  step_config = StepConfig.from_config(config, encoder.length)
+  sharding = branch_state_shardings(state, mesh, param_rules)
+  grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
+  opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
+      if rounds else None
+  probe = make_edge_topk(graphdef, mesh, sharding, rounds, config.metrics.overlap_top_k,
+                         config.sampling.temperature,
+                         num_micro_batches=config.grpo.micro_batches,
+                         logits_chunk=step_config.logits_chunk) if rounds else None
+  # The frozen reference of the optional k3 KL term is the base model.
+  ref = (jax.device_put(base_params, reference_shardings(sharding)),) \
+      if step_config.kl_coef > 0 else ()
+  return Run(config=config, workdir=workdir, log=log, names=branch_names(config.branches),
+             domains=domains, base_path=base_path, model_config=model.config, graphdef=graphdef,
+             base_params=base_params, encoder=encoder, sampling=sampling,
+             reward_kinds=reward_kinds, mesh=mesh, sample_mesh=sample_mesh, rounds=rounds,
+             phases=phases, sources=sources, checkpointer=checkpointer, metrics_log=metrics_log,
+             grpo_step=grpo_step, opd_step=opd_step, probe=probe, ref=ref,
+             root_key=jax.random.key(config.seed), state=state, start_step=start,
+             data_files=data_files)
+
+
+def branch_names(branches) -> list[str]:
+  return [f'b{k}_{name}' for k, name in enumerate(branches)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
+  """(train, eval) examples of every domain some branch uses; file errors name file and line."""
+  used = sorted({d for names in branch_domains(config) for d in names})
+  out = {}
+  for i, name in enumerate(used):
+    spec = config.domains[name]
+    if spec.source == 'synthetic':
+      out[name] = synthetic_domain(name, config.seed + 1000 * i, spec.num_train, spec.num_eval)
+    else:
+      fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None)
+      out[name] = (load_examples(spec.train_path, name, reward=spec.reward, **fields),
+                   load_examples(spec.eval_path, name, reward=spec.reward, **fields))
+  return out
+
+
+class PromptSources:
+  """Data loaders of a run: the native loader (branch k on its own domains) and one loader per
+  OPD round (student k on its teacher's domains). Their iterator states are checkpointed."""
+
+  def __init__(self, config, domains, rounds):
+    train = {name: split[0] for name, split in domains.items()}
+    per_branch = branch_domains(config)
+    own = [sum((train[d] for d in names), []) for names in per_branch]
+    # mix_domains: a branch on 'a+b' draws each domain with equal weight, whatever their sizes.
+    self.native = BranchPromptLoader(own, config.grpo.prompts_per_step, config.seed,
+                                     mix_domains=True)
+    self.rounds = []
+    for r, teacher_of in enumerate(rounds):
+      # A branch that learns nothing in this round still samples (shapes stay fixed); its rows
+      # are masked out of the update.
+      sources = [own[t] if t >= 0 else own[k] for k, t in enumerate(teacher_of)]
+      self.rounds.append(BranchPromptLoader(sources, config.opd.prompts_per_step,
+                                            config.seed + 7919 * (r + 1), mix_domains=True))
+
+  def get_state(self) -> dict[str, Any]:
+    return {'native': self.native.get_state(),
+            'rounds': [loader.get_state() for loader in self.rounds]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.native.set_state(state['native'])
+    for loader, s in zip(self.rounds, state['rounds']):
+      loader.set_state(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and resume
+# ---------------------------------------------------------------------------------------------
+
+def base_model_path(config, workdir: str, domains, log: Callable) -> str:
+  if config.model.source == 'hf':
+    return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
+  pairs = []
+  for train, _ in domains.values():
+    pairs += [(e.prompt + '\n=', e.answer) for e in train]
+  # Several processes: process 0 trains and writes it, the others then find it (or, on their own
+  # disks, train the same model from the same seed).
+  return distributed.primary_first(lambda: ensure_base_model(
+      workdir, config.model, config.warmstart, pairs, config.seed, log), 'warmstart')
+
+
+def branch_init_params(paths, base_params, stacked_params, model_config):
+  """Branch-stacked params where branch k starts from paths[k] ('' = the base): a HF folder,
+  a merged checkpoint, or a run workdir / step folder with ':k' selecting its branch."""
+  per_branch = []
+  base = nnx.to_pure_dict(jax.device_get(base_params))
+  for k, path in enumerate(paths):
+    if not path:
+      per_branch.append(base)
+      continue
+    folder, branch = path, None
+    if ':' in path and path.rsplit(':', 1)[1].isdigit():
+      folder, branch = path.rsplit(':', 1)[0], int(path.rsplit(':', 1)[1])
+    config, params, _ = ckpt.load_params_for_inference(folder, branch)
+    if config != model_config:
+      raise ConfigError(f'config.model.branch_init[{k}]: {path} has architecture {config}, '
+                        f'the base model has {model_config}')
+    per_branch.append(params)
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_branch)
+  shardings = jax.tree.map(lambda x: x.sharding, stacked_params)
+  return jax.device_put(state_from_pure_dict(stacked_params, stacked), shardings)
+
+
+def state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
+  """An nnx.State shaped like `template` holding the arrays of the pure dict `pure`."""
+  state = jax.tree.map(lambda x: x, template)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def check_resume_compatible(saved: dict, config, log: Callable[[str], None]) -> None:
+  """Refuses a resume whose training fields (config.TRAINING_SECTIONS) differ from the
+  checkpoint's; fields the checkpoint's code did not have yet are accepted with a note."""
+  changed, added = resume_differences(saved, config.to_dict())
+  if changed:
+    field = changed[0]
+    value = with_moved_fields(saved)  # an older checkpoint's fields under today's names
+    for key in field.split('.')[1:]:
+      value = value.get(key) if isinstance(value, dict) else None
+    more = f' (and {len(changed) - 1} more field(s))' if len(changed) > 1 else ''
+    raise ConfigError(f'{field}: differs from the checkpoint in this workdir (saved {value!r})'
+                      f'{more}; resume with the original config or use a new --workdir')
+  if added:
+    log(f'resume: the checkpoint predates {", ".join(added)}; continuing with their configured '
+        'values')
