@@ -67,8 +67,10 @@ def machine() -> str:
 
 def train_argv(spec: M.RunSpec, workdir: str, seed: int, run_dir: Callable[[str], str]
                ) -> list[str]:
+  # --overwrite: the runner owns its workdirs and writes train.log (and a shared warm-start
+  # base/) there before `train` starts; a workdir with checkpoints still resumes.
   return [sys.executable, '-m', 'copd_jax', 'train', '--config', spec.config, '--workdir', workdir,
-          '--no-progress', f'--config.seed={seed}', *spec.resolved(run_dir)]
+          '--no-progress', '--overwrite', f'--config.seed={seed}', *spec.resolved(run_dir)]
 
 
 def _share_base(work: str, seed: int, spec: M.RunSpec, workdir: str, direction: str) -> None:

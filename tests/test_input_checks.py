@@ -69,7 +69,7 @@ def test_an_hf_folder_without_a_usable_tokenizer_is_refused_before_compute(tmp_p
     if os.path.exists(os.path.join(folder, name)):
       os.remove(os.path.join(folder, name))
   workdir = str(tmp_path / 'w')
-  with cli.tripwire('train'):
+  with cli.tripwire('copd_jax.driver.train'):
     result = _train_on(folder, workdir)
   assert result.one_error_line, result.stderr
   assert result.message.startswith('error: config.model.hf_path: ') and expect in \
@@ -83,7 +83,7 @@ def test_an_hf_folder_without_a_usable_tokenizer_is_refused_before_compute(tmp_p
 ])
 def test_sizes_that_would_fail_mid_run_are_refused_up_front(tmp_path, override, field):
   workdir = str(tmp_path / 'w')
-  with cli.tripwire('train'):
+  with cli.tripwire('copd_jax.driver.train'):
     result = cli.run_cli(['train', '--config', cli.TOY_CONFIG, '--workdir', workdir,
                           *cli.BASE_OVERRIDES, override])
   assert result.one_error_line and field in result.message, result.stderr
@@ -91,7 +91,7 @@ def test_sizes_that_would_fail_mid_run_are_refused_up_front(tmp_path, override, 
 
 
 def test_the_largest_seed_is_accepted(tmp_path):
-  with cli.tripwire('train'):
+  with cli.tripwire('copd_jax.driver.train'):
     result = cli.run_cli(['train', '--config', cli.TOY_CONFIG, '--workdir', str(tmp_path / 'w'),
                           *cli.BASE_OVERRIDES, '--config.seed=2147483647'])
   assert result.code == 'compute started', result.stderr

@@ -70,7 +70,7 @@ def test_a_second_train_on_a_locked_workdir_is_one_line_and_touches_nothing(hold
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     f.write('{"step": 0}\n')
   before = sorted(os.listdir(workdir))
-  with cli.tripwire('train'):
+  with cli.tripwire('copd_jax.driver.train'):
     result = cli.run_cli(_train_argv(workdir))
   assert result.one_error_line, result.stderr
   assert 'in use by another run' in result.message and f'pid {proc.pid}' in result.message
@@ -151,7 +151,7 @@ def test_a_restart_before_the_first_checkpoint_is_this_runs_and_another_config_i
 def test_a_start_that_fails_before_writing_removes_what_it_added(tmp_path):
   workdir = tmp_path / 'empty'
   workdir.mkdir()
-  with cli.tripwire('train'):
+  with cli.tripwire('copd_jax.driver.train'):
     assert cli.run_cli(_train_argv(str(workdir))).code == 'compute started'
   assert os.listdir(workdir) == []
 
@@ -219,7 +219,7 @@ def _file_run(tmp_path):
 
 def test_resume_on_a_changed_data_file_is_refused_by_name(tmp_path):
   workdir, overrides, train_file = _file_run(tmp_path)
-  with cli.tripwire('train'):
+  with cli.tripwire('copd_jax.driver.train'):
     assert cli.run_cli(_train_argv(workdir, *overrides)).code == 'compute started'
     # Same row count, one answer changed.
     train_file.write_text('{"prompt": "1+1", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')

@@ -87,7 +87,7 @@ def try_case(case: ModelCase, command: str, folder: str) -> tuple[CliResult, boo
     result = run_cli(['export-hf', '--checkpoint', model, '--out', os.path.join(folder, 'out')])
     left = os.path.exists(os.path.join(folder, 'out'))
   else:
-    with tripwire('make_grpo_step'):
+    with tripwire('copd_jax.run_setup.make_grpo_step'):
       result = run_cli(['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress',
                         *BASE_OVERRIDES, '--config.model.source=hf',
                         f'--config.model.hf_path={model}'])
