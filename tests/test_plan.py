@@ -28,13 +28,16 @@ CONFIG_8B = os.path.join(ROOT, 'configs', 'qwen3_8b_k3_plan.py')
 CONFIG_0P6B = os.path.join(ROOT, 'configs', 'qwen3_0p6b_math_code.py')
 # K=3 on 8 devices: the branch axis must divide 3, so branch=1, fsdp=4, tensor=2; sampling on
 # (1, 1, 8); GRPO 4 prompts x 8 = 32 rows in 2 micro-batches, OPD 2 x 4 = 8 rows per round;
-# 256 prompt + 512 new tokens.
+# 256 prompt + 512 new tokens; logits scored whole.
 OVERRIDES_8B = ['--config.mesh.branch=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
                 '--config.mesh_sampling.branch=1', '--config.mesh_sampling.fsdp=1',
                 '--config.mesh_sampling.tensor=8', '--config.grpo.prompts_per_step=4',
                 '--config.grpo.group_size=8', '--config.grpo.micro_batches=2',
                 '--config.opd.prompts_per_step=2', '--config.opd.samples_per_prompt=4',
-                '--config.sampling.max_new_tokens=512']
+                '--config.sampling.max_new_tokens=512',
+                # The hand calculations below hold whole-sequence logits (chunking: see
+                # test_logits_chunk_moves_the_head_teacher_and_probe_terms).
+                '--config.grpo.logits_chunk=0']
 GIB = 2 ** 30
 
 

@@ -1,0 +1,111 @@
+"""Before the first step, `train` checks that the run fits the memory it can use, and otherwise
+stops with one line that says what to change, instead of being killed mid-step with nothing on
+screen.
+
+The estimate is the one `plan` prints (copd_jax/memory_estimate.py) for the loaded model, the
+run's mesh and its prompt bucket. What it is compared with:
+  CPU devices   they share this host's RAM: the sum of this process's devices' peaks plus the
+                base model (MemoryPlan.host_peak) against MemAvailable of /proc/meminfo plus
+                what this process already holds (VmRSS; it holds the loaded model, which the
+                estimate counts too)
+  GPU / TPU     one device's peak against the smallest `bytes_limit` of this process's devices
+                (`Device.memory_stats()`); not checked where a backend reports none
+The estimate leaves out the compiled programs and XLA's fusion temporaries, so passing the check
+is no guarantee; failing it means the formulas' terms alone do not fit. COPD_JAX_NO_MEMORY_CHECK=1
+skips the check (an estimate that is too high for a setting: report it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Sequence
+
+import jax
+
+from copd_jax.errors import UserInputError
+from copd_jax.memory_estimate import GIB, MemoryPlan, estimate, phase_fixes, phase_peaks
+from copd_jax.models.qwen3 import Qwen3Config
+
+SKIP_ENV = 'COPD_JAX_NO_MEMORY_CHECK'
+
+
+class MemoryCheckError(UserInputError):
+  pass
+
+
+def _meminfo_kib(path: str, field: str) -> float | None:
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return float(line.split()[1])
+  except OSError:
+    return None
+  return None
+
+
+def available_host_bytes(meminfo: str = '/proc/meminfo',
+                         status: str = '/proc/self/status') -> float | None:
+  """RAM this process can use: MemAvailable plus its own resident set (None off Linux)."""
+  free, own = _meminfo_kib(meminfo, 'MemAvailable'), _meminfo_kib(status, 'VmRSS')
+  if free is None:
+    return None
+  return (free + (own or 0.0)) * 1024
+
+
+def device_limit_bytes(devices: Sequence[jax.Device]) -> float | None:
+  """The smallest memory limit among `devices` (None where a backend reports none)."""
+  limits = []
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except Exception:   # backends without memory stats raise or return None
+      stats = None
+    if not stats or 'bytes_limit' not in stats:
+      return None
+    limits.append(stats['bytes_limit'])
+  return float(min(limits)) if limits else None
+
+
+def shortfall(plan: MemoryPlan, available: float, host_devices: int = 0) -> str | None:
+  """The one-line refusal when the plan does not fit `available` bytes, else None.
+  host_devices > 0: that many CPU devices share `available` host RAM; 0: `available` is one
+  device's memory."""
+  peaks = phase_peaks(plan)
+  phase = max(peaks, key=peaks.get)
+  if host_devices:
+    need = plan.host_peak(host_devices)
+    where = (f'of host RAM ({host_devices} CPU device(s) x {peaks[phase] / GIB:.2f} GiB + the '
+             f'base model), more than the {available / GIB:.2f} GiB this process can use '
+             '(MemAvailable + its own)')
+  else:
+    need = plan.peak
+    where = f'per device, more than the {available / GIB:.2f} GiB a device has'
+  if need <= available:
+    return None
+  fixes = phase_fixes(plan, shared_host=bool(host_devices))[phase]
+  return (f'the run would not fit: {phase} needs about {need / GIB:.2f} GiB {where}; try '
+          f'{", ".join(fixes)} (`plan` shows every term; {SKIP_ENV}=1 skips this check)')
+
+
+def check_fits(config, devices: Sequence[jax.Device], prompt_tokens: int,
+               model_config: Qwen3Config, log: Callable[[str], None] = print,
+               env: Mapping[str, str] = os.environ) -> None:
+  """Raises MemoryCheckError (one line, what to change) when the run's estimate exceeds the
+  memory this process can use; logs the comparison otherwise. `devices`: the training mesh's."""
+  if env.get(SKIP_ENV):
+    log(f'memory check skipped ({SKIP_ENV} is set)')
+    return
+  plan = estimate(config, devices, prompt_tokens, model_config)
+  here = [d for d in devices if d.process_index == jax.process_index()]
+  on_cpu = all(d.platform == 'cpu' for d in here)
+  available = available_host_bytes() if on_cpu else device_limit_bytes(here)
+  if available is None:
+    log('memory check: this backend reports no memory size; not checked (see `plan`)')
+    return
+  message = shortfall(plan, available, len(here) if on_cpu else 0)
+  if message:
+    raise MemoryCheckError(message)
+  need = plan.host_peak(len(here)) if on_cpu else plan.peak
+  where = 'host RAM this process can use' if on_cpu else 'a device has'
+  log(f'memory: estimated peak {need / GIB:.2f} GiB of the {available / GIB:.2f} GiB {where} '
+      f'(grpo.logits_chunk: {plan.workload.logits_chunk or "off"})')
