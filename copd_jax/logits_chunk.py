@@ -2,7 +2,7 @@
 
 The GRPO / OPD updates, the OPD teacher pass and the overlap probe hold fp32 logits
 [rows, T, V] (in an update with their log-softmax, probabilities and gradient: about four such
-arrays, copd_jax/memory_plan.py). With Qwen3's V = 151,936 they dominate memory: one array of
+arrays, copd_jax/memory_estimate.py). With Qwen3's V = 151,936 they dominate memory: one array of
 96 rows x 76 tokens is 4.4 GB, and a 9.8M-parameter model was killed on a 24 GiB host at its
 first OPD step. `scoring.map_head_chunks` bounds them to [rows, C, V], recomputing each chunk's
 logits in the backward pass; it changes memory, never results.

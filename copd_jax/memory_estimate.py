@@ -39,14 +39,19 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
                   update, so the OPD step's peak is the larger of the two
   KV cache:       b_s * 2 L Kv/t hd S * a  (b_s sampled rows on a device, S = prompt + new tokens)
   prefill:        layer(b_s, P) + 2 b_s V/t * 4 for the P prompt tokens (transient, one layer)
-  top-k probe:    layer(b_p, T) + 2 * b_p c V/t * 4: the behavioural metrics
+  top-k probe:    layer(b_p, T) + 3 * b_p c V/t * 4: the behavioural metrics
                   (`steps.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
-                  logits and log-softmax), counted as one pass (the probe splits them into
-                  grpo.micro_batches, so this errs high by up to that factor)
+                  logits, the log-softmax of the top-k and that of the token's log-prob),
+                  counted as one pass (the probe splits them into grpo.micro_batches, so this
+                  errs high by up to that factor)
 
 Calibration: against XLA:CPU's `memory_analysis().temp_size_in_bytes` of the compiled GRPO step
 (fp32, one device) the layer, head and remat terms agree within a few percent
 (tests/test_plan.py checks 10%; with chunked logits 10% with remat, up to 20% high without).
+Issue 17.3's run (9.8M parameters, V = 151,936, K=2 on 2 CPU devices, 8-position chunks):
+compiled temporaries per device 1.87 GiB (OPD step; estimate 1.92 with gradients), 1.25 (GRPO;
+1.24 + 0.07), 0.44 (probe; 0.45). That run's process peaked at 7.8 GiB RSS against a host
+estimate of 4.1 GiB: the runtime, compiled programs and allocator slack are not estimated.
 bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
 
 Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
@@ -225,11 +230,12 @@ def head_activation_bytes(mc: Qwen3Config, rows: float, seq: int, tensor: int,
 
 
 def forward_pass_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
-                       chunk: int | None = None) -> float:
+                       chunk: int | None = None, arrays: int = 2) -> float:
   """A forward-only scoring pass (the OPD teacher pass, the top-k probe) on one device: one
-  layer's activations and fp32 logits and log-softmax of the positions scored at once."""
+  layer's activations and `arrays` fp32 [rows, positions, V] arrays (logits, log-softmax, ...)
+  of the positions scored at once."""
   return (layer_activation_bytes(mc, rows, seq, a, tensor)
-          + 2 * rows * scored_positions(seq, chunk) * _split(mc.vocab_size, tensor) * 4)
+          + arrays * rows * scored_positions(seq, chunk) * _split(mc.vocab_size, tensor) * 4)
 
 
 def train_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
@@ -359,7 +365,7 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
   probe = teacher = 0.0
   if work.rounds:
     b_p = rows_per_device(work.distill_rows, K, mesh_shape)
-    probe = forward_pass_bytes(mc, b_p, work.seq, a, tensor, chunk)
+    probe = forward_pass_bytes(mc, b_p, work.seq, a, tensor, chunk, arrays=3)
     b_t = rows_per_device(work.distill_rows // work.micro_batches, K, mesh_shape)
     teacher = forward_pass_bytes(mc, b_t, work.seq, a, tensor, chunk)
   base = sum(leaf.total_bytes for leaf in param_leaves) // K

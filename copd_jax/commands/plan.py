@@ -3,7 +3,7 @@
 
 Per-device memory of a run config on an N-device mesh, from shapes only (nothing is allocated):
 parameters, optimizer state, gradients, the sampler's parameter copy and KV cache, activation
-estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_plan.py); then the
+estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_estimate.py); then the
 disk space of the run's checkpoints under its retention settings (copd_jax/retention.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
 With --cpu (or --host-memory-gb) the N devices are CPU devices of one host: they share its RAM,

@@ -56,10 +56,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             off for the toy's 128 tokens, 8 for 2 x 96 rows of a 151,936
                             vocabulary; copd_jax/logits_chunk.py). micro_batches and
                             logits_chunk change memory, not results, and may change when a
-                            run is resumed. Before the first step `train` compares the plan's
-                            estimate (copd_jax/memory_plan.py) with the memory it can use and
-                            stops with one line naming what to lower when it would not fit
-                            (copd_jax/memory_check.py; COPD_JAX_NO_MEMORY_CHECK=1 skips it)
+                            run is resumed. Before the first step `train` compares its
+                            memory estimate (copd_jax/memory_estimate.py, what `plan` prints)
+                            with the memory it can use and stops with one line naming what
+                            to lower when it would not fit (copd_jax/memory_check.py;
+                            COPD_JAX_NO_MEMORY_CHECK=1 skips it)
   opd                       prompts_per_step (per teacher), samples_per_prompt, beta (scale of
                             the OPD advantage beta * delta), delta_clamp (bound on |delta|;
                             0 = off). A checkpoint written when beta and delta_clamp were in
