@@ -96,9 +96,15 @@ def _first_sentence(error: Exception) -> str:
   return text.splitlines()[0].split(' Other fields present')[0] if text else ''
 
 
+# Fields that take a number or a word (grpo.logits_chunk: 'auto' or a count): an override is
+# read as a Python literal where it is one (16, 0), else kept as text ('auto').
+NUMBER_OR_WORD_FIELDS = ('grpo.logits_chunk',)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
   """Each override is `--config.a.b=value` (or `config.a.b=value`); the value's type follows the
-  field's current type. Unknown fields and unparsable values raise ConfigError."""
+  field's current type (NUMBER_OR_WORD_FIELDS: a literal, else text). Unknown fields and
+  unparsable values raise ConfigError."""
   for raw in overrides:
     item = raw[2:] if raw.startswith('--') else raw
     if not item.startswith('config.') or '=' not in item:
@@ -107,7 +113,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     parent, name = _resolve_parent(config, dotted, raw)
     current = parent[name]
     try:
-      parsed = _parse_like(current, value)
+      parsed = _auto(value) if dotted in NUMBER_OR_WORD_FIELDS else _parse_like(current, value)
     except (ValueError, SyntaxError):
       raise ConfigError(f'{raw}: config.{dotted} expects {type(current).__name__}, '
                         f'got {value!r}') from None

@@ -17,6 +17,7 @@ from flax import nnx
 from copd_jax import checkpoint as ckpt
 from copd_jax import data_digests
 from copd_jax import distributed
+from copd_jax import memory_check
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
 from copd_jax import storage
@@ -113,6 +114,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split
                          for e in part))
   sources = PromptSources(config, domains, rounds)
+  # Before any state is allocated: stop with one line if the run would not fit in memory.
+  memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, model.config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
   state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed, param_rules)
@@ -130,7 +133,7 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None,
                                        enabled=jax.process_index() == 0)
 
-  step_config = StepConfig.from_config(config, encoder.length)
+  step_config = StepConfig.from_config(config, encoder.length, model.config.vocab_size)
   sharding = branch_state_shardings(state, mesh, param_rules)
   grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
   opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \

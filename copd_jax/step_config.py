@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from copd_jax import losses
+from copd_jax import logits_chunk as logits_chunk_lib, losses
 from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields, is_int, is_real, named_by_config
 from copd_jax.topology import parse_indices
@@ -41,7 +41,8 @@ class StepConfig:
   layout), and each micro-batch then holds whole groups. The opd_step ignores both fields.
   logits_chunk (None: off) scores logits_chunk positions at a time, recomputing each chunk's
   logits in the backward pass (scoring.map_head_chunks): peak memory holds [rows, logits_chunk,
-  vocab] logits instead of [rows, T, vocab], at the cost of a second head matmul.
+  vocab] logits instead of [rows, T, vocab], at the cost of a second head matmul. A config's
+  grpo.logits_chunk='auto' is resolved to a number or None here (copd_jax/logits_chunk.py).
   """
   epsilon_low: float = 0.2
   epsilon_high: float = 0.28
@@ -96,10 +97,13 @@ class StepConfig:
     return cls(**values)
 
   @classmethod
-  def from_config(cls, config, prompt_length: int = 0) -> 'StepConfig':
+  def from_config(cls, config, prompt_length: int = 0,
+                  vocab_size: int | None = None) -> 'StepConfig':
     """The run's step settings (CONFIG_FIELDS). prompt_length: the run's fixed prompt bucket;
     GRPO groups then score their shared prompt once. 0 in opd.delta_clamp and
-    grpo.logits_chunk means off (None here)."""
+    grpo.logits_chunk means off (None here); grpo.logits_chunk='auto' is chosen from the
+    model's vocab_size (None: what the config tells, logits_chunk.config_vocab_size) and rows
+    of prompt_length + sampling.max_new_tokens tokens (logits_chunk.resolve)."""
     g, o = config.grpo, config.opd
     frozen = tuple(parse_indices(config.copd.freeze, 'copd.freeze'))
     K = len(config.branches)
@@ -107,6 +111,7 @@ class StepConfig:
       raise ConfigError(f'config.copd.freeze: branch indices must be in [0, {K})')
     if len(frozen) >= K:
       raise ConfigError('config.copd.freeze: at least one branch must train')
+    chunk = logits_chunk_lib.resolve(config, prompt_length, vocab_size)
     with named_by_config(CONFIG_FIELDS):
       return cls(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
                  aggregation=g.aggregation, max_completion_tokens=config.sampling.max_new_tokens,
@@ -114,8 +119,7 @@ class StepConfig:
                  temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
                  opd_beta=o.beta, opd_clamp=_off_if_zero(o.delta_clamp),
                  frozen_branches=frozen, group_size=g.group_size, prompt_length=prompt_length,
-                 logits_chunk=_off_if_zero(g.logits_chunk))
-
+                 logits_chunk=chunk)
 
 def _off_if_zero(value):
   """A config's 0 (off) as None; other values as they are, for __post_init__ to check."""

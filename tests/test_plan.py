@@ -28,13 +28,16 @@ CONFIG_8B = os.path.join(ROOT, 'configs', 'qwen3_8b_k3_plan.py')
 CONFIG_0P6B = os.path.join(ROOT, 'configs', 'qwen3_0p6b_math_code.py')
 # K=3 on 8 devices: the branch axis must divide 3, so branch=1, fsdp=4, tensor=2; sampling on
 # (1, 1, 8); GRPO 4 prompts x 8 = 32 rows in 2 micro-batches, OPD 2 x 4 = 8 rows per round;
-# 256 prompt + 512 new tokens.
+# 256 prompt + 512 new tokens; logits scored whole.
 OVERRIDES_8B = ['--config.mesh.branch=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
                 '--config.mesh_sampling.branch=1', '--config.mesh_sampling.fsdp=1',
                 '--config.mesh_sampling.tensor=8', '--config.grpo.prompts_per_step=4',
                 '--config.grpo.group_size=8', '--config.grpo.micro_batches=2',
                 '--config.opd.prompts_per_step=2', '--config.opd.samples_per_prompt=4',
-                '--config.sampling.max_new_tokens=512']
+                '--config.sampling.max_new_tokens=512',
+                # The hand calculations below hold whole-sequence logits (chunking: see
+                # test_logits_chunk_moves_the_head_teacher_and_probe_terms).
+                '--config.grpo.logits_chunk=0']
 GIB = 2 ** 30
 
 
@@ -271,3 +274,91 @@ def test_disk_plan_counts_the_checkpoints_retention_keeps():
   config.copd.schedule = 'overlap'  # no phase-end checkpoints: the rolling ones only
   assert disk_plan(config, 1000).kept == 3
   assert 'keep 3:' in format_disk_plan(disk_plan(config, 2**30), config.checkpoint)
+
+
+# ----------------------------------------------------------------------------- logits chunks, host
+
+def test_logits_chunk_moves_the_head_teacher_and_probe_terms():
+  """The 8B K=3 plan with 'auto' (the default) and with 64 positions of logits at a time: the
+  head term, the OPD teacher pass and the probe use the chunk; whole logits (the hand
+  calculations above) are the largest."""
+  base = [o for o in OVERRIDES_8B if 'logits_chunk' not in o]
+  plans = {chunk: make_plan(load_config(CONFIG_8B, base + [f'--config.grpo.logits_chunk={chunk}'],
+                                        check_files=False), jax.devices(), prompt_tokens=256)
+           for chunk in ('0', '64', 'auto')}
+  # 'auto': OPD micro-batch of (32 + 2 x 8) / 2 = 24 rows per branch, 72 for 3 branches;
+  # 1 GiB / (72 x 151936 x 4 B) = 24.5 positions -> 16.
+  assert plans['auto'].workload.logits_chunk == 16
+  assert plans['64'].workload.logits_chunk == 64 and plans['0'].workload.logits_chunk is None
+  plan, rows, T, V = plans['64'], 12, 768, 75_968    # GRPO: 12 rows on a device, V / tensor 2
+  per_token = 2 * (4 * 4096 + 4 * 2048 + 4 * 512 + 3 * 6144) + 4 * (4 * 4096 + 3 * 2048
+                                                                    + 3 * 512 + 6144)
+  layer = lambda b: b * T * per_token + b * 16 * T * T * 6
+  head = 4 * rows * 64 * V * 4 + V * 4096 * 4    # 64 positions + the head gradient carried
+  assert plan.activation_bytes['grpo'] == 36 * rows * T * 4096 * 2 + max(layer(rows), head)
+  # Teacher pass: 8 distillation rows / 2 micro-batches / fsdp 4 = 1 per branch, 3 on a device;
+  # forward only: one layer and fp32 logits + log-softmax of 64 positions.
+  assert plan.teacher_bytes == layer(3) + 2 * 3 * 64 * V * 4
+  assert plans['0'].teacher_bytes == layer(3) + 2 * 3 * T * V * 4
+  for name in ('teacher_bytes', 'probe_bytes'):
+    assert getattr(plans['0'], name) > getattr(plans['64'], name) > getattr(plans['auto'], name)
+  assert (plans['0'].activation_bytes['opd'] > plans['64'].activation_bytes['opd']
+          >= plans['auto'].activation_bytes['opd'])
+  assert plans['0'].train_peak > plans['auto'].train_peak
+  # Without OPD steps there is no teacher pass.
+  no_opd = make_plan(load_config(CONFIG_8B, base + ['--config.copd.s_opd=0'], check_files=False),
+                     jax.devices(), prompt_tokens=256)
+  assert no_opd.teacher_bytes == 0 and 'opd' not in no_opd.activation_bytes
+
+
+def test_the_teacher_pass_counts_in_the_training_peak(plan_8b):
+  """The OPD step scores the teachers before its update: its peak is the larger of the two."""
+  import dataclasses
+  assert 0 < plan_8b.teacher_bytes < plan_8b.activation_bytes['opd']
+  big_teacher = dataclasses.replace(plan_8b, teacher_bytes=2 * plan_8b.activation_bytes['opd'])
+  assert big_teacher.train_peak == (plan_8b.state_bytes + plan_8b.gradient_bytes
+                                    + 2 * plan_8b.activation_bytes['opd'])
+
+
+def test_host_ram_sums_the_cpu_devices_of_a_host(plan_8b, capsys):
+  from copd_jax.memory_plan import host_memory_bytes
+  # The driver's base model: one unstacked fp32 copy of the 8B parameters.
+  assert plan_8b.base_param_bytes == 8_190_735_360 * 4
+  assert plan_8b.host_peak(8) == 8 * plan_8b.peak + plan_8b.base_param_bytes
+  toy = ['--config', os.path.join(ROOT, 'configs', 'toy_copd.py'), '--devices', '8',
+         '--no-leaves', '--config.mesh.branch=2', '--config.mesh.fsdp=-1']
+  assert main(['plan', *toy, '--host-memory-gb', '0.5']) == 0
+  out = capsys.readouterr().out
+  assert 'host RAM (CPU devices share it): 8 x ' in out
+  assert 'WARNING: training needs about' in out and 'of host RAM (8 CPU devices sharing it)' in out
+  assert 'more devices' not in out.split('host RAM (CPU')[1]
+  assert main(['plan', *toy, '--cpu']) == 0
+  out = capsys.readouterr().out
+  assert f'of {host_memory_bytes() / GIB:.3f} GiB host RAM' in out
+  assert main(['plan', *toy]) == 0
+  assert 'host RAM' not in capsys.readouterr().out   # not asked: devices are accelerators
+
+
+@pytest.mark.slow   # two compiles, ~15 s each on a 2-core machine
+@pytest.mark.parametrize('remat', [False, True])
+def test_chunked_activation_estimate_tracks_xla_memory_analysis(remat):
+  """As test_activation_estimate_tracks_xla_memory_analysis, scoring 16 positions at a time:
+  within 10% with remat; without remat the layer terms (10% high already) dominate and the
+  estimate errs high, by at most 20%."""
+  c = Qwen3Config(vocab_size=4096, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
+                  head_dim=32, intermediate_size=384)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0), remat=remat)))
+  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  adamw = optim.make_optimizer({'learning_rate': 1e-3})
+  state = abstract_branch_state(params, 1, adamw)
+  shardings = branch_state_shardings(state, mesh)
+  rows, T = 8, 128
+  s = lambda dtype: jax.ShapeDtypeStruct((1, rows, T), dtype)
+  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
+  step = make_grpo_step(graphdef, adamw, mesh, StepConfig(logits_chunk=16), shardings)
+  xla = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  estimate = train_activation_bytes(c, rows, T, 4, 1, remat, chunk=16) + 2 * 4 * c.num_params()
+  if remat:
+    assert estimate == pytest.approx(xla, rel=0.10), (estimate, xla)
+  else:
+    assert xla <= estimate <= 1.2 * xla, (estimate, xla)

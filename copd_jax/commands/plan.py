@@ -1,10 +1,14 @@
-"""`python -m copd_jax plan --config FILE --devices N [--device-memory-gb G] [--config.a.b=v ...]`
+"""`python -m copd_jax plan --config FILE --devices N [--device-memory-gb G] [--cpu]
+[--host-memory-gb G] [--config.a.b=v ...]`
 
 Per-device memory of a run config on an N-device mesh, from shapes only (nothing is allocated):
 parameters, optimizer state, gradients, the sampler's parameter copy and KV cache, activation
-estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_plan.py); then the
+estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_estimate.py); then the
 disk space of the run's checkpoints under its retention settings (copd_jax/retention.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
+With --cpu (or --host-memory-gb) the N devices are CPU devices of one host: they share its RAM,
+so the plan adds up their peaks (plus the driver's copy of the base model) and compares the sum
+with --host-memory-gb, default this machine's MemTotal.
 
 The plan runs on N CPU devices (--xla_force_host_platform_device_count); per-device bytes do not
 depend on the platform. XLA reads that flag once, when jax starts, so when this process's jax
@@ -30,6 +34,10 @@ def add_arguments(parser) -> None:
   parser.add_argument('--devices', type=int, required=True, help='number of devices N')
   parser.add_argument('--device-memory-gb', type=float, default=None,
                       help='memory of one device in GiB; warns when a phase will not fit')
+  parser.add_argument('--cpu', action='store_true',
+                      help="plan for CPU devices of one host: count the host RAM they share")
+  parser.add_argument('--host-memory-gb', type=float, default=None,
+                      help="RAM of that host in GiB (implies --cpu; default: this machine's)")
   parser.add_argument('--prompt-tokens', type=int, default=256,
                       help='padded prompt length (a sampler bucket: a power of two)')
   parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
@@ -49,6 +57,10 @@ def _argv(args) -> list[str]:
           '--prompt-tokens', str(args.prompt_tokens)]
   if args.device_memory_gb is not None:
     argv += ['--device-memory-gb', str(args.device_memory_gb)]
+  if args.cpu:
+    argv.append('--cpu')
+  if args.host_memory_gb is not None:
+    argv += ['--host-memory-gb', str(args.host_memory_gb)]
   if args.no_leaves:
     argv.append('--no-leaves')
   return argv + list(args.extra)
@@ -76,11 +88,18 @@ def run(args) -> int:
 
   # Imported here, not at the top: they import jax, which must start after XLA_FLAGS is set.
   from copd_jax.config import load_config
-  from copd_jax.memory_plan import GIB, format_plan, make_plan
+  from copd_jax.memory_plan import GIB, format_plan, host_memory_bytes, make_plan
   config = load_config(args.config, args.extra, check_files=False)
   plan = make_plan(config, jax.devices(), args.prompt_tokens)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
-  print(format_plan(plan, memory, leaves=not args.no_leaves))
+  host = None
+  if args.cpu or args.host_memory_gb is not None:
+    host_bytes = args.host_memory_gb * GIB if args.host_memory_gb else host_memory_bytes()
+    if not host_bytes:
+      raise PlanError('--cpu: cannot read this machine\'s RAM (/proc/meminfo); pass '
+                      '--host-memory-gb')
+    host = (args.devices, host_bytes)
+  print(format_plan(plan, memory, leaves=not args.no_leaves, host_memory=host))
   from copd_jax.retention import disk_plan, format_disk_plan
   state_bytes = sum(leaf.total_bytes for leaf in plan.leaves)
   print('\n' + format_disk_plan(disk_plan(config, state_bytes), config.checkpoint))

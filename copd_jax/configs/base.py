@@ -49,8 +49,17 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             at a time, recomputing them in the backward pass (bounds the
                             [rows, T, vocab] logits of the GRPO / OPD updates, the OPD
                             teacher pass and the overlap probe to [rows, logits_chunk, vocab];
-                            0 = off, all T at once). micro_batches and logits_chunk change
-                            memory, not results, and may change when a run is resumed
+                            0 = off, all T at once; 'auto' (default) = the largest power of
+                            two keeping one fp32 [rows, chunk, vocab] array of a micro-batch,
+                            all K branches' rows together, within 1 GiB, off when all T fit:
+                            off for the toy's 128 tokens, 8 for 2 x 96 rows of a 151,936
+                            vocabulary; copd_jax/logits_chunk.py). micro_batches and
+                            logits_chunk change memory, not results, and may change when a
+                            run is resumed. Before the first step `train` compares its
+                            memory estimate (copd_jax/memory_estimate.py, what `plan` prints)
+                            with the memory it can use and stops with one line naming what
+                            to lower when it would not fit (copd_jax/memory_check.py;
+                            COPD_JAX_NO_MEMORY_CHECK=1 skips it)
   opd                       prompts_per_step (per teacher), samples_per_prompt, beta (scale of
                             the OPD advantage beta * delta), delta_clamp (bound on |delta|;
                             0 = off). A checkpoint written when beta and delta_clamp were in
@@ -106,7 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo = ml_collections.ConfigDict(dict(
       group_size=8, prompts_per_step=8, epsilon_low=0.2, epsilon_high=0.28, std_normalize=True,
       aggregation='seq-mean-token-mean', kl_coef=0.0, entropy_coef=0.0, micro_batches=1,
-      logits_chunk=0))
+      # 'auto' or a number: a field of any type (config files and overrides may set either).
+      logits_chunk=ml_collections.FieldReference('auto', field_type=object)))
   c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0,
                                          delta_clamp=0.0))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0))

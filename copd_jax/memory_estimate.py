@@ -1,0 +1,399 @@
+"""Per-device memory estimate of a run config on a given set of devices, computed from shapes
+only: what `plan` prints (copd_jax/memory_plan.py) and what `train` checks before its first step
+(copd_jax/memory_check.py).
+
+Nothing is allocated: the model is built with `nnx.eval_shape`, the branch state with
+`jax.eval_shape` of the same stacking and optimizer init as `steps.init_branch_state`, and every
+leaf's PartitionSpec comes from `steps.branch_state_shardings` (the shardings the train steps
+declare). A leaf's per-device bytes are its shard shape (`NamedSharding.shard_shape`) times its
+item size, so sharded state is exact; activations and the KV cache are formula estimates:
+
+Notation: L layers, D hidden, H / Kv query / KV heads, hd head_dim, F MLP width, V vocab; a the
+compute-dtype bytes; t the 'tensor' axis size, applied to heads / MLP / vocab only where it
+divides them; b rows on one device (rows of a micro-batch / 'fsdp' when that divides them,
+times the K / mesh.branch branches a device holds, since branches are vmapped); T tokens per row;
+c the positions of logits scored at once: grpo.logits_chunk as resolved
+(copd_jax/logits_chunk.py), T when off.
+
+  training activations, per layer (saved for the backward pass):
+    per token   a * (4 D + (4 H hd + 4 Kv hd + 3 F) / t)
+                (layer input, two norm outputs, residual; q / k projected, normed, rotated and
+                the attention output; v; MLP gate, up and their product)
+                + 4 * (4 D + (3 H hd + 3 Kv hd + F) / t)
+                (the fp32 internals of the RMS norms, q / k norms and RoPE, and the SiLU)
+    attention   b * H/t * T^2 * (4 + a)   (fp32 scores and the probabilities)
+    layer(b, T) = b T * per_token + attention
+  output head:    head(b, T) = 4 * b c V/t * 4  (fp32 logits, log-softmax, probabilities and
+                  their product for the entropy, of the c positions scored at once)
+                  + V/t D * 4 when chunked (the head weight's gradient carried through the
+                  chunks)
+  without remat:  L * layer(b, T) + head(b, T)  (every layer's activations live while the head
+                  runs)
+  with remat:     L * b T D a + max(layer(b, T), head(b, T))  (each layer's input; the head's
+                  arrays are freed before the layers' backward recomputes one layer at a time)
+  gradients:      per device, params' element count * (4 + param bytes): the fp32 micro-batch
+                  accumulator and one micro-batch's gradient
+  OPD teacher pass: layer(b_t, T) + 2 * b_t c V/t * 4, b_t the distillation rows of one
+                  micro-batch (opd rows / grpo.micro_batches) on a device: the teachers score
+                  the students' tokens forward only (fp32 logits and log-softmax) before the
+                  update, so the OPD step's peak is the larger of the two
+  KV cache:       b_s * 2 L Kv/t hd S * a  (b_s sampled rows on a device, S = prompt + new tokens)
+  prefill:        layer(b_s, P) + 2 b_s V/t * 4 for the P prompt tokens (transient, one layer)
+  top-k probe:    layer(b_p, T) + 3 * b_p c V/t * 4: the behavioural metrics
+                  (`steps.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
+                  logits, the log-softmax of the top-k and that of the token's log-prob),
+                  counted as one pass (the probe splits them into grpo.micro_batches, so this
+                  errs high by up to that factor)
+
+Calibration: against XLA:CPU's `memory_analysis().temp_size_in_bytes` of the compiled GRPO step
+(fp32, one device) the layer, head and remat terms agree within a few percent
+(tests/test_plan.py checks 10%; with chunked logits 10% with remat, up to 20% high without).
+Issue 17.3's run (9.8M parameters, V = 151,936, K=2 on 2 CPU devices, 8-position chunks):
+compiled temporaries per device 1.87 GiB (OPD step; estimate 1.92 with gradients), 1.25 (GRPO;
+1.24 + 0.07), 0.44 (probe; 0.45). That run's process peaked at 7.8 GiB RSS against a host
+estimate of 4.1 GiB: the runtime, compiled programs and allocator slack are not estimated.
+bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
+
+Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
+the GRPO and OPD micro-batches' activations and the OPD teacher pass; sampling peak = state
+(+ reference) + the sampler's parameter copy (parameters resharded by `sampling.SAMPLING_RULES`
+on the sampling mesh: 'embed' is not split over 'fsdp') + KV cache + prefill; probe peak =
+state (+ reference) + top-k probe. Not counted: XLA temporaries and fusion buffers, the compiled
+programs, the Python process. Host memory (CPU devices share their host's RAM):
+`MemoryPlan.host_peak` sums the per-device peaks of a host's devices and adds the one unstacked
+copy of the base parameters the driver keeps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib
+from copd_jax.errors import UserInputError
+from copd_jax.models.presets import DTYPES
+from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.optim import make_optimizer
+from copd_jax.sampling import SAMPLING_RULES
+from copd_jax.steps import branch_state_init, branch_state_shardings
+from copd_jax.topology import topology_from_config
+
+GIB = 2 ** 30
+
+
+class PlanError(UserInputError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """Batch shapes of one run, per branch."""
+  num_branches: int
+  native_rows: int       # GRPO rows per step: grpo.prompts_per_step * grpo.group_size
+  distill_rows: int      # OPD rows per round: opd.prompts_per_step * opd.samples_per_prompt
+  rounds: int            # OPD rounds R (0: no OPD steps)
+  prompt_tokens: int     # padded prompt length P
+  new_tokens: int        # sampling.max_new_tokens
+  micro_batches: int
+  compute_bytes: int
+  remat: bool
+  reference: bool        # grpo.kl_coef > 0: a frozen reference copy of the params
+  logits_chunk: int | None = None   # grpo.logits_chunk as resolved (None: off)
+
+  @property
+  def seq(self) -> int:
+    return self.prompt_tokens + self.new_tokens
+
+
+def num_opd_rounds(config) -> int:
+  """R of the OPD step: the rounds of the run's topology (0 when there are no OPD steps)."""
+  if not config.copd.s_opd:
+    return 0
+  return len(topology_from_config(config).rounds())
+
+
+def workload_of(config, prompt_tokens: int, vocab_size: int | None = None) -> Workload:
+  """The run's batch shapes; grpo.logits_chunk resolved for `vocab_size` (None: what the
+  config tells) as StepConfig.from_config resolves it."""
+  if prompt_tokens < 1:
+    raise PlanError(f'--prompt-tokens must be a positive integer, got {prompt_tokens}')
+  return Workload(
+      num_branches=len(config.branches),
+      native_rows=config.grpo.prompts_per_step * config.grpo.group_size,
+      distill_rows=config.opd.prompts_per_step * config.opd.samples_per_prompt,
+      rounds=num_opd_rounds(config), prompt_tokens=prompt_tokens,
+      new_tokens=config.sampling.max_new_tokens, micro_batches=config.grpo.micro_batches,
+      compute_bytes=jnp.dtype(DTYPES[config.model.compute_dtype]).itemsize,
+      remat=bool(config.model.remat), reference=config.grpo.kl_coef > 0,
+      logits_chunk=logits_chunk_lib.resolve(config, prompt_tokens, vocab_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract state and per-leaf shardings
+# ---------------------------------------------------------------------------------------------
+
+def abstract_params(model_config: Qwen3Config, param_dtype=jnp.float32) -> tuple[Any, nnx.State]:
+  """(graphdef, params of ShapeDtypeStruct leaves) of one model; nothing allocated."""
+  model = nnx.eval_shape(lambda: Qwen3(model_config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+  return nnx.split(model)
+
+
+def abstract_branch_state(params: nnx.State, num_branches: int, optimizer) -> Any:
+  """The BranchState `steps.init_branch_state` builds, as ShapeDtypeStructs."""
+  return jax.eval_shape(branch_state_init(num_branches, optimizer, seed=0), params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  group: str                  # 'params', 'opt_state', 'step' or 'rng'
+  path: str                   # e.g. 'layers.q_proj', 'opt_state.1.0.mu.layers.q_proj'
+  shape: tuple[int, ...]
+  dtype: str
+  spec: Any                   # PartitionSpec
+  per_device_bytes: int
+
+  @property
+  def total_bytes(self) -> int:
+    return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
+def shard_bytes(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:
+  """Bytes one device holds of an array of `shape` placed with `sharding`."""
+  return math.prod(sharding.shard_shape(tuple(shape))) * jnp.dtype(dtype).itemsize
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _leaf_rows(group: str, tree: Any, shardings: Any) -> list[LeafPlan]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)[0]
+  sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  if len(leaves) != len(sh):
+    raise ValueError(f'{group}: {len(leaves)} leaves but {len(sh)} shardings')
+  rows = []
+  for (path, leaf), sharding in zip(leaves, sh):
+    name = jax.tree_util.keystr(path, simple=True, separator='.')
+    rows.append(LeafPlan(group, name or group, tuple(leaf.shape), str(jnp.dtype(leaf.dtype)),
+                         sharding.spec, shard_bytes(leaf.shape, leaf.dtype, sharding)))
+  return rows
+
+
+def state_leaf_plans(state: Any, shardings: Any) -> list[LeafPlan]:
+  """One LeafPlan per leaf of an (abstract) BranchState and its shardings."""
+  rows = []
+  for group in ('params', 'opt_state', 'step', 'rng'):
+    rows += _leaf_rows(group, getattr(state, group), getattr(shardings, group))
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Formula estimates (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+def _split(n: int, axis_size: int) -> float:
+  """n / axis_size when the axis divides n (the mesh shards it), else n (replicated)."""
+  return n / axis_size if n % axis_size == 0 else n
+
+
+def layer_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int) -> float:
+  """Saved activations of one decoder layer for `rows` sequences of `seq` tokens on one device."""
+  # Widths of the q / kv projections and the MLP on one device ('tensor' splits heads / F).
+  H = _split(mc.num_heads, tensor) * mc.head_dim
+  Kv = _split(mc.num_kv_heads, tensor) * mc.head_dim
+  D, F = mc.hidden_size, _split(mc.intermediate_size, tensor)
+  compute = a * (4 * D + 4 * H + 4 * Kv + 3 * F)
+  fp32 = 4 * (4 * D + 3 * H + 3 * Kv + F)
+  attention = rows * _split(mc.num_heads, tensor) * seq * seq * (4 + a)
+  return rows * seq * (compute + fp32) + attention
+
+
+def scored_positions(seq: int, chunk: int | None) -> int:
+  """Positions of logits held at once: the chunk, or all `seq` when chunking is off."""
+  return seq if chunk is None or chunk >= seq else chunk
+
+
+def head_activation_bytes(mc: Qwen3Config, rows: float, seq: int, tensor: int,
+                          chunk: int | None = None) -> float:
+  """The output head's fp32 [rows, positions, V] arrays kept for the backward pass (positions:
+  `chunk` or all `seq`), plus, when chunked, the head weight's gradient carried through the
+  chunks."""
+  V = _split(mc.vocab_size, tensor)
+  positions = scored_positions(seq, chunk)
+  carried = V * mc.hidden_size * 4 if positions < seq else 0
+  return 4 * rows * positions * V * 4 + carried
+
+
+def forward_pass_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
+                       chunk: int | None = None, arrays: int = 2) -> float:
+  """A forward-only scoring pass (the OPD teacher pass, the top-k probe) on one device: one
+  layer's activations and `arrays` fp32 [rows, positions, V] arrays (logits, log-softmax, ...)
+  of the positions scored at once."""
+  return (layer_activation_bytes(mc, rows, seq, a, tensor)
+          + arrays * rows * scored_positions(seq, chunk) * _split(mc.vocab_size, tensor) * 4)
+
+
+def train_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
+                           remat: bool, chunk: int | None = None) -> float:
+  """Activations of one micro-batch's forward + backward on one device (layers + output head,
+  `chunk` positions of logits at a time; None: all)."""
+  layer = layer_activation_bytes(mc, rows, seq, a, tensor)
+  head = head_activation_bytes(mc, rows, seq, tensor, chunk)
+  if remat:
+    return mc.num_layers * rows * seq * mc.hidden_size * a + max(layer, head)
+  return mc.num_layers * layer + head
+
+
+def kv_cache_bytes(mc: Qwen3Config, rows: float, slots: int, a: int, tensor: int) -> float:
+  """K and V caches of all layers for `rows` sequences of `slots` positions on one device."""
+  return rows * 2 * mc.num_layers * _split(mc.num_kv_heads, tensor) * mc.head_dim * slots * a
+
+
+def rows_per_device(rows_per_branch: int, num_branches: int, mesh_shape: Mapping[str, int]
+                    ) -> float:
+  """Rows one device works on: its K / branch branches, each split over 'fsdp' if it divides."""
+  branches_here = num_branches / mesh_shape['branch']
+  return branches_here * _split(rows_per_branch, mesh_shape['fsdp'])
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MemoryPlan:
+  """Per-device bytes of one config on one mesh (all numbers are bytes on ONE device, except
+  base_param_bytes and host_peak)."""
+  model: Qwen3Config
+  model_source: str
+  mesh_shape: dict[str, int]
+  sampling_mesh_shape: dict[str, int]
+  workload: Workload
+  leaves: list[LeafPlan]
+  gradient_bytes: int
+  reference_bytes: int
+  sampling_param_bytes: int
+  activation_bytes: dict[str, float]   # 'grpo', 'opd' (a micro-batch of each step)
+  kv_cache_bytes: float
+  prefill_bytes: float
+  probe_bytes: float                   # the OPD steps' top-k probe (0 without OPD)
+  teacher_bytes: float = 0.0           # the OPD step's teacher pass (0 without OPD)
+  base_param_bytes: int = 0            # the driver's one unstacked copy of the base model
+
+  def group_bytes(self, group: str) -> int:
+    return sum(leaf.per_device_bytes for leaf in self.leaves if leaf.group == group)
+
+  @property
+  def state_bytes(self) -> int:
+    return sum(leaf.per_device_bytes for leaf in self.leaves)
+
+  @property
+  def train_peak(self) -> float:
+    return (self.state_bytes + self.gradient_bytes + self.reference_bytes
+            + max(*self.activation_bytes.values(), self.teacher_bytes))
+
+  @property
+  def sampling_peak(self) -> float:
+    return (self.state_bytes + self.reference_bytes + self.sampling_param_bytes
+            + self.kv_cache_bytes + self.prefill_bytes)
+
+  @property
+  def probe_peak(self) -> float:
+    return self.state_bytes + self.reference_bytes + self.probe_bytes
+
+  @property
+  def peak(self) -> float:
+    return max(self.train_peak, self.sampling_peak, self.probe_peak)
+
+  def host_peak(self, devices_on_host: int) -> float:
+    """Bytes of host RAM when `devices_on_host` CPU devices share it: their per-device peaks
+    (every device runs the same phase at once) plus the base model the driver keeps."""
+    return devices_on_host * self.peak + self.base_param_bytes
+
+
+def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_config: Qwen3Config,
+             model_source: str = '') -> MemoryPlan:
+  """The MemoryPlan of `config` for a model of architecture `model_config` with the run's mesh
+  over `devices` and prompts padded to `prompt_tokens`."""
+  mc = model_config
+  work = workload_of(config, prompt_tokens, mc.vocab_size)
+  K = work.num_branches
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices, num_branches=K)
+  s_mesh = mesh_lib.sampling_mesh(config, devices, K)
+  param_dtype = DTYPES[config.model.param_dtype]
+  _, params = abstract_params(mc, param_dtype)
+  state = abstract_branch_state(params, K, make_optimizer(config.optimizer))
+  shardings = branch_state_shardings(state, mesh,
+                                     mesh_lib.param_rules(config.shard_params_over_fsdp))
+  leaves = state_leaf_plans(state, shardings)
+
+  param_leaves = [leaf for leaf in leaves if leaf.group == 'params']
+  itemsize = jnp.dtype(param_dtype).itemsize
+  gradients = sum(leaf.per_device_bytes // itemsize * (4 + itemsize) for leaf in param_leaves)
+  reference = 0
+  if work.reference:  # one unstacked copy, the params' shardings without 'branch'
+    reference = sum(shard_bytes(leaf.shape[1:], leaf.dtype,
+                                NamedSharding(mesh, P(*leaf.spec[1:])))
+                    for leaf in param_leaves)
+  sampling_sh = mesh_lib.state_shardings(state.params, s_mesh, SAMPLING_RULES, branch_stacked=True)
+  sampling_params = sum(leaf.per_device_bytes for leaf in
+                        _leaf_rows('params', state.params, sampling_sh))
+
+  a, tensor, chunk = work.compute_bytes, mesh.shape['tensor'], work.logits_chunk
+  mesh_shape = dict(mesh.shape)
+  activations = {}
+  for step, rows in (('grpo', work.native_rows),
+                     ('opd', work.native_rows + work.rounds * work.distill_rows)):
+    if step == 'opd' and not work.rounds:
+      continue
+    per_micro = rows // work.micro_batches
+    activations[step] = train_activation_bytes(
+        mc, rows_per_device(per_micro, K, mesh_shape), work.seq, a, tensor, work.remat, chunk)
+
+  s_shape = dict(s_mesh.shape)
+  s_tensor = s_shape['tensor']
+  sample_rows = max(work.native_rows, work.distill_rows if work.rounds else 0)
+  b_s = rows_per_device(sample_rows, K, s_shape)
+  kv = kv_cache_bytes(mc, b_s, work.seq, a, s_tensor)
+  prefill = (layer_activation_bytes(mc, b_s, work.prompt_tokens, a, s_tensor)
+             + 2 * b_s * _split(mc.vocab_size, s_tensor) * 4)
+  probe = teacher = 0.0
+  if work.rounds:
+    b_p = rows_per_device(work.distill_rows, K, mesh_shape)
+    probe = forward_pass_bytes(mc, b_p, work.seq, a, tensor, chunk, arrays=3)
+    b_t = rows_per_device(work.distill_rows // work.micro_batches, K, mesh_shape)
+    teacher = forward_pass_bytes(mc, b_t, work.seq, a, tensor, chunk)
+  base = sum(leaf.total_bytes for leaf in param_leaves) // K
+  return MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
+                    sampling_params, activations, kv, prefill, probe, teacher, base)
+
+
+def phase_fixes(plan: MemoryPlan, shared_host: bool = False) -> dict[str, list[str]]:
+  """Per phase ('training', 'sampling', 'the top-k probe'), the settings that lower its peak.
+  shared_host: the devices share one host's memory, so more of them does not help."""
+  w = plan.workload
+  chunk = (f'a smaller grpo.logits_chunk (now {w.logits_chunk})' if w.logits_chunk
+           else 'grpo.logits_chunk (now off)')
+  chunkable = w.logits_chunk is None or w.logits_chunk > 1
+  devices = [] if shared_host else ['more devices on mesh.fsdp / mesh.tensor']
+  training = devices + ([chunk] if chunkable else []) + ['a larger grpo.micro_batches']
+  if not w.remat:
+    training.append('model.remat=True')
+  if w.rounds:
+    training.append('a smaller opd.prompts_per_step')
+  sampling = ([] if shared_host else
+              ['a mesh_sampling with a larger tensor axis (the sampler replicates parameters '
+               "over 'fsdp')"]) + ['fewer rows per sampling call']
+  probe = devices + ([chunk] if chunkable else []) + ['a smaller opd.prompts_per_step']
+  return {'training': training, 'sampling': sampling, 'the top-k probe': probe}
+
+
+def phase_peaks(plan: MemoryPlan) -> dict[str, float]:
+  """Per-device peak of each phase, keyed as phase_fixes."""
+  return {'training': plan.train_peak, 'sampling': plan.sampling_peak,
+          'the top-k probe': plan.probe_peak}
