@@ -3,9 +3,9 @@
 Each section the code turns into an object is checked by building that object, which checks
 its own fields: grpo / opd / sampling.temperature / copd.freeze -> `StepConfig`, sampling ->
 `SamplingParams`, optimizer -> the optax optimizer, mesh / mesh_sampling -> the meshes,
-copd's topology fields -> `Topology`, model.toy -> the toy model's `Qwen3Config`. What no object
-owns (data sources, schedule, guard, logging, merge) and the rules that span sections (batch
-rows that micro_batches must divide) are checked here. Every error names the config field.
+copd's topology fields -> `Topology`, model.toy -> the toy model's `Qwen3Config`, merge ->
+`MergeRecipe`. What no object owns (data sources, schedule, guard, logging) and the rules that
+span sections (batch rows that micro_batches must divide) are checked here. Every error names the config field.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from copd_jax.answers import EXTRACTIONS
 from copd_jax.data.domain import REWARD_KINDS, is_reward_name
 from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields
+from copd_jax.merge import MergeRecipe
 from copd_jax.models import hub
 from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
@@ -60,9 +61,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   check.positive_int('seed', config.seed, allow_zero=True)
   _check_sizes(config, check_files)
   check.one_of('merge.method', config.merge.method, MERGE_METHODS)
-  check.real('merge.lam', config.merge.lam)
-  if config.merge.method in ('ties', 'dare'):
-    check.real('merge.density', config.merge.density, 0, 1, low_open=True)
+  MergeRecipe.from_config(config)
 
 
 def _get(config, field: str):

@@ -25,6 +25,7 @@ import numpy as np
 from copd_jax import checkpoint as ckpt
 from copd_jax import finite, storage
 from copd_jax.errors import UserInputError
+from copd_jax.fields import FieldError, Fields, named_by_config
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3Config
 
@@ -105,10 +106,29 @@ def dare(thetas: np.ndarray, base: np.ndarray, density: float = 0.2, lam: float 
   return base + lam * (np.where(keep, tau, 0) / density).mean(axis=0).astype(base.dtype)
 
 
+# The command-line flag of each MergeRecipe field (`merge` and `export-hf` name flags).
+RECIPE_FLAGS = {'method': '--method', 'weights': '--weights', 'lam': '--lambda',
+                'density': '--density', 'seed': '--seed'}
+# The run config field of each (a run's final merge: config.merge).
+RECIPE_CONFIG_FIELDS = {'method': 'merge.method', 'lam': 'merge.lam',
+                        'density': 'merge.density'}
+# Largest |lambda| accepted: a task vector scaled further is no longer a merge of the inputs.
+MAX_ABS_LAMBDA = 100.0
+
+
+class RecipeFieldError(FieldError, MergeError):
+  """A bad MergeRecipe field, named by its command-line flag ('--lambda: ...')."""
+
+  def __init__(self, owner: str, field: str, why: str):
+    super().__init__(owner, field, why)
+    self.args = (f'{RECIPE_FLAGS.get(field, field)}: {why}',)
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeRecipe:
   """Which method with which options; `weights` for 'weighted', `lam` for task arithmetic, TIES
-  and DARE, `density` for TIES and DARE, `seed` for DARE's random drop."""
+  and DARE, `density` for TIES and DARE, `seed` for DARE's random drop. Every value is checked
+  here once: non-finite or out-of-range numbers would write an all-NaN or meaningless model."""
   method: str = 'mean'
   weights: tuple[float, ...] | None = None
   lam: float = 1.0
@@ -116,16 +136,30 @@ class MergeRecipe:
   seed: int = 0
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise MergeError(f'--method: unknown method {self.method!r}; choose from '
-                       f'{", ".join(METHODS)}')
-    if self.method == 'weighted' and not self.weights:
-      raise MergeError('--weights: required for --method weighted')
-    if self.weights and self.method != 'weighted':
-      raise MergeError(f'--weights: only used by --method weighted (got --method {self.method})')
-    if self.method in ('ties', 'dare') and not 0 < self.density <= 1:
-      raise MergeError(f'--density: must be in (0, 1], got {self.density}')
-    check_recipe_numbers(self)
+    check = Fields('MergeRecipe', RecipeFieldError)
+    check.check(self.method in METHODS, 'method',
+                f'unknown method {self.method!r}; choose from {", ".join(METHODS)}')
+    check.check(self.method != 'weighted' or bool(self.weights), 'weights',
+                'required for --method weighted')
+    check.check(not self.weights or self.method == 'weighted', 'weights',
+                f'only used by --method weighted (got --method {self.method})')
+    check.real('lam', self.lam, -MAX_ABS_LAMBDA, MAX_ABS_LAMBDA)
+    check.real('density', self.density, 0, 1, low_open=True)
+    check.check(self.weights is None or all(map(math.isfinite, self.weights)), 'weights',
+                f'must be finite numbers, got {list(self.weights or ())}')
+    check.check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, 'seed',
+                f'must be an integer in [0, 2^63), got {self.seed}')
+
+  @classmethod
+  def from_config(cls, config) -> 'MergeRecipe | None':
+    """The final merge of a run from config.merge (None for method 'none'); a bad value names
+    its config field."""
+    m = config.merge
+    with named_by_config(RECIPE_CONFIG_FIELDS):
+      if m.method == 'none':
+        Fields('MergeRecipe', RecipeFieldError).real('lam', m.lam)
+        return None
+      return cls(m.method, None, m.lam, m.density)
 
   def as_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = {'method': self.method}
@@ -138,24 +172,6 @@ class MergeRecipe:
     if self.method == 'dare':
       out['seed'] = self.seed
     return out
-
-
-# Largest |--lambda| accepted: a task vector scaled further is no longer a merge of the inputs.
-MAX_ABS_LAMBDA = 100.0
-
-
-def check_recipe_numbers(recipe: MergeRecipe) -> None:
-  """Refuses non-finite or out-of-range numeric options of `recipe` (a NaN --lambda would give
-  an all-NaN model), naming the flag."""
-  if not math.isfinite(recipe.lam) or abs(recipe.lam) > MAX_ABS_LAMBDA:
-    raise MergeError(f'--lambda: must be a finite number in [-{MAX_ABS_LAMBDA:g}, '
-                     f'{MAX_ABS_LAMBDA:g}], got {recipe.lam}')
-  if not math.isfinite(recipe.density):
-    raise MergeError(f'--density: must be a finite number in (0, 1], got {recipe.density}')
-  if recipe.weights is not None and not all(math.isfinite(w) for w in recipe.weights):
-    raise MergeError(f'--weights: must be finite numbers, got {list(recipe.weights)}')
-  if not 0 <= recipe.seed < 2**63:
-    raise MergeError(f'--seed: must be an integer in [0, 2^63), got {recipe.seed}')
 
 
 def merge_tensor(recipe: MergeRecipe, thetas: np.ndarray, base: np.ndarray | None = None,
