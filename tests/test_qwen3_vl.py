@@ -156,3 +156,14 @@ def test_missing_vision_tensor_is_named(tmp_path):
   save_file(tensors, str(tmp_path / 'model.safetensors'))
   with pytest.raises(HFFormatError, match='deepstack_merger_list.0.linear_fc2.bias'):
     hf_io_vl.load_vl_params(str(tmp_path))
+
+
+@pytest.mark.parametrize('grids, tokens, why', [
+    ([(1, 4, 4)], image_prompt([(1, 4, 2)], [2, 2]), 'shorter than its grid'),
+    ([(1, 4, 4), (1, 2, 2)], image_prompt([(1, 4, 4)], [2, 2]), 'more image grids'),
+    ([], image_prompt([(1, 2, 2)], [2, 2]), 'more vision pad runs'),
+])
+def test_pad_tokens_that_do_not_fit_the_grids_are_refused(grids, tokens, why):
+  with pytest.raises(ValueError, match=why):
+    mrope_position_ids(np.array([tokens]), image_token_id=IMAGE, video_token_id=VIDEO,
+                       spatial_merge_size=2, image_grid_thw=grids or None)

@@ -79,6 +79,10 @@ def mrope_position_ids(tokens: np.ndarray, *, image_token_id: int, video_token_i
         i = j
     positions[:, b, valid[b]] = out
     deltas[b] = (out.max() + 1 if len(ids) else 0) - len(ids)
+  for token_id, queue in queues.items():
+    if next(queue, None) is not None:
+      kind = 'image' if token_id == image_token_id else 'video frame'
+      raise ValueError(f'more {kind} grids than runs of {kind} pad tokens in the prompts')
   return positions.astype(np.int32), deltas.astype(np.int32)
 
 

@@ -21,7 +21,7 @@ run of blocks between deepstack taps.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -334,7 +334,3 @@ def patch_merger(p: dict[str, jax.Array], x: jax.Array, merge_unit: int, *,
   y = jax.nn.gelu(jnp.dot(y, w['fc1']) + w['fc1_bias'], approximate=False)
   return jnp.dot(y, w['fc2']) + w['fc2_bias']
 
-
-def split_per_item(x: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
-  """Split merged tokens [sum(counts), ...] per image / video."""
-  return jnp.split(x, np.cumsum(counts)[:-1].tolist())
