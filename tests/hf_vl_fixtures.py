@@ -1,0 +1,106 @@
+"""Tiny randomly initialised Hugging Face Qwen3-VL folders (transformers.Qwen3VLConfig +
+save_pretrained) and prompts with images / a video laid out as transformers' processor lays them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+IMAGE, VIDEO, VSTART, VEND = 150, 151, 152, 153
+VOCAB = 160
+
+TINY_VL_CONFIGS = {
+    # GQA 2:1, untied, two deepstack taps (first and last block), mrope (2, 3, 3).
+    'gqa_untied_ds2': dict(
+        text=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16,
+                  rope_parameters=dict(rope_type='default', rope_theta=5_000.0,
+                                       mrope_section=[2, 3, 3], mrope_interleaved=True)),
+        vision=dict(depth=3, hidden_size=32, intermediate_size=56, num_heads=2,
+                    num_position_embeddings=16, deepstack_visual_indexes=[0, 2], patch_size=16),
+        tie_word_embeddings=False),
+    # Tied embeddings, multi-query (4:1), one deepstack tap, 6x6 position table, mrope (4, 4, 4).
+    'tied_mqa_ds1': dict(
+        text=dict(hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=24,
+                  rope_parameters=dict(rope_type='default', rope_theta=500_000.0,
+                                       mrope_section=[4, 4, 4], mrope_interleaved=True)),
+        vision=dict(depth=2, hidden_size=24, intermediate_size=40, num_heads=2,
+                    num_position_embeddings=36, deepstack_visual_indexes=[1], patch_size=8),
+        tie_word_embeddings=True),
+    # MHA with attention biases, three deepstack taps, 8x8 table, mrope (6, 5, 5), 4 vision heads.
+    'mha_bias_ds3': dict(
+        text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=32, attention_bias=True, rms_norm_eps=1e-5,
+                  rope_parameters=dict(rope_type='default', rope_theta=1_000_000.0,
+                                       mrope_section=[6, 5, 5], mrope_interleaved=True)),
+        vision=dict(depth=4, hidden_size=32, intermediate_size=40, num_heads=4,
+                    num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 3], patch_size=4),
+        tie_word_embeddings=False),
+}
+
+
+def make_hf_vl_model(name: str, seed: int = 0):
+  spec = TINY_VL_CONFIGS[name]
+  torch.manual_seed(seed)
+  # A wide initialiser so that logits spread over several nats and a rotary or deepstack slip
+  # shows far above float noise (the default 0.02 gives near-uniform logits).
+  text = dict(vocab_size=VOCAB, initializer_range=0.2, **spec['text'])
+  vision = dict(out_hidden_size=text['hidden_size'], temporal_patch_size=2, spatial_merge_size=2,
+                initializer_range=0.2, **spec['vision'])
+  config = transformers.Qwen3VLConfig(
+      text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+      vision_start_token_id=VSTART, vision_end_token_id=VEND,
+      tie_word_embeddings=spec['tie_word_embeddings'])
+  model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+  with torch.no_grad():  # random norms and biases so the test sees each one used correctly
+    for pname, p in model.named_parameters():
+      if 'norm' in pname or pname.endswith('bias'):
+        p.add_(0.1 * torch.randn_like(p))
+      if 'pos_embed' in pname:
+        p.normal_(0.0, 0.5)
+  return model
+
+
+def save_hf_vl_model(name: str, folder, seed: int = 0):
+  model = make_hf_vl_model(name, seed)
+  model.save_pretrained(str(folder))
+  return model
+
+
+def vision_tokens(grid, token_id: int) -> list[int]:
+  """<|vision_start|> pads <|vision_end|> for one image grid (t, h, w) with 2x2 merging."""
+  t, h, w = grid
+  return [VSTART] + [token_id] * (t * h * w // 4) + [VEND]
+
+
+def text_tokens(rng: np.random.RandomState, n: int) -> list[int]:
+  return rng.randint(0, IMAGE, n).tolist()
+
+
+def image_prompt(grids, text_lengths, seed: int = 0) -> list[int]:
+  """Text, then each image with text after it: text_lengths has len(grids) + 1 entries."""
+  rng = np.random.RandomState(seed)
+  tokens = text_tokens(rng, text_lengths[0])
+  for grid, n in zip(grids, text_lengths[1:]):
+    tokens += vision_tokens(grid, IMAGE) + text_tokens(rng, n)
+  return tokens
+
+
+def video_prompt(grid, text_before: int, text_after: int, seed: int = 0) -> list[int]:
+  """A video as transformers' processor lays it out: per frame, timestamp text then
+  <|vision_start|> frame pads <|vision_end|>."""
+  rng = np.random.RandomState(seed)
+  t, h, w = grid
+  tokens = text_tokens(rng, text_before)
+  for _ in range(t):
+    tokens += text_tokens(rng, 3) + vision_tokens((1, h, w), VIDEO)
+  return tokens + text_tokens(rng, text_after)
+
+
+def random_pixels(grids, config, seed: int = 0) -> np.ndarray:
+  """Packed patch rows [sum t*h*w, C*T*P*P] of the right shape for the grids."""
+  v = config.vision_config
+  rows = sum(int(np.prod(g)) for g in grids)
+  dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+  return np.random.RandomState(seed + 100).randn(rows, dim).astype(np.float32)
