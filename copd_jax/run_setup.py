@@ -103,6 +103,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
   sample_mesh = mesh_lib.sampling_mesh(config, list(mesh.devices.flat), K)
+  for line in mesh_lib.layout_lines(config, mesh.devices.size):
+    log(f'layout: {line}')
   rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
   optimizer = make_optimizer(config.optimizer)
   phases = PhaseController(config.copd)
