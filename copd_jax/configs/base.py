@@ -22,6 +22,14 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             last </think>: 'final' (that text), 'boxed' (its last \boxed{}),
                             'last_number'; reward_timeout_s: seconds per completion in the
                             reward worker (past it: 0, logged)
+  data                      max_prompt_tokens: longest rendered prompt (tokens, after the chat
+                            template) a run keeps; 0 = no limit. Every prompt is padded to the
+                            run's longest one, so one long prompt costs every batch. Longer
+                            prompts are dropped from their domain's train and eval examples
+                            (long_prompts='drop') or cut to their last max_prompt_tokens tokens
+                            (long_prompts='truncate'; the end holds the assistant header);
+                            `train` logs the counts per domain once at set-up
+                            (copd_jax/data/prompt_limit.py)
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
                             compute/param dtype, remat, scan_layers; branch_init: one path per
                             branch ('' = the base) to start that branch from: a HF folder, a
@@ -111,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   for name in ('arithmetic', 'reverse', 'sort', 'count'):
     c.domains[name] = synthetic_domain()
 
+  c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop'))
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
       scan_layers=True, preset='', branch_init=(),
