@@ -14,10 +14,11 @@ Set before training (edit this file or pass --config.<field>=<value>):
 Plan (no files needed; the architecture comes from model.preset='qwen3-8b'):
   python -m copd_jax plan --config configs/qwen3_8b_k3_plan.py --devices 48 \\
       --device-memory-gb 80 --prompt-tokens 512
-On a smaller test mesh, override the layout, e.g. --devices 8 --config.mesh.branch=1
---config.mesh.fsdp=4 --config.mesh.tensor=2 --config.mesh_sampling.branch=1
---config.mesh_sampling.fsdp=1 --config.mesh_sampling.tensor=8 (tests/test_plan.py checks those
-numbers by hand).
+The layout is chosen for the device count (copd_jax.mesh.LAYOUT_RULE; tensor fixed at 4 for
+training, 8 for sampling): 48 devices give (3, 4, 4) and sampling (3, 2, 8), 8 devices (1, 2, 4)
+and (1, 1, 8); `plan --layouts` lists the others. To pin one, set the sizes, e.g. --devices 8
+--config.mesh.branch=1 --config.mesh.fsdp=4 --config.mesh.tensor=2 (tests/test_plan.py checks
+that layout's numbers by hand).
 
 mesh_sampling (3, 2, 8) is the layout sampling should use: the sampler does not split
 parameters over 'fsdp' (sampling.SAMPLING_RULES), so on the training mesh every device would
@@ -60,8 +61,8 @@ def get_config():
   c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
                           weight_decay=0.0, max_grad_norm=1.0))
-  c.mesh.update(dict(branch=3, fsdp=-1, tensor=4))
-  c.mesh_sampling.update(dict(branch=3, fsdp=-1, tensor=8))
+  c.mesh.update(dict(branch=-1, fsdp=-1, tensor=4))
+  c.mesh_sampling.update(dict(branch=-1, fsdp=-1, tensor=8))
   c.eval.update(dict(num_examples=500, samples_k=4))
   c.checkpoint.update(dict(every_steps=25, keep_last=2))
   c.metrics.log_every = 5

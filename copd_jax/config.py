@@ -169,8 +169,8 @@ def _auto(value: str) -> Any:
 
 # Sections that change what is trained: a resume must match them (logging, checkpointing,
 # evaluation, merge and mesh may change between runs).
-TRAINING_SECTIONS = ('branches', 'domains', 'model', 'warmstart', 'seed', 'grpo', 'opd', 'copd',
-                     'sampling', 'optimizer')
+TRAINING_SECTIONS = ('branches', 'domains', 'data', 'model', 'warmstart', 'seed', 'grpo', 'opd',
+                     'copd', 'sampling', 'optimizer')
 # Fields inside those sections that change memory, not the maths (results equal up to float
 # rounding): a resume may change them, e.g. to get past an out-of-memory error.
 MEMORY_ONLY_FIELDS = ('config.grpo.logits_chunk', 'config.grpo.micro_batches')

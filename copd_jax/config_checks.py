@@ -18,6 +18,7 @@ import ml_collections
 from copd_jax import mesh as mesh_lib
 from copd_jax.answers import EXTRACTIONS
 from copd_jax.data.domain import REWARD_KINDS, is_reward_name
+from copd_jax.data.prompt_limit import LONG_PROMPT_POLICIES
 from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields
 from copd_jax.merge import MergeRecipe
@@ -93,6 +94,8 @@ def _check_data(config, check_files: bool) -> None:
     elif domain.source == 'synthetic':
       check.positive_int(f'{where}.num_train', domain.num_train)
       check.positive_int(f'{where}.num_eval', domain.num_eval)
+  check.positive_int('data.max_prompt_tokens', config.data.max_prompt_tokens, allow_zero=True)
+  check.one_of('data.long_prompts', config.data.long_prompts, LONG_PROMPT_POLICIES)
 
 
 def _check_model(config, check_files: bool) -> None:

@@ -61,17 +61,30 @@ def count_for_mesh(fits: Callable[[int], bool], cores: int | None = None) -> int
   return 1
 
 
+def cpu_layout(axis_sizes: Mapping[str, int]) -> dict[str, int]:
+  """The layout counted on a CPU host: when 'branch' is chosen (-1) together with other axes
+  (the default mesh), those others count as 1, so the default makes one device per branch
+  (the largest divisor of K that fits the cores, as the toy runs of BENCHMARKS.md measured)
+  and the layout chooser then puts every device on 'branch'. A mesh that sets 'branch'
+  (e.g. branch=1, fsdp=-1: rows over every core) is counted as written."""
+  sizes = dict(axis_sizes)
+  if sizes.get('branch') == -1 and sum(v == -1 for v in sizes.values()) > 1:
+    sizes = {a: 1 if (v == -1 and a != 'branch') else v for a, v in sizes.items()}
+  return sizes
+
+
 def mesh_fits(axis_sizes: Mapping[str, int], num_branches: int,
               sampling_axis_sizes: Mapping[str, int] | None = None) -> Callable[[int], bool]:
-  """fits(n): the training mesh (and the sampling mesh, when one is set) resolves on n devices
-  with a 'branch' axis that divides K."""
+  """fits(n): the training mesh (and the sampling mesh, when one is set), counted as
+  `cpu_layout`, resolves on n devices with a 'branch' axis that divides K."""
   def fits(n: int) -> bool:
     layouts = [axis_sizes] + ([sampling_axis_sizes] if sampling_axis_sizes else [])
     try:
-      shapes = [mesh_lib.resolve_mesh_shape(sizes, n) for sizes in layouts]
+      for sizes in layouts:
+        mesh_lib.branch_mesh_shape(cpu_layout(sizes), n, num_branches)
     except mesh_lib.MeshConfigError:
       return False
-    return all(num_branches % shape[0] == 0 for shape in shapes)
+    return True
   return fits
 
 

@@ -76,9 +76,13 @@ class Rollouts:
 class PromptEncoder:
   """Renders examples with the tokenizer (chat template per domain) into left-padded buckets."""
 
-  def __init__(self, tokenizer, use_chat_template: dict[str, PromptFormat | bool]):
+  def __init__(self, tokenizer, use_chat_template: dict[str, PromptFormat | bool],
+               max_tokens: int = 0):
+    """max_tokens > 0: `ids` keeps a prompt's last max_tokens tokens (data.max_prompt_tokens
+    with long_prompts='truncate'; the end holds the chat template's assistant header)."""
     self.tokenizer = tokenizer
     self.use_chat_template = use_chat_template
+    self.max_tokens = max_tokens
     self._cache: dict[tuple[str, str], list[int]] = {}
     self.length: int | None = None
 
@@ -86,13 +90,19 @@ class PromptEncoder:
     """Pads every later batch to the bucket of `longest` tokens (one shape for the run)."""
     self.length = bucket_length(longest, PROMPT_BUCKETS)
 
-  def ids(self, example: Example) -> list[int]:
+  def full_ids(self, example: Example) -> list[int]:
+    """The rendered prompt's token ids, whatever its length."""
     key = (example.domain, example.id)
     if key not in self._cache:
       text = render_prompt(self.tokenizer, example,
                            self.use_chat_template.get(example.domain, True))
       self._cache[key] = self.tokenizer(text, add_special_tokens=False)['input_ids']
     return self._cache[key]
+
+  def ids(self, example: Example) -> list[int]:
+    """The ids the model sees: full_ids, cut to the last max_tokens when that is set."""
+    ids = self.full_ids(example)
+    return ids[-self.max_tokens:] if self.max_tokens and len(ids) > self.max_tokens else ids
 
   def encode(self, examples: Sequence[Sequence[Example]], length: int | None = None):
     """[K][B] examples -> tokens, valid [K, B, P] with P a shared prompt bucket."""

@@ -25,6 +25,7 @@ from copd_jax.config import resume_differences, with_moved_fields
 from copd_jax.config_checks import branch_domains
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.data.domain import prompt_format
+from copd_jax.data.prompt_limit import limit_prompts, prompt_limit_lines
 from copd_jax.errors import ConfigError
 from copd_jax.models import hf_io
 from copd_jax.models.hub import local_model_path
@@ -103,12 +104,15 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
   sample_mesh = mesh_lib.sampling_mesh(config, list(mesh.devices.flat), K)
+  for line in mesh_lib.layout_lines(config, mesh.devices.size):
+    log(f'layout: {line}')
   rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
   optimizer = make_optimizer(config.optimizer)
   phases = PhaseController(config.copd)
   sampling = SamplingParams.from_config(config)
   reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
   encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
+  domains = apply_prompt_limit(config, domains, encoder, log)
   # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
   # sampler / step per phase, and GRPO groups can share their prompt's computation.
   encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split
@@ -153,6 +157,16 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
              grpo_step=grpo_step, opd_step=opd_step, probe=probe, ref=ref,
              root_key=jax.random.key(config.seed), state=state, start_step=start,
              data_files=data_files)
+
+
+def apply_prompt_limit(config, domains, encoder: PromptEncoder, log: Callable[[str], None]):
+  """config.data.max_prompt_tokens on the loaded domains (copd_jax/data/prompt_limit.py),
+  with one log line per domain saying how many prompts were dropped or truncated."""
+  limit, policy = config.data.max_prompt_tokens, config.data.long_prompts
+  domains, counts = limit_prompts(domains, encoder, limit, policy)
+  for line in prompt_limit_lines(counts, limit, policy):
+    log(line)
+  return domains
 
 
 def branch_names(branches) -> list[str]:

@@ -75,8 +75,8 @@ def test_resume_differences_name_changed_and_added_fields():
   changed, added = resume_differences(saved, current, ('seed', 'branches', 'grpo', 'copd', 'opd'))
   assert changed == ['config.grpo.epsilon_high', 'config.grpo.gone']
   assert added == ['config.copd.schedule', 'config.opd']
-  assert resume_differences(saved, saved) == ([], ['config.domains', 'config.model',
-                                                   'config.warmstart', 'config.opd',
+  assert resume_differences(saved, saved) == ([], ['config.domains', 'config.data',
+                                                   'config.model', 'config.warmstart', 'config.opd',
                                                    'config.sampling', 'config.optimizer'])
 
 

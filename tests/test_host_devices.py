@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({'branch': -1, 'fsdp': 1, 'tensor': 1}, 3, None, 2, 1),    # 3 branches do not split over 2
     ({'branch': -1, 'fsdp': 1, 'tensor': 1}, 4, None, 8, 4),    # at most K devices on 'branch'
     ({'branch': 1, 'fsdp': -1, 'tensor': 1}, 1, None, 6, 6),    # rows over every core
+    ({'branch': -1, 'fsdp': -1, 'tensor': 1}, 2, None, 16, 2),  # the default: one per branch
+    ({'branch': -1, 'fsdp': -1, 'tensor': 1}, 3, None, 2, 1),
     ({'branch': 2, 'fsdp': 2, 'tensor': 1}, 2, None, 8, 4),     # a fixed mesh takes what it names
     ({'branch': 2, 'fsdp': -1, 'tensor': 1}, 2, {'branch': 1, 'fsdp': 4, 'tensor': 1}, 8, 4),
     ({'branch': 2, 'fsdp': 2, 'tensor': 1}, 2, None, 3, 1),     # does not fit: jax's default

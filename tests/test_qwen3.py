@@ -175,7 +175,7 @@ def test_indivisible_axis_is_replicated_not_an_error():
 @pytest.mark.parametrize('sizes,message', [
     ({'branch': 3, 'fsdp': -1}, 'not divisible'),
     ({'branch': 2, 'fsdp': 2}, 'use 4 devices but 8'),
-    ({'branch': -1, 'fsdp': -1}, 'at most one axis'),
+    ({'branch': -1, 'fsdp': -1}, 'needs the number of branches K'),
     ({'data': 8}, "unknown axis 'data'"),
 ])
 def test_mesh_config_errors_name_the_problem(sizes, message):

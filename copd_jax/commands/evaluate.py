@@ -53,7 +53,7 @@ def run(args) -> int:
 
   from copd_jax import checkpoint as ckpt
   from copd_jax.data.domain import prompt_format
-  from copd_jax.run_setup import load_domains
+  from copd_jax.run_setup import apply_prompt_limit, load_domains
   from copd_jax.evaluation import evaluate_models, markdown_table, save_results
   from copd_jax.merge import merge_checkpoints
   from copd_jax.models.qwen3 import Qwen3
@@ -87,6 +87,7 @@ def run(args) -> int:
   nnx.replace_by_pure_dict(params, stacked)
 
   encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
+  domains = apply_prompt_limit(config, domains, encoder, print)   # the prompts `train` saw
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
                             {n: reward_spec(config.domains[n]) for n in domains},

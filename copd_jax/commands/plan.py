@@ -1,10 +1,13 @@
 """`python -m copd_jax plan --config FILE --devices N [--device-memory-gb G] [--cpu]
-[--host-memory-gb G] [--config.a.b=v ...]`
+[--host-memory-gb G] [--layouts] [--config.a.b=v ...]`
 
 Per-device memory of a run config on an N-device mesh, from shapes only (nothing is allocated):
 parameters, optimizer state, gradients, the sampler's parameter copy and KV cache, activation
 estimates, and each state leaf's PartitionSpec (formulas: copd_jax/memory_estimate.py); then the
-disk space of the run's checkpoints under its retention settings (copd_jax/retention.py). Data files
+disk space of the run's checkpoints under its retention settings (copd_jax/retention.py). It
+first prints the layout the config's mesh resolves to on N devices (chosen for -1 sizes,
+copd_jax.mesh.LAYOUT_RULE); --layouts adds every valid layout with its per-device peaks
+(copd_jax/layout_plan.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
 With --cpu (or --host-memory-gb) the N devices are CPU devices of one host: they share its RAM,
 so the plan adds up their peaks (plus the driver's copy of the base model) and compares the sum
@@ -41,6 +44,9 @@ def add_arguments(parser) -> None:
   parser.add_argument('--prompt-tokens', type=int, default=256,
                       help='padded prompt length (a sampler bucket: a power of two)')
   parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
+  parser.add_argument('--layouts', action='store_true',
+                      help='also list every valid (branch, fsdp, tensor) layout with its '
+                           'per-device peaks')
 
 
 def cpu_env(num_devices: int, env: dict[str, str]) -> dict[str, str]:
@@ -63,6 +69,8 @@ def _argv(args) -> list[str]:
     argv += ['--host-memory-gb', str(args.host_memory_gb)]
   if args.no_leaves:
     argv.append('--no-leaves')
+  if args.layouts:
+    argv.append('--layouts')
   return argv + list(args.extra)
 
 
@@ -89,7 +97,10 @@ def run(args) -> int:
   # Imported here, not at the top: they import jax, which must start after XLA_FLAGS is set.
   from copd_jax.config import load_config
   from copd_jax.memory_plan import GIB, format_plan, host_memory_bytes, make_plan
+  from copd_jax import mesh as mesh_lib
   config = load_config(args.config, args.extra, check_files=False)
+  for line in mesh_lib.layout_lines(config, args.devices):
+    print(f'layout: {line}')
   plan = make_plan(config, jax.devices(), args.prompt_tokens)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
   host = None
@@ -100,6 +111,10 @@ def run(args) -> int:
                       '--host-memory-gb')
     host = (args.devices, host_bytes)
   print(format_plan(plan, memory, leaves=not args.no_leaves, host_memory=host))
+  if args.layouts:
+    from copd_jax.layout_plan import format_layouts, layout_rows
+    print('\n' + format_layouts(layout_rows(config, jax.devices(), args.prompt_tokens,
+                                             plan.model)))
   from copd_jax.retention import disk_plan, format_disk_plan
   state_bytes = sum(leaf.total_bytes for leaf in plan.leaves)
   print('\n' + format_disk_plan(disk_plan(config, state_bytes), config.checkpoint))

@@ -22,6 +22,14 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             last </think>: 'final' (that text), 'boxed' (its last \boxed{}),
                             'last_number'; reward_timeout_s: seconds per completion in the
                             reward worker (past it: 0, logged)
+  data                      max_prompt_tokens: longest rendered prompt (tokens, after the chat
+                            template) a run keeps; 0 = no limit. Every prompt is padded to the
+                            run's longest one, so one long prompt costs every batch. Longer
+                            prompts are dropped from their domain's train and eval examples
+                            (long_prompts='drop') or cut to their last max_prompt_tokens tokens
+                            (long_prompts='truncate'; the end holds the assistant header);
+                            `train` logs the counts per domain once at set-up
+                            (copd_jax/data/prompt_limit.py)
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
                             compute/param dtype, remat, scan_layers; branch_init: one path per
                             branch ('' = the base) to start that branch from: a HF folder, a
@@ -68,18 +76,28 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
   optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps (total
                             steps of a 'cosine' / 'linear' schedule; unused by 'constant'),
                             weight_decay, b1, b2, max_grad_norm (copd_jax/optim.py)
-  mesh                      axis sizes for ('branch', 'fsdp', 'tensor'); -1 = the rest
+  mesh                      axis sizes for ('branch', 'fsdp', 'tensor'); -1 = chosen for K and
+                            the device count (copd_jax.mesh.LAYOUT_RULE): sizes you set are
+                            kept; 'branch', when another axis is -1 too, takes the largest
+                            divisor of K that divides the devices left (gcd), then 'fsdp' (or
+                            else 'tensor') the rest; a lone -1 axis takes all that is left.
+                            Default (-1, -1, 1): K=2 on 8 devices -> (2, 4, 1), K=3 on 8 ->
+                            (1, 8, 1). `train` logs the layout, `plan` prints it and
+                            `plan --layouts` lists every valid one with its per-device peaks
   mesh_sampling             the layout sampling runs on (same devices, reshaped): axis sizes
-                            like mesh; all 0 = sample on the training mesh. The driver
-                            moves the weights into it for each sampling call; `plan` counts it
+                            like mesh (-1 chosen the same way); all 0 = sample on the training
+                            mesh. The driver moves the weights into it for each sampling call;
+                            `plan` counts it
   shard_params_over_fsdp    True: parameters and optimizer state are sharded over 'fsdp'
                             (FSDP); False: replicated over it (plain data parallelism,
                             faster for small models and on CPU devices). Layout only: a
                             resumed run may change it
   cpu_devices               on a CPU-only host, how many jax devices to split the cores into
                             (copd_jax/host_devices.py): 0 = as many as the mesh can use, up to
-                            one per core; 1 = jax's default single device. Ignored when
-                            XLA_FLAGS or JAX_NUM_CPU_DEVICES set the count, and on GPU / TPU
+                            one per core (the default mesh: one per branch, K's largest divisor
+                            that fits the cores; branch=1, fsdp=-1: rows over every core);
+                            1 = jax's default single device. Ignored when XLA_FLAGS or
+                            JAX_NUM_CPU_DEVICES set the count, and on GPU / TPU
   eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
   metrics                   log_every (steps), overlap_top_k (k of O_k)
   checkpoint                every_steps; keep_last: how many of the newest checkpoints stay on
@@ -101,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   for name in ('arithmetic', 'reverse', 'sort', 'count'):
     c.domains[name] = synthetic_domain()
 
+  c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop'))
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
       scan_layers=True, preset='', branch_init=(),
@@ -123,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,
       b1=0.9, b2=0.999, max_grad_norm=1.0))
-  c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=-1, tensor=1))
   c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
   c.shard_params_over_fsdp = True
   c.cpu_devices = 0

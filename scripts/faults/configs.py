@@ -109,7 +109,7 @@ BAD_CONFIGS: tuple[ConfigCase, ...] = (
                ('--config.mesh.branch=4', '--config.mesh.fsdp=4'),
                'config.mesh'),
     ConfigCase('mesh branch axis not dividing K', ('--config.mesh.fsdp=2',), 'config.mesh.branch'),
-    ConfigCase('two mesh axes = -1', ('--config.mesh.fsdp=-1',), 'config.mesh'),
+    ConfigCase('mesh axis of size 0', ('--config.mesh.tensor=0',), 'config.mesh.tensor'),
     ConfigCase('unknown model source', ('--config.model.source=gguf',), 'config.model.source'),
     ConfigCase('HF model folder missing', ('--config.model.source=hf',
                                            '--config.model.hf_path=/nonexistent/qwen3'),
