@@ -6,9 +6,11 @@ from being written, exported or loaded as if it were fine.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+
+from copd_jax import tree_paths
 
 
 def nonfinite_count(array: Any) -> int:
@@ -19,20 +21,10 @@ def nonfinite_count(array: Any) -> int:
   return int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32, copy=False))))
 
 
-def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
-            ) -> Iterable[tuple[tuple[str, ...], Any]]:
-  for key in sorted(tree):
-    value = tree[key]
-    if isinstance(value, Mapping):
-      yield from _leaves(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
-
-
 def first_nonfinite(params: Mapping[str, Any]) -> tuple[str, int, int] | None:
   """(dotted tensor name, non-finite entries, size) of the first tensor of a nested dict of
   arrays (sorted key order) holding NaN or inf; None when every tensor is finite."""
-  for path, leaf in _leaves(params):
+  for path, leaf in tree_paths.flatten_paths(params):
     bad = nonfinite_count(leaf)
     if bad:
       return '.'.join(path), bad, int(np.asarray(leaf).size)

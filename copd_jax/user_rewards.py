@@ -13,7 +13,7 @@ The function's signature:
   returns    a finite number (bool and int count). Usually in [0, 1]: evaluation reports the
              mean as the domain's accuracy.
 
-It runs in the same worker processes as the built-in math reward (copd_jax/rewards.py): each
+It runs in the same worker processes as the built-in math reward (copd_jax/rewards/): each
 call has `domains.<name>.reward_timeout_s` seconds and a bounded address space, so a function
 that raises, returns something else, runs too long or crashes its process scores 0 for that
 completion, and the run logs why (one warning line per batch); training goes on.

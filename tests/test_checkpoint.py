@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
+from copd_jax.checkpoint import params as params_checkpoint
 from copd_jax.mesh import make_mesh, state_shardings
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
@@ -285,7 +286,7 @@ def test_params_checkpoint_roundtrip_and_atomic_write(tmp_path, monkeypatch):
   # A write that dies midway leaves neither the target nor a complete-looking folder.
   def boom(*a, **k):
     raise OSError('disk full')
-  monkeypatch.setattr(ckpt.shutil, 'copy', boom)
+  monkeypatch.setattr(params_checkpoint.shutil, 'copy', boom)
   other = str(tmp_path / 'other')
   with pytest.raises(OSError):
     ckpt.save_params_checkpoint(other, params, {'model_config': dataclasses.asdict(TINY)},

@@ -52,6 +52,7 @@ def comparable_metrics(workdir):
   return [{k: v for k, v in record.items() if 'seconds' not in k} for record in read_metrics(workdir)]
 
 
+@pytest.mark.slow   # end to end: tiny train runs in subprocesses
 def test_end_to_end_tiny_copd_run(reference_run):
   workdir, output = reference_run
   # Checkpoint written at the end of the run (step index 3 = 4 steps).
@@ -75,6 +76,7 @@ def test_end_to_end_tiny_copd_run(reference_run):
   assert (workdir / 'tensorboard').is_dir()
 
 
+@pytest.mark.slow   # end to end: tiny train runs in subprocesses
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(reference_run, tmp_path):
   reference, _ = reference_run
   workdir = tmp_path / 'killed'
@@ -105,6 +107,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(reference_run, tmp_pat
       json.loads((reference / 'eval.json').read_text())
 
 
+@pytest.mark.slow   # end to end (in process, before compute: test_workdir_safety)
 def test_resume_with_different_branches_is_refused(reference_run, tmp_path):
   reference, _ = reference_run
   result = run_train(reference, '--config.branches=arithmetic,sort', check=False)

@@ -134,6 +134,7 @@ def tiny_results(tmp_path_factory):
   return out, work, runs
 
 
+@pytest.mark.slow   # end to end: the tiny runs of several methods, then their tables
 def test_tiny_table1_and_figures(tiny_results):
   out, work, runs = tiny_results
   written = tables.write_command('table1', out, [0], TINY_PROFILE, runs)
@@ -151,6 +152,7 @@ def test_tiny_table1_and_figures(tiny_results):
   assert all(f'| {name} |' in runs_md for name in FAST_RUNS)
 
 
+@pytest.mark.slow   # end to end: the tiny runs of several methods, then their tables
 def test_table3_rows_come_from_copd_branches(tiny_results):
   out, _, runs = tiny_results
   text = tables.render('table3', out, [0], TINY_PROFILE, runs)
@@ -159,6 +161,7 @@ def test_table3_rows_come_from_copd_branches(tiny_results):
     assert '—' not in row and row.rstrip().endswith('| 1 |')
 
 
+@pytest.mark.slow   # end to end: the tiny runs of several methods, then their tables
 def test_tiny_pilot_gain_against_overlap(tiny_results):
   """The pilot's OPD run on tiny settings, its experts taken from the tiny CoPD run's first
   checkpoint: gain = student's accuracy on the teacher's domain minus the base's, O_k from the

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from copd_jax.mesh import make_mesh, state_shardings
 from copd_jax.models import hf_io
+from copd_jax.models.hf_io import read as hf_read
 from copd_jax.models.qwen3 import Qwen3
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size, load_tokenizer
 from tests.hf_fixtures import TINY_CONFIGS, save_hf_model
@@ -179,8 +180,8 @@ def test_sharded_load_places_each_tensor_before_reading_the_next(tmp_path, monke
   src = tmp_path / 'src'
   save_hf_model('tied_mqa', src)
   events = []
-  real_get, real_place = hf_io._TensorReader.get, jax.make_array_from_callback
-  monkeypatch.setattr(hf_io._TensorReader, 'get',
+  real_get, real_place = hf_read._TensorReader.get, jax.make_array_from_callback
+  monkeypatch.setattr(hf_read._TensorReader, 'get',
                       lambda self, name: events.append('read') or real_get(self, name))
   monkeypatch.setattr(jax, 'make_array_from_callback',
                       lambda *a, **k: events.append('place') or real_place(*a, **k))

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
+from copd_jax.checkpoint import source as checkpoint_source
 from copd_jax import merge as mg
 from copd_jax.__main__ import main
 from copd_jax.models import hf_io
@@ -106,7 +107,7 @@ def test_mean_merge_equals_mean_of_branches_read_with_plain_orbax(run, tmp_path)
   restored = ocp.StandardCheckpointer().restore(state_dir)
   branches = jax.tree.map(np.asarray, restored['params'])
   want: dict = {}
-  for path, _, leaf in ckpt._variable_leaves(branches):
+  for path, _, leaf in checkpoint_source._variable_leaves(branches):
     ckpt.set_path(want, path, leaf.mean(axis=0))
   assert_close_trees(result.params, want)
   written, meta = ckpt.load_params_checkpoint(out)

@@ -164,30 +164,36 @@ def test_two_processes_sampling_in_a_tensor_parallel_layout(two_processes, tmp_p
 
 # ----------------------------------------------------------------------------- sampling layout
 
-@pytest.mark.parametrize('layout', [{'branch': 2, 'fsdp': 1, 'tensor': 4},
-                                    {'branch': 1, 'fsdp': 8, 'tensor': 1}])
-def test_sampling_mesh_samples_the_same_tokens_as_the_training_layout(layout):
+@pytest.fixture(scope='module')
+def training_layout_samples():
+  """Two distinct branches in the training layout (branch=2, fsdp=4; embed split over fsdp), the
+  sampler's inputs, and what it samples on that mesh: the reference every layout must match."""
   cfg = Qwen3Config(vocab_size=char_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=8, intermediate_size=64, rope_theta=10_000.0,
                     tie_word_embeddings=True, max_position_embeddings=128)
   graphdef, base = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(0), init_std=0.3))
   train_mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
   state = init_branch_state(graphdef, base, 2, optax.sgd(0.1), train_mesh, seed=0)
-  # Distinct branches, in the training layout (embed split over fsdp).
   scale = lambda x: x * (1.0 + 0.1 * jnp.arange(2).reshape((2,) + (1,) * (x.ndim - 1)))
   params = jax.device_put(jax.tree.map(scale, state.params),
                           branch_state_shardings(state, train_mesh).params)
   examples = [synthetic_domain(name, 0, 8, 0)[0] for name in ('count', 'sort')]
   encoder = PromptEncoder(char_tokenizer(), {'count': False, 'sort': False})
-  sampling = SamplingParams(max_new_tokens=8, temperature=1.0)
-  rewards = {'count': 'exact', 'sort': 'exact'}
-  key = jax.random.key(5)
-  ref = sample_and_score(graphdef, params, examples, encoder, sampling, key, rewards,
-                         mesh=train_mesh)
-  other = mesh_lib.make_mesh(layout, devices=list(train_mesh.devices.flat), num_branches=2)
-  out = sample_and_score(graphdef, params, examples, encoder, sampling, key, rewards, mesh=other)
+  args = (graphdef, params, examples, encoder, SamplingParams(max_new_tokens=8, temperature=1.0),
+          jax.random.key(5), {'count': 'exact', 'sort': 'exact'})
+  ref = sample_and_score(*args, mesh=train_mesh)
+  assert ref.output.completion_mask.sum() > 16   # something was sampled
+  return args, list(train_mesh.devices.flat), ref
+
+
+@pytest.mark.parametrize('layout', [{'branch': 2, 'fsdp': 1, 'tensor': 4},
+                                    {'branch': 1, 'fsdp': 8, 'tensor': 1}])
+def test_sampling_mesh_samples_the_same_tokens_as_the_training_layout(layout,
+                                                                      training_layout_samples):
+  args, devices, ref = training_layout_samples
+  other = mesh_lib.make_mesh(layout, devices=devices, num_branches=2)
+  out = sample_and_score(*args, mesh=other)
   np.testing.assert_array_equal(out.output.tokens, ref.output.tokens)
   np.testing.assert_array_equal(out.output.completion_mask, ref.output.completion_mask)
   np.testing.assert_allclose(out.output.logprobs, ref.output.logprobs, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out.rewards, ref.rewards)
-  assert ref.output.completion_mask.sum() > 16   # something was sampled

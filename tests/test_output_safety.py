@@ -11,6 +11,7 @@ from copd_jax import checkpoint as ckpt
 from copd_jax import finite, output_paths
 from copd_jax import merge as mg
 from scripts.faults import cli
+from scripts.faults.workdirs import snapshot
 from tests.test_merge import make_run
 
 
@@ -23,23 +24,12 @@ def runs(tmp_path_factory):
   return dict(root=str(root), a=first, b=second, params=params)
 
 
-def _tree_snapshot(folder):
-  """{relative path: bytes} of every file under folder."""
-  out = {}
-  for dirpath, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(dirpath, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, folder)] = f.read()
-  return out
-
-
 @pytest.mark.parametrize('command', ['merge', 'export-hf'])
 @pytest.mark.parametrize('where, how', [('{a}', 'is'), ('{runs}', 'contains'),
                                         ('{a}/checkpoints', 'lies inside'),
                                         ('{a}/merged_out', 'lies inside')])
 def test_output_overlapping_an_input_is_refused_and_nothing_is_deleted(runs, command, where, how):
-  before = _tree_snapshot(os.path.dirname(runs['a']))
+  before = snapshot(os.path.dirname(runs['a']))
   out = where.format(a=runs['a'], runs=os.path.dirname(runs['a']))
   argv = (['merge', '--workdir', runs['a'], '--out', out, '--overwrite'] if command == 'merge'
           else ['export-hf', '--checkpoint', runs['a'], '--branch', '0', '--out', out,
@@ -47,7 +37,7 @@ def test_output_overlapping_an_input_is_refused_and_nothing_is_deleted(runs, com
   result = cli.run_cli(argv)
   assert result.one_error_line, result.stderr
   assert f'--out {out}: {how} the input' in result.message, result.message
-  assert _tree_snapshot(os.path.dirname(runs['a'])) == before  # sibling run b included
+  assert snapshot(os.path.dirname(runs['a'])) == before  # sibling run b included
 
 
 def test_a_symlink_to_the_input_is_the_input(runs, tmp_path):
@@ -89,12 +79,11 @@ def test_overwrite_replaces_only_a_previous_output_of_the_same_command(runs, tmp
   assert cli.run_cli(foreign).code == 0
   for target, expect in ((other, f'not an output of `{command}`'), (a_file, 'is a file'),
                          (theirs, 'is an output of')):
-    snapshot = _tree_snapshot(target) if os.path.isdir(target) else open(target, 'rb').read()
+    before = snapshot(target)
     swapped = [target if a in (out,) else a for a in argv] + ['--overwrite']
     result = cli.run_cli(swapped)
     assert result.one_error_line and expect in result.message, result.stderr
-    assert (_tree_snapshot(target) if os.path.isdir(target)
-            else open(target, 'rb').read()) == snapshot
+    assert snapshot(target) == before
 
 
 @pytest.mark.parametrize('flags, field', [

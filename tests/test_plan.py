@@ -115,23 +115,32 @@ def test_8b_k3_kv_cache_and_activation_estimates_by_hand(plan_8b):
                                 + plan_8b.activation_bytes['opd'])
 
 
-@pytest.mark.slow   # two compiles, ~10 s each on a 2-core machine
-@pytest.mark.parametrize('remat', [False, True])
-def test_activation_estimate_tracks_xla_memory_analysis(remat):
-  """The formula against the temp buffers XLA:CPU allocates for a compiled fp32 GRPO step
-  (minus the gradient terms, counted separately in the plan)."""
-  c = Qwen3Config(vocab_size=4096, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
-                  head_dim=32, intermediate_size=384)
+# The model whose compiled GRPO step the activation formula is checked against.
+XLA_CHECK_MODEL = Qwen3Config(vocab_size=4096, hidden_size=128, num_layers=3, num_heads=4,
+                              num_kv_heads=2, head_dim=32, intermediate_size=384)
+
+
+def _xla_grpo_temp_bytes(c: Qwen3Config, rows: int, T: int, remat: bool,
+                         step_config: StepConfig) -> int:
+  """Temp bytes XLA:CPU allocates for a compiled fp32 GRPO step of one branch on one device."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0), remat=remat)))
   mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
   adamw = optim.make_optimizer({'learning_rate': 1e-3})
   state = abstract_branch_state(params, 1, adamw)
   shardings = branch_state_shardings(state, mesh)
-  rows, T = 8, 128
   s = lambda dtype: jax.ShapeDtypeStruct((1, rows, T), dtype)
   batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
-  step = make_grpo_step(graphdef, adamw, mesh, StepConfig(), shardings)
-  xla = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  step = make_grpo_step(graphdef, adamw, mesh, step_config, shardings)
+  return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow   # two compiles, ~10 s each on a 2-core machine
+@pytest.mark.parametrize('remat', [False, True])
+def test_activation_estimate_tracks_xla_memory_analysis(remat):
+  """The formula against the temp buffers XLA:CPU allocates for a compiled fp32 GRPO step
+  (minus the gradient terms, counted separately in the plan)."""
+  c, rows, T = XLA_CHECK_MODEL, 8, 128
+  xla = _xla_grpo_temp_bytes(c, rows, T, remat, StepConfig())
   grads = 2 * 4 * c.num_params()
   estimate = train_activation_bytes(c, rows, T, 4, 1, remat) + grads
   assert estimate == pytest.approx(xla, rel=0.10), (estimate, xla)
@@ -345,18 +354,8 @@ def test_chunked_activation_estimate_tracks_xla_memory_analysis(remat):
   """As test_activation_estimate_tracks_xla_memory_analysis, scoring 16 positions at a time:
   within 10% with remat; without remat the layer terms (10% high already) dominate and the
   estimate errs high, by at most 20%."""
-  c = Qwen3Config(vocab_size=4096, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
-                  head_dim=32, intermediate_size=384)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0), remat=remat)))
-  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-  adamw = optim.make_optimizer({'learning_rate': 1e-3})
-  state = abstract_branch_state(params, 1, adamw)
-  shardings = branch_state_shardings(state, mesh)
-  rows, T = 8, 128
-  s = lambda dtype: jax.ShapeDtypeStruct((1, rows, T), dtype)
-  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
-  step = make_grpo_step(graphdef, adamw, mesh, StepConfig(logits_chunk=16), shardings)
-  xla = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  c, rows, T = XLA_CHECK_MODEL, 8, 128
+  xla = _xla_grpo_temp_bytes(c, rows, T, remat, StepConfig(logits_chunk=16))
   estimate = train_activation_bytes(c, rows, T, 4, 1, remat, chunk=16) + 2 * 4 * c.num_params()
   if remat:
     assert estimate == pytest.approx(xla, rel=0.10), (estimate, xla)

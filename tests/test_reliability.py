@@ -23,7 +23,9 @@ import pytest
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
+from copd_jax.checkpoint import params as params_checkpoint
 from copd_jax.models import hf_io
+from copd_jax.models.hf_io import write as hf_write
 from copd_jax.models.tokenizer import char_tokenizer
 from scripts.faults import checkpoints as checkpoint_faults
 from scripts.faults import cli, configs, data_files, kills, nan_guard
@@ -276,7 +278,7 @@ def test_export_interrupted_by_an_exception_leaves_no_model(run_dir, tmp_path, m
   def disk_full(*args, **kwargs):
     raise OSError(28, 'No space left on device')
 
-  monkeypatch.setattr(hf_io, 'save_file', disk_full)
+  monkeypatch.setattr(hf_write, 'save_file', disk_full)
   other = str(tmp_path / 'hf2')
   failed = cli.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', other])
   assert failed.code == 'crash (OSError)' and not os.path.exists(other)
@@ -294,7 +296,7 @@ def test_merge_interrupted_by_an_exception_leaves_no_checkpoint(run_dir, tmp_pat
   def disk_full(*args, **kwargs):
     raise OSError(28, 'No space left on device')
 
-  monkeypatch.setattr(ckpt.shutil, 'copy', disk_full)  # the tokenizer copy, after the arrays
+  monkeypatch.setattr(params_checkpoint.shutil, 'copy', disk_full)  # the tokenizer copy, after the arrays
   failed = cli.run_cli(['merge', '--workdir', workdir, '--out', out])
   assert failed.code == 'crash (OSError)' and not os.path.exists(out)
   monkeypatch.undo()
@@ -307,6 +309,7 @@ KILL_SELF = textwrap.dedent('''
     import importlib.util, os, signal, sys
     import copd_jax.checkpoint as ckpt
     from copd_jax.models import hf_io
+from copd_jax.models.hf_io import write as hf_write
     real = hf_io.save_file
     def write_then_die(tensors, path, **kwargs):  # the shard is on disk, nothing renamed yet
       real(tensors, path, **kwargs)

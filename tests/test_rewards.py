@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from copd_jax import rewards
+from copd_jax.rewards import pool as reward_pool
+from copd_jax.rewards import worker as reward_worker
 from copd_jax.data import Example
 from copd_jax.errors import UserInputError
 
@@ -53,12 +55,12 @@ def test_bound_completion():
 
 
 def test_gold_and_prediction_text():
-  assert rewards._gold_text('Natalia sold 48/2 = 24 clips.\n#### 72') == '72'
-  assert rewards._gold_text('#### 1,234') == '1234'
-  assert rewards._gold_text('2\\sqrt{3}') == '\\boxed{2\\sqrt{3}}'
-  assert rewards._gold_text('so $x=3$') == 'so $x=3$'
-  assert rewards._pred_text('work 41\n#### 42\nthanks 9') == '42'
-  assert rewards._pred_text('#### 5 \\boxed{6}') == '#### 5 \\boxed{6}'
+  assert reward_worker._gold_text('Natalia sold 48/2 = 24 clips.\n#### 72') == '72'
+  assert reward_worker._gold_text('#### 1,234') == '1234'
+  assert reward_worker._gold_text('2\\sqrt{3}') == '\\boxed{2\\sqrt{3}}'
+  assert reward_worker._gold_text('so $x=3$') == 'so $x=3$'
+  assert reward_worker._pred_text('work 41\n#### 42\nthanks 9') == '42'
+  assert reward_worker._pred_text('#### 5 \\boxed{6}') == '#### 5 \\boxed{6}'
 
 
 @pytest.mark.parametrize('completion, answer, expected', [
@@ -109,7 +111,7 @@ def test_math_adversarial_outputs_are_bounded_and_never_executed(pool, tmp_path)
 
 
 def test_score_completions_mixes_kinds_and_batches(pool, monkeypatch):
-  monkeypatch.setattr(rewards, '_POOL', pool)  # reward_fn uses the process-wide pool
+  monkeypatch.setattr(reward_pool, '_POOL', pool)  # reward_fn uses the process-wide pool
   examples = [_ex('46', 'exact'), _ex('7'), _ex('7'), _ex('ab', 'exact')] * 3
   completions = ['46', '\\boxed{7}', '\\boxed{8}', 'ba'] * 3
   got = rewards.score_completions(None, completions, examples, timeout_s=2.0, pool=pool)
@@ -179,7 +181,7 @@ def test_worker_that_cannot_start_is_reported():
 # the final answer, not the reasoning (issue 17.4)
 
 def test_math_scores_the_final_text_not_the_think_block(pool, monkeypatch):
-  monkeypatch.setattr(rewards, '_POOL', pool)
+  monkeypatch.setattr(reward_pool, '_POOL', pool)
   unsure = '<think>\nLet me see. 2+3, so the answer is 5.\n</think>\n\nI am not sure.'
   sure = '<think>\nthe answer is 4?\n</think>\n\nThe answer is \\boxed{5}.'
   cut = '<think>\nthe answer is 5 ... and then'  # reasoning cut at the token limit
@@ -210,7 +212,7 @@ def test_answer_extraction_modes(extraction, completion, reward):
 
 
 def test_boxed_extraction_with_math(pool, monkeypatch):
-  monkeypatch.setattr(rewards, '_POOL', pool)
+  monkeypatch.setattr(reward_pool, '_POOL', pool)
   spec = rewards.RewardSpec('math', 'boxed')
   got = rewards.score_completions(spec, ['so \\boxed{\\frac{1}{2}}', 'so 0.5'],
                                   [_ex('0.5')] * 2, timeout_s=2.0)
@@ -227,8 +229,8 @@ def _fn_spec(name, timeout_s=2.0, extraction='final'):
 @pytest.fixture
 def function_pools():
   yield
-  with rewards._POOL_LOCK:
-    pools, rewards._POOLS = dict(rewards._POOLS), {}
+  with reward_pool._POOL_LOCK:
+    pools, reward_pool._POOLS = dict(reward_pool._POOLS), {}
   for p in pools.values():
     p.close()
 

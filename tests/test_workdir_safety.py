@@ -217,6 +217,22 @@ def _file_run(tmp_path):
   return workdir, overrides, train_file
 
 
+def test_resume_with_different_branches_is_refused_before_compute(tmp_path):
+  """A workdir with a checkpoint resumes only under the config it was saved with: a changed
+  training field stops `train` with one line naming it, before the base model is built."""
+  config = load_config(cli.TOY_CONFIG, cli.BASE_OVERRIDES)
+  workdir = str(tmp_path / 'run')
+  with ckpt.RunCheckpointer(workdir) as saver:
+    saver.save(3, make_state(2), {**meta_for(3), 'config': config.to_dict()})
+  with cli.tripwire('copd_jax.run_setup.base_model_path'):
+    same = cli.run_cli(_train_argv(workdir))
+    refused = cli.run_cli(_train_argv(workdir, '--config.branches=arithmetic,sort'))
+  assert same.code == 'compute started', same.stderr
+  assert refused.one_error_line, refused.stderr
+  assert refused.message.startswith('error: config.branches: differs from the checkpoint'), \
+      refused.message
+
+
 def test_resume_on_a_changed_data_file_is_refused_by_name(tmp_path):
   workdir, overrides, train_file = _file_run(tmp_path)
   with cli.tripwire('copd_jax.driver.train'):

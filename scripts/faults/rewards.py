@@ -189,12 +189,13 @@ def reward_sweep(n: int, seed: int = 0, timeout_s: float = 0.5, grace_s: float =
   """Scores n adversarial completions one by one with every reward function (rewards.reward_fn
   of each kind), then all at once with rewards.score_completions; each call is timed."""
   from copd_jax import rewards
+  from copd_jax.rewards import pool as reward_pool
   own_pool = pool is None
   pool = pool or rewards.MathVerifierPool(num_workers=2)
   folder = tempfile.mkdtemp(prefix='copd_reward_sweep_')
   marker = os.path.join(folder, 'EXECUTED')
   items = adversarial_completions(n, seed, marker)
-  saved_pool, rewards._POOL = rewards._POOL, pool
+  saved_pool, reward_pool._POOL = reward_pool._POOL, pool
   try:
     pool.score(['\\boxed{1}'], ['1'])  # worker start-up outside the timed calls
     results = [_per_item_sweep('exact', items, marker, pool, timeout_s, slack_s),
@@ -203,7 +204,7 @@ def reward_sweep(n: int, seed: int = 0, timeout_s: float = 0.5, grace_s: float =
     bound = len(items) * (timeout_s + grace_s) / pool.num_workers + slack_s * 4
     results.append(_batched_sweep(items, marker, pool, timeout_s, bound))
   finally:
-    rewards._POOL = saved_pool
+    reward_pool._POOL = saved_pool
     if own_pool:
       pool.close()
     shutil.rmtree(folder, ignore_errors=True)

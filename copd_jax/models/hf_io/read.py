@@ -1,0 +1,261 @@
+"""Reading a Hugging Face folder: tensor by tensor out of (possibly sharded, possibly remote)
+safetensors into the stacked layout of `nnx.state(Qwen3, Param)`, on the host (`load_params`) or
+placed on the devices as each tensor is read (`load_params_sharded`, `load_model`)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from copd_jax import mesh as mesh_lib
+from copd_jax import storage
+from copd_jax.models.hf_io.format import (HFFormatError, check_weight_values, layer_mapping,
+                                          read_config, top_mapping)
+from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.tree_paths import set_path
+
+def tensor_files(folder: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file path."""
+  index = storage.join(folder, 'model.safetensors.index.json')
+  single = storage.join(folder, 'model.safetensors')
+  if storage.is_file(index):
+    try:
+      weight_map = json.loads(storage.read_text(index))['weight_map']
+    except (json.JSONDecodeError, KeyError) as e:
+      raise HFFormatError(f'{index}: not a valid safetensors index ({e})') from None
+    return {name: storage.join(folder, file) for name, file in weight_map.items()}
+  if storage.is_file(single):
+    try:
+      with open_safetensors(single) as f:
+        return {name: single for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+      raise HFFormatError(f'{single}: unreadable safetensors file ({e})') from None
+  if any(name.endswith('.bin') for name in storage.listdir(folder)):
+    raise HFFormatError(f'{folder}: only pickle (.bin) weights found; copd_jax reads safetensors '
+                        'only (convert with transformers: save_pretrained(safe_serialization=True))')
+  raise HFFormatError(f'{folder}: no model.safetensors or model.safetensors.index.json')
+
+
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+                       'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+                       'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+class _StreamedSafetensors:
+  """A safetensors file read through a seekable file object (remote files): the header once,
+  then each tensor with one ranged read into its own array. The `safe_open` methods we use."""
+
+  def __init__(self, path: str):
+    self._file = storage.as_path(path).open('rb')
+    try:
+      (size,) = struct.unpack('<Q', self._file.read(8))
+      header = json.loads(self._file.read(size))
+    except Exception:
+      self._file.close()
+      raise
+    header.pop('__metadata__', None)
+    self._header, self._data_start = header, 8 + size
+
+  def keys(self) -> list[str]:
+    return list(self._header)
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    info = self._header[name]
+    begin, end = info['data_offsets']
+    out = np.empty(info['shape'], _SAFETENSORS_DTYPES[info['dtype']])
+    if out.nbytes != end - begin:
+      raise ValueError(f'tensor {name}: {end - begin} bytes for shape {info["shape"]} '
+                       f'{info["dtype"]}')
+    self._file.seek(self._data_start + begin)
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < out.nbytes:
+      n = self._file.readinto(view[done:])
+      if not n:
+        raise ValueError(f'tensor {name}: file ends after {done} of {out.nbytes} bytes')
+      done += n
+    return out
+
+  def close(self) -> None:
+    self._file.close()
+
+  def __enter__(self) -> '_StreamedSafetensors':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_safetensors(path: str):
+  """A reader with `keys()` and `get_tensor(name)` (numpy): safetensors' memory-mapped `safe_open`
+  for local files, ranged reads for remote ones. Use it as a context manager."""
+  if storage.is_remote(path):
+    return _StreamedSafetensors(path)
+  return safe_open(path, framework='numpy')
+
+
+class _TensorReader:
+  """Reads HF tensors by name from a folder's safetensors files, opening each file once; errors
+  name the file and the tensor."""
+
+  def __init__(self, files: dict[str, str]):
+    self._files = files
+    self._open: dict[str, Any] = {}
+    self._stack = contextlib.ExitStack()
+
+  def get(self, name: str) -> np.ndarray:
+    path = self._files[name]
+    try:
+      if path not in self._open:
+        if not storage.is_file(path):
+          raise HFFormatError(f'{path}: missing safetensors shard (needed for tensor {name})')
+        self._open[path] = self._stack.enter_context(open_safetensors(path))
+      return self._open[path].get_tensor(name)
+    except HFFormatError:
+      raise
+    except Exception as e:
+      raise HFFormatError(f'{path}: cannot read tensor {name} ({e})') from None
+
+  def __enter__(self) -> '_TensorReader':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stack.close()
+
+
+def _as_float_numpy(x: np.ndarray, dtype) -> np.ndarray:
+  # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16; casting goes through float32.
+  return np.asarray(x).astype(np.float32).astype(dtype) if x.dtype != dtype else x
+
+
+def _checked_files(folder: str, config: Qwen3Config) -> dict[str, str]:
+  """tensor_files(folder), after checking that every tensor the config needs is listed."""
+  files = tensor_files(folder)
+  wanted = [hf for hf, _, _ in top_mapping(config).values()]
+  for i in range(config.num_layers):
+    wanted += [f'model.layers.{i}.{hf}' for hf, _, _ in layer_mapping(config).values()]
+  missing = [n for n in wanted if n not in files]
+  if missing:
+    where = sorted(set(files.values())) or [folder]
+    raise HFFormatError(f'{where[0]}: missing tensor {missing[0]}'
+                        + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
+  return files
+
+
+def iter_params(folder: str, config: Qwen3Config | None = None, param_dtype=np.float32
+                ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """(key path, host array) for every parameter of the folder's model, one at a time, in the
+  layout of `nnx.state(Qwen3, Param)`: top-level tensors, then each per-layer tensor stacked over
+  the layers [L, ...]. Holds one stacked tensor (plus one HF tensor) at a time."""
+  config = config or read_config(folder)
+  files = _checked_files(folder, config)
+  shapes = _expected_shapes(config)
+  with _TensorReader(files) as reader:
+    for ours, (hf_name, to_ours, _) in top_mapping(config).items():
+      value = _convert(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name])
+      yield (ours,), _as_float_numpy(value, param_dtype)
+    for ours, (hf, to_ours, _) in layer_mapping(config).items():
+      stacked = np.empty(shapes['layers'][ours], param_dtype)
+      for i in range(config.num_layers):
+        hf_name = f'model.layers.{i}.{hf}'
+        value = _convert(reader.get(hf_name), to_ours, stacked.shape[1:], hf_name, files[hf_name])
+        stacked[i] = _as_float_numpy(value, param_dtype)
+      yield ('layers', ours), stacked
+
+
+def load_params(folder: str, config: Qwen3Config | None = None,
+                param_dtype=np.float32) -> dict[str, Any]:
+  """Reads the folder's safetensors into the nested dict layout of `nnx.state(Qwen3, Param)`."""
+  params: dict[str, Any] = {}
+  for path, value in iter_params(folder, config, param_dtype):
+    set_path(params, path, value)
+  return params
+
+
+def load_params_sharded(folder: str, shardings: Mapping[str, Any],
+                        config: Qwen3Config | None = None, param_dtype=jnp.float32
+                        ) -> dict[str, Any]:
+  """The folder's parameters as jax.Arrays placed with `shardings` as they are read.
+
+  shardings: a jax.sharding.Sharding per parameter, in the nested layout `load_params` returns
+  (a pure dict, or the nnx.State that `copd_jax.mesh.state_shardings` gives for the model's
+  Params). Each (layer-stacked) tensor is read on the host, every addressable device receives
+  only its shard of it (`jax.make_array_from_callback`), and the host copy is dropped before the
+  next tensor: host memory stays near one stacked tensor and no device holds the whole model.
+  On several hosts each process reads every tensor and places only its own devices' shards.
+  Raises HFFormatError as `load_params` does.
+  """
+  if isinstance(shardings, nnx.State):
+    shardings = nnx.to_pure_dict(shardings)
+  dtype = np.dtype(param_dtype)
+  params: dict[str, Any] = {}
+  for path, value in iter_params(folder, config, dtype):
+    sharding = shardings
+    try:
+      for key in path:
+        sharding = sharding[key]
+    except (KeyError, TypeError):
+      raise ValueError(f'shardings: no sharding for parameter {".".join(path)}') from None
+    set_path(params, path, jax.make_array_from_callback(value.shape, sharding,
+                                                    lambda index, v=value: v[index]))
+    del value  # the next tensor is read only after this one's host copy is released
+  return params
+
+
+def _convert(array, to_ours, target_shape, hf_name, path):
+  try:
+    value = to_ours(array)
+  except ValueError:
+    value = None
+  if value is None or tuple(value.shape) != tuple(target_shape):
+    raise HFFormatError(f'{path}: tensor {hf_name} has shape {tuple(array.shape)}, which does not '
+                        f'match config.json (expected {_hf_shape_hint(target_shape, hf_name)})')
+  check_weight_values(array, hf_name, path)
+  return value
+
+
+def _hf_shape_hint(target_shape, hf_name) -> str:
+  return f'a tensor that maps to {tuple(target_shape)} for {hf_name.rsplit(".", 1)[0]}'
+
+
+def _expected_shapes(config: Qwen3Config) -> dict[str, Any]:
+  """Shape tuple of every parameter, in the nested layout of `nnx.state(Qwen3, Param)`."""
+  abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
+  state = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  def shapes(tree):
+    return {k: shapes(v) if isinstance(v, Mapping) else tuple(v.shape) for k, v in tree.items()}
+  return shapes(state)
+
+
+def load_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float32,
+               remat: bool = False, scan_layers: bool = True, mesh=None,
+               rules: Mapping[str, str | None] | None = None) -> Qwen3:
+  """A Qwen3 module holding the folder's weights: on the default device, or with `mesh` sharded
+  by the model's logical axes (`copd_jax.mesh.state_shardings`, `rules` defaulting to its
+  DEFAULT_RULES) and loaded with `load_params_sharded`."""
+  config = read_config(folder)
+  model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                       compute_dtype=compute_dtype, remat=remat,
+                                       scan_layers=scan_layers))
+  state = nnx.state(model, nnx.Param)
+  if mesh is None:
+    params = jax.tree.map(jnp.asarray, load_params(folder, config, np.dtype(param_dtype)))
+  else:
+    shardings = mesh_lib.state_shardings(state, mesh, rules or mesh_lib.DEFAULT_RULES)
+    params = load_params_sharded(folder, shardings, config, param_dtype)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+
+def model_params_dict(model: Qwen3) -> dict[str, Any]:
+  """Pure nested dict of the model's parameter arrays (the layout `save_hf_folder` takes)."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
