@@ -7,8 +7,9 @@ also when it ends with an error (in reverse order). `standard_hooks` are those o
 the numerical guard, the metric log (JSONL + TensorBoard), the progress bar and the checkpoint
 cadence, and those the config turns on: periodic evaluation (eval.every_steps,
 copd_jax.periodic_eval), sample completions (metrics.samples_every, copd_jax.samples) and
-Weights & Biases (metrics.wandb, copd_jax.wandb_log). Tests and the fault harness add their own through `train(..., hooks=[...])`, e.g.
-`NanInjection`, which poisons chosen branches' batches to exercise the guard.
+Weights & Biases (metrics.wandb, copd_jax.wandb_log). Tests and the fault harness add their
+own through `train(..., hooks=[...])`, e.g. `NanInjection`, which poisons chosen branches'
+batches to exercise the guard.
 
 Every process runs every hook; what only process 0 does (writing metrics, showing progress,
 logging) the hooks' objects already know (MetricsLog(enabled=...), the primary logger).

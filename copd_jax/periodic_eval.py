@@ -4,10 +4,10 @@ sampled avg@k on eval.num_examples examples, the run's seed), logged as scalars 
 'eval/{domain}/pass@1/{branch}' and 'eval/{domain}/avg@k/{branch}'.
 
 The evaluation draws no randomness from the run and changes nothing in it, so a run with it on
-trains exactly like one with it off. Its greedy pass@1 at the last step equals the final
-table's for the branches; avg@k may differ a little (the final evaluation samples base, branches
-and merge together, so each model's sampling key differs). Several processes: every process gathers the params (a
-collective); process 0 evaluates and logs.
+trains exactly like one with it off. Greedy pass@1 does not depend on the sampling key; avg@k
+at the last step may differ a little from the final table's (the final evaluation samples
+base, branches and merge together, so each model's key differs). Several processes: every
+process gathers the params (a collective); process 0 evaluates and logs.
 """
 from __future__ import annotations
 

@@ -2,6 +2,11 @@
 `from copd_jax.configs.base import base_config, synthetic_domain` (installed or not; the
 repository's configs/base.py re-exports both).
 
+Resume: the training sections (branches, domains, model, warmstart, seed, grpo, opd, copd,
+sampling, optimizer) must equal the checkpoint's, except copd.num_cycles (extend the run) and
+grpo.micro_batches / grpo.logits_chunk (memory only); every other section (eval, metrics,
+checkpoint, merge, mesh, mesh_sampling, shard_params_over_fsdp, cpu_devices, guard) may change.
+
 Field reference (all checked by copd_jax.config_checks.validate before any compute; a section
 the code turns into an object is checked by that object: grpo / opd -> copd_jax.step_config,
 sampling -> copd_jax.sampling.SamplingParams, optimizer -> copd_jax/optim.py, mesh ->
@@ -30,8 +35,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) that `plan` uses
                             when hf_path holds no config.json (shapes only, no weights)
   warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
-  copd                      num_cycles N, s_rl, s_opd (steps per phase), topology ('pairwise',
-                            'hub_and_spoke', 'full', 'edges' with edges='s<-t,...', 'none'),
+  copd                      num_cycles N (the one training field a resume may change: a
+                            larger N continues the run and merges / evaluates at the new end;
+                            fewer steps than already trained are refused), s_rl, s_opd
+                            (steps per phase), topology ('pairwise', 'hub_and_spoke',
+                            'full', 'edges' with edges='s<-t,...', 'none'),
                             hub, drop_edges ('s<-t,...'), freeze (branch indices never
                             updated: frozen teachers, e.g. '1' or '1,2'); schedule 'fixed'
                             (N x (S_RL, S_OPD)) or 'overlap' (RL until the smallest measured O_k < overlap_low,
