@@ -37,9 +37,9 @@ from copd_jax.rollouts import PromptEncoder
 from copd_jax.sampling import SamplingParams
 from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
-from copd_jax.tag_names import tag_namer
 from copd_jax.steps import (BranchState, branch_state_shardings, init_branch_state,
                             make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+from copd_jax.tag_names import tag_namer
 from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
 
@@ -259,7 +259,7 @@ def check_resume_compatible(saved: dict, config, log: Callable[[str], None],
                             steps_done: int | None = None) -> None:
   """Refuses a resume whose training fields (config.TRAINING_SECTIONS) differ from the
   checkpoint's; fields the checkpoint's code did not have yet are accepted with a note.
-  copd.num_cycles may change (config.SCHEDULE_FIELDS) as long as the new schedule still holds
+  copd.num_cycles may change (config.SCHEDULE_FIELD) as long as the new schedule still holds
   the `steps_done` steps the checkpoint has trained: a longer run continues from the
   checkpoint and merges / evaluates at its new end (noted in the log)."""
   changed, added = resume_differences(saved, config.to_dict())
