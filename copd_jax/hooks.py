@@ -16,69 +16,29 @@ logging) the hooks' objects already know (MetricsLog(enabled=...), the primary l
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from copd_jax import checkpoint as ckpt
 from copd_jax.errors import TrainingHalted
-from copd_jax.rollouts import Rollouts
+from copd_jax.periodic_eval import PeriodicEval
 from copd_jax.run_setup import Run
-from copd_jax.steps import BranchState, RolloutBatch
+from copd_jax.samples import SampleLog
+from copd_jax.step_hook import Hook, StepInfo
+from copd_jax.steps import RolloutBatch
 from copd_jax.tag_names import branch_labels
+from copd_jax.wandb_log import WandbLogger
 
-
-@dataclasses.dataclass(frozen=True)
-class StepInfo:
-  """One finished step: where it sits in the schedule, the state after it, its per-branch host
-  metrics ([K] arrays, `steps.make_grpo_step`), the scalars logged for it and the native
-  rollouts it trained on (texts, rewards; `rollouts.Rollouts`).
-
-  A hook may add scalars for later hooks to log (`add_scalars`, e.g. the periodic evaluation):
-  the metric writers then log that step even when it is not a log_every step."""
-  step: int
-  cycle: int
-  phase: str                       # 'rl' or 'opd'
-  state: BranchState
-  metrics: Mapping[str, Any]
-  scalars: dict[str, float]
-  native: Rollouts | None = None
-  added: set = dataclasses.field(default_factory=set)
-
-  def add_scalars(self, scalars: Mapping[str, float]) -> None:
-    self.scalars.update(scalars)
-    self.added.update(scalars)
-
-  def log_due(self, log_every: int, total_steps: int) -> bool:
-    """Whether the metric writers log this step: every log_every-th, the last, and any step
-    a hook added scalars to."""
-    return (self.step % log_every == 0 or self.step == total_steps - 1) or bool(self.added)
-
-
-class Hook:
-  """Something done around every step; override what you need (the defaults do nothing)."""
-
-  def before_update(self, step: int, batch: RolloutBatch) -> RolloutBatch:
-    """The host native batch [K, N, T] of `step` just before it is placed on the devices."""
-    return batch
-
-  def after_step(self, info: StepInfo) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
+__all__ = ['Hook', 'StepInfo', 'standard_hooks', 'NanGuard', 'MetricsWriter', 'ProgressBar',
+           'Checkpointing', 'NanInjection', 'poison']
 
 
 def standard_hooks(run: Run, progress: bool) -> list[Hook]:
   """The hooks of every run, in the order they see a step: the guard first (a halted step is
   neither logged nor saved), the periodic evaluation before the writers (they log its
   scalars), the checkpoint last (it flushes the metric logs before saving)."""
-  # Imported here: these modules build on Hook and StepInfo above.
-  from copd_jax.periodic_eval import PeriodicEval
-  from copd_jax.samples import SampleLog
-  from copd_jax.wandb_log import WandbLogger
   total, config = run.phases.total_steps, run.config
   hooks = [NanGuard(run.names, config.guard.max_bad_steps, run.checkpointer, run.workdir,
                     run.log)]

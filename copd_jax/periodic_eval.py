@@ -17,7 +17,7 @@ import numpy as np
 from copd_jax import distributed
 from copd_jax.evaluation import GREEDY, SAMPLED
 from copd_jax.finish import evaluate
-from copd_jax.hooks import Hook, StepInfo
+from copd_jax.step_hook import Hook, StepInfo
 from copd_jax.run_setup import Run
 
 

@@ -10,7 +10,7 @@ file equals an uninterrupted run's. Written by process 0 only.
 """
 from __future__ import annotations
 
-from copd_jax.hooks import Hook, StepInfo
+from copd_jax.step_hook import Hook, StepInfo
 from copd_jax.metrics import MetricsLog
 from copd_jax.run_setup import Run
 

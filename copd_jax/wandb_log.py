@@ -16,7 +16,7 @@ import importlib
 from copd_jax import distributed, storage
 from copd_jax.config_checks import WANDB_MISSING
 from copd_jax.errors import ConfigError
-from copd_jax.hooks import Hook, StepInfo
+from copd_jax.step_hook import Hook, StepInfo
 from copd_jax.run_setup import Run
 from copd_jax.tag_names import tag_namer
 
