@@ -313,7 +313,7 @@ def merge_models(models: Sequence[MergeModel], recipe: MergeRecipe,
   over the tensors."""
   first = models[0].source
   out: dict[str, Any] = {}
-  for path, shape in tqdm(ckpt.flatten_paths(first.shapes), desc='merge', unit='tensor',
+  for path, shape in tqdm(list(ckpt.flatten_paths(first.shapes)), desc='merge', unit='tensor',
                           disable=not progress, dynamic_ncols=True):
     dtype = np.dtype(ckpt.get_path(first.dtypes, path))
     leaf = np.empty(shape, dtype)
