@@ -31,7 +31,7 @@ def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
   M = len(model_names)
   calls = sum(-(-len(e) * r // min(rows_per_call, len(e) * r))
               for e in eval_sets.values() for r in (1, samples_k) if e)
-  bar = tqdm(total=calls, desc='eval', disable=not progress, dynamic_ncols=True)
+  bar = tqdm(total=calls, desc='eval', disable=not progress, dynamic_ncols=True, leave=False)
   greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True)
   sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
   results = {name: {} for name in model_names}
