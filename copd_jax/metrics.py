@@ -54,10 +54,6 @@ def reverse_kl_estimate(student_logp, teacher_logp, mask) -> float:
   return masked_mean(np.asarray(student_logp) - np.asarray(teacher_logp), mask)
 
 
-def completion_lengths(completion_mask) -> np.ndarray:
-  return np.asarray(completion_mask).sum(-1)
-
-
 def length_stats(tokens, completion_mask, max_new_tokens: int, eos_ids) -> dict[str, np.ndarray]:
   """Per row group [..., B, T] -> {'length': mean, 'max_length': max, 'truncated': share} over
   the last row axis B. A completion is truncated when it used all `max_new_tokens` tokens and
