@@ -167,13 +167,17 @@ def _auto(value: str) -> Any:
     return value.strip()
 
 
-# Sections that change what is trained: a resume must match them (logging, checkpointing,
-# evaluation, merge and mesh may change between runs).
+# Sections that change what is trained: a resume must match them, except MEMORY_ONLY_FIELDS and
+# SCHEDULE_FIELD (logging, checkpointing, evaluation, merge and mesh may change between runs).
 TRAINING_SECTIONS = ('branches', 'domains', 'data', 'model', 'warmstart', 'seed', 'grpo', 'opd',
                      'copd', 'sampling', 'optimizer')
 # Fields inside those sections that change memory, not the maths (results equal up to float
 # rounding): a resume may change them, e.g. to get past an out-of-memory error.
 MEMORY_ONLY_FIELDS = ('config.grpo.logits_chunk', 'config.grpo.micro_batches')
+# The schedule's length: a resume may change it (train longer, or stop earlier than planned but
+# not before the steps already trained; run_setup.check_schedule_change). Every other field of
+# the training sections keeps its saved value: the steps already taken were computed with it.
+SCHEDULE_FIELD = 'config.copd.num_cycles'
 # Fields that moved to another section (old dotted path -> new one): a checkpoint written before
 # the move is compared as if it had them in their new place.
 MOVED_FIELDS = {'copd.beta': 'opd.beta', 'copd.delta_clamp': 'opd.delta_clamp'}

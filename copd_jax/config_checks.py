@@ -9,6 +9,7 @@ span sections (batch rows that micro_batches must divide) are checked here. Ever
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -32,9 +33,25 @@ from copd_jax.topology import KINDS, parse_edges, topology_from_config
 
 TOPOLOGIES = KINDS + ('none',)
 MERGE_METHODS = ('mean', 'task_arithmetic', 'ties', 'dare', 'none')
+WANDB_MISSING = ('config.metrics.wandb: True needs the wandb package (pip install wandb), which '
+                 'is not installed; or set config.metrics.wandb=False')
 
 # check.<rule>('section.field', value, ...) raises 'config.section.field: <why>'.
 check = Fields('config')
+
+
+def _check_observability(config) -> None:
+  """Periodic evaluation, sample logging and the optional W&B logger. wandb is no dependency:
+  asking for it without the package stops here, before any compute."""
+  check.positive_int('eval.every_steps', config.eval.every_steps, allow_zero=True)
+  check.positive_int('metrics.samples_every', config.metrics.samples_every, allow_zero=True)
+  check.positive_int('metrics.samples_per_branch', config.metrics.samples_per_branch)
+  check.typed('metrics.wandb', config.metrics.wandb, bool)
+  check.check(isinstance(config.metrics.wandb_project, str) and config.metrics.wandb_project != '',
+              'metrics.wandb_project', f'must be a non-empty string, got '
+              f'{config.metrics.wandb_project!r}')
+  if config.metrics.wandb and importlib.util.find_spec('wandb') is None:
+    raise ConfigError(WANDB_MISSING)
 
 
 def branch_domains(config) -> list[list[str]]:
@@ -58,6 +75,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   for field in ('eval.num_examples', 'eval.samples_k', 'metrics.log_every',
                 'metrics.overlap_top_k', 'checkpoint.every_steps'):
     check.positive_int(field, _get(config, field))
+  _check_observability(config)
   _check_checkpoint_retention(config)
   check.positive_int('seed', config.seed, allow_zero=True)
   _check_sizes(config, check_files)

@@ -44,7 +44,8 @@ from copd_jax.data import Example
 from copd_jax.finish import finish
 from copd_jax.hooks import Hook, StepInfo, standard_hooks
 from copd_jax.losses import group_advantages
-from copd_jax.rollouts import Rollouts, device_batch, sample_and_score, stack_rounds, to_batch
+from copd_jax.rollouts import (Rollouts, device_batch, eos_ids, sample_and_score, stack_rounds,
+                               to_batch)
 from copd_jax.run_setup import Run, setup_run
 from copd_jax.steps import BranchState, RolloutBatch
 
@@ -77,7 +78,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
       t0 = time.perf_counter()
       # Every branch k samples a GRPO batch on its own domain D_k.
       native = sample_native(run, state, jax.random.fold_in(key, 0))
-      scalars = rollout_scalars(native, run.names, 'native')
+      scalars = rollout_scalars(native, run, 'native')
       distill = None
       if phase == 'opd' or run.phases.wants_probe(step, phase):
         # Student k samples on its teacher's domain, round by round; O_k is measured on them.
@@ -95,13 +96,13 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
       scalars.update(branch_scalars(metrics, run.names))
       scalars.update({'cycle': cycle, 'phase_is_opd': float(phase == 'opd'),
                       'step_seconds': time.perf_counter() - t0})
-      info = StepInfo(step, cycle, phase, state, metrics, scalars)
+      info = StepInfo(step, cycle, phase, state, metrics, scalars, native.rollouts)
       for hook in hooks:
         hook.after_step(info)
   run.checkpointer.close()  # before finish: its merge reads the final checkpoint from disk
   if last < total:
     return RunResult(workdir, None, None, last)
-  results, table = finish(run, state)
+  results, table = finish(run, state, progress and distributed.is_primary())
   return RunResult(workdir, results, table, last)
 
 
@@ -198,7 +199,7 @@ def sample_distill(run: Run, state: BranchState, key: jax.Array) -> Distillation
                          [device_batch(d.batch, run.mesh) for d in rounds], run.mesh)
   scalars = {}
   for r, d in enumerate(rounds):
-    scalars.update(rollout_scalars(d, run.names, f'distill_round{r}'))
+    scalars.update(rollout_scalars(d, run, f'distill_round{r}'))
   return Distillation(rounds, stacked, scalars)
 
 
@@ -206,13 +207,17 @@ def sample_distill(run: Run, state: BranchState, key: jax.Array) -> Distillation
 # Logged scalars
 # ---------------------------------------------------------------------------------------------
 
-def rollout_scalars(sampled: Sampled, names: Sequence[str], prefix: str) -> dict[str, float]:
+def rollout_scalars(sampled: Sampled, run: Run, prefix: str) -> dict[str, float]:
+  """Per branch: mean reward, mean / max completion length and the share of completions cut
+  at max_new_tokens ('{prefix}/{reward|length|max_length|truncated}/{branch}')."""
   r = sampled.rollouts
-  lengths = metrics_lib.completion_lengths(r.output.completion_mask)
+  stats = metrics_lib.length_stats(r.output.tokens, r.output.completion_mask,
+                                   run.sampling.max_new_tokens, eos_ids(run.encoder.tokenizer))
   out = {}
-  for k, name in enumerate(names):
+  for k, name in enumerate(run.names):
     out[f'{prefix}/reward/{name}'] = float(r.rewards[k].mean())
-    out[f'{prefix}/length/{name}'] = float(lengths[k].mean())
+    for stat, values in stats.items():
+      out[f'{prefix}/{stat}/{name}'] = float(values[k])
   return out
 
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from copd_jax import storage
 from copd_jax.data import Example
@@ -22,11 +23,15 @@ GREEDY, SAMPLED = 'pass@1', 'avg@k'
 def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
                     eval_sets: dict[str, list[Example]], encoder: PromptEncoder,
                     reward_kinds: dict[str, Any], max_new_tokens: int, temperature: float,
-                    samples_k: int, seed: int, rows_per_call: int = 256
-                    ) -> dict[str, dict[str, dict[str, float]]]:
+                    samples_k: int, seed: int, rows_per_call: int = 256,
+                    progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
   """-> {model: {domain: {'pass@1': acc, 'avg@k': acc}}} (accuracies in [0, 1]).
-  reward_kinds: per domain, a reward kind or copd_jax.rewards.RewardSpec."""
+  reward_kinds: per domain, a reward kind or copd_jax.rewards.RewardSpec.
+  progress: a tqdm bar over the sampling calls, labelled with the domain and metric."""
   M = len(model_names)
+  calls = sum(-(-len(e) * r // min(rows_per_call, len(e) * r))
+              for e in eval_sets.values() for r in (1, samples_k) if e)
+  bar = tqdm(total=calls, desc='eval', disable=not progress, dynamic_ncols=True, leave=False)
   greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=True)
   sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
   results = {name: {} for name in model_names}
@@ -48,9 +53,12 @@ def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
                                call_key, reward_kinds,
                                group_size=repeats if size % repeats == 0 else 1)
         rewards.append(out.rewards[:, :real])
+        bar.set_postfix_str(f'{domain} {metric}')
+        bar.update(1)
       per_model = np.concatenate(rewards, axis=1).mean(axis=1)
       for name, acc in zip(model_names, per_model):
         results[name].setdefault(domain, {})[metric] = float(acc)
+  bar.close()
   return results
 
 

@@ -20,19 +20,33 @@ from copd_jax.run_setup import Run, state_from_pure_dict
 from copd_jax.steps import BranchState
 
 
-def finish(run: Run, state: BranchState) -> tuple[dict | None, str | None]:
+def finish(run: Run, state: BranchState, progress: bool = False
+           ) -> tuple[dict | None, str | None]:
   """(results, markdown table) of the final evaluation; (None, None) on processes other than 0.
-  Call it after the run's checkpointer is closed: the merge reads the final checkpoint."""
+  Call it after the run's checkpointer is closed: the merge reads the final checkpoint.
+  progress: tqdm bars for the merge (per tensor) and the evaluation (per sampling call)."""
   branch_params = distributed.to_host(state.params)
   try:
     if not distributed.is_primary():
       return None, None
-    return merge_and_evaluate(run, branch_params)
+    return merge_and_evaluate(run, branch_params, progress)
   finally:
     distributed.barrier('finish')
 
 
-def merge_and_evaluate(run: Run, branch_params) -> tuple[dict, str]:
+def evaluate(run: Run, names, stacked_params, progress: bool = False) -> dict:
+  """The run's evaluation of the models stacked in `stacked_params` (host arrays, one per
+  name) on eval.num_examples examples of every domain: {name: {domain: {metric: acc}}}.
+  Shared by the final evaluation and the periodic one (copd_jax.periodic_eval)."""
+  config = run.config
+  eval_sets = {name: split[1][:config.eval.num_examples] for name, split in run.domains.items()}
+  return evaluate_models(run.graphdef, stacked_params, names, eval_sets, run.encoder,
+                         run.reward_kinds, config.sampling.max_new_tokens,
+                         config.sampling.temperature, config.eval.samples_k, config.seed,
+                         progress=progress)
+
+
+def merge_and_evaluate(run: Run, branch_params, progress: bool = False) -> tuple[dict, str]:
   config, workdir = run.config, run.workdir
   K = len(config.branches)
   names = ['base'] + [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
@@ -42,7 +56,8 @@ def merge_and_evaluate(run: Run, branch_params) -> tuple[dict, str]:
     # On several processes, process 0 alone reads the checkpoint (checkpoint.this_process_only).
     merged = merge_checkpoints(workdir, config.merge.method, lam=config.merge.lam,
                                density=config.merge.density,
-                               out=storage.join(workdir, 'merged'), overwrite=True)
+                               out=storage.join(workdir, 'merged'), overwrite=True,
+                               progress=progress)
     out_dir = storage.join(workdir, 'merged_hf')
     hf_io.save_hf_folder(merged.params, run.model_config, out_dir, tokenizer_from=run.base_path)
     run.log(f'merged model ({config.merge.method}) written to {out_dir}')
@@ -50,10 +65,7 @@ def merge_and_evaluate(run: Run, branch_params) -> tuple[dict, str]:
                                state_from_pure_dict(run.base_params, merged.params)))
     names.append(f'merged:{config.merge.method}')
   all_params = jax.tree.map(lambda *xs: np.concatenate(xs), *models)
-  eval_sets = {name: split[1][:config.eval.num_examples] for name, split in run.domains.items()}
-  results = evaluate_models(run.graphdef, all_params, names, eval_sets, run.encoder,
-                            run.reward_kinds, config.sampling.max_new_tokens,
-                            config.sampling.temperature, config.eval.samples_k, config.seed)
+  results = evaluate(run, names, all_params, progress)
   table = markdown_table(results, config.eval.samples_k)
   save_results(storage.join(workdir, 'eval.json'), results, config.eval.samples_k)
   storage.write_text(storage.join(workdir, 'eval.md'), table + '\n')

@@ -5,61 +5,52 @@ The loop (copd_jax.driver.train) calls, for each global step and for every hook 
 `after_step(info)` with a `StepInfo` once the update is done; `close()` at the end of the loop,
 also when it ends with an error (in reverse order). `standard_hooks` are those of every run:
 the numerical guard, the metric log (JSONL + TensorBoard), the progress bar and the checkpoint
-cadence. Tests and the fault harness add their own through `train(..., hooks=[...])`, e.g.
-`NanInjection`, which poisons chosen branches' batches to exercise the guard.
+cadence, and those the config turns on: periodic evaluation (eval.every_steps,
+copd_jax.periodic_eval), sample completions (metrics.samples_every, copd_jax.samples) and
+Weights & Biases (metrics.wandb, copd_jax.wandb_log). Tests and the fault harness add their
+own through `train(..., hooks=[...])`, e.g. `NanInjection`, which poisons chosen branches'
+batches to exercise the guard.
 
 Every process runs every hook; what only process 0 does (writing metrics, showing progress,
 logging) the hooks' objects already know (MetricsLog(enabled=...), the primary logger).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from copd_jax import checkpoint as ckpt
 from copd_jax.errors import TrainingHalted
+from copd_jax.periodic_eval import PeriodicEval
 from copd_jax.run_setup import Run
-from copd_jax.steps import BranchState, RolloutBatch
+from copd_jax.samples import SampleLog
+from copd_jax.step_hook import Hook, StepInfo
+from copd_jax.steps import RolloutBatch
+from copd_jax.tag_names import branch_labels
+from copd_jax.wandb_log import WandbLogger
 
-
-@dataclasses.dataclass(frozen=True)
-class StepInfo:
-  """One finished step: where it sits in the schedule, the state after it, its per-branch host
-  metrics ([K] arrays, `steps.make_grpo_step`) and the scalars logged for it."""
-  step: int
-  cycle: int
-  phase: str                       # 'rl' or 'opd'
-  state: BranchState
-  metrics: Mapping[str, Any]
-  scalars: Mapping[str, float]
-
-
-class Hook:
-  """Something done around every step; override what you need (the defaults do nothing)."""
-
-  def before_update(self, step: int, batch: RolloutBatch) -> RolloutBatch:
-    """The host native batch [K, N, T] of `step` just before it is placed on the devices."""
-    return batch
-
-  def after_step(self, info: StepInfo) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
+__all__ = ['Hook', 'StepInfo', 'standard_hooks', 'NanGuard', 'MetricsWriter', 'ProgressBar',
+           'Checkpointing', 'NanInjection', 'poison']
 
 
 def standard_hooks(run: Run, progress: bool) -> list[Hook]:
   """The hooks of every run, in the order they see a step: the guard first (a halted step is
-  neither logged nor saved), the checkpoint last (it flushes the metric log before saving)."""
-  total = run.phases.total_steps
-  return [NanGuard(run.names, run.config.guard.max_bad_steps, run.checkpointer, run.workdir,
-                   run.log),
-          MetricsWriter(run.metrics_log, run.config.metrics.log_every, total),
-          ProgressBar(total, run.start_step, run.names, progress),
-          Checkpointing(run, run.config.checkpoint.every_steps, total)]
+  neither logged nor saved), the periodic evaluation before the writers (they log its
+  scalars), the checkpoint last (it flushes the metric logs before saving)."""
+  total, config = run.phases.total_steps, run.config
+  hooks = [NanGuard(run.names, config.guard.max_bad_steps, run.checkpointer, run.workdir,
+                    run.log)]
+  if config.eval.every_steps:
+    hooks.append(PeriodicEval(run, config.eval.every_steps, progress))
+  hooks.append(MetricsWriter(run.metrics_log, config.metrics.log_every, total))
+  if config.metrics.wandb:
+    hooks.append(WandbLogger(run, config.metrics.log_every, total))
+  if config.metrics.samples_every:
+    hooks.append(SampleLog(run, config.metrics.samples_every, config.metrics.samples_per_branch))
+  return hooks + [ProgressBar(total, run.start_step, run.names, progress),
+                  Checkpointing(run, config.checkpoint.every_steps, total)]
 
 
 class NanGuard(Hook):
@@ -89,13 +80,14 @@ class NanGuard(Hook):
 
 
 class MetricsWriter(Hook):
-  """Every log_every-th step's scalars (and the last step's) to metrics.jsonl and TensorBoard."""
+  """Every log_every-th step's scalars (the last step's, and those of a step a hook added
+  scalars to) to metrics.jsonl and TensorBoard."""
 
   def __init__(self, metrics_log, log_every: int, total_steps: int):
     self.metrics_log, self.log_every, self.total_steps = metrics_log, log_every, total_steps
 
   def after_step(self, info: StepInfo) -> None:
-    if info.step % self.log_every == 0 or info.step == self.total_steps - 1:
+    if info.log_due(self.log_every, self.total_steps):
       self.metrics_log.write(info.step, dict(info.scalars))
 
   def close(self) -> None:
@@ -103,17 +95,22 @@ class MetricsWriter(Hook):
 
 
 class ProgressBar(Hook):
-  """A tqdm bar over the run's steps showing each branch's native reward."""
+  """A tqdm bar over the run's steps: cycle, phase and each branch's native reward, labelled
+  with the branch's domain ('cycle 2 opd | reward count 0.62 sort 0.41')."""
 
   def __init__(self, total_steps: int, start_step: int, names: Sequence[str], enabled: bool):
-    self.names = list(names)
+    self.names, self.labels = list(names), branch_labels(names)
     self.bar = tqdm(total=total_steps, initial=start_step, desc='train', disable=not enabled,
                     dynamic_ncols=True)
 
   def after_step(self, info: StepInfo) -> None:
-    self.bar.set_postfix_str(f'cycle {info.cycle + 1} {info.phase} reward ' + ' '.join(
-        f'{info.scalars[f"native/reward/{b}"]:.2f}' for b in self.names))
+    self.bar.set_postfix_str(self.describe(info))
     self.bar.update(1)
+
+  def describe(self, info: StepInfo) -> str:
+    rewards = ' '.join(f'{self.labels[b]} {info.scalars[f"native/reward/{b}"]:.2f}'
+                       for b in self.names)
+    return f'cycle {info.cycle + 1} {info.phase} | reward {rewards}'
 
   def close(self) -> None:
     self.bar.close()

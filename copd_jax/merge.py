@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import finite, storage
@@ -321,12 +322,15 @@ def _blocks(unit_shape: tuple[int, ...], method: str,
 
 def merge_models(models: Sequence[MergeModel], recipe: MergeRecipe,
                  base: ckpt.ParamsSource | None = None,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, Any]:
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False
+                 ) -> dict[str, Any]:
   """Merged pure-dict params (jax arrays on the host CPU), read and merged one tensor (one
-  layer of it, or one block of it for element-wise methods) at a time."""
+  layer of it, or one block of it for element-wise methods) at a time. progress: a tqdm bar
+  over the tensors."""
   first = models[0].source
   out: dict[str, Any] = {}
-  for path, shape in ckpt.flatten_paths(first.shapes):
+  for path, shape in tqdm(list(ckpt.flatten_paths(first.shapes)), desc='merge', unit='tensor',
+                          disable=not progress, dynamic_ncols=True):
     dtype = np.dtype(ckpt.get_path(first.dtypes, path))
     leaf = np.empty(shape, dtype)
     layers = range(shape[0]) if path[0] == 'layers' else [None]
@@ -361,7 +365,8 @@ def _on_host(x: np.ndarray):
 def merge_checkpoints(inputs: str | Sequence[str], method: str = 'mean', *,
                       base: str | None = None, weights: Sequence[float] | None = None,
                       lam: float = 1.0, density: float = 0.2, seed: int = 0,
-                      out: str | None = None, overwrite: bool = False) -> MergeResult:
+                      out: str | None = None, overwrite: bool = False,
+                      progress: bool = False) -> MergeResult:
   """Merges the models named by `inputs` (a run workdir or checkpoint: all its branches; or a
   list of PATH[:BRANCH]) and, with `out`, writes a params-only checkpoint there. Any path may be
   local or remote (gs://...).
@@ -383,7 +388,7 @@ def merge_checkpoints(inputs: str | Sequence[str], method: str = 'mean', *,
   if base_source is not None and base_source.kind == 'run':
     raise MergeError(f'--base {base}: must be a HF folder or params-only checkpoint, not a run')
   check_compatible(models, base_source)
-  params = merge_models(models, recipe, base_source)
+  params = merge_models(models, recipe, base_source, progress=progress)
   bad = finite.first_nonfinite(params)
   if bad is not None:
     raise MergeError(f'merged model: {finite.describe(bad)} (from the inputs '

@@ -17,9 +17,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+from tensorboardX.proto.plugin_text_pb2 import TextPluginData
+from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboardX.proto.tensor_pb2 import TensorProto
+from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
 
 from copd_jax import storage
 
@@ -50,12 +54,27 @@ def reverse_kl_estimate(student_logp, teacher_logp, mask) -> float:
   return masked_mean(np.asarray(student_logp) - np.asarray(teacher_logp), mask)
 
 
-def completion_lengths(completion_mask) -> np.ndarray:
-  return np.asarray(completion_mask).sum(-1)
+def length_stats(tokens, completion_mask, max_new_tokens: int, eos_ids) -> dict[str, np.ndarray]:
+  """Per row group [..., B, T] -> {'length': mean, 'max_length': max, 'truncated': share} over
+  the last row axis B. A completion is truncated when it used all `max_new_tokens` tokens and
+  its last token is no EOS (one that ends with EOS on its last allowed token finished)."""
+  tokens, mask = np.asarray(tokens), np.asarray(completion_mask, bool)
+  lengths = mask.sum(-1)
+  # The last completion token of each row (rows without completion: index 0, masked below).
+  last = np.take_along_axis(tokens, np.maximum(_last_index(mask), 0)[..., None], -1)[..., 0]
+  cut = (lengths >= max_new_tokens) & ~np.isin(last, np.asarray(list(eos_ids)))
+  return {'length': lengths.mean(-1), 'max_length': lengths.max(-1),
+          'truncated': cut.mean(-1)}
+
+
+def _last_index(mask: np.ndarray) -> np.ndarray:
+  """Index of the last True along the last axis (-1 where none)."""
+  T = mask.shape[-1]
+  return np.where(mask.any(-1), T - 1 - np.argmax(mask[..., ::-1], -1), -1)
 
 
 class MetricsLog:
-  """Appends scalar metrics to <workdir>/metrics.jsonl and TensorBoard event files.
+  """Appends scalar metrics to <workdir>/metrics.jsonl (`filename`) and TensorBoard event files.
 
   On resume, lines at or after the resumed step are dropped first, so the file always equals
   that of an uninterrupted run; every readable record before it is kept, and damaged lines
@@ -68,9 +87,10 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True,
-               tensorboard: bool = True, flush_secs: float = 60.0):
-    self.enabled = enabled
-    self.path = storage.join(storage.resolve(workdir), 'metrics.jsonl')
+               tensorboard: bool = True, flush_secs: float = 60.0,
+               tag: Callable[[str], str] = lambda key: key, filename: str = 'metrics.jsonl'):
+    self.enabled, self.tag = enabled, tag
+    self.path = storage.join(storage.resolve(workdir), filename)
     self.remote = storage.is_remote(self.path)
     self.flush_secs = flush_secs
     self._lines: list[str] = []   # remote: the whole file
@@ -103,10 +123,35 @@ class MetricsLog:
       self._lines = kept
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """One step's scalars: a metrics.jsonl line under their keys, TensorBoard under
+    `tag(key)` (tags are written as given: '<-', '@' and ':' stay readable)."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items() if v is not None}
-    line = json.dumps({'step': step, **clean}, sort_keys=True) + '\n'
+    self.append({'step': step, **clean})
+    if self._writer is not None:
+      for key, value in clean.items():
+        if np.isfinite(value):
+          self._add(Summary.Value(tag=self.tag(key), simple_value=value), step)
+
+  def text(self, key: str, text: str, step: int) -> None:
+    """A markdown text to TensorBoard's Text tab under `tag(key)`."""
+    if self.enabled and self._writer is not None:
+      # tensorboardX's add_text would replace the characters TensorFlow forbids in op names.
+      meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+          plugin_name='text', content=TextPluginData(version=0).SerializeToString()))
+      tensor = TensorProto(dtype='DT_STRING', string_val=[text.encode('utf-8')],
+                           tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+      self._add(Summary.Value(tag=self.tag(key), metadata=meta, tensor=tensor), step)
+
+  def _add(self, value, step: int) -> None:
+    self._writer._get_file_writer().add_summary(Summary(value=[value]), step)
+
+  def append(self, record: Mapping[str, Any]) -> None:
+    """One JSON line (a record with an integer 'step')."""
+    if not self.enabled:
+      return
+    line = json.dumps(record, sort_keys=True) + '\n'
     if self.remote:
       self._lines.append(line)
       self._dirty = True
@@ -115,10 +160,6 @@ class MetricsLog:
     else:
       with open(self.path, 'a') as f:
         f.write(line)
-    if self._writer is not None:
-      for key, value in clean.items():
-        if np.isfinite(value):
-          self._writer.add_scalar(key, value, step)
 
   def flush(self) -> None:
     """Makes every written line durable (remote: uploads the file; local lines already are)."""

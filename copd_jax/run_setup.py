@@ -21,7 +21,7 @@ from copd_jax import memory_check
 from copd_jax import mesh as mesh_lib
 from copd_jax import metrics as metrics_lib
 from copd_jax import storage
-from copd_jax.config import resume_differences, with_moved_fields
+from copd_jax.config import SCHEDULE_FIELD, resume_differences, with_moved_fields
 from copd_jax.config_checks import branch_domains
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.data.domain import prompt_format
@@ -40,6 +40,7 @@ from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
 from copd_jax.steps import (BranchState, branch_state_shardings, init_branch_state,
                             make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+from copd_jax.tag_names import tag_namer
 from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
 
@@ -90,11 +91,11 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
                                       keep_marked=config.checkpoint.keep_phase_ends)
   if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
     try:
-      saved = checkpointer.restore_meta()['config']
+      saved = checkpointer.restore_meta()
     except Exception:  # a damaged newest checkpoint: restore() falls back and we check then
       saved = None
     if saved is not None:
-      check_resume_compatible(saved, config, log)
+      check_resume_compatible(saved['config'], config, log, steps_done=saved['step'] + 1)
   base_path = base_model_path(config, workdir, domains, log)
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
@@ -129,13 +130,15 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
-    check_resume_compatible(meta['config'], config, log=lambda _: None)  # noted above
+    check_resume_compatible(meta['config'], config, log=lambda _: None,  # noted above
+                            steps_done=meta['step'] + 1)
     start = meta['step'] + 1
     sources.set_state(meta['data_state'])
     phases.set_state(meta['phases'])
     log(f'resumed from step {meta["step"]} (cycle {meta["cycle"] + 1}, phase {meta["phase"]})')
   metrics_log = metrics_lib.MetricsLog(workdir, resume_step=start if start else None,
-                                       enabled=jax.process_index() == 0)
+                                       enabled=jax.process_index() == 0,
+                                       tag=tag_namer(branch_names(config.branches)))
 
   step_config = StepConfig.from_config(config, encoder.length, model.config.vocab_size)
   sharding = branch_state_shardings(state, mesh, param_rules)
@@ -266,13 +269,21 @@ def state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
   return state
 
 
-def check_resume_compatible(saved: dict, config, log: Callable[[str], None]) -> None:
+def check_resume_compatible(saved: dict, config, log: Callable[[str], None],
+                            steps_done: int | None = None) -> None:
   """Refuses a resume whose training fields (config.TRAINING_SECTIONS) differ from the
-  checkpoint's; fields the checkpoint's code did not have yet are accepted with a note."""
+  checkpoint's; fields the checkpoint's code did not have yet are accepted with a note.
+  copd.num_cycles may change (config.SCHEDULE_FIELD) as long as the new schedule still holds
+  the `steps_done` steps the checkpoint has trained: a longer run continues from the
+  checkpoint and merges / evaluates at its new end (noted in the log)."""
   changed, added = resume_differences(saved, config.to_dict())
+  saved = with_moved_fields(saved)  # an older checkpoint's fields under today's names
+  if SCHEDULE_FIELD in changed:
+    changed.remove(SCHEDULE_FIELD)
+    check_schedule_change(saved['copd']['num_cycles'], config.copd, steps_done, log)
   if changed:
     field = changed[0]
-    value = with_moved_fields(saved)  # an older checkpoint's fields under today's names
+    value = saved
     for key in field.split('.')[1:]:
       value = value.get(key) if isinstance(value, dict) else None
     more = f' (and {len(changed) - 1} more field(s))' if len(changed) > 1 else ''
@@ -281,3 +292,19 @@ def check_resume_compatible(saved: dict, config, log: Callable[[str], None]) -> 
   if added:
     log(f'resume: the checkpoint predates {", ".join(added)}; continuing with their configured '
         'values')
+
+
+def check_schedule_change(saved_cycles: int, copd, steps_done: int | None,
+                          log: Callable[[str], None]) -> None:
+  """A resume with another copd.num_cycles: allowed (with a note) when the new budget of
+  num_cycles x (s_rl + s_opd) steps still holds the steps already trained, refused otherwise."""
+  per_cycle = copd.s_rl + copd.s_opd
+  total = copd.num_cycles * per_cycle
+  if steps_done is not None and total < steps_done:
+    raise ConfigError(
+        f'{SCHEDULE_FIELD}: {copd.num_cycles} cycles ({total} steps) is fewer than the '
+        f'{steps_done} steps the checkpoint in this workdir has trained (saved num_cycles '
+        f'{saved_cycles}); resume with num_cycles >= {-(-steps_done // per_cycle)} or use a '
+        'new --workdir')
+  log(f'resume: {SCHEDULE_FIELD} {saved_cycles} -> {copd.num_cycles}: the schedule now ends '
+      f'after step {total - 1}; the merge and final evaluation run there')

@@ -160,3 +160,90 @@ def test_hooks_see_every_step_and_a_nan_hook_stops_the_run_with_checkpoints_inta
   for (path, a), (_, b) in zip(ckpt.flatten_paths(after), ckpt.flatten_paths(before)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
     assert np.isfinite(a).all()
+
+
+# Periodic evaluation every 2 steps and 3 sample completions per branch every step.
+WATCH = ['--config.eval.every_steps=2', '--config.metrics.samples_every=1',
+         '--config.metrics.samples_per_branch=3']
+
+
+@pytest.fixture(scope='module', params=['fixed', 'overlap'])
+def extended_runs(request, tmp_path_factory):
+  """Per schedule: the tiny run to the end of num_cycles=1 (merged and evaluated there), then
+  resumed with num_cycles=2; and an uninterrupted num_cycles=2 run. Both WATCH."""
+  schedule = f'--config.copd.schedule={request.param}'
+  resumed = tmp_path_factory.mktemp(f'resumed_{request.param}')
+  first = run_train(resumed, *WATCH, schedule)
+  second = run_train(resumed, *WATCH, schedule, '--config.copd.num_cycles=2')
+  straight = tmp_path_factory.mktemp(f'straight_{request.param}')
+  run_train(straight, *WATCH, schedule, '--config.copd.num_cycles=2')
+  return (request.param, resumed, straight, first.stdout + first.stderr,
+          second.stdout + second.stderr)
+
+
+def tensorboard_tags(workdir):
+  from tests.test_observability import read_events
+  return {(tag, kind) for tag, kind, _ in read_events(workdir / 'tensorboard')}
+
+
+@pytest.mark.slow
+def test_samples_lengths_and_periodic_eval_are_logged(extended_runs):
+  schedule, _, straight, _, _ = extended_runs
+  if schedule != 'fixed':
+    pytest.skip('checked on the fixed schedule')
+  samples = [json.loads(l) for l in (straight / 'samples.jsonl').read_text().splitlines()]
+  assert len(samples) == 8 * 2 * 3   # steps x branches x samples_per_branch
+  assert {(r['step'], r['branch']) for r in samples} == {
+      (s, b) for s in range(8) for b in ('b0_count', 'b1_sort')}
+  for r in samples:
+    assert {'prompt', 'completion', 'reward', 'branch', 'step', 'phase', 'cycle'} <= set(r)
+    assert isinstance(r['completion'], str) and 0.0 <= r['reward'] <= 1.0
+  records = read_metrics(straight)
+  assert [r['step'] for r in records if any(k.startswith('eval/') for k in r)] == [1, 3, 5, 7]
+  evals = {k for k in records[3] if k.startswith('eval/')}
+  assert evals == {f'eval/{d}/{m}/{b}' for d in ('count', 'sort') for m in ('pass@1', 'avg@k')
+                   for b in ('b0_count', 'b1_sort')}
+  for r in records:
+    for b in ('b0_count', 'b1_sort'):
+      assert 0 < r[f'native/length/{b}'] <= r[f'native/max_length/{b}'] <= 6
+      assert 0.0 <= r[f'native/truncated/{b}'] <= 1.0
+  tags = tensorboard_tags(straight)
+  for tag in ('behaviour/overlap_top8/count<-sort', 'eval/sort/pass@1/sort',
+              'native/truncated/count'):
+    assert (tag, 'scalar') in tags
+  assert ('samples/count', 'text') in tags
+
+
+@pytest.mark.slow
+def test_extending_num_cycles_on_resume_equals_an_uninterrupted_run(extended_runs):
+  """Stopped (merged, evaluated) at the end of num_cycles=1, resumed with num_cycles=2: the
+  extra cycle runs and params, metrics, samples and the final evaluation equal a run that
+  planned two cycles from the start."""
+  _, resumed, straight, first, second = extended_runs
+  assert '| merged:mean |' in first
+  assert 'resume: config.copd.num_cycles 1 -> 2: the schedule now ends after step 7' in second
+  ours, step = final_params(resumed)
+  theirs, ref_step = final_params(straight)
+  assert step == ref_step == 7
+  for k in ours:
+    flat_theirs = dict(ckpt.flatten_paths(theirs[k]))
+    for path, value in ckpt.flatten_paths(ours[k]):
+      np.testing.assert_array_equal(value, flat_theirs[path], err_msg=f'branch {k} {path}')
+  assert comparable_metrics(resumed) == comparable_metrics(straight)
+  assert (resumed / 'samples.jsonl').read_text() == (straight / 'samples.jsonl').read_text()
+  assert json.loads((resumed / 'eval.json').read_text()) == \
+      json.loads((straight / 'eval.json').read_text())
+
+
+@pytest.mark.slow
+def test_shrinking_num_cycles_below_what_is_trained_is_refused(extended_runs):
+  schedule, resumed, _, _, _ = extended_runs
+  if schedule != 'fixed':
+    pytest.skip('checked on the fixed schedule')
+  result = run_train(resumed, *WATCH, check=False)   # TINY's num_cycles=1 < 8 steps done
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if 'num_cycles' in l]
+  assert len(lines) == 1 and lines[0].endswith(
+      'config.copd.num_cycles: 1 cycles (4 steps) is fewer than the 8 steps the checkpoint in '
+      'this workdir has trained (saved num_cycles 2); resume with num_cycles >= 2 or use a new '
+      '--workdir')

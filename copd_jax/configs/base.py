@@ -2,6 +2,11 @@
 `from copd_jax.configs.base import base_config, synthetic_domain` (installed or not; the
 repository's configs/base.py re-exports both).
 
+Resume: the training sections (branches, domains, model, warmstart, seed, grpo, opd, copd,
+sampling, optimizer) must equal the checkpoint's, except copd.num_cycles (extend the run) and
+grpo.micro_batches / grpo.logits_chunk (memory only); every other section (eval, metrics,
+checkpoint, merge, mesh, mesh_sampling, shard_params_over_fsdp, cpu_devices, guard) may change.
+
 Field reference (all checked by copd_jax.config_checks.validate before any compute; a section
 the code turns into an object is checked by that object: grpo / opd -> copd_jax.step_config,
 sampling -> copd_jax.sampling.SamplingParams, optimizer -> copd_jax/optim.py, mesh ->
@@ -38,8 +43,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) that `plan` uses
                             when hf_path holds no config.json (shapes only, no weights)
   warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
-  copd                      num_cycles N, s_rl, s_opd (steps per phase), topology ('pairwise',
-                            'hub_and_spoke', 'full', 'edges' with edges='s<-t,...', 'none'),
+  copd                      num_cycles N (the one training field a resume may change: a
+                            larger N continues the run and merges / evaluates at the new end;
+                            fewer steps than already trained are refused), s_rl, s_opd
+                            (steps per phase), topology ('pairwise', 'hub_and_spoke',
+                            'full', 'edges' with edges='s<-t,...', 'none'),
                             hub, drop_edges ('s<-t,...'), freeze (branch indices never
                             updated: frozen teachers, e.g. '1' or '1,2'); schedule 'fixed'
                             (N x (S_RL, S_OPD)) or 'overlap' (RL until the smallest measured O_k < overlap_low,
@@ -99,7 +107,21 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             1 = jax's default single device. Ignored when XLA_FLAGS or
                             JAX_NUM_CPU_DEVICES set the count, and on GPU / TPU
   eval                      num_examples per domain, samples_k (avg@k); evaluated at the end
-  metrics                   log_every (steps), overlap_top_k (k of O_k)
+                            (base, branches, merge); every_steps: also evaluate the branches
+                            every that many steps during training, logged as scalars
+                            'eval/<domain>/<pass@1|avg@k>/<branch>' (0 = off; the same code
+                            and settings; copd_jax/periodic_eval.py)
+  metrics                   log_every (steps), overlap_top_k (k of O_k); samples_every: every
+                            that many steps, samples_per_branch native completions of each
+                            branch (prompt, completion, reward, branch, step, phase) go to
+                            <workdir>/samples.jsonl and TensorBoard's Text tab (0 = off;
+                            copd_jax/samples.py); wandb: also log to Weights & Biases, project
+                            wandb_project (needs `pip install wandb`, not a dependency;
+                            WANDB_MODE=offline works; copd_jax/wandb_log.py). Every
+                            rollout set logs per branch its mean / max completion length
+                            ('length', 'max_length') and the share cut at max_new_tokens
+                            ('truncated'). metrics.jsonl names branches 'b<k>_<domain>';
+                            TensorBoard and W&B show '<domain>' ('overlap_top8/count<-sort')
   checkpoint                every_steps; keep_last: how many of the newest checkpoints stay on
                             disk; keep_phase_ends: how many of the newest phase-end checkpoints
                             (end of each RL / OPD phase) stay besides them (0 = none, -1 = all;
@@ -146,8 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))
   c.shard_params_over_fsdp = True
   c.cpu_devices = 0
-  c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4))
-  c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8))
+  c.eval = ml_collections.ConfigDict(dict(num_examples=128, samples_k=4, every_steps=0))
+  c.metrics = ml_collections.ConfigDict(dict(log_every=1, overlap_top_k=8, samples_every=10,
+                                             samples_per_branch=4, wandb=False,
+                                             wandb_project='copd_jax'))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep_last=3, keep_phase_ends=0))
   c.merge = ml_collections.ConfigDict(dict(method='mean', lam=1.0, density=0.2))
   # Locked: a config file that sets a field the schema lacks (a typo) fails where it does so.
