@@ -15,7 +15,7 @@ from flax import nnx
 
 from copd_jax import digests, storage
 from copd_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, DIGESTS, META, META_TOKENIZER_DIR,
-                                        PARAMS, STATE, CheckpointError, DigestMismatch,
+                                        PARAMS, STATE, TOKENIZER_SUBDIR, CheckpointError, DigestMismatch,
                                         first_line, model_config_from_meta, read_meta,
                                         this_process_only)
 from copd_jax.models import hf_io
