@@ -180,8 +180,8 @@ def test_sharded_load_places_each_tensor_before_reading_the_next(tmp_path, monke
   src = tmp_path / 'src'
   save_hf_model('tied_mqa', src)
   events = []
-  real_get, real_place = hf_read._TensorReader.get, jax.make_array_from_callback
-  monkeypatch.setattr(hf_read._TensorReader, 'get',
+  real_get, real_place = hf_read.TensorReader.get, jax.make_array_from_callback
+  monkeypatch.setattr(hf_read.TensorReader, 'get',
                       lambda self, name: events.append('read') or real_get(self, name))
   monkeypatch.setattr(jax, 'make_array_from_callback',
                       lambda *a, **k: events.append('place') or real_place(*a, **k))

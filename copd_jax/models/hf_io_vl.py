@@ -18,9 +18,11 @@ from flax import nnx
 from copd_jax import storage
 from copd_jax.models import hf_io
 from copd_jax.models.hf_io import HFFormatError
+from copd_jax.models.hf_io import read as hf_read
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.qwen3_vl_vision import VisionConfig
+from copd_jax.tree_paths import set_path
 
 VL_ARCHITECTURES = ('Qwen3VLForConditionalGeneration',)
 _TEXT = 'model.language_model.'
@@ -153,15 +155,15 @@ def load_vl_params(folder: str, config: Qwen3VLConfig | None = None,
                         + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
   shapes = _expected_shapes(config)
   params: dict[str, Any] = {}
-  with hf_io._TensorReader(files) as reader:
+  with hf_read.TensorReader(files) as reader:
     for path, names, conv in plan:
       shape = shapes[path]
       stacked = _is_stacked(path)
       inner = shape[1:] if stacked else shape
-      values = [hf_io._as_float_numpy(
-          hf_io._convert(reader.get(n), conv, inner, n, files[n]), np.dtype(param_dtype))
+      values = [hf_read.as_float_numpy(
+          hf_read.convert_tensor(reader.get(n), conv, inner, n, files[n]), np.dtype(param_dtype))
           for n in names]
-      hf_io._set(params, path, np.stack(values) if stacked else values[0])
+      set_path(params, path, np.stack(values) if stacked else values[0])
   return params
 
 

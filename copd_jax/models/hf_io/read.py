@@ -101,7 +101,7 @@ def open_safetensors(path: str):
   return safe_open(path, framework='numpy')
 
 
-class _TensorReader:
+class TensorReader:
   """Reads HF tensors by name from a folder's safetensors files, opening each file once; errors
   name the file and the tensor."""
 
@@ -123,14 +123,14 @@ class _TensorReader:
     except Exception as e:
       raise HFFormatError(f'{path}: cannot read tensor {name} ({e})') from None
 
-  def __enter__(self) -> '_TensorReader':
+  def __enter__(self) -> 'TensorReader':
     return self
 
   def __exit__(self, *exc) -> None:
     self._stack.close()
 
 
-def _as_float_numpy(x: np.ndarray, dtype) -> np.ndarray:
+def as_float_numpy(x: np.ndarray, dtype) -> np.ndarray:
   # safetensors' numpy backend returns bf16 as ml_dtypes.bfloat16; casting goes through float32.
   return np.asarray(x).astype(np.float32).astype(dtype) if x.dtype != dtype else x
 
@@ -157,16 +157,16 @@ def iter_params(folder: str, config: Qwen3Config | None = None, param_dtype=np.f
   config = config or read_config(folder)
   files = _checked_files(folder, config)
   shapes = _expected_shapes(config)
-  with _TensorReader(files) as reader:
+  with TensorReader(files) as reader:
     for ours, (hf_name, to_ours, _) in top_mapping(config).items():
-      value = _convert(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name])
-      yield (ours,), _as_float_numpy(value, param_dtype)
+      value = convert_tensor(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name])
+      yield (ours,), as_float_numpy(value, param_dtype)
     for ours, (hf, to_ours, _) in layer_mapping(config).items():
       stacked = np.empty(shapes['layers'][ours], param_dtype)
       for i in range(config.num_layers):
         hf_name = f'model.layers.{i}.{hf}'
-        value = _convert(reader.get(hf_name), to_ours, stacked.shape[1:], hf_name, files[hf_name])
-        stacked[i] = _as_float_numpy(value, param_dtype)
+        value = convert_tensor(reader.get(hf_name), to_ours, stacked.shape[1:], hf_name, files[hf_name])
+        stacked[i] = as_float_numpy(value, param_dtype)
       yield ('layers', ours), stacked
 
 
@@ -209,7 +209,7 @@ def load_params_sharded(folder: str, shardings: Mapping[str, Any],
   return params
 
 
-def _convert(array, to_ours, target_shape, hf_name, path):
+def convert_tensor(array, to_ours, target_shape, hf_name, path):
   try:
     value = to_ours(array)
   except ValueError:
