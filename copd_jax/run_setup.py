@@ -28,10 +28,12 @@ from copd_jax.data.domain import prompt_format
 from copd_jax.errors import ConfigError
 from copd_jax.models import hf_io
 from copd_jax.models.hub import local_model_path
-from copd_jax.models.presets import DTYPES
 from copd_jax.models.qwen3 import Qwen3Config
-from copd_jax.models.tokenizer import load_tokenizer
+from copd_jax.models.chat_template import check_chat_template
+from copd_jax.models.presets import DTYPES, toy_model_config
+from copd_jax.models.tokenizer import char_tokenizer, load_tokenizer
 from copd_jax.optim import make_optimizer
+from copd_jax.prompt_checks import check_prompts
 from copd_jax.rewards import RewardSpec, reward_spec
 from copd_jax.rollouts import PromptEncoder
 from copd_jax.sampling import SamplingParams
@@ -94,11 +96,12 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
       saved = None
     if saved is not None:
       check_resume_compatible(saved, config, log)
+  # The prompts against the tokenizer and the model's size before the base model is made.
+  encoder = prompt_encoder(config, domains, log)
   base_path = base_model_path(config, workdir, domains, log)
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
                            remat=config.model.remat, scan_layers=config.model.scan_layers)
-  tokenizer = load_tokenizer(storage.local_copy(base_path))
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
@@ -108,11 +111,6 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   phases = PhaseController(config.copd)
   sampling = SamplingParams.from_config(config)
   reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
-  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
-  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
-  # sampler / step per phase, and GRPO groups can share their prompt's computation.
-  encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split
-                         for e in part))
   sources = PromptSources(config, domains, rounds)
   # Before any state is allocated: stop with one line if the run would not fit in memory.
   memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, model.config, log)
@@ -210,6 +208,31 @@ class PromptSources:
 # ---------------------------------------------------------------------------------------------
 # Models and resume
 # ---------------------------------------------------------------------------------------------
+
+def prompt_encoder(config, domains, log: Callable) -> PromptEncoder:
+  """The run's PromptEncoder, every prompt checked (prompt_checks) and its bucket fixed, from
+  the tokenizer and the architecture alone: the HF folder's, or the character model's."""
+  if config.model.source == 'hf':
+    folder = local_model_path(config.model.hf_path)
+    tokenizer = load_tokenizer(storage.local_copy(folder))
+    model_config, source = hf_io.read_config(folder), storage.join(folder, 'config.json')
+  else:
+    folder, tokenizer = None, char_tokenizer()
+    model_config, source = toy_model_config(config.model.toy), 'config.model.toy'
+  formats = {name: prompt_format(config.domains[name]) for name in domains}
+  chat = sorted(name for name, fmt in formats.items() if fmt.use_chat_template)
+  if chat:
+    check_chat_template(tokenizer, folder and storage.local_copy(folder),
+                        f'config.domains.{chat[0]}.use_chat_template')
+  encoder = PromptEncoder(tokenizer, formats)
+  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
+  # sampler / step per phase, and GRPO groups can share their prompt's computation.
+  encoder.fix_length(check_prompts(
+      encoder, [e for split in domains.values() for part in split for e in part],
+      vocab_size=model_config.vocab_size, max_positions=model_config.max_position_embeddings,
+      max_new_tokens=config.sampling.max_new_tokens, model_source=source, log=log))
+  return encoder
+
 
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   if config.model.source == 'hf':

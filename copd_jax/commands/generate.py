@@ -17,6 +17,7 @@ import jax
 from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io, hub
+from copd_jax.models.chat_template import render_chat, template_source
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.rollouts import apply_stop_strings, pad_prompts
 from copd_jax.sampling import SamplingParams, generate
@@ -80,13 +81,13 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
   """Token ids of `prompt`: plain text, or (chat) the chat template's rendering with an optional
   system turn and enable_thinking (None: the template's default)."""
   if chat:
+    source = template_source(getattr(tokenizer, 'name_or_path', None))
     if not getattr(tokenizer, 'chat_template', None):
-      raise UserInputError('--chat: the tokenizer has no chat template')
+      raise UserInputError(f'--chat: the tokenizer has no chat template ({source})')
     messages = [{'role': 'system', 'content': system}] if system else []
     options = {} if thinking is None else {'enable_thinking': thinking}
-    prompt = tokenizer.apply_chat_template(messages + [{'role': 'user', 'content': prompt}],
-                                           add_generation_prompt=True, tokenize=False,
-                                           **options)
+    prompt = render_chat(tokenizer, messages + [{'role': 'user', 'content': prompt}],
+                         source=source, context='--chat', **options)
   ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
   if not ids:
     raise UserInputError('--prompt: the prompt encodes to no tokens')
