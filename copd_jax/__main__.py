@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 
 from copd_jax.errors import TrainingHalted, UserInputError
 
@@ -52,13 +53,21 @@ def main(argv: list[str] | None = None, **run_options) -> int:
   if extra and not getattr(module, 'ACCEPTS_EXTRA', False):
     command_parser.error(f'unrecognized arguments: {" ".join(extra)}')
   try:
-    return int(module.run(args, **run_options) or 0)
+    with warnings.catch_warnings():
+      warnings.showwarning = _one_line_warning
+      return int(module.run(args, **run_options) or 0)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except TrainingHalted as e:
     print(f'stopped: {e}', file=sys.stderr)
     return 3
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  """warnings.showwarning of the commands: `warning: <message>` on one line (the message names
+  its file, field or tensor; the source line of the warn call would only add noise)."""
+  print(f'warning: {message}', file=file or sys.stderr, flush=True)
 
 
 def program_name(argv0: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import shutil
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -243,12 +244,13 @@ class RunCheckpointer:
         if step is not None:
           raise CheckpointError(f'{self._step_dir(s)}: cannot restore ({type(e).__name__}: '
                                 f'{_first_line(e)})') from e
-        warnings.warn(f'{self._step_dir(s)}: unreadable checkpoint ({type(e).__name__}: '
-                      f'{_first_line(e)}); falling back to an older checkpoint', stacklevel=2)
         failed.append((s, e))
         continue
-      if failed and not self.read_only:
-        self._set_aside([f for f, _ in failed])
+      moved = self._set_aside([f for f, _ in failed]) if failed and not self.read_only else {}
+      for f, e in failed:  # one line per damaged step, said once the fallback has worked
+        warnings.warn(f'{self._step_dir(f)}: unreadable checkpoint ({type(e).__name__}: '
+                      f'{_first_line(e)}); falling back to step {s}'
+                      + (f'; moved it to {moved[f]}' if f in moved else ''), stacklevel=2)
       return restored[STATE], dict(restored[META])
     newest, error = failed[0]
     raise CheckpointError(f'{self.directory}: no checkpoint restores; newest (step {newest}) '
@@ -264,15 +266,17 @@ class RunCheckpointer:
     return str(ocp.step.build_step_path(epath.Path(self.directory),
                                         ocp.step.standard_name_format(), step))
 
-  def _set_aside(self, steps: Sequence[int]) -> None:
+  def _set_aside(self, steps: Sequence[int]) -> dict[int, str]:
+    """Moves these steps to checkpoints_unreadable/; returns where each went."""
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     target = storage.join(self.workdir, UNREADABLE_SUBDIR)
     storage.makedirs(target)
+    moved = {}
     for s in steps:
-      dest = storage.join(target, f'{s}-{stamp}')
-      storage.move(self._step_dir(s), dest)
-      warnings.warn(f'moved unreadable checkpoint step {s} to {dest}', stacklevel=3)
+      moved[s] = storage.join(target, f'{s}-{stamp}')
+      storage.move(self._step_dir(s), moved[s])
     self._manager.reload()
+    return moved
 
   def wait(self) -> None:
     """Blocks until every started save is committed to disk."""
@@ -313,8 +317,11 @@ def _verify_digests(meta: Mapping[str, Any], state: Any) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+  """The first line of an error's text, without TensorStore's pointer to its details (the repr
+  of a bound method, of no use to a reader)."""
   text = str(e).strip()
-  return text.splitlines()[0] if text else repr(e)
+  line = text.splitlines()[0] if text else repr(e)
+  return line.split(' See full TensorStore details:')[0]
 
 
 def read_meta(checkpoint_dir: str) -> dict[str, Any]:
@@ -648,6 +655,19 @@ def this_process_only() -> ocp.options.MultiprocessingOptions:
   me = jax.process_index()
   return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
                                             barrier_sync_key_prefix=f'process{me}')
+
+
+class _ReadOnlyNotices(logging.Filter):
+  """Drops Orbax's notices that a manager opened read-only is read-only (we open readers so on
+  purpose; each would print a `WARNING:absl:` line on every resume, merge and export)."""
+
+  NOTICES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.NOTICES)
+
+
+logging.getLogger('absl').addFilter(_ReadOnlyNotices())
 
 
 def latest_step_dir(workdir: str) -> str:
