@@ -214,8 +214,9 @@ def prompt_encoder(config, domains, log: Callable) -> PromptEncoder:
   the tokenizer and the architecture alone: the HF folder's, or the character model's."""
   if config.model.source == 'hf':
     folder = local_model_path(config.model.hf_path)
-    tokenizer = load_tokenizer(storage.local_copy(folder))
     model_config, source = hf_io.read_config(folder), storage.join(folder, 'config.json')
+    hf_io.check_tensors(folder, model_config)
+    tokenizer = load_tokenizer(storage.local_copy(folder))
   else:
     folder, tokenizer = None, char_tokenizer()
     model_config, source = toy_model_config(config.model.toy), 'config.model.toy'

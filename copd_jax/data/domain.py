@@ -48,8 +48,13 @@ class Example:
 
 
 def where(example: Example) -> str:
-  """The place an error about `example` names: its file and line when it has one, else its id."""
-  return example.source or example.id
+  """The place an error about `example` names: its file and line when it has one, else its id
+  and the start of its prompt (a generated example)."""
+  if example.source:
+    return example.source
+  start = example.prompt if len(example.prompt) <= 30 else example.prompt[:30] + '...'
+  return f'{example.id} (prompt {start!r})'
+
 
 
 @dataclasses.dataclass(frozen=True)

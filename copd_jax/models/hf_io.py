@@ -281,6 +281,12 @@ _LAYER = re.compile(r'model\.layers\.(\d+)\.')
 _NEVER_READ = ('rotary_emb.inv_freq',)
 
 
+def check_tensors(folder: str, config: Qwen3Config) -> None:
+  """The tensor-list checks of loading (missing tensors, layers past config.json, unused
+  tensors), without reading any tensor: for callers that stop before a model is loaded."""
+  _checked_files(folder, config)
+
+
 def _checked_files(folder: str, config: Qwen3Config) -> dict[str, str]:
   """tensor_files(folder), after checking that every tensor the config needs is listed and that
   no layer lies beyond config.json's num_hidden_layers (it would be dropped); other tensors the
@@ -299,14 +305,16 @@ def _checked_files(folder: str, config: Qwen3Config) -> dict[str, str]:
                    and int(m.group(1)) >= config.num_layers})
   if beyond:
     first = next(n for n in unused if n.startswith(f'model.layers.{beyond[0]}.'))
+    span = f'model.layers.{beyond[0]}.*' + (f' to model.layers.{beyond[-1]}.*'
+                                             if len(beyond) > 1 else '')
     raise HFFormatError(f'{files[first]}: tensors of {len(beyond)} layer(s) past config.json\'s '
-                        f'num_hidden_layers={config.num_layers} (model.layers.{beyond[0]}. to '
-                        f'model.layers.{beyond[-1]}., e.g. {first}); loading would drop them: '
-                        'fix num_hidden_layers in config.json')
+                        f'num_hidden_layers={config.num_layers} ({span}, e.g. {first}); loading '
+                        'would drop them: fix num_hidden_layers in config.json')
   if unused:
     shown = ', '.join(unused[:8]) + (f' and {len(unused) - 8} more' if len(unused) > 8 else '')
+    # stacklevel 1: one location, so a folder checked twice in a process warns once.
     warnings.warn(f'{folder}: {len(unused)} tensor(s) the model does not use, ignored: {shown}',
-                  stacklevel=2)
+                  stacklevel=1)
   return files
 
 
