@@ -16,6 +16,7 @@ from flax import nnx
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import data_digests
+from copd_jax.data_coverage import coverage_notes
 from copd_jax import distributed
 from copd_jax import memory_check
 from copd_jax import mesh as mesh_lib
@@ -85,6 +86,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   """Builds the run of `config` in `workdir`, resuming from its newest checkpoint if any."""
   K = len(config.branches)
   domains = load_domains(config)  # validates data files before any compute or any write
+  for note in coverage_notes(config, domains):
+    log(note)
   data_files = data_digests.digests_of(config)  # in every checkpoint: a resume checks them
   storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
@@ -176,6 +179,12 @@ def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
   return out
 
 
+def domain_source(config, name: str) -> str:
+  """Where domain `name`'s training examples come from: its train file, or 'synthetic'."""
+  spec = config.domains[name]
+  return spec.train_path if spec.source == 'file' else f'{name} (synthetic)'
+
+
 class PromptSources:
   """Data loaders of a run: the native loader (branch k on its own domains) and one loader per
   OPD round (student k on its teacher's domains). Their iterator states are checkpointed."""
@@ -184,16 +193,18 @@ class PromptSources:
     train = {name: split[0] for name, split in domains.items()}
     per_branch = branch_domains(config)
     own = [sum((train[d] for d in names), []) for names in per_branch]
+    labels = [', '.join(domain_source(config, d) for d in names) for names in per_branch]
     # mix_domains: a branch on 'a+b' draws each domain with equal weight, whatever their sizes.
     self.native = BranchPromptLoader(own, config.grpo.prompts_per_step, config.seed,
-                                     mix_domains=True)
+                                     mix_domains=True, sources=labels)
     self.rounds = []
     for r, teacher_of in enumerate(rounds):
       # A branch that learns nothing in this round still samples (shapes stay fixed); its rows
       # are masked out of the update.
       sources = [own[t] if t >= 0 else own[k] for k, t in enumerate(teacher_of)]
-      self.rounds.append(BranchPromptLoader(sources, config.opd.prompts_per_step,
-                                            config.seed + 7919 * (r + 1), mix_domains=True))
+      self.rounds.append(BranchPromptLoader(
+          sources, config.opd.prompts_per_step, config.seed + 7919 * (r + 1), mix_domains=True,
+          sources=[labels[t] if t >= 0 else labels[k] for k, t in enumerate(teacher_of)]))
 
   def get_state(self) -> dict[str, Any]:
     return {'native': self.native.get_state(),

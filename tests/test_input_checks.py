@@ -7,23 +7,17 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from copd_jax.models import hf_io
-from copd_jax.models.tokenizer import char_tokenizer
-from scripts.faults import cli
-from tests.test_checkpoint import TINY, make_state
+from scripts.faults import cli, model_inputs
 
 
-def _hf_folder(tmp_path, name='hf'):
-  folder = str(tmp_path / name)
-  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(make_state(1).params))
-  hf_io.save_hf_folder(params, TINY, folder, tokenizer=char_tokenizer())
-  return folder
+def _hf_folder(tmp_path):
+  """A tiny HF folder with the char tokenizer (100 tokens; 128 embedding rows)."""
+  return model_inputs.hf_folder(str(tmp_path))
 
 
 def _rewrite_tensor(folder, name, change):

@@ -139,3 +139,38 @@ def test_a_good_template_renders():
   check_chat_template(tokenizer, None, '--chat')
   assert render_chat(tokenizer, [{'role': 'user', 'content': '1+1'}], source='t',
                      context='c') == '1+1\n='
+
+
+@pytest.mark.parametrize('flag, value', [('--top-p', '2'), ('--temperature', '0'),
+                                         ('--max-new-tokens', '0'), ('--top-k', '-1')])
+def test_generate_names_the_flag_the_user_typed(flag, value):
+  from scripts.faults import cli
+  result = cli.run_cli(['generate', '--model', 'no/such/folder', '--prompt', '1+1', flag, value])
+  assert result.one_error_line and result.message.startswith(f'error: {flag}: '), result.stderr
+
+
+def test_generate_refuses_a_prompt_longer_than_the_model(capsys):
+  from copd_jax.commands.generate import check_prompt_length
+  from copd_jax.errors import UserInputError
+  with pytest.raises(UserInputError, match=r'^--prompt: 200,008 tokens; the model holds 40,960'):
+    check_prompt_length(200_008, 16, 40_960)
+  check_prompt_length(500, 16, 512)
+  assert capsys.readouterr().err.startswith('warning: --prompt (500 tokens) plus '
+                                            '--max-new-tokens 16 exceeds')
+
+
+def test_small_domains_are_said_once_each():
+  from copd_jax.configs.base import base_config
+  from copd_jax.data_coverage import coverage_notes
+  config = base_config()
+  config.domains.count.source = 'file'
+  config.domains.count.train_path = 'one_row.jsonl'
+  config.domains.count.eval_path = 'eval.jsonl'
+  rows = _examples('1+1', '2+2')
+  domains = {'count': (rows[:1], rows), 'sort': (rows * 8, rows * 64)}
+  assert coverage_notes(config, domains) == [
+      'note: domain count has 1 training prompt(s) (one_row.jsonl), fewer than '
+      'grpo.prompts_per_step=8: each batch repeats them',
+      'note: domain count is evaluated on 2 example(s) (eval.jsonl), fewer than '
+      'eval.num_examples=128']
+  assert coverage_notes(config, domains, train=False) == coverage_notes(config, domains)[1:]

@@ -9,11 +9,14 @@ unknown).
 """
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
 
 from copd_jax import storage
 from copd_jax.config import ConfigError, load_config
+from copd_jax.data_coverage import coverage_notes
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
@@ -88,6 +91,8 @@ def run(args) -> int:
 
   encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
+  for note in coverage_notes(config, domains, train=False):
+    print(note, file=sys.stderr)
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
                             {n: reward_spec(config.domains[n]) for n in domains},
                             config.sampling.max_new_tokens, config.sampling.temperature,

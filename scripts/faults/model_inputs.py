@@ -18,17 +18,21 @@ from scripts.faults.cli import BASE_OVERRIDES, TOY_CONFIG, CliResult, run_cli, t
 TENSOR = 'model.layers.1.mlp.down_proj.weight'
 
 
-def hf_folder(folder: str) -> str:
-  """A tiny Qwen3 HF folder (char tokenizer) in `folder`/hf."""
+def hf_folder(folder: str, vocab_size: int = 128) -> str:
+  """A tiny Qwen3 HF folder (char tokenizer, 100 tokens) in `folder`/hf; its embedding has
+  `vocab_size` rows (fewer than 100: a tokenizer larger than the model)."""
   import jax
   import numpy as np
   from flax import nnx
   from copd_jax.models import hf_io
+  from copd_jax.models.qwen3 import Qwen3
   from copd_jax.models.tokenizer import char_tokenizer
-  from tests.test_checkpoint import TINY, make_state
+  from tests.test_checkpoint import TINY
+  config = dataclasses.replace(TINY, vocab_size=vocab_size)
   out = os.path.join(folder, 'hf')
-  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(make_state(1).params))
-  hf_io.save_hf_folder(params, TINY, out, tokenizer=char_tokenizer())
+  model = Qwen3(config, rngs=nnx.Rngs(0))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  hf_io.save_hf_folder(params, config, out, tokenizer=char_tokenizer())
   return out
 
 
@@ -98,6 +102,7 @@ class ModelCase:
   expect: str
   commands: tuple[str, ...] = ('export-hf', 'train')
   warns: bool = False   # exit 0 with one `warning:` line holding `expect`, not an error
+  vocab_size: int = 128  # rows of the folder's embedding (the tokenizer has 100 tokens)
 
 
 CASES = (
@@ -123,14 +128,14 @@ CASES = (
               'tensor(s) the model does not use, ignored: model.mtp_head.weight', ('export-hf',),
               warns=True),
     ModelCase('a tokenizer larger than the model (100 tokens, vocab_size 64)', lambda f: None,
-              'but the model has 64 embeddings (vocab_size of', ('train',)),
+              'but the model has 64 embeddings (vocab_size of', ('train',), vocab_size=64),
 )
 
 
 def try_case(case: ModelCase, command: str, folder: str) -> tuple[CliResult, bool]:
   """(result, ok) of `command` on a fresh damaged folder in `folder`. `train` runs with the
   step builders as a tripwire: a bad folder that got past loading shows as 'compute started'."""
-  model = hf_folder(folder)
+  model = hf_folder(folder, case.vocab_size)
   case.damage(model)
   workdir = os.path.join(folder, 'workdir')
   if command == 'export-hf':
