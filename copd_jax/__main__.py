@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 
+from copd_jax import disk_space
 from copd_jax.errors import TrainingHalted, UserInputError
 
 COMMANDS = {
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None, **run_options) -> int:
   except TrainingHalted as e:
     print(f'stopped: {e}', file=sys.stderr)
     return 3
+  except Exception as e:  # a full disk, in whatever shape its writer raised it; else a bug
+    if not disk_space.out_of_space(e):
+      raise
+    print(f'error: {disk_space.describe(e)}', file=sys.stderr)
+    return 2
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
