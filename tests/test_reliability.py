@@ -415,15 +415,16 @@ def test_pickled_weights_are_refused_and_never_unpickled(tmp_path):
 
 
 def test_chat_templates_render_in_a_sandbox(tmp_path):
-  import jinja2
   from copd_jax.data.domain import Example, render_prompt
+  from copd_jax.models.chat_template import ChatTemplateError
   marker = tmp_path / 'EXECUTED'
   tokenizer = char_tokenizer()
   example = Example('1+1', '2', 'd', 'd:0')
   for template in (f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}",
                    "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
     tokenizer.chat_template = template
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(ChatTemplateError, match=r'chat_template failed on the prompt of d:0 .*'
+                                                r': SecurityError: '):
       render_prompt(tokenizer, example, True)
   assert not marker.exists()
 
