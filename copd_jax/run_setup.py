@@ -1,7 +1,9 @@
 """Everything a run needs before its first step, built once: `setup_run(config, workdir) -> Run`.
 
 Set-up order matters and is kept here in one place: data files are read (and rejected with
-file:line) before anything is written; an incompatible resume is refused before any compute;
+file:line), and every prompt is checked against the tokenizer and the model's size
+(copd_jax/prompt_checks.py, from the HF folder's config.json or the character model's settings)
+before anything is written; an incompatible resume is refused before any compute;
 then the base model, the mesh, the branch state (restored from the newest checkpoint when the
 workdir has one, with the data iterators and the phase controller), the compiled steps.
 """
@@ -89,6 +91,9 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   for note in coverage_notes(config, domains):
     log(note)
   data_files = data_digests.digests_of(config)  # in every checkpoint: a resume checks them
+  # The prompts against the tokenizer and the model's size, before anything is written (Orbax's
+  # checkpoint manager starts background work in the workdir as soon as it is made).
+  encoder = prompt_encoder(config, domains, log)
   storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
                                       keep_marked=config.checkpoint.keep_phase_ends)
@@ -99,8 +104,6 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
       saved = None
     if saved is not None:
       check_resume_compatible(saved, config, log)
-  # The prompts against the tokenizer and the model's size before the base model is made.
-  encoder = prompt_encoder(config, domains, log)
   base_path = base_model_path(config, workdir, domains, log)
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
