@@ -39,7 +39,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
-from copd_jax import digests, output_paths, storage
+from copd_jax import digests, disk_space, output_paths, storage
 from copd_jax.retention import preserved_steps
 from copd_jax.errors import UserInputError
 from copd_jax.models import hf_io
@@ -214,6 +214,12 @@ class RunCheckpointer:
     latest = self.latest_step()
     if latest is not None and step <= latest:
       return False
+    if latest is not None and not storage.is_remote(self.directory) and (
+        force or keep or self._manager.should_save(step)):
+      self._manager.wait_until_finished()  # the previous save's bytes count as used
+      # The newest checkpoint's size on disk (compressed as this one will be) is the estimate.
+      disk_space.check_room_for_checkpoint(
+          self.directory, disk_space.folder_bytes(self._step_dir(latest)), step)
     meta = {**meta, DIGESTS: digests.tree_digests(state, per_branch=_is_params_leaf)}
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state, chunked_save_args(state)),
                                  META: ocp.args.JsonSave(meta)})

@@ -4,7 +4,9 @@ Writers report it in many shapes: an OSError with errno ENOSPC / EDQUOT, safeten
 SafetensorError ("No space left on device (os error 28)"), TensorStore's RESOURCE_EXHAUSTED
 inside Orbax's background save threads (each logged by absl with its traceback, then raised
 again by the next wait). `out_of_space` recognises them anywhere in an exception's chain; the
-CLI prints `describe(e)` and exits 2. The absl filter drops Orbax's logged copies of the same
+CLI prints `describe(e)` and exits 2. Before each checkpoint save, `check_room_for_checkpoint`
+stops the run (exit 3, one `stopped:` line) when the disk cannot hold it, so that the usual case
+(a disk filling up over a long run) never starts a save that fails halfway. The absl filter drops Orbax's logged copies of the same
 error, so the one line is all the user sees. Checkpoints committed before the failed save are
 untouched (Orbax writes each step under a temporary name and removes those at the next start).
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import errno
 import logging
 import re
+
+from copd_jax.errors import TrainingHalted
 
 _ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _MARKERS = ('No space left on device', 'Disk quota exceeded', 'os error 28', 'os error 122',
@@ -61,3 +65,37 @@ class _SameErrorLogged(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_SameErrorLogged())
+
+
+class NotEnoughSpace(TrainingHalted):
+  """Too little free space for the next checkpoint: the run stops before starting the save
+  (exit 3), so the committed checkpoints stay as they are and no save fails halfway."""
+
+
+# Headroom over the previous checkpoint's bytes: Orbax's metadata, the meta item, file-system blocks.
+CHECKPOINT_OVERHEAD = 1.1
+CHECKPOINT_SLACK_BYTES = 64 << 10
+
+
+def folder_bytes(folder: str) -> int:
+  """Bytes of the files under a local folder."""
+  import os
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(folder) for name in names)
+
+
+def check_room_for_checkpoint(directory: str, state_bytes: int, step: int) -> None:
+  """Stops the run (NotEnoughSpace) when `directory`'s file system has less free space than a
+  checkpoint of `state_bytes` (the previous one's size) needs. Local paths only; object stores
+  have no free-space query. The first save has no estimate and is not checked."""
+  import shutil
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return  # cannot tell: let the save try
+  need = int(state_bytes * CHECKPOINT_OVERHEAD) + CHECKPOINT_SLACK_BYTES
+  if free < need:
+    raise NotEnoughSpace(f'{directory}: {free / 2**20:,.1f} MiB free, the checkpoint of step '
+                         f'{step} needs about {need / 2**20:,.1f} MiB; stopped before saving it. '
+                         'The checkpoints saved so far are intact: free space and run the same '
+                         'command to resume')

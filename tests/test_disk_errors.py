@@ -69,3 +69,27 @@ def test_a_failed_build_leaves_no_temporary_sibling(tmp_path):
   with pytest.raises(OSError):
     storage.publish_dir(str(tmp_path / 'base'), build)
   assert os.listdir(tmp_path) == []
+
+
+def test_a_save_that_would_not_fit_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+  import collections
+  import shutil
+  from copd_jax import checkpoint as ckpt
+  from tests.test_checkpoint import make_state, meta_for
+  state = make_state()
+  saver = ckpt.RunCheckpointer(str(tmp_path))
+  assert saver.save(0, state, meta_for(0))   # the first save has no estimate: never checked
+  saver.wait()
+  size = disk_space.folder_bytes(os.path.join(str(tmp_path), 'checkpoints', '0'))
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(0, 0, size))
+  with pytest.raises(disk_space.NotEnoughSpace, match=r'the checkpoint of step 1 needs about '
+                                                      r'.*; stopped before saving it'):
+    saver.save(1, state, meta_for(1))
+  assert saver.all_steps() == [0] and not [n for n in os.listdir(tmp_path / 'checkpoints')
+                                           if n != '0']
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(0, 0, 10 * size))
+  assert saver.save(1, state, meta_for(1))
+  saver.wait()
+  assert saver.all_steps() == [0, 1]
+  saver.close()
