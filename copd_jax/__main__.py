@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None, **run_options) -> int:
   args.extra = extra
   if extra and not getattr(module, 'ACCEPTS_EXTRA', False):
     command_parser.error(f'unrecognized arguments: {" ".join(extra)}')
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = _drop_closed_loop_callbacks(previous_hook)
   try:
     with warnings.catch_warnings():
       warnings.showwarning = _one_line_warning
@@ -68,6 +70,24 @@ def main(argv: list[str] | None = None, **run_options) -> int:
       raise
     print(f'error: {disk_space.describe(e)}', file=sys.stderr)
     return 2
+  finally:
+    sys.unraisablehook = previous_hook
+
+
+# Callbacks TensorStore still schedules on Orbax's event loops after a failed save or restore
+# was abandoned (a full disk, a damaged checkpoint the run fell back from): Python reports each
+# as an "Exception ignored" traceback although nothing is lost; the one-line message says it all.
+_CLOSED_LOOP_ERRORS = ((RuntimeError, 'Event loop is closed'), (OSError, 'handle is closed'))
+
+
+def _drop_closed_loop_callbacks(previous):
+  """sys.unraisablehook that drops those callbacks' errors and passes every other on."""
+  def hook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not any(isinstance(error, kind) and str(error) == text
+               for kind, text in _CLOSED_LOOP_ERRORS):
+      previous(unraisable)
+  return hook
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -93,3 +93,15 @@ def test_a_save_that_would_not_fit_stops_the_run_before_it_starts(tmp_path, monk
   saver.wait()
   assert saver.all_steps() == [0, 1]
   saver.close()
+
+
+def test_closed_loop_callbacks_are_dropped_and_other_unraisables_passed_on():
+  import types
+  from copd_jax.__main__ import _drop_closed_loop_callbacks
+  seen = []
+  hook = _drop_closed_loop_callbacks(seen.append)
+  for error in (RuntimeError('Event loop is closed'), OSError('handle is closed'),
+                RuntimeError('something else'), ValueError('Event loop is closed')):
+    hook(types.SimpleNamespace(exc_value=error))
+  assert [str(u.exc_value) for u in seen] == ['something else', 'Event loop is closed']
+  assert isinstance(seen[1].exc_value, ValueError)
