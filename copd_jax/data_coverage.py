@@ -19,8 +19,8 @@ def coverage_notes(config, domains: Mapping[str, tuple[Sequence[Example], Sequen
     spec = config.domains[name]
     where = spec.train_path if spec.source == 'file' else 'synthetic'
     if train and len(train_split) < per_step:
-      notes.append(f'note: domain {name} has {len(train_split):,} training prompt(s) ({where}), fewer '
-                   f'than grpo.prompts_per_step={per_step:,}: each batch repeats them')
+      notes.append(f'note: domain {name} has {len(train_split):,} training prompt(s) ({where}), '
+                   f'fewer than grpo.prompts_per_step={per_step:,}: each batch repeats them')
     if len(evaluation) < asked:
       where = spec.eval_path if spec.source == 'file' else 'synthetic'
       notes.append(f'note: domain {name} is evaluated on {len(evaluation):,} example(s) '

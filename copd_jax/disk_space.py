@@ -4,11 +4,13 @@ Writers report it in many shapes: an OSError with errno ENOSPC / EDQUOT, safeten
 SafetensorError ("No space left on device (os error 28)"), TensorStore's RESOURCE_EXHAUSTED
 inside Orbax's background save threads (each logged by absl with its traceback, then raised
 again by the next wait). `out_of_space` recognises them anywhere in an exception's chain; the
-CLI prints `describe(e)` and exits 2. Before each checkpoint save, `check_room_for_checkpoint`
-stops the run (exit 3, one `stopped:` line) when the disk cannot hold it, so that the usual case
-(a disk filling up over a long run) never starts a save that fails halfway. The absl filter drops Orbax's logged copies of the same
-error, so the one line is all the user sees. Checkpoints committed before the failed save are
-untouched (Orbax writes each step under a temporary name and removes those at the next start).
+CLI prints `describe(e)` and exits 2. Before each checkpoint save after the first,
+`check_room_for_checkpoint` stops the run (exit 3, one `stopped:` line) when the disk cannot
+hold another checkpoint the size of the newest, so that the usual case (a disk filling up over a
+long run) never starts a save that fails halfway. The absl filter drops Orbax's logged copies
+of the same error, so the one line is all the user sees. Checkpoints committed before a failed
+save are untouched (Orbax writes each step under a temporary name and removes those at the next
+start).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class NotEnoughSpace(TrainingHalted):
   (exit 3), so the committed checkpoints stay as they are and no save fails halfway."""
 
 
-# Headroom over the previous checkpoint's bytes: Orbax's metadata, the meta item, file-system blocks.
+# Headroom over the newest checkpoint's bytes: a state that grew, file-system blocks.
 CHECKPOINT_OVERHEAD = 1.1
 CHECKPOINT_SLACK_BYTES = 64 << 10
 

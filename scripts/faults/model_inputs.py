@@ -170,8 +170,9 @@ def long_prompt_case(folder: str) -> tuple[CliResult, bool]:
   workdir = os.path.join(folder, 'workdir')
   with tripwire('copd_jax.models.hf_io.load_model'):
     result = run_cli(['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress',
-                      *BASE_OVERRIDES, '--config.model.source=hf', f'--config.model.hf_path={model}',
-                      '--config.domains.count.source=file', f'--config.domains.count.train_path={data}',
+                      *BASE_OVERRIDES, '--config.model.source=hf',
+                      f'--config.model.hf_path={model}', '--config.domains.count.source=file',
+                      f'--config.domains.count.train_path={data}',
                       f'--config.domains.count.eval_path={data}',
                       '--config.domains.count.reward=exact'])
   return result, (result.one_error_line and f'{data}:2: the prompt is 200,002 tokens' in
