@@ -183,9 +183,11 @@ def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_pat
     with pytest.warns(UserWarning) as warned:
       restored, meta = saver.restore(abstract(state))
     messages = [str(w.message) for w in warned]
-    assert any('checkpoints/2: unreadable checkpoint' in m and 'falling back' in m
-               for m in messages), messages
-    assert any(m.startswith('moved unreadable checkpoint step 2') for m in messages), messages
+    # One line: what failed, the step it fell back to, where the damaged step went.
+    assert len(messages) == 1, messages
+    assert 'checkpoints/2: unreadable checkpoint' in messages[0], messages
+    assert '; falling back to step 1; moved it to ' in messages[0], messages
+    assert '/checkpoints_unreadable/2-' in messages[0], messages
     assert meta['step'] == 1
     assert_trees_equal(restored, state)
     assert saver.all_steps() == [1]  # the damaged step is set aside, so it can be saved again
