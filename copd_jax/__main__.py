@@ -13,7 +13,9 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 
+from copd_jax import disk_space
 from copd_jax.errors import TrainingHalted, UserInputError
 
 COMMANDS = {
@@ -51,14 +53,47 @@ def main(argv: list[str] | None = None, **run_options) -> int:
   args.extra = extra
   if extra and not getattr(module, 'ACCEPTS_EXTRA', False):
     command_parser.error(f'unrecognized arguments: {" ".join(extra)}')
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = _drop_closed_loop_callbacks(previous_hook)
   try:
-    return int(module.run(args, **run_options) or 0)
+    with warnings.catch_warnings():
+      warnings.showwarning = _one_line_warning
+      return int(module.run(args, **run_options) or 0)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except TrainingHalted as e:
     print(f'stopped: {e}', file=sys.stderr)
     return 3
+  except Exception as e:  # a full disk, in whatever shape its writer raised it; else a bug
+    if not disk_space.out_of_space(e):
+      raise
+    print(f'error: {disk_space.describe(e)}', file=sys.stderr)
+    return 2
+  finally:
+    sys.unraisablehook = previous_hook
+
+
+# Callbacks TensorStore still schedules on Orbax's event loops after a failed save or restore
+# was abandoned (a full disk, a damaged checkpoint the run fell back from): Python reports each
+# as an "Exception ignored" traceback although nothing is lost; the one-line message says it all.
+_CLOSED_LOOP_ERRORS = ((RuntimeError, 'Event loop is closed'), (OSError, 'handle is closed'))
+
+
+def _drop_closed_loop_callbacks(previous):
+  """sys.unraisablehook that drops those callbacks' errors and passes every other on."""
+  def hook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not any(isinstance(error, kind) and str(error) == text
+               for kind, text in _CLOSED_LOOP_ERRORS):
+      previous(unraisable)
+  return hook
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  """warnings.showwarning of the commands: `warning: <message>` on one line (the message names
+  its file, field or tensor; the source line of the warn call would only add noise)."""
+  print(f'warning: {message}', file=file or sys.stderr, flush=True)
 
 
 def program_name(argv0: str) -> str:

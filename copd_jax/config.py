@@ -18,6 +18,7 @@ import ml_collections
 
 from copd_jax import user_rewards
 from copd_jax.config_checks import validate
+from copd_jax.config_schema import check_complete
 from copd_jax.errors import ConfigError, UserInputError
 
 _PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
@@ -49,18 +50,25 @@ def read_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
+  except SystemExit as e:
+    raise ConfigError(f'--config {_where(e, path)}: the config file called sys.exit({e.code!r}) '
+                      'while loading; it must define get_config() and return') from None
   except Exception as e:  # a broken config file: say where
     raise ConfigError(f'--config {path}: cannot be loaded ({type(e).__name__}: {e})') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'--config {path}: defines no get_config()')
   try:
     config = module.get_config()
+  except SystemExit as e:
+    raise ConfigError(f'--config {_where(e, path)}: get_config() called sys.exit({e.code!r}); it '
+                      'must return the config') from None
   except Exception as e:  # a field the schema lacks, a value of the wrong type for a field, ...
     raise ConfigError(f'--config {_where(e, path)}: get_config() failed ({type(e).__name__}: '
                       f'{_first_sentence(e)})') from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f'--config {path}: get_config() must return an ml_collections.ConfigDict, '
                       f'got {type(config).__name__}')
+  check_complete(config, path)
   config.lock()
   apply_overrides(config, overrides)
   return config

@@ -1,7 +1,9 @@
 """Everything a run needs before its first step, built once: `setup_run(config, workdir) -> Run`.
 
 Set-up order matters and is kept here in one place: data files are read (and rejected with
-file:line) before anything is written; an incompatible resume is refused before any compute;
+file:line), and every prompt is checked against the tokenizer and the model's size
+(copd_jax/prompt_checks.py, from the HF folder's config.json or the character model's settings)
+before anything is written; an incompatible resume is refused before any compute;
 then the base model, the mesh, the branch state (restored from the newest checkpoint when the
 workdir has one, with the data iterators and the phase controller), the compiled steps.
 """
@@ -16,6 +18,7 @@ from flax import nnx
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import data_digests
+from copd_jax.data_coverage import coverage_notes
 from copd_jax import distributed
 from copd_jax import memory_check
 from copd_jax import mesh as mesh_lib
@@ -29,10 +32,12 @@ from copd_jax.data.prompt_limit import limit_prompts, prompt_limit_lines
 from copd_jax.errors import ConfigError
 from copd_jax.models import hf_io
 from copd_jax.models.hub import local_model_path
-from copd_jax.models.presets import DTYPES
 from copd_jax.models.qwen3 import Qwen3Config
-from copd_jax.models.tokenizer import load_tokenizer
+from copd_jax.models.chat_template import check_chat_template
+from copd_jax.models.presets import DTYPES, toy_model_config
+from copd_jax.models.tokenizer import char_tokenizer, load_tokenizer
 from copd_jax.optim import make_optimizer
+from copd_jax.prompt_checks import check_prompts
 from copd_jax.rewards import RewardSpec, reward_spec
 from copd_jax.rollouts import PromptEncoder
 from copd_jax.sampling import SamplingParams
@@ -85,7 +90,12 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   """Builds the run of `config` in `workdir`, resuming from its newest checkpoint if any."""
   K = len(config.branches)
   domains = load_domains(config)  # validates data files before any compute or any write
+  for note in coverage_notes(config, domains):
+    log(note)
   data_files = data_digests.digests_of(config)  # in every checkpoint: a resume checks them
+  # The prompts against the tokenizer and the model's size, before anything is written (Orbax's
+  # checkpoint manager starts background work in the workdir as soon as it is made).
+  encoder, domains = prompt_encoder(config, domains, log)
   storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
                                       keep_marked=config.checkpoint.keep_phase_ends)
@@ -100,7 +110,6 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
                            remat=config.model.remat, scan_layers=config.model.scan_layers)
-  tokenizer = load_tokenizer(storage.local_copy(base_path))
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
@@ -112,12 +121,6 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   phases = PhaseController(config.copd)
   sampling = SamplingParams.from_config(config)
   reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
-  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
-  domains = apply_prompt_limit(config, domains, encoder, log)
-  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
-  # sampler / step per phase, and GRPO groups can share their prompt's computation.
-  encoder.fix_length(max(len(encoder.ids(e)) for split in domains.values() for part in split
-                         for e in part))
   sources = PromptSources(config, domains, rounds)
   # Before any state is allocated: stop with one line if the run would not fit in memory.
   memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, model.config, log)
@@ -195,6 +198,12 @@ def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
   return out
 
 
+def domain_source(config, name: str) -> str:
+  """Where domain `name`'s training examples come from: its train file, or 'synthetic'."""
+  spec = config.domains[name]
+  return spec.train_path if spec.source == 'file' else f'{name} (synthetic)'
+
+
 class PromptSources:
   """Data loaders of a run: the native loader (branch k on its own domains) and one loader per
   OPD round (student k on its teacher's domains). Their iterator states are checkpointed."""
@@ -203,16 +212,18 @@ class PromptSources:
     train = {name: split[0] for name, split in domains.items()}
     per_branch = branch_domains(config)
     own = [sum((train[d] for d in names), []) for names in per_branch]
+    labels = [', '.join(domain_source(config, d) for d in names) for names in per_branch]
     # mix_domains: a branch on 'a+b' draws each domain with equal weight, whatever their sizes.
     self.native = BranchPromptLoader(own, config.grpo.prompts_per_step, config.seed,
-                                     mix_domains=True)
+                                     mix_domains=True, sources=labels)
     self.rounds = []
     for r, teacher_of in enumerate(rounds):
       # A branch that learns nothing in this round still samples (shapes stay fixed); its rows
       # are masked out of the update.
       sources = [own[t] if t >= 0 else own[k] for k, t in enumerate(teacher_of)]
-      self.rounds.append(BranchPromptLoader(sources, config.opd.prompts_per_step,
-                                            config.seed + 7919 * (r + 1), mix_domains=True))
+      self.rounds.append(BranchPromptLoader(
+          sources, config.opd.prompts_per_step, config.seed + 7919 * (r + 1), mix_domains=True,
+          sources=[labels[t] if t >= 0 else labels[k] for k, t in enumerate(teacher_of)]))
 
   def get_state(self) -> dict[str, Any]:
     return {'native': self.native.get_state(),
@@ -227,6 +238,34 @@ class PromptSources:
 # ---------------------------------------------------------------------------------------------
 # Models and resume
 # ---------------------------------------------------------------------------------------------
+
+def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]:
+  """The run's PromptEncoder and its domains after config.data.max_prompt_tokens, every prompt
+  checked (prompt_checks) and the bucket fixed, from the tokenizer and the architecture alone:
+  the HF folder's, or the character model's."""
+  if config.model.source == 'hf':
+    folder = local_model_path(config.model.hf_path)
+    model_config, source = hf_io.read_config(folder), storage.join(folder, 'config.json')
+    hf_io.check_tensors(folder, model_config)
+    tokenizer = load_tokenizer(storage.local_copy(folder))
+  else:
+    folder, tokenizer = None, char_tokenizer()
+    model_config, source = toy_model_config(config.model.toy), 'config.model.toy'
+  formats = {name: prompt_format(config.domains[name]) for name in domains}
+  chat = sorted(name for name, fmt in formats.items() if fmt.use_chat_template)
+  if chat:
+    check_chat_template(tokenizer, folder and storage.local_copy(folder),
+                        f'config.domains.{chat[0]}.use_chat_template')
+  encoder = PromptEncoder(tokenizer, formats)
+  domains = apply_prompt_limit(config, domains, encoder, log)
+  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
+  # sampler / step per phase, and GRPO groups can share their prompt's computation.
+  encoder.fix_length(check_prompts(
+      encoder, [e for split in domains.values() for part in split for e in part],
+      vocab_size=model_config.vocab_size, max_positions=model_config.max_position_embeddings,
+      max_new_tokens=config.sampling.max_new_tokens, model_source=source, log=log))
+  return encoder, domains
+
 
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   if config.model.source == 'hf':

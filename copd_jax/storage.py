@@ -209,7 +209,11 @@ def publish_dir(out_dir: str | os.PathLike, build: Callable[[str], None]) -> Non
   tmp = tmp_sibling(out_dir)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(parent(out_dir), exist_ok=True)
-  build(tmp)
+  try:
+    build(tmp)
+  except BaseException:  # a full disk, a failed write, Ctrl-C: no half-built sibling stays
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)

@@ -19,6 +19,7 @@ import sys
 from typing import Callable, Iterator
 
 from copd_jax import data_digests, run_owner, storage, workdir_lock
+from copd_jax.errors import UserInputError
 
 
 def _print_warning(message: str) -> None:
@@ -58,6 +59,22 @@ def _remove_own_leftovers(workdir: str, created: bool, before: set[str]) -> None
     storage.rmtree(workdir)
 
 
+class WorkdirNotWritable(UserInputError):
+  """A workdir that cannot be created or written (read-only file system, no permission)."""
+
+
+def _make_and_lock(workdir: str):
+  """Creates `workdir` if needed and takes its lock; a folder that cannot be written is refused
+  with one line before anything else happens."""
+  try:
+    storage.makedirs(workdir)
+    return workdir_lock.acquire(workdir)
+  except OSError as e:
+    raise WorkdirNotWritable(f'--workdir {workdir}: cannot write there ({e.strerror or e}'
+                             f'{": " + str(e.filename) if e.filename else ""}); choose a '
+                             'writable folder') from None
+
+
 @contextlib.contextmanager
 def claim(workdir: str, config, *, overwrite: bool = False, accept_changed_data: bool = False,
           primary: bool = True, log: Callable[[str], None] = _print_warning) -> Iterator[str]:
@@ -74,8 +91,7 @@ def claim(workdir: str, config, *, overwrite: bool = False, accept_changed_data:
     if not created and not storage.is_dir(workdir):
       raise run_owner.WorkdirInUse(f'--workdir {workdir}: is a file, not a folder')
     if primary:
-      storage.makedirs(workdir)
-      lock = workdir_lock.acquire(workdir)
+      lock = _make_and_lock(workdir)
     mode = run_owner.start_mode(workdir, config, overwrite)
     if mode == 'resume':
       newest = newest_meta(workdir)

@@ -9,10 +9,11 @@ tried, what the program did (its actual one-line message), and whether anything 
   python scripts/fault_injection.py rewards [--completions 1000]
   python scripts/fault_injection.py kills [--kills 5] [--seed 0]
   python scripts/fault_injection.py workdirs                # data loss: outputs, locks, resumes
+  python scripts/fault_injection.py disks                   # read-only / full disks (needs root)
   python scripts/fault_injection.py all                     # everything (docs/reliability.md)
 
 The cases live in scripts/faults/, one module per fault kind (configs, data_files, checkpoints,
-nan_guard, rewards, kills, workdirs); this file only parses the command line and prints the
+nan_guard, rewards, kills, workdirs, disks); this file only parses the command line and prints the
 report.
 `kills` runs the tiny toy experiment of tests/test_driver.py (TINY, plus --cycles) once
 uninterrupted, then again while killing it with SIGKILL at random points and resuming, and
@@ -32,11 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from scripts.faults import (checkpoints, configs, data_files, kills,  # noqa: E402
-                            model_inputs, nan_guard, report, rewards, workdirs)
+from scripts.faults import (checkpoints, configs, data_files, disks,  # noqa: E402
+                            kills, model_inputs, nan_guard, report, rewards, workdirs)
 from scripts.faults.cli import IN_PROCESS_DEVICES  # noqa: E402
 
-MODES = ('inputs', 'checkpoints', 'nan', 'rewards', 'kills', 'workdirs')
+MODES = ('inputs', 'checkpoints', 'nan', 'rewards', 'kills', 'workdirs', 'disks')
 
 
 def section(mode: str, folder: str, args: argparse.Namespace) -> report.Section:
@@ -52,6 +53,8 @@ def section(mode: str, folder: str, args: argparse.Namespace) -> report.Section:
     return rewards.markdown(args.completions, args.seed)
   if mode == 'workdirs':
     return workdirs.markdown(folder)
+  if mode == 'disks':
+    return disks.markdown(folder)
   return kills.markdown(folder, args.kills, args.seed, args.cycles)
 
 

@@ -200,9 +200,12 @@ def test_restore_falls_back_past_damaged_newest(tmp_path, damage):
   else:
     os.remove(os.path.join(newest, 'meta', 'metadata'))
   saver = ckpt.RunCheckpointer(str(tmp_path))
-  with pytest.warns(UserWarning, match='unreadable checkpoint'):
+  with pytest.warns(UserWarning, match='unreadable checkpoint') as warned:
     restored, meta = saver.restore(abstract(state))
   assert meta['step'] == 1
+  # One line says it all: what failed, the step it fell back to, where the damaged one went.
+  assert len(warned) == 1 and '\n' not in str(warned[0].message)
+  assert '; falling back to step 1; moved it to ' in str(warned[0].message)
   assert_trees_equal(restored, state)
   # The damaged step is set aside (not deleted), and the resumed run can save step 2 again.
   assert saver.all_steps() == [1]

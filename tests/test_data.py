@@ -257,8 +257,10 @@ def test_branch_loader_resume_continues_exactly():
   assert _ids([resumed.next() for _ in range(13)]) == _ids(expected[7:])
   with pytest.raises(UserInputError, match='batch_size is 4 in the checkpoint but 8 now'):
     BranchPromptLoader([a, c], batch_size=8, seed=9).set_state(saved)
-  with pytest.raises(UserInputError, match='sizes'):
-    BranchPromptLoader([a, a], batch_size=4, seed=9).set_state(saved)
+  with pytest.raises(UserInputError, match=rf'branch 1 had {len(c):,} training examples at the '
+                                           rf'checkpoint and has {len(a):,} now from a.jsonl;'):
+    BranchPromptLoader([a, a], batch_size=4, seed=9, sources=['a.jsonl', 'a.jsonl']
+                       ).set_state(saved)
 
 
 def test_mixed_loader_is_uniform_over_domains_and_resumes():
@@ -303,7 +305,8 @@ def test_qwen3_template_system_prompt_thinking_and_messages():
                  messages=(('system', 'Own rules.'), ('user', 'What is 2+1?')))
   assert render_prompt(tok, chat, PromptFormat(system_prompt='Be brief.')) == (
       '<|im_start|>system\nOwn rules.<|im_end|>\n' + user)  # the row's system turn wins
-  with pytest.raises(UserInputError, match='m:1: a chat row .* needs use_chat_template'):
+  with pytest.raises(UserInputError, match=r"m:1 \(prompt 'What is 2\+1\?'\): a chat row .* needs "
+                     'use_chat_template'):
     render_prompt(tok, chat, False)
   # `generate --system ... --no-thinking` renders the same text.
   assert tok.decode(encode_prompt(tok, 'What is 2+1?', True, 'Be brief.', False)) == no_think

@@ -1,27 +1,23 @@
 """Bad input caught before any compute with one line naming field, file or tensor (issue 21,
-points 6, 9 and 10): NaN and integer HF weights named at load, an HF folder without a usable
-tokenizer, a seed past uint32, overlap_top_k wider than the vocabulary, an absurd plan --devices;
-and none leaves a half-made workdir."""
+points 6, 9-13): NaN and integer HF weights named at load, an HF folder without a usable
+tokenizer, layers past config.json, unused and transposed tensors, a seed past uint32,
+overlap_top_k wider than the vocabulary, a partial config or one calling sys.exit, an absurd
+plan --devices; and none leaves a half-made workdir."""
 import json
 import os
+import re
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from copd_jax.models import hf_io
-from copd_jax.models.tokenizer import char_tokenizer
-from scripts.faults import cli
-from tests.test_checkpoint import TINY, make_state
+from scripts.faults import cli, model_inputs
 
 
-def _hf_folder(tmp_path, name='hf'):
-  folder = str(tmp_path / name)
-  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(make_state(1).params))
-  hf_io.save_hf_folder(params, TINY, folder, tokenizer=char_tokenizer())
-  return folder
+def _hf_folder(tmp_path):
+  """A tiny HF folder with the char tokenizer (100 tokens; 128 embedding rows)."""
+  return model_inputs.hf_folder(str(tmp_path))
 
 
 def _rewrite_tensor(folder, name, change):
@@ -102,3 +98,59 @@ def test_plan_refuses_absurd_device_counts_without_starting_them(devices):
   result = cli.run_cli(['plan', '--config', cli.TOY_CONFIG, '--devices', devices])
   assert result.one_error_line and '--devices must be an integer in [1, 10,240]' in \
       result.message, result.stderr
+
+
+@pytest.mark.parametrize('body, expect', [
+    ("  c = base_config()\n  c.unlock()\n  del c['merge']\n  return c\n",
+     'get_config() returned a config without config.merge;'),
+    ("  c = base_config()\n  c.grpo.unlock()\n  del c.grpo['group_size']\n  return c\n",
+     'get_config() returned a config without config.grpo.group_size;'),
+    ('  import sys\n  sys.exit(3)\n', 'get_config() called sys.exit(3)'),
+])
+def test_partial_configs_and_exits_are_named(tmp_path, body, expect):
+  from copd_jax.config import ConfigError, read_config
+  path = tmp_path / 'c.py'
+  path.write_text('from copd_jax.configs.base import base_config\n\ndef get_config():\n' + body)
+  with pytest.raises(ConfigError, match=re.escape(expect)):
+    read_config(str(path))
+
+
+def test_a_config_file_exiting_at_import_is_an_error_not_an_exit(tmp_path):
+  path = tmp_path / 'c.py'
+  path.write_text('import sys\nsys.exit(0)\n')
+  result = cli.run_cli(['train', '--config', str(path), '--workdir', str(tmp_path / 'w')])
+  assert result.one_error_line and f'{path}:2: the config file called sys.exit(0)' in \
+      result.message, result.stderr
+
+
+def test_layers_past_config_json_are_refused_naming_them(tmp_path):
+  folder = _hf_folder(tmp_path)
+  config = json.loads(open(os.path.join(folder, 'config.json')).read())
+  config['num_hidden_layers'] = 1
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  with pytest.raises(hf_io.HFFormatError, match=r"tensors of 1 layer\(s\) past config.json's "
+                                                r'num_hidden_layers=1 \(model.layers.1.\*'):
+    hf_io.load_params(folder)
+
+
+def test_unused_tensors_are_named_in_one_warning(tmp_path):
+  folder = _hf_folder(tmp_path)
+  _rewrite_tensor(folder, 'model.layers.0.mlp.up_proj.weight', lambda t: t)
+  tensors = load_file(os.path.join(folder, 'model.safetensors'))
+  tensors['model.mtp.weight'] = np.zeros(2, np.float32)
+  tensors['model.layers.0.self_attn.rotary_emb.inv_freq'] = np.zeros(2, np.float32)  # a buffer
+  save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+  with pytest.warns(UserWarning, match=r'1 tensor\(s\) the model does not use, ignored: '
+                                       r'model.mtp.weight$'):
+    hf_io.load_params(folder)
+
+
+def test_a_transposed_tensor_is_called_so(tmp_path):
+  folder = _hf_folder(tmp_path)
+  name = 'model.layers.0.mlp.down_proj.weight'
+  _rewrite_tensor(folder, name, lambda t: np.ascontiguousarray(t.T))
+  with pytest.raises(hf_io.HFFormatError, match=rf'tensor {name} has shape \(32, 16\); config.json '
+                                                r'implies \(16, 32\) \(the tensor is stored '
+                                                r'transposed\)'):
+    hf_io.load_params(folder)

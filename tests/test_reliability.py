@@ -185,9 +185,11 @@ def test_restore_falls_back_to_the_previous_complete_checkpoint(run_dir, tmp_pat
     with pytest.warns(UserWarning) as warned:
       restored, meta = saver.restore(abstract(state))
     messages = [str(w.message) for w in warned]
-    assert any('checkpoints/2: unreadable checkpoint' in m and 'falling back' in m
-               for m in messages), messages
-    assert any(m.startswith('moved unreadable checkpoint step 2') for m in messages), messages
+    # One line: what failed, the step it fell back to, where the damaged step went.
+    assert len(messages) == 1, messages
+    assert 'checkpoints/2: unreadable checkpoint' in messages[0], messages
+    assert '; falling back to step 1; moved it to ' in messages[0], messages
+    assert '/checkpoints_unreadable/2-' in messages[0], messages
     assert meta['step'] == 1
     assert_trees_equal(restored, state)
     assert saver.all_steps() == [1]  # the damaged step is set aside, so it can be saved again
@@ -281,11 +283,13 @@ def test_export_interrupted_by_an_exception_leaves_no_model(run_dir, tmp_path, m
   monkeypatch.setattr(hf_write, 'save_file', disk_full)
   other = str(tmp_path / 'hf2')
   failed = cli.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '0', '--out', other])
-  assert failed.code == 'crash (OSError)' and not os.path.exists(other)
+  assert failed.one_error_line and 'no space left on device' in failed.message, failed.stderr
+  assert not os.path.exists(other)
+  assert not [n for n in os.listdir(tmp_path) if '.tmp-' in n]  # no half-built sibling either
   # --overwrite of a complete folder that fails midway keeps the old folder intact.
   failed = cli.run_cli(['export-hf', '--checkpoint', workdir, '--branch', '1', '--out', out,
                        '--overwrite'])
-  assert failed.code == 'crash (OSError)'
+  assert failed.one_error_line and 'no space left on device' in failed.message, failed.stderr
   assert {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)} == before
 
 
@@ -298,7 +302,8 @@ def test_merge_interrupted_by_an_exception_leaves_no_checkpoint(run_dir, tmp_pat
 
   monkeypatch.setattr(params_checkpoint.shutil, 'copy', disk_full)  # the tokenizer copy, after the arrays
   failed = cli.run_cli(['merge', '--workdir', workdir, '--out', out])
-  assert failed.code == 'crash (OSError)' and not os.path.exists(out)
+  assert failed.one_error_line and 'no space left on device' in failed.message, failed.stderr
+  assert not os.path.exists(out)
   monkeypatch.undo()
   assert cli.run_cli(['merge', '--workdir', workdir, '--out', out]).code == 0
   params, meta = ckpt.load_params_checkpoint(out)
@@ -418,15 +423,16 @@ def test_pickled_weights_are_refused_and_never_unpickled(tmp_path):
 
 
 def test_chat_templates_render_in_a_sandbox(tmp_path):
-  import jinja2
   from copd_jax.data.domain import Example, render_prompt
+  from copd_jax.models.chat_template import ChatTemplateError
   marker = tmp_path / 'EXECUTED'
   tokenizer = char_tokenizer()
   example = Example('1+1', '2', 'd', 'd:0')
   for template in (f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}",
                    "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
     tokenizer.chat_template = template
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(ChatTemplateError, match=r'chat_template failed on the prompt of d:0 .*'
+                                                r': SecurityError: '):
       render_prompt(tokenizer, example, True)
   assert not marker.exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -35,8 +36,11 @@ class DigestMismatch(CheckpointError):
 
 
 def first_line(e: BaseException) -> str:
+  """The first line of an error's text, without TensorStore's pointer to its details (the repr
+  of a bound method, of no use to a reader)."""
   text = str(e).strip()
-  return text.splitlines()[0] if text else repr(e)
+  line = text.splitlines()[0] if text else repr(e)
+  return line.split(' See full TensorStore details:')[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,3 +129,16 @@ def this_process_only() -> ocp.options.MultiprocessingOptions:
   me = jax.process_index()
   return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
                                             barrier_sync_key_prefix=f'process{me}')
+
+
+class _ReadOnlyNotices(logging.Filter):
+  """Drops Orbax's notices that a manager opened read-only is read-only (we open readers so on
+  purpose; each would print a `WARNING:absl:` line on every resume, merge and export)."""
+
+  NOTICES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.NOTICES)
+
+
+logging.getLogger('absl').addFilter(_ReadOnlyNotices())

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import orbax.checkpoint as ocp
 from etils import epath
 
-from copd_jax import digests, storage
+from copd_jax import digests, disk_space, storage
 from copd_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, DIGESTS, META, PARAMS, STATE,
                                         UNREADABLE_SUBDIR, CheckpointError, DigestMismatch,
                                         check_json, first_line, chunked_save_args, read_meta)
@@ -104,6 +104,12 @@ class RunCheckpointer:
     latest = self.latest_step()
     if latest is not None and step <= latest:
       return False
+    if latest is not None and not storage.is_remote(self.directory) and (
+        force or keep or self._manager.should_save(step)):
+      self._manager.wait_until_finished()  # the previous save's bytes count as used
+      # The newest checkpoint's size on disk (compressed as this one will be) is the estimate.
+      disk_space.check_room_for_checkpoint(
+          self.directory, disk_space.folder_bytes(self._step_dir(latest)), step)
     meta = {**meta, DIGESTS: digests.tree_digests(state, per_branch=_is_params_leaf)}
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state, chunked_save_args(state)),
                                  META: ocp.args.JsonSave(meta)})
@@ -134,12 +140,13 @@ class RunCheckpointer:
         if step is not None:
           raise CheckpointError(f'{self._step_dir(s)}: cannot restore ({type(e).__name__}: '
                                 f'{first_line(e)})') from e
-        warnings.warn(f'{self._step_dir(s)}: unreadable checkpoint ({type(e).__name__}: '
-                      f'{first_line(e)}); falling back to an older checkpoint', stacklevel=2)
         failed.append((s, e))
         continue
-      if failed and not self.read_only:
-        self._set_aside([f for f, _ in failed])
+      moved = self._set_aside([f for f, _ in failed]) if failed and not self.read_only else {}
+      for f, e in failed:  # one line per damaged step, said once the fallback has worked
+        warnings.warn(f'{self._step_dir(f)}: unreadable checkpoint ({type(e).__name__}: '
+                      f'{first_line(e)}); falling back to step {s}'
+                      + (f'; moved it to {moved[f]}' if f in moved else ''), stacklevel=2)
       return restored[STATE], dict(restored[META])
     newest, error = failed[0]
     raise CheckpointError(f'{self.directory}: no checkpoint restores; newest (step {newest}) '
@@ -155,15 +162,17 @@ class RunCheckpointer:
     return str(ocp.step.build_step_path(epath.Path(self.directory),
                                         ocp.step.standard_name_format(), step))
 
-  def _set_aside(self, steps: Sequence[int]) -> None:
+  def _set_aside(self, steps: Sequence[int]) -> dict[int, str]:
+    """Moves these steps to checkpoints_unreadable/; returns where each went."""
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     target = storage.join(self.workdir, UNREADABLE_SUBDIR)
     storage.makedirs(target)
+    moved = {}
     for s in steps:
-      dest = storage.join(target, f'{s}-{stamp}')
-      storage.move(self._step_dir(s), dest)
-      warnings.warn(f'moved unreadable checkpoint step {s} to {dest}', stacklevel=3)
+      moved[s] = storage.join(target, f'{s}-{stamp}')
+      storage.move(self._step_dir(s), moved[s])
     self._manager.reload()
+    return moved
 
   def wait(self) -> None:
     """Blocks until every started save is committed to disk."""

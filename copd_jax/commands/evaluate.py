@@ -9,11 +9,14 @@ unknown).
 """
 from __future__ import annotations
 
+import sys
+
 import jax
 import numpy as np
 
 from copd_jax import storage
 from copd_jax.config import ConfigError, load_config
+from copd_jax.data_coverage import coverage_notes
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
@@ -58,6 +61,7 @@ def run(args) -> int:
   from copd_jax.merge import merge_checkpoints
   from copd_jax.models.qwen3 import Qwen3
   from copd_jax.models.tokenizer import load_tokenizer
+  from copd_jax.prompt_checks import check_prompts
   from copd_jax.rewards import reward_spec
   from copd_jax.rollouts import PromptEncoder
 
@@ -89,6 +93,14 @@ def run(args) -> int:
   encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
   domains = apply_prompt_limit(config, domains, encoder, print)   # the prompts `train` saw
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
+  for note in coverage_notes(config, domains, train=False):
+    print(note, file=sys.stderr)
+  # Every eval prompt against the model before any compute (file:line of the first too long).
+  check_prompts(encoder, [e for examples in eval_sets.values() for e in examples],
+                vocab_size=source.model_config.vocab_size,
+                max_positions=source.model_config.max_position_embeddings,
+                max_new_tokens=config.sampling.max_new_tokens, model_source=source.path,
+                log=lambda line: print(line, file=sys.stderr))
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
                             {n: reward_spec(config.domains[n]) for n in domains},
                             config.sampling.max_new_tokens, config.sampling.temperature,

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import jax
 
 from copd_jax import storage
 from copd_jax.errors import UserInputError
+from copd_jax.fields import FieldError
 from copd_jax.models import hf_io, hub
+from copd_jax.models.chat_template import render_chat, template_source
 from copd_jax.models.tokenizer import load_tokenizer
-from copd_jax.rollouts import apply_stop_strings, pad_prompts
+from copd_jax.rollouts import PROMPT_BUCKETS, apply_stop_strings, pad_prompts
 from copd_jax.sampling import SamplingParams, generate
 from copd_jax.scoring import split_model
 
@@ -80,13 +83,13 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
   """Token ids of `prompt`: plain text, or (chat) the chat template's rendering with an optional
   system turn and enable_thinking (None: the template's default)."""
   if chat:
+    source = template_source(getattr(tokenizer, 'name_or_path', None))
     if not getattr(tokenizer, 'chat_template', None):
-      raise UserInputError('--chat: the tokenizer has no chat template')
+      raise UserInputError(f'--chat: the tokenizer has no chat template ({source})')
     messages = [{'role': 'system', 'content': system}] if system else []
     options = {} if thinking is None else {'enable_thinking': thinking}
-    prompt = tokenizer.apply_chat_template(messages + [{'role': 'user', 'content': prompt}],
-                                           add_generation_prompt=True, tokenize=False,
-                                           **options)
+    prompt = render_chat(tokenizer, messages + [{'role': 'user', 'content': prompt}],
+                         source=source, context='--chat', **options)
   ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
   if not ids:
     raise UserInputError('--prompt: the prompt encodes to no tokens')
@@ -113,16 +116,42 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help='stop string (repeatable); the completion is cut before it')
 
 
+def check_prompt_length(n: int, max_new_tokens: int, max_positions: int) -> None:
+  """Refuses a prompt longer than the model's positions or the largest prompt bucket; warns
+  (one line) when the completion would run past max_position_embeddings."""
+  if n > min(max_positions, max(PROMPT_BUCKETS)):
+    limit = (f'the model holds {max_positions:,} positions (max_position_embeddings)'
+             if n > max_positions else f'the largest prompt bucket is {max(PROMPT_BUCKETS):,}')
+    raise UserInputError(f'--prompt: {n:,} tokens; {limit}')
+  if n + max_new_tokens > max_positions:
+    print(f'warning: --prompt ({n:,} tokens) plus --max-new-tokens {max_new_tokens:,} exceeds '
+          f'max_position_embeddings={max_positions:,}; the completion runs past the positions '
+          'the model was trained on', file=sys.stderr)
+
+
+# The flag each SamplingParams field comes from: a bad value is named as the user typed it.
+SAMPLING_FLAGS = {'max_new_tokens': '--max-new-tokens', 'temperature': '--temperature',
+                  'top_k': '--top-k', 'top_p': '--top-p', 'greedy': '--greedy'}
+
+
+def sampling_params(args) -> SamplingParams:
+  """SamplingParams of the command line; a bad value raises naming its flag."""
+  try:
+    return SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FLAGS})
+  except FieldError as e:
+    raise UserInputError(f'{SAMPLING_FLAGS.get(e.field, e.field)}: {e.why}') from None
+
+
 def run(args) -> int:
   if args.num_samples < 1:
     raise UserInputError(f'--num-samples must be >= 1, got {args.num_samples}')
-  params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+  params = sampling_params(args)
   model, tokenizer, tokenizer_dir = load_model_and_tokenizer(args.model, args.branch)
   eos = eos_ids_of(tokenizer_dir, tokenizer)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   chat = args.chat or bool(args.system) or args.thinking is not None
   ids = encode_prompt(tokenizer, args.prompt, chat, args.system, args.thinking)
+  check_prompt_length(len(ids), params.max_new_tokens, model.config.max_position_embeddings)
   tokens, valid = pad_prompts([ids] * args.num_samples, pad_id=pad_id)
   graphdef, state = split_model(model)
   output = generate(graphdef, state, tokens, valid, jax.random.key(args.seed), params,

@@ -13,6 +13,7 @@ import re
 from typing import Sequence
 
 from copd_jax.errors import UserInputError
+from copd_jax.models.chat_template import render_chat, template_source
 
 REWARD_KINDS = ('exact', 'math')
 _FUNCTION_SPEC = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$')
@@ -34,6 +35,8 @@ class Example:
   reward: what scores completions of this prompt ('exact', 'math' or 'package.module:function').
   messages: a chat row's turns as (role, content) pairs, ending with the user turn that
     `prompt` holds; () for a plain prompt row.
+  source: where the row came from, 'path:line' (JSON Lines) or 'path: row N' (Parquet); '' for
+    generated examples. Error messages about one prompt name it; not part of equality.
   """
   prompt: str
   answer: str
@@ -41,6 +44,17 @@ class Example:
   id: str
   reward: str = 'exact'
   messages: tuple[tuple[str, str], ...] = ()
+  source: str = dataclasses.field(default='', compare=False)
+
+
+def where(example: Example) -> str:
+  """The place an error about `example` names: its file and line when it has one, else its id
+  and the start of its prompt (a generated example)."""
+  if example.source:
+    return example.source
+  start = example.prompt if len(example.prompt) <= 30 else example.prompt[:30] + '...'
+  return f'{example.id} (prompt {start!r})'
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +94,15 @@ def render_prompt(tokenizer, example: Example, fmt: PromptFormat | bool = True) 
   fmt = fmt if isinstance(fmt, PromptFormat) else PromptFormat(use_chat_template=bool(fmt))
   if not fmt.use_chat_template:
     if len(example.messages) > 1:
-      raise UserInputError(f'{example.id}: a chat row (messages) needs use_chat_template=True')
+      raise UserInputError(f'{where(example)}: a chat row (messages) needs use_chat_template=True')
     return example.prompt
+  source = template_source(getattr(tokenizer, 'name_or_path', None))
   if getattr(tokenizer, 'chat_template', None) is None:
-    raise UserInputError('data.use_chat_template is true but the tokenizer has no chat_template')
-  text = tokenizer.apply_chat_template(chat_messages(example, fmt.system_prompt), tokenize=False,
-                                       add_generation_prompt=True,
-                                       enable_thinking=fmt.enable_thinking)
-  if not isinstance(text, str):
-    raise TypeError(f'apply_chat_template returned {type(text).__name__}, expected str')
+    raise UserInputError(f'{source}: the tokenizer has no chat_template (needed by '
+                         f'use_chat_template=True, {where(example)})')
+  text = render_chat(tokenizer, chat_messages(example, fmt.system_prompt), source=source,
+                     context=f'the prompt of {where(example)}',
+                     enable_thinking=fmt.enable_thinking)
   return text
 
 

@@ -23,6 +23,9 @@ CHAT_ROLES = ('system', 'user', 'assistant')
 ANSWER_FIELDS = ('answer', 'solution')
 JSONL_EXTENSIONS = ('.jsonl', '.json')
 PARQUET_EXTENSIONS = ('.parquet', '.pq')
+# A JSON Lines file whose first bad line might be a pretty-printed document is parsed whole to
+# say so, up to this size.
+PRETTY_PRINTED_PROBE_BYTES = 64 << 20
 
 
 class DataFileError(UserInputError):
@@ -52,6 +55,11 @@ def _text(name: str, value: Any, where: str) -> str:
                         f'{type(value).__name__} ({_short(value)})')
   if not value.strip():
     raise DataFileError(f'{where}: field {name!r} is empty')
+  try:
+    value.encode('utf-8')
+  except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates
+    raise DataFileError(f'{where}: field {name!r} holds a lone surrogate ({value[e.start]!r} at '
+                        f'character {e.start}), which is not text; fix the \\u escape') from None
   return value
 
 
@@ -94,6 +102,36 @@ def _short(value: Any, limit: int = 40) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
+class DuplicateKeyError(ValueError):
+  """A JSON object that names one key twice (raised by `_unique_keys`, caught with its line)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  """json object_pairs_hook: the object as a dict, refusing a key given twice."""
+  out: dict[str, Any] = {}
+  for key, value in pairs:
+    if key in out:
+      raise DuplicateKeyError(key)
+    out[key] = value
+  return out
+
+
+def _decode_problem(path: str, error: json.JSONDecodeError) -> str:
+  """What a JSON Lines line that does not parse means: a whole file holding one pretty-printed
+  JSON document is named as such (JSON Lines wants one object per line); else JSON's reason."""
+  if os.path.getsize(path) <= PRETTY_PRINTED_PROBE_BYTES:
+    try:
+      with open(path, encoding='utf-8') as f:
+        document = json.load(f)
+    except (ValueError, RecursionError):
+      document = None
+    if isinstance(document, (dict, list)):
+      return (f'expected one JSON object per line (JSON Lines); the file holds one '
+              f'{"array" if isinstance(document, list) else "object"} spread over several '
+              'lines (pretty-printed?)')
+  return f'malformed JSON ({error.msg.removesuffix(" at")} at column {error.colno})'
+
+
 def _jsonl_records(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
   """(where, line number, object) per non-blank line."""
   with open(path, 'rb') as f:
@@ -106,9 +144,14 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=_unique_keys)
       except json.JSONDecodeError as e:
-        raise DataFileError(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from None
+        raise DataFileError(f'{where}: {_decode_problem(path, e)}') from None
+      except RecursionError:
+        raise DataFileError(f'{where}: JSON nested too deeply to read') from None
+      except DuplicateKeyError as e:
+        raise DataFileError(f'{where}: duplicate key {e.args[0]!r} in one object (JSON would '
+                            'keep the last silently); write each field once') from None
       if not isinstance(record, dict):
         raise DataFileError(f'{where}: expected a JSON object per line, got '
                             f'{type(record).__name__}')
@@ -172,7 +215,7 @@ def load_examples(path: str, domain: str, prompt_field: str | None = None,
     answer = _answer_text(*_field(record, answer_names, 'answer', where), where)
     examples.append(Example(prompt=prompt, answer=answer, domain=domain,
                             id=f'{domain}:{name}:{label}{index}', reward=reward,
-                            messages=messages))
+                            messages=messages, source=where))
   if not examples:
     raise DataFileError(f'{path}: no examples (empty file)')
   return examples

@@ -84,7 +84,9 @@ class BranchPromptLoader:
   """
 
   def __init__(self, domains_per_branch: Sequence[Sequence[Example]], batch_size: int, seed: int,
-               mix_domains: bool = False):
+               mix_domains: bool = False, sources: Sequence[str] = ()):
+    """sources: per branch, where its examples come from (data files, 'synthetic'), for the
+    message of a resume whose data sizes changed."""
     if not domains_per_branch:
       raise UserInputError('BranchPromptLoader needs at least one branch')
     for k, examples in enumerate(domains_per_branch):
@@ -94,6 +96,7 @@ class BranchPromptLoader:
     self.seed = seed
     self.mix_domains = mix_domains
     self.sizes = [len(examples) for examples in domains_per_branch]
+    self.sources = list(sources)
     self._datasets = [
         batched_stream(examples, batch_size, derive_seed(seed, 'branch', k), mix_domains)
         for k, examples in enumerate(domains_per_branch)]
@@ -126,6 +129,15 @@ class BranchPromptLoader:
     mine = self._fingerprint()
     for key, value in mine.items():
       theirs = state.get(key)
+      if key == 'sizes' and isinstance(theirs, list) and len(theirs) == len(value):
+        changed = [k for k, (a, b) in enumerate(zip(theirs, value)) if a != b]
+        if changed:
+          k = changed[0]
+          source = f' from {self.sources[k]}' if k < len(self.sources) else ''
+          raise UserInputError(f'data loader state does not match this run: branch {k} had '
+                               f'{theirs[k]:,} training examples at the checkpoint and has '
+                               f'{value[k]:,} now{source}; restore the data or use a new '
+                               '--workdir')
       if theirs != value:
         raise UserInputError(f'data loader state does not match this run: {key} is {theirs!r} '
                              f'in the checkpoint but {value!r} now')

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import string
 
+from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from copd_jax.errors import UserInputError
 
 PAD, BOS, EOS, UNK = '<pad>', '<bos>', '<eos>', '<unk>'
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -52,4 +55,10 @@ def load_tokenizer(folder: str) -> PreTrainedTokenizerBase:
   if not any(os.path.isfile(os.path.join(folder, f))
              for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.json')):
     raise FileNotFoundError(f'{folder}: no tokenizer.json / tokenizer_config.json / vocab.json')
-  return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+  try:
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+  except (ValueError, OSError, TypeError, KeyError, StrictDataclassError) as e:
+    # transformers reads config.json and tokenizer_config.json too; say which folder failed.
+    text = str(e).strip().splitlines()
+    raise UserInputError(f'{folder}: the tokenizer does not load ({type(e).__name__}: '
+                         f'{" ".join(l.strip() for l in text[:2])})') from None

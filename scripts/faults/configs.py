@@ -163,6 +163,17 @@ BAD_CONFIGS: tuple[ConfigCase, ...] = (
                file_text=_BASE_IMPORT + "  c.opd.beta = 'high'\n  return c\n"),
     ConfigCase('get_config returning a dict', expect='must return an ml_collections.ConfigDict',
                file_text='def get_config():\n  return {"seed": 0}\n'),
+    ConfigCase('get_config returning a partial ConfigDict (no merge section)',
+               expect='returned a config without config.merge',
+               file_text=_BASE_IMPORT + "  c.unlock()\n  del c['merge']\n  return c\n"),
+    ConfigCase('get_config returning a domain without a field',
+               expect='returned a config without config.domains.count.reward_timeout_s',
+               file_text=_BASE_IMPORT + "  c.domains.count.unlock()\n"
+               "  del c.domains.count['reward_timeout_s']\n  return c\n"),
+    ConfigCase('config file calling sys.exit(0) at import', expect='called sys.exit(0)',
+               file_text='import sys\nsys.exit(0)\n'),
+    ConfigCase('get_config calling sys.exit(3)', expect='get_config() called sys.exit(3)',
+               file_text='import sys\n\ndef get_config():\n  sys.exit(3)\n'),
 )
 
 

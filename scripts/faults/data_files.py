@@ -1,6 +1,6 @@
-"""Bad data files: broken JSON Lines / Parquet train files of a `file` domain. Each must fail with
-exit status 2 and one line naming the file and line (Parquet: row) while loading data, before
-the warm start, leaving the workdir empty."""
+"""Bad data files: broken JSON Lines / Parquet train files of a `file` domain, and rows the model
+cannot take (a prompt longer than its positions). Each must fail with exit status 2 and one line
+naming the file and line (Parquet: row) before the warm start, leaving the workdir empty."""
 from __future__ import annotations
 
 import dataclasses
@@ -66,6 +66,21 @@ BAD_DATA: tuple[DataCase, ...] = (
              ':4: not valid UTF-8'),
     DataCase('UTF-8 byte order mark', 'bom.jsonl', b'\xef\xbb\xbf' + _jsonl(_OK),
              ':1: malformed JSON'),
+    DataCase('a 200,000-character prompt (toy model: 512 positions)', 'long_prompt.jsonl',
+             _jsonl(_OK, {'prompt': '1+' * 100_000, 'answer': '2'}),
+             ':2: the prompt is 200,002 tokens; the model holds 512 positions'),
+    DataCase('JSON nested 100,000 deep', 'deep.jsonl',
+             _jsonl(_OK, b'{"prompt": ' + b'[' * 100_000 + b']' * 100_000 + b', "answer": "1"}'),
+             ':2: JSON nested too deeply'),
+    DataCase('a lone surrogate (\\ud800) in a prompt', 'surrogate.jsonl',
+             _jsonl(_OK, b'{"prompt": "3+\\ud800", "answer": "1"}'),
+             ":2: field 'prompt' holds a lone surrogate"),
+    DataCase('a key given twice in one object', 'duplicate_key.jsonl',
+             _jsonl(_OK, b'{"prompt": "3+4", "answer": "7", "answer": "8"}'),
+             ":2: duplicate key 'answer'"),
+    DataCase('a pretty-printed JSON array', 'pretty.jsonl',
+             json.dumps([_OK, _OK], indent=2).encode(),
+             ':1: expected one JSON object per line'),
     DataCase('unsupported file type', 'data.csv', b'prompt,answer\n1+1,2\n',
              'unsupported data file type'),
     DataCase('Parquet: not a Parquet file', 'garbage.parquet', b'PAR1' + bytes(range(256)) * 8,

@@ -1,7 +1,10 @@
-"""Bad model folders and absurd sizes (issue 21, points 6 and 10): a Hugging Face folder with a
-NaN, infinite or integer weight, or without a usable tokenizer, through `export-hf` and `train`;
-`plan --devices 100000000`. Each must exit 2 with one line naming the tensor, field or flag
-before any compute, and leave no workdir behind."""
+"""Bad model folders and absurd sizes (issue 21, points 6, 7, 10 and 11): a Hugging Face folder
+with a NaN, infinite or integer weight, without a usable tokenizer, with a malformed chat
+template, with fewer layers in config.json than in its weights, with a tokenizer larger than
+the model, through `export-hf`, `train` and `generate --chat`; a 200,000-character prompt on
+the HF model; `plan --devices 100000000`. Each must exit 2 with one line naming the tensor,
+field, file:line or flag before any compute, and leave no workdir behind. A tensor the model
+does not use is loaded past with one warning line naming it."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,17 +18,21 @@ from scripts.faults.cli import BASE_OVERRIDES, TOY_CONFIG, CliResult, run_cli, t
 TENSOR = 'model.layers.1.mlp.down_proj.weight'
 
 
-def hf_folder(folder: str) -> str:
-  """A tiny Qwen3 HF folder (char tokenizer) in `folder`/hf."""
+def hf_folder(folder: str, vocab_size: int = 128) -> str:
+  """A tiny Qwen3 HF folder (char tokenizer, 100 tokens) in `folder`/hf; its embedding has
+  `vocab_size` rows (fewer than 100: a tokenizer larger than the model)."""
   import jax
   import numpy as np
   from flax import nnx
   from copd_jax.models import hf_io
+  from copd_jax.models.qwen3 import Qwen3
   from copd_jax.models.tokenizer import char_tokenizer
-  from tests.test_checkpoint import TINY, make_state
+  from tests.test_checkpoint import TINY
+  config = dataclasses.replace(TINY, vocab_size=vocab_size)
   out = os.path.join(folder, 'hf')
-  params = jax.tree.map(lambda x: np.asarray(x)[0], nnx.to_pure_dict(make_state(1).params))
-  hf_io.save_hf_folder(params, TINY, out, tokenizer=char_tokenizer())
+  model = Qwen3(config, rngs=nnx.Rngs(0))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  hf_io.save_hf_folder(params, config, out, tokenizer=char_tokenizer())
   return out
 
 
@@ -44,6 +51,41 @@ def _one_nan(t):
   return t
 
 
+def _bad_chat_template(folder: str) -> None:
+  """The chat template moved into tokenizer_config.json, with a `}` missing on its line 2."""
+  import json
+  jinja = os.path.join(folder, 'chat_template.jinja')
+  if os.path.exists(jinja):
+    os.remove(jinja)
+  path = os.path.join(folder, 'tokenizer_config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config['chat_template'] = "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"
+  with open(path, 'w') as f:
+    json.dump(config, f)
+
+
+def _config_field(name: str, value) -> Callable[[str], None]:
+  def damage(folder: str) -> None:
+    import json
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+      config = json.load(f)
+    config[name] = value
+    with open(path, 'w') as f:
+      json.dump(config, f)
+  return damage
+
+
+def _extra_tensor(t_folder: str) -> None:
+  from safetensors.numpy import load_file, save_file
+  import numpy as np
+  path = os.path.join(t_folder, 'model.safetensors')
+  tensors = load_file(path)
+  tensors['model.mtp_head.weight'] = np.zeros((4, 4), np.float32)
+  save_file(tensors, path, metadata={'format': 'pt'})
+
+
 def _remove(*names: str) -> Callable[[str], None]:
   def damage(folder: str) -> None:
     for name in names:
@@ -59,6 +101,8 @@ class ModelCase:
   damage: Callable[[str], None]
   expect: str
   commands: tuple[str, ...] = ('export-hf', 'train')
+  warns: bool = False   # exit 0 with one `warning:` line holding `expect`, not an error
+  vocab_size: int = 128  # rows of the folder's embedding (the tokenizer has 100 tokens)
 
 
 CASES = (
@@ -74,25 +118,65 @@ CASES = (
     ModelCase('no tokenizer at all', _remove('tokenizer.json', 'tokenizer_config.json',
                                              'special_tokens_map.json'),
               'no tokenizer in', ('train',)),
+    ModelCase('a malformed chat template in tokenizer_config.json', _bad_chat_template,
+              "tokenizer_config.json: chat_template line 2: unexpected '}'",
+              ('generate', 'train')),
+    ModelCase('config.json with fewer layers than the weights (1 of 2)',
+              _config_field('num_hidden_layers', 1),
+              "past config.json's num_hidden_layers=1 (model.layers.1.*"),
+    ModelCase('a tensor the model does not use', _extra_tensor,
+              'tensor(s) the model does not use, ignored: model.mtp_head.weight', ('export-hf',),
+              warns=True),
+    ModelCase('a tokenizer larger than the model (100 tokens, vocab_size 64)', lambda f: None,
+              'but the model has 64 embeddings (vocab_size of', ('train',), vocab_size=64),
 )
 
 
 def try_case(case: ModelCase, command: str, folder: str) -> tuple[CliResult, bool]:
   """(result, ok) of `command` on a fresh damaged folder in `folder`. `train` runs with the
   step builders as a tripwire: a bad folder that got past loading shows as 'compute started'."""
-  model = hf_folder(folder)
+  model = hf_folder(folder, case.vocab_size)
   case.damage(model)
   workdir = os.path.join(folder, 'workdir')
   if command == 'export-hf':
     result = run_cli(['export-hf', '--checkpoint', model, '--out', os.path.join(folder, 'out')])
-    left = os.path.exists(os.path.join(folder, 'out'))
+    left = os.path.exists(os.path.join(folder, 'out')) != case.warns
+  elif command == 'generate':
+    with tripwire('copd_jax.commands.generate.generate'):
+      result = run_cli(['generate', '--model', model, '--prompt', '12+7', '--chat'])
+    left = False
   else:
     with tripwire('copd_jax.run_setup.make_grpo_step'):
       result = run_cli(['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress',
                         *BASE_OVERRIDES, '--config.model.source=hf',
                         f'--config.model.hf_path={model}'])
     left = os.path.exists(workdir)
+  if case.warns:
+    warned = [l for l in result.lines if l.startswith('warning: ')]
+    return result, (result.code == 0 and len(warned) == 1 and case.expect in warned[0]
+                    and not left)
   return result, result.one_error_line and case.expect in result.message and not left
+
+
+def long_prompt_case(folder: str) -> tuple[CliResult, bool]:
+  """A 200,000-character prompt on line 2 of a file domain, on the HF model: refused naming the
+  file and line before the model is loaded."""
+  import json
+  model = hf_folder(folder)
+  data = os.path.join(folder, 'long.jsonl')
+  with open(data, 'w') as f:
+    for row in ({'prompt': '12+7', 'answer': '19'}, {'prompt': '1+' * 100_000, 'answer': '2'}):
+      f.write(json.dumps(row) + '\n')
+  workdir = os.path.join(folder, 'workdir')
+  with tripwire('copd_jax.models.hf_io.load_model'):
+    result = run_cli(['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress',
+                      *BASE_OVERRIDES, '--config.model.source=hf',
+                      f'--config.model.hf_path={model}', '--config.domains.count.source=file',
+                      f'--config.domains.count.train_path={data}',
+                      f'--config.domains.count.eval_path={data}',
+                      '--config.domains.count.reward=exact'])
+  return result, (result.one_error_line and f'{data}:2: the prompt is 200,002 tokens' in
+                  result.message and not os.path.exists(workdir))
 
 
 def plan_case() -> tuple[CliResult, bool]:
@@ -114,12 +198,22 @@ def markdown(folder: str) -> report.Section:
       lines.append(f'| {tried} | {case.label} | `{command}` | {result.code} | '
                    f'`{report.cell(message)}` | {"yes" if ok else "no"}'
                    f'{report.check_failed(ok)} |')
+  with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    result, ok = long_prompt_case(tmp)
+    message = report.without_folders(result.message, tmp)
+  tried, held = tried + 1, held + ok
+  lines.append(f'| {tried} | a 200,000-character prompt on line 2 of a data file | `train` | '
+               f'{result.code} | `{report.cell(message)}` | {"yes" if ok else "no"}'
+               f'{report.check_failed(ok)} |')
   result, ok = plan_case()
   tried, held = tried + 1, held + ok
   lines.append(f'| {tried} | `plan --devices 100000000` | `plan` | {result.code} | '
                f'`{report.cell(result.message)}` | yes (no device started)'
                f'{report.check_failed(ok)} |')
-  rows = [('bad HF model folder (NaN / inf / integer weight, no tokenizer), absurd plan size',
-           tried, held, 'exit 2, one line naming the tensor and file, the field or the flag, '
-           'before any compute', 'nothing started; no workdir')]
+  rows = [('bad HF model folder (NaN / inf / integer weight, no tokenizer, malformed chat '
+           'template, layers past config.json, unused tensors, tokenizer past vocab_size), a '
+           'prompt too long for the model, absurd plan size', tried, held,
+           'exit 2, one line naming the tensor and file, the field, file:line or the flag, '
+           'before any compute (unused tensors: exit 0, one warning line naming them)',
+           'nothing started; no workdir')]
   return '\n'.join(lines), held == tried, rows

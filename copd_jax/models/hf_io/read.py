@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
+import warnings
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -135,8 +137,21 @@ def as_float_numpy(x: np.ndarray, dtype) -> np.ndarray:
   return np.asarray(x).astype(np.float32).astype(dtype) if x.dtype != dtype else x
 
 
+# Per-layer tensors by index; buffers some exporters store that hold no weights.
+_LAYER = re.compile(r'model\.layers\.(\d+)\.')
+_NEVER_READ = ('rotary_emb.inv_freq',)
+
+
+def check_tensors(folder: str, config: Qwen3Config) -> None:
+  """The tensor-list checks of loading (missing tensors, layers past config.json, unused
+  tensors), without reading any tensor: for callers that stop before a model is loaded."""
+  _checked_files(folder, config)
+
+
 def _checked_files(folder: str, config: Qwen3Config) -> dict[str, str]:
-  """tensor_files(folder), after checking that every tensor the config needs is listed."""
+  """tensor_files(folder), after checking that every tensor the config needs is listed and that
+  no layer lies beyond config.json's num_hidden_layers (it would be dropped); other tensors the
+  model does not use are named in one warning."""
   files = tensor_files(folder)
   wanted = [hf for hf, _, _ in top_mapping(config).values()]
   for i in range(config.num_layers):
@@ -146,6 +161,21 @@ def _checked_files(folder: str, config: Qwen3Config) -> dict[str, str]:
     where = sorted(set(files.values())) or [folder]
     raise HFFormatError(f'{where[0]}: missing tensor {missing[0]}'
                         + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
+  unused = sorted(set(files) - set(wanted) - {n for n in files if n.endswith(_NEVER_READ)})
+  beyond = sorted({int(m.group(1)) for m in map(_LAYER.match, unused) if m
+                   and int(m.group(1)) >= config.num_layers})
+  if beyond:
+    first = next(n for n in unused if n.startswith(f'model.layers.{beyond[0]}.'))
+    span = f'model.layers.{beyond[0]}.*' + (f' to model.layers.{beyond[-1]}.*'
+                                             if len(beyond) > 1 else '')
+    raise HFFormatError(f'{files[first]}: tensors of {len(beyond)} layer(s) past config.json\'s '
+                        f'num_hidden_layers={config.num_layers} ({span}, e.g. {first}); loading '
+                        'would drop them: fix num_hidden_layers in config.json')
+  if unused:
+    shown = ', '.join(unused[:8]) + (f' and {len(unused) - 8} more' if len(unused) > 8 else '')
+    # stacklevel 1: one location, so a folder checked twice in a process warns once.
+    warnings.warn(f'{folder}: {len(unused)} tensor(s) the model does not use, ignored: {shown}',
+                  stacklevel=1)
   return files
 
 
@@ -158,14 +188,16 @@ def iter_params(folder: str, config: Qwen3Config | None = None, param_dtype=np.f
   files = _checked_files(folder, config)
   shapes = _expected_shapes(config)
   with TensorReader(files) as reader:
-    for ours, (hf_name, to_ours, _) in top_mapping(config).items():
-      value = convert_tensor(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name])
+    for ours, (hf_name, to_ours, from_ours) in top_mapping(config).items():
+      value = convert_tensor(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name],
+                             from_ours)
       yield (ours,), as_float_numpy(value, param_dtype)
-    for ours, (hf, to_ours, _) in layer_mapping(config).items():
+    for ours, (hf, to_ours, from_ours) in layer_mapping(config).items():
       stacked = np.empty(shapes['layers'][ours], param_dtype)
       for i in range(config.num_layers):
         hf_name = f'model.layers.{i}.{hf}'
-        value = convert_tensor(reader.get(hf_name), to_ours, stacked.shape[1:], hf_name, files[hf_name])
+        value = convert_tensor(reader.get(hf_name), to_ours, stacked.shape[1:], hf_name,
+                               files[hf_name], from_ours)
         stacked[i] = as_float_numpy(value, param_dtype)
       yield ('layers', ours), stacked
 
@@ -209,20 +241,31 @@ def load_params_sharded(folder: str, shardings: Mapping[str, Any],
   return params
 
 
-def convert_tensor(array, to_ours, target_shape, hf_name, path):
+def convert_tensor(array, to_ours, target_shape, hf_name, path, from_ours=None):
+  """An HF tensor in our layout (`to_ours`), checked against the shape config.json implies and
+  for non-finite values; `from_ours` (our layout -> HF) lets the error give the HF shape."""
   try:
     value = to_ours(array)
   except ValueError:
     value = None
   if value is None or tuple(value.shape) != tuple(target_shape):
-    raise HFFormatError(f'{path}: tensor {hf_name} has shape {tuple(array.shape)}, which does not '
-                        f'match config.json (expected {_hf_shape_hint(target_shape, hf_name)})')
+    raise HFFormatError(_shape_problem(tuple(array.shape), from_ours, target_shape, hf_name,
+                                       path))
   check_weight_values(array, hf_name, path)
   return value
 
 
-def _hf_shape_hint(target_shape, hf_name) -> str:
-  return f'a tensor that maps to {tuple(target_shape)} for {hf_name.rsplit(".", 1)[0]}'
+def _shape_problem(shape: tuple, from_ours, target_shape, hf_name: str, path: str) -> str:
+  """The message for a tensor whose shape config.json does not allow: the shape it has, the HF
+  shape config.json implies, and whether it is that shape transposed."""
+  if from_ours is None:
+    return (f'{path}: tensor {hf_name} has shape {shape}; config.json implies a tensor that '
+            f'maps to {tuple(target_shape)}')
+  expected = tuple(jax.eval_shape(from_ours, jax.ShapeDtypeStruct(tuple(target_shape),
+                                                                  jnp.float32)).shape)
+  transposed = len(shape) == 2 and shape[::-1] == expected
+  return (f'{path}: tensor {hf_name} has shape {shape}; config.json implies {expected}'
+          + (' (the tensor is stored transposed)' if transposed else ''))
 
 
 def _expected_shapes(config: Qwen3Config) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""Writes the file system refuses (issue 21, point 8), without root: a workdir that cannot be
+written is refused with one line; a full disk in any of its shapes is recognised and said in one
+line; a folder whose build fails leaves no `.NAME.tmp-*` sibling. scripts/faults/disks.py runs
+the real thing (a read-only mount, small tmpfs disks) when it is root."""
+import errno
+import logging
+import os
+
+import pytest
+
+from copd_jax import disk_space, storage, workdir_claim
+from copd_jax.configs.base import base_config
+
+
+def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+  def read_only(path, *args, **kwargs):
+    raise OSError(errno.EROFS, 'Read-only file system', str(path))
+  monkeypatch.setattr(storage, 'makedirs', read_only)
+  with pytest.raises(workdir_claim.WorkdirNotWritable,
+                     match=r'cannot write there \(Read-only file system: .*/w\)'):
+    with workdir_claim.claim(str(tmp_path / 'w'), base_config()):
+      pass
+  assert not os.path.exists(tmp_path / 'w')
+
+
+@pytest.mark.parametrize('error', [
+    OSError(errno.ENOSPC, 'No space left on device', '/d/run/base/model.safetensors'),
+    RuntimeError('Error while serializing: I/O error: No space left on device (os error 28)'),
+    ValueError('RESOURCE_EXHAUSTED: Error writing local file "/d/run/checkpoints/2.orbax-'
+               "checkpoint-tmp/x\": Failed to write: No space left on device [os_error_code='28']"),
+])
+def test_a_full_disk_is_recognised_in_its_shapes(error):
+  assert disk_space.out_of_space(error)
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = error
+  assert disk_space.out_of_space(wrapped)
+  assert disk_space.describe(wrapped).startswith('no space left on device')
+  assert '\n' not in disk_space.describe(wrapped)
+
+
+def test_other_errors_are_not_a_full_disk():
+  assert not disk_space.out_of_space(OSError(errno.EACCES, 'Permission denied'))
+  assert not disk_space.out_of_space(ValueError('shape mismatch'))
+
+
+def test_describe_names_the_file_it_could_not_write():
+  error = OSError(errno.ENOSPC, 'No space left on device', '/d/run/base/model.safetensors')
+  assert disk_space.describe(error).startswith(
+      'no space left on device writing /d/run/base/model.safetensors; ')
+
+
+def test_orbax_copies_of_a_full_disk_are_not_logged(caplog):
+  logger = logging.getLogger('absl')
+  with caplog.at_level(logging.ERROR, logger='absl'):
+    logger.error('_SignalingThread.run() raised: RESOURCE_EXHAUSTED ... No space left on device')
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    except OSError:
+      logger.exception('Failed to run 4 Handler Commit operations')
+    logger.error('another error')
+  assert [r.getMessage() for r in caplog.records] == ['another error']
+
+
+def test_a_failed_build_leaves_no_temporary_sibling(tmp_path):
+  def build(folder):
+    os.makedirs(folder)
+    (open(os.path.join(folder, 'part'), 'w')).close()
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  with pytest.raises(OSError):
+    storage.publish_dir(str(tmp_path / 'base'), build)
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_save_that_would_not_fit_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+  import collections
+  import shutil
+  from copd_jax import checkpoint as ckpt
+  from tests.test_checkpoint import make_state, meta_for
+  state = make_state()
+  saver = ckpt.RunCheckpointer(str(tmp_path))
+  assert saver.save(0, state, meta_for(0))   # the first save has no estimate: never checked
+  saver.wait()
+  size = disk_space.folder_bytes(os.path.join(str(tmp_path), 'checkpoints', '0'))
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(0, 0, size))
+  with pytest.raises(disk_space.NotEnoughSpace, match=r'the checkpoint of step 1 needs about '
+                                                      r'.*; stopped before saving it'):
+    saver.save(1, state, meta_for(1))
+  assert saver.all_steps() == [0] and not [n for n in os.listdir(tmp_path / 'checkpoints')
+                                           if n != '0']
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(0, 0, 10 * size))
+  assert saver.save(1, state, meta_for(1))
+  saver.wait()
+  assert saver.all_steps() == [0, 1]
+  saver.close()
+
+
+def test_closed_loop_callbacks_are_dropped_and_other_unraisables_passed_on():
+  import types
+  from copd_jax.__main__ import _drop_closed_loop_callbacks
+  seen = []
+  hook = _drop_closed_loop_callbacks(seen.append)
+  for error in (RuntimeError('Event loop is closed'), OSError('handle is closed'),
+                RuntimeError('something else'), ValueError('Event loop is closed')):
+    hook(types.SimpleNamespace(exc_value=error))
+  assert [str(u.exc_value) for u in seen] == ['something else', 'Event loop is closed']
+  assert isinstance(seen[1].exc_value, ValueError)
