@@ -31,6 +31,14 @@ def _padded_valid(B, S):
   return jnp.asarray(valid)
 
 
+def _assert_close_to_scale(actual, desired, tol=1e-5):
+  """Elementwise within tol of the array's largest magnitude: float reordering in sums of
+  terms of mixed sign leaves small entries with large relative error (measured: <= 1e-6)."""
+  actual, desired = np.asarray(actual), np.asarray(desired)
+  err = np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-30)
+  assert err <= tol, err
+
+
 def _real_queries(mask: Mask) -> np.ndarray:
   """[B, T] queries that see at least one key (padding queries' outputs are never read)."""
   return np.asarray(mask.dense().any(-1)[:, 0])
@@ -55,7 +63,7 @@ def test_blockwise_equals_dense_forward_and_gradients(T, block, H, K):
   g_d = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(q, k_t, v)
   g_b = jax.grad(lambda *a: loss(block_fn, *a), argnums=(0, 1, 2))(q, k_t, v)
   for a, b in zip(g_b, g_d):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    _assert_close_to_scale(a, b)
 
 
 def test_blockwise_equals_dense_over_a_cache_with_an_offset():
@@ -119,4 +127,4 @@ def test_model_blockwise_equals_dense_logits_and_gradients():
   np.testing.assert_allclose(np.asarray(l_b)[real], np.asarray(l_d)[real], **TOL)
   np.testing.assert_allclose(float(v_b), float(v_d), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_d)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    _assert_close_to_scale(a, b)
