@@ -97,7 +97,9 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   base_path = base_model_path(config, workdir, domains, log)
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
-                           remat=config.model.remat, scan_layers=config.model.scan_layers)
+                           remat=config.model.remat, scan_layers=config.model.scan_layers,
+                           attention=config.model.attention,
+                           attention_block=config.model.attention_block)
   tokenizer = load_tokenizer(storage.local_copy(base_path))
   graphdef, base_params = nnx.split(model)
 

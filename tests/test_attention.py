@@ -128,3 +128,14 @@ def test_model_blockwise_equals_dense_logits_and_gradients():
   np.testing.assert_allclose(float(v_b), float(v_d), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_d)):
     _assert_close_to_scale(a, b)
+
+
+@pytest.mark.slow   # three compiles, ~25 s each on a 2-core machine
+def test_grpo_step_memory_grows_linearly_with_length():
+  """XLA's temporaries of a compiled GRPO step (tiny model, blockwise attention) at 1,024 ->
+  2,048 -> 4,096 tokens: each doubling less than 2.2x (dense scores quadruple; measured
+  1.45x and 1.62x, BENCHMARKS.md 'Attention memory')."""
+  from benchmarks.attention_memory import grpo_step_temp_bytes
+  sizes = [grpo_step_temp_bytes(t, 'blockwise') for t in (1024, 2048, 4096)]
+  ratios = [b / a for a, b in zip(sizes, sizes[1:])]
+  assert all(r < 2.2 for r in ratios), (sizes, ratios)

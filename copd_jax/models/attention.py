@@ -152,6 +152,12 @@ def blockwise_attention(q, k_t, v, mask: Mask, block: int) -> jax.Array:
 def _tile_scores(q_blk, k_blk, valid_blk, qslot_blk, k0, num_keys: int):
   """Masked fp32 scores [B, K, G, bq, bk] of one tile and the visibility mask [B, 1, 1, bq, bk].
   k0: the tile's first key slot; slots >= num_keys are padding (-inf)."""
+  # One barrier ties the mask's inputs to the tile's queries and keys. Without it, under a
+  # scan over layers (the mask is the same in every layer), JAX's partial evaluation hoisted
+  # the mask out of the layer loop and stacked every tile's [bq, bk] mask: a quadratic buffer
+  # (measured in the GRPO step, benchmarks/attention_memory.py).
+  q_blk, k_blk, valid_blk, qslot_blk, k0 = jax.lax.optimization_barrier(
+      (q_blk, k_blk, valid_blk, qslot_blk, k0))
   hd = q_blk.shape[-1]
   s = jnp.einsum('bkgtd,bkds->bkgts', q_blk, k_blk, preferred_element_type=jnp.float32)
   s = s * (hd ** -0.5)
