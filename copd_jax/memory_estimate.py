@@ -43,7 +43,7 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
   KV cache:       b_s * 2 L Kv/t hd S * a  (b_s sampled rows on a device, S = prompt + new tokens)
   prefill:        layer(b_s, P) + 2 b_s V/t * 4 for the P prompt tokens (transient, one layer)
   top-k probe:    layer(b_p, T) + 3 * b_p c V/t * 4: the behavioural metrics
-                  (`steps.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
+                  (`edge_topk.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
                   logits, the log-softmax of the top-k and that of the token's log-prob),
                   counted as one pass (the probe splits them into grpo.micro_batches, so this
                   errs high by up to that factor)

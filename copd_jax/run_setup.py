@@ -35,10 +35,11 @@ from copd_jax.optim import make_optimizer
 from copd_jax.rewards import RewardSpec, reward_spec
 from copd_jax.rollouts import PromptEncoder
 from copd_jax.sampling import SamplingParams
+from copd_jax.edge_topk import make_edge_topk
 from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
 from copd_jax.steps import (BranchState, branch_state_shardings, init_branch_state,
-                            make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+                            make_grpo_step, make_opd_step, reference_shardings)
 from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
 
@@ -71,7 +72,7 @@ class Run:
   metrics_log: metrics_lib.MetricsLog
   grpo_step: Callable
   opd_step: Callable | None
-  probe: Callable | None               # steps.make_edge_topk: per-edge top-k for O_k and KLs
+  probe: Callable | None               # edge_topk.make_edge_topk: per-edge top-k for O_k and KLs
   ref: tuple                           # (reference params,) when the k3 KL term is on, else ()
   root_key: jax.Array
   state: BranchState
