@@ -24,6 +24,7 @@ from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields
 from copd_jax.merge import MergeRecipe
 from copd_jax.models import hub
+from copd_jax.models.attention import IMPLEMENTATIONS
 from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
 from copd_jax.optim import make_optimizer
@@ -127,6 +128,8 @@ def _check_model(config, check_files: bool) -> None:
   check.one_of('model.param_dtype', model.param_dtype, tuple(DTYPES))
   for field in ('remat', 'scan_layers'):
     check.typed(f'model.{field}', model[field], bool)
+  check.one_of('model.attention', model.attention, IMPLEMENTATIONS)
+  check.positive_int('model.attention_block', model.attention_block)
   check.check(isinstance(model.branch_init, (tuple, list)) and
               len(model.branch_init) in (0, K), 'model.branch_init',
               f'must be empty or give one path per branch (K={K}; "" = the base)')

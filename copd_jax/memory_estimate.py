@@ -21,7 +21,10 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
                 the attention output; v; MLP gate, up and their product)
                 + 4 * (4 D + (3 H hd + 3 Kv hd + F) / t)
                 (the fp32 internals of the RMS norms, q / k norms and RoPE, and the SiLU)
-    attention   b * H/t * T^2 * (4 + a)   (fp32 scores and the probabilities)
+    attention   b * H/t * T^2 * (4 + a)   (fp32 scores and the probabilities) where the scores
+                are dense (model.attention 'dense', or 'auto' with T <= model.attention_block);
+                else b * H/t * (B^2 (4 + a) + 4 T), B = min(T, block): one tile of the
+                blockwise / fused kernel and the saved log-sum-exp (copd_jax/models/attention.py)
     layer(b, T) = b T * per_token + attention
   output head:    head(b, T) = 4 * b c V/t * 4  (fp32 logits, log-softmax, probabilities and
                   their product for the entropy, of the c positions scored at once)
@@ -40,7 +43,7 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
   KV cache:       b_s * 2 L Kv/t hd S * a  (b_s sampled rows on a device, S = prompt + new tokens)
   prefill:        layer(b_s, P) + 2 b_s V/t * 4 for the P prompt tokens (transient, one layer)
   top-k probe:    layer(b_p, T) + 3 * b_p c V/t * 4: the behavioural metrics
-                  (`steps.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
+                  (`edge_topk.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
                   logits, the log-softmax of the top-k and that of the token's log-prob),
                   counted as one pass (the probe splits them into grpo.micro_batches, so this
                   errs high by up to that factor)
@@ -76,6 +79,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib
 from copd_jax.errors import UserInputError
+from copd_jax.models.attention import Attention, uses_dense_scores
 from copd_jax.models.presets import DTYPES
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.optim import make_optimizer
@@ -104,6 +108,7 @@ class Workload:
   remat: bool
   reference: bool        # grpo.kl_coef > 0: a frozen reference copy of the params
   logits_chunk: int | None = None   # grpo.logits_chunk as resolved (None: off)
+  attention: Attention = Attention()  # model.attention / model.attention_block
 
   @property
   def seq(self) -> int:
@@ -130,7 +135,8 @@ def workload_of(config, prompt_tokens: int, vocab_size: int | None = None) -> Wo
       new_tokens=config.sampling.max_new_tokens, micro_batches=config.grpo.micro_batches,
       compute_bytes=jnp.dtype(DTYPES[config.model.compute_dtype]).itemsize,
       remat=bool(config.model.remat), reference=config.grpo.kl_coef > 0,
-      logits_chunk=logits_chunk_lib.resolve(config, prompt_tokens, vocab_size))
+      logits_chunk=logits_chunk_lib.resolve(config, prompt_tokens, vocab_size),
+      attention=Attention(config.model.attention, config.model.attention_block))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +207,19 @@ def _split(n: int, axis_size: int) -> float:
   return n / axis_size if n % axis_size == 0 else n
 
 
-def layer_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int) -> float:
+def attention_score_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
+                          attention: Attention = Attention('dense')) -> float:
+  """Attention's score-shaped arrays of one layer: the dense [seq, seq] scores and probabilities,
+  or one [block, block] tile and the fp32 log-sum-exp of the blockwise / fused kernels."""
+  heads = rows * _split(mc.num_heads, tensor)
+  if uses_dense_scores(attention.impl, attention.block, seq):
+    return heads * seq * seq * (4 + a)
+  tile = min(seq, attention.block)
+  return heads * (tile * tile * (4 + a) + 4 * seq)
+
+
+def layer_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
+                           attention: Attention = Attention('dense')) -> float:
   """Saved activations of one decoder layer for `rows` sequences of `seq` tokens on one device."""
   # Widths of the q / kv projections and the MLP on one device ('tensor' splits heads / F).
   H = _split(mc.num_heads, tensor) * mc.head_dim
@@ -209,8 +227,7 @@ def layer_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tenso
   D, F = mc.hidden_size, _split(mc.intermediate_size, tensor)
   compute = a * (4 * D + 4 * H + 4 * Kv + 3 * F)
   fp32 = 4 * (4 * D + 3 * H + 3 * Kv + F)
-  attention = rows * _split(mc.num_heads, tensor) * seq * seq * (4 + a)
-  return rows * seq * (compute + fp32) + attention
+  return rows * seq * (compute + fp32) + attention_score_bytes(mc, rows, seq, a, tensor, attention)
 
 
 def scored_positions(seq: int, chunk: int | None) -> int:
@@ -230,19 +247,21 @@ def head_activation_bytes(mc: Qwen3Config, rows: float, seq: int, tensor: int,
 
 
 def forward_pass_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
-                       chunk: int | None = None, arrays: int = 2) -> float:
+                       chunk: int | None = None, arrays: int = 2,
+                       attention: Attention = Attention('dense')) -> float:
   """A forward-only scoring pass (the OPD teacher pass, the top-k probe) on one device: one
   layer's activations and `arrays` fp32 [rows, positions, V] arrays (logits, log-softmax, ...)
   of the positions scored at once."""
-  return (layer_activation_bytes(mc, rows, seq, a, tensor)
+  return (layer_activation_bytes(mc, rows, seq, a, tensor, attention)
           + arrays * rows * scored_positions(seq, chunk) * _split(mc.vocab_size, tensor) * 4)
 
 
 def train_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
-                           remat: bool, chunk: int | None = None) -> float:
+                           remat: bool, chunk: int | None = None,
+                           attention: Attention = Attention('dense')) -> float:
   """Activations of one micro-batch's forward + backward on one device (layers + output head,
   `chunk` positions of logits at a time; None: all)."""
-  layer = layer_activation_bytes(mc, rows, seq, a, tensor)
+  layer = layer_activation_bytes(mc, rows, seq, a, tensor, attention)
   head = head_activation_bytes(mc, rows, seq, tensor, chunk)
   if remat:
     return mc.num_layers * rows * seq * mc.hidden_size * a + max(layer, head)
@@ -353,21 +372,24 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
       continue
     per_micro = rows // work.micro_batches
     activations[step] = train_activation_bytes(
-        mc, rows_per_device(per_micro, K, mesh_shape), work.seq, a, tensor, work.remat, chunk)
+        mc, rows_per_device(per_micro, K, mesh_shape), work.seq, a, tensor, work.remat, chunk,
+        work.attention)
 
   s_shape = dict(s_mesh.shape)
   s_tensor = s_shape['tensor']
   sample_rows = max(work.native_rows, work.distill_rows if work.rounds else 0)
   b_s = rows_per_device(sample_rows, K, s_shape)
   kv = kv_cache_bytes(mc, b_s, work.seq, a, s_tensor)
-  prefill = (layer_activation_bytes(mc, b_s, work.prompt_tokens, a, s_tensor)
+  prefill = (layer_activation_bytes(mc, b_s, work.prompt_tokens, a, s_tensor, work.attention)
              + 2 * b_s * _split(mc.vocab_size, s_tensor) * 4)
   probe = teacher = 0.0
   if work.rounds:
     b_p = rows_per_device(work.distill_rows, K, mesh_shape)
-    probe = forward_pass_bytes(mc, b_p, work.seq, a, tensor, chunk, arrays=3)
+    probe = forward_pass_bytes(mc, b_p, work.seq, a, tensor, chunk, arrays=3,
+                               attention=work.attention)
     b_t = rows_per_device(work.distill_rows // work.micro_batches, K, mesh_shape)
-    teacher = forward_pass_bytes(mc, b_t, work.seq, a, tensor, chunk)
+    teacher = forward_pass_bytes(mc, b_t, work.seq, a, tensor, chunk,
+                                 attention=work.attention)
   base = sum(leaf.total_bytes for leaf in param_leaves) // K
   return MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
                     sampling_params, activations, kv, prefill, probe, teacher, base)

@@ -41,10 +41,11 @@ from copd_jax.prompt_checks import check_prompts
 from copd_jax.rewards import RewardSpec, reward_spec
 from copd_jax.rollouts import PromptEncoder
 from copd_jax.sampling import SamplingParams
+from copd_jax.edge_topk import make_edge_topk
 from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
 from copd_jax.steps import (BranchState, branch_state_shardings, init_branch_state,
-                            make_edge_topk, make_grpo_step, make_opd_step, reference_shardings)
+                            make_grpo_step, make_opd_step, reference_shardings)
 from copd_jax.tag_names import tag_namer
 from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
@@ -78,7 +79,7 @@ class Run:
   metrics_log: metrics_lib.MetricsLog
   grpo_step: Callable
   opd_step: Callable | None
-  probe: Callable | None               # steps.make_edge_topk: per-edge top-k for O_k and KLs
+  probe: Callable | None               # edge_topk.make_edge_topk: per-edge top-k for O_k and KLs
   ref: tuple                           # (reference params,) when the k3 KL term is on, else ()
   root_key: jax.Array
   state: BranchState
@@ -109,7 +110,9 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   base_path = base_model_path(config, workdir, domains, log)
   model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
                            param_dtype=DTYPES[config.model.param_dtype],
-                           remat=config.model.remat, scan_layers=config.model.scan_layers)
+                           remat=config.model.remat, scan_layers=config.model.scan_layers,
+                           attention=config.model.attention,
+                           attention_block=config.model.attention_block)
   graphdef, base_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)

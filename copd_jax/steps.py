@@ -15,10 +15,11 @@ group's prompt is scored once and its KV cache shared by the group's rows
 (`shared_prompt_logprobs`), which removes (G - 1) / G of the prompt compute from the update.
 
 OPD teacher signal: in round r (`Topology.rounds()`), student k distils from teacher_of[k]. The
-students' tokens are permuted along the branch axis to their teachers' shards, every teacher
-scores them with its own parameters, and the log-probs are permuted back. Parameters never leave
-their branch; only [K, M, T] tokens and log-probs cross it. `make_edge_topk` does the same for
-the behavioural metrics (top-k ids and log-probs of student and teacher per position).
+students' tokens are permuted along the branch axis to their teachers' shards (`shard_map` +
+`ppermute`: a device receives only its student's rows), every teacher scores them with its own
+parameters, and the log-probs are permuted back. Parameters never leave their branch; only
+[K, M, T] tokens and log-probs cross it. `copd_jax.edge_topk` does the same for the behavioural
+metrics (top-k ids and log-probs of student and teacher per position).
 
 Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in(rng, step).
 """
@@ -37,8 +38,7 @@ from copd_jax import losses
 from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
 from copd_jax.models.qwen3 import KVCache, default_positions
 from copd_jax.prompt_groups import repeat_cache, rows_off_group
-from copd_jax.scoring import (TokenScores, check_chunk_size, logprobs_from_logits, map_head_chunks,
-                              scores_from_hidden, sequence_logprobs)
+from copd_jax.scoring import TokenScores, scores_from_hidden, sequence_logprobs
 from copd_jax.step_config import StepConfig, StepConfigError
 from copd_jax.tracing import TRACE_COUNTS
 
@@ -318,7 +318,7 @@ def make_grpo_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh
 
 # ----------------------------------------------------------------------------- OPD
 
-def _round_table(rounds: Sequence[Sequence[int]], num_branches: int,
+def round_table(rounds: Sequence[Sequence[int]], num_branches: int,
                  num_batch_rounds: int) -> np.ndarray:
   """rounds as an [R, K] int table, checked: each round a partial permutation in which no branch
   teaches itself, and as many rounds as the distillation batch has (num_batch_rounds)."""
@@ -335,7 +335,7 @@ def _round_table(rounds: Sequence[Sequence[int]], num_branches: int,
   return table
 
 
-def _routing(teacher_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def routing(teacher_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(to_teacher, to_student, active) index arrays for one round.
 
   Row t of x[to_teacher] is the batch of t's student (t's own rows when it teaches nobody);
@@ -348,12 +348,28 @@ def _routing(teacher_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
   return to_teacher, to_student, active
 
 
-def _route(x: jax.Array, index: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Rows of x [K, M, ...] permuted along the branch axis; only x itself crosses branches."""
-  return _rows_constraint(x[index], mesh, 0)
+def permute_branches(x: jax.Array, index: np.ndarray, num_branches: int) -> jax.Array:
+  """Inside `shard_map` manual over 'branch': branch t's rows become x[index[t]] (x [K / branch,
+  ...] the local branches). With one branch per block the moved rows of a round form a partial
+  permutation (`routing`), so this is one `lax.ppermute`: every block receives only the rows it
+  needs, branches that keep their own rows receive nothing. With several branches per block it
+  gathers the local blocks' rows over 'branch' (K times the tokens; still no vocabulary- or
+  parameter-sized array)."""
+  local = x.shape[0]
+  block = jax.lax.axis_index('branch')
+  if local == 1:
+    pairs = [(int(src), dst) for dst, src in enumerate(index) if src != dst]
+    if not pairs:
+      return x
+    received = np.zeros(num_branches, bool)
+    received[[dst for _, dst in pairs]] = True
+    moved = jax.lax.ppermute(x, 'branch', pairs)
+    return jnp.where(jnp.asarray(received)[block], moved, x)
+  every = jax.lax.all_gather(x, 'branch', axis=0, tiled=True)[np.asarray(index)]
+  return jax.lax.dynamic_slice_in_dim(every, block * local, local, axis=0)
 
 
-def _chunked(fn, num: int, *xs):
+def chunked(fn, num: int, *xs):
   """fn over [M, ...] inputs evaluated num sequential micro-batches at a time (bounded memory)."""
   if num == 1:
     return fn(*xs)
@@ -361,22 +377,34 @@ def _chunked(fn, num: int, *xs):
   return jax.tree.map(_merge_micro, out)
 
 
+def route(x: jax.Array, index: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Rows of x [K, M, ...] permuted along the branch axis (row t becomes x[index[t]]) by
+  `permute_branches` under a `shard_map` manual over every mesh axis, laid out as
+  `_rows_constraint` lays rows out: only x's moved rows cross branches, as one collective
+  permute per call (x[index] left to the partitioner compiled to an all-gather over 'branch'
+  at K=4: every device received every branch's rows)."""
+  x = _rows_constraint(x, mesh, 0)
+  rows = 'fsdp' if x.ndim > 1 and x.shape[1] % mesh.shape['fsdp'] == 0 else None
+  spec = P('branch', rows)
+  return jax.shard_map(lambda v: permute_branches(v, index, x.shape[0]), mesh=mesh,
+                       in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
 def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
                      mesh: Mesh, temperature: float, num_micro_batches: int = 1,
                      logits_chunk: int | None = None) -> jax.Array:
   """[R, K, M, T] log pi_teacher of each student's distillation tokens (0 for idle students),
   computed on the teacher's shard with the teacher's parameters (logits_chunk positions of
-  logits at a time; None: all)."""
-  score = lambda p, tok, valid: _chunked(
+  logits at a time; None: all). Tokens go to the teacher and log-probs come back by `route`."""
+  score = lambda p, tok, valid: chunked(
       lambda t, v: sequence_logprobs(graphdef, p, t, v, temperature, logits_chunk).logprobs,
       num_micro_batches, tok, valid)
   out = []
   for r, teacher_of in enumerate(rounds):
-    to_teacher, to_student, active = _routing(teacher_of)
-    tokens = _route(distill.tokens[r], to_teacher, mesh)
-    valid = _route(distill.token_valid[r], to_teacher, mesh)
-    lp = jax.vmap(score)(params, tokens, valid)
-    lp = _route(lp, to_student, mesh)
+    to_teacher, to_student, active = routing(teacher_of)
+    tokens = route(distill.tokens[r], to_teacher, mesh)
+    valid = route(distill.token_valid[r], to_teacher, mesh)
+    lp = route(jax.vmap(score)(params, tokens, valid), to_student, mesh)
     out.append(lp * jnp.asarray(active, lp.dtype)[:, None, None])
   return jnp.stack(out)
 
@@ -402,7 +430,7 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
   def opd_step(state: BranchState, native: RolloutBatch, distill: RolloutBatch, ref_params=None):
     TRACE_COUNTS['opd_step'] += 1
     R, K, M = distill.tokens.shape[:3]
-    table = _round_table(rounds, K, R)
+    table = round_table(rounds, K, R)
     native = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), native)
     active = jnp.asarray(table >= 0)[:, :, None, None]
     mask = distill.completion_mask
@@ -437,72 +465,3 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
            + ((reference_shardings(state_sharding),) if use_ref else ()))
   return jax.jit(opd_step, in_shardings=in_sh, out_shardings=(state_sharding, rows),
                  donate_argnums=0)
-
-
-# ----------------------------------------------------------------------------- top-k per edge
-
-class EdgeTopK(NamedTuple):
-  """Per round r and student k (teacher rounds[r][k]), at each position t of the student's
-  distillation rollout: the next-token distribution predicting token t (position 0 and
-  positions outside the completion mask hold ids -1 and log-probs 0; so do idle students)."""
-  student_ids: jax.Array             # [R, K, M, T, k] int32, descending probability
-  student_logprobs: jax.Array        # [R, K, M, T, k]
-  teacher_ids: jax.Array             # [R, K, M, T, k]
-  teacher_logprobs: jax.Array        # [R, K, M, T, k]
-  student_token_logprob: jax.Array   # [R, K, M, T] log-prob of the sampled token
-  teacher_token_logprob: jax.Array   # [R, K, M, T]
-
-
-def _next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int,
-                     logits_chunk: int | None = None):
-  """[M, T] tokens -> (ids [M, T, k], logprobs [M, T, k], token_logprob [M, T]), aligned as in
-  scoring.sequence_logprobs (position t describes the prediction of token t); logits_chunk
-  positions of logits at a time (None: all)."""
-  model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(tokens, token_valid=valid)
-
-  def topk(logits, targets):
-    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp_all, k)
-    return top_ids, top_lp, logprobs_from_logits(logits, targets, temperature).logprobs
-
-  top_ids, top_lp, token_lp = map_head_chunks(topk, model, hidden[:, :-1], tokens[:, 1:],
-                                              logits_chunk)
-  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
-  return pad(top_ids), pad(top_lp), pad(token_lp)
-
-
-def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
-                   rounds: Sequence[Sequence[int]], k: int, temperature: float = 1.0,
-                   num_micro_batches: int = 1, logits_chunk: int | None = None) -> Callable:
-  """Jitted `edge_topk(params [K, ...], distill [R, K, M, T]) -> EdgeTopK` for the behavioural
-  metrics (top-k overlap, symmetric KL). Tokens travel to the teacher's shard and only the
-  top-k results come back; parameters stay where they are. logits_chunk as in StepConfig."""
-  check_chunk_size(logits_chunk)
-  rounds_sh = NamedSharding(mesh, P(None, 'branch'))
-
-  def edge_topk(params: nnx.State, distill: RolloutBatch) -> EdgeTopK:
-    TRACE_COUNTS['edge_topk'] += 1
-    R, K = distill.tokens.shape[:2]
-    table = _round_table(rounds, K, R)
-    score = lambda p, tok, valid: _chunked(
-        lambda t, v: _next_token_topk(graphdef, p, t, v, temperature, k, logits_chunk),
-        num_micro_batches, tok, valid)
-    out = []
-    for r, teacher_of in enumerate(table):
-      to_teacher, to_student, active = _routing(teacher_of)
-      tokens = _rows_constraint(distill.tokens[r], mesh, 0)
-      valid = _rows_constraint(distill.token_valid[r], mesh, 0)
-      s_ids, s_lp, s_tok = jax.vmap(score)(params, tokens, valid)
-      t_ids, t_lp, t_tok = jax.vmap(score)(params, _route(tokens, to_teacher, mesh),
-                                           _route(valid, to_teacher, mesh))
-      t_ids, t_lp, t_tok = (_route(x, to_student, mesh) for x in (t_ids, t_lp, t_tok))
-      keep = distill.completion_mask[r].astype(bool) & jnp.asarray(active)[:, None, None]
-      ids = lambda x: jnp.where(keep[..., None], x, -1)
-      vals = lambda x: jnp.where(keep[..., None] if x.ndim == 4 else keep, x, 0.0)
-      out.append(EdgeTopK(ids(s_ids), vals(s_lp), ids(t_ids), vals(t_lp), vals(s_tok),
-                          vals(t_tok)))
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
-
-  return jax.jit(edge_topk, in_shardings=(state_sharding.params, rounds_sh),
-                 out_shardings=rounds_sh)

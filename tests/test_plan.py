@@ -96,14 +96,15 @@ def test_8b_k3_kv_cache_and_activation_estimates_by_hand(plan_8b):
   # GRPO micro-batch: 32 / 2 = 16 rows per branch, 4 per device over fsdp, 3 branches -> 12
   # rows of T = 768. Per token and layer, with q heads 32 / 2, KV heads 8 / 2, MLP 12288 / 2 on
   # a device: bf16 2 * (4 * 4096 + 4 * 2048 + 4 * 512 + 3 * 6144), fp32 internals
-  # 4 * (4 * 4096 + 3 * 2048 + 3 * 512 + 6144); attention 12 rows * 16 heads * 768^2 * (4 + 2).
+  # 4 * (4 * 4096 + 3 * 2048 + 3 * 512 + 6144); attention (blockwise, T > 512) 12 rows * 16
+  # heads * (512^2 * (4 + 2) + 4 T).
   # The head keeps 4 fp32 [12, 768, 151936 / 2] arrays; with remat the 36 layer inputs stay and
   # the larger of one layer and the head.
   rows, T = 12, 768
   per_token = 2 * (4 * 4096 + 4 * 2048 + 4 * 512 + 3 * 6144) + 4 * (4 * 4096 + 3 * 2048
                                                                     + 3 * 512 + 6144)
   assert per_token == 90_112 + 120_832
-  layer = rows * T * per_token + rows * 16 * T * T * 6
+  layer = rows * T * per_token + rows * 16 * (512 * 512 * 6 + 4 * T)   # blockwise: T > 512
   head = 4 * rows * T * 75_968 * 4
   assert head > layer
   assert plan_8b.activation_bytes['grpo'] == 36 * rows * T * 4096 * 2 + head
@@ -302,7 +303,9 @@ def test_logits_chunk_moves_the_head_teacher_and_probe_terms():
   plan, rows, T, V = plans['64'], 12, 768, 75_968    # GRPO: 12 rows on a device, V / tensor 2
   per_token = 2 * (4 * 4096 + 4 * 2048 + 4 * 512 + 3 * 6144) + 4 * (4 * 4096 + 3 * 2048
                                                                     + 3 * 512 + 6144)
-  layer = lambda b: b * T * per_token + b * 16 * T * T * 6
+  # T = 768 > model.attention_block (512): attention holds one 512 x 512 tile and the fp32
+  # log-sum-exp per head, not the [T, T] scores.
+  layer = lambda b: b * T * per_token + b * 16 * (512 * 512 * 6 + 4 * T)
   head = 4 * rows * 64 * V * 4 + V * 4096 * 4    # 64 positions + the head gradient carried
   assert plan.activation_bytes['grpo'] == 36 * rows * T * 4096 * 2 + max(layer(rows), head)
   # Teacher pass: 8 distillation rows / 2 micro-batches / fsdp 4 = 1 per branch, 3 on a device;

@@ -67,12 +67,14 @@ def test_chunked_scores_equal_whole_sequence_scores(setup):
   ent = np.asarray(ref.entropy)[:, 1:][np.asarray(valid)[:, 1:]]
   # informative distributions: neither one-hot nor near uniform (log 97 = 4.57)
   assert ent.min() > 0.1 and ent.max() < np.log(97) - 0.5
-  # 1e-6 is 2 ulp at |x| in [4, 8): the whole-sequence call fuses the head differently from
-  # the hidden-states path, and the difference does not grow with the number of chunks.
+  # 2e-6 is 4 ulp at |x| in [4, 8): the whole-sequence call fuses the head differently from
+  # the hidden-states path, and the difference does not grow with the number of chunks
+  # (measured 1.2e-6 on an entropy since attention builds its mask per layer,
+  # copd_jax/models/attention.py; 1e-6 before).
   for chunk in CHUNKS + (T, 100):
     got = _scores(graphdef, params, tokens, valid, 0.7, chunk)
-    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=0, atol=1e-6, err_msg=f'{chunk}')
-    np.testing.assert_allclose(got.entropy, ref.entropy, rtol=0, atol=1e-6, err_msg=f'{chunk}')
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=0, atol=2e-6, err_msg=f'{chunk}')
+    np.testing.assert_allclose(got.entropy, ref.entropy, rtol=0, atol=2e-6, err_msg=f'{chunk}')
 
 
 def _grpo_loss(params, graphdef, tokens, valid, sampler, adv, chunk, shared: bool):

@@ -14,11 +14,11 @@ from copd_jax import mesh as mesh_lib, optim
 from copd_jax.errors import UserInputError
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.scoring import apply_model, sequence_logprobs
+from copd_jax.edge_topk import make_edge_topk, next_token_topk
 from copd_jax.steps import (TRACE_COUNTS, BranchState, RolloutBatch, StepConfig,
-                            branch_state_shardings, init_branch_state, make_edge_topk,
-                            make_grpo_step, make_opd_step, prompt_mismatch,
-                            shared_prompt_logprobs, teacher_logprobs)
-from copd_jax.steps import _next_token_topk
+                            branch_state_shardings, init_branch_state, make_grpo_step,
+                            make_opd_step, prompt_mismatch, shared_prompt_logprobs,
+                            teacher_logprobs)
 
 CONFIG = Qwen3Config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, intermediate_size=64)
@@ -454,6 +454,52 @@ def test_cross_branch_check_catches_a_step_that_moves_teacher_parameters(mesh_ru
   assert big, 'the check failed to see parameters crossing branches'
 
 
+def _largest_cross_branch_bytes(program: str, K: int = 2, *, vocab: int = 48, hidden: int = 32,
+                                tokens_len: int = T, k: int = 5) -> int:
+  """The largest cross-branch collective (bytes per device) of the compiled OPD step or edge
+  top-k probe on a branch=K, fsdp=2, tensor=8/(2K) mesh of 8 CPU devices (abstract inputs:
+  compile only), for a model of `vocab` and `hidden` and rollouts of `tokens_len`."""
+  import dataclasses
+  cfg = dataclasses.replace(CONFIG, vocab_size=vocab, hidden_size=hidden)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
+  mesh = mesh_lib.make_mesh({'branch': K, 'fsdp': 2, 'tensor': 4 // K}, num_branches=K)
+  adamw = optim.make_optimizer({'learning_rate': 1e-3})
+  state = jax.eval_shape(lambda p: init_branch_state(graphdef, p, K, adamw, mesh, seed=0), params)
+  shardings = branch_state_shardings(state, mesh)
+  rounds = (tuple((i + 1) % K for i in range(K)),)   # a ring: every branch teaches
+  batch = lambda lead: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    _batch(0, lead, tokens_len))
+  if program == 'opd':
+    fn = make_opd_step(graphdef, adamw, mesh, StepConfig(), shardings, rounds)
+    lowered = fn.lower(state, batch((K, 4)), batch((1, K, 4)))
+  else:
+    fn = make_edge_topk(graphdef, mesh, shardings, rounds, k=k)
+    lowered = fn.lower(state.params, batch((1, K, 4)))
+  cross = cross_branch_collectives(lowered.compile().as_text(), mesh)
+  return max((c['bytes'] for c in cross), default=0)
+
+
+@pytest.mark.slow   # about 10 compiles of a tiny model
+@pytest.mark.parametrize('K', [2, 4])
+def test_cross_branch_traffic_scales_with_tokens_and_k_not_vocab_or_params(K):
+  """Issue 20.6: routing is a permute (a device receives only its partner's rows) and the probe
+  moves top-k ids and log-probs, never full-vocabulary log-probs or parameters: doubling the
+  vocabulary or the hidden size leaves the largest cross-branch collective unchanged; doubling
+  the tokens doubles it, and so does doubling k for the probe."""
+  for program in ('opd', 'topk'):
+    base = _largest_cross_branch_bytes(program, K)
+    assert base > 0, program
+    assert _largest_cross_branch_bytes(program, K, vocab=96) == base, program
+    assert _largest_cross_branch_bytes(program, K, hidden=64) == base, program
+    assert _largest_cross_branch_bytes(program, K, tokens_len=2 * T) == 2 * base, program
+  # OPD: one branch's rows on a device (4 rows / fsdp 2) x T fp32 log-probs, whatever K (the
+  # partitioned gather moved K times that, an all-gather, at K=4).
+  assert _largest_cross_branch_bytes('opd', K) == 2 * T * 4
+  # Probe: [M, T, k] ids / log-probs of one round: 4 rows x 12 positions x k x 4 bytes.
+  assert _largest_cross_branch_bytes('topk', K) == 4 * T * 5 * 4
+  assert _largest_cross_branch_bytes('topk', K, k=10) == 2 * 4 * T * 5 * 4
+
+
 def test_mesh_checks_branch_divisibility(model):
   graphdef, params = model
   mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4})
@@ -539,7 +585,7 @@ def test_chunked_logits_steps_equal_unchunked_steps(one_device):
                     static_argnums=2)
   np.testing.assert_allclose(teacher(stacked, distill, 5), teacher(stacked, distill, None),
                              rtol=0, atol=1e-6)
-  probe = jax.jit(lambda p, t, v, c: _next_token_topk(graphdef, p, t, v, 0.9, 5, c),
+  probe = jax.jit(lambda p, t, v, c: next_token_topk(graphdef, p, t, v, 0.9, 5, c),
                   static_argnums=3)
   p0, tokens, valid = jax.tree.map(lambda x: x[0], stacked), distill.tokens[0, 0], \
       distill.token_valid[0, 0]

@@ -36,7 +36,10 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             `train` logs the counts per domain once at set-up
                             (copd_jax/data/prompt_limit.py)
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
-                            compute/param dtype, remat, scan_layers; branch_init: one path per
+                            compute/param dtype, remat, scan_layers; attention: 'auto' (per
+                            backend: dense up to attention_block tokens, then cuDNN on GPU
+                            bf16, else blockwise), 'dense', 'blockwise' or 'cudnn';
+                            attention_block: the blockwise tile; branch_init: one path per
                             branch ('' = the base) to start that branch from: a HF folder, a
                             merged checkpoint, or a run workdir with ':k' for its branch k; preset: '' or a built-in
                             Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
@@ -144,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop'))
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
-      scan_layers=True, preset='', branch_init=(),
+      scan_layers=True, preset='', branch_init=(), attention='auto', attention_block=512,
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                intermediate_size=192)))
   c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3))

@@ -29,11 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from copd_jax.fields import Fields
-
-# Finite "minus infinity": a fully masked row (a padding query) then softmaxes to a uniform
-# distribution instead of NaN. Its output is ignored downstream.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
+from copd_jax.models.attention import Attention, Mask
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
@@ -137,12 +133,16 @@ class DecoderLayers(nnx.Module):
 
 
 class Qwen3(nnx.Module):
-  """Qwen3ForCausalLM. `compute_dtype` is the matmul dtype; `remat` checkpoints each layer."""
+  """Qwen3ForCausalLM. `compute_dtype` is the matmul dtype; `remat` checkpoints each layer;
+  `attention` / `attention_block` pick the attention implementation
+  (`copd_jax.models.attention.choose`: 'auto' is dense for short rows, fused or blockwise
+  beyond one block)."""
 
   def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                compute_dtype=jnp.float32, remat: bool = False, scan_layers: bool = True,
-               init_std: float = 0.02):
+               init_std: float = 0.02, attention: str = 'auto', attention_block: int = 512):
     self.config = config
+    self.attention = Attention(attention, attention_block)
     self.compute_dtype = compute_dtype
     self.remat = remat
     self.scan_layers = scan_layers
@@ -184,7 +184,8 @@ class Qwen3(nnx.Module):
     if cache is None:
       mask = causal_mask(token_valid)
       def body(h, p):
-        h, _ = decoder_layer(p, h, cos, sin, mask, None, c, self.compute_dtype)
+        h, _ = decoder_layer(p, h, cos, sin, mask, None, c, self.compute_dtype,
+                             attention=self.attention)
         return h, None
       body = jax.checkpoint(body) if self.remat else body
       h = _over_layers(body, h, layer_params, c.num_layers, self.scan_layers)
@@ -196,7 +197,7 @@ class Qwen3(nnx.Module):
         h, k_all, v_all = carry
         p, i = xs
         h, (k_all, v_all) = decoder_layer(p, h, cos, sin, mask, (k_all, v_all, i, cache.index), c,
-                                          self.compute_dtype)
+                                          self.compute_dtype, attention=self.attention)
         return (h, k_all, v_all), None
       body = jax.checkpoint(body) if self.remat else body
       xs = (layer_params, jnp.arange(c.num_layers))
@@ -235,19 +236,14 @@ def default_positions(token_valid: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(token_valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def causal_mask(token_valid: jax.Array) -> jax.Array:
-  """[B, 1, T, T] bool: query t sees key s iff s <= t and s is a real token."""
-  T = token_valid.shape[-1]
-  causal = jnp.tril(jnp.ones((T, T), bool))
-  return (causal[None] & token_valid[:, None, :])[:, None]
+def causal_mask(token_valid: jax.Array) -> Mask:
+  """Query t sees key s iff s <= t and s is a real token (`Mask.dense()`: [B, 1, T, T])."""
+  return Mask(token_valid, jnp.arange(token_valid.shape[-1], dtype=jnp.int32))
 
 
-def cached_mask(valid: jax.Array, index: jax.Array, num_new: int) -> jax.Array:
-  """[B, 1, T, S] bool for T new tokens at slots index..index+T-1 over a cache of S slots."""
-  S = valid.shape[-1]
-  query_slot = index + jnp.arange(num_new)
-  causal = jnp.arange(S)[None, :] <= query_slot[:, None]
-  return (causal[None] & valid[:, None, :])[:, None]
+def cached_mask(valid: jax.Array, index: jax.Array, num_new: int) -> Mask:
+  """T new tokens at slots index..index+T-1 over a cache of S slots whose validity is `valid`."""
+  return Mask(valid, index + jnp.arange(num_new, dtype=jnp.int32))
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
@@ -272,25 +268,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def attention(q, k_t, v, mask):
-  """Grouped-query attention in the cache layout. q [B,T,H,hd]; k_t [B,K,hd,S] (keys
-  transposed); v [B,K,S,hd]; mask [B,1,T,S] -> [B,T,H,hd]."""
-  B, T, H, hd = q.shape
-  K = k_t.shape[1]
-  # Both contractions in the canonical dot form (batch dims, lhs free dims, rhs free dims) over
-  # operands as stored, so XLA inserts no transposes (on CPU it otherwise fell back to a slow
-  # generic dot kernel for P @ V; benchmarks/sampler.py).
-  q = q.reshape(B, T, K, H // K, hd).transpose(0, 2, 3, 1, 4)
-  scores = jnp.einsum('bkgtd,bkds->bkgts', q, k_t, preferred_element_type=jnp.float32)
-  scores = scores * (hd ** -0.5)
-  scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bksd->bkgtd', probs, v)
-  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
-
-
-def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwen3Config, dtype,
-                  *, last_query_only: bool = False):
+def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask: Mask, cache_slot, c: Qwen3Config,
+                  dtype, *, last_query_only: bool = False, attention: Attention = Attention()):
   """One pre-norm decoder block. With `cache_slot = (k_all, v_all, layer, index)` the new K/V are
   written at slot `index` (in place under jit) and attention reads the whole layer cache: k_all,
   v_all are the stacked KVCache arrays and `layer` an index into them, or, with layer None, this
@@ -299,11 +278,11 @@ def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask, cache_slot, c: Qwe
 
   last_query_only: K/V for every position, but queries, attention and the rest of the block for
   the last position only (returns h [B, 1, D]): a prefill's last layer, whose other positions
-  feed nothing."""
+  feed nothing. attention: the implementation option (`copd_jax.models.attention`)."""
   w = {name: value.astype(dtype) for name, value in p.items()}
   x = rms_norm(h, p['input_norm'], c.rms_norm_eps)
   if last_query_only:
-    h, mask, cos_q, sin_q = h[:, -1:], mask[:, :, -1:], cos[:, -1:], sin[:, -1:]
+    h, mask, cos_q, sin_q = h[:, -1:], mask.last_query(), cos[:, -1:], sin[:, -1:]
   else:
     cos_q, sin_q = cos, sin
   q = dense(x[:, -1:] if last_query_only else x, w['q_proj'])

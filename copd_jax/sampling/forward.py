@@ -104,7 +104,7 @@ class Forward:
     last = len(weights.layers) - 1
     for i, (p, k, v) in enumerate(zip(weights.layers, cache.k, cache.v)):
       h, (k, v) = qwen3.decoder_layer(p, h, cos, sin, mask, (k, v, None, cache.index), c, dtype,
-                                      last_query_only=i == last)
+                                      last_query_only=i == last, attention=model.attention)
       ks.append(k)
       vs.append(v)
     h = qwen3.rms_norm(h, model.final_norm[...], c.rms_norm_eps)

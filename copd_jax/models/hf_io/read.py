@@ -279,14 +279,16 @@ def _expected_shapes(config: Qwen3Config) -> dict[str, Any]:
 
 def load_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                remat: bool = False, scan_layers: bool = True, mesh=None,
-               rules: Mapping[str, str | None] | None = None) -> Qwen3:
+               rules: Mapping[str, str | None] | None = None, attention: str = 'auto',
+               attention_block: int = 512) -> Qwen3:
   """A Qwen3 module holding the folder's weights: on the default device, or with `mesh` sharded
   by the model's logical axes (`copd_jax.mesh.state_shardings`, `rules` defaulting to its
   DEFAULT_RULES) and loaded with `load_params_sharded`."""
   config = read_config(folder)
   model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
                                        compute_dtype=compute_dtype, remat=remat,
-                                       scan_layers=scan_layers))
+                                       scan_layers=scan_layers, attention=attention,
+                                       attention_block=attention_block))
   state = nnx.state(model, nnx.Param)
   if mesh is None:
     params = jax.tree.map(jnp.asarray, load_params(folder, config, np.dtype(param_dtype)))
