@@ -15,9 +15,9 @@ from flax import nnx
 
 from copd_jax import digests, storage
 from copd_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, DIGESTS, META, META_TOKENIZER_DIR,
-                                        PARAMS, STATE, CheckpointError, DigestMismatch,
-                                        first_line, model_config_from_meta, read_meta,
-                                        this_process_only)
+                                        PARAMS, STATE, TOKENIZER_SUBDIR, CheckpointError,
+                                        DigestMismatch, first_line, model_config_from_meta,
+                                        read_meta, this_process_only)
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.tree_paths import flatten_paths, get_path, set_path
