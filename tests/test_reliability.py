@@ -312,15 +312,14 @@ def test_merge_interrupted_by_an_exception_leaves_no_checkpoint(run_dir, tmp_pat
 
 KILL_SELF = textwrap.dedent('''
     import importlib.util, os, signal, sys
-    import copd_jax.checkpoint as ckpt
-    from copd_jax.models import hf_io
-from copd_jax.models.hf_io import write as hf_write
-    real = hf_io.save_file
+    from copd_jax.checkpoint import params as params_checkpoint
+    from copd_jax.models.hf_io import write as hf_write
+    real = hf_write.save_file
     def write_then_die(tensors, path, **kwargs):  # the shard is on disk, nothing renamed yet
       real(tensors, path, **kwargs)
       os.kill(os.getpid(), signal.SIGKILL)
-    hf_io.save_file = write_then_die
-    ckpt.shutil.copy = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    hf_write.save_file = write_then_die
+    params_checkpoint.shutil.copy = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     from copd_jax.__main__ import main
     sys.exit(main(sys.argv[1:]))
 ''')
