@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from copd_jax import mesh as mesh_lib, optim
-from copd_jax.memory_plan import abstract_branch_state
+from copd_jax.memory_plan import compiled_grpo_step_temp_bytes
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
-from copd_jax.steps import RolloutBatch, StepConfig, branch_state_shardings, make_grpo_step
+from copd_jax.step_config import StepConfig
 
 TINY = Qwen3Config(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, intermediate_size=128)
@@ -26,16 +23,9 @@ TINY = Qwen3Config(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, nu
 def grpo_step_temp_bytes(seq: int, attention: str, rows: int = 1, block: int = 512,
                          config: Qwen3Config = TINY) -> int:
   """Temporary bytes XLA allocates for one compiled GRPO step of `rows` x `seq` tokens."""
-  graphdef, params = nnx.split(nnx.eval_shape(
-      lambda: Qwen3(config, rngs=nnx.Rngs(0), attention=attention, attention_block=block)))
-  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-  adamw = optim.make_optimizer({'learning_rate': 1e-3})
-  state = abstract_branch_state(params, 1, adamw)
-  shardings = branch_state_shardings(state, mesh)
-  s = lambda dtype: jax.ShapeDtypeStruct((1, rows, seq), dtype)
-  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
-  step = make_grpo_step(graphdef, adamw, mesh, StepConfig(), shardings)
-  return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  model = nnx.eval_shape(
+      lambda: Qwen3(config, rngs=nnx.Rngs(0), attention=attention, attention_block=block))
+  return compiled_grpo_step_temp_bytes(model, rows, seq, StepConfig())
 
 
 def main():

@@ -10,8 +10,11 @@ import os
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from copd_jax import mesh as mesh_lib
 from copd_jax.memory_estimate import (  # noqa: F401  (re-exported: the planner's names)
     GIB, LeafPlan, MemoryPlan, PlanError, Workload, abstract_branch_state, abstract_params,
     estimate, forward_pass_bytes, head_activation_bytes, kv_cache_bytes,
@@ -19,7 +22,10 @@ from copd_jax.memory_estimate import (  # noqa: F401  (re-exported: the planner'
     shard_bytes, state_leaf_plans, train_activation_bytes, workload_of)
 from copd_jax.models import hf_io
 from copd_jax.models.presets import QWEN3_PRESETS, toy_model_config
-from copd_jax.models.qwen3 import Qwen3Config
+from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.optim import make_optimizer
+from copd_jax.step_config import StepConfig
+from copd_jax.steps import RolloutBatch, branch_state_shardings, make_grpo_step
 
 
 def model_config_of(config) -> tuple[Qwen3Config, str]:
@@ -103,7 +109,7 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
       f'new tokens; remat={w.remat}; logits scored {_chunk_words(w)}',
   ]
   if leaves:
-    lines += ['', f'| group | leaf | shape | dtype | PartitionSpec | per device |',
+    lines += ['', '| group | leaf | shape | dtype | PartitionSpec | per device |',
               '|---|---|---|---|---|---:|']
     for leaf in plan.leaves:
       spec = ', '.join(str(s) for s in leaf.spec)
@@ -152,3 +158,19 @@ def _chunk_words(w: Workload) -> str:
 def per_device_bytes_of_array(x: jax.Array) -> int:
   """Bytes of the largest addressable shard of a concrete array (checks a plan against reality)."""
   return max(int(np.prod(s.data.shape)) * x.dtype.itemsize for s in x.addressable_shards)
+
+
+def compiled_grpo_step_temp_bytes(model: Qwen3, rows: int, seq: int, step_config: StepConfig
+                                  ) -> int:
+  """Temporary bytes XLA allocates for one compiled GRPO step of `model` (one branch, one
+  device, `rows` x `seq` tokens; compiled only, nothing run): the measurement the estimate's
+  formulas are checked against (tests/test_plan.py, benchmarks/attention_memory.py)."""
+  graphdef, params = nnx.split(model)
+  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  adamw = make_optimizer({'learning_rate': 1e-3})
+  state = abstract_branch_state(params, 1, adamw)
+  shardings = branch_state_shardings(state, mesh)
+  s = lambda dtype: jax.ShapeDtypeStruct((1, rows, seq), dtype)
+  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
+  step = make_grpo_step(graphdef, adamw, mesh, step_config, shardings)
+  return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from copd_jax import mesh as mesh_lib, optim
 from copd_jax.__main__ import main
 from copd_jax.config import ConfigError, load_config
-from copd_jax.memory_plan import (PlanError, abstract_branch_state, fit_warnings,
+from copd_jax.memory_plan import (PlanError, abstract_branch_state, compiled_grpo_step_temp_bytes,
+                                  fit_warnings,
                                   make_plan, model_config_of, per_device_bytes_of_array,
                                   state_leaf_plans, train_activation_bytes)
 from copd_jax.models.presets import QWEN3_PRESETS
@@ -124,15 +125,8 @@ XLA_CHECK_MODEL = Qwen3Config(vocab_size=4096, hidden_size=128, num_layers=3, nu
 def _xla_grpo_temp_bytes(c: Qwen3Config, rows: int, T: int, remat: bool,
                          step_config: StepConfig) -> int:
   """Temp bytes XLA:CPU allocates for a compiled fp32 GRPO step of one branch on one device."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0), remat=remat)))
-  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
-  adamw = optim.make_optimizer({'learning_rate': 1e-3})
-  state = abstract_branch_state(params, 1, adamw)
-  shardings = branch_state_shardings(state, mesh)
-  s = lambda dtype: jax.ShapeDtypeStruct((1, rows, T), dtype)
-  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
-  step = make_grpo_step(graphdef, adamw, mesh, step_config, shardings)
-  return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  model = nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0), remat=remat))
+  return compiled_grpo_step_temp_bytes(model, rows, T, step_config)
 
 
 @pytest.mark.slow   # two compiles, ~10 s each on a 2-core machine

@@ -7,7 +7,6 @@ checks, so errors name the file and the tensor. Export is not written yet.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import jax
@@ -15,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from copd_jax import storage
 from copd_jax.models import hf_io
 from copd_jax.models.hf_io import HFFormatError
 from copd_jax.models.hf_io import read as hf_read
+from copd_jax.models.hf_io.format import read_config_json
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.qwen3_vl_vision import VisionConfig
@@ -30,14 +29,7 @@ _VISION = 'model.visual.'
 
 
 def read_vl_config(folder: str) -> Qwen3VLConfig:
-  path = storage.join(folder, 'config.json')
-  if not storage.is_file(path):
-    raise HFFormatError(f'{path}: missing config.json (expected a Hugging Face model folder)')
-  try:
-    raw = json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise HFFormatError(f'{path}:{e.lineno}: invalid JSON: {e.msg}') from None
-  return vl_config_from_hf_dict(raw, path)
+  return vl_config_from_hf_dict(*read_config_json(folder))
 
 
 def vl_config_from_hf_dict(raw: dict[str, Any], source: str = 'config.json') -> Qwen3VLConfig:

@@ -109,7 +109,8 @@ def _layer_param_specs(c: Qwen3Config) -> dict[str, tuple[tuple[int, ...], tuple
   return specs
 
 
-def _init_param(rngs: nnx.Rngs, shape, axes, kind: str, dtype, std: float) -> nnx.Param:
+def init_param(rngs: nnx.Rngs, shape, axes, kind: str, dtype, std: float) -> nnx.Param:
+  """One parameter of a spec: ones, zeros or normal(0, std), with its logical axes."""
   if kind == 'ones':
     value = jnp.ones(shape, dtype)
   elif kind == 'zeros':
@@ -125,7 +126,7 @@ class DecoderLayers(nnx.Module):
   def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                init_std: float = 0.02):
     for name, (shape, axes, kind) in _layer_param_specs(config).items():
-      setattr(self, name, _init_param(rngs, shape, axes, kind, param_dtype, init_std))
+      setattr(self, name, init_param(rngs, shape, axes, kind, param_dtype, init_std))
 
   def as_dict(self) -> dict[str, jax.Array]:
     return {name: getattr(self, name)[...] for name in vars(self) if
@@ -147,12 +148,12 @@ class Qwen3(nnx.Module):
     self.remat = remat
     self.scan_layers = scan_layers
     c = config
-    self.embed = _init_param(rngs, (c.vocab_size, c.hidden_size), ('vocab', 'embed'), 'normal',
+    self.embed = init_param(rngs, (c.vocab_size, c.hidden_size), ('vocab', 'embed'), 'normal',
                              param_dtype, init_std)
     self.layers = DecoderLayers(c, rngs=rngs, param_dtype=param_dtype, init_std=init_std)
-    self.final_norm = _init_param(rngs, (c.hidden_size,), ('norm',), 'ones', param_dtype, init_std)
+    self.final_norm = init_param(rngs, (c.hidden_size,), ('norm',), 'ones', param_dtype, init_std)
     if not c.tie_word_embeddings:
-      self.lm_head = _init_param(rngs, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), 'normal',
+      self.lm_head = init_param(rngs, (c.hidden_size, c.vocab_size), ('embed', 'vocab'), 'normal',
                                  param_dtype, init_std)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,

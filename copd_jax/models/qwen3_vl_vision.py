@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from copd_jax.fields import Fields
+from copd_jax.models.qwen3 import init_param
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LN_EPS = 1e-6
@@ -187,22 +188,12 @@ def _merger_param_specs(c: VisionConfig, count: int | None, norm_dim: int):
   }
 
 
-def _init(rngs, shape, axes, kind, dtype, std):
-  if kind == 'ones':
-    value = jnp.ones(shape, dtype)
-  elif kind == 'zeros':
-    value = jnp.zeros(shape, dtype)
-  else:
-    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, logical_axes=axes)
-
-
 class _ParamGroup(nnx.Module):
   """A flat group of named parameters built from a spec dict."""
 
   def __init__(self, specs, *, rngs, param_dtype, init_std):
     for name, (shape, axes, kind) in specs.items():
-      setattr(self, name, _init(rngs, shape, axes, kind, param_dtype, init_std))
+      setattr(self, name, init_param(rngs, shape, axes, kind, param_dtype, init_std))
 
   def as_dict(self) -> dict[str, jax.Array]:
     return {name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)}
@@ -216,10 +207,10 @@ class VisionTower(nnx.Module):
     c = config
     self.config = c
     self.compute_dtype = compute_dtype
-    self.patch_embed = _init(rngs, (c.patch_dim, c.hidden_size), (None, 'embed'), 'normal',
+    self.patch_embed = init_param(rngs, (c.patch_dim, c.hidden_size), (None, 'embed'), 'normal',
                              param_dtype, init_std)
-    self.patch_bias = _init(rngs, (c.hidden_size,), ('embed',), 'zeros', param_dtype, init_std)
-    self.pos_embed = _init(rngs, (c.num_position_embeddings, c.hidden_size), (None, 'embed'),
+    self.patch_bias = init_param(rngs, (c.hidden_size,), ('embed',), 'zeros', param_dtype, init_std)
+    self.pos_embed = init_param(rngs, (c.num_position_embeddings, c.hidden_size), (None, 'embed'),
                            'normal', param_dtype, init_std)
     kw = dict(rngs=rngs, param_dtype=param_dtype, init_std=init_std)
     self.blocks = _ParamGroup(_block_param_specs(c), **kw)

@@ -27,16 +27,20 @@ class HFFormatError(UserInputError):
 # ---------------------------------------------------------------------------------------------
 
 def read_config(folder: str) -> Qwen3Config:
+  return config_from_hf_dict(*read_config_json(folder))
+
+
+def read_config_json(folder: str) -> tuple[dict[str, Any], str]:
+  """(the folder's config.json as a dict, its path); errors name the folder or file and line."""
   path = storage.join(folder, 'config.json')
   if not storage.is_dir(folder):
     raise HFFormatError(f'{folder}: not a directory (expected a Hugging Face model folder)')
   if not storage.is_file(path):
     raise HFFormatError(f'{path}: missing config.json (expected a Hugging Face model folder)')
   try:
-    raw = json.loads(storage.read_text(path))
+    return json.loads(storage.read_text(path)), path
   except json.JSONDecodeError as e:
     raise HFFormatError(f'{path}:{e.lineno}: invalid JSON: {e.msg}') from None
-  return config_from_hf_dict(raw, path)
 
 
 def config_from_hf_dict(raw: dict[str, Any], source: str = 'config.json') -> Qwen3Config:
