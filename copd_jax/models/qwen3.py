@@ -256,11 +256,13 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float):
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B, T, heads, head_dim]; rotation computed in fp32, returned in x's dtype."""
+  """x [..., heads, head_dim] with cos, sin [..., head_dim] (the same for every head: text
+  [B, T, ...], vision patches [N, ...]); 'rotate_half' layout, rotation computed in fp32,
+  returned in x's dtype."""
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+  return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

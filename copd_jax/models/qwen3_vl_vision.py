@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from copd_jax.fields import Fields
-from copd_jax.models.qwen3 import init_param
+from copd_jax.models.qwen3 import apply_rope, init_param
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _LN_EPS = 1e-6
@@ -273,13 +273,6 @@ def vision_rope_tables(rope_hw: jax.Array, head_dim: int, theta: float):
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [N, heads, hd] rotated in fp32 ('rotate_half' layout); cos, sin [N, hd]."""
-  x32 = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
-
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = _LN_EPS):
   """LayerNorm over the last axis, in fp32, returned in x's dtype."""
@@ -305,7 +298,7 @@ def vision_block(p: dict[str, jax.Array], x, cos, sin, mask, dtype):
   w = {name: value.astype(dtype) for name, value in p.items()}
   y = layer_norm(x, p['norm1_scale'], p['norm1_bias'])
   qkv = jnp.einsum('nd,dshe->snhe', y, w['qkv']) + w['qkv_bias'][:, None]
-  q, k, v = rotate(qkv[0], cos, sin), rotate(qkv[1], cos, sin), qkv[2]
+  q, k, v = apply_rope(qkv[0], cos, sin), apply_rope(qkv[1], cos, sin), qkv[2]
   attn = segment_attention(q, k, v, mask)
   x = x + jnp.einsum('nhe,hed->nd', attn, w['proj']) + w['proj_bias']
   y = layer_norm(x, p['norm2_scale'], p['norm2_bias'])
