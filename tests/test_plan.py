@@ -180,6 +180,19 @@ def test_plan_cli_reexecs_for_another_device_count(capfd):
   assert '| parameters |' in out and '| params | embed |' not in out
 
 
+def test_8b_k3_at_8192_tokens_fits_a_v5p_64_slice_with_the_default_layout(capfd):
+  """#20.10: the long-context config (prompts padded to the bucket of data.max_prompt_tokens,
+  1,024, + 7,168 new tokens) fits 95 GiB per chip on 32 chips with the chosen layout."""
+  config = os.path.join(ROOT, 'configs', 'qwen3_8b_k3_long.py')
+  code = main(['plan', '--config', config, '--devices', '32', '--device-memory-gb', '95',
+               '--no-leaves'])
+  out = capfd.readouterr().out
+  assert code == 0, out
+  assert 'T = 1024 prompt + 7168 new tokens' in out
+  assert "training mesh {'branch': 1, 'fsdp': 8, 'tensor': 4}" in out
+  assert 'fits: peak' in out and 'WARNING' not in out
+
+
 def test_model_source_errors_name_the_field():
   config = load_config(CONFIG_0P6B, ['--config.model.preset='], check_files=False)
   with pytest.raises(PlanError, match=r'config\.model\.hf_path: no config\.json'):

@@ -30,6 +30,8 @@ _CHILD_ENV = 'COPD_JAX_PLAN_CHILD'
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
 # Largest --devices: above the biggest TPU slices (8,960 chips); each is a CPU host device here.
 MAX_DEVICES = 10_240
+# Prompt length planned for when neither --prompt-tokens nor data.max_prompt_tokens says.
+DEFAULT_PROMPT_TOKENS = 256
 
 
 def add_arguments(parser) -> None:
@@ -41,8 +43,10 @@ def add_arguments(parser) -> None:
                       help="plan for CPU devices of one host: count the host RAM they share")
   parser.add_argument('--host-memory-gb', type=float, default=None,
                       help="RAM of that host in GiB (implies --cpu; default: this machine's)")
-  parser.add_argument('--prompt-tokens', type=int, default=256,
-                      help='padded prompt length (a sampler bucket: a power of two)')
+  parser.add_argument('--prompt-tokens', type=int, default=None,
+                      help='padded prompt length (a sampler bucket: a power of two); default: '
+                           'the bucket of the config\'s data.max_prompt_tokens when set, '
+                           'else 256')
   parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
   parser.add_argument('--layouts', action='store_true',
                       help='also list every valid (branch, fsdp, tensor) layout with its '
@@ -59,8 +63,9 @@ def cpu_env(num_devices: int, env: dict[str, str]) -> dict[str, str]:
 
 
 def _argv(args) -> list[str]:
-  argv = ['plan', '--config', args.config, '--devices', str(args.devices),
-          '--prompt-tokens', str(args.prompt_tokens)]
+  argv = ['plan', '--config', args.config, '--devices', str(args.devices)]
+  if args.prompt_tokens is not None:
+    argv += ['--prompt-tokens', str(args.prompt_tokens)]
   if args.device_memory_gb is not None:
     argv += ['--device-memory-gb', str(args.device_memory_gb)]
   if args.cpu:
@@ -99,9 +104,14 @@ def run(args) -> int:
   from copd_jax.memory_plan import GIB, format_plan, host_memory_bytes, make_plan
   from copd_jax import mesh as mesh_lib
   config = load_config(args.config, args.extra, check_files=False)
+  prompt_tokens = args.prompt_tokens
+  if prompt_tokens is None:  # prompts are padded to the bucket of the longest one a run keeps
+    from copd_jax.rollouts import bucket_length
+    limit = config.data.max_prompt_tokens
+    prompt_tokens = bucket_length(limit) if limit else DEFAULT_PROMPT_TOKENS
   for line in mesh_lib.layout_lines(config, args.devices):
     print(f'layout: {line}')
-  plan = make_plan(config, jax.devices(), args.prompt_tokens)
+  plan = make_plan(config, jax.devices(), prompt_tokens)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
   host = None
   if args.cpu or args.host_memory_gb is not None:
@@ -113,7 +123,7 @@ def run(args) -> int:
   print(format_plan(plan, memory, leaves=not args.no_leaves, host_memory=host))
   if args.layouts:
     from copd_jax.layout_plan import format_layouts, layout_rows
-    print('\n' + format_layouts(layout_rows(config, jax.devices(), args.prompt_tokens,
+    print('\n' + format_layouts(layout_rows(config, jax.devices(), prompt_tokens,
                                              plan.model)))
   from copd_jax.retention import disk_plan, format_disk_plan
   state_bytes = sum(leaf.total_bytes for leaf in plan.leaves)
