@@ -61,15 +61,15 @@ def setup(args) -> dict:
 
 
 def naive(args, out: str) -> None:
+  """Every branch read whole into host memory, then averaged: K models at once."""
   import numpy as np
-  import orbax.checkpoint as ocp
   import jax
   from copd_jax import checkpoint as ckpt
   step_dir = ckpt.latest_step_dir(os.path.join(args.dir, 'run'))
-  state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
-  branches = ckpt._collapse_variables(jax.tree.map(np.asarray, state['params']))
-  merged = jax.tree.map(lambda x: x.mean(axis=0), branches)
-  del state, branches
+  source = ckpt.open_source(step_dir)
+  branches = [source.read_all(branch=k) for k in range(source.num_branches)]
+  merged = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *branches)
+  del branches
   meta = ckpt.read_meta(step_dir)
   ckpt.save_params_checkpoint(out, merged, {ckpt.META_MODEL_CONFIG: meta[ckpt.META_MODEL_CONFIG]})
 
