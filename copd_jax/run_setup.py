@@ -195,7 +195,9 @@ def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
     if spec.source == 'synthetic':
       out[name] = synthetic_domain(name, config.seed + 1000 * i, spec.num_train, spec.num_eval)
     else:
-      fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None)
+      fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None,
+                    image_field=spec.image_field, video_field=spec.video_field,
+                    max_image_pixels=config.data.max_image_pixels)
       out[name] = (load_examples(spec.train_path, name, reward=spec.reward, **fields),
                    load_examples(spec.eval_path, name, reward=spec.reward, **fields))
   return out

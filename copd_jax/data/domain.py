@@ -37,6 +37,8 @@ class Example:
     `prompt` holds; () for a plain prompt row.
   source: where the row came from, 'path:line' (JSON Lines) or 'path: row N' (Parquet); '' for
     generated examples. Error messages about one prompt name it; not part of equality.
+  images: paths of the row's images, in prompt order (checked when the file was loaded).
+  video: paths of the frames of the row's video, in order; () when it has none.
   """
   prompt: str
   answer: str
@@ -45,6 +47,8 @@ class Example:
   reward: str = 'exact'
   messages: tuple[tuple[str, str], ...] = ()
   source: str = dataclasses.field(default='', compare=False)
+  images: tuple[str, ...] = ()
+  video: tuple[str, ...] = ()
 
 
 def where(example: Example) -> str:
