@@ -2,6 +2,8 @@
 (fp32), import(export(p)) == p exactly, config.json keeps vision_config and every special-token
 id, and the tokenizer / processor files of the source come along."""
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ from copd_jax.models import hf_io_vl
 from copd_jax.models.qwen3_vl import Qwen3VL
 from tests.hf_vl_fixtures import (IMAGE, TINY_VL_CONFIGS, VIDEO, image_prompt, random_pixels,
                                   save_hf_vl_model, video_prompt)
+from tests.qwen3_fixture import qwen3_tokenizer_dir
 from tests.test_qwen3_vl import _check, _hf_logits, _our_logits
 
 
@@ -33,8 +36,10 @@ def _model_with(params, config):
 
 
 def _source_with_processor_files(folder):
-  """A source folder as a released checkpoint has it: processor config, generation config with
-  an eos list, and special-token ids in config.json."""
+  """A source folder as a released checkpoint has it: tokenizer (the real Qwen3 one), processor
+  config, generation config with an eos list, and special-token ids in config.json."""
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    shutil.copy(os.path.join(qwen3_tokenizer_dir(), name), folder / name)
   (folder / 'preprocessor_config.json').write_text(json.dumps(
       {'image_processor_type': 'Qwen2VLImageProcessor', 'patch_size': 16, 'merge_size': 2,
        'temporal_patch_size': 2}))
@@ -69,7 +74,8 @@ def test_exported_folder_loads_in_transformers_with_equal_logits(tmp_path, name)
   assert (raw['image_token_id'], raw['video_token_id'], raw['vision_start_token_id'],
           raw['vision_end_token_id']) == (IMAGE, VIDEO, 152, 153)
   assert (raw['bos_token_id'], raw['eos_token_id'], raw['pad_token_id']) == (140, 141, 143)
-  for file in ('preprocessor_config.json', 'chat_template.json', 'generation_config.json'):
+  for file in ('preprocessor_config.json', 'chat_template.json', 'generation_config.json',
+               'tokenizer.json'):
     assert (out / file).read_text() == (source / file).read_text(), file
 
   hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
@@ -95,3 +101,36 @@ def test_sharded_export_reads_back_exactly(tmp_path):
   for got, want in zip(jax.tree.leaves(hf_io_vl.load_vl_params(str(out))),
                        jax.tree.leaves(params)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_merge_and_export_hf_commands_on_vl_models(tmp_path):
+  """`merge --hf-out` of two perturbed VL models is their per-leaf mean, written as a VL folder
+  with the processor files; `export-hf` of the merged params-only checkpoint reads back
+  exactly. The merged folder loads in transformers."""
+  from copd_jax.__main__ import main
+  source = tmp_path / 'source'
+  save_hf_vl_model('gqa_untied_ds2', source)
+  _source_with_processor_files(source)
+  config = hf_io_vl.read_vl_config(str(source))
+  base = hf_io_vl.load_vl_params(str(source))
+  trees = [_perturbed(base, seed) for seed in (3, 4)]
+  for name, tree in zip('ab', trees):
+    hf_io_vl.save_vl_hf_folder(tree, config, str(tmp_path / name), tokenizer_from=str(source))
+  merged, merged_hf, exported = (str(tmp_path / n) for n in ('merged', 'merged_hf', 'exported'))
+  assert main(['merge', '--inputs', str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', merged,
+               '--hf-out', merged_hf]) == 0
+  want = jax.tree.map(lambda x, y: (x + y) / 2, *trees)
+  got = hf_io_vl.load_vl_params(merged_hf)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+  assert hf_io_vl.read_vl_config(merged_hf) == config
+
+  assert main(['export-hf', '--checkpoint', merged, '--out', exported]) == 0
+  for g, w in zip(jax.tree.leaves(hf_io_vl.load_vl_params(exported)), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(g, w)
+  for folder in (merged_hf, exported):
+    for file in ('preprocessor_config.json', 'chat_template.json', 'tokenizer.json'):
+      assert (tmp_path / folder / file).read_bytes() == (source / file).read_bytes(), file
+  hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32)
+  assert hf.config.vision_config.deepstack_visual_indexes == [0, 2]

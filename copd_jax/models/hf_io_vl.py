@@ -27,9 +27,6 @@ from copd_jax.models.qwen3_vl_vision import VisionConfig
 from copd_jax.tree_paths import get_path, set_path
 
 VL_ARCHITECTURES = ('Qwen3VLForConditionalGeneration',)
-# The image / video processor's files, copied with the tokenizer's from the source folder.
-PROCESSOR_FILES = ('preprocessor_config.json', 'video_preprocessor_config.json',
-                   'processor_config.json', 'chat_template.json')
 _TEXT = 'model.language_model.'
 _VISION = 'model.visual.'
 
@@ -38,9 +35,24 @@ def read_vl_config(folder: str) -> Qwen3VLConfig:
   return vl_config_from_hf_dict(*read_config_json(folder))
 
 
+def is_vl_config(raw: dict[str, Any]) -> bool:
+  """Whether a config.json (as a dict) describes a Qwen3-VL model."""
+  return (raw.get('model_type') == 'qwen3_vl'
+          or bool(set(raw.get('architectures') or []) & set(VL_ARCHITECTURES)))
+
+
+def vl_config_from_fields(raw: dict[str, Any]) -> Qwen3VLConfig:
+  """The Qwen3VLConfig that `dataclasses.asdict` gave (a checkpoint meta's model_config)."""
+  vision = dict(raw['vision'])
+  vision['deepstack_visual_indexes'] = tuple(vision.get('deepstack_visual_indexes', ()))
+  return Qwen3VLConfig(text=Qwen3Config(**raw['text']), vision=VisionConfig(**vision),
+                       **{**{k: v for k, v in raw.items() if k not in ('text', 'vision')},
+                          'mrope_section': tuple(raw['mrope_section'])})
+
+
 def vl_config_from_hf_dict(raw: dict[str, Any], source: str = 'config.json') -> Qwen3VLConfig:
   archs = raw.get('architectures') or []
-  if raw.get('model_type') != 'qwen3_vl' and not set(archs) & set(VL_ARCHITECTURES):
+  if not is_vl_config(raw):
     raise HFFormatError(f'{source}: not a Qwen3-VL model (model_type={raw.get("model_type")!r}, '
                         f'architectures={archs})')
   text = dict(raw.get('text_config') or {})
@@ -182,7 +194,7 @@ def vl_params_to_hf_tensors(params: dict[str, Any], config: Qwen3VLConfig, dtype
   for path, names, _, to_hf in tensor_plan(config):
     value = np.asarray(get_path(params, path))
     for i, name in enumerate(names):
-      one = value[i] if _is_stacked(path) else value
+      one = value[i] if is_stacked(path) else value
       yield name, np.ascontiguousarray(to_hf(one).astype(dtype))
 
 
@@ -194,15 +206,21 @@ def save_vl_hf_folder(params: dict[str, Any], config: Qwen3VLConfig, out_dir: st
   tensor names, config.json (vision_config and every special-token id of the source), and the
   tokenizer, generation and processor files of `tokenizer_from` (hf_io.write.write_model_folder)."""
   itemsize = np.dtype(dtype).itemsize
-  sizes = [(name, int(np.prod(np.shape(get_path(params, path))[1 if _is_stacked(path) else 0:]))
+  sizes = [(name, int(np.prod(np.shape(get_path(params, path))[1 if is_stacked(path) else 0:]))
             * itemsize)
            for path, names, _, _ in tensor_plan(config) for name in names]
   hf_write.write_model_folder(
       out_dir, tensors=lambda: vl_params_to_hf_tensors(params, config, dtype), sizes=sizes,
       config_json=lambda extra: vl_config_to_hf_dict(config, dtype=hf_write.dtype_name(dtype),
                                                      **extra),
-      tokenizer_from=tokenizer_from, copy_files=hf_io.TOKENIZER_FILES + PROCESSOR_FILES,
+      tokenizer_from=tokenizer_from, copy_files=hf_io.TOKENIZER_FILES + hf_io.PROCESSOR_FILES,
       max_shard_bytes=max_shard_bytes, generation=generation, output_of=output_of)
+
+
+def abstract_vl_params(config: Qwen3VLConfig) -> dict[str, Any]:
+  """ShapeDtypeStructs of every Qwen3VL parameter, in the nested pure-dict layout."""
+  abstract = nnx.eval_shape(lambda: Qwen3VL(config, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
 def _expected_shapes(config: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -227,7 +245,7 @@ def load_vl_params(folder: str, config: Qwen3VLConfig | None = None,
   with hf_read.TensorReader(files) as reader:
     for path, names, conv, _ in plan:
       shape = shapes[path]
-      stacked = _is_stacked(path)
+      stacked = is_stacked(path)
       inner = shape[1:] if stacked else shape
       values = [hf_read.as_float_numpy(
           hf_read.convert_tensor(reader.get(n), conv, inner, n, files[n]), np.dtype(param_dtype))
@@ -236,7 +254,7 @@ def load_vl_params(folder: str, config: Qwen3VLConfig | None = None,
   return params
 
 
-def _is_stacked(path: tuple[str, ...]) -> bool:
+def is_stacked(path: tuple[str, ...]) -> bool:
   """Whether the parameter is stacked over layers (one HF tensor per layer)."""
   return path[:2] == ('text', 'layers') or path[:2] in (('vision', 'blocks'),
                                                         ('vision', 'deepstack'))
