@@ -270,8 +270,8 @@ class VisionPrompt:
       default_factory=lambda: np.zeros((0, 3), np.int64))
 
 
-def encode_vision_prompt(prompt_text: str, images: Sequence[Image.Image], processor: VisionProcessor,
-                         tokenizer, videos: Sequence[Sequence[Image.Image]] = (),
+def encode_vision_prompt(prompt_text: str, images: Sequence[Image.Image],
+                         processor: VisionProcessor, tokenizer, videos: Sequence[Sequence[Image.Image]] = (),
                          video_fps: float = DEFAULT_VIDEO_FPS) -> VisionPrompt:
   """A rendered prompt (its placeholders from the chat template) and its images / videos (each
   a list of frames) as model inputs, with transformers' processors for the pixels."""

@@ -148,7 +148,8 @@ def test_rows_carry_image_and_video_paths_with_configurable_fields(tmp_path):
   assert rows[3].images == rows[3].video == ()
   # '' reads no images: the same file loads as text with a missing image path in it
   (tmp_path / 'pics' / 'a.png').unlink()
-  assert load_examples(data, 'vis', 'q', reward='exact', image_field='', video_field='')[0].images == ()
+  text_only = load_examples(data, 'vis', 'q', reward='exact', image_field='', video_field='')
+  assert text_only[0].images == ()
 
 
 @pytest.mark.parametrize('value, message', [
@@ -251,3 +252,33 @@ def test_videos_without_a_video_processor_are_refused_in_one_line(tmp_path):
 def test_missing_processor_config_is_named(tmp_path):
   with pytest.raises(UserInputError, match=f'{tmp_path}: no preprocessor_config.json'):
     vi.load_vision_processor(str(tmp_path))
+
+
+def test_one_question_about_different_images_is_different_prompts(tmp_path):
+  """The train / eval split keeps rows that share a question but not an image."""
+  from copd_jax.data import split_examples
+  for k in range(4):
+    _picture((8, 8, 3), seed=k).save(tmp_path / f'{k}.png')
+  data = _write_rows(tmp_path, [{'prompt': 'How many red shapes?', 'answer': str(k),
+                                 'images': f'{k}.png'} for k in range(4)]
+                     + [{'prompt': 'How many red shapes?', 'answer': '0', 'images': '0.png'}])
+  train, evals = split_examples(load_examples(data, 'img', reward='exact'), 2, seed=0)
+  assert len(evals) == 2 and len({e.images for e in evals}) == 2
+  assert len({e.images for e in train}) == 2
+  assert not {e.images for e in train} & {e.images for e in evals}
+
+
+def test_training_refuses_rows_with_images_until_it_feeds_them(tmp_path):
+  from copd_jax.run_setup import load_domains
+  _picture((8, 8, 3)).save(tmp_path / 'a.png')
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a'},
+                                {'prompt': 'q', 'answer': 'b', 'images': 'a.png'}])
+  config = base_config()
+  config.domains['pics'] = config.domains.count.copy_and_resolve_references()
+  config.domains.pics.update(source='file', train_path=data, eval_path=data)
+  config.branches = ('pics',)
+  with pytest.raises(UserInputError, match=f"{data}:2: the row has images .*image_field=''"):
+    load_domains(config)
+  config.domains.pics.update(image_field='', video_field='')
+  train, _ = load_domains(config)['pics']
+  assert [ex.images for ex in train] == [(), ()]
