@@ -24,7 +24,7 @@ from copd_jax.models.hf_io.format import read_config_json
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.qwen3_vl_vision import VisionConfig
-from copd_jax.tree_paths import get_path, set_path
+from copd_jax.tree_paths import flatten_paths, get_path, set_path
 
 VL_ARCHITECTURES = ('Qwen3VLForConditionalGeneration',)
 _TEXT = 'model.language_model.'
@@ -43,11 +43,12 @@ def is_vl_config(raw: dict[str, Any]) -> bool:
 
 def vl_config_from_fields(raw: dict[str, Any]) -> Qwen3VLConfig:
   """The Qwen3VLConfig that `dataclasses.asdict` gave (a checkpoint meta's model_config)."""
-  vision = dict(raw['vision'])
+  fields = dict(raw)   # JSON gave lists where the dataclasses hold tuples
+  vision = dict(fields.pop('vision'))
   vision['deepstack_visual_indexes'] = tuple(vision.get('deepstack_visual_indexes', ()))
-  return Qwen3VLConfig(text=Qwen3Config(**raw['text']), vision=VisionConfig(**vision),
-                       **{**{k: v for k, v in raw.items() if k not in ('text', 'vision')},
-                          'mrope_section': tuple(raw['mrope_section'])})
+  fields['mrope_section'] = tuple(fields['mrope_section'])
+  return Qwen3VLConfig(text=Qwen3Config(**fields.pop('text')), vision=VisionConfig(**vision),
+                       **fields)
 
 
 def vl_config_from_hf_dict(raw: dict[str, Any], source: str = 'config.json') -> Qwen3VLConfig:
@@ -224,9 +225,7 @@ def abstract_vl_params(config: Qwen3VLConfig) -> dict[str, Any]:
 
 
 def _expected_shapes(config: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  abstract = nnx.eval_shape(lambda: Qwen3VL(config, rngs=nnx.Rngs(0)))
-  flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-  return {tuple(path): tuple(v.shape) for path, v in flat}
+  return {path: tuple(v.shape) for path, v in flatten_paths(abstract_vl_params(config))}
 
 
 def load_vl_params(folder: str, config: Qwen3VLConfig | None = None,
