@@ -218,6 +218,12 @@ def test_chat_template_and_pads_give_one_pad_per_merged_patch(tmp_path):
   expected += ids('What differs?<|im_end|>\n<|im_start|>assistant\n')
   assert (start, pad, end) == (151652, 151655, 151653)
   assert prompt.input_ids.tolist() == expected
+  # the model's M-RoPE layout accepts the pad runs as these grids' images
+  from copd_jax.models.qwen3_vl_positions import mrope_position_ids
+  positions, _ = mrope_position_ids(prompt.input_ids[None], image_token_id=pad,
+                                    video_token_id=151656, spatial_merge_size=2,
+                                    image_grid_thw=grids)
+  assert positions.shape == (3, 1, len(expected))
 
 
 def test_placeholder_count_must_match_the_images(tmp_path):
