@@ -134,3 +134,16 @@ def test_merge_and_export_hf_commands_on_vl_models(tmp_path):
       assert (tmp_path / folder / file).read_bytes() == (source / file).read_bytes(), file
   hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32)
   assert hf.config.vision_config.deepstack_visual_indexes == [0, 2]
+
+
+def test_bfloat16_export_reads_back_as_the_rounded_params(tmp_path):
+  import jax.numpy as jnp
+  source = tmp_path / 'source'
+  save_hf_vl_model('mha_bias_ds3', source)
+  config = hf_io_vl.read_vl_config(str(source))
+  params = _perturbed(hf_io_vl.load_vl_params(str(source)), seed=5)
+  hf_io_vl.save_vl_hf_folder(params, config, str(tmp_path / 'bf16'), dtype=jnp.bfloat16)
+  assert json.loads((tmp_path / 'bf16' / 'config.json').read_text())['dtype'] == 'bfloat16'
+  for got, want in zip(jax.tree.leaves(hf_io_vl.load_vl_params(str(tmp_path / 'bf16'))),
+                       jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want.astype(jnp.bfloat16).astype(np.float32))

@@ -288,3 +288,19 @@ def test_training_refuses_rows_with_images_until_it_feeds_them(tmp_path):
   config.domains.pics.update(image_field='', video_field='')
   train, _ = load_domains(config)['pics']
   assert [ex.images for ex in train] == [(), ()]
+
+
+def test_parquet_rows_carry_checked_image_paths(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  _picture((8, 8, 3)).save(tmp_path / 'a.png')
+  (tmp_path / 'bad.png').write_bytes(b'not pixels')
+  path = str(tmp_path / 'data.parquet')
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'images': [['a.png'], None]}), path)
+  rows = load_examples(path, 'img', reward='exact')
+  assert [r.images for r in rows] == [(str(tmp_path / 'a.png'),), ()]
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'images': [['a.png'], ['bad.png']]}), path)
+  with pytest.raises(UserInputError, match=f'{path}: row 1: image {tmp_path / "bad.png"}: not an'):
+    load_examples(path, 'img', reward='exact')
