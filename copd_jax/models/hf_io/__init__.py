@@ -13,7 +13,8 @@ the completion marker, last.
 
   format.py   config.json <-> Qwen3Config; HF tensor names and layouts <-> ours; HFFormatError
   read.py     safetensors (local or ranged remote reads) -> params, host or sharded; load_model
-  write.py    params -> an HF folder (save_hf_folder), special-token ids of the source
+  write.py    params -> an HF folder (save_hf_folder; write_model_folder, the one folder writer
+              that Qwen3-VL's export uses too), special-token ids of the source
 """
 from copd_jax.models.hf_io.format import (PROCESSOR_FILES, SUPPORTED_ARCHITECTURES,
                                           TOKENIZER_FILES, HFFormatError,
