@@ -114,6 +114,7 @@ def _check_data(config, check_files: bool) -> None:
       check.positive_int(f'{where}.num_train', domain.num_train)
       check.positive_int(f'{where}.num_eval', domain.num_eval)
   check.positive_int('data.max_prompt_tokens', config.data.max_prompt_tokens, allow_zero=True)
+  check.positive_int('data.max_image_pixels', config.data.max_image_pixels)
   check.one_of('data.long_prompts', config.data.long_prompts, LONG_PROMPT_POLICIES)
 
 
@@ -200,11 +201,14 @@ def _check_batches(config) -> None:
 
 
 def _check_domain_prompting(config, name: str) -> None:
-  """domains.<name>: use_chat_template, system_prompt, enable_thinking."""
+  """domains.<name>: use_chat_template, system_prompt, enable_thinking, image_field,
+  video_field."""
   domain, where = config.domains[name], f'domains.{name}'
   check.typed(f'{where}.use_chat_template', domain.use_chat_template, bool)
   check.typed(f'{where}.system_prompt', domain.system_prompt, str)
   check.typed(f'{where}.enable_thinking', domain.enable_thinking, bool)
+  check.typed(f'{where}.image_field', domain.image_field, str)
+  check.typed(f'{where}.video_field', domain.video_field, str)
   check.check(domain.use_chat_template or not domain.system_prompt, f'{where}.system_prompt',
               'needs use_chat_template=True (the system prompt is a turn of the chat template)')
 

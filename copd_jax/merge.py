@@ -299,7 +299,7 @@ def default_base(models: Sequence[MergeModel]) -> str | None:
 @dataclasses.dataclass
 class MergeResult:
   params: dict[str, Any]        # pure-dict tree of the merged model (host arrays)
-  model_config: Qwen3Config
+  model_config: Any             # Qwen3Config, or Qwen3VLConfig for a Qwen3-VL model
   tokenizer_dir: str | None
   meta: dict[str, Any]          # what the params-only checkpoint's meta holds
 

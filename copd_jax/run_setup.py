@@ -29,7 +29,7 @@ from copd_jax.config_checks import branch_domains
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.data.domain import prompt_format
 from copd_jax.data.prompt_limit import limit_prompts, prompt_limit_lines
-from copd_jax.errors import ConfigError
+from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.models import hf_io
 from copd_jax.models.hub import local_model_path
 from copd_jax.models.qwen3 import Qwen3Config
@@ -195,10 +195,22 @@ def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
     if spec.source == 'synthetic':
       out[name] = synthetic_domain(name, config.seed + 1000 * i, spec.num_train, spec.num_eval)
     else:
-      fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None)
+      fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None,
+                    image_field=spec.image_field, video_field=spec.video_field,
+                    max_image_pixels=config.data.max_image_pixels)
       out[name] = (load_examples(spec.train_path, name, reward=spec.reward, **fields),
                    load_examples(spec.eval_path, name, reward=spec.reward, **fields))
+      _refuse_visual_rows(name, out[name][0] + out[name][1])
   return out
+
+
+def _refuse_visual_rows(name: str, examples: list[Example]) -> None:
+  """The training loop feeds text only: a row's images would be dropped without a word."""
+  row = next((ex for ex in examples if ex.images or ex.video), None)
+  if row is not None:
+    raise UserInputError(f'{row.source}: the row has images or a video, which training does not '
+                         f"feed to the model yet; set domains.{name}.image_field='' and "
+                         "video_field='' to train on its text alone")
 
 
 def domain_source(config, name: str) -> str:

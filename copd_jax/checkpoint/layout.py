@@ -70,8 +70,11 @@ def model_config_from_meta(meta: Mapping[str, Any], where: str) -> Qwen3Config:
     raise CheckpointError(f'{where}: meta has no {META_MODEL_CONFIG!r} (not a copd_jax model '
                           'checkpoint?)')
   try:
+    if 'vision' in raw:   # a Qwen3-VL model: text and vision configs nested
+      from copd_jax.models.hf_io_vl import vl_config_from_fields
+      return vl_config_from_fields(raw)
     return Qwen3Config(**raw)
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, KeyError) as e:
     raise CheckpointError(f'{where}: meta.{META_MODEL_CONFIG} is not a valid Qwen3Config '
                           f'({e})') from None
 

@@ -54,7 +54,7 @@ def save_params_checkpoint(out_dir: str, params: Mapping[str, Any], meta: Mappin
     if tokenizer_dir:
       dest = storage.join(folder, TOKENIZER_SUBDIR)
       storage.makedirs(dest)
-      for name in hf_io.TOKENIZER_FILES:
+      for name in hf_io.TOKENIZER_FILES + hf_io.PROCESSOR_FILES:
         src = storage.join(tokenizer_dir, name)
         if not storage.is_file(src):
           continue

@@ -18,8 +18,10 @@ from copd_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, DIGESTS, META, META_
                                         PARAMS, STATE, TOKENIZER_SUBDIR, CheckpointError, DigestMismatch,
                                         first_line, model_config_from_meta, read_meta,
                                         this_process_only)
-from copd_jax.models import hf_io
+from copd_jax.models import hf_io, hf_io_vl
+from copd_jax.models.hf_io.format import read_config_json
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.models.qwen3_vl import Qwen3VLConfig
 from copd_jax.tree_paths import flatten_paths, get_path, set_path
 
 def _variable_leaves(tree: Any, short: tuple[str, ...] = (), full: tuple[str, ...] = ()
@@ -36,7 +38,9 @@ def _variable_leaves(tree: Any, short: tuple[str, ...] = (), full: tuple[str, ..
     yield short, full, tree
 
 
-def _abstract_params(config: Qwen3Config) -> dict[str, Any]:
+def _abstract_params(config: Qwen3Config | Qwen3VLConfig) -> dict[str, Any]:
+  if isinstance(config, Qwen3VLConfig):
+    return hf_io_vl.abstract_vl_params(config)
   model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
@@ -51,7 +55,7 @@ class ParamsSource:
   """
   path: str
   kind: str
-  model_config: Qwen3Config
+  model_config: Qwen3Config | Qwen3VLConfig
   tokenizer_dir: str | None
   meta: dict[str, Any]
   shapes: dict[str, Any]
@@ -127,6 +131,8 @@ class ParamsSource:
 
   def read_all(self, branch: int | None = None) -> dict[str, Any]:
     """Every tensor of one model as a pure dict of numpy arrays."""
+    if self.kind == 'hf' and isinstance(self.model_config, Qwen3VLConfig):
+      return hf_io_vl.load_vl_params(self.path, self.model_config, np.float32)
     if self.kind == 'hf':
       return hf_io.load_params(self.path, self.model_config, np.float32)
     out: dict[str, Any] = {}
@@ -153,6 +159,14 @@ class ParamsSource:
     return value
 
   def _read_hf_uncached(self, path: tuple[str, ...], layer: int | None) -> np.ndarray:
+    if isinstance(self.model_config, Qwen3VLConfig):
+      names, to_ours = next((names, conv) for p, names, conv, _ in
+                            hf_io_vl.tensor_plan(self.model_config) if p == path)
+      if not hf_io_vl.is_stacked(path):
+        return to_ours(self._hf_tensor(names[0]))
+      chosen = names if layer is None else [names[layer]]
+      arrays = [to_ours(self._hf_tensor(name)) for name in chosen]
+      return arrays[0] if layer is not None else np.stack(arrays)
     if path[0] == 'layers':
       hf_name, to_ours, _ = hf_io.layer_mapping(self.model_config)[path[1]]
       layers = range(self.model_config.num_layers) if layer is None else [layer]
@@ -262,7 +276,9 @@ def open_source(path: str) -> ParamsSource:
   if not storage.is_dir(path):
     raise CheckpointError(f'{path}: no such directory')
   if storage.is_file(storage.join(path, 'config.json')):
-    config = hf_io.read_config(path)
+    raw, config_path = read_config_json(path)
+    config = (hf_io_vl.vl_config_from_hf_dict(raw, config_path) if hf_io_vl.is_vl_config(raw)
+              else hf_io.config_from_hf_dict(raw, config_path))
     abstract = _abstract_params(config)
     source = ParamsSource(path, 'hf', config, path if _has_tokenizer(path) else None, {},
                           jax.tree.map(lambda s: tuple(s.shape), abstract),

@@ -8,14 +8,16 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import finite, output_paths, storage
 from copd_jax.errors import UserInputError
-from copd_jax.models import hf_io
+from copd_jax.models import hf_io, hf_io_vl
 from copd_jax.models.qwen3 import Qwen3Config
+from copd_jax.models.qwen3_vl import Qwen3VLConfig
 
 HF_DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
 
@@ -48,10 +50,11 @@ def check_finite(params: dict[str, Any], where: str) -> None:
     raise UserInputError(f'{where}: {finite.describe(bad)}; refusing to export it')
 
 
-def write_hf_folder(params: dict[str, Any], config: Qwen3Config, tokenizer_dir: str | None,
-                    out_dir: str, dtype: str = 'float32', command: str = 'export-hf') -> None:
-  """save_hf_folder with the tokenizer files of tokenizer_dir and its special-token ids, marked
-  as an output of `command`."""
+def write_hf_folder(params: dict[str, Any], config: Qwen3Config | Qwen3VLConfig,
+                    tokenizer_dir: str | None, out_dir: str, dtype: str = 'float32',
+                    command: str = 'export-hf') -> None:
+  """save_hf_folder (a Qwen3-VL config: save_vl_hf_folder, processor files included) with the
+  tokenizer files of tokenizer_dir and its special-token ids, marked as an output of `command`."""
   generation = {}
   if tokenizer_dir:
     from copd_jax.models.tokenizer import load_tokenizer  # imports transformers
@@ -65,6 +68,10 @@ def write_hf_folder(params: dict[str, Any], config: Qwen3Config, tokenizer_dir: 
   else:
     print(f'warning: no tokenizer recorded for this model; {out_dir} has weights and config only',
           file=sys.stderr)
+  if isinstance(config, Qwen3VLConfig):   # Qwen3VLForConditionalGeneration, processor files too
+    hf_io_vl.save_vl_hf_folder(params, config, out_dir, tokenizer_from=tokenizer_dir,
+                               dtype=HF_DTYPES[dtype], generation=generation, output_of=command)
+    return
   hf_io.save_hf_folder(params, config, out_dir, tokenizer_from=tokenizer_dir,
                        dtype=HF_DTYPES[dtype], generation=generation, output_of=command)
 
@@ -76,5 +83,7 @@ def run(args: argparse.Namespace) -> int:
   if tokenizer_dir:
     check_out_dir(args.out, args.overwrite, '--out', inputs=[('tokenizer_dir', tokenizer_dir)])
   write_hf_folder(params, config, tokenizer_dir, args.out, args.dtype)
-  print(f'wrote {args.out} ({config.num_params():,} parameters, {args.dtype})')
+  count = (config.num_params() if isinstance(config, Qwen3Config)
+           else sum(int(np.size(x)) for x in jax.tree.leaves(params)))
+  print(f'wrote {args.out} ({count:,} parameters, {args.dtype})')
   return 0

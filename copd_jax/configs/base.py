@@ -26,7 +26,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             answer_extraction: what is scored, always from the text after the
                             last </think>: 'final' (that text), 'boxed' (its last \boxed{}),
                             'last_number'; reward_timeout_s: seconds per completion in the
-                            reward worker (past it: 0, logged)
+                            reward worker (past it: 0, logged). Images: image_field (default
+                            'images': a path or a list of paths per row, relative to the data
+                            file) and video_field (default 'video': a folder of frames or a
+                            list of frame paths); '' = not read. Every file is checked when
+                            the data loads (copd_jax/vision_inputs.py)
   data                      max_prompt_tokens: longest rendered prompt (tokens, after the chat
                             template) a run keeps; 0 = no limit. Every prompt is padded to the
                             run's longest one, so one long prompt costs every batch. Longer
@@ -34,7 +38,9 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             (long_prompts='drop') or cut to their last max_prompt_tokens tokens
                             (long_prompts='truncate'; the end holds the assistant header);
                             `train` logs the counts per domain once at set-up
-                            (copd_jax/data/prompt_limit.py)
+                            (copd_jax/data/prompt_limit.py). max_image_pixels: an image or
+                            video frame with more pixels (width x height) is refused at load
+                            (default: Pillow's decompression-bomb threshold, 89,478,485)
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
                             compute/param dtype, remat, scan_layers; attention: 'auto' (per
                             backend: dense up to attention_block tokens, then cuDNN on GPU
@@ -144,7 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
   for name in ('arithmetic', 'reverse', 'sort', 'count'):
     c.domains[name] = synthetic_domain()
 
-  c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop'))
+  c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop',
+                                         max_image_pixels=89_478_485))
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
       scan_layers=True, preset='', branch_init=(), attention='auto', attention_block=512,
@@ -191,6 +198,7 @@ def synthetic_domain(num_train: int = 2000, num_eval: int = 200) -> ml_collectio
   domain = ml_collections.ConfigDict(dict(
       source='synthetic', reward='exact', num_train=num_train, num_eval=num_eval, train_path='',
       eval_path='', prompt_field='', answer_field='', use_chat_template=True, system_prompt='',
-      enable_thinking=True, answer_extraction='final', reward_timeout_s=2.0))
+      enable_thinking=True, answer_extraction='final', reward_timeout_s=2.0,
+      image_field='images', video_field='video'))
   domain.lock()
   return domain

@@ -37,6 +37,8 @@ class Example:
     `prompt` holds; () for a plain prompt row.
   source: where the row came from, 'path:line' (JSON Lines) or 'path: row N' (Parquet); '' for
     generated examples. Error messages about one prompt name it; not part of equality.
+  images: paths of the row's images, in prompt order (checked when the file was loaded).
+  video: paths of the frames of the row's video, in order; () when it has none.
   """
   prompt: str
   answer: str
@@ -45,6 +47,8 @@ class Example:
   reward: str = 'exact'
   messages: tuple[tuple[str, str], ...] = ()
   source: str = dataclasses.field(default='', compare=False)
+  images: tuple[str, ...] = ()
+  video: tuple[str, ...] = ()
 
 
 def where(example: Example) -> str:
@@ -120,13 +124,19 @@ def sft_pairs(tokenizer, examples: Sequence[Example],
   return [(render_prompt(tokenizer, ex, use_chat_template), ex.answer + eos) for ex in examples]
 
 
+def prompt_key(example: Example) -> tuple:
+  """What makes two prompts the same: the text and the images / video (one question asked of
+  many pictures is many prompts)."""
+  return example.prompt, example.images, example.video
+
+
 def dedupe_by_prompt(examples: Sequence[Example]) -> list[Example]:
-  """First occurrence of each prompt, order kept."""
-  seen: set[str] = set()
+  """First occurrence of each prompt (`prompt_key`), order kept."""
+  seen: set[tuple] = set()
   out = []
   for ex in examples:
-    if ex.prompt not in seen:
-      seen.add(ex.prompt)
+    if prompt_key(ex) not in seen:
+      seen.add(prompt_key(ex))
       out.append(ex)
   return out
 
@@ -147,6 +157,6 @@ def split_examples(examples: Sequence[Example], num_eval: int,
   if len(eval_examples) < num_eval:
     raise UserInputError(f'num_eval={num_eval} but only {len(eval_examples)} distinct prompts '
                          'are available')
-  eval_prompts = {ex.prompt for ex in eval_examples}
-  train = [ex for ex in order if ex.prompt not in eval_prompts]
+  eval_prompts = {prompt_key(ex) for ex in eval_examples}
+  train = [ex for ex in order if prompt_key(ex) not in eval_prompts]
   return train, eval_examples

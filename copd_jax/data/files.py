@@ -2,11 +2,17 @@
 
 A row's prompt is a string field, or a chat: a `messages` list of {'role', 'content'} turns
 (roles system / user / assistant, ending with a user turn) rendered with the chat template. Its
-answer is a string or a number (3 -> '3', 2.5 -> '2.5', 4.0 -> '4').
+answer is a string or a number (3 -> '3', 2.5 -> '2.5', 4.0 -> '4'). Its images (field
+`image_field`, default 'images': a path or a list of paths) and video (field `video_field`,
+default 'video': a folder of frames or a list of frame paths) are paths relative to the data
+file's folder.
 
 Everything is validated while loading, before any training: a missing or empty file, a
 malformed JSON line, a missing field or a value of the wrong type raises `DataFileError` whose
-one-line message names the file and the line (JSON Lines, 1-based) or row (Parquet, 0-based).
+one-line message names the file and the line (JSON Lines, 1-based) or row (Parquet, 0-based);
+every image and video frame is opened and checked then (copd_jax/vision_inputs.py: missing,
+empty, corrupt, truncated, not an image, over `max_image_pixels`), its error naming the row and
+the image.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import math
 import os
 from typing import Any, Iterator, Sequence
 
+from copd_jax import vision_inputs
 from copd_jax.data.domain import REWARD_KINDS, Example, is_reward_name
 from copd_jax.errors import UserInputError
 
@@ -158,14 +165,33 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
       yield where, line_no, record
 
 
-def _parquet_records(path: str, prompt_names: tuple[str, ...],
-                     answer_names: tuple[str, ...]) -> Iterator[tuple[str, int, dict[str, Any]]]:
-  """(where, row index, {column: value}) per row, reading only the candidate columns."""
+def _visual_paths(record: dict[str, Any], where: str, base_dir: str, image_field: str,
+                  video_field: str, max_image_pixels: int
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(image paths, video frame paths) of a row, every file checked (vision_inputs.check_image);
+  an absent or null field means none."""
+  images: list[str] = []
+  frames: list[str] = []
+  if image_field and record.get(image_field) is not None:
+    images = vision_inputs.image_paths(record[image_field], base_dir, where, image_field)
+    for image in images:
+      vision_inputs.check_image(image, where, max_image_pixels)
+  if video_field and record.get(video_field) is not None:
+    frames = vision_inputs.video_frame_paths(record[video_field], base_dir, where, video_field)
+    vision_inputs.check_video_frames(frames, where, max_image_pixels)
+  return tuple(images), tuple(frames)
+
+
+def _parquet_records(path: str, prompt_names: tuple[str, ...], answer_names: tuple[str, ...],
+                     optional: tuple[str, ...] = ()
+                     ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+  """(where, row index, {column: value}) per row, reading only the candidate columns (and the
+  `optional` ones, e.g. images, where present)."""
   import pyarrow.parquet as pq  # imported here: JSONL-only users never pay for pyarrow
   try:
     parquet = pq.ParquetFile(path)
     columns = set(parquet.schema_arrow.names)
-    wanted = [c for c in (*prompt_names, *answer_names) if c in columns]
+    wanted = [c for c in (*prompt_names, *answer_names, *optional) if c in columns]
     table = parquet.read(columns=wanted)
   except Exception as e:  # pyarrow raises several types for unreadable files
     raise DataFileError(f'{path}: not a readable Parquet file ({type(e).__name__}: '
@@ -181,13 +207,16 @@ def _parquet_records(path: str, prompt_names: tuple[str, ...],
 
 
 def load_examples(path: str, domain: str, prompt_field: str | None = None,
-                  answer_field: str | None = None, reward: str = 'math') -> list[Example]:
+                  answer_field: str | None = None, reward: str = 'math', *,
+                  image_field: str = 'images', video_field: str = 'video',
+                  max_image_pixels: int = vision_inputs.DEFAULT_MAX_PIXELS) -> list[Example]:
   """All examples of a JSON Lines or Parquet file, validated.
 
   The prompt is the first field present among `prompt_field` (if given, only that one) or
   'prompt', 'question', 'problem', 'messages': a non-empty string, or a list of chat messages
   (see the module docstring). The answer likewise among `answer_field` or 'answer',
-  'solution': a non-empty string or a number. Ids are '<domain>:<file name>:<line or row>'.
+  'solution': a non-empty string or a number. Images / video: `image_field` / `video_field`
+  ('' = never read), each file checked now. Ids are '<domain>:<file name>:<line or row>'.
   """
   if not is_reward_name(reward):
     raise UserInputError(f'{path}: unknown reward kind {reward!r}; choose from '
@@ -202,20 +231,24 @@ def load_examples(path: str, domain: str, prompt_field: str | None = None,
   if lower.endswith(JSONL_EXTENSIONS):
     records, label = _jsonl_records(path), 'line'
   elif lower.endswith(PARQUET_EXTENSIONS):
-    records, label = _parquet_records(path, prompt_names, answer_names), 'row'
+    visual_names = tuple(n for n in (image_field, video_field) if n)
+    records, label = _parquet_records(path, prompt_names, answer_names, visual_names), 'row'
   else:
     raise DataFileError(f'{path}: unsupported data file type; use one of '
                         f'{", ".join(JSONL_EXTENSIONS + PARQUET_EXTENSIONS)}')
   name = os.path.basename(path)
+  base_dir = os.path.dirname(os.path.abspath(path))
   examples = []
   for where, index, record in records:
     field, value = _field(record, prompt_names, 'prompt', where)
     messages = _chat(field, value, where) if isinstance(value, (list, tuple)) else ()
     prompt = messages[-1][1] if messages else _text(field, value, where)
     answer = _answer_text(*_field(record, answer_names, 'answer', where), where)
+    images, video = _visual_paths(record, where, base_dir, image_field, video_field,
+                                  max_image_pixels)
     examples.append(Example(prompt=prompt, answer=answer, domain=domain,
                             id=f'{domain}:{name}:{label}{index}', reward=reward,
-                            messages=messages, source=where))
+                            messages=messages, source=where, images=images, video=video))
   if not examples:
     raise DataFileError(f'{path}: no examples (empty file)')
   return examples

@@ -38,6 +38,36 @@ def _parquet(columns: dict) -> Callable[[str], None]:
 
 _OK = {'prompt': '12+7', 'answer': '19'}
 
+
+def _with_image(name: str, content: bytes | None) -> Callable[[str], None]:
+  """A JSON Lines file whose second row names image `name` next to it (content None: the image
+  does not exist); the first row's image is a fine 8 x 8 PNG."""
+  def write(path: str) -> None:
+    from PIL import Image
+    folder = os.path.dirname(path)
+    Image.new('RGB', (8, 8), (200, 30, 30)).save(os.path.join(folder, 'fine.png'))
+    if content is not None:
+      with open(os.path.join(folder, name), 'wb') as f:
+        f.write(content)
+    with open(path, 'wb') as f:
+      f.write(_jsonl({**_OK, 'images': ['fine.png']}, {**_OK, 'images': ['fine.png', name]}))
+  return write
+
+
+def _png(width: int, height: int, pixels: bool = True) -> bytes:
+  """A PNG of width x height; pixels=False: only its header and the start of its data."""
+  import io
+  import struct
+  import zlib
+  from PIL import Image
+  if pixels:
+    out = io.BytesIO()
+    Image.new('RGB', (width, height), (10, 200, 10)).save(out, format='PNG')
+    return out.getvalue()
+  body = b'IHDR' + struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + body
+          + struct.pack('>I', zlib.crc32(body)) + struct.pack('>I', 1000) + b'IDAT' + bytes(12))
+
 BAD_DATA: tuple[DataCase, ...] = (
     DataCase('missing answer field', 'no_answer.jsonl',
              _jsonl(_OK, _OK, {'prompt': '3+4'}), ':3: no answer field'),
@@ -93,6 +123,16 @@ BAD_DATA: tuple[DataCase, ...] = (
     DataCase('Parquet: list answers', 'list.parquet',
              _parquet({'prompt': ['1+1', '2+2'], 'answer': [[2], [4]]}),
              ": row 0: field 'answer' must be a string or a number"),
+    DataCase('image: missing file', 'missing_image.jsonl', _with_image('gone.png', None),
+             ':2: image '),
+    DataCase('image: empty file', 'empty_image.jsonl', _with_image('empty.png', b''),
+             ':2: image '),
+    DataCase('image: not an image', 'text_image.jsonl',
+             _with_image('notes.png', b'just text\n'), ':2: image '),
+    DataCase('image: truncated PNG', 'truncated_image.jsonl',
+             _with_image('cut.png', _png(64, 64)[:-40]), ':2: image '),
+    DataCase('image: decompression bomb (a 20,000 x 10,000 PNG header)', 'bomb_image.jsonl',
+             _with_image('bomb.png', _png(20_000, 10_000, pixels=False)), ':2: image '),
 )
 
 

@@ -13,9 +13,11 @@ the completion marker, last.
 
   format.py   config.json <-> Qwen3Config; HF tensor names and layouts <-> ours; HFFormatError
   read.py     safetensors (local or ranged remote reads) -> params, host or sharded; load_model
-  write.py    params -> an HF folder (save_hf_folder), special-token ids of the source
+  write.py    params -> an HF folder (save_hf_folder; write_model_folder, the one folder writer
+              that Qwen3-VL's export uses too), special-token ids of the source
 """
-from copd_jax.models.hf_io.format import (SUPPORTED_ARCHITECTURES, TOKENIZER_FILES, HFFormatError,
+from copd_jax.models.hf_io.format import (PROCESSOR_FILES, SUPPORTED_ARCHITECTURES,
+                                          TOKENIZER_FILES, HFFormatError,
                                           check_weight_values, config_from_hf_dict,
                                           config_to_hf_dict, layer_mapping, read_config,
                                           top_mapping)
@@ -24,7 +26,7 @@ from copd_jax.models.hf_io.read import (check_tensors, iter_params, load_model, 
                                         tensor_files)
 from copd_jax.models.hf_io.write import params_to_hf_tensors, save_hf_folder, source_token_ids
 
-__all__ = ['SUPPORTED_ARCHITECTURES', 'TOKENIZER_FILES', 'HFFormatError', 'check_weight_values',
+__all__ = ['PROCESSOR_FILES', 'SUPPORTED_ARCHITECTURES', 'TOKENIZER_FILES', 'HFFormatError', 'check_weight_values',
            'check_tensors', 'config_from_hf_dict', 'config_to_hf_dict', 'iter_params',
            'layer_mapping',
            'load_model', 'load_params', 'load_params_sharded', 'model_params_dict',

@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = ('Qwen3ForCausalLM',)
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'vocab.json', 'merges.txt', 'chat_template.jinja', 'generation_config.json',
                    'added_tokens.json')
+# A vision-language model's image / video processor files, copied with the tokenizer's.
+PROCESSOR_FILES = ('preprocessor_config.json', 'video_preprocessor_config.json',
+                   'processor_config.json', 'chat_template.json')
 
 
 class HFFormatError(UserInputError):

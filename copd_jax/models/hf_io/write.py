@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,17 +29,21 @@ def params_to_hf_tensors(params: dict[str, Any], config: Qwen3Config,
       yield f'model.layers.{i}.{hf}', np.ascontiguousarray(to_hf(layer_value).astype(dtype))
 
 
-def _shard_plan(params: dict[str, Any], config: Qwen3Config, dtype,
-                max_shard_bytes: int) -> list[list[str]]:
-  """HF tensor names per safetensors file, in `params_to_hf_tensors` order, from shapes alone: a
-  file is closed before the tensor that would take it past max_shard_bytes."""
-  itemsize = np.dtype(dtype).itemsize
+def _text_tensor_sizes(params: dict[str, Any], config: Qwen3Config,
+                       itemsize: int) -> list[tuple[str, int]]:
+  """(HF name, bytes) of every tensor, in `params_to_hf_tensors` order, from shapes alone."""
   sizes = [(hf, int(np.prod(np.shape(params[ours]))) * itemsize)
            for ours, (hf, _, _) in top_mapping(config).items()]
   for i in range(config.num_layers):
     sizes += [(f'model.layers.{i}.{hf}',
                int(np.prod(np.shape(params['layers'][ours])[1:])) * itemsize)
               for ours, (hf, _, _) in layer_mapping(config).items()]
+  return sizes
+
+
+def shard_plan(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+  """HF tensor names per safetensors file, in the order of `sizes` ((name, bytes) pairs): a file
+  is closed before the tensor that would take it past max_shard_bytes."""
   plan: list[list[str]] = [[]]
   filled = 0
   for name, size in sizes:
@@ -51,32 +55,58 @@ def _shard_plan(params: dict[str, Any], config: Qwen3Config, dtype,
   return plan
 
 
+def dtype_name(dtype) -> str:
+  """The name config.json's `torch_dtype` gives a tensor dtype."""
+  return 'bfloat16' if dtype is jnp.bfloat16 else np.dtype(dtype).name
+
+
 def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
                    tokenizer_from: str | None = None, tokenizer=None, dtype=np.float32,
                    max_shard_bytes: int = 5 * 2**30, generation: dict[str, Any] | None = None,
                    output_of: str | None = None):
-  """Writes a Hugging Face folder (local or remote) with `storage.publish_dir`: locally built under
-  a temporary name and renamed into place; remotely written in place, config.json and then the
-  completion marker last. Either way an interrupted export never leaves a complete-looking half
-  model. Shards are written as soon as they fill: host memory stays near one shard. output_of:
-  the command whose output this is, recorded in the folder's marker file
-  (copd_jax/output_paths.py: what `--overwrite` may replace)."""
-  plan = _shard_plan(params, config, dtype, max_shard_bytes)
+  """Writes a Qwen3ForCausalLM Hugging Face folder (local or remote) with `write_model_folder`."""
+  write_model_folder(
+      out_dir, tensors=lambda: params_to_hf_tensors(params, config, dtype),
+      sizes=_text_tensor_sizes(params, config, np.dtype(dtype).itemsize),
+      config_json=lambda extra: config_to_hf_dict(config, dtype=dtype_name(dtype), **extra),
+      tokenizer_from=tokenizer_from, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+      generation=generation, output_of=output_of)
+
+
+def write_model_folder(out_dir: str, *, tensors: Callable[[], Iterator[tuple[str, np.ndarray]]],
+                    sizes: Sequence[tuple[str, int]],
+                    config_json: Callable[[dict[str, Any]], dict[str, Any]],
+                    tokenizer_from: str | None = None, tokenizer=None,
+                    copy_files: Sequence[str] = TOKENIZER_FILES,
+                    max_shard_bytes: int = 5 * 2**30, generation: dict[str, Any] | None = None,
+                    output_of: str | None = None):
+  """The one Hugging Face folder writer (text and VL models): safetensors of `tensors()` ((HF
+  name, array) one at a time, in the order of `sizes`), `copy_files` of tokenizer_from (tokenizer,
+  generation and processor files) or `tokenizer.save_pretrained`, generation_config.json, and
+  config.json = config_json(special-token ids and generation settings).
+
+  Published with `storage.publish_dir`: locally built under a temporary name and renamed into
+  place; remotely written in place, config.json and then the completion marker last. Either way
+  an interrupted export never leaves a complete-looking half model. Shards are written as soon as
+  they fill: host memory stays near one shard. output_of: the command whose output this is,
+  recorded in the folder's marker file (copd_jax/output_paths.py: what `--overwrite` may
+  replace)."""
+  plan = shard_plan(sizes, max_shard_bytes)
   files = (['model.safetensors'] if len(plan) == 1 else
            [f'model-{k + 1:05d}-of-{len(plan):05d}.safetensors' for k in range(len(plan))])
   metadata = {'format': 'pt'}
 
-  def write_shard(path: str, tensors: dict[str, np.ndarray]) -> None:
+  def write_shard(path: str, shard: dict[str, np.ndarray]) -> None:
     if storage.is_remote(path):
-      storage.write_bytes(path, save(tensors, metadata=metadata))
+      storage.write_bytes(path, save(shard, metadata=metadata))
     else:
-      save_file(tensors, path, metadata=metadata)
+      save_file(shard, path, metadata=metadata)
 
   def build(folder: str) -> None:
     storage.makedirs(folder)
     shard: dict[str, np.ndarray] = {}
     k, total = 0, 0
-    for name, array in params_to_hf_tensors(params, config, dtype):
+    for name, array in tensors():
       shard[name] = array
       total += array.nbytes
       if len(shard) == len(plan[k]):
@@ -90,7 +120,7 @@ def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
     token_ids = {}
     copied = set()
     if tokenizer_from:
-      for file in TOKENIZER_FILES:
+      for file in copy_files:
         src = storage.join(tokenizer_from, file)
         if storage.is_file(src):
           storage.copy_file(src, storage.join(folder, file))
@@ -110,9 +140,8 @@ def save_hf_folder(params: dict[str, Any], config: Qwen3Config, out_dir: str, *,
       import transformers
       storage.write_text(storage.join(folder, 'generation_config.json'),
                          transformers.GenerationConfig(**extra).to_json_string(use_diff=True))
-    dtype_name = np.dtype(dtype).name if dtype is not jnp.bfloat16 else 'bfloat16'
     storage.write_text(storage.join(folder, 'config.json'),
-                       json.dumps(config_to_hf_dict(config, dtype=dtype_name, **extra), indent=2))
+                       json.dumps(config_json(extra), indent=2))
     if output_of:
       output_paths.write_marker(folder, output_of)
 

@@ -1,0 +1,297 @@
+"""Images and videos of a prompt -> Qwen3-VL model inputs (token ids, patch rows, grids).
+
+Three concerns, each a function that callers (the data loader, the sampler's set-up, `generate`)
+combine:
+
+* Checking files before any compute (`check_image`, `check_video_frames`): a missing, empty,
+  unreadable, corrupt or truncated image, one over Pillow's decompression-bomb limit or over
+  `max_pixels`, is one UserInputError line naming the data row (file:line) and the image path.
+  The check reads the header and runs Pillow's `verify` (PNG: every chunk's checksum); formats
+  whose `verify` does not walk the pixel data (JPEG, WebP, ...) are decoded once, so a truncated
+  file is found here rather than in the middle of a run.
+* Pixels: `open_image` decodes to RGB (palette, grey, CMYK, 16-bit, alpha: converted);
+  resizing, normalising and patching are transformers' Qwen-VL image / video processors,
+  loaded from the model folder (`load_vision_processor`), never written here.
+* Placement (`encode_vision_prompt`): the chat template writes one
+  `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video;
+  `with_visual_content` puts them in the user turn); each pad is then repeated
+  grid_t * grid_h * grid_w / merge_size**2 times, and a video becomes, per temporal patch,
+  `<t seconds><|vision_start|>` pads `<|vision_end|>`, as transformers' Qwen3VLProcessor lays
+  them out (`expand_vision_pads`).
+
+The boundary for callers: (prompt text, PIL images, video frames, processor, tokenizer) ->
+VisionPrompt(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from copd_jax.errors import UserInputError
+
+IMAGE_PAD, VIDEO_PAD = '<|image_pad|>', '<|video_pad|>'
+VISION_START, VISION_END = '<|vision_start|>', '<|vision_end|>'
+IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
+VIDEO_PLACEHOLDER = VISION_START + VIDEO_PAD + VISION_END
+# Formats whose Image.verify() checks the whole file (chunk checksums); others are decoded.
+_VERIFY_COVERS_PIXELS = ('PNG',)
+# Default of data.max_image_pixels: Pillow's own decompression-bomb threshold.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# A video's frame timestamps assume this rate when the row gives none (transformers' default).
+DEFAULT_VIDEO_FPS = 24.0
+
+
+class VisionInputError(UserInputError):
+  """An image or video that cannot be used; the message names the data row and the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: checked before compute, decoded to RGB
+# ---------------------------------------------------------------------------------------------
+
+def _bomb_message(error: Exception, max_pixels: int) -> str:
+  return (f'over the pixel limit: {error} (data.max_image_pixels={max_pixels:,}; Pillow refuses '
+          'images it takes for decompression bombs)')
+
+
+def _opened(path: str, where: str, max_pixels: int):
+  """Image.open(path) after the file-level checks; Pillow's decompression-bomb warning is an
+  error, and width x height is checked against max_pixels before any pixel is decoded."""
+  label = f'{where}: image {path}'
+  if not os.path.exists(path):
+    raise VisionInputError(f'{label}: no such file')
+  if not os.path.isfile(path):
+    raise VisionInputError(f'{label}: not a regular file')
+  if os.path.getsize(path) == 0:
+    raise VisionInputError(f'{label}: empty file (0 bytes)')
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      image = Image.open(path)
+  except UnidentifiedImageError:  # Pillow identifies no image of zero width or height either
+    raise VisionInputError(f'{label}: not an image Pillow can read (unknown format, corrupt '
+                           'header or zero width / height)') from None
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise VisionInputError(f'{label}: {_bomb_message(e, max_pixels)}') from None
+  except OSError as e:
+    raise VisionInputError(f'{label}: cannot be read ({e})') from None
+  width, height = image.size
+  if width * height > max_pixels:
+    image.close()
+    raise VisionInputError(f'{label}: {width} x {height} = {width * height:,} pixels is over '
+                           f'data.max_image_pixels={max_pixels:,}; resize it or raise the limit')
+  return image
+
+
+def _decode(image, label: str) -> None:
+  """Decodes every pixel of an opened image; corruption and truncation become one line."""
+  try:
+    image.load()
+  except (OSError, SyntaxError, ValueError) as e:
+    raise VisionInputError(f'{label}: corrupt or truncated image ({e})') from None
+
+
+def check_image(path: str, where: str, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> tuple[int, int]:
+  """(width, height) of a usable image, or VisionInputError naming `where` (file:line of the
+  data row) and `path`. Header and `verify` only for PNG (its checksums cover the data); other
+  formats are decoded once (a truncated JPEG passes `verify`)."""
+  label = f'{where}: image {path}'
+  with _opened(path, where, max_pixels) as image:
+    size, image_format = image.size, image.format
+    try:
+      image.verify()
+    except Exception as e:  # Pillow's plugins raise SyntaxError, OSError, struct.error, ...
+      raise VisionInputError(f'{label}: corrupt or truncated image ({e})') from None
+  if image_format not in _VERIFY_COVERS_PIXELS:
+    with _opened(path, where, max_pixels) as image:  # verify() leaves an image unusable
+      _decode(image, label)
+  return size
+
+
+def open_image(path: str, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+  """The decoded image in RGB (other modes converted), errors as `check_image`."""
+  with _opened(path, where, max_pixels) as image:
+    _decode(image, f'{where}: image {path}')
+    return image.convert('RGB') if image.mode != 'RGB' else image.copy()
+
+
+def video_frame_paths(value: Any, base_dir: str, where: str, field: str) -> list[str]:
+  """A row's video as its frame files in order: a folder (its files sorted by name) or a list
+  of frame paths; relative paths are relative to base_dir (the data file's folder)."""
+  if isinstance(value, str) and value.strip():
+    folder = resolve_path(value, base_dir)
+    if not os.path.isdir(folder):
+      raise VisionInputError(f'{where}: field {field!r}: video {folder} is not a folder of frames '
+                             '(give a folder or a list of frame paths)')
+    frames = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                    if os.path.isfile(os.path.join(folder, n)) and not n.startswith('.'))
+    if not frames:
+      raise VisionInputError(f'{where}: field {field!r}: video folder {folder} holds no frames')
+    return frames
+  return [resolve_path(p, base_dir) for p in _path_list(value, where, field)]
+
+
+def check_video_frames(frames: Sequence[str], where: str,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+  """Every frame usable (`check_image`) and all of one size (the video processor stacks them)."""
+  first = None
+  for frame in frames:
+    size = check_image(frame, where, max_pixels)
+    if first is None:
+      first = (frame, size)
+    elif size != first[1]:
+      raise VisionInputError(f'{where}: video frame {frame} is {size[0]} x {size[1]} pixels but '
+                             f'{first[0]} is {first[1][0]} x {first[1][1]}; frames of one video '
+                             'must share a size')
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+  return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def _path_list(value: Any, where: str, field: str) -> list[str]:
+  """A path or a non-empty list of paths (non-empty strings), else one line naming the field."""
+  items = [value] if isinstance(value, str) else value
+  if (not isinstance(items, (list, tuple)) or not items
+      or not all(isinstance(p, str) and p.strip() for p in items)):
+    raise VisionInputError(f'{where}: field {field!r} must be a path or a non-empty list of '
+                           f'paths, got {value!r:.60}')
+  return list(items)
+
+
+def image_paths(value: Any, base_dir: str, where: str, field: str) -> list[str]:
+  """A row's image field (a path or a list of paths) as paths relative to base_dir."""
+  return [resolve_path(p, base_dir) for p in _path_list(value, where, field)]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' processors, and the token layout of images / videos in a prompt
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class VisionProcessor:
+  """transformers' Qwen-VL image processor (and video processor, when it could be loaded) of a
+  model folder. video_problem: why there is no video processor ('' when there is one)."""
+  image_processor: Any
+  video_processor: Any = None
+  video_problem: str = ''
+
+  @property
+  def merge_size(self) -> int:
+    return int(self.image_processor.merge_size)
+
+
+def load_vision_processor(model_dir: str) -> VisionProcessor:
+  """The image processor of `model_dir`'s preprocessor_config.json and, if it has
+  video_preprocessor_config.json, the video processor (transformers' needs torchvision; without
+  it videos are refused when used, images still work)."""
+  import transformers
+  config = os.path.join(model_dir, 'preprocessor_config.json')
+  if not os.path.isfile(config):
+    raise UserInputError(f'{model_dir}: no preprocessor_config.json (the Qwen-VL image '
+                         'processor settings images need)')
+  try:
+    image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+  except (OSError, ValueError, TypeError) as e:
+    raise UserInputError(f'{config}: not a usable image processor config ({e})') from None
+  video_processor, problem = None, f'{model_dir} has no video_preprocessor_config.json'
+  if os.path.isfile(os.path.join(model_dir, 'video_preprocessor_config.json')):
+    try:
+      video_processor, problem = transformers.AutoVideoProcessor.from_pretrained(model_dir), ''
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+      problem = (f"transformers' video processor could not be loaded ({type(e).__name__}: "
+                 f'{str(e).splitlines()[0] if str(e) else ""}; it needs torchvision)')
+  return VisionProcessor(image_processor, video_processor, problem)
+
+
+def with_visual_content(messages: Sequence[dict[str, Any]], num_images: int,
+                        num_videos: int = 0) -> list[dict[str, Any]]:
+  """Chat messages whose last user turn holds the images, then the videos, then its text, as
+  the content list a Qwen3-VL chat template renders into vision placeholders."""
+  out = [dict(m) for m in messages]
+  last = max(i for i, m in enumerate(out) if m['role'] == 'user')
+  text = out[last]['content']
+  out[last]['content'] = ([{'type': 'image'}] * num_images + [{'type': 'video'}] * num_videos
+                          + [{'type': 'text', 'text': text}])
+  return out
+
+
+def frame_timestamps(num_frames: int, fps: float, temporal_patch_size: int) -> list[float]:
+  """Seconds of each temporal patch of a video of num_frames frames sampled at fps: the mean
+  time of its first and last frame (transformers' Qwen3VLProcessor; a short last patch repeats
+  the last frame)."""
+  indices = list(range(num_frames))
+  indices += [indices[-1]] * (-len(indices) % temporal_patch_size)
+  times = [i / fps for i in indices]
+  return [(times[i] + times[i + temporal_patch_size - 1]) / 2
+          for i in range(0, len(times), temporal_patch_size)]
+
+
+def expand_vision_pads(text: str, image_grids: Sequence[Sequence[int]],
+                       video_grids: Sequence[Sequence[int]] = (),
+                       video_timestamps: Sequence[Sequence[float]] = (),
+                       merge_size: int = 2) -> str:
+  """Each image placeholder of `text` with its grid's t*h*w/merge**2 pads; each video
+  placeholder with, per temporal patch, '<t seconds>' + start + h*w/merge**2 pads + end."""
+  for kind, placeholder, grids in (('image', IMAGE_PLACEHOLDER, image_grids),
+                                   ('video', VIDEO_PLACEHOLDER, video_grids)):
+    if text.count(placeholder) != len(grids):
+      raise UserInputError(f'the prompt has {text.count(placeholder)} {kind} placeholders '
+                           f'({placeholder}) but {len(grids)} {kind}s were given')
+  merge = merge_size ** 2
+  parts = text.split(IMAGE_PLACEHOLDER)
+  out = parts[0]
+  for grid, rest in zip(image_grids, parts[1:]):
+    out += VISION_START + IMAGE_PAD * (int(np.prod(grid)) // merge) + VISION_END + rest
+  parts = out.split(VIDEO_PLACEHOLDER)
+  out = parts[0]
+  for grid, times, rest in zip(video_grids, video_timestamps, parts[1:]):
+    per_frame = int(grid[1]) * int(grid[2]) // merge
+    out += ''.join(f'<{t:.1f} seconds>' + VISION_START + VIDEO_PAD * per_frame + VISION_END
+                   for t in times[:int(grid[0])]) + rest
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionPrompt:
+  """One prompt's model inputs: token ids [T] with the pads expanded; packed patch rows and
+  (t, h, w) grids of its images and videos in prompt order (None / [0, 3] when it has none)."""
+  input_ids: np.ndarray
+  pixel_values: np.ndarray | None
+  image_grid_thw: np.ndarray
+  pixel_values_videos: np.ndarray | None = None
+  video_grid_thw: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0, 3), np.int64))
+
+
+def encode_vision_prompt(prompt_text: str, images: Sequence[Image.Image],
+                         processor: VisionProcessor, tokenizer, videos: Sequence[Sequence[Image.Image]] = (),
+                         video_fps: float = DEFAULT_VIDEO_FPS) -> VisionPrompt:
+  """A rendered prompt (its placeholders from the chat template) and its images / videos (each
+  a list of frames) as model inputs, with transformers' processors for the pixels."""
+  no_grids = np.zeros((0, 3), np.int64)
+  pixels, image_grids = None, no_grids
+  if images:
+    out = processor.image_processor(images=list(images), return_tensors='np')
+    pixels, image_grids = np.asarray(out['pixel_values']), np.asarray(out['image_grid_thw'])
+  video_pixels, video_grids, stamps = None, no_grids, []
+  if videos:
+    if processor.video_processor is None:
+      raise UserInputError(f'video inputs need a video processor: {processor.video_problem}')
+    vp = processor.video_processor
+    arrays = [np.stack([np.asarray(f.convert('RGB')) for f in frames]) for frames in videos]
+    out = vp(videos=arrays, do_sample_frames=False, return_tensors='np')
+    video_pixels, video_grids = (np.asarray(out['pixel_values_videos']),
+                                 np.asarray(out['video_grid_thw']))
+    stamps = [frame_timestamps(len(a), video_fps, int(vp.temporal_patch_size)) for a in arrays]
+  text = expand_vision_pads(prompt_text, image_grids.tolist(), video_grids.tolist(), stamps,
+                            processor.merge_size)
+  ids = np.asarray(tokenizer(text, add_special_tokens=False)['input_ids'], np.int32)
+  return VisionPrompt(ids, pixels, image_grids.astype(np.int64), video_pixels,
+                      video_grids.astype(np.int64))

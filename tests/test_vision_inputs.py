@@ -1,0 +1,306 @@
+"""Images and videos of data rows: every bad file refused at load with one line naming the row and
+the image; modes converted to RGB; transformers' image processor for pixels; pad tokens laid out
+by a Qwen3-VL chat template on the real Qwen3 tokenizer, one per merged patch."""
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from copd_jax import config_checks
+from copd_jax import vision_inputs as vi
+from copd_jax.configs.base import base_config
+from copd_jax.data import load_examples
+from copd_jax.errors import UserInputError
+from copd_jax.fields import FieldError
+from tests.qwen3_fixture import qwen3_tokenizer
+
+# A Qwen3-VL-style chat template: per content item an image / video placeholder or the text.
+VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for item in m.content %}"
+    "{% if item.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item.type == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item.type == 'text' %}{{ item.text }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _picture(shape, seed=0, mode=None):
+  image = Image.fromarray(np.random.RandomState(seed).randint(0, 255, shape, dtype=np.uint8))
+  return image.convert(mode) if mode else image
+
+
+def _png_header_only(width, height):
+  """The first bytes of a PNG that claims width x height: signature, IHDR chunk, the start of
+  an IDAT chunk (all Pillow reads before it knows the size)."""
+  body = b'IHDR' + struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + body
+          + struct.pack('>I', zlib.crc32(body)) + struct.pack('>I', 1000) + b'IDAT' + bytes(12))
+
+
+def _write_rows(folder, rows):
+  path = folder / 'data.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return str(path)
+
+
+def _bad_file(folder, kind):
+  """A file named for `kind` that fails the image checks in that way."""
+  good = io.BytesIO()
+  _picture((64, 64, 3)).save(good, format='PNG')
+  good_jpeg = io.BytesIO()
+  _picture((64, 64, 3)).save(good_jpeg, format='JPEG')
+  content = {
+      'empty': b'',
+      'not_an_image': b'just some text, not pixels\n',
+      'truncated_png': good.getvalue()[:len(good.getvalue()) // 2],
+      'truncated_jpeg': good_jpeg.getvalue()[:len(good_jpeg.getvalue()) // 2],
+      'corrupt_png': (good.getvalue()[:200] + b'\x00' * 60 + good.getvalue()[260:]),
+      'bomb': _png_header_only(20_000, 10_000),   # 2e8 pixels: Pillow's bomb error
+      'bomb_warning': _png_header_only(10_000, 9_000),   # 9e7: Pillow's warning, an error here
+  }[kind]
+  path = folder / f'{kind}.png'
+  path.write_bytes(content)
+  return path
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('missing', 'no such file'),
+    ('empty', r'empty file \(0 bytes\)'),
+    ('not_an_image', 'not an image'),
+    ('truncated_png', 'corrupt or truncated'),
+    ('truncated_jpeg', 'corrupt or truncated'),
+    ('corrupt_png', 'corrupt or truncated'),
+    ('bomb', 'decompression bomb'),
+    ('bomb_warning', 'decompression bomb'),
+])
+def test_bad_image_is_refused_naming_the_row_and_the_file(tmp_path, kind, message):
+  _picture((8, 8, 3)).save(tmp_path / 'fine.png')
+  image = tmp_path / 'missing.png' if kind == 'missing' else _bad_file(tmp_path, kind)
+  data = _write_rows(tmp_path, [
+      {'prompt': 'how many?', 'answer': '1', 'images': ['fine.png']},
+      {'prompt': 'and here?', 'answer': '2', 'images': ['fine.png', image.name]},
+  ])
+  with pytest.raises(UserInputError, match=message) as caught:
+    load_examples(data, 'img', reward='exact')
+  text = str(caught.value)
+  assert text.startswith(f'{data}:2: image {image}'), text
+  assert '\n' not in text
+
+
+def test_image_over_max_pixels_is_refused_before_decoding(tmp_path):
+  _picture((40, 50, 3)).save(tmp_path / 'big.png')
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'images': 'big.png'}])
+  assert len(load_examples(data, 'img', reward='exact', max_image_pixels=2000)) == 1
+  with pytest.raises(UserInputError, match=r'50 x 40 = 2,000 pixels.*max_image_pixels=1,999'):
+    load_examples(data, 'img', reward='exact', max_image_pixels=1999)
+
+
+@pytest.mark.parametrize('name, header', [
+    ('zero.ppm', b'P6\n0 4\n255\n'),
+    ('zero.png', _png_header_only(0, 4)),
+])
+def test_zero_sized_image_is_refused(tmp_path, name, header):
+  (tmp_path / name).write_bytes(header)
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'images': [name]}])
+  with pytest.raises(UserInputError) as caught:
+    load_examples(data, 'img', reward='exact')
+  assert str(caught.value) == (f'{data}:1: image {tmp_path / name}: not an image Pillow can '
+                               'read (unknown format, corrupt header or zero width / height)')
+
+
+@pytest.mark.parametrize('mode, suffix', [('P', 'png'), ('LA', 'png'), ('L', 'png'),
+                                          ('RGBA', 'png'), ('CMYK', 'jpg'), ('I;16', 'png'),
+                                          ('1', 'bmp')])
+def test_other_modes_open_as_rgb(tmp_path, mode, suffix):
+  path = str(tmp_path / f'm.{suffix}')
+  if mode == 'I;16':
+    Image.fromarray(np.random.RandomState(0).randint(0, 60000, (6, 10), dtype=np.uint16)).save(path)
+  else:
+    _picture((6, 10, 3), mode=mode).save(path)
+  assert Image.open(path).mode == mode
+  assert vi.check_image(path, 'row') == (10, 6)
+  image = vi.open_image(path, 'row')
+  assert (image.mode, image.size) == ('RGB', (10, 6))
+
+
+def test_rows_carry_image_and_video_paths_with_configurable_fields(tmp_path):
+  (tmp_path / 'pics').mkdir()
+  (tmp_path / 'clip').mkdir()
+  _picture((8, 8, 3)).save(tmp_path / 'pics' / 'a.png')
+  _picture((9, 7, 3), seed=1).save(tmp_path / 'pics' / 'b.jpg')
+  for k in range(3):
+    _picture((6, 6, 3), seed=k).save(tmp_path / 'clip' / f'{k:02d}.png')
+  data = _write_rows(tmp_path, [
+      {'q': 'two images', 'answer': 'x', 'pics': ['pics/a.png', 'pics/b.jpg']},
+      {'q': 'a clip', 'answer': 'y', 'clip': 'clip'},
+      {'q': 'listed frames', 'answer': 'z', 'clip': ['clip/02.png', 'clip/00.png']},
+      {'q': 'text only', 'answer': 'w'},
+  ])
+  rows = load_examples(data, 'vis', 'q', reward='exact', image_field='pics', video_field='clip')
+  assert rows[0].images == (str(tmp_path / 'pics' / 'a.png'), str(tmp_path / 'pics' / 'b.jpg'))
+  assert rows[1].video == tuple(str(tmp_path / 'clip' / f'{k:02d}.png') for k in range(3))
+  assert rows[2].video == (str(tmp_path / 'clip' / '02.png'), str(tmp_path / 'clip' / '00.png'))
+  assert rows[3].images == rows[3].video == ()
+  # '' reads no images: the same file loads as text with a missing image path in it
+  (tmp_path / 'pics' / 'a.png').unlink()
+  text_only = load_examples(data, 'vis', 'q', reward='exact', image_field='', video_field='')
+  assert text_only[0].images == ()
+
+
+@pytest.mark.parametrize('value, message', [
+    (['a.png', 3], 'must be a path or a non-empty list of paths'),
+    ([], 'must be a path or a non-empty list of paths'),
+])
+def test_malformed_image_field_is_named(tmp_path, value, message):
+  _picture((8, 8, 3)).save(tmp_path / 'a.png')
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'images': value}])
+  with pytest.raises(UserInputError, match=f"{data}:1: field 'images' {message}"):
+    load_examples(data, 'img', reward='exact')
+
+
+def test_video_frames_of_different_sizes_are_refused(tmp_path):
+  (tmp_path / 'clip').mkdir()
+  _picture((6, 6, 3)).save(tmp_path / 'clip' / '0.png')
+  _picture((6, 8, 3)).save(tmp_path / 'clip' / '1.png')
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'video': 'clip'}])
+  with pytest.raises(UserInputError, match=f'{data}:1: video frame .*1.png is 8 x 6 pixels'):
+    load_examples(data, 'vid', reward='exact')
+
+
+def test_config_fields_are_validated():
+  config = base_config()
+  config.data.max_image_pixels = 0
+  with pytest.raises(FieldError, match='data.max_image_pixels'):
+    config_checks.validate(config, check_files=False)
+  config = base_config()
+  config.domains.count.image_field = None
+  with pytest.raises(FieldError, match='domains.count.image_field'):
+    config_checks.validate(config, check_files=False)
+
+
+def _processor(folder, **extra):
+  """A Qwen3-VL image processor config as a released model folder has it (patch 16, merge 2),
+  with small pixel bounds so the test images give small grids."""
+  settings = dict(image_processor_type='Qwen2VLImageProcessor', patch_size=16, merge_size=2,
+                  temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                  size={'shortest_edge': 32 * 32, 'longest_edge': 160 * 160}, **extra)
+  (folder / 'preprocessor_config.json').write_text(json.dumps(settings))
+  return vi.load_vision_processor(str(folder))
+
+
+def test_chat_template_and_pads_give_one_pad_per_merged_patch(tmp_path):
+  tokenizer = qwen3_tokenizer()
+  tokenizer.chat_template = VL_TEMPLATE
+  processor = _processor(tmp_path)
+  images = [_picture((70, 130, 3)), _picture((150, 90, 3), seed=1), _picture((40, 40, 3), seed=2)]
+  messages = vi.with_visual_content([{'role': 'user', 'content': 'What differs?'}], len(images))
+  text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert text.count(vi.IMAGE_PLACEHOLDER) == 3
+  prompt = vi.encode_vision_prompt(text, images, processor, tokenizer)
+
+  reference = processor.image_processor(images=images, return_tensors='np')
+  np.testing.assert_array_equal(prompt.image_grid_thw, reference['image_grid_thw'])
+  np.testing.assert_array_equal(prompt.pixel_values, reference['pixel_values'])
+  grids = prompt.image_grid_thw.tolist()
+  assert all(g[0] == 1 for g in grids) and len({tuple(g) for g in grids}) == 3
+  assert len(prompt.pixel_values) == sum(int(np.prod(g)) for g in grids)
+
+  ids = lambda s: tokenizer(s, add_special_tokens=False)['input_ids']
+  start, pad, end = ids(vi.VISION_START + vi.IMAGE_PAD + vi.VISION_END)
+  expected = ids('<|im_start|>user\n')
+  for g in grids:
+    expected += [start] + [pad] * (g[0] * g[1] * g[2] // 4) + [end]
+  expected += ids('What differs?<|im_end|>\n<|im_start|>assistant\n')
+  assert (start, pad, end) == (151652, 151655, 151653)
+  assert prompt.input_ids.tolist() == expected
+  # the model's M-RoPE layout accepts the pad runs as these grids' images
+  from copd_jax.models.qwen3_vl_positions import mrope_position_ids
+  positions, _ = mrope_position_ids(prompt.input_ids[None], image_token_id=pad,
+                                    video_token_id=151656, spatial_merge_size=2,
+                                    image_grid_thw=grids)
+  assert positions.shape == (3, 1, len(expected))
+
+
+def test_placeholder_count_must_match_the_images(tmp_path):
+  tokenizer = qwen3_tokenizer()
+  processor = _processor(tmp_path)
+  with pytest.raises(UserInputError, match='1 image placeholders .* but 2 images'):
+    vi.encode_vision_prompt('a ' + vi.IMAGE_PLACEHOLDER, [_picture((40, 40, 3))] * 2, processor,
+                            tokenizer)
+
+
+def test_video_layout_has_a_timestamp_and_pads_per_temporal_patch():
+  """transformers' Qwen3VLProcessor layout: 5 frames at 2 fps in temporal patches of 2 are
+  patches at 0.25 s, 1.25 s and 2.0 s (the last repeats frame 4); 4 x 6 patches merge to 6."""
+  stamps = vi.frame_timestamps(5, 2.0, 2)
+  assert stamps == [0.25, 1.25, 2.0]
+  text = vi.expand_vision_pads('see ' + vi.VIDEO_PLACEHOLDER + ' ok', [], [(3, 4, 6)], [stamps])
+  frame = vi.VISION_START + vi.VIDEO_PAD * 6 + vi.VISION_END
+  assert text == ('see <0.2 seconds>' + frame + '<1.2 seconds>' + frame + '<2.0 seconds>'
+                  + frame + ' ok')
+
+
+def test_videos_without_a_video_processor_are_refused_in_one_line(tmp_path):
+  processor = _processor(tmp_path)
+  if processor.video_processor is not None:
+    pytest.skip('this environment has a video processor')
+  with pytest.raises(UserInputError, match='video inputs need a video processor: .*no '
+                                           'video_preprocessor_config.json'):
+    vi.encode_vision_prompt(vi.VIDEO_PLACEHOLDER, [], processor, qwen3_tokenizer(),
+                            videos=[[_picture((32, 32, 3))] * 2])
+
+
+def test_missing_processor_config_is_named(tmp_path):
+  with pytest.raises(UserInputError, match=f'{tmp_path}: no preprocessor_config.json'):
+    vi.load_vision_processor(str(tmp_path))
+
+
+def test_one_question_about_different_images_is_different_prompts(tmp_path):
+  """The train / eval split keeps rows that share a question but not an image."""
+  from copd_jax.data import split_examples
+  for k in range(4):
+    _picture((8, 8, 3), seed=k).save(tmp_path / f'{k}.png')
+  data = _write_rows(tmp_path, [{'prompt': 'How many red shapes?', 'answer': str(k),
+                                 'images': f'{k}.png'} for k in range(4)]
+                     + [{'prompt': 'How many red shapes?', 'answer': '0', 'images': '0.png'}])
+  train, evals = split_examples(load_examples(data, 'img', reward='exact'), 2, seed=0)
+  assert len(evals) == 2 and len({e.images for e in evals}) == 2
+  assert len({e.images for e in train}) == 2
+  assert not {e.images for e in train} & {e.images for e in evals}
+
+
+def test_training_refuses_rows_with_images_until_it_feeds_them(tmp_path):
+  from copd_jax.run_setup import load_domains
+  _picture((8, 8, 3)).save(tmp_path / 'a.png')
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a'},
+                                {'prompt': 'q', 'answer': 'b', 'images': 'a.png'}])
+  config = base_config()
+  config.domains['pics'] = config.domains.count.copy_and_resolve_references()
+  config.domains.pics.update(source='file', train_path=data, eval_path=data)
+  config.branches = ('pics',)
+  with pytest.raises(UserInputError, match=f"{data}:2: the row has images .*image_field=''"):
+    load_domains(config)
+  config.domains.pics.update(image_field='', video_field='')
+  train, _ = load_domains(config)['pics']
+  assert [ex.images for ex in train] == [(), ()]
+
+
+def test_parquet_rows_carry_checked_image_paths(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  _picture((8, 8, 3)).save(tmp_path / 'a.png')
+  (tmp_path / 'bad.png').write_bytes(b'not pixels')
+  path = str(tmp_path / 'data.parquet')
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'images': [['a.png'], None]}), path)
+  rows = load_examples(path, 'img', reward='exact')
+  assert [r.images for r in rows] == [(str(tmp_path / 'a.png'),), ()]
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'images': [['a.png'], ['bad.png']]}), path)
+  with pytest.raises(UserInputError, match=f'{path}: row 1: image {tmp_path / "bad.png"}: not an'):
+    load_examples(path, 'img', reward='exact')
