@@ -84,7 +84,8 @@ def transformers_worker(folder: str, batch: int, new_tokens: int):
   model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
       folder, dtype=torch.float32).eval()
   tokens, pixels, grids = prompts(batch)
-  inputs = dict(input_ids=torch.tensor(tokens), attention_mask=torch.ones(tokens.shape, dtype=torch.long),
+  inputs = dict(input_ids=torch.tensor(tokens),
+                attention_mask=torch.ones(tokens.shape, dtype=torch.long),
                 mm_token_type_ids=torch.tensor((tokens == IMAGE).astype(np.int64)),
                 pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids))
 

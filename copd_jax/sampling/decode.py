@@ -168,10 +168,11 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
                    group_size: int = 1, decode_mode: str = 'layerwise',
                    branched: bool = False, vision: VisionPrefill | None = None) -> SampleOutput:
   """The whole sampling program; layers: `placement.unstacked_layers(params)` or None; keys: one
-  PRNG key per row (`row_keys`); vision: a Qwen3-VL prefill's pictures (not branched). branched: every input has a leading branch axis [K, ...]; the
-  per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
-  predicate would `select` the whole state, KV caches included, every step) and stops when every
-  row of every branch is done."""
+  PRNG key per row (`row_keys`); vision: a Qwen3-VL prefill's pictures and positions (not with
+  branched). branched: every input has a leading branch axis [K, ...]; the per-batch pieces are
+  vmapped, the while_loop is not (a vmapped while_loop with a per-branch predicate would
+  `select` the whole state, KV caches included, every step) and stops when every row of every
+  branch is done."""
   program = _Program(graphdef, sampling, eos_ids, pad_id, group_size, decode_mode)
   over = (lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes)) if branched else (lambda f, **_: f)
   slots = prompt_tokens.shape[-1] + sampling.max_new_tokens
