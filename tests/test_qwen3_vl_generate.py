@@ -120,6 +120,7 @@ def test_vision_tower_runs_once_per_prompt_and_groups_share_it(tmp_path, monkeyp
   row_grids = np.array(grids[:2] * G + grids[2:] * G)
   plain = _our_generate(model, np.repeat(tokens, G, 0), np.repeat(valid, G, 0), sampling,
                         key=0, images=(row_pixels, row_grids))
+  jax.block_until_ready(plain)
   assert calls == [G * sum(rows_per_prompt)]
   np.testing.assert_array_equal(np.asarray(grouped[0].tokens), np.asarray(plain.tokens))
   np.testing.assert_allclose(np.asarray(grouped[0].logprobs), np.asarray(plain.logprobs),
