@@ -271,6 +271,7 @@ def peer_of(summary: dict) -> str | None:
 def print_table(summary: dict):
   peer = peer_of(summary)
   tunix = summary.get(peer) if peer else None
+  peer = peer or 'tunix'   # the column names when no peer ran
   solo = all(s['solo_median_s'] for s in summary.values())   # --solo-reps given
   print(f'| sampler | devices | median s | min s | max s | tokens/s | vs {peer} | '
         f'paired vs {peer} | CPU s (median) | compile s | roofline |'
