@@ -24,6 +24,13 @@ benchmarks/gpu_check.sh), with the fraction of the memory-bandwidth roofline rea
 (`weight_and_cache_bytes` over the median time, against --peak-gbps or the datasheet figure of
 the device kind). `--ours` adds copd_jax variants: 'model-scan' / 'model-unrolled' decode through
 `Qwen3.hidden_states` with scan_layers True / False instead of the default 'layerwise' path.
+
+Image prompts (`--prompts image`, CPU): a random tiny Qwen3-VL (benchmarks/vl_model.py) saved
+once as a Hugging Face folder; copd_jax's `generate` with images ('vl') against transformers'
+`Qwen3VLForConditionalGeneration.generate` ('transformers', PyTorch CPU) on the same weights,
+prompts and pixels, both greedy: the table adds whether the two generated the same tokens.
+
+    .venv/bin/python benchmarks/sampler.py --prompts image --batch 8 --reps 5
 """
 from __future__ import annotations
 
@@ -46,6 +53,8 @@ MODELS = {
 }
 PROMPT_LEN, NEW_TOKENS = 16, 48
 OURS_MODES = ('layerwise', 'model-scan', 'model-unrolled', 'branches')
+VL_WORKERS = ('vl', 'transformers-vl')   # --prompts image: ours, transformers' generate
+PEERS = ('tunix', 'transformers')
 # HBM bandwidth per device, GB/s (vendor datasheets), matched against jax's device_kind.
 PEAK_GBPS = (('H200', 4800.0), ('H100 PCIe', 2000.0), ('H100', 3350.0), ('A100', 2039.0))
 
@@ -147,27 +156,35 @@ def _tunix_worker(c: dict, batch: int, dtype_name: str, per_core: bool = False):
   return run
 
 
-def worker_main(kind: str, model: str, batch: int, dtype: str):
+def worker_main(kind: str, model: str, batch: int, dtype: str, vl_folder: str = ''):
   """Compiles (first call, timed), then answers 'run <rep>' lines with JSON timings."""
   if kind == 'branches':
     from copd_jax import host_devices
     host_devices.configure(host_devices.cpu_cores())
   start = time.perf_counter()
   c = MODELS[model]
-  run = _tunix_worker(c, batch, dtype, per_core=kind == 'tunix-cores') \
-      if kind.startswith('tunix') else _ours_worker(kind, c, batch, dtype)
+  if kind in VL_WORKERS:
+    from benchmarks import vl_model
+    make = vl_model.ours_worker if kind == 'vl' else vl_model.transformers_worker
+    run = make(vl_folder, batch, NEW_TOKENS)
+  elif kind.startswith('tunix'):
+    run = _tunix_worker(c, batch, dtype, per_core=kind == 'tunix-cores')
+  else:
+    run = _ours_worker(kind, c, batch, dtype)
+  # Image-prompt workers return (tokens, digest of the generated tokens).
+  counted = lambda result: result if isinstance(result, tuple) else (result, None)
   build_s = time.perf_counter() - start
   start = time.perf_counter()
-  n = run(-1)
+  n, digest = counted(run(-1))
   first_s = time.perf_counter() - start
   import jax
   print(json.dumps({'ready': True, 'build_s': build_s, 'first_call_s': first_s, 'tokens': n,
-                    'devices': jax.device_count(),
+                    'digest': digest, 'devices': jax.device_count(),
                     'device_kind': jax.devices()[0].device_kind}), flush=True)
   for line in sys.stdin:
     rep = int(line.split()[1])
     start, cpu_start = time.perf_counter(), time.process_time()
-    n = run(rep)
+    n, _ = counted(run(rep))
     print(json.dumps({'seconds': time.perf_counter() - start,
                       'cpu_seconds': time.process_time() - cpu_start, 'tokens': n}), flush=True)
 
@@ -179,9 +196,18 @@ def worker_main(kind: str, model: str, batch: int, dtype: str):
 def orchestrate(args) -> dict:
   me = os.path.abspath(__file__)
   workload = ['--model', args.model, '--batch', str(args.batch), '--dtype', args.dtype]
-  specs = [(mode, [sys.executable, me, '--worker', mode, *workload])
-           for mode in args.ours.split(',')]
-  if args.peer_python:
+  if args.prompts == 'image':
+    import tempfile
+    from benchmarks import vl_model
+    folder = tempfile.mkdtemp(prefix='vl_bench_')
+    vl_model.save_folder(folder)
+    workload += ['--vl-folder', folder]
+    specs = [('vl', [sys.executable, me, '--worker', 'vl', *workload]),
+             ('transformers', [sys.executable, me, '--worker', 'transformers-vl', *workload])]
+  else:
+    specs = [(mode, [sys.executable, me, '--worker', mode, *workload])
+             for mode in args.ours.split(',')]
+  if args.peer_python and args.prompts == 'text':
     specs.append(('tunix', [args.peer_python, me, '--worker', 'tunix', *workload]))
     if args.peer_cores:
       specs.append(('tunix-cores', [args.peer_python, me, '--worker', 'tunix-cores', *workload]))
@@ -220,31 +246,41 @@ def orchestrate(args) -> dict:
                      'solo_median_s': statistics.median(solo[name]) if solo[name] else None,
                      'solo_runs_s': solo[name]}
   dtype_bytes = 2 if args.dtype == 'bfloat16' else 4
-  moved = weight_and_cache_bytes(MODELS[args.model], args.batch, dtype_bytes)
+  # The roofline bound is written for the text workload's shapes.
+  moved = weight_and_cache_bytes(MODELS[args.model], args.batch, dtype_bytes) \
+      if args.prompts == 'text' else None
   for name in summary:
     kind = setup[name]['device_kind']
     peak = args.peak_gbps or next((g for n, g in PEAK_GBPS if n.lower() in kind.lower()), None)
     summary[name].update(device_kind=kind, devices=setup[name]['devices'], min_bytes=moved, peak_gbps=peak,
                          roofline_fraction=moved / summary[name]['median_s'] / (peak * 1e9)
-                         if peak else None)
-  if 'tunix' in times:   # pairs of back-to-back runs see about the same machine load
+                         if peak and moved else None, digest=setup[name]['digest'])
+  peer = peer_of(summary)
+  if peer:   # pairs of back-to-back runs see about the same machine load
     for name, ts in times.items():
       summary[name]['paired_ratio'] = statistics.median(
-          t / o for t, o in zip(times['tunix'], ts))
+          t / o for t, o in zip(times[peer], ts))
   return summary
 
 
+def peer_of(summary: dict) -> str | None:
+  """The sampler the others are compared with: Tunix, or transformers for image prompts."""
+  return next((name for name in PEERS if name in summary), None)
+
+
 def print_table(summary: dict):
-  tunix = summary.get('tunix')
+  peer = peer_of(summary)
+  tunix = summary.get(peer) if peer else None
+  peer = peer or 'tunix'   # the column names when no peer ran
   solo = all(s['solo_median_s'] for s in summary.values())   # --solo-reps given
-  print('| sampler | devices | median s | min s | max s | tokens/s | vs tunix | paired vs tunix | '
-        'CPU s (median) | compile s | roofline |'
-        + (' solo median s | solo vs tunix |' if solo else ''))
+  print(f'| sampler | devices | median s | min s | max s | tokens/s | vs {peer} | '
+        f'paired vs {peer} | CPU s (median) | compile s | roofline |'
+        + (f' solo median s | solo vs {peer} |' if solo else ''))
   print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if solo else ''))
   for name, s in summary.items():
     ratio = f'{s["tokens_per_s"] / tunix["tokens_per_s"]:.2f}x' if tunix else '-'
     paired = f'{s["paired_ratio"]:.2f}x' if tunix else '-'
-    label = name if name.startswith('tunix') else f'copd_jax ({name})'
+    label = name if name.startswith(PEERS) else f'copd_jax ({name})'
     roofline = f'{100 * s["roofline_fraction"]:.0f}%' if s['roofline_fraction'] else 'n/a'
     row = (f'| {label} | {s["devices"]} | {s["median_s"]:.3f} | {s["min_s"]:.3f} | '
            f'{s["max_s"]:.3f} | {s["tokens_per_s"]:.0f} | {ratio} | {paired} | '
@@ -289,16 +325,23 @@ def main():
   parser.add_argument('--json', default='', help='also write the summary to this file')
   parser.add_argument('--peer-cores', action='store_true',
                       help="also run Tunix on one CPU device per core ('tunix-cores')")
-  parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix', 'tunix-cores'],
+  parser.add_argument('--prompts', choices=('text', 'image'), default='text',
+                      help="'image': the Qwen3-VL image-prompt case against transformers' "
+                           'generate (benchmarks/vl_model.py; --ours and --peer-python unused)')
+  parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix', 'tunix-cores', *VL_WORKERS],
                       help=argparse.SUPPRESS)
+  parser.add_argument('--vl-folder', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker, args.model, args.batch, args.dtype)
+    worker_main(args.worker, args.model, args.batch, args.dtype, args.vl_folder)
     return
   print('before:', machine_line())
   summary = orchestrate(args)
   print('after: ', machine_line())
   print_table(summary)
+  digests = {s['digest'] for s in summary.values()}
+  if args.prompts == 'image':
+    print(f"same greedy tokens as transformers: {'yes' if len(digests) == 1 else 'NO'}")
   write_json(args.json, summary)
 
 

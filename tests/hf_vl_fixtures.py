@@ -2,6 +2,10 @@
 save_pretrained) and prompts with images / a video laid out as transformers' processor lays them."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import numpy as np
 import torch
 import transformers
@@ -40,17 +44,19 @@ TINY_VL_CONFIGS = {
 }
 
 
-def make_hf_vl_model(name: str, seed: int = 0):
+def make_hf_vl_model(name: str, seed: int = 0, vocab: int = VOCAB,
+                     special: tuple[int, int, int, int] = (IMAGE, VIDEO, VSTART, VEND)):
+  """special: the image, video, vision start and vision end token ids."""
   spec = TINY_VL_CONFIGS[name]
   torch.manual_seed(seed)
   # A wide initialiser so that logits spread over several nats and a rotary or deepstack slip
   # shows far above float noise (the default 0.02 gives near-uniform logits).
-  text = dict(vocab_size=VOCAB, initializer_range=0.2, **spec['text'])
+  text = dict(vocab_size=vocab, initializer_range=0.2, **spec['text'])
   vision = dict(out_hidden_size=text['hidden_size'], temporal_patch_size=2, spatial_merge_size=2,
                 initializer_range=0.2, **spec['vision'])
   config = transformers.Qwen3VLConfig(
-      text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-      vision_start_token_id=VSTART, vision_end_token_id=VEND,
+      text_config=text, vision_config=vision, image_token_id=special[0],
+      video_token_id=special[1], vision_start_token_id=special[2], vision_end_token_id=special[3],
       tie_word_embeddings=spec['tie_word_embeddings'])
   model = transformers.Qwen3VLForConditionalGeneration(config).eval()
   with torch.no_grad():  # random norms and biases so the test sees each one used correctly
@@ -65,6 +71,30 @@ def make_hf_vl_model(name: str, seed: int = 0):
 def save_hf_vl_model(name: str, folder, seed: int = 0):
   model = make_hf_vl_model(name, seed)
   model.save_pretrained(str(folder))
+  return model
+
+
+# The Qwen3 tokenizer's vocabulary size and Qwen-VL special ids (image, video, start, end).
+QWEN3_VOCAB, QWEN3_VL_SPECIAL = 151_936, (151_655, 151_656, 151_652, 151_653)
+
+
+def save_hf_vl_folder_with_tokenizer(name: str, folder, tokenizer_dir: str, seed: int = 0,
+                                     max_pixels: int = 64 * 64):
+  """A tiny Qwen3-VL folder as a user has one: model weights over the real Qwen3 vocabulary,
+  the tokenizer, and the preprocessor_config.json of transformers' Qwen-VL image processor
+  (patch size of the config, images resized to at most `max_pixels`)."""
+  model = make_hf_vl_model(name, seed, vocab=QWEN3_VOCAB, special=QWEN3_VL_SPECIAL)
+  model.save_pretrained(str(folder))
+  for file in ('tokenizer.json', 'tokenizer_config.json'):
+    shutil.copy(os.path.join(tokenizer_dir, file), os.path.join(str(folder), file))
+  v = model.config.vision_config
+  preprocessor = {'image_processor_type': 'Qwen2VLImageProcessor', 'patch_size': v.patch_size,
+                  'merge_size': v.spatial_merge_size,
+                  'temporal_patch_size': v.temporal_patch_size,
+                  'size': {'shortest_edge': 16 * 16, 'longest_edge': max_pixels},
+                  'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5]}
+  with open(os.path.join(str(folder), 'preprocessor_config.json'), 'w') as f:
+    json.dump(preprocessor, f)
   return model
 
 

@@ -6,6 +6,11 @@ PATH is a Hugging Face folder (config.json + safetensors + tokenizer files). The
 tokenised as plain text; `--chat` renders it with the tokenizer's chat template first, with
 `--system TEXT` as the system turn and `--thinking` / `--no-thinking` as Qwen3's
 `enable_thinking` (either implies --chat; without them the template's defaults apply).
+
+A Qwen3-VL folder also takes pictures: `--image PATH` (repeatable) and `--video PATH` (a video
+file or a folder of frames) go before the text in the one user message, prepared by
+transformers' Qwen-VL processors of the folder (`copd_jax/models/qwen3_vl_prompt.py`); the
+vision tower runs once, in the prefill shared by all --num-samples samples.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import jax
 from copd_jax import storage
 from copd_jax.errors import UserInputError
 from copd_jax.fields import FieldError
-from copd_jax.models import hf_io, hub
+from copd_jax.models import hf_io, hf_io_vl, hub
 from copd_jax.models.chat_template import render_chat, template_source
+from copd_jax.models.qwen3_vl import Qwen3VL, VisualInput
+from copd_jax.models.qwen3_vl_prompt import encode_visual_prompt, placeholders
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.rollouts import PROMPT_BUCKETS, apply_stop_strings, pad_prompts
 from copd_jax.sampling import SamplingParams, generate
@@ -36,7 +43,8 @@ def load_model_and_tokenizer(path: str, branch: int | None = None):
   checkpoint; local or remote (gs://)."""
   path = hub.local_model_path(path)
   if storage.is_file(storage.join(path, 'config.json')):
-    model = hf_io.load_model(path)   # raises HFFormatError naming the file for a bad folder
+    # Both raise HFFormatError naming the file for a bad folder.
+    model = hf_io_vl.load_vl_model(path) if hf_io_vl.is_vl_folder(path) else hf_io.load_model(path)
     tokenizer_dir = path
   else:
     from flax import nnx
@@ -82,6 +90,12 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
                   thinking: bool | None = None) -> list[int]:
   """Token ids of `prompt`: plain text, or (chat) the chat template's rendering with an optional
   system turn and enable_thinking (None: the template's default)."""
+  return tokenize_prompt(tokenizer, render_prompt(tokenizer, prompt, chat, system, thinking))
+
+
+def render_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
+                  thinking: bool | None = None) -> str:
+  """The text `encode_prompt` tokenizes: `prompt`, or its chat template rendering."""
   if chat:
     source = template_source(getattr(tokenizer, 'name_or_path', None))
     if not getattr(tokenizer, 'chat_template', None):
@@ -90,7 +104,12 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
     options = {} if thinking is None else {'enable_thinking': thinking}
     prompt = render_chat(tokenizer, messages + [{'role': 'user', 'content': prompt}],
                          source=source, context='--chat', **options)
-  ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
+  return prompt
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+  """Token ids of an already rendered prompt text (no special tokens added)."""
+  ids = tokenizer(text, add_special_tokens=False)['input_ids']
   if not ids:
     raise UserInputError('--prompt: the prompt encodes to no tokens')
   return ids
@@ -114,6 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help="Qwen3's enable_thinking in the chat template (implies --chat)")
   parser.add_argument('--stop', action='append', default=[],
                       help='stop string (repeatable); the completion is cut before it')
+  parser.add_argument('--image', action='append', default=[], metavar='PATH',
+                      help='an image before the prompt text (repeatable; Qwen3-VL folders)')
+  parser.add_argument('--video', action='append', default=[], metavar='PATH',
+                      help='a video file or folder of frames before the prompt text (Qwen3-VL '
+                           'folders; needs torchvision for transformers\' video processor)')
 
 
 def check_prompt_length(n: int, max_new_tokens: int, max_positions: int) -> None:
@@ -150,12 +174,30 @@ def run(args) -> int:
   eos = eos_ids_of(tokenizer_dir, tokenizer)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   chat = args.chat or bool(args.system) or args.thinking is not None
-  ids = encode_prompt(tokenizer, args.prompt, chat, args.system, args.thinking)
-  check_prompt_length(len(ids), params.max_new_tokens, model.config.max_position_embeddings)
+  pictures = bool(args.image or args.video)
+  vl = isinstance(model, Qwen3VL)
+  if pictures and not vl:
+    raise UserInputError(f'--image / --video: {args.model} is not a Qwen3-VL model')
+  prompt = placeholders(len(args.image), len(args.video)) + args.prompt
+  text = render_prompt(tokenizer, prompt, chat, args.system, args.thinking)
+  ids = tokenize_prompt(tokenizer, text)
+  visual = {}
+  if pictures:
+    encoded = encode_visual_prompt(storage.local_copy(tokenizer_dir), model.config, text, ids,
+                                   args.image, args.video)
+    ids = encoded.input_ids
+    visual = dict(
+        images=None if encoded.image_pixels is None else VisualInput.of(encoded.image_pixels,
+                                                                        encoded.image_grid_thw),
+        videos=None if encoded.video_pixels is None else VisualInput.of(encoded.video_pixels,
+                                                                        encoded.video_grid_thw),
+        group_size=args.num_samples)   # one prefill (and vision tower run) for all samples
+  text_config = model.config.text if vl else model.config
+  check_prompt_length(len(ids), params.max_new_tokens, text_config.max_position_embeddings)
   tokens, valid = pad_prompts([ids] * args.num_samples, pad_id=pad_id)
   graphdef, state = split_model(model)
   output = generate(graphdef, state, tokens, valid, jax.random.key(args.seed), params,
-                    eos_ids=eos, pad_id=pad_id)
+                    eos_ids=eos, pad_id=pad_id, **visual)
   decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
   texts, _ = apply_stop_strings(output, decode, args.stop, pad_id)
   for i, text in enumerate(texts):

@@ -31,6 +31,13 @@ _TEXT = 'model.language_model.'
 _VISION = 'model.visual.'
 
 
+def is_vl_folder(folder: str) -> bool:
+  """Whether the folder's config.json describes a Qwen3-VL model (errors name the file)."""
+  raw, _ = read_config_json(folder)
+  archs = raw.get('architectures') or []
+  return raw.get('model_type') == 'qwen3_vl' or bool(set(archs) & set(VL_ARCHITECTURES))
+
+
 def read_vl_config(folder: str) -> Qwen3VLConfig:
   return vl_config_from_hf_dict(*read_config_json(folder))
 

@@ -28,6 +28,7 @@ from copd_jax.fields import Fields
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config, causal_mask, decoder_layer, rms_norm
 from copd_jax.models.qwen3_vl_positions import mrope_position_ids, mrope_tables
 from copd_jax.models.qwen3_vl_vision import VisionConfig, VisionTower, grid_layout
+from copd_jax.tracing import TRACE_COUNTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +111,16 @@ class Qwen3VL(nnx.Module):
 
   def encode_visual(self, visual: VisualInput) -> tuple[jax.Array, jax.Array | None]:
     """The vision tower on one packed VisualInput: (tokens [M, D], deepstack [n_ds, M, D])."""
+    TRACE_COUNTS['vision_tower'] += 1   # once per trace of a program that runs the tower
     return self.vision(visual.pixels, grid_layout(visual.grid_thw, self.config.vision))
 
-  def hidden_states(self, tokens, positions, *, images=None, videos=None, token_valid=None):
-    """Final-normed hidden states [B, T, D] in the compute dtype."""
+  def embed_inputs(self, tokens, *, images: VisualInput | None = None,
+                   videos: VisualInput | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """The decoder's input: token embeddings [B, T, D] (compute dtype) with the vision tower's
+    merged tokens at the image / video pad positions, and the deepstack additions
+    [n_ds, B, T, D] (zero off the visual tokens; None when the config has no deepstack taps).
+    The only place the vision tower runs: the sampler's prefill calls it too."""
     c, dt = self.config, self.compute_dtype
-    tc = c.text
-    if token_valid is None:
-      token_valid = jnp.ones(tokens.shape, bool)
     h = jnp.take(self.text.embed[...], tokens, axis=0).astype(dt)
     n_ds = len(c.vision.deepstack_visual_indexes)
     deepstack = jnp.zeros((n_ds,) + h.shape, dt) if n_ds else None
@@ -130,6 +133,15 @@ class Qwen3VL(nnx.Module):
       if features is not None:
         deepstack = jax.vmap(lambda acc, f: scatter_tokens(acc, slots, f.astype(dt)))(
             deepstack, features)
+    return h, deepstack
+
+  def hidden_states(self, tokens, positions, *, images=None, videos=None, token_valid=None):
+    """Final-normed hidden states [B, T, D] in the compute dtype."""
+    c, dt = self.config, self.compute_dtype
+    tc = c.text
+    if token_valid is None:
+      token_valid = jnp.ones(tokens.shape, bool)
+    h, deepstack = self.embed_inputs(tokens, images=images, videos=videos)
     cos, sin = mrope_tables(jnp.asarray(positions), tc.head_dim, tc.rope_theta, c.mrope_section)
     mask = causal_mask(token_valid)
     h = decoder_stack(self.text.layers.as_dict(), h, cos, sin, mask, deepstack, tc, dt,

@@ -4,7 +4,8 @@ masks and the log-prob of every sampled token.
 
   token_selection.py  SamplingParams; logits -> next token and its log-prob (temperature,
                       top-k, top-p, greedy; inverse CDF at one uniform per row and token)
-  forward.py          the model's cached forward in the two decode modes ('layerwise', 'model')
+  forward.py          the model's cached forward in the two decode modes ('layerwise', 'model');
+                      a Qwen3-VL model's prefill with its images / videos (VisionPrefill)
   decode.py           the program (prefill, group-shared prefill, decode loop) and its entry
                       points `generate` (one model) and `generate_branches` (K stacked models)
   placement.py        the sampler's layout on a ('branch', 'fsdp', 'tensor') mesh

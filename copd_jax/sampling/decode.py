@@ -19,6 +19,11 @@ Group sharing (group_size G > 1, for GRPO-style batches whose rows k*G .. k*G+G-
 prompt, `prompt_groups`): the prefill runs on the first row of each group only, and its
 last-position logits and KV cache are repeated to the group's G rows, which then sample on
 their own key streams.
+
+Qwen3-VL (`generate` with images / videos): the same program with the VL model plugged into
+`Forward`. The vision tower runs in the prefill, once per call, on the pictures of the distinct
+prompts (one per group); decode steps are text steps whose RoPE positions continue from each
+prompt's largest M-RoPE position (`rope_deltas`, as transformers' generate).
 """
 from __future__ import annotations
 
@@ -28,11 +33,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax.models import qwen3
 from copd_jax.prompt_groups import check_group_size, repeat_cache, rows_off_group
-from copd_jax.sampling.forward import Forward, Weights
+from copd_jax.sampling.forward import Forward, VisionPrefill, Weights, vision_prefill
 from copd_jax.sampling.placement import (batch_axis, mesh_group_size, place_prompts,
                                          place_weights, unstacked_layers)
 from copd_jax.sampling.token_selection import SamplingParams, row_keys, select_tokens
@@ -48,9 +54,14 @@ class SampleOutput(NamedTuple):
                               # was sampled from (after temperature / top-k / top-p); 0 elsewhere
 
 
+def pack_order(valid: jax.Array) -> jax.Array:
+  """[B, P] -> [B, P] column indices that move each row's real tokens (in order) to the right."""
+  return jnp.argsort(valid.astype(jnp.int32), axis=-1, stable=True)
+
+
 def left_pack(tokens: jax.Array, valid: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
   """Moves each row's real tokens (in order) to the right end: [B, P] -> [B, P]."""
-  order = jnp.argsort(valid.astype(jnp.int32), axis=-1, stable=True)
+  order = pack_order(valid)
   valid = jnp.take_along_axis(valid, order, axis=-1)
   tokens = jnp.take_along_axis(tokens, order, axis=-1)
   return jnp.where(valid, tokens, pad_id).astype(jnp.int32), valid
@@ -96,34 +107,44 @@ class _Program:
         logprobs=jax.lax.dynamic_update_slice(state.logprobs,
                                               jnp.where(active, logp, 0.0)[:, None], at))
 
-  def start(self, weights: Weights, prompt_tokens, prompt_valid, draws):
+  def start(self, weights: Weights, prompt_tokens, prompt_valid, draws,
+            vision: VisionPrefill | None = None):
     """Prefill and the first token -> (state, left-packed prompt [B, P], its valid [B, P],
-    prompt lengths [B], rows [B] bool whose prompt differs from their group's first row (None
-    when group_size is 1))."""
+    RoPE position [B] of the first generated token, rows [B] bool whose prompt differs from
+    their group's first row (None when group_size is 1)). vision: a Qwen3-VL prompt's pictures
+    and M-RoPE positions, of the B / group_size distinct prompts."""
     B, P = prompt_tokens.shape
     N, G = self.sampling.max_new_tokens, self.group_size
     prompt, valid = left_pack(prompt_tokens, prompt_valid, self.pad_id)
     n_prompt = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    rope_start = n_prompt
+    if vision is not None:   # M-RoPE positions packed like the tokens; decode continues after
+      lead_order = pack_order(prompt_valid[::G])
+      vision = vision._replace(positions=jnp.take_along_axis(vision.positions,
+                                                             lead_order[None], axis=-1))
+      rope_start = n_prompt + jnp.repeat(vision.deltas, G)
     if G == 1:
-      logits, cache = self.forward(weights, prompt, qwen3.default_positions(valid), valid,
-                                   self.forward.empty_cache(weights, B, P + N))
+      positions = qwen3.default_positions(valid) if vision is None else vision.positions
+      logits, cache = self.forward(weights, prompt, positions, valid,
+                                   self.forward.empty_cache(weights, B, P + N), vision)
       broken = None
     else:
       lead_prompt, lead_valid = prompt[::G], valid[::G]
-      logits, cache = self.forward(weights, lead_prompt, qwen3.default_positions(lead_valid),
-                                   lead_valid, self.forward.empty_cache(weights, B // G, P + N))
+      positions = qwen3.default_positions(lead_valid) if vision is None else vision.positions
+      logits, cache = self.forward(weights, lead_prompt, positions, lead_valid,
+                                   self.forward.empty_cache(weights, B // G, P + N), vision)
       logits, cache = jnp.repeat(logits, G, axis=0), repeat_cache(cache, G)
       # Compared after left-packing: rows that pack to the same prompt share it correctly.
       broken = rows_off_group(prompt, G) | rows_off_group(valid, G)
     state = _LoopState(jnp.zeros((B,), jnp.int32), n_prompt == 0, jnp.zeros((B,), jnp.int32),
                        jnp.full((B, N), self.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
                        cache)
-    return self.record(state, logits, draws, 0), prompt, valid, n_prompt, broken
+    return self.record(state, logits, draws, 0), prompt, valid, rope_start, broken
 
-  def advance(self, weights: Weights, n_prompt, draws, state: _LoopState, step) -> _LoopState:
-    """Feeds token step-1 (slot P + step - 1, RoPE position n_prompt + step - 1), samples token
-    `step`."""
-    logits, cache = self.forward(weights, state.last[:, None], (n_prompt + step - 1)[:, None],
+  def advance(self, weights: Weights, rope_start, draws, state: _LoopState, step) -> _LoopState:
+    """Feeds token step-1 (slot P + step - 1, RoPE position rope_start + step - 1), samples
+    token `step`."""
+    logits, cache = self.forward(weights, state.last[:, None], (rope_start + step - 1)[:, None],
                                  ~state.done[:, None], state.cache)
     return self.record(state._replace(cache=cache), logits, draws, step)
 
@@ -145,19 +166,21 @@ class _Program:
 def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
                    sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                    group_size: int = 1, decode_mode: str = 'layerwise',
-                   branched: bool = False) -> SampleOutput:
+                   branched: bool = False, vision: VisionPrefill | None = None) -> SampleOutput:
   """The whole sampling program; layers: `placement.unstacked_layers(params)` or None; keys: one
-  PRNG key per row (`row_keys`). branched: every input has a leading branch axis [K, ...]; the
-  per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
-  predicate would `select` the whole state, KV caches included, every step) and stops when every
-  row of every branch is done."""
+  PRNG key per row (`row_keys`); vision: a Qwen3-VL prefill's pictures and positions (not with
+  branched). branched: every input has a leading branch axis [K, ...]; the per-batch pieces are
+  vmapped, the while_loop is not (a vmapped while_loop with a per-branch predicate would
+  `select` the whole state, KV caches included, every step) and stops when every row of every
+  branch is done."""
   program = _Program(graphdef, sampling, eos_ids, pad_id, group_size, decode_mode)
   over = (lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes)) if branched else (lambda f, **_: f)
   slots = prompt_tokens.shape[-1] + sampling.max_new_tokens
   weights = over(functools.partial(program.forward.prepare, slots=slots))(params, layers)
   draws = over(program.draws)(keys)
-  state, prompt, valid, n_prompt, broken = over(program.start)(weights, prompt_tokens,
-                                                               prompt_valid, draws)
+  start = program.start if vision is None else functools.partial(program.start, vision=vision)
+  state, prompt, valid, rope_start, broken = over(start)(weights, prompt_tokens, prompt_valid,
+                                                         draws)
   advance = over(program.advance, in_axes=(0, 0, 0, 0, None))
 
   def cond(carry):
@@ -166,7 +189,7 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
 
   def body(carry):
     step, state = carry
-    return step + 1, advance(weights, n_prompt, draws, state, step)
+    return step + 1, advance(weights, rope_start, draws, state, step)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), state))
   return over(program.output)(state, prompt, valid, broken)
@@ -175,10 +198,11 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
 _STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id', 'group_size', 'decode_mode')
 
 
-def _generate_from_key(graphdef, params, layers, prompt_tokens, prompt_valid, key, **static):
+def _generate_from_key(graphdef, params, layers, prompt_tokens, prompt_valid, key, vision=None,
+                       **static):
   TRACE_COUNTS['generate'] += 1
   return _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid,
-                        row_keys(key, prompt_tokens.shape[0]), **static)
+                        row_keys(key, prompt_tokens.shape[0]), vision=vision, **static)
 
 
 _generate_jit = jax.jit(_generate_from_key, static_argnames=_STATIC)
@@ -195,7 +219,7 @@ def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int, group_size: i
 
 def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
              eos_ids: tuple[int, ...], pad_id: int = 0, group_size: int = 1,
-             decode_mode: str = 'layerwise') -> SampleOutput:
+             decode_mode: str = 'layerwise', images=None, videos=None) -> SampleOutput:
   """Samples up to `sampling.max_new_tokens` tokens after each prompt.
 
   prompt_tokens [B, P] int32, prompt_valid [B, P] bool (left padding preferred; other patterns
@@ -212,13 +236,25 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
 
   decode_mode: how the program runs the model (`forward.DECODE_MODES`): 'layerwise', the fast
   one, or 'model', the model's own forward, the reference it is tested against. Same samples.
+
+  images, videos (a Qwen3-VL model, 'layerwise'): `qwen3_vl.VisualInput` of the pictures of
+  the B / group_size distinct prompts (rows 0, G, 2G, ...), packed in prompt order, as
+  transformers' processor packs a batch; the prompts hold the matching runs of image / video
+  pad tokens (`qwen3_vl_prompt`). The vision tower runs once per call, in the prefill.
   """
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
   _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=0, group_size=group_size)
+  vision = None
+  if images is not None or videos is not None:
+    if decode_mode != 'layerwise':
+      raise ValueError(f"images / videos are sampled with decode_mode='layerwise', not "
+                       f"{decode_mode!r}")
+    vision = vision_prefill(nnx.merge(graphdef, params), np.asarray(prompt_tokens)[::group_size],
+                            np.asarray(prompt_valid)[::group_size], images, videos)
   # Per-layer weight views (CPU): only the 'layerwise' program reads them.
   layers = unstacked_layers(params, layer_axis=0) if decode_mode == 'layerwise' else None
-  return _generate_jit(graphdef, params, layers, prompt_tokens, prompt_valid, key,
+  return _generate_jit(graphdef, params, layers, prompt_tokens, prompt_valid, key, vision,
                        sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                        pad_id=int(pad_id), group_size=group_size, decode_mode=decode_mode)
 

@@ -27,8 +27,9 @@ def unstacked_layers(params, layer_axis: int) -> list[dict[str, jax.Array]] | No
   would give every device its own copy, while views keep replicas shared (`cpu_sharing`). None
   elsewhere; the program then slices them itself."""
   # The matmul weights: norm scales are small, and slicing them in the program costs nothing.
-  names = [name for name in params['layers'].keys() if 'norm' not in name]
-  split = cpu_sharing.unstack([params['layers'][name][...] for name in names], layer_axis)
+  decoder = params['text'] if 'text' in params else params   # a Qwen3-VL model's decoder
+  names = [name for name in decoder['layers'].keys() if 'norm' not in name]
+  split = cpu_sharing.unstack([decoder['layers'][name][...] for name in names], layer_axis)
   if split is None:
     return None
   return [dict(zip(names, layer)) for layer in zip(*split)]
