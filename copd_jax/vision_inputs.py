@@ -1,23 +1,26 @@
-"""Images and videos of a prompt -> Qwen3-VL model inputs (token ids, patch rows, grids).
+"""Images and videos of a prompt -> Qwen3-VL model inputs (token ids, patch rows, grids): the one
+path the data loader and `generate --image / --video` share.
 
-Three concerns, each a function that callers (the data loader, the sampler's set-up, `generate`)
-combine:
+Three concerns, each a function that callers combine:
 
 * Checking files before any compute (`check_image`, `check_video_frames`): a missing, empty,
   unreadable, corrupt or truncated image, one over Pillow's decompression-bomb limit or over
-  `max_pixels`, is one UserInputError line naming the data row (file:line) and the image path.
-  The check reads the header and runs Pillow's `verify` (PNG: every chunk's checksum); formats
-  whose `verify` does not walk the pixel data (JPEG, WebP, ...) are decoded once, so a truncated
-  file is found here rather than in the middle of a run.
-* Pixels: `open_image` decodes to RGB (palette, grey, CMYK, 16-bit, alpha: converted);
-  resizing, normalising and patching are transformers' Qwen-VL image / video processors,
-  loaded from the model folder (`load_vision_processor`), never written here.
-* Placement (`encode_vision_prompt`): the chat template writes one
-  `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video;
-  `with_visual_content` puts them in the user turn); each pad is then repeated
-  grid_t * grid_h * grid_w / merge_size**2 times, and a video becomes, per temporal patch,
-  `<t seconds><|vision_start|>` pads `<|vision_end|>`, as transformers' Qwen3VLProcessor lays
-  them out (`expand_vision_pads`).
+  `max_pixels`, is one UserInputError line naming where it came from (a data row's file:line,
+  or a command-line flag) and the image path. The check reads the header and runs Pillow's
+  `verify` (PNG: every chunk's checksum); formats whose `verify` does not walk the pixel data
+  (JPEG, WebP, ...) are decoded once, so a truncated file is found here rather than in the
+  middle of a run.
+* Pixels: `open_image` / `open_video` decode to RGB (palette, grey, CMYK, 16-bit, alpha:
+  converted); resizing, normalising and patching are transformers' Qwen-VL image / video
+  processors, loaded from the model folder (`load_vision_processor`), never written here.
+* Placement (`encode_vision_prompt`): the prompt text holds one
+  `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video), as the
+  Qwen3-VL chat template renders an image / video item (`with_visual_content` puts them in the
+  user turn; `placeholders` writes them before a plain prompt). Each image pad is then
+  repeated grid_t * grid_h * grid_w / merge_size**2 times, and each video pad becomes, per
+  temporal patch, `<t seconds><|vision_start|>` pads `<|vision_end|>`: transformers'
+  Qwen3VLProcessor.replace_image_token / replace_video_token on the text
+  (`expand_vision_pads`), which is then tokenized.
 
 The boundary for callers: (prompt text, PIL images, video frames, processor, tokenizer) ->
 VisionPrompt(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from typing import Any, Sequence
 
@@ -125,16 +129,20 @@ def video_frame_paths(value: Any, base_dir: str, where: str, field: str) -> list
   """A row's video as its frame files in order: a folder (its files sorted by name) or a list
   of frame paths; relative paths are relative to base_dir (the data file's folder)."""
   if isinstance(value, str) and value.strip():
-    folder = resolve_path(value, base_dir)
-    if not os.path.isdir(folder):
-      raise VisionInputError(f'{where}: field {field!r}: video {folder} is not a folder of frames '
-                             '(give a folder or a list of frame paths)')
-    frames = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                    if os.path.isfile(os.path.join(folder, n)) and not n.startswith('.'))
-    if not frames:
-      raise VisionInputError(f'{where}: field {field!r}: video folder {folder} holds no frames')
-    return frames
+    return folder_frames(resolve_path(value, base_dir), f'{where}: field {field!r}')
   return [resolve_path(p, base_dir) for p in _path_list(value, where, field)]
+
+
+def folder_frames(folder: str, where: str) -> list[str]:
+  """The frame files of a video folder, sorted by name (hidden files skipped)."""
+  if not os.path.isdir(folder):
+    raise VisionInputError(f'{where}: video {folder} is not a folder of frames '
+                           '(give a folder or a list of frame paths)')
+  frames = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, n)) and not n.startswith('.'))
+  if not frames:
+    raise VisionInputError(f'{where}: video folder {folder} holds no frames')
+  return frames
 
 
 def check_video_frames(frames: Sequence[str], where: str,
@@ -149,6 +157,13 @@ def check_video_frames(frames: Sequence[str], where: str,
       raise VisionInputError(f'{where}: video frame {frame} is {size[0]} x {size[1]} pixels but '
                              f'{first[0]} is {first[1][0]} x {first[1][1]}; frames of one video '
                              'must share a size')
+
+
+def open_video(frames: Sequence[str], where: str, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> list[Image.Image]:
+  """A video's frames decoded to RGB, after `check_video_frames`."""
+  check_video_frames(frames, where, max_pixels)
+  return [open_image(frame, where, max_pixels) for frame in frames]
 
 
 def resolve_path(path: str, base_dir: str) -> str:
@@ -188,9 +203,10 @@ class VisionProcessor:
 
 
 def load_vision_processor(model_dir: str) -> VisionProcessor:
-  """The image processor of `model_dir`'s preprocessor_config.json and, if it has
-  video_preprocessor_config.json, the video processor (transformers' needs torchvision; without
-  it videos are refused when used, images still work)."""
+  """The image processor of `model_dir`'s preprocessor_config.json and its video processor
+  (video_preprocessor_config.json, else the image settings, as AutoProcessor builds it);
+  transformers' video processor needs torchvision: without it videos are refused when used,
+  images still work."""
   import transformers
   config = os.path.join(model_dir, 'preprocessor_config.json')
   if not os.path.isfile(config):
@@ -200,14 +216,20 @@ def load_vision_processor(model_dir: str) -> VisionProcessor:
     image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
   except (OSError, ValueError, TypeError) as e:
     raise UserInputError(f'{config}: not a usable image processor config ({e})') from None
-  video_processor, problem = None, f'{model_dir} has no video_preprocessor_config.json'
-  if os.path.isfile(os.path.join(model_dir, 'video_preprocessor_config.json')):
-    try:
-      video_processor, problem = transformers.AutoVideoProcessor.from_pretrained(model_dir), ''
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
-      problem = (f"transformers' video processor could not be loaded ({type(e).__name__}: "
-                 f'{str(e).splitlines()[0] if str(e) else ""}; it needs torchvision)')
+  try:
+    video_processor, problem = transformers.AutoVideoProcessor.from_pretrained(model_dir), ''
+  except (ImportError, AttributeError, TypeError, ValueError, OSError) as e:
+    first = next((line for line in str(e).splitlines() if line.strip()), '')
+    video_processor = None
+    problem = (f"transformers' video processor of {model_dir} could not be loaded "
+               f'({type(e).__name__}: {first}; it needs torchvision)')
   return VisionProcessor(image_processor, video_processor, problem)
+
+
+def placeholders(num_images: int, num_videos: int = 0) -> str:
+  """The text before a plain (not content-list) user prompt that places its images, then its
+  videos, as the chat template renders image / video items."""
+  return IMAGE_PLACEHOLDER * num_images + VIDEO_PLACEHOLDER * num_videos
 
 
 def with_visual_content(messages: Sequence[dict[str, Any]], num_images: int,
@@ -237,25 +259,24 @@ def expand_vision_pads(text: str, image_grids: Sequence[Sequence[int]],
                        video_grids: Sequence[Sequence[int]] = (),
                        video_timestamps: Sequence[Sequence[float]] = (),
                        merge_size: int = 2) -> str:
-  """Each image placeholder of `text` with its grid's t*h*w/merge**2 pads; each video
-  placeholder with, per temporal patch, '<t seconds>' + start + h*w/merge**2 pads + end."""
-  for kind, placeholder, grids in (('image', IMAGE_PLACEHOLDER, image_grids),
-                                   ('video', VIDEO_PLACEHOLDER, video_grids)):
-    if text.count(placeholder) != len(grids):
-      raise UserInputError(f'the prompt has {text.count(placeholder)} {kind} placeholders '
-                           f'({placeholder}) but {len(grids)} {kind}s were given')
+  """`text` with each image pad (one per image, in order) repeated t*h*w/merge**2 times and each
+  video pad replaced by, per temporal patch, '<t seconds>' + start + h*w/merge**2 pads + end.
+  Like transformers' processor it rewrites the pad alone, so the start / end tokens the chat
+  template writes around a video stay around its frames."""
+  for kind, pad, grids in (('image', IMAGE_PAD, image_grids), ('video', VIDEO_PAD, video_grids)):
+    if text.count(pad) != len(grids):
+      raise UserInputError(f'the prompt has {text.count(pad)} {kind} placeholders ({pad}) but '
+                           f'{len(grids)} {kind}s were given')
   merge = merge_size ** 2
-  parts = text.split(IMAGE_PLACEHOLDER)
-  out = parts[0]
-  for grid, rest in zip(image_grids, parts[1:]):
-    out += VISION_START + IMAGE_PAD * (int(np.prod(grid)) // merge) + VISION_END + rest
-  parts = out.split(VIDEO_PLACEHOLDER)
-  out = parts[0]
-  for grid, times, rest in zip(video_grids, video_timestamps, parts[1:]):
-    per_frame = int(grid[1]) * int(grid[2]) // merge
-    out += ''.join(f'<{t:.1f} seconds>' + VISION_START + VIDEO_PAD * per_frame + VISION_END
-                   for t in times[:int(grid[0])]) + rest
-  return out
+  image_runs = iter(IMAGE_PAD * (int(np.prod(grid)) // merge) for grid in image_grids)
+  video_runs = iter(
+      ''.join(f'<{t:.1f} seconds>' + VISION_START
+              + VIDEO_PAD * (int(grid[1]) * int(grid[2]) // merge) + VISION_END
+              for t in times[:int(grid[0])])
+      for grid, times in zip(video_grids, video_timestamps, strict=True))
+  # One pass, so that the pads a replacement writes are not replaced again.
+  return re.sub(f'{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}',
+                lambda m: next(image_runs if m.group() == IMAGE_PAD else video_runs), text)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -236,21 +236,56 @@ def test_placeholder_count_must_match_the_images(tmp_path):
 
 def test_video_layout_has_a_timestamp_and_pads_per_temporal_patch():
   """transformers' Qwen3VLProcessor layout: 5 frames at 2 fps in temporal patches of 2 are
-  patches at 0.25 s, 1.25 s and 2.0 s (the last repeats frame 4); 4 x 6 patches merge to 6."""
+  patches at 0.25 s, 1.25 s and 2.0 s (the last repeats frame 4); 4 x 6 patches merge to 6.
+  The pad alone is rewritten: the template's start / end stay around the frames."""
   stamps = vi.frame_timestamps(5, 2.0, 2)
   assert stamps == [0.25, 1.25, 2.0]
   text = vi.expand_vision_pads('see ' + vi.VIDEO_PLACEHOLDER + ' ok', [], [(3, 4, 6)], [stamps])
   frame = vi.VISION_START + vi.VIDEO_PAD * 6 + vi.VISION_END
-  assert text == ('see <0.2 seconds>' + frame + '<1.2 seconds>' + frame + '<2.0 seconds>'
-                  + frame + ' ok')
+  assert text == ('see ' + vi.VISION_START + '<0.2 seconds>' + frame + '<1.2 seconds>' + frame
+                  + '<2.0 seconds>' + frame + vi.VISION_END + ' ok')
+
+
+def _transformers_expansion(text, image_grids, video_grids, video_fps):
+  """`text` with its pads rewritten by transformers' own Qwen3VLProcessor methods
+  (replace_image_token / replace_video_token / get_text_with_replacements), on a processor
+  built without its sub-processors (the video one needs torchvision)."""
+  from types import SimpleNamespace
+
+  from transformers import Qwen3VLProcessor
+  from transformers.video_utils import VideoMetadata
+  hf = object.__new__(Qwen3VLProcessor)
+  hf.image_processor = SimpleNamespace(merge_size=2)
+  hf.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
+  hf.image_token, hf.video_token = vi.IMAGE_PAD, vi.VIDEO_PAD
+  hf.vision_start_token, hf.vision_end_token = vi.VISION_START, vi.VISION_END
+  images = {'image_grid_thw': np.array(image_grids)}
+  videos = {'video_grid_thw': np.array(video_grids),
+            'video_metadata': [VideoMetadata(total_num_frames=n, fps=video_fps,
+                                             frames_indices=list(range(n)))
+                               for n in (2 * g[0] - 1 for g in video_grids)]}
+  image_texts = [hf.replace_image_token(images, i) for i in range(len(image_grids))]
+  video_texts = [hf.replace_video_token(videos, i) for i in range(len(video_grids))]
+  return hf.get_text_with_replacements([text], image_texts, video_texts)[0][0]
+
+
+def test_pad_expansion_equals_transformers_processor():
+  """Images and videos interleaved (videos of an odd frame count: the last temporal patch
+  repeats its frame) expand exactly as transformers' Qwen3VLProcessor expands them."""
+  image_grids, video_grids = [(1, 4, 6), (1, 8, 2)], [(3, 4, 4), (2, 2, 6)]
+  text = ('<|im_start|>user\n' + vi.IMAGE_PLACEHOLDER + 'a' + vi.VIDEO_PLACEHOLDER + 'b '
+          + vi.IMAGE_PLACEHOLDER + vi.VIDEO_PLACEHOLDER + 'c<|im_end|>\n')
+  stamps = [vi.frame_timestamps(2 * g[0] - 1, 3.0, 2) for g in video_grids]
+  ours = vi.expand_vision_pads(text, image_grids, video_grids, stamps)
+  assert ours == _transformers_expansion(text, image_grids, video_grids, 3.0)
+  assert ours.count(vi.VIDEO_PAD) == 3 * 4 + 2 * 3 and ours.count(vi.IMAGE_PAD) == 6 + 4
 
 
 def test_videos_without_a_video_processor_are_refused_in_one_line(tmp_path):
   processor = _processor(tmp_path)
   if processor.video_processor is not None:
     pytest.skip('this environment has a video processor')
-  with pytest.raises(UserInputError, match='video inputs need a video processor: .*no '
-                                           'video_preprocessor_config.json'):
+  with pytest.raises(UserInputError, match='video inputs need a video processor: .*torchvision'):
     vi.encode_vision_prompt(vi.VIDEO_PLACEHOLDER, [], processor, qwen3_tokenizer(),
                             videos=[[_picture((32, 32, 3))] * 2])
 

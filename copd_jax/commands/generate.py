@@ -7,26 +7,27 @@ tokenised as plain text; `--chat` renders it with the tokenizer's chat template 
 `--system TEXT` as the system turn and `--thinking` / `--no-thinking` as Qwen3's
 `enable_thinking` (either implies --chat; without them the template's defaults apply).
 
-A Qwen3-VL folder also takes pictures: `--image PATH` (repeatable) and `--video PATH` (a video
-file or a folder of frames) go before the text in the one user message, prepared by
-transformers' Qwen-VL processors of the folder (`copd_jax/models/qwen3_vl_prompt.py`); the
-vision tower runs once, in the prefill shared by all --num-samples samples.
+A Qwen3-VL folder also takes pictures: `--image PATH` and `--video FOLDER` (a folder of frame
+images; both repeatable) go before the text in the one user message. They take the data
+loader's path (`copd_jax/vision_inputs.py`): the same file checks and one-line refusals, and
+transformers' Qwen-VL processors of the folder; the vision tower runs once, in the prefill
+shared by all --num-samples samples.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
 
-from copd_jax import storage
+from copd_jax import storage, vision_inputs
 from copd_jax.errors import UserInputError
 from copd_jax.fields import FieldError
 from copd_jax.models import hf_io, hf_io_vl, hub
 from copd_jax.models.chat_template import render_chat, template_source
 from copd_jax.models.qwen3_vl import Qwen3VL, VisualInput
-from copd_jax.models.qwen3_vl_prompt import encode_visual_prompt, placeholders
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.rollouts import PROMPT_BUCKETS, apply_stop_strings, pad_prompts
 from copd_jax.sampling import SamplingParams, generate
@@ -136,8 +137,21 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument('--image', action='append', default=[], metavar='PATH',
                       help='an image before the prompt text (repeatable; Qwen3-VL folders)')
   parser.add_argument('--video', action='append', default=[], metavar='PATH',
-                      help='a video file or folder of frames before the prompt text (Qwen3-VL '
+                      help='a folder of frame images before the prompt text (repeatable; Qwen3-VL '
                            'folders; needs torchvision for transformers\' video processor)')
+
+
+def encode_pictures(model_dir: str, text: str, tokenizer, image_paths: list[str],
+                    video_folders: list[str]) -> vision_inputs.VisionPrompt:
+  """The rendered prompt `text` (its placeholders in place) with the --image files and --video
+  frame folders, checked and prepared as the data loader does; a bad file is one line naming
+  its flag and path."""
+  images = [vision_inputs.open_image(path, '--image') for path in image_paths]
+  videos = [vision_inputs.open_video(vision_inputs.folder_frames(os.path.abspath(folder),
+                                                                 '--video'), '--video')
+            for folder in video_folders]
+  processor = vision_inputs.load_vision_processor(model_dir)
+  return vision_inputs.encode_vision_prompt(text, images, processor, tokenizer, videos)
 
 
 def check_prompt_length(n: int, max_new_tokens: int, max_positions: int) -> None:
@@ -178,19 +192,19 @@ def run(args) -> int:
   vl = isinstance(model, Qwen3VL)
   if pictures and not vl:
     raise UserInputError(f'--image / --video: {args.model} is not a Qwen3-VL model')
-  prompt = placeholders(len(args.image), len(args.video)) + args.prompt
+  prompt = vision_inputs.placeholders(len(args.image), len(args.video)) + args.prompt
   text = render_prompt(tokenizer, prompt, chat, args.system, args.thinking)
   ids = tokenize_prompt(tokenizer, text)
   visual = {}
   if pictures:
-    encoded = encode_visual_prompt(storage.local_copy(tokenizer_dir), model.config, text, ids,
-                                   args.image, args.video)
-    ids = encoded.input_ids
+    encoded = encode_pictures(storage.local_copy(tokenizer_dir), text, tokenizer, args.image,
+                              args.video)
+    ids = encoded.input_ids.tolist()
     visual = dict(
-        images=None if encoded.image_pixels is None else VisualInput.of(encoded.image_pixels,
+        images=None if encoded.pixel_values is None else VisualInput.of(encoded.pixel_values,
                                                                         encoded.image_grid_thw),
-        videos=None if encoded.video_pixels is None else VisualInput.of(encoded.video_pixels,
-                                                                        encoded.video_grid_thw),
+        videos=(None if encoded.pixel_values_videos is None
+                else VisualInput.of(encoded.pixel_values_videos, encoded.video_grid_thw)),
         group_size=args.num_samples)   # one prefill (and vision tower run) for all samples
   text_config = model.config.text if vl else model.config
   check_prompt_length(len(ids), params.max_new_tokens, text_config.max_position_embeddings)

@@ -240,7 +240,7 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
   images, videos (a Qwen3-VL model, 'layerwise'): `qwen3_vl.VisualInput` of the pictures of
   the B / group_size distinct prompts (rows 0, G, 2G, ...), packed in prompt order, as
   transformers' processor packs a batch; the prompts hold the matching runs of image / video
-  pad tokens (`qwen3_vl_prompt`). The vision tower runs once per call, in the prefill.
+  pad tokens (`vision_inputs.encode_vision_prompt`). The vision tower runs once per call, in the prefill.
   """
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
