@@ -129,15 +129,16 @@ def video_frame_paths(value: Any, base_dir: str, where: str, field: str) -> list
   """A row's video as its frame files in order: a folder (its files sorted by name) or a list
   of frame paths; relative paths are relative to base_dir (the data file's folder)."""
   if isinstance(value, str) and value.strip():
-    return folder_frames(resolve_path(value, base_dir), f'{where}: field {field!r}')
+    return folder_frames(resolve_path(value, base_dir), f'{where}: field {field!r}',
+                         ' (give a folder or a list of frame paths)')
   return [resolve_path(p, base_dir) for p in _path_list(value, where, field)]
 
 
-def folder_frames(folder: str, where: str) -> list[str]:
-  """The frame files of a video folder, sorted by name (hidden files skipped)."""
+def folder_frames(folder: str, where: str, hint: str = '') -> list[str]:
+  """The frame files of a video folder, sorted by name (hidden files skipped); `hint`: what
+  else the caller accepts, added to the refusal of a path that is no folder."""
   if not os.path.isdir(folder):
-    raise VisionInputError(f'{where}: video {folder} is not a folder of frames '
-                           '(give a folder or a list of frame paths)')
+    raise VisionInputError(f'{where}: video {folder} is not a folder of frames{hint}')
   frames = sorted(os.path.join(folder, n) for n in os.listdir(folder)
                   if os.path.isfile(os.path.join(folder, n)) and not n.startswith('.'))
   if not frames:
@@ -219,7 +220,7 @@ def load_vision_processor(model_dir: str) -> VisionProcessor:
   try:
     video_processor, problem = transformers.AutoVideoProcessor.from_pretrained(model_dir), ''
   except (ImportError, AttributeError, TypeError, ValueError, OSError) as e:
-    first = next((line for line in str(e).splitlines() if line.strip()), '')
+    first = ' '.join(str(e).split()).split('. ')[0]  # transformers' first sentence
     video_processor = None
     problem = (f"transformers' video processor of {model_dir} could not be loaded "
                f'({type(e).__name__}: {first}; it needs torchvision)')
