@@ -228,8 +228,9 @@ def test_generate_cli_with_images_equals_transformers(tmp_path, capsys):
 
 
 def test_generate_cli_picture_errors_are_one_line(tmp_path, capsys):
-  """A missing image, a text-only model given an image, a video without transformers' video
-  processor (torchvision): one line each, exit status 2."""
+  """A missing or corrupt image, a video that is no folder of frames, a video without
+  transformers' video processor (torchvision): one line each, exit status 2, the data loader's
+  checks (vision_inputs) naming the flag and the file."""
   from copd_jax.__main__ import main as cli_main
   from tests.hf_vl_fixtures import save_hf_vl_folder_with_tokenizer
   from tests.qwen3_fixture import qwen3_tokenizer_dir
@@ -238,7 +239,11 @@ def test_generate_cli_picture_errors_are_one_line(tmp_path, capsys):
   frames = tmp_path / 'frames'
   frames.mkdir()
   _write_images(frames, [(32, 32, 3)] * 4)
-  cases = [(['--image', str(tmp_path / 'absent.png')], 'absent.png: no such file')]
+  (tmp_path / 'corrupt.png').write_bytes(b'not pixels')
+  absent, corrupt = str(tmp_path / 'absent.png'), str(tmp_path / 'corrupt.png')
+  cases = [(['--image', absent], f'--image: image {absent}: no such file'),
+           (['--image', corrupt], f'{corrupt}: not an image Pillow can read'),
+           (['--video', corrupt], f'--video: video {corrupt} is not a folder of frames')]
   try:
     import torchvision  # noqa: F401
   except ImportError:
