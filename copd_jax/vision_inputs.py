@@ -14,8 +14,8 @@ Three concerns, each a function that callers combine:
   converted); resizing, normalising and patching are transformers' Qwen-VL image / video
   processors, loaded from the model folder (`load_vision_processor`), never written here.
 * Placement (`encode_vision_prompt`): the prompt text holds one
-  `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` per video), as the
-  Qwen3-VL chat template renders an image / video item (`with_visual_content` puts them in the
+  `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` in the middle for a
+  video), as the Qwen3-VL chat template renders an image / video item (`with_visual_content` puts them in the
   user turn; `placeholders` writes them before a plain prompt). Each image pad is then
   repeated grid_t * grid_h * grid_w / merge_size**2 times, and each video pad becomes, per
   temporal patch, `<t seconds><|vision_start|>` pads `<|vision_end|>`: transformers'
@@ -222,8 +222,9 @@ def load_vision_processor(model_dir: str) -> VisionProcessor:
   except (ImportError, AttributeError, TypeError, ValueError, OSError) as e:
     first = ' '.join(str(e).split()).split('. ')[0]  # transformers' first sentence
     video_processor = None
+    needs = '; it needs torchvision' if isinstance(e, ImportError) else ''
     problem = (f"transformers' video processor of {model_dir} could not be loaded "
-               f'({type(e).__name__}: {first}; it needs torchvision)')
+               f'({type(e).__name__}: {first}{needs})')
   return VisionProcessor(image_processor, video_processor, problem)
 
 

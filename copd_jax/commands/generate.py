@@ -136,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help='stop string (repeatable); the completion is cut before it')
   parser.add_argument('--image', action='append', default=[], metavar='PATH',
                       help='an image before the prompt text (repeatable; Qwen3-VL folders)')
-  parser.add_argument('--video', action='append', default=[], metavar='PATH',
+  parser.add_argument('--video', action='append', default=[], metavar='FOLDER',
                       help='a folder of frame images before the prompt text (repeatable; Qwen3-VL '
                            'folders; needs torchvision for transformers\' video processor)')
 
