@@ -13,6 +13,9 @@ data iterator states) in full. Device data crosses that boundary in two directio
   device -> host  `to_host`: numpy values of global arrays; on several processes an array that
                   is not fully addressable is all-gathered first (process_allgather). It is a
                   collective: every process calls it on the same values, in the same order.
+                  `local_block`: only this process's rows of a global batch (no communication),
+                  e.g. sampled tokens to decode and score; `gather_rows`: per-row numbers
+                  computed from them (rewards, lengths) back to every process, small arrays.
 
 Everything else (the jitted sampler and train steps) runs on global arrays unchanged. Process 0
 alone writes metrics, logs and files outside Orbax; Orbax checkpoints are written by all
