@@ -13,6 +13,9 @@ data iterator states) in full. Device data crosses that boundary in two directio
   device -> host  `to_host`: numpy values of global arrays; on several processes an array that
                   is not fully addressable is all-gathered first (process_allgather). It is a
                   collective: every process calls it on the same values, in the same order.
+                  `local_block`: only this process's rows of a global batch (no communication),
+                  e.g. sampled tokens to decode and score; `gather_rows`: per-row numbers
+                  computed from them (rewards, lengths) back to every process, small arrays.
 
 Everything else (the jitted sampler and train steps) runs on global arrays unchanged. Process 0
 alone writes metrics, logs and files outside Orbax; Orbax checkpoints are written by all
@@ -275,3 +278,49 @@ def primary_first(fn: Callable[[], Any], name: str) -> Any:
   result = fn() if is_primary() else None
   barrier(name)
   return result if is_primary() else fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# This process's rows of a global batch
+# ---------------------------------------------------------------------------------------------
+
+def all_rows(num_branches: int, batch: int) -> tuple[slice, slice]:
+  """(branch rows, batch rows) of a whole [K, B] batch: one process without a mesh."""
+  return slice(0, num_branches), slice(0, batch)
+
+
+def local_block(x: jax.Array, rows: tuple[slice, slice]) -> np.ndarray:
+  """x[rows] (a [K, B, ...] array's block of `rows`, e.g. this process's `local_rows`) as numpy,
+  copied from the shards this process holds: no communication, and only the rows asked for
+  leave the devices (a block replicated on several local devices is copied once). Fails when
+  a row of the block is on no local device."""
+  lead = tuple(range(*r.indices(n)) for r, n in zip(rows, x.shape[:2]))
+  out = np.empty((len(lead[0]), len(lead[1])) + x.shape[2:], x.dtype)
+  filled = np.zeros(out.shape[:2], bool)
+  for shard in x.addressable_shards:
+    # The shard's [K, B] extent in global rows, intersected with the block.
+    spans = [range(*s.indices(n)) for s, n in zip(shard.index[:2], x.shape[:2])]
+    want = [range(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(spans, lead)]
+    if not want[0] or not want[1]:
+      continue
+    dst = tuple(slice(w.start - b.start, w.stop - b.start) for w, b in zip(want, lead))
+    if filled[dst].all():
+      continue
+    src = tuple(slice(w.start - s.start, w.stop - s.start) for w, s in zip(want, spans))
+    out[dst] = np.asarray(shard.data[src])
+    filled[dst] = True
+  if not filled.all():
+    raise ValueError(f'rows {rows} of a {x.shape} array are not all on this process\'s devices')
+  return out
+
+
+def gather_rows(local: Any, mesh: Mesh | None, num_branches: int, batch: int) -> Any:
+  """Every process's [K_local, B_local, ...] blocks (`local_rows`) of small per-row values
+  (rewards, lengths) -> the whole [K, B, ...] numpy arrays on every process (a collective on
+  several processes: `global_batch`, then `to_host`). One process: `local` unchanged."""
+  if mesh is None or not is_multiprocess():
+    return jax.tree.map(np.asarray, local)
+  def one(x):
+    x = np.asarray(x)
+    return global_batch(x, mesh, (num_branches, batch) + x.shape[2:])
+  return to_host(jax.tree.map(one, local))

@@ -18,9 +18,9 @@ no 'fsdp' split so each branch's weights are whole on fewer devices): every samp
 a copy of the params in that layout; the training state stays in the training layout.
 
 Multi-host (a JAX multi-controller program; see copd_jax.distributed): every process runs this
-loop on the same config, draws the same prompts and computes the same rewards and advantages on
-the host; device batches are global arrays of which each process feeds its own devices' rows,
-and sampled tokens and step metrics are all-gathered to every host. Process 0 alone logs, writes
+loop on the same config, draws the same prompts and computes the same advantages on the host
+from rewards that each process scored for its own rows (copd_jax.rollouts); sampled tokens stay
+on the devices, and step metrics are all-gathered to every host. Process 0 alone logs, writes
 metrics, the merged model and the evaluation; Orbax checkpoints are written by all processes.
 
 Files: set-up in copd_jax.run_setup, the phase schedule in copd_jax.schedule, what happens around
@@ -44,8 +44,7 @@ from copd_jax.data import Example
 from copd_jax.finish import finish
 from copd_jax.hooks import Hook, StepInfo, standard_hooks
 from copd_jax.losses import group_advantages
-from copd_jax.rollouts import (Rollouts, device_batch, eos_ids, sample_and_score, stack_rounds,
-                               to_batch)
+from copd_jax.rollouts import Rollouts, device_batch, sample_and_score, stack_rounds, to_batch
 from copd_jax.run_setup import Run, setup_run
 from copd_jax.steps import BranchState, RolloutBatch
 
@@ -129,7 +128,8 @@ def probe(run: Run, state: BranchState, distill: 'Distillation') -> dict[str, fl
   distillation rollouts (estimators documented in copd_jax.metrics), and their smallest overlap
   'behaviour/min_overlap', which drives the overlap schedule."""
   edge = distributed.to_host(run.probe(state.params, distill.stacked))
-  masks = np.stack([d.batch.completion_mask for d in distill.rounds])   # [R, K, M, T]
+  # [R, K, M, T]; gathered like the probe's outputs (the probe's limit, docs/scaling.md)
+  masks = np.stack(distributed.to_host([d.batch.completion_mask for d in distill.rounds]))
   k = edge.student_ids.shape[-1]
   out = {}
   for r, teacher_of in enumerate(run.rounds):
@@ -156,7 +156,7 @@ def probe(run: Run, state: BranchState, distill: 'Distillation') -> dict[str, fl
 
 class Sampled(NamedTuple):
   rollouts: Rollouts
-  batch: RolloutBatch   # host arrays [K, N, T]
+  batch: RolloutBatch   # device arrays [K, N, T] (rollouts.to_batch)
 
 
 class Distillation(NamedTuple):
@@ -195,8 +195,7 @@ def sample_distill(run: Run, state: BranchState, key: jax.Array) -> Distillation
     learns = np.asarray([t >= 0 for t in teacher_of])
     row_mask = np.broadcast_to(learns[:, None], rollouts.rewards.shape)
     rounds.append(Sampled(rollouts, to_batch(rollouts, None, row_mask)))
-  stacked = stack_rounds([d.batch for d in rounds],
-                         [device_batch(d.batch, run.mesh) for d in rounds], run.mesh)
+  stacked = stack_rounds([device_batch(d.batch, run.mesh) for d in rounds], run.mesh)
   scalars = {}
   for r, d in enumerate(rounds):
     scalars.update(rollout_scalars(d, run, f'distill_round{r}'))
@@ -211,8 +210,7 @@ def rollout_scalars(sampled: Sampled, run: Run, prefix: str) -> dict[str, float]
   """Per branch: mean reward, mean / max completion length and the share of completions cut
   at max_new_tokens ('{prefix}/{reward|length|max_length|truncated}/{branch}')."""
   r = sampled.rollouts
-  stats = metrics_lib.length_stats(r.output.tokens, r.output.completion_mask,
-                                   run.sampling.max_new_tokens, eos_ids(run.encoder.tokenizer))
+  stats = metrics_lib.summarize_lengths(r.lengths, r.truncated)
   out = {}
   for k, name in enumerate(run.names):
     out[f'{prefix}/reward/{name}'] = float(r.rewards[k].mean())

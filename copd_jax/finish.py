@@ -2,18 +2,21 @@
 every branch and the merge, write the table, eval.json and the merged model.
 
 The merge is the same streaming merge as `python -m copd_jax merge --workdir`, read from the
-final checkpoint. Several processes: every process gathers the final params (a collective);
-process 0 alone merges, evaluates on its own devices and writes, while the others wait for it
-and return no results.
+final checkpoint. The evaluation runs on the sampling mesh like the rollouts (`run_groups`):
+the branches where the training state holds them, the base and merged models as a second group
+of the same size. Several processes: process 0 merges and writes the merged checkpoint, the
+others read it back from there; every process evaluates its share of each sampling call's rows
+and ends with the same results; process 0 alone writes and logs (the others return no results).
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
 
+from copd_jax import checkpoint as ckpt
 from copd_jax import distributed
 from copd_jax import storage
-from copd_jax.evaluation import evaluate_models, markdown_table, save_results
+from copd_jax.evaluation import ModelGroup, evaluate_groups, markdown_table, save_results
 from copd_jax.merge import merge_checkpoints
 from copd_jax.models import hf_io
 from copd_jax.run_setup import Run, state_from_pure_dict
@@ -24,50 +27,78 @@ def finish(run: Run, state: BranchState, progress: bool = False
            ) -> tuple[dict | None, str | None]:
   """(results, markdown table) of the final evaluation; (None, None) on processes other than 0.
   Call it after the run's checkpointer is closed: the merge reads the final checkpoint.
+  Every process calls it (the evaluation is a collective).
   progress: tqdm bars for the merge (per tensor) and the evaluation (per sampling call)."""
-  branch_params = distributed.to_host(state.params)
   try:
-    if not distributed.is_primary():
-      return None, None
-    return merge_and_evaluate(run, branch_params, progress)
+    results, table = merge_and_evaluate(run, state.params, progress)
+    return (results, table) if distributed.is_primary() else (None, None)
   finally:
     distributed.barrier('finish')
 
 
-def evaluate(run: Run, names, stacked_params, progress: bool = False) -> dict:
-  """The run's evaluation of the models stacked in `stacked_params` (host arrays, one per
-  name) on eval.num_examples examples of every domain: {name: {domain: {metric: acc}}}.
-  Shared by the final evaluation and the periodic one (copd_jax.periodic_eval)."""
+def run_groups(run: Run, branch_names, branch_params, singles=()) -> list[ModelGroup]:
+  """The model groups of a run's evaluation on its sampling mesh: the K branches (params as the
+  training state holds them) and, when `singles` (name, host params) are given, those models
+  stacked into a second group of K slots (filled up with copies of the first, unnamed), so it
+  runs on the same mesh. Key numbers: singles[0], the branches, then the other singles (the
+  order of the table: base, branches, merge)."""
+  K = len(branch_names)
+  groups = [ModelGroup(tuple(branch_names), branch_params,
+                       tuple(range(min(len(singles), 1), min(len(singles), 1) + K)),
+                       run.sample_mesh)]
+  if singles:
+    if len(singles) > K:
+      raise ValueError(f'{len(singles)} single models do not fit a group of K={K} slots')
+    slots = list(singles) + [(None, singles[0][1])] * (K - len(singles))
+    key_index = (0,) + tuple(K + i for i in range(1, len(singles))) + (0,) * (K - len(singles))
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                           *[p for _, p in slots])
+    groups.append(ModelGroup(tuple(n for n, _ in slots), stacked, key_index, run.sample_mesh))
+  return groups
+
+
+def evaluate(run: Run, groups, progress: bool = False) -> dict:
+  """The run's evaluation of the models of `groups` (`run_groups`) on eval.num_examples
+  examples of every domain: {name: {domain: {metric: acc}}}. Shared by the final evaluation
+  and the periodic one (copd_jax.periodic_eval)."""
   config = run.config
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in run.domains.items()}
-  return evaluate_models(run.graphdef, stacked_params, names, eval_sets, run.encoder,
-                         run.reward_kinds, config.sampling.max_new_tokens,
-                         config.sampling.temperature, config.eval.samples_k, config.seed,
-                         progress=progress)
+  return evaluate_groups(run.graphdef, groups, eval_sets, run.encoder, run.reward_kinds,
+                         config.sampling.max_new_tokens, config.sampling.temperature,
+                         config.eval.samples_k, config.seed, progress=progress)
 
 
 def merge_and_evaluate(run: Run, branch_params, progress: bool = False) -> tuple[dict, str]:
+  """Merges (process 0 writes `merged/` and `merged_hf/`), evaluates on every process and
+  writes eval.json / eval.md on process 0. branch_params: the final state's, on the mesh."""
   config, workdir = run.config, run.workdir
   K = len(config.branches)
-  names = ['base'] + [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
-  models = [jax.tree.map(lambda x: np.asarray(x)[None], run.base_params),
-            jax.tree.map(np.asarray, branch_params)]
+  names = [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
+  singles = [('base', distributed.to_host(run.base_params))]
   if config.merge.method != 'none' and K > 1:
-    # On several processes, process 0 alone reads the checkpoint (checkpoint.this_process_only).
-    merged = merge_checkpoints(workdir, config.merge.method, lam=config.merge.lam,
-                               density=config.merge.density,
-                               out=storage.join(workdir, 'merged'), overwrite=True,
-                               progress=progress)
-    out_dir = storage.join(workdir, 'merged_hf')
-    hf_io.save_hf_folder(merged.params, run.model_config, out_dir, tokenizer_from=run.base_path)
-    run.log(f'merged model ({config.merge.method}) written to {out_dir}')
-    models.append(jax.tree.map(lambda x: np.asarray(x)[None],
-                               state_from_pure_dict(run.base_params, merged.params)))
-    names.append(f'merged:{config.merge.method}')
-  all_params = jax.tree.map(lambda *xs: np.concatenate(xs), *models)
-  results = evaluate(run, names, all_params, progress)
+    merged_dir = storage.join(workdir, 'merged')
+    failed = None
+    if distributed.is_primary():
+      try:   # process 0 reads the checkpoint alone (checkpoint.this_process_only) and writes
+        merged = merge_checkpoints(workdir, config.merge.method, lam=config.merge.lam,
+                                   density=config.merge.density, out=merged_dir,
+                                   overwrite=True, progress=progress).params
+        out_dir = storage.join(workdir, 'merged_hf')
+        hf_io.save_hf_folder(merged, run.model_config, out_dir, tokenizer_from=run.base_path)
+        run.log(f'merged model ({config.merge.method}) written to {out_dir}')
+      except BaseException as error:   # raised after the barrier, so no process waits on it
+        failed = error
+    distributed.barrier('merged')
+    if failed is not None:
+      raise failed
+    if not distributed.is_primary():
+      merged = ckpt.open_source(merged_dir).read_all()
+    singles.append((f'merged:{config.merge.method}',
+                    state_from_pure_dict(run.base_params, merged)))
+  results = evaluate(run, run_groups(run, names, branch_params, singles), progress)
   table = markdown_table(results, config.eval.samples_k)
-  save_results(storage.join(workdir, 'eval.json'), results, config.eval.samples_k)
-  storage.write_text(storage.join(workdir, 'eval.md'), table + '\n')
+  if distributed.is_primary():
+    save_results(storage.join(workdir, 'eval.json'), results, config.eval.samples_k)
+    storage.write_text(storage.join(workdir, 'eval.md'), table + '\n')
   run.log('\n' + table)
   return results, table

@@ -1,7 +1,7 @@
 """What happens around a training step, outside Algorithm 1 itself: hooks.
 
 The loop (copd_jax.driver.train) calls, for each global step and for every hook in order,
-`before_update(step, batch)` on the host native batch just before it goes to the devices, and
+`before_update(step, batch)` on the native batch just before it goes to the update, and
 `after_step(info)` with a `StepInfo` once the update is done; `close()` at the end of the loop,
 also when it ends with an error (in reverse order). `standard_hooks` are those of every run:
 the numerical guard, the metric log (JSONL + TensorBoard), the progress bar and the checkpoint
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -160,7 +162,10 @@ class NanInjection(Hook):
 
 
 def poison(batch: RolloutBatch, branches: Sequence[int]) -> RolloutBatch:
-  """NaN advantages in the given branches of a host batch."""
-  adv = np.array(batch.advantages)
-  adv[list(branches)] = np.nan
-  return batch._replace(advantages=adv)
+  """NaN advantages in the given branches of a batch (host or device arrays; on the devices,
+  so a global batch of several processes stays where it is)."""
+  hit = np.zeros(batch.advantages.shape[0], bool)
+  hit[list(branches)] = True
+  nan_rows = jax.jit(lambda adv: jnp.where(hit.reshape((-1,) + (1,) * (adv.ndim - 1)),
+                                           jnp.nan, adv))
+  return batch._replace(advantages=nan_rows(batch.advantages))

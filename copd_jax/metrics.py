@@ -58,13 +58,26 @@ def length_stats(tokens, completion_mask, max_new_tokens: int, eos_ids) -> dict[
   """Per row group [..., B, T] -> {'length': mean, 'max_length': max, 'truncated': share} over
   the last row axis B. A completion is truncated when it used all `max_new_tokens` tokens and
   its last token is no EOS (one that ends with EOS on its last allowed token finished)."""
+  return summarize_lengths(*row_lengths(tokens, completion_mask, max_new_tokens, eos_ids))
+
+
+def row_lengths(tokens, completion_mask, max_new_tokens: int, eos_ids
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Per row [..., T] -> (completion length [...], truncated [...] bool): the per-row part of
+  `length_stats`, which processes compute on their own rows and gather as small arrays."""
   tokens, mask = np.asarray(tokens), np.asarray(completion_mask, bool)
   lengths = mask.sum(-1)
   # The last completion token of each row (rows without completion: index 0, masked below).
   last = np.take_along_axis(tokens, np.maximum(_last_index(mask), 0)[..., None], -1)[..., 0]
   cut = (lengths >= max_new_tokens) & ~np.isin(last, np.asarray(list(eos_ids)))
+  return lengths, cut
+
+
+def summarize_lengths(lengths, truncated) -> dict[str, np.ndarray]:
+  """`length_stats` from per-row lengths and truncation flags [..., B]."""
+  lengths, truncated = np.asarray(lengths), np.asarray(truncated, bool)
   return {'length': lengths.mean(-1), 'max_length': lengths.max(-1),
-          'truncated': cut.mean(-1)}
+          'truncated': truncated.mean(-1)}
 
 
 def _last_index(mask: np.ndarray) -> np.ndarray:

@@ -6,17 +6,15 @@ sampled avg@k on eval.num_examples examples, the run's seed), logged as scalars 
 The evaluation draws no randomness from the run and changes nothing in it, so a run with it on
 trains exactly like one with it off. Greedy pass@1 does not depend on the sampling key; avg@k
 at the last step may differ a little from the final table's (the final evaluation samples
-base, branches and merge together, so each model's key differs). Several processes: every
-process gathers the params (a collective); process 0 evaluates and logs.
+base, branches and merge together, so each model's key differs). It runs on the sampling
+mesh with the branches' params where they are (copd_jax.finish.run_groups). Several processes:
+every process evaluates its share of the rows (a collective); process 0 logs.
 """
 from __future__ import annotations
 
-import jax
-import numpy as np
-
 from copd_jax import distributed
 from copd_jax.evaluation import GREEDY, SAMPLED
-from copd_jax.finish import evaluate
+from copd_jax.finish import evaluate, run_groups
 from copd_jax.step_hook import Hook, StepInfo
 from copd_jax.run_setup import Run
 
@@ -29,14 +27,15 @@ class PeriodicEval(Hook):
   def after_step(self, info: StepInfo) -> None:
     if (info.step + 1) % self.every:
       return
-    params = distributed.to_host(info.state.params)
+    scalars = eval_scalars(self.run, info.state.params, self.progress)
     if distributed.is_primary():
-      info.add_scalars(eval_scalars(self.run, params, self.progress))
+      info.add_scalars(scalars)
 
 
 def eval_scalars(run: Run, branch_params, progress: bool = False) -> dict[str, float]:
-  """{'eval/{domain}/{pass@1|avg@k}/{branch}': accuracy} of the branch-stacked host params."""
-  results = evaluate(run, run.names, jax.tree.map(np.asarray, branch_params), progress)
+  """{'eval/{domain}/{pass@1|avg@k}/{branch}': accuracy} of the branch-stacked params (host
+  arrays or the training state's)."""
+  results = evaluate(run, run_groups(run, run.names, branch_params), progress)
   return {f'eval/{domain}/{metric}/{name}': value
           for name, per_domain in results.items() for domain, metrics in per_domain.items()
           for metric, value in metrics.items() if metric in (GREEDY, SAMPLED)}

@@ -7,15 +7,19 @@ This is the host-side glue between the data, the sampler and the rewards, shared
 driver and by evaluation. Shapes: K branches, B prompts per branch, T = P + N tokens.
 
 Multi-host: every process encodes the same prompts and keys (same seed, same data order) and
-hands the sampler global arrays of its own rows (`distributed.host_to_global`); the sampled
-tokens come back to every host in full (`distributed.to_host`), so every process decodes and
-scores the same rollouts and builds the same host batches. `to_batch` / `device_batch` turn them
-into the train steps' global RolloutBatch. One process takes the plain path: numpy in, numpy out.
+hands the sampler global arrays of its own rows (`distributed.host_to_global`). The sampled
+tokens stay on the devices: each process copies only its own rows to the host
+(`distributed.local_rows` of the sampling mesh, `distributed.local_block`), decodes and scores
+them, and the per-row numbers (rewards, completion lengths) are gathered as small [K, B] arrays
+(`distributed.gather_rows`), so every process computes the same advantages and metrics while
+no host holds the whole sampled batch. `to_batch` / `device_batch` build the train steps'
+RolloutBatch from the device arrays. One process takes the same path with all rows its own.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -26,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from copd_jax import distributed
 from copd_jax.data import Example, render_prompt
 from copd_jax.data.domain import PromptFormat
+from copd_jax.metrics import row_lengths
 from copd_jax.prompt_groups import check_groups
 from copd_jax.rewards import RewardSpec, score_completions
 from copd_jax.sampling import SampleOutput, SamplingConfigError, SamplingParams, generate_branches
@@ -66,11 +71,36 @@ def pad_prompts(token_lists: list[list[int]], length: int | None = None, pad_id:
 
 @dataclasses.dataclass
 class Rollouts:
-  """Sampled completions of K branches, B rows each, with their rewards."""
-  output: SampleOutput          # [K, B, T] numpy arrays
+  """Sampled completions of K branches, B rows each, with their rewards.
+
+  The sampled arrays stay on the devices (`output`); this process decoded and scored its own
+  rows (`rows`, `texts`); per-row numbers of every row (rewards, lengths) are on every host."""
+  output: SampleOutput           # [K, B, T] jax arrays (global on several processes)
   examples: list[list[Example]]  # [K][B]
-  texts: list[list[str]]         # [K][B] decoded completions (EOS stripped)
+  texts: list[list[str]]         # [K_local][B_local] decoded completions of `rows` (EOS stripped)
   rewards: np.ndarray            # [K, B] float32
+  lengths: np.ndarray | None = None    # [K, B] completion lengths (metrics.row_lengths)
+  truncated: np.ndarray | None = None  # [K, B] bool, cut at max_new_tokens without EOS
+  rows: tuple[slice, slice] | None = None   # this process's (branch, batch) rows; None: all
+  decode: Callable[[list[int]], str] | None = None   # token ids -> text (the tokenizer's)
+
+  def texts_of(self, batch_rows: Sequence[int]) -> list[list[str]]:
+    """Decoded completions of rows `batch_rows` of every branch, [K][len(batch_rows)]. On
+    several processes a collective (every process calls it with the same rows): those rows'
+    tokens are gathered (a few rows, not the batch) and decoded on every process."""
+    if not distributed.is_multiprocess():
+      k0, b0 = (0, 0) if self.rows is None else (self.rows[0].start, self.rows[1].start)
+      return [[self.texts[k - k0][i - b0] for i in batch_rows]
+              for k in range(len(self.examples))]
+    picked = _take_rows(SampleOutput(*self.output), tuple(int(i) for i in batch_rows))
+    picked = SampleOutput(*distributed.to_host(tuple(picked)))
+    return [[self.decode(ids) for ids in completion_token_lists(
+        SampleOutput(*(x[k] for x in picked)))] for k in range(len(self.examples))]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _take_rows(output: SampleOutput, batch_rows: tuple[int, ...]) -> SampleOutput:
+  return SampleOutput(*(x[:, jnp.asarray(batch_rows)] for x in output))
 
 
 class PromptEncoder:
@@ -128,77 +158,96 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
 def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
                      encoder: PromptEncoder, sampling: SamplingParams, key, reward_kinds:
                      dict[str, str | RewardSpec], mesh=None, timeout_s: float = 2.0,
-                     group_size: int = 1) -> Rollouts:
+                     group_size: int = 1, keys=None) -> Rollouts:
   """Each branch k samples one completion per example of examples[k]; rewards by domain kind.
 
   mesh: the sampling mesh (params are placed by sampling.SAMPLING_RULES on it, whatever their
-  layout); on several processes, global params need it (host params and no mesh sample on this
-  process's own device, as process 0's evaluation does).
+  layout); on several processes it is required (each process then decodes and scores the rows
+  its devices hold on it, `distributed.local_rows`).
   group_size: rows k*G .. k*G+G-1 of every branch repeat one example (the driver's
   `repeat_rows` layout), so the sampler prefills each group's prompt once; checked on the
-  encoded prompts first (`check_groups`)."""
+  encoded prompts first (`check_groups`).
+  keys: [K] PRNG keys, one per branch (default: `jax.random.split(key, K)`)."""
   tokens, valid = encoder.encode(examples)
   if group_size > 1:
     check_groups(tokens, valid, group_size)
-  K = len(examples)
-  keys = jax.random.split(key, K)
-  if mesh is not None and distributed.is_multiprocess():
+  K, B = len(examples), len(examples[0])
+  keys = jax.random.split(key, K) if keys is None else keys
+  if distributed.is_multiprocess():
+    if mesh is None:
+      raise ValueError('sample_and_score on several processes needs the sampling mesh')
     # The sampler's prompt layout (K on 'branch', B on 'fsdp' when it divides B).
     prompts = NamedSharding(mesh, distributed.batch_spec(mesh, tokens.shape))
     tokens, valid = (distributed.host_to_global(x, prompts) for x in (tokens, valid))
     keys = distributed.global_keys(keys, NamedSharding(mesh, P('branch')))
   tokenizer = encoder.tokenizer
-  output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
-                             eos_ids(tokenizer), tokenizer.pad_token_id or 0, mesh=mesh,
-                             group_size=group_size)
-  output = SampleOutput(*(np.asarray(x) for x in distributed.to_host(tuple(output))))
-  texts = [[tokenizer.decode(ids, skip_special_tokens=True)
-            for ids in completion_token_lists(SampleOutput(*(x[k] for x in output)))]
-           for k in range(K)]
-  rewards = np.zeros((K, len(examples[0])), np.float32)
-  for k in range(K):
+  eos = eos_ids(tokenizer)
+  output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling, eos,
+                             tokenizer.pad_token_id or 0, mesh=mesh, group_size=group_size)
+  rows = (distributed.all_rows(K, B) if mesh is None
+          else distributed.local_rows(mesh, K, B))
+  local = SampleOutput(*(distributed.local_block(x, rows) for x in output))
+  mine = [list(row[rows[1]]) for row in examples[rows[0]]]
+  decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+  texts = [[decode(ids) for ids in completion_token_lists(SampleOutput(*(x[k] for x in local)))]
+           for k in range(len(mine))]
+  rewards = np.zeros((len(mine), len(mine[0])), np.float32)
+  for k in range(len(mine)):
     by_kind: dict[str, list[int]] = {}
-    for i, example in enumerate(examples[k]):
+    for i, example in enumerate(mine[k]):
       by_kind.setdefault(reward_kinds[example.domain], []).append(i)
-    for kind, rows in by_kind.items():
-      rewards[k, rows] = score_completions(kind, [texts[k][i] for i in rows],
-                                           [examples[k][i] for i in rows], timeout_s=timeout_s)
-  return Rollouts(output, [list(row) for row in examples], texts, rewards)
+    for kind, idx in by_kind.items():
+      rewards[k, idx] = score_completions(kind, [texts[k][i] for i in idx],
+                                          [mine[k][i] for i in idx], timeout_s=timeout_s)
+  lengths, truncated = row_lengths(local.tokens, local.completion_mask, sampling.max_new_tokens,
+                                   eos)
+  rewards, lengths, truncated = distributed.gather_rows(
+      (rewards, lengths.astype(np.int32), truncated), mesh, K, B)
+  return Rollouts(output, [list(row) for row in examples], texts, rewards, lengths,
+                  truncated.astype(bool), rows, decode)
 
 
 def to_batch(rollouts: Rollouts, advantages: np.ndarray | None, row_mask=None) -> RolloutBatch:
-  """Sampler output [K, B, T] (+ per-row advantages [K, B]) -> the train step's RolloutBatch of
-  host (numpy) arrays; rows outside row_mask [K, B] are not trained on."""
+  """Sampler output [K, B, T] (+ per-row advantages [K, B], the same host array on every
+  process) -> the train step's RolloutBatch of device arrays in the sampler's layout; rows
+  outside row_mask [K, B] are not trained on."""
   out = rollouts.output
-  completion = np.asarray(out.completion_mask)
-  if row_mask is not None:
-    completion = completion & row_mask[:, :, None]
-  adv = np.zeros(completion.shape, np.float32)
-  if advantages is not None:
-    adv = np.broadcast_to(advantages[..., None], completion.shape) * completion
-  return RolloutBatch(tokens=np.asarray(out.tokens), token_valid=np.asarray(out.token_valid),
-                      completion_mask=completion, sampler_logprobs=np.asarray(out.logprobs),
-                      advantages=np.asarray(adv, np.float32))
+  shape = out.tokens.shape[:2]
+  advantages = np.zeros(shape, np.float32) if advantages is None else advantages
+  row_mask = np.ones(shape, bool) if row_mask is None else row_mask
+  per_row = (np.asarray(advantages, np.float32), np.asarray(row_mask, bool))
+  if distributed.is_multiprocess():
+    rows = NamedSharding(out.tokens.sharding.mesh, P('branch'))
+    per_row = tuple(distributed.host_to_global(x, rows) for x in per_row)
+  return _batch_from(SampleOutput(*out), *per_row)
+
+
+@jax.jit
+def _batch_from(out: SampleOutput, advantages, row_mask) -> RolloutBatch:
+  completion = out.completion_mask & row_mask[:, :, None]
+  # The sequence advantage on its completion tokens, 0 elsewhere (as a product: -0.0 where
+  # the advantage is negative, like the host version this replaced).
+  adv = (advantages[:, :, None] * completion).astype(jnp.float32)
+  return RolloutBatch(tokens=out.tokens, token_valid=out.token_valid, completion_mask=completion,
+                      sampler_logprobs=out.logprobs, advantages=adv)
 
 
 def device_batch(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
-  """A host RolloutBatch [K, B, T] on the devices, in the train steps' input layout (K on
-  'branch'): one process: plain device arrays (the step places them); several: global arrays
-  of which each process feeds its own devices' blocks."""
-  if not distributed.is_multiprocess():
-    return jax.tree.map(jnp.asarray, batch)
+  """A RolloutBatch [K, B, T] (host or device arrays) in the train steps' input layout on
+  `mesh` (K on 'branch'); device arrays move between the sampling and the training layout on
+  the devices (no host copy)."""
   sharding = NamedSharding(mesh, P('branch'))
-  return jax.tree.map(lambda x: distributed.host_to_global(x, sharding), batch)
-
-
-def stack_rounds(host: Sequence[RolloutBatch], on_device: Sequence[RolloutBatch],
-                 mesh: Mesh) -> RolloutBatch:
-  """The OPD step's distillation input [R, K, M, T] from R rounds' batches (host and device
-  versions of the same values), in its input layout (K on 'branch')."""
   if not distributed.is_multiprocess():
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *on_device)
-  sharding = NamedSharding(mesh, P(None, 'branch'))
-  return jax.tree.map(lambda *xs: distributed.host_to_global(np.stack(xs), sharding), *host)
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+  return jax.tree.map(lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array)
+                      else distributed.host_to_global(x, sharding), batch)
+
+
+def stack_rounds(batches: Sequence[RolloutBatch], mesh: Mesh) -> RolloutBatch:
+  """The OPD step's distillation input [R, K, M, T] from R rounds' batches (`device_batch`es),
+  in its input layout (K on 'branch'), stacked on the devices."""
+  stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=NamedSharding(mesh, P(None, 'branch')))
+  return jax.tree.map(lambda *xs: stack(*xs), *batches)
 
 
 def completion_token_lists(output: SampleOutput) -> list[list[int]]:

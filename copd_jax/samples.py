@@ -6,7 +6,8 @@ One JSON line per completion: step, cycle, phase, branch, domain, prompt, comple
 answer. The rows shown are spread over the step's prompts (the first completion of each
 prompt's group, then the second, ...), so N samples show N prompts when there are that many.
 A resumed run first drops the lines at or after its first step (like metrics.jsonl), so the
-file equals an uninterrupted run's. Written by process 0 only.
+file equals an uninterrupted run's. Written by process 0 only; on several processes every
+process gathers the shown rows' tokens (`Rollouts.texts_of`), as process 0 decoded only its own.
 """
 from __future__ import annotations
 
@@ -43,14 +44,15 @@ class SampleLog(Hook):
 def sample_records(info: StepInfo, names, per_branch: int, group_size: int) -> list[dict]:
   """`per_branch` completions of each branch of the step's native rollouts, as JSON records."""
   rollouts = info.native
-  rows = spread_rows(len(rollouts.texts[0]), group_size)[:per_branch]
+  rows = spread_rows(len(rollouts.examples[0]), group_size)[:per_branch]
+  texts = rollouts.texts_of(rows)   # several processes: gathers these rows' tokens only
   out = []
   for k, name in enumerate(names):
-    for i in rows:
+    for j, i in enumerate(rows):
       example = rollouts.examples[k][i]
       out.append({'step': info.step, 'cycle': info.cycle, 'phase': info.phase, 'branch': name,
                   'domain': example.domain, 'prompt': example.prompt,
-                  'completion': rollouts.texts[k][i], 'reward': float(rollouts.rewards[k, i]),
+                  'completion': texts[k][j], 'reward': float(rollouts.rewards[k, i]),
                   'answer': str(example.answer)})
   return out
 

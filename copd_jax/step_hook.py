@@ -43,7 +43,8 @@ class Hook:
   """Something done around every step; override what you need (the defaults do nothing)."""
 
   def before_update(self, step: int, batch: RolloutBatch) -> RolloutBatch:
-    """The host native batch [K, N, T] of `step` just before it is placed on the devices."""
+    """The native batch [K, N, T] of `step` (device arrays in the sampling layout) just before
+    it is placed in the update's layout."""
     return batch
 
   def after_step(self, info: StepInfo) -> None:

@@ -146,6 +146,26 @@ def test_to_host_returns_numpy_global_values():
   np.testing.assert_array_equal(out['b'][0], [1, 1, 1])
 
 
+@pytest.mark.parametrize('spec', [P('branch', 'fsdp'), P('branch'), P()])
+def test_local_block_copies_exactly_the_rows_asked_for_from_the_shards(spec):
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  host = np.arange(2 * 8 * 3, dtype=np.int32).reshape(2, 8, 3)
+  x = jax.device_put(host, NamedSharding(mesh, spec))
+  for rows in ((slice(0, 2), slice(0, 8)), (slice(1, 2), slice(2, 6)), (slice(0, 1), slice(7, 8))):
+    block = dist.local_block(x, rows)
+    assert block.dtype == host.dtype
+    np.testing.assert_array_equal(block, host[rows])
+  assert dist.all_rows(2, 8) == (slice(0, 2), slice(0, 8))
+
+
+def test_gather_rows_on_one_process_returns_the_rows_as_numpy():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  rewards, lengths = np.ones((2, 8), np.float32), np.arange(16).reshape(2, 8)
+  out = dist.gather_rows((rewards, lengths), mesh, 2, 8)
+  assert all(isinstance(x, np.ndarray) for x in out)
+  np.testing.assert_array_equal(out[1], lengths)
+
+
 def test_barrier_and_primary_first_on_one_process():
   calls = []
   dist.barrier('nothing to wait for')

@@ -7,6 +7,7 @@ driver config on a (branch=2, fsdp=4) mesh over the 8 global devices, and are co
 process holding all 8 devices. The fast test checks that `config.mesh_sampling` layouts sample
 the same tokens as the training layout.
 """
+import collections
 import json
 import os
 import socket
@@ -22,11 +23,13 @@ from flax import nnx
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import mesh as mesh_lib
+from copd_jax.config import read_config
 from copd_jax.data import synthetic_domain
 from copd_jax.metrics import read_metrics
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
 from copd_jax.rollouts import PromptEncoder, sample_and_score
+from copd_jax.run_setup import load_domains
 from copd_jax.sampling import SamplingParams
 from copd_jax.steps import branch_state_shardings, init_branch_state
 
@@ -42,6 +45,11 @@ TINY = [
     '--config.domains.sort.num_train=200', '--config.domains.count.num_eval=8',
     '--config.domains.sort.num_eval=8', '--config.model.toy.hidden_size=32',
     '--config.model.toy.intermediate_size=64', '--config.mesh.branch=2', '--config.mesh.fsdp=4',
+    # Evaluation during training after each step, and rewards that log which process scored
+    # which row ('exact' otherwise; $COPD_TEST_REWARD_LOG, set per run by run_processes).
+    '--config.eval.every_steps=1',
+    '--config.domains.count.reward=tests.reward_functions:exact_logging_rows',
+    '--config.domains.sort.reward=tests.reward_functions:exact_logging_rows',
 ]
 SAMPLING_TENSOR = ['--config.mesh_sampling.branch=2', '--config.mesh_sampling.fsdp=1',
                    '--config.mesh_sampling.tensor=4']
@@ -73,6 +81,7 @@ def run_processes(workdir, num_processes: int, extra=()) -> list[str]:
     dist_env = {} if num_processes == 1 else dict(
         JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_PROCESS_COUNT=str(num_processes),
         JAX_PROCESS_ID=str(i))
+    dist_env['COPD_TEST_REWARD_LOG'] = str(workdir) + '.reward_rows'
     procs.append(subprocess.Popen(_command(workdir, extra), cwd=ROOT,
                                   env=_env(8 // num_processes, **dist_env),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -94,6 +103,24 @@ def final_params(workdir):
   return {k: dict(ckpt.flatten_paths(source.read_all(k))) for k in range(source.num_branches)}
 
 
+def scored_rows(workdir) -> list[collections.Counter]:
+  """Per process, the rows its reward calls scored ((domain, id, completion) -> count)."""
+  out = []
+  for i in range(2):
+    path = f'{workdir}.reward_rows.{i}'
+    if os.path.exists(path):
+      with open(path) as f:
+        out.append(collections.Counter(tuple(json.loads(line)) for line in f))
+  return out
+
+
+def eval_ids() -> set[str]:
+  """Ids of the examples the evaluations score (each domain's first eval.num_examples)."""
+  config = read_config(os.path.join(ROOT, 'configs', 'toy_copd.py'), TINY)
+  return {e.id for _, held_out in load_domains(config).values()
+          for e in held_out[:config.eval.num_examples]}
+
+
 def comparable_metrics(workdir):
   return [{k: v for k, v in r.items() if 'seconds' not in k} for r in read_metrics(workdir)]
 
@@ -108,7 +135,7 @@ LR, UPDATES = 3e-4, 2
 
 
 def assert_same_run(workdir, reference) -> None:
-  ours, theirs = comparable_metrics(workdir), comparable_metrics(reference)
+  ours_m, theirs_m = ours, theirs = comparable_metrics(workdir), comparable_metrics(reference)
   assert [r['step'] for r in ours] == [r['step'] for r in theirs]
   for a, b in zip(ours, theirs):
     assert a.keys() == b.keys()
@@ -125,6 +152,10 @@ def assert_same_run(workdir, reference) -> None:
   ours, theirs = (json.loads((w / 'eval.json').read_text())['results']
                   for w in (workdir, reference))
   assert ours.keys() == theirs.keys() and ours['base'] == theirs['base']
+  # The evaluation during training at step 0, when every branch still equals the base (its
+  # GRPO batch has no reward spread here, so no update), equals the one-process one exactly.
+  first = [{k: v for k, v in r.items() if k.startswith('eval/')} for r in (ours_m[0], theirs_m[0])]
+  assert first[0] and first[0] == first[1]
 
 
 @pytest.fixture(scope='module')
@@ -150,6 +181,17 @@ def test_two_processes_train_like_one_process_with_all_devices(one_process, two_
   assert len(os.listdir(workdir / 'tensorboard')) == 1
   assert (workdir / 'merged_hf' / 'config.json').exists()
   assert_same_run(workdir, ref)
+  # Each process decoded and scored only the rows of its own devices (here one branch each):
+  # in training, together exactly the rows that one process scored. (The final evaluation of
+  # the branches and the merge samples from parameters that differ by rounding noise, so its
+  # completions, and which of them have an answer to score, may differ.)
+  (alone,), mine = scored_rows(ref), scored_rows(workdir)
+  evals = eval_ids()
+  training = lambda rows: collections.Counter({r: n for r, n in rows.items() if r[1] not in evals})
+  assert len(mine) == 2 and all(training(m) for m in mine)
+  assert training(mine[0]) + training(mine[1]) == training(alone)
+  # Evaluations included, each process scored about half of the rows, not all of them.
+  assert all(sum(m.values()) < 0.6 * sum(alone.values()) for m in mine)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from copd_jax import sampling
 from copd_jax.sampling import decode
 from copd_jax.__main__ import main as cli_main
 from copd_jax.data import synthetic_domain
+from copd_jax.evaluation import ModelGroup, evaluate_groups, evaluate_models
 from copd_jax.models import hf_io
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
@@ -420,6 +421,30 @@ def test_sample_and_score_with_groups_equals_ungrouped():
   assert out.texts == ref.texts and (out.rewards == ref.rewards).all()
   with pytest.raises(ValueError, match=r'branch 0 rows 4\.\.7 are not all the same'):
     run([rows[0][:5] + rows[0][9:10] + rows[0][6:]], G)
+
+
+@pytest.mark.slow   # eight sampler compiles and a reward worker pool
+def test_evaluation_in_groups_on_a_mesh_equals_all_models_on_one_device():
+  """Final-evaluation layout (copd_jax.finish.run_groups): two branches on a (branch=2, fsdp=4)
+  mesh, base and 'merged' stacked as a second group on it, each model with its own key number;
+  the table equals all four models sampled together on one device."""
+  config = Qwen3Config(vocab_size=char_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, intermediate_size=64)
+  graphdef, params = split_model(Qwen3(config, rngs=nnx.Rngs(1), init_std=0.3))
+  models = jax.tree.map(lambda x: np.stack([np.asarray(x) * s for s in (1.0, 1.1, 0.9, 1.05)]),
+                        params)   # base, branch0, branch1, merged
+  pick = lambda *i: jax.tree.map(lambda x: x[np.asarray(i)], models)
+  names = ['base', 'b0', 'b1', 'merged']
+  eval_sets = {'count': synthetic_domain('count', 0, 4, 0)[0]}
+  encoder = rollouts.PromptEncoder(char_tokenizer(), {'count': False})
+  args = (eval_sets, encoder, {'count': 'tests.reward_functions:length_mod_3'}, 6, 1.0, 2, 0)
+  ref = evaluate_models(graphdef, models, names, *args)
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  groups = [ModelGroup(('b0', 'b1'), pick(1, 2), (1, 2), mesh),
+            ModelGroup(('base', 'merged'), pick(0, 3), (0, 3), mesh)]
+  out = evaluate_groups(graphdef, groups, *args)
+  assert list(out) == names and out == ref
+  assert len({v['count'][m] for v in ref.values() for m in v['count']}) > 2   # not all alike
 
 
 def test_buckets_padding_and_settings_errors():
