@@ -13,7 +13,10 @@ sampling -> copd_jax.sampling.SamplingParams, optimizer -> copd_jax/optim.py, me
 copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
   seed                      base of every PRNG stream and data order
   branches                  one domain name per branch; 'a+b' = a branch trained on mixed data
-  domains.<name>            source 'synthetic' (num_train/num_eval) or 'file' (train_path/eval_path
+  domains.<name>            source 'synthetic' (num_train/num_eval), 'synthetic_vision' (the
+                            built-in image / video domain <name>: shapes, digits, compare,
+                            motion, appear, copd_jax/data/synthetic_vision.py; num_train/
+                            num_eval; `train` refuses them until it feeds pixels) or 'file' (train_path/eval_path
                             JSONL or Parquet, prompt_field/answer_field; a prompt is a string or
                             a 'messages' list of {role, content}; an answer a string or a
                             number). Prompting: use_chat_template (render with the tokenizer's
