@@ -13,10 +13,7 @@ sampling -> copd_jax.sampling.SamplingParams, optimizer -> copd_jax/optim.py, me
 copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
   seed                      base of every PRNG stream and data order
   branches                  one domain name per branch; 'a+b' = a branch trained on mixed data
-  domains.<name>            source 'synthetic' (num_train/num_eval), 'synthetic_vision' (the
-                            built-in image / video domain <name>: shapes, digits, compare,
-                            motion, appear, copd_jax/data/synthetic_vision.py; num_train/
-                            num_eval; `train` refuses them until it feeds pixels) or 'file' (train_path/eval_path
+  domains.<name>            source 'synthetic' (num_train/num_eval) or 'file' (train_path/eval_path
                             JSONL or Parquet, prompt_field/answer_field; a prompt is a string or
                             a 'messages' list of {role, content}; an answer a string or a
                             number). Prompting: use_chat_template (render with the tokenizer's
@@ -33,7 +30,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             'images': a path or a list of paths per row, relative to the data
                             file) and video_field (default 'video': a folder of frames or a
                             list of frame paths); '' = not read. Every file is checked when
-                            the data loads (copd_jax/vision_inputs.py)
+                            the data loads (copd_jax/vision_inputs.py). source
+                            'synthetic_vision': the built-in image / video domain <name>
+                            (shapes, digits, compare, motion, appear; num_train/num_eval;
+                            copd_jax/data/synthetic_vision.py); `train` refuses its rows until
+                            it feeds pixels to the model
   data                      max_prompt_tokens: longest rendered prompt (tokens, after the chat
                             template) a run keeps; 0 = no limit. Every prompt is padded to the
                             run's longest one, so one long prompt costs every batch. Longer

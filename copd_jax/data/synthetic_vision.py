@@ -27,9 +27,10 @@ random pictures, deduplicated on the question text and a digest of the rendered 
 `num_eval` distinct prompts are the eval split and the next `num_train` the train split. Pictures
 are rendered in memory, and only the kept ones are written as PNG files to
 <image_dir>/<domain>/<digest>.png (a video: <digest>/frame_<i>.png); names are content digests, so
-runs may share a folder (`default_image_dir()`, a per-user cache, unless the caller names one). Rows are `Example`s with `images` / `video` holding those paths, exactly
-as data/files.py represents a JSONL / Parquet row with images; every file passes
-vision_inputs.check_image / check_video_frames.
+runs may share a folder (`default_image_dir()`, a per-user cache, unless the caller names one).
+Rows are `Example`s with `images` / `video` holding those paths, exactly as data/files.py
+represents a JSONL / Parquet row with images; every file passes vision_inputs.check_image /
+check_video_frames.
 
 A config names these domains with source 'synthetic_vision'. `train` refuses their rows as it
 refuses file rows with images (run_setup._refuse_visual_rows): the training loop does not feed
