@@ -71,6 +71,8 @@ def _glyph_templates():
 
 
 def _digits_answer(question, frames):
+  """The number read back: the ink split at blank columns, each piece matched against the
+  bitmap font's digit glyphs at scale 1 and 2 (exactly one must match)."""
   ink = _ink(_pixels(frames[0]))
   rows, cols = np.where(ink)
   ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
