@@ -20,6 +20,7 @@ from copd_jax import mesh as mesh_lib
 from copd_jax.answers import EXTRACTIONS
 from copd_jax.data.domain import REWARD_KINDS, is_reward_name
 from copd_jax.data.prompt_limit import LONG_PROMPT_POLICIES
+from copd_jax.data.synthetic_vision import SYNTHETIC_VISION_DOMAINS
 from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields
 from copd_jax.merge import MergeRecipe
@@ -102,7 +103,7 @@ def _check_data(config, check_files: bool) -> None:
                   f'({", ".join(config.domains)})')
   for name, domain in config.domains.items():
     where = f'domains.{name}'
-    check.one_of(f'{where}.source', domain.source, ('synthetic', 'file'))
+    check.one_of(f'{where}.source', domain.source, ('synthetic', 'synthetic_vision', 'file'))
     _check_domain_prompting(config, name)
     _check_domain_scoring(config, name)
     if domain.source == 'file' and check_files:
@@ -110,7 +111,11 @@ def _check_data(config, check_files: bool) -> None:
         path = domain[split]
         check.check(bool(path) and os.path.isfile(path), f'{where}.{split}',
                     f'file not found: {path!r}')
-    elif domain.source == 'synthetic':
+    elif domain.source in ('synthetic', 'synthetic_vision'):
+      if domain.source == 'synthetic_vision':
+        check.check(name in SYNTHETIC_VISION_DOMAINS, f'{where}.source',
+                    f"'synthetic_vision' has no domain {name!r}; built-in image / video domains: "
+                    f'{", ".join(SYNTHETIC_VISION_DOMAINS)}')
       check.positive_int(f'{where}.num_train', domain.num_train)
       check.positive_int(f'{where}.num_eval', domain.num_eval)
   check.positive_int('data.max_prompt_tokens', config.data.max_prompt_tokens, allow_zero=True)

@@ -27,6 +27,7 @@ from copd_jax import storage
 from copd_jax.config import SCHEDULE_FIELD, resume_differences, with_moved_fields
 from copd_jax.config_checks import branch_domains
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
+from copd_jax.data.synthetic_vision import default_image_dir, synthetic_vision_domain
 from copd_jax.data.domain import prompt_format
 from copd_jax.data.prompt_limit import limit_prompts, prompt_limit_lines
 from copd_jax.errors import ConfigError, UserInputError
@@ -186,14 +187,20 @@ def branch_names(branches) -> list[str]:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def load_domains(config) -> dict[str, tuple[list[Example], list[Example]]]:
-  """(train, eval) examples of every domain some branch uses; file errors name file and line."""
+def load_domains(config, image_dir: str = '') -> dict[str, tuple[list[Example], list[Example]]]:
+  """(train, eval) examples of every domain some branch uses; file errors name file and line.
+  image_dir: where 'synthetic_vision' domains write their PNGs ('' = the shared cache,
+  synthetic_vision.default_image_dir())."""
   used = sorted({d for names in branch_domains(config) for d in names})
   out = {}
   for i, name in enumerate(used):
     spec = config.domains[name]
     if spec.source == 'synthetic':
       out[name] = synthetic_domain(name, config.seed + 1000 * i, spec.num_train, spec.num_eval)
+    elif spec.source == 'synthetic_vision':
+      out[name] = synthetic_vision_domain(name, config.seed + 1000 * i, spec.num_train,
+                                          spec.num_eval, image_dir or default_image_dir())
+      _refuse_visual_rows(name, out[name][0] + out[name][1])
     else:
       fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None,
                     image_field=spec.image_field, video_field=spec.video_field,
@@ -208,6 +215,9 @@ def _refuse_visual_rows(name: str, examples: list[Example]) -> None:
   """The training loop feeds text only: a row's images would be dropped without a word."""
   row = next((ex for ex in examples if ex.images or ex.video), None)
   if row is not None:
+    if not row.source:  # a synthetic_vision domain: its pictures are the task
+      raise UserInputError(f"domains.{name}: source 'synthetic_vision' gives rows with images or "
+                           'a video, which training does not feed to the model yet')
     raise UserInputError(f'{row.source}: the row has images or a video, which training does not '
                          f"feed to the model yet; set domains.{name}.image_field='' and "
                          "video_field='' to train on its text alone")

@@ -30,7 +30,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             'images': a path or a list of paths per row, relative to the data
                             file) and video_field (default 'video': a folder of frames or a
                             list of frame paths); '' = not read. Every file is checked when
-                            the data loads (copd_jax/vision_inputs.py)
+                            the data loads (copd_jax/vision_inputs.py). source
+                            'synthetic_vision': the built-in image / video domain <name>
+                            (shapes, digits, compare, motion, appear; num_train/num_eval;
+                            copd_jax/data/synthetic_vision.py); `train` refuses its rows until
+                            it feeds pixels to the model
   data                      max_prompt_tokens: longest rendered prompt (tokens, after the chat
                             template) a run keeps; 0 = no limit. Every prompt is padded to the
                             run's longest one, so one long prompt costs every batch. Longer

@@ -1,0 +1,304 @@
+"""Built-in toy image and video domains, rendered with Pillow: the toy world's visual branches.
+
+Each domain asks one short question about small pictures that a tiny Qwen3-VL vision tower (16 x 16
+patches, 2 x 2 merge) sees as a 2 x 2 .. 4 x 4 patch grid. Positions, sizes, colours, background
+shade and distractors vary, so no single pixel or the question text alone gives the answer.
+
+    domain   input                 question / answer                                  chance
+    shapes   image 64 x 64         how many <colour> <squares|circles>; 0-4 among     ~20 %
+                                   1-4 distractors of another colour or shape
+    digits   image 64 x 64         read a 0-999 number (bitmap font, scale 1 or 2,     ~3 %
+                                   any colour, anywhere); 1, 2, 3 digits equally
+                                   likely, so each one-digit answer is 1/30
+    compare  image 64 x 32         which half has more dots, 'left' or 'right'         50 %
+                                   (1-8 dots a side, the counts differ by 1-3)
+    motion   video 4 x 32 x 32     which way the <colour> square moves: left / right   25 %
+                                   / up / down (2-4 px a frame, a static distractor)
+    appear   video 4 x 32 x 32     in which frame (1-4) the <colour> <shape> first     25 %
+                                   appears (1-2 static distractors of other colours)
+
+Chance is the accuracy of always giving the most common answer (answers are drawn uniformly: for
+shapes the count, for digits the length then the number, for the others the answer itself);
+tests/test_synthetic_vision.py bounds it on 500 examples. Answers are scored with the 'exact'
+reward.
+
+Generation is deterministic in (domain, seed), as synthetic.py's text domains: one stream of
+random pictures, deduplicated on the question text and a digest of the rendered pixels; the first
+`num_eval` distinct prompts are the eval split and the next `num_train` the train split. Pictures
+are rendered in memory, and only the kept ones are written as PNG files to
+<image_dir>/<domain>/<digest>.png (a video: <digest>/frame_<i>.png); names are content digests, so
+runs may share a folder (`default_image_dir()`, a per-user cache, unless the caller names one).
+Rows are `Example`s with `images` / `video` holding those paths, exactly as data/files.py
+represents a JSONL / Parquet row with images; every file passes vision_inputs.check_image /
+check_video_frames.
+
+A config names these domains with source 'synthetic_vision'. `train` refuses their rows as it
+refuses file rows with images (run_setup._refuse_visual_rows): the training loop does not feed
+pixels to the model yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import random
+from typing import Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+from copd_jax.data.domain import Example, content_id
+from copd_jax.errors import UserInputError
+
+COLOURS = {'red': (220, 30, 30), 'green': (30, 160, 40), 'blue': (40, 60, 220),
+           'yellow': (230, 200, 20)}
+SHAPES = ('square', 'circle')
+DIRECTIONS = ('left', 'right', 'up', 'down')
+VIDEO_FRAMES = 4
+# compare's line between the halves: a colour that is neither background nor dot.
+DIVIDER = (90, 90, 90)
+DIGIT_ADVANCE = 8  # the bitmap font's digits are at most 6 px wide: 2 blank columns between
+
+
+@dataclasses.dataclass(frozen=True)
+class Picture:
+  """One rendered question: its text, answer and frames (one for an image, several for a
+  video)."""
+  question: str
+  answer: str
+  frames: tuple[Image.Image, ...]
+  is_video: bool
+
+
+def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+  shade = rng.randint(200, 250)  # light grey, never a palette colour
+  return Image.new('RGB', size, (shade, shade, shade))
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
+  """A filled square or circle in `box` (x0, y0, x1, y1 inclusive), no antialiasing, so every
+  pixel of it has exactly `colour`."""
+  (draw.rectangle if shape == 'square' else draw.ellipse)(box, fill=colour)
+
+
+def _place(rng: random.Random, taken: list, width: int, height: int, side: int,
+           x_range: tuple[int, int] | None = None) -> tuple[int, int, int, int] | None:
+  """A box of side `side` inside the picture (x0 within x_range) that keeps 2 px from every box
+  in `taken` (so same-coloured items never touch); None after 100 misses."""
+  lo, hi = x_range or (0, width - side)
+  for _ in range(100):
+    x, y = rng.randint(lo, hi), rng.randint(0, height - side)
+    box = (x, y, x + side - 1, y + side - 1)
+    if all(box[0] > t[2] + 2 or box[2] < t[0] - 2 or box[1] > t[3] + 2 or box[3] < t[1] - 2
+           for t in taken):
+      taken.append(box)
+      return box
+  return None
+
+
+def _shapes(rng: random.Random) -> Picture | None:
+  colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+  count = rng.randint(0, 4)
+  others = [(c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)]
+  items = [(colour, shape)] * count + [rng.choice(others) for _ in range(rng.randint(1, 4))]
+  image = _background(rng, (64, 64))
+  draw, taken = ImageDraw.Draw(image), []
+  for c, s in items:
+    box = _place(rng, taken, 64, 64, rng.randint(6, 10))
+    if box is None:
+      return None
+    _draw(draw, s, box, COLOURS[c])
+  return Picture(f'How many {colour} {shape}s are in the image? Answer with a number.',
+                 str(count), (image,), False)
+
+
+def _digits(rng: random.Random) -> Picture | None:
+  length = rng.randint(1, 3)
+  number = rng.randint(0, 9) if length == 1 else rng.randint(10 ** (length - 1), 10 ** length - 1)
+  text, scale = str(number), rng.randint(1, 2)
+  font = ImageFont.load_default_imagefont()
+  mask = Image.new('L', (DIGIT_ADVANCE * len(text), 11), 0)
+  for i, digit in enumerate(text):
+    ImageDraw.Draw(mask).text((i * DIGIT_ADVANCE, 0), digit, fill=255, font=font)
+  mask = mask.resize((mask.width * scale, mask.height * scale), Image.NEAREST)
+  image = _background(rng, (64, 64))
+  colour = rng.choice(list(COLOURS.values()) + [(0, 0, 0)])
+  x, y = rng.randint(0, 64 - mask.width), rng.randint(0, 64 - mask.height)
+  image.paste(Image.new('RGB', mask.size, colour), (x, y), mask)  # the bitmap font: 0 or 255
+  return Picture('What number is written in the image? Answer with the number.', text, (image,),
+                 False)
+
+
+def _compare(rng: random.Random) -> Picture | None:
+  fewer = rng.randint(1, 6)
+  more = fewer + rng.randint(1, 3)
+  answer = rng.choice(('left', 'right'))
+  counts = {'left': more, 'right': fewer} if answer == 'left' else {'left': fewer, 'right': more}
+  image = _background(rng, (64, 32))
+  draw, taken = ImageDraw.Draw(image), []
+  draw.line((32, 0, 32, 31), fill=DIVIDER)
+  for side in ('left', 'right'):
+    for _ in range(counts[side]):
+      size = rng.randint(2, 4)
+      # 2 px clear of the divider at x = 32
+      x_range = (0, 30 - size) if side == 'left' else (35, 64 - size)
+      box = _place(rng, taken, 64, 32, size, x_range)
+      if box is None:
+        return None
+      draw.rectangle(box, fill=rng.choice(list(COLOURS.values())))
+  return Picture('Which half of the image has more dots? Answer left or right.', answer,
+                 (image,), False)
+
+
+def _motion(rng: random.Random) -> Picture | None:
+  colour, direction = rng.choice(list(COLOURS)), rng.choice(DIRECTIONS)
+  side, step = rng.randint(4, 6), rng.randint(2, 4)
+  travel = step * (VIDEO_FRAMES - 1)
+  dx, dy = {'left': (-step, 0), 'right': (step, 0), 'up': (0, -step), 'down': (0, step)}[direction]
+  x0 = rng.randint(travel if dx < 0 else 0, 32 - side - (travel if dx > 0 else 0))
+  y0 = rng.randint(travel if dy < 0 else 0, 32 - side - (travel if dy > 0 else 0))
+  path = [(x0 + dx * i, y0 + dy * i) for i in range(VIDEO_FRAMES)]
+  # the distractor keeps clear of the square's whole path
+  taken = [(min(p[0] for p in path), min(p[1] for p in path),
+            max(p[0] for p in path) + side - 1, max(p[1] for p in path) + side - 1)]
+  distractor = _place(rng, taken, 32, 32, rng.randint(4, 6))
+  if distractor is None:
+    return None
+  other = rng.choice([c for c in COLOURS if c != colour])
+  background = _background(rng, (32, 32))
+  frames = []
+  for x, y in path:
+    frame = background.copy()
+    draw = ImageDraw.Draw(frame)
+    _draw(draw, 'circle', distractor, COLOURS[other])
+    _draw(draw, 'square', (x, y, x + side - 1, y + side - 1), COLOURS[colour])
+    frames.append(frame)
+  return Picture(f'Which way does the {colour} square move? Answer left, right, up or down.',
+                 direction, tuple(frames), True)
+
+
+def _appear(rng: random.Random) -> Picture | None:
+  colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+  first = rng.randint(1, VIDEO_FRAMES)
+  taken: list = []
+  target = _place(rng, taken, 32, 32, rng.randint(5, 8))
+  others = rng.sample([c for c in COLOURS if c != colour], rng.randint(1, 2))
+  distractors = [(c, rng.choice(SHAPES), _place(rng, taken, 32, 32, rng.randint(4, 7)))
+                 for c in others]
+  if target is None or any(box is None for _, _, box in distractors):
+    return None
+  background = _background(rng, (32, 32))
+  frames = []
+  for i in range(1, VIDEO_FRAMES + 1):
+    frame = background.copy()
+    draw = ImageDraw.Draw(frame)
+    for c, s, box in distractors:
+      _draw(draw, s, box, COLOURS[c])
+    if i >= first:
+      _draw(draw, shape, target, COLOURS[colour])
+    frames.append(frame)
+  return Picture(f'In which frame (1 to {VIDEO_FRAMES}) does the {colour} {shape} first appear? '
+                 'Answer with the frame number.', str(first), tuple(frames), True)
+
+
+_Generator = Callable[[random.Random], 'Picture | None']
+_GENERATORS: dict[str, _Generator] = {
+    'shapes': _shapes, 'digits': _digits, 'compare': _compare, 'motion': _motion,
+    'appear': _appear}
+SYNTHETIC_VISION_DOMAINS: tuple[str, ...] = tuple(_GENERATORS)
+VIDEO_DOMAINS: tuple[str, ...] = ('motion', 'appear')
+
+
+def picture_digest(picture: Picture) -> str:
+  """What makes a prompt unique: the question text and the pixels of every frame."""
+  h = hashlib.sha256(picture.question.encode('utf-8'))
+  for frame in picture.frames:
+    h.update(f'\x00{frame.size}\x00'.encode())
+    h.update(frame.tobytes())
+  return h.hexdigest()[:16]
+
+
+def default_image_dir() -> str:
+  """Where rows' PNGs go when the caller names no folder: $XDG_CACHE_HOME (else ~/.cache)
+  /copd_jax/synthetic_images; content-named files make it safe to share between runs."""
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(cache, 'copd_jax', 'synthetic_images')
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _write_png(path: str, image: Image.Image) -> None:
+  """Writes the PNG unless the file already holds these bytes (content-named files are shared
+  between runs); atomically, so a reader never sees half a file."""
+  data = _png_bytes(image)
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      if f.read() == data:
+        return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def render_pictures(name: str, seed: int, count: int) -> list[Picture]:
+  """The first `count` distinct pictures of domain `name`'s stream (in memory, nothing
+  written); deterministic in (name, seed)."""
+  if name not in _GENERATORS:
+    raise UserInputError(f'unknown synthetic_vision domain {name!r}; choose from '
+                         f'{", ".join(SYNTHETIC_VISION_DOMAINS)}')
+  generate = _GENERATORS[name]
+  rng = random.Random(f'vision/{name}/{seed}')
+  seen: set[str] = set()
+  pictures: list[Picture] = []
+  attempts = 0
+  while len(pictures) < count:
+    attempts += 1
+    # A cap turns a request beyond a domain's size (digits has ~2,000 numbers x positions x
+    # colours, far more than a toy run uses) into an error, not a hang.
+    if attempts > 30 * count + 10_000:
+      raise UserInputError(f'synthetic_vision domain {name!r} has fewer than {count} distinct '
+                           f'prompts (found {len(pictures)}); lower num_train / num_eval')
+    picture = generate(rng)
+    if picture is None:  # no free place for an item: draw again
+      continue
+    digest = picture_digest(picture)
+    if digest not in seen:
+      seen.add(digest)
+      pictures.append(picture)
+  return pictures
+
+
+def picture_example(name: str, picture: Picture, image_dir: str) -> Example:
+  """The picture's PNG file(s) written under image_dir/name, and its row as an Example whose
+  images / video hold their paths."""
+  digest = picture_digest(picture)
+  folder = os.path.join(os.path.abspath(image_dir), name)
+  if picture.is_video:
+    paths = tuple(os.path.join(folder, digest, f'frame_{i}.png')
+                  for i in range(len(picture.frames)))
+  else:
+    paths = (os.path.join(folder, f'{digest}.png'),)
+  for path, frame in zip(paths, picture.frames):
+    _write_png(path, frame)
+  return Example(prompt=picture.question, answer=picture.answer, domain=name,
+                 id=content_id(name, f'{picture.question}\x00{digest}'), reward='exact',
+                 images=() if picture.is_video else paths, video=paths if picture.is_video else ())
+
+
+def synthetic_vision_domain(name: str, seed: int, num_train: int, num_eval: int,
+                            image_dir: str) -> tuple[list[Example], list[Example]]:
+  """(train, eval) examples of a built-in image / video domain, their PNGs written under
+  image_dir/name; deterministic in (name, seed), disjoint prompts between the splits, no
+  duplicate prompt within a split."""
+  if num_train < 0 or num_eval < 0:
+    raise UserInputError(f'synthetic_vision domain {name!r}: num_train and num_eval must be >= 0, '
+                         f'got {num_train} and {num_eval}')
+  pictures = render_pictures(name, seed, num_train + num_eval)
+  examples = [picture_example(name, p, image_dir) for p in pictures]
+  return examples[num_eval:], examples[:num_eval]
