@@ -35,7 +35,8 @@ from copd_jax.prompt_groups import check_group_size, repeat_cache, rows_off_grou
 from copd_jax.sampling.forward import Forward, Weights
 from copd_jax.sampling.placement import (batch_axis, mesh_group_size, place_prompts,
                                          place_weights, unstacked_layers)
-from copd_jax.sampling.token_selection import SamplingParams, row_keys, select_tokens
+from copd_jax.sampling.token_selection import (SamplingParams, force_eos, row_keys,
+                                               select_tokens)
 from copd_jax.tracing import TRACE_COUNTS
 
 
@@ -81,9 +82,11 @@ class _Program:
     N = self.sampling.max_new_tokens
     return jax.vmap(lambda key: jax.random.uniform(key, (N,), jnp.float32))(row_keys)
 
-  def record(self, state: _LoopState, logits, draws, step) -> _LoopState:
-    """Samples token `step` from logits [B, V] into the state; draws: `draws(...)`."""
+  def record(self, state: _LoopState, logits, draws, step, eos_at=None) -> _LoopState:
+    """Samples token `step` from logits [B, V] into the state; draws: `draws(...)`; eos_at:
+    [B] forced completion lengths or None (`token_selection.force_eos`)."""
     uniforms = jax.lax.dynamic_index_in_dim(draws, step, axis=1, keepdims=False)
+    logits = force_eos(logits, step, eos_at, self.eos_ids[0])
     token, logp = select_tokens(logits, uniforms, self.sampling)
     active = ~state.done
     token = jnp.where(active, token, self.pad_id)
@@ -96,7 +99,7 @@ class _Program:
         logprobs=jax.lax.dynamic_update_slice(state.logprobs,
                                               jnp.where(active, logp, 0.0)[:, None], at))
 
-  def start(self, weights: Weights, prompt_tokens, prompt_valid, draws):
+  def start(self, weights: Weights, prompt_tokens, prompt_valid, draws, eos_at=None):
     """Prefill and the first token -> (state, left-packed prompt [B, P], its valid [B, P],
     prompt lengths [B], rows [B] bool whose prompt differs from their group's first row (None
     when group_size is 1))."""
@@ -118,14 +121,15 @@ class _Program:
     state = _LoopState(jnp.zeros((B,), jnp.int32), n_prompt == 0, jnp.zeros((B,), jnp.int32),
                        jnp.full((B, N), self.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
                        cache)
-    return self.record(state, logits, draws, 0), prompt, valid, n_prompt, broken
+    return self.record(state, logits, draws, 0, eos_at), prompt, valid, n_prompt, broken
 
-  def advance(self, weights: Weights, n_prompt, draws, state: _LoopState, step) -> _LoopState:
+  def advance(self, weights: Weights, n_prompt, draws, state: _LoopState, step,
+              eos_at=None) -> _LoopState:
     """Feeds token step-1 (slot P + step - 1, RoPE position n_prompt + step - 1), samples token
     `step`."""
     logits, cache = self.forward(weights, state.last[:, None], (n_prompt + step - 1)[:, None],
                                  ~state.done[:, None], state.cache)
-    return self.record(state._replace(cache=cache), logits, draws, step)
+    return self.record(state._replace(cache=cache), logits, draws, step, eos_at)
 
   @staticmethod
   def output(state: _LoopState, prompt, valid, broken=None) -> SampleOutput:
@@ -145,7 +149,7 @@ class _Program:
 def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
                    sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                    group_size: int = 1, decode_mode: str = 'layerwise',
-                   branched: bool = False) -> SampleOutput:
+                   branched: bool = False, eos_at=None) -> SampleOutput:
   """The whole sampling program; layers: `placement.unstacked_layers(params)` or None; keys: one
   PRNG key per row (`row_keys`). branched: every input has a leading branch axis [K, ...]; the
   per-batch pieces are vmapped, the while_loop is not (a vmapped while_loop with a per-branch
@@ -157,8 +161,8 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
   weights = over(functools.partial(program.forward.prepare, slots=slots))(params, layers)
   draws = over(program.draws)(keys)
   state, prompt, valid, n_prompt, broken = over(program.start)(weights, prompt_tokens,
-                                                               prompt_valid, draws)
-  advance = over(program.advance, in_axes=(0, 0, 0, 0, None))
+                                                               prompt_valid, draws, eos_at)
+  advance = over(program.advance, in_axes=(0, 0, 0, 0, None, 0))
 
   def cond(carry):
     step, state = carry
@@ -166,7 +170,7 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
 
   def body(carry):
     step, state = carry
-    return step + 1, advance(weights, n_prompt, draws, state, step)
+    return step + 1, advance(weights, n_prompt, draws, state, step, eos_at)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), state))
   return over(program.output)(state, prompt, valid, broken)
@@ -175,10 +179,11 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
 _STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id', 'group_size', 'decode_mode')
 
 
-def _generate_from_key(graphdef, params, layers, prompt_tokens, prompt_valid, key, **static):
+def _generate_from_key(graphdef, params, layers, prompt_tokens, prompt_valid, key, eos_at=None,
+                       **static):
   TRACE_COUNTS['generate'] += 1
   return _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid,
-                        row_keys(key, prompt_tokens.shape[0]), **static)
+                        row_keys(key, prompt_tokens.shape[0]), eos_at=eos_at, **static)
 
 
 _generate_jit = jax.jit(_generate_from_key, static_argnames=_STATIC)
@@ -195,7 +200,7 @@ def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int, group_size: i
 
 def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
              eos_ids: tuple[int, ...], pad_id: int = 0, group_size: int = 1,
-             decode_mode: str = 'layerwise') -> SampleOutput:
+             decode_mode: str = 'layerwise', eos_at=None) -> SampleOutput:
   """Samples up to `sampling.max_new_tokens` tokens after each prompt.
 
   prompt_tokens [B, P] int32, prompt_valid [B, P] bool (left padding preferred; other patterns
@@ -212,6 +217,9 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
 
   decode_mode: how the program runs the model (`forward.DECODE_MODES`): 'layerwise', the fast
   one, or 'model', the model's own forward, the reference it is tested against. Same samples.
+
+  eos_at: None, or [B] int32 completion lengths forced by row (`token_selection.force_eos`:
+  row b's token eos_at[b] - 1 is eos_ids[0]), for benchmarks and tests of uneven lengths.
   """
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
@@ -219,26 +227,28 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
   # Per-layer weight views (CPU): only the 'layerwise' program reads them.
   layers = unstacked_layers(params, layer_axis=0) if decode_mode == 'layerwise' else None
   return _generate_jit(graphdef, params, layers, prompt_tokens, prompt_valid, key,
+                       None if eos_at is None else jnp.asarray(eos_at, jnp.int32),
                        sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                        pad_id=int(pad_id), group_size=group_size, decode_mode=decode_mode)
 
 
 def _local_branches(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                    sampling, eos_ids, pad_id, group_size, decode_mode):
+                    eos_at, sampling, eos_ids, pad_id, group_size, decode_mode):
   """The branches held in one place. A single branch runs the plain program: XLA:CPU runs a
   vmapped axis of size 1 markedly slower per token (BENCHMARKS.md, "Sampler")."""
   if prompt_tokens.shape[0] == 1:
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     out = _generate_impl(graphdef, first(stacked_params), first(layers), prompt_tokens[0],
                          prompt_valid[0], keys[0], sampling, eos_ids, pad_id, group_size,
-                         decode_mode)
+                         decode_mode, eos_at=first(eos_at))
     return jax.tree.map(lambda x: x[None], out)
   return _generate_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                        sampling, eos_ids, pad_id, group_size, decode_mode, branched=True)
+                        sampling, eos_ids, pad_id, group_size, decode_mode, branched=True,
+                        eos_at=eos_at)
 
 
 def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                   sampling, eos_ids, pad_id, group_size=1, decode_mode='layerwise',
+                   eos_at, sampling, eos_ids, pad_id, group_size=1, decode_mode='layerwise',
                    mesh: Mesh | None = None):
   """keys [K] -> one key per row, then the branches' programs. On a mesh, each device runs its
   own program on its own rows (shard_map over 'branch', and over 'fsdp' when it divides the
@@ -253,11 +263,14 @@ def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid
   local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
                             pad_id=pad_id, group_size=group_size, decode_mode=decode_mode)
   if mesh is None:
-    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys)
+    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at)
   rows = P('branch', batch_axis(mesh, B))
-  return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), P('branch'), rows, rows, rows),
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(P('branch'), P('branch'), rows, rows, rows,
+                                 None if eos_at is None else rows),
                        out_specs=rows, axis_names={'branch'} | set(rows) - {None},
-                       check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys)
+                       check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys,
+                                        eos_at)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,7 +285,7 @@ def _branches_jit(mesh: Mesh | None) -> Callable:
 def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
                       sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int = 0,
                       mesh: Mesh | None = None, group_size: int = 1,
-                      decode_mode: str = 'layerwise') -> SampleOutput:
+                      decode_mode: str = 'layerwise', eos_at=None) -> SampleOutput:
   """`generate` for K branches at once, one compiled program vmapped over the leading axis.
 
   stacked_params: params with every leaf [K, ...], or `place_weights(params, mesh)` of them
@@ -281,8 +294,8 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
   the 'branch' axis: parameters are placed by SAMPLING_RULES (stacked on 'branch', replicated
   over 'fsdp'), prompts are split over 'branch' and, when it divides the batch, over 'fsdp'.
   group_size: as in `generate`, per branch (must divide B; the same promise); on a mesh, cut to
-  whole groups per 'fsdp' shard (`mesh_group_size`). decode_mode: as in `generate`.
-  Returns [K, B, P + N], sharded over 'branch'.
+  whole groups per 'fsdp' shard (`mesh_group_size`). decode_mode, eos_at ([K, B] or None): as
+  in `generate`. Returns [K, B, P + N], sharded over 'branch'.
   """
   # Host arrays stay numpy until placed (one transfer); global arrays (multi-process) stay jax.
   as_array = lambda x, dtype: jnp.asarray(x, dtype) if isinstance(x, jax.Array) else np.asarray(
@@ -292,8 +305,13 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
   if mesh is not None:
     group_size = mesh_group_size(mesh, prompt_tokens.shape[1], group_size)
     prompt_tokens, prompt_valid, keys = place_prompts(mesh, prompt_tokens, prompt_valid, keys)
+  if eos_at is not None:
+    eos_at = np.asarray(eos_at, np.int32)
+    if mesh is not None:
+      eos_at = jax.device_put(eos_at, NamedSharding(
+          mesh, P('branch', batch_axis(mesh, prompt_tokens.shape[1]))))
   weights = place_weights(stacked_params, mesh)
   layers = weights.layers if decode_mode == 'layerwise' else None
   return _branches_jit(mesh)(graphdef, weights.params, layers, prompt_tokens, prompt_valid,
-                             keys, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
+                             keys, eos_at, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                              pad_id=int(pad_id), group_size=group_size, decode_mode=decode_mode)

@@ -56,6 +56,19 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
   return jax.random.split(key, batch)
 
 
+def force_eos(logits: jax.Array, token_index: jax.Array, eos_at: jax.Array | None,
+              eos_id: int) -> jax.Array:
+  """logits [B, V] of each row's token `token_index` ([B] or scalar) -> the same, except that a
+  row whose token index is eos_at[b] - 1 can only pick `eos_id` (its completion then has
+  eos_at[b] tokens, EOS included). eos_at None: unchanged. Completion lengths fixed in advance
+  and keyed by row, whatever the decoder: benchmarks and the decoders' equality tests."""
+  if eos_at is None:
+    return logits
+  forced = (token_index == eos_at - 1)[:, None]
+  only_eos = jnp.where(jnp.arange(logits.shape[-1]) == eos_id, 0.0, -jnp.inf)
+  return jnp.where(forced, only_eos.astype(logits.dtype), logits)
+
+
 def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
   """Temperature, then top-k, then top-p (nucleus over the top-k distribution). Filtered-out
   entries become -inf; [B, V] fp32. Ties at the top-k / top-p threshold are all kept."""
