@@ -86,7 +86,7 @@ class _Program:
     """Samples token `step` from logits [B, V] into the state; draws: `draws(...)`; eos_at:
     [B] forced completion lengths or None (`token_selection.force_eos`)."""
     uniforms = jax.lax.dynamic_index_in_dim(draws, step, axis=1, keepdims=False)
-    logits = force_eos(logits, step, eos_at, self.eos_ids[0])
+    logits = force_eos(logits, step, eos_at, self.eos_ids)
     token, logp = select_tokens(logits, uniforms, self.sampling)
     active = ~state.done
     token = jnp.where(active, token, self.pad_id)

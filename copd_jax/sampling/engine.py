@@ -141,7 +141,7 @@ def _engine_program(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
   def sample(logits, rows, index):
     """Token `index` of `rows` ([n] each) from logits [n, V], on the rows' own draws."""
     forced = None if eos_at is None else eos_at[rows]
-    logits = force_eos(logits, index, forced, eos_ids[0])
+    logits = force_eos(logits, index, forced, eos_ids)
     return select_tokens(logits, draws[rows, index], sampling)
 
   def admit(state: _State) -> _State:

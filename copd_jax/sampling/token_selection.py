@@ -57,16 +57,19 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
 
 
 def force_eos(logits: jax.Array, token_index: jax.Array, eos_at: jax.Array | None,
-              eos_id: int) -> jax.Array:
-  """logits [B, V] of each row's token `token_index` ([B] or scalar) -> the same, except that a
-  row whose token index is eos_at[b] - 1 can only pick `eos_id` (its completion then has
-  eos_at[b] tokens, EOS included). eos_at None: unchanged. Completion lengths fixed in advance
-  and keyed by row, whatever the decoder: benchmarks and the decoders' equality tests."""
+              eos_ids: tuple[int, ...]) -> jax.Array:
+  """Completion lengths fixed in advance, keyed by row: logits [B, V] of each row's token
+  `token_index` ([B] or scalar) -> the same, except that row b can pick no EOS id before its
+  token eos_at[b] - 1, and only eos_ids[0] there (its completion then has eos_at[b] tokens, EOS
+  included). eos_at None: unchanged. For benchmarks (the same lengths on every sampler) and the
+  decoders' equality tests; the run never sets it."""
   if eos_at is None:
     return logits
-  forced = (token_index == eos_at - 1)[:, None]
-  only_eos = jnp.where(jnp.arange(logits.shape[-1]) == eos_id, 0.0, -jnp.inf)
-  return jnp.where(forced, only_eos.astype(logits.dtype), logits)
+  ids = jnp.arange(logits.shape[-1])
+  at = (token_index == eos_at - 1)[:, None]
+  before = (token_index < eos_at - 1)[:, None]
+  blocked = (at & (ids != eos_ids[0])) | (before & jnp.isin(ids, jnp.asarray(eos_ids)))
+  return jnp.where(blocked, -jnp.inf, logits)
 
 
 def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
