@@ -121,3 +121,18 @@ def test_never_emitted_eos_runs_every_row_to_the_end(model):
   check_layout(out, valid, NEVER, SPEC.max_new_tokens)
   np.testing.assert_array_equal(np.asarray(out.completion_mask).sum(axis=1),
                                 np.where(LENGTHS, SPEC.max_new_tokens, 0))
+
+
+def test_config_fields_name_themselves():
+  from copd_jax.configs.base import base_config
+  config = base_config()
+  assert engine.EngineSettings.from_config(config) == engine.EngineSettings(0)   # the default
+  config.sampling.decoder = 'static'
+  assert engine.EngineSettings.from_config(config) is None
+  config.sampling.decoder = 'paged'
+  with pytest.raises(UserInputError, match="config.sampling.decoder must be one of"):
+    engine.EngineSettings.from_config(config)
+  config.sampling.decoder = 'engine'
+  config.sampling.kv_token_budget = -5
+  with pytest.raises(UserInputError, match='sampling.kv_token_budget'):
+    engine.EngineSettings.from_config(config)

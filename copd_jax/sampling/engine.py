@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from copd_jax.errors import UserInputError
+from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields, named_by_config
 from copd_jax.models import qwen3
 from copd_jax.models.attention import Mask
@@ -65,7 +65,7 @@ class EngineSettings:
     """config.sampling.decoder 'engine' -> the settings; 'static' -> None (the static decoder)."""
     s = config.sampling
     if s.decoder not in DECODERS:
-      raise SamplingFieldError(f'sampling.decoder must be one of {DECODERS}, got {s.decoder!r}')
+      raise ConfigError(f'config.sampling.decoder must be one of {DECODERS}, got {s.decoder!r}')
     with named_by_config({'kv_token_budget': 'sampling.kv_token_budget'}):
       settings = cls(kv_token_budget=s.kv_token_budget)
     return settings if s.decoder == 'engine' else None
