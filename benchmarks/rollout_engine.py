@@ -128,9 +128,9 @@ def worker_main(side: str, args):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--peer-python', default='', help="Tunix venv's python (omit: ours only)")
-  parser.add_argument('--reps', type=int, default=5)
-  parser.add_argument('--batch', type=int, default=128, help='rows (prompts) per call')
-  parser.add_argument('--slots', type=int, default=32, help="the engine's decode slots")
+  parser.add_argument('--reps', type=int, default=3)
+  parser.add_argument('--batch', type=int, default=64, help='rows (prompts) per call')
+  parser.add_argument('--slots', type=int, default=16, help="the engine's decode slots")
   parser.add_argument('--max-new-tokens', type=int, default=512)
   parser.add_argument('--median', type=float, default=64.0)
   parser.add_argument('--sigma', type=float, default=1.0)
