@@ -390,9 +390,11 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
     calls = [(work.native_rows, config.grpo.group_size)]
     if work.rounds:
       calls.append((work.distill_rows, config.opd.samples_per_prompt))
-    kv_rows = max(slot_count(config.sampling.kv_token_budget, work.seq,
-                             max(int(rows_per_device(rows, K, s_shape)), group), group)
-                  for rows, group in calls)
+    # The budget is per branch and device shard; a device runs K / branch branches' engines.
+    kv_rows = K / s_shape['branch'] * max(
+        slot_count(config.sampling.kv_token_budget, work.seq,
+                   max(int(_split(rows, s_shape['fsdp'])), group), group)
+        for rows, group in calls)
     prefill_rows = 1
   kv = kv_cache_bytes(mc, kv_rows, work.seq, a, s_tensor)
   prefill = (layer_activation_bytes(mc, prefill_rows, work.prompt_tokens, a, s_tensor,
