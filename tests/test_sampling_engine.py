@@ -85,6 +85,7 @@ def test_engine_group_sharing_equals_static_and_poisons_broken_groups(model):
   assert broken.tolist() == [False, True] + [False] * 10
 
 
+@pytest.mark.slow   # two models, a (2, 2, 2) mesh: about 25 s of CPU
 def test_engine_branches_on_a_mesh_equal_static(model):
   models = [tiny_model(seed) for seed in (0, 1)]
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *(p for _, p in models))
@@ -126,7 +127,8 @@ def test_never_emitted_eos_runs_every_row_to_the_end(model):
 def test_config_fields_name_themselves():
   from copd_jax.configs.base import base_config
   config = base_config()
-  assert engine.EngineSettings.from_config(config) == engine.EngineSettings(0)   # the default
+  config.sampling.decoder = 'engine'
+  assert engine.EngineSettings.from_config(config) == engine.EngineSettings(0)
   config.sampling.decoder = 'static'
   assert engine.EngineSettings.from_config(config) is None
   config.sampling.decoder = 'paged'

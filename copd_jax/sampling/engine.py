@@ -11,7 +11,10 @@ Same samples as the static decoder: row b draws from `row_keys(key, B)[b]` and i
 that key's uniform t (`_Program.draws`), whatever slot it lands in and whenever it is admitted;
 a slot's cache row has the static decoder's layout (prompt left-packed in columns 0..P-1,
 completion token t at column P + t), the same length P + N, and the decode step masks the same
-keys, so each row computes what it would compute in a static batch. Stale keys of a slot's
+keys, so each row computes what it would compute in a static batch: the same tokens, and
+log-probs equal up to float rounding (a prefill of one prompt instead of the batch's rounds
+the last float32 bits differently, as group sharing does: ~1e-6; a training run fed by
+either decoder therefore drifts apart over its steps by float noise). Stale keys of a slot's
 earlier row stay masked (their attention weight is exactly 0).
 
 Shapes are static (slots, cache length P + N, one group of G rows per admission), so the
