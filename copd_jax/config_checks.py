@@ -30,6 +30,7 @@ from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
 from copd_jax.optim import make_optimizer
 from copd_jax.sampling import SamplingParams
+from copd_jax.sampling.engine import EngineSettings
 from copd_jax.step_config import StepConfig
 from copd_jax.topology import KINDS, parse_edges, topology_from_config
 
@@ -68,6 +69,7 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   _check_model(config, check_files)
   _check_copd(config)
   SamplingParams.from_config(config)
+  EngineSettings.from_config(config)
   StepConfig.from_config(config)
   _check_batches(config)
   make_optimizer(config.optimizer)

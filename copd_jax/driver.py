@@ -46,6 +46,7 @@ from copd_jax.hooks import Hook, StepInfo, standard_hooks
 from copd_jax.losses import group_advantages
 from copd_jax.rollouts import Rollouts, device_batch, sample_and_score, stack_rounds, to_batch
 from copd_jax.run_setup import Run, setup_run
+from copd_jax.sampling.engine import EngineSettings
 from copd_jax.steps import BranchState, RolloutBatch
 
 
@@ -176,7 +177,8 @@ def sample_native(run: Run, state: BranchState, key: jax.Array) -> Sampled:
   grpo = run.config.grpo
   rows = repeat_rows(run.sources.native.next(), grpo.group_size)
   rollouts = sample_and_score(run.graphdef, state.params, rows, run.encoder, run.sampling, key,
-                              run.reward_kinds, mesh=run.sample_mesh, group_size=grpo.group_size)
+                              run.reward_kinds, mesh=run.sample_mesh, group_size=grpo.group_size,
+                              engine=EngineSettings.from_config(run.config))
   advantages = np.asarray(group_advantages(jnp.asarray(rollouts.rewards), grpo.group_size,
                                            normalize_std=grpo.std_normalize))
   return Sampled(rollouts, to_batch(rollouts, advantages))
@@ -191,7 +193,8 @@ def sample_distill(run: Run, state: BranchState, key: jax.Array) -> Distillation
     rows = repeat_rows(loader.next(), per_prompt)
     rollouts = sample_and_score(run.graphdef, state.params, rows, run.encoder, run.sampling,
                                 jax.random.fold_in(key, r + 1), run.reward_kinds,
-                                mesh=run.sample_mesh, group_size=per_prompt)
+                                mesh=run.sample_mesh, group_size=per_prompt,
+                                engine=EngineSettings.from_config(run.config))
     learns = np.asarray([t >= 0 for t in teacher_of])
     row_mask = np.broadcast_to(learns[:, None], rollouts.rewards.shape)
     rounds.append(Sampled(rollouts, to_batch(rollouts, None, row_mask)))

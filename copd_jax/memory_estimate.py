@@ -40,8 +40,12 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
                   micro-batch (opd rows / grpo.micro_batches) on a device: the teachers score
                   the students' tokens forward only (fp32 logits and log-softmax) before the
                   update, so the OPD step's peak is the larger of the two
-  KV cache:       b_s * 2 L Kv/t hd S * a  (b_s sampled rows on a device, S = prompt + new tokens)
-  prefill:        layer(b_s, P) + 2 b_s V/t * 4 for the P prompt tokens (transient, one layer)
+  KV cache:       r * 2 L Kv/t hd S * a  (S = prompt + new tokens; r the cache's rows: the static
+                  decoder holds all b_s sampled rows of a device, the engine
+                  (sampling.decoder='engine') the slots its kv_token_budget holds,
+                  `sampling.engine.slot_count`)
+  prefill:        layer(b, P) + 2 b V/t * 4 for the P prompt tokens (transient, one layer;
+                  b = b_s, or one prompt for the engine, which prefills a group at a time)
   top-k probe:    layer(b_p, T) + 3 * b_p c V/t * 4: the behavioural metrics
                   (`edge_topk.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
                   logits, the log-softmax of the top-k and that of the token's log-prob),
@@ -77,6 +81,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from copd_jax.sampling.engine import EngineSettings, slot_count
 from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib
 from copd_jax.errors import UserInputError
 from copd_jax.models.attention import Attention, uses_dense_scores
@@ -303,6 +308,7 @@ class MemoryPlan:
   probe_bytes: float                   # the OPD steps' top-k probe (0 without OPD)
   teacher_bytes: float = 0.0           # the OPD step's teacher pass (0 without OPD)
   base_param_bytes: int = 0            # the driver's one unstacked copy of the base model
+  kv_cache_rows: float = 0.0           # sequences the KV cache holds on a device
 
   def group_bytes(self, group: str) -> int:
     return sum(leaf.per_device_bytes for leaf in self.leaves if leaf.group == group)
@@ -379,9 +385,21 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
   s_tensor = s_shape['tensor']
   sample_rows = max(work.native_rows, work.distill_rows if work.rounds else 0)
   b_s = rows_per_device(sample_rows, K, s_shape)
-  kv = kv_cache_bytes(mc, b_s, work.seq, a, s_tensor)
-  prefill = (layer_activation_bytes(mc, b_s, work.prompt_tokens, a, s_tensor, work.attention)
-             + 2 * b_s * _split(mc.vocab_size, s_tensor) * 4)
+  kv_rows, prefill_rows = b_s, b_s
+  if EngineSettings.from_config(config) is not None:   # the larger of its GRPO and OPD calls
+    calls = [(work.native_rows, config.grpo.group_size)]
+    if work.rounds:
+      calls.append((work.distill_rows, config.opd.samples_per_prompt))
+    # The budget is per branch and device shard; a device runs K / branch branches' engines.
+    kv_rows = K / s_shape['branch'] * max(
+        slot_count(config.sampling.kv_token_budget, work.seq,
+                   max(int(_split(rows, s_shape['fsdp'])), group), group)
+        for rows, group in calls)
+    prefill_rows = 1
+  kv = kv_cache_bytes(mc, kv_rows, work.seq, a, s_tensor)
+  prefill = (layer_activation_bytes(mc, prefill_rows, work.prompt_tokens, a, s_tensor,
+                                    work.attention)
+             + 2 * prefill_rows * _split(mc.vocab_size, s_tensor) * 4)
   probe = teacher = 0.0
   if work.rounds:
     b_p = rows_per_device(work.distill_rows, K, mesh_shape)
@@ -392,7 +410,7 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
                                  attention=work.attention)
   base = sum(leaf.total_bytes for leaf in param_leaves) // K
   return MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
-                    sampling_params, activations, kv, prefill, probe, teacher, base)
+                    sampling_params, activations, kv, prefill, probe, teacher, base, kv_rows)
 
 
 def phase_fixes(plan: MemoryPlan, shared_host: bool = False) -> dict[str, list[str]]:

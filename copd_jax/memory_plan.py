@@ -124,7 +124,8 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
   for step, value in plan.activation_bytes.items():
     rows.append((f'activations, {step.upper()} micro-batch (estimate)', value))
   rows += [('sampler parameter copy (SAMPLING_RULES)', plan.sampling_param_bytes),
-           ('KV cache (estimate)', plan.kv_cache_bytes),
+           (f'KV cache (estimate; {plan.kv_cache_rows:g} rows x {w.seq} tokens: '
+            f'sampling.decoder / kv_token_budget)', plan.kv_cache_bytes),
            ('prefill transient (estimate)', plan.prefill_bytes)]
   if plan.teacher_bytes:
     rows.append(('OPD teacher pass transient (estimate)', plan.teacher_bytes))

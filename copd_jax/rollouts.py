@@ -34,6 +34,7 @@ from copd_jax.metrics import row_lengths
 from copd_jax.prompt_groups import check_groups
 from copd_jax.rewards import RewardSpec, score_completions
 from copd_jax.sampling import SampleOutput, SamplingConfigError, SamplingParams, generate_branches
+from copd_jax.sampling.engine import EngineSettings, engine_generate_branches
 from copd_jax.steps import RolloutBatch
 
 # Prompt-length buckets, powers of two from 16 to 32k: a run compiles the sampler and the steps
@@ -158,7 +159,8 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
 def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Example]],
                      encoder: PromptEncoder, sampling: SamplingParams, key, reward_kinds:
                      dict[str, str | RewardSpec], mesh=None, timeout_s: float = 2.0,
-                     group_size: int = 1, keys=None) -> Rollouts:
+                     group_size: int = 1, keys=None,
+                     engine: EngineSettings | None = None) -> Rollouts:
   """Each branch k samples one completion per example of examples[k]; rewards by domain kind.
 
   mesh: the sampling mesh (params are placed by sampling.SAMPLING_RULES on it, whatever their
@@ -167,7 +169,9 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
   group_size: rows k*G .. k*G+G-1 of every branch repeat one example (the driver's
   `repeat_rows` layout), so the sampler prefills each group's prompt once; checked on the
   encoded prompts first (`check_groups`).
-  keys: [K] PRNG keys, one per branch (default: `jax.random.split(key, K)`)."""
+  keys: [K] PRNG keys, one per branch (default: `jax.random.split(key, K)`).
+  engine: sample with the continuous-batching engine (`sampling.engine`, the same samples) under
+  these settings; None: the static decoder."""
   tokens, valid = encoder.encode(examples)
   if group_size > 1:
     check_groups(tokens, valid, group_size)
@@ -181,9 +185,13 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
     tokens, valid = (distributed.host_to_global(x, prompts) for x in (tokens, valid))
     keys = distributed.global_keys(keys, NamedSharding(mesh, P('branch')))
   tokenizer = encoder.tokenizer
-  eos = eos_ids(tokenizer)
-  output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling, eos,
-                             tokenizer.pad_token_id or 0, mesh=mesh, group_size=group_size)
+  eos, pad = eos_ids(tokenizer), tokenizer.pad_token_id or 0
+  if engine is None:
+    output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling, eos, pad,
+                               mesh=mesh, group_size=group_size)
+  else:
+    output = engine_generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
+                                      eos, pad, mesh=mesh, group_size=group_size, settings=engine)
   rows = (distributed.all_rows(K, B) if mesh is None
           else distributed.local_rows(mesh, K, B))
   local = SampleOutput(*(distributed.local_block(x, rows) for x in output))

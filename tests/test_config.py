@@ -87,6 +87,10 @@ def test_memory_only_fields_may_change_on_resume():
   assert resume_differences(saved, current, ('grpo',)) == ([], [])
   current['grpo']['epsilon_low'] = 0.1
   assert resume_differences(saved, current, ('grpo',)) == (['config.grpo.epsilon_low'], [])
+  # The decoder and its cache budget change the schedule of rows, not the samples.
+  saved = {'sampling': {'decoder': 'static', 'kv_token_budget': 0, 'top_k': 0}}
+  current = {'sampling': {'decoder': 'engine', 'kv_token_budget': 4096, 'top_k': 0}}
+  assert resume_differences(saved, current, ('sampling',)) == ([], [])
 
 
 TOY = os.path.join(ROOT, 'configs', 'toy_copd.py')
@@ -104,6 +108,9 @@ TOY = os.path.join(ROOT, 'configs', 'toy_copd.py')
     # SamplingParams
     ('--config.sampling.top_p=1.5', 'sampling.top_p'),
     ('--config.sampling.max_new_tokens=0', 'sampling.max_new_tokens'),
+    # EngineSettings
+    ('--config.sampling.decoder=paged', 'sampling.decoder'),
+    ('--config.sampling.kv_token_budget=-1', 'sampling.kv_token_budget'),
     # the optimizer
     ('--config.optimizer.b2=1.0', 'optimizer.b2'),
     ('--config.optimizer.weight_decay=nan', 'optimizer.weight_decay'),

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from copd_jax import mesh as mesh_lib, optim
 from copd_jax.__main__ import main
 from copd_jax.config import ConfigError, load_config
+from copd_jax.errors import UserInputError
 from copd_jax.memory_plan import (PlanError, abstract_branch_state, compiled_grpo_step_temp_bytes,
                                   fit_warnings,
                                   make_plan, model_config_of, per_device_bytes_of_array,
@@ -88,6 +89,20 @@ def test_8b_k3_state_per_device_matches_hand_calculation(plan_8b):
   assert plan_8b.sampling_mesh_shape == {'branch': 1, 'fsdp': 1, 'tensor': 8}
   assert plan_8b.sampling_param_bytes == params
   assert plan_8b.reference_bytes == 0
+
+
+def test_kv_token_budget_sizes_the_engine_cache():
+  # 32 rows of 768 tokens per branch and device above; a budget of 8 rows' tokens holds 8
+  # (whole groups of G = 8 and of the OPD's 4 samples per prompt), on each of 3 branches.
+  config = load_config(CONFIG_8B, OVERRIDES_8B + ['--config.sampling.kv_token_budget=6200'],
+                       check_files=False)
+  plan = make_plan(config, jax.devices(), prompt_tokens=256)
+  assert plan.kv_cache_rows == 3 * 8
+  assert plan.kv_cache_bytes == 3 * 8 * 2 * 36 * 1 * 128 * 768 * 2
+  too_small = load_config(CONFIG_8B, OVERRIDES_8B + ['--config.sampling.kv_token_budget=6000'],
+                          check_files=False)
+  with pytest.raises(UserInputError, match='sampling.kv_token_budget=6000'):
+    make_plan(too_small, jax.devices(), prompt_tokens=256)
 
 
 def test_8b_k3_kv_cache_and_activation_estimates_by_hand(plan_8b):

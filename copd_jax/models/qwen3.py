@@ -271,13 +271,21 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
+def _write_rows(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """Row b of `new` written into row b of `buffer` at slot index[b] along `axis` (of a row,
+  i.e. without the batch axis): a scatter, in place under jit."""
+  write = lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis)
+  return jax.vmap(write)(buffer, new, index)
+
+
 def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask: Mask, cache_slot, c: Qwen3Config,
                   dtype, *, last_query_only: bool = False, attention: Attention = Attention()):
   """One pre-norm decoder block. With `cache_slot = (k_all, v_all, layer, index)` the new K/V are
   written at slot `index` (in place under jit) and attention reads the whole layer cache: k_all,
   v_all are the stacked KVCache arrays and `layer` an index into them, or, with layer None, this
   layer's own buffers (k [B, K, hd, S], v [B, K, S, hd]), which an unrolled decode loop can
-  update without slicing or reshaping a stacked buffer.
+  update without slicing or reshaping a stacked buffer; with own buffers, `index` may also be
+  [B] (each row writes at its own slot: `copd_jax.sampling.engine`).
 
   last_query_only: K/V for every position, but queries, attention and the rest of the block for
   the last position only (returns h [B, 1, D]): a prefill's last layer, whose other positions
@@ -300,7 +308,11 @@ def decoder_layer(p: dict[str, jax.Array], h, cos, sin, mask: Mask, cache_slot, 
   if cache_slot is not None:
     k_all, v_all, layer, index = cache_slot
     zero = jnp.zeros((), jnp.int32)
-    if layer is None:
+    if layer is None and jnp.ndim(index) == 1:   # one slot per row (the rollout engine)
+      k_all = _write_rows(k_all, k.astype(k_all.dtype), index, axis=2)
+      v_all = _write_rows(v_all, v.astype(v_all.dtype), index, axis=1)
+      k, v = k_all.astype(dtype), v_all.astype(dtype)
+    elif layer is None:
       k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (zero, zero, zero, index))
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (zero, zero, index, zero))
       k, v = k_all.astype(dtype), v_all.astype(dtype)

@@ -41,7 +41,8 @@ from copd_jax.prompt_groups import check_group_size, repeat_cache, rows_off_grou
 from copd_jax.sampling.forward import Forward, VisionPrefill, Weights, vision_prefill
 from copd_jax.sampling.placement import (batch_axis, mesh_group_size, place_prompts,
                                          place_weights, unstacked_layers)
-from copd_jax.sampling.token_selection import SamplingParams, row_keys, select_tokens
+from copd_jax.sampling.token_selection import (SamplingParams, force_eos, row_keys,
+                                               select_tokens)
 from copd_jax.tracing import TRACE_COUNTS
 
 
@@ -92,9 +93,11 @@ class _Program:
     N = self.sampling.max_new_tokens
     return jax.vmap(lambda key: jax.random.uniform(key, (N,), jnp.float32))(row_keys)
 
-  def record(self, state: _LoopState, logits, draws, step) -> _LoopState:
-    """Samples token `step` from logits [B, V] into the state; draws: `draws(...)`."""
+  def record(self, state: _LoopState, logits, draws, step, eos_at=None) -> _LoopState:
+    """Samples token `step` from logits [B, V] into the state; draws: `draws(...)`; eos_at:
+    [B] forced completion lengths or None (`token_selection.force_eos`)."""
     uniforms = jax.lax.dynamic_index_in_dim(draws, step, axis=1, keepdims=False)
+    logits = force_eos(logits, step, eos_at, self.eos_ids)
     token, logp = select_tokens(logits, uniforms, self.sampling)
     active = ~state.done
     token = jnp.where(active, token, self.pad_id)
@@ -107,7 +110,7 @@ class _Program:
         logprobs=jax.lax.dynamic_update_slice(state.logprobs,
                                               jnp.where(active, logp, 0.0)[:, None], at))
 
-  def start(self, weights: Weights, prompt_tokens, prompt_valid, draws,
+  def start(self, weights: Weights, prompt_tokens, prompt_valid, draws, eos_at=None,
             vision: VisionPrefill | None = None):
     """Prefill and the first token -> (state, left-packed prompt [B, P], its valid [B, P],
     RoPE position [B] of the first generated token, rows [B] bool whose prompt differs from
@@ -139,14 +142,15 @@ class _Program:
     state = _LoopState(jnp.zeros((B,), jnp.int32), n_prompt == 0, jnp.zeros((B,), jnp.int32),
                        jnp.full((B, N), self.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
                        cache)
-    return self.record(state, logits, draws, 0), prompt, valid, rope_start, broken
+    return self.record(state, logits, draws, 0, eos_at), prompt, valid, rope_start, broken
 
-  def advance(self, weights: Weights, rope_start, draws, state: _LoopState, step) -> _LoopState:
+  def advance(self, weights: Weights, rope_start, draws, state: _LoopState, step,
+              eos_at=None) -> _LoopState:
     """Feeds token step-1 (slot P + step - 1, RoPE position rope_start + step - 1), samples
     token `step`."""
     logits, cache = self.forward(weights, state.last[:, None], (rope_start + step - 1)[:, None],
                                  ~state.done[:, None], state.cache)
-    return self.record(state._replace(cache=cache), logits, draws, step)
+    return self.record(state._replace(cache=cache), logits, draws, step, eos_at)
 
   @staticmethod
   def output(state: _LoopState, prompt, valid, broken=None) -> SampleOutput:
@@ -166,7 +170,8 @@ class _Program:
 def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
                    sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                    group_size: int = 1, decode_mode: str = 'layerwise',
-                   branched: bool = False, vision: VisionPrefill | None = None) -> SampleOutput:
+                   branched: bool = False, vision: VisionPrefill | None = None,
+                   eos_at=None) -> SampleOutput:
   """The whole sampling program; layers: `placement.unstacked_layers(params)` or None; keys: one
   PRNG key per row (`row_keys`); vision: a Qwen3-VL prefill's pictures and positions (not with
   branched). branched: every input has a leading branch axis [K, ...]; the per-batch pieces are
@@ -180,8 +185,8 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
   draws = over(program.draws)(keys)
   start = program.start if vision is None else functools.partial(program.start, vision=vision)
   state, prompt, valid, rope_start, broken = over(start)(weights, prompt_tokens, prompt_valid,
-                                                         draws)
-  advance = over(program.advance, in_axes=(0, 0, 0, 0, None))
+                                                         draws, eos_at)
+  advance = over(program.advance, in_axes=(0, 0, 0, 0, None, 0))
 
   def cond(carry):
     step, state = carry
@@ -189,7 +194,7 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
 
   def body(carry):
     step, state = carry
-    return step + 1, advance(weights, rope_start, draws, state, step)
+    return step + 1, advance(weights, rope_start, draws, state, step, eos_at)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), state))
   return over(program.output)(state, prompt, valid, broken)
@@ -199,10 +204,11 @@ _STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id', 'group_size', 'decode_mo
 
 
 def _generate_from_key(graphdef, params, layers, prompt_tokens, prompt_valid, key, vision=None,
-                       **static):
+                       eos_at=None, **static):
   TRACE_COUNTS['generate'] += 1
   return _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid,
-                        row_keys(key, prompt_tokens.shape[0]), vision=vision, **static)
+                        row_keys(key, prompt_tokens.shape[0]), vision=vision, eos_at=eos_at,
+                        **static)
 
 
 _generate_jit = jax.jit(_generate_from_key, static_argnames=_STATIC)
@@ -219,7 +225,8 @@ def _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead: int, group_size: i
 
 def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
              eos_ids: tuple[int, ...], pad_id: int = 0, group_size: int = 1,
-             decode_mode: str = 'layerwise', images=None, videos=None) -> SampleOutput:
+             decode_mode: str = 'layerwise', images=None, videos=None,
+             eos_at=None) -> SampleOutput:
   """Samples up to `sampling.max_new_tokens` tokens after each prompt.
 
   prompt_tokens [B, P] int32, prompt_valid [B, P] bool (left padding preferred; other patterns
@@ -241,6 +248,8 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
   the B / group_size distinct prompts (rows 0, G, 2G, ...), packed in prompt order, as
   transformers' processor packs a batch; the prompts hold the matching runs of image / video
   pad tokens (`vision_inputs.encode_vision_prompt`). The vision tower runs once per call, in the prefill.
+  eos_at: None, or [B] int32 completion lengths forced by row (`token_selection.force_eos`:
+  row b's token eos_at[b] - 1 is eos_ids[0]), for benchmarks and tests of uneven lengths.
   """
   prompt_tokens, prompt_valid = jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_valid,
                                                                                    bool)
@@ -255,26 +264,28 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
   # Per-layer weight views (CPU): only the 'layerwise' program reads them.
   layers = unstacked_layers(params, layer_axis=0) if decode_mode == 'layerwise' else None
   return _generate_jit(graphdef, params, layers, prompt_tokens, prompt_valid, key, vision,
+                       None if eos_at is None else jnp.asarray(eos_at, jnp.int32),
                        sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                        pad_id=int(pad_id), group_size=group_size, decode_mode=decode_mode)
 
 
 def _local_branches(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                    sampling, eos_ids, pad_id, group_size, decode_mode):
+                    eos_at, sampling, eos_ids, pad_id, group_size, decode_mode):
   """The branches held in one place. A single branch runs the plain program: XLA:CPU runs a
   vmapped axis of size 1 markedly slower per token (BENCHMARKS.md, "Sampler")."""
   if prompt_tokens.shape[0] == 1:
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     out = _generate_impl(graphdef, first(stacked_params), first(layers), prompt_tokens[0],
                          prompt_valid[0], keys[0], sampling, eos_ids, pad_id, group_size,
-                         decode_mode)
+                         decode_mode, eos_at=first(eos_at))
     return jax.tree.map(lambda x: x[None], out)
   return _generate_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                        sampling, eos_ids, pad_id, group_size, decode_mode, branched=True)
+                        sampling, eos_ids, pad_id, group_size, decode_mode, branched=True,
+                        eos_at=eos_at)
 
 
 def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                   sampling, eos_ids, pad_id, group_size=1, decode_mode='layerwise',
+                   eos_at, sampling, eos_ids, pad_id, group_size=1, decode_mode='layerwise',
                    mesh: Mesh | None = None):
   """keys [K] -> one key per row, then the branches' programs. On a mesh, each device runs its
   own program on its own rows (shard_map over 'branch', and over 'fsdp' when it divides the
@@ -289,11 +300,14 @@ def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid
   local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
                             pad_id=pad_id, group_size=group_size, decode_mode=decode_mode)
   if mesh is None:
-    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys)
+    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at)
   rows = P('branch', batch_axis(mesh, B))
-  return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), P('branch'), rows, rows, rows),
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(P('branch'), P('branch'), rows, rows, rows,
+                                 None if eos_at is None else rows),
                        out_specs=rows, axis_names={'branch'} | set(rows) - {None},
-                       check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys)
+                       check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys,
+                                        eos_at)
 
 
 @functools.lru_cache(maxsize=None)
@@ -308,7 +322,7 @@ def _branches_jit(mesh: Mesh | None) -> Callable:
 def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
                       sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int = 0,
                       mesh: Mesh | None = None, group_size: int = 1,
-                      decode_mode: str = 'layerwise') -> SampleOutput:
+                      decode_mode: str = 'layerwise', eos_at=None) -> SampleOutput:
   """`generate` for K branches at once, one compiled program vmapped over the leading axis.
 
   stacked_params: params with every leaf [K, ...], or `place_weights(params, mesh)` of them
@@ -317,8 +331,8 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
   the 'branch' axis: parameters are placed by SAMPLING_RULES (stacked on 'branch', replicated
   over 'fsdp'), prompts are split over 'branch' and, when it divides the batch, over 'fsdp'.
   group_size: as in `generate`, per branch (must divide B; the same promise); on a mesh, cut to
-  whole groups per 'fsdp' shard (`mesh_group_size`). decode_mode: as in `generate`.
-  Returns [K, B, P + N], sharded over 'branch'.
+  whole groups per 'fsdp' shard (`mesh_group_size`). decode_mode, eos_at ([K, B] or None): as
+  in `generate`. Returns [K, B, P + N], sharded over 'branch'.
   """
   # Host arrays stay numpy until placed (one transfer); global arrays (multi-process) stay jax.
   as_array = lambda x, dtype: jnp.asarray(x, dtype) if isinstance(x, jax.Array) else np.asarray(
@@ -328,8 +342,13 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
   if mesh is not None:
     group_size = mesh_group_size(mesh, prompt_tokens.shape[1], group_size)
     prompt_tokens, prompt_valid, keys = place_prompts(mesh, prompt_tokens, prompt_valid, keys)
+  if eos_at is not None:
+    eos_at = np.asarray(eos_at, np.int32)
+    if mesh is not None:
+      eos_at = jax.device_put(eos_at, NamedSharding(
+          mesh, P('branch', batch_axis(mesh, prompt_tokens.shape[1]))))
   weights = place_weights(stacked_params, mesh)
   layers = weights.layers if decode_mode == 'layerwise' else None
   return _branches_jit(mesh)(graphdef, weights.params, layers, prompt_tokens, prompt_valid,
-                             keys, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
+                             keys, eos_at, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                              pad_id=int(pad_id), group_size=group_size, decode_mode=decode_mode)

@@ -56,6 +56,22 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
   return jax.random.split(key, batch)
 
 
+def force_eos(logits: jax.Array, token_index: jax.Array, eos_at: jax.Array | None,
+              eos_ids: tuple[int, ...]) -> jax.Array:
+  """Completion lengths fixed in advance, keyed by row: logits [B, V] of each row's token
+  `token_index` ([B] or scalar) -> the same, except that row b can pick no EOS id before its
+  token eos_at[b] - 1, and only eos_ids[0] there (its completion then has eos_at[b] tokens, EOS
+  included). eos_at None: unchanged. For benchmarks (the same lengths on every sampler) and the
+  decoders' equality tests; the run never sets it."""
+  if eos_at is None:
+    return logits
+  ids = jnp.arange(logits.shape[-1])
+  at = (token_index == eos_at - 1)[:, None]
+  before = (token_index < eos_at - 1)[:, None]
+  blocked = (at & (ids != eos_ids[0])) | (before & jnp.isin(ids, jnp.asarray(eos_ids)))
+  return jnp.where(blocked, -jnp.inf, logits)
+
+
 def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
   """Temperature, then top-k, then top-p (nucleus over the top-k distribution). Filtered-out
   entries become -inf; [B, V] fp32. Ties at the top-k / top-p threshold are all kept."""

@@ -1,0 +1,307 @@
+"""Continuous-batching rollout engine: a fixed number of decode slots over a slot-wise KV cache,
+rows admitted into free slots as other rows finish, all inside one jitted program.
+
+Why: a static batch (`decode.py`) decodes every row until the longest one ends, so with
+reasoning-length completions (10x spread and more) most of its row-steps are padding. Here the
+cache holds `slots` rows (sized from a token budget, `slot_count`), and the loop body first
+admits waiting rows into free slots (prefill, then their first token), then runs one decode
+step over every slot. A row leaves its slot at EOS or at `max_new_tokens`.
+
+Same samples as the static decoder: row b draws from `row_keys(key, B)[b]` and its token t uses
+that key's uniform t (`_Program.draws`), whatever slot it lands in and whenever it is admitted;
+a slot's cache row has the static decoder's layout (prompt left-packed in columns 0..P-1,
+completion token t at column P + t), the same length P + N, and the decode step masks the same
+keys, so each row computes what it would compute in a static batch: the same tokens, and
+log-probs equal up to float rounding (a prefill of one prompt instead of the batch's rounds
+the last float32 bits differently, as group sharing does: ~1e-6; a training run fed by
+either decoder therefore drifts apart over its steps by float noise). Stale keys of a slot's
+earlier row stay masked (their attention weight is exactly 0).
+
+Shapes are static (slots, cache length P + N, one group of G rows per admission), so the
+program compiles once per (prompt bucket, batch, slots). A group of G rows sharing one prompt
+(`prompt_groups`) is prefilled once, from its first row, and its cache copied into G slots.
+Teacher scoring is not sampling and stays a teacher-forced prefill (`copd_jax.scoring`).
+Admission order: group by group in `order` (default 0, 1, ...); the tests permute it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from copd_jax.errors import ConfigError, UserInputError
+from copd_jax.fields import Fields, named_by_config
+from copd_jax.models import qwen3
+from copd_jax.models.attention import Mask
+from copd_jax.prompt_groups import repeat_cache, rows_off_group
+from copd_jax.sampling.decode import (SampleOutput, _LoopState, _Program, _check_inputs,
+                                      left_pack)
+from copd_jax.sampling.forward import Forward, LayerCaches, Weights
+from copd_jax.sampling.placement import (batch_axis, mesh_group_size, place_prompts,
+                                         place_weights)
+from copd_jax.sampling.token_selection import (SamplingFieldError, SamplingParams, force_eos,
+                                               row_keys, select_tokens)
+from copd_jax.tracing import TRACE_COUNTS
+
+DECODERS = ('engine', 'static')
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+  """kv_token_budget: KV-cache tokens per branch and device shard; the engine holds
+  budget // (P + N) rows at a time (`slot_count`). 0: one slot per row (the static decoder's
+  cache size)."""
+  kv_token_budget: int = 0
+
+  def __post_init__(self):
+    Fields('EngineSettings', SamplingFieldError).positive_int(
+        'kv_token_budget', self.kv_token_budget, allow_zero=True)
+
+  @classmethod
+  def from_config(cls, config) -> 'EngineSettings | None':
+    """config.sampling.decoder 'engine' -> the settings; 'static' -> None (the static decoder)."""
+    s = config.sampling
+    if s.decoder not in DECODERS:
+      raise ConfigError(f'config.sampling.decoder must be one of {DECODERS}, got {s.decoder!r}')
+    with named_by_config({'kv_token_budget': 'sampling.kv_token_budget'}):
+      settings = cls(kv_token_budget=s.kv_token_budget)
+    return settings if s.decoder == 'engine' else None
+
+
+def slot_count(token_budget: int, cache_length: int, rows: int, group_size: int) -> int:
+  """Decode slots for a token budget: budget // cache_length rows (0 budget: all `rows`), at
+  most `rows`, a multiple of group_size. Raises UserInputError when not even one group fits."""
+  slots = rows if token_budget == 0 else min(rows, token_budget // cache_length)
+  slots -= slots % group_size
+  if slots < 1:
+    raise UserInputError(f'sampling.kv_token_budget={token_budget} holds fewer than one group '
+                         f'of {group_size} rows of {cache_length} tokens (prompt + '
+                         f'max_new_tokens); raise it to at least {group_size * cache_length}')
+  return slots
+
+
+class _Slots(NamedTuple):
+  row: jax.Array         # [S] int32: the row a slot decodes, -1 when free
+  length: jax.Array      # [S] int32: tokens its row has generated (the next token's index)
+  last: jax.Array        # [S] int32: the token its row sampled last
+  n_prompt: jax.Array    # [S] int32: its row's prompt length
+  cache: LayerCaches     # k, v per layer [S, ...] over P + N columns; valid [S, P + N]
+
+
+class _State(NamedTuple):
+  slots: _Slots
+  tokens: jax.Array      # [B, N] int32, by row
+  logprobs: jax.Array    # [B, N] fp32
+  length: jax.Array      # [B] int32
+  admitted: jax.Array    # scalar int32: groups admitted so far
+
+
+def slot_forward(forward: Forward, weights: Weights, tokens, positions, token_valid,
+                 cache: LayerCaches, column):
+  """One decode step of every slot, each at its own cache column: tokens, positions,
+  token_valid [S, 1], column [S] -> (logits [S, V], cache). The 'layerwise' forward
+  (`Forward.__call__`) with a per-slot write column."""
+  model = nnx.merge(forward.graphdef, weights.params)
+  c, dtype = model.config, model.compute_dtype
+  S, C = cache.valid.shape
+  valid = cache.valid.at[jnp.arange(S), column].set(token_valid[:, 0])
+  # Every slot's unwritten columns are invalid, so the causal bound is the cache's end.
+  mask = Mask(valid, jnp.full((1,), C - 1, jnp.int32))
+  h = jnp.take(model.embed[...], tokens, axis=0).astype(dtype)
+  cos, sin = (jnp.take(table, positions, axis=0) for table in weights.rope)
+  ks, vs = [], []
+  for p, k, v in zip(weights.layers, cache.k, cache.v):
+    h, (k, v) = qwen3.decoder_layer(p, h, cos, sin, mask, (k, v, None, column), c, dtype,
+                                    attention=model.attention)
+    ks.append(k)
+    vs.append(v)
+  h = qwen3.rms_norm(h, model.final_norm[...], c.rms_norm_eps)
+  logits = qwen3.head_logits(h, weights.head, c.tie_word_embeddings)[:, 0]
+  return logits, LayerCaches(tuple(ks), tuple(vs), valid, cache.index)
+
+
+def _engine_program(graphdef, params, layers, prompt_tokens, prompt_valid, keys, eos_at, order,
+                    *, sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
+                    group_size: int, slots: int) -> SampleOutput:
+  """One branch: prompts [B, P], keys [B] (one per row), eos_at [B] or None, order [B // G]
+  (admission order of the groups) -> SampleOutput [B, P + N]."""
+  B, P = prompt_tokens.shape
+  N, G, S = sampling.max_new_tokens, group_size, slots
+  forward = Forward(graphdef, 'layerwise')
+  weights = forward.prepare(params, layers, slots=P + N)
+  program = _Program(graphdef, sampling, eos_ids, pad_id, G)
+  draws = program.draws(keys)
+  prompt, valid = left_pack(prompt_tokens, prompt_valid, pad_id)
+  n_prompt = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+  eos = jnp.asarray(eos_ids, jnp.int32)
+
+  def sample(logits, rows, index):
+    """Token `index` of `rows` ([n] each) from logits [n, V], on the rows' own draws."""
+    forced = None if eos_at is None else eos_at[rows]
+    logits = force_eos(logits, index, forced, eos_ids)
+    return select_tokens(logits, draws[rows, index], sampling)
+
+  def admit(state: _State) -> _State:
+    """Prefills the next group (one prompt, G rows) into the first G free slots and samples
+    each row's first token."""
+    rows = order[state.admitted] * G + jnp.arange(G, dtype=jnp.int32)
+    lead = rows[:1]
+    logits, cache = forward(weights, prompt[lead], qwen3.default_positions(valid[lead]),
+                            valid[lead], forward.empty_cache(weights, 1, P + N))
+    logits, cache = jnp.repeat(logits, G, axis=0), repeat_cache(cache, G)
+    free = jnp.argsort(state.slots.row >= 0, stable=True)[:G]
+    token, logp = sample(logits, rows, jnp.zeros((G,), jnp.int32))
+    empty = n_prompt[rows] == 0       # a row without a prompt generates nothing
+    token, logp = jnp.where(empty, pad_id, token), jnp.where(empty, 0.0, logp)
+    finished = empty | jnp.isin(token, eos) | (N == 1)
+    s = state.slots
+    put = lambda buffer, new: buffer.at[free].set(new)
+    slot_cache = LayerCaches(tuple(map(put, s.cache.k, cache.k)),
+                             tuple(map(put, s.cache.v, cache.v)),
+                             put(s.cache.valid, cache.valid), s.cache.index)
+    return _State(
+        _Slots(put(s.row, jnp.where(finished, -1, rows)), put(s.length, jnp.ones_like(rows)),
+               put(s.last, token), put(s.n_prompt, n_prompt[rows]), slot_cache),
+        state.tokens.at[rows, 0].set(token), state.logprobs.at[rows, 0].set(logp),
+        state.length.at[rows].set((~empty).astype(jnp.int32)), state.admitted + 1)
+
+  def decode(state: _State) -> _State:
+    """Feeds every busy slot its last token and samples its row's next one."""
+    s = state.slots
+    busy = s.row >= 0
+    t = s.length
+    # Free slots run too (static shapes); their position is clamped to a valid RoPE row.
+    position = jnp.maximum(s.n_prompt + t - 1, 0)
+    logits, cache = slot_forward(forward, weights, s.last[:, None], position[:, None],
+                                 busy[:, None], s.cache, P + jnp.maximum(t, 1) - 1)
+    rows, index = jnp.where(busy, s.row, 0), jnp.minimum(t, N - 1)
+    token, logp = sample(logits, rows, index)
+    target = jnp.where(busy, s.row, B)   # free slots write nowhere ('drop')
+    finished = jnp.isin(token, eos) | (t + 1 >= N)
+    slots_ = _Slots(jnp.where(busy & finished, -1, s.row), jnp.where(busy, t + 1, t),
+                    jnp.where(busy, token, s.last), s.n_prompt, cache)
+    return _State(slots_, state.tokens.at[target, index].set(token, mode='drop'),
+                  state.logprobs.at[target, index].set(logp, mode='drop'),
+                  state.length.at[target].set(t + 1, mode='drop'), state.admitted)
+
+  groups = B // G
+  can_admit = lambda state: (state.admitted < groups) & (jnp.sum(state.slots.row < 0) >= G)
+
+  def body(state: _State) -> _State:
+    state = jax.lax.while_loop(can_admit, admit, state)
+    return jax.lax.cond(jnp.any(state.slots.row >= 0), decode, lambda x: x, state)
+
+  def cond(state: _State):
+    return (state.admitted < groups) | jnp.any(state.slots.row >= 0)
+
+  empty_slots = _Slots(jnp.full((S,), -1, jnp.int32), jnp.zeros((S,), jnp.int32),
+                       jnp.zeros((S,), jnp.int32), jnp.zeros((S,), jnp.int32),
+                       forward.empty_cache(weights, S, P + N))
+  state = _State(empty_slots, jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+                 jnp.zeros((B,), jnp.int32), jnp.zeros((), jnp.int32))
+  state = jax.lax.while_loop(cond, body, state)
+  broken = None if G == 1 else rows_off_group(prompt, G) | rows_off_group(valid, G)
+  rows_state = _LoopState(None, None, state.length, state.tokens, state.logprobs, None)
+  return _Program.output(rows_state, prompt, valid, broken)
+
+
+_STATIC = ('graphdef', 'sampling', 'eos_ids', 'pad_id', 'group_size', 'slots')
+
+
+def _local_branches(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at,
+                    order, **static) -> SampleOutput:
+  """The branches held in one place, one engine loop after the other (a vmapped loop would
+  run every branch until the slowest one ends, the waste this engine removes)."""
+  outs = []
+  for k in range(prompt_tokens.shape[0]):
+    pick = lambda tree: jax.tree.map(lambda x: x[k], tree)
+    outs.append(_engine_program(graphdef, pick(stacked_params), pick(layers), prompt_tokens[k],
+                                prompt_valid[k], keys[k], pick(eos_at), order, **static))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at,
+                   order, *, mesh: Mesh | None, **static) -> SampleOutput:
+  """keys [K] -> one key per row (of the whole batch, as `decode` derives them), then each
+  device's engine on its own rows."""
+  TRACE_COUNTS['engine_branches'] += 1
+  B = prompt_tokens.shape[1]
+  keys = jax.vmap(lambda key: row_keys(key, B))(keys)
+  local = functools.partial(_local_branches, graphdef, **static)
+  if mesh is None:
+    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at, order)
+  rows = P('branch', batch_axis(mesh, B))
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(P('branch'), P('branch'), rows, rows, rows,
+                                 None if eos_at is None else rows, P()),
+                       out_specs=rows, axis_names={'branch'} | set(rows) - {None},
+                       check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys,
+                                        eos_at, order)
+
+
+@functools.lru_cache(maxsize=None)
+def _branches_jit(mesh: Mesh | None):
+  fn = functools.partial(_branches_impl, mesh=mesh)
+  if mesh is None:
+    return jax.jit(fn, static_argnames=_STATIC)
+  out = NamedSharding(mesh, P('branch'))
+  return jax.jit(fn, static_argnames=_STATIC, out_shardings=SampleOutput(out, out, out, out))
+
+
+def engine_generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
+                             sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int = 0,
+                             mesh: Mesh | None = None, group_size: int = 1,
+                             settings: EngineSettings = EngineSettings(), order=None,
+                             eos_at=None) -> SampleOutput:
+  """`decode.generate_branches` through the engine: the same arguments and the same result
+  (same tokens, masks and log-probs per row), [K, B, P + N].
+
+  settings: the KV-cache token budget (per branch and device shard; `slot_count`). order:
+  the admission order of each device's groups (a permutation of 0 .. B_local / G - 1, default
+  in order); it changes no result. eos_at [K, B] or None: forced completion lengths
+  (`token_selection.force_eos`). Only the 'layerwise' forward (per-slot cache writes)."""
+  as_array = lambda x, dtype: jnp.asarray(x, dtype) if isinstance(x, jax.Array) else np.asarray(
+      x, dtype)
+  prompt_tokens, prompt_valid = as_array(prompt_tokens, jnp.int32), as_array(prompt_valid, bool)
+  _check_inputs(prompt_tokens, prompt_valid, eos_ids, lead=1, group_size=group_size)
+  K, B, prompt_len = prompt_tokens.shape
+  local_rows = B
+  if mesh is not None:
+    group_size = mesh_group_size(mesh, B, group_size)
+    if batch_axis(mesh, B) is not None:
+      local_rows = B // mesh.shape['fsdp']
+    prompt_tokens, prompt_valid, keys = place_prompts(mesh, prompt_tokens, prompt_valid, keys)
+  slots = slot_count(settings.kv_token_budget, prompt_len + sampling.max_new_tokens,
+                     local_rows, group_size)
+  order = np.arange(local_rows // group_size, dtype=np.int32) if order is None else np.asarray(
+      order, np.int32)
+  if sorted(order.tolist()) != list(range(local_rows // group_size)):
+    raise ValueError(f'order must be a permutation of the {local_rows // group_size} groups')
+  if eos_at is not None:
+    eos_at = np.asarray(eos_at, np.int32)
+    if mesh is not None:
+      eos_at = jax.device_put(eos_at, NamedSharding(mesh, P('branch', batch_axis(mesh, B))))
+  weights = place_weights(stacked_params, mesh)
+  return _branches_jit(mesh)(graphdef, weights.params, weights.layers, prompt_tokens,
+                             prompt_valid, keys, eos_at, order, sampling=sampling,
+                             eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                             group_size=group_size, slots=slots)
+
+
+def engine_generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: SamplingParams,
+                    eos_ids: tuple[int, ...], pad_id: int = 0, group_size: int = 1,
+                    settings: EngineSettings = EngineSettings(), order=None,
+                    eos_at=None) -> SampleOutput:
+  """`decode.generate` (one model, [B, P] prompts, one key) through the engine: [B, P + N]."""
+  stacked = jax.tree.map(lambda x: x[None], params)
+  out = engine_generate_branches(graphdef, stacked, np.asarray(prompt_tokens)[None],
+                                 np.asarray(prompt_valid)[None], key[None], sampling, eos_ids,
+                                 pad_id, None, group_size, settings, order,
+                                 None if eos_at is None else np.asarray(eos_at)[None])
+  return SampleOutput(*(x[0] for x in out))
