@@ -30,7 +30,8 @@ divergence: the OPD step makes one update per batch, on the student's own rollou
 Memory: the student's logits are scored `logits_chunk` positions at a time with the divergence
 inside each chunk (recomputed in the backward pass), so the student's [T, V] logits never sit
 whole; with 'full_reverse_kl' the teacher's routed [M, T, V] log-probs do (one array per round
-at the student, computed chunk by chunk on the teacher's shard).
+at the student, computed chunk by chunk on the teacher's shard, then laid out as the update's
+[N + R * M, T, V] teacher field, zero on the N native rows).
 """
 from __future__ import annotations
 

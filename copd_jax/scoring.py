@@ -82,7 +82,8 @@ def map_head_chunks(fn: Callable[[jax.Array, Any], Any], model: nnx.Module,
   one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)  # prevent_cse is moot inside a scan
   n = -(-T // chunk_size)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk_size - T)) + ((0, 0),) * (x.ndim - 2))
-  to_chunks = lambda x: jnp.moveaxis(pad(x).reshape(B, n, chunk_size, *x.shape[2:]), 1, 0)
+  hidden, targets = pad(hidden), jax.tree.map(pad, targets)
+  to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk_size, *x.shape[2:]), 1, 0)
   out = jax.lax.map(lambda xs: one_chunk(w, *xs),
                     (to_chunks(hidden), jax.tree.map(to_chunks, targets)))
   from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * chunk_size, *x.shape[3:])[:, :T]

@@ -436,7 +436,7 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
     tokens = route(distill.tokens[r], to_teacher, mesh)
     valid = route(distill.token_valid[r], to_teacher, mesh)
     view = jax.tree.map(lambda x: route(x, to_student, mesh), jax.vmap(score)(params, tokens, valid))
-    keep = lambda x: x * jnp.asarray(active, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    keep = lambda x: x * jnp.asarray(active, x.dtype)[(slice(None),) + (None,) * (x.ndim - 1)]
     out.append(jax.tree.map(keep, view))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 

@@ -102,11 +102,17 @@ SGD = optax.sgd(1.0)
 BETA, TEMPERATURE = 0.7, 0.8
 
 
-def _step_pair(graphdef, sh, mesh, **kw):
-  cfg = StepConfig(opd_beta=BETA, temperature=TEMPERATURE, **kw)
-  return (make_opd_step(graphdef, SGD, mesh, cfg, sh, ((1, 0),)),
-          make_grpo_step(graphdef, SGD, mesh, StepConfig(opd_beta=BETA, temperature=TEMPERATURE),
-                         sh))
+@pytest.fixture(scope='module')
+def steps(model):
+  """graphdef, the mesh, the state shardings, the GRPO step (shared: one compile per shape) and
+  a factory of OPD steps."""
+  graphdef, params = model
+  mesh = _one_device_mesh()
+  sh = _state(_perturbed_stack(params, 2), SGD, mesh)[1]
+  cfg = lambda **kw: StepConfig(opd_beta=BETA, temperature=TEMPERATURE, **kw)
+  return dict(graphdef=graphdef, mesh=mesh, sh=sh,
+              grpo=make_grpo_step(graphdef, SGD, mesh, cfg(), sh),
+              opd=lambda **kw: make_opd_step(graphdef, SGD, mesh, cfg(**kw), sh, ((1, 0),)))
 
 
 def _seq_mean_weights(mask):
@@ -139,15 +145,14 @@ def _reference_divergence_grad(graphdef, student, teacher, distill_k, signal, k,
 
 @pytest.mark.parametrize('signal', ['topk_forward_kl', 'full_reverse_kl'])
 def test_distribution_signal_step_equals_grpo_update_plus_reference_divergence_gradient(
-    model, signal):
+    model, steps, signal):
   """opd_step with a distribution signal = the GRPO update of the combined batch whose
   distillation rows have advantage 0, plus minus the gradient of beta * the aggregated
   divergence computed independently; teacher = the other branch; logits in chunks of 5."""
-  graphdef, params = model
-  mesh, stacked, k = _one_device_mesh(), _perturbed_stack(params, 2), 5
-  sh = _state(stacked, SGD, mesh)[1]
+  graphdef, mesh, grpo = steps['graphdef'], steps['mesh'], steps['grpo']
+  stacked, k = _perturbed_stack(model[1], 2), 5
   native, distill = _batch(2, (2, 4)), _batch(3, (1, 2, 4))
-  opd, grpo = _step_pair(graphdef, sh, mesh, opd_signal=signal, opd_topk=k, logits_chunk=5)
+  opd = steps['opd'](opd_signal=signal, opd_topk=k, logits_chunk=5)
   got, metrics = opd(_state(stacked, SGD, mesh)[0], native, distill)
 
   combined = type(native)(*(np.concatenate([n, d[0]], axis=1) for n, d in zip(native, distill)))
@@ -174,17 +179,17 @@ def test_distribution_signal_step_equals_grpo_update_plus_reference_divergence_g
 
 @pytest.mark.parametrize('signal,kw', [('sampled_token', {}), ('full_reverse_kl', {}),
                                        ('topk_forward_kl', {'opd_topk': CONFIG.vocab_size})])
-def test_identical_teacher_gives_delta_zero_and_only_the_native_grpo_update(model, signal, kw):
+def test_identical_teacher_gives_delta_zero_and_only_the_native_grpo_update(model, steps,
+                                                                           signal, kw):
   """A student taught by a teacher with its own parameters: delta = 0 on every distillation
   token, and the OPD update is the pure GRPO update of the native rows, scaled by the share of
   the native sequences in the combined batch (their common 'seq-mean-token-mean' normaliser):
   the distillation rows add nothing (entropy and KL terms off)."""
-  graphdef, params = model
-  mesh, same = _one_device_mesh(), _perturbed_stack(params, 1)
+  mesh, grpo = steps['mesh'], steps['grpo']
+  same = _perturbed_stack(model[1], 1)
   stacked = jax.tree.map(lambda x: jnp.concatenate([x, x]), same)   # two identical branches
-  sh = _state(stacked, SGD, mesh)[1]
   native, distill = _batch(4, (2, 4)), _batch(5, (1, 2, 4))
-  opd, grpo = _step_pair(graphdef, sh, mesh, opd_signal=signal, **kw)
+  opd = steps['opd'](opd_signal=signal, **kw)
   got, metrics = opd(_state(stacked, SGD, mesh)[0], native, distill)
   pure, _ = grpo(_state(stacked, SGD, mesh)[0], native)
   assert np.asarray(metrics['opd_delta_abs_mean']).max() <= 1e-6
