@@ -229,6 +229,36 @@ def test_opd_edge_metrics_by_hand():
   assert np.isnan(none['overlap_advantage']) and none['overlap_share'] == 0.0
 
 
+def test_probe_logs_the_signal_metrics_under_each_edge_name():
+  """driver.probe on a stand-in run (K = 2, one round, both branches learn): every edge gets
+  opd/<metric>/<student><-<teacher>, computed from that edge's own probe arrays."""
+  from types import SimpleNamespace
+  from copd_jax import driver
+  from copd_jax.edge_topk import EdgeTopK
+  rng = np.random.default_rng(0)
+  K, M, T, k = 2, 3, 6, 2
+  tokens = rng.integers(0, 4, (K, M, T))
+  mask = np.ones((K, M, T), bool)
+  mask[:, :, 0] = False
+  ids = lambda: rng.integers(0, 4, (1, K, M, T, k))
+  lp = lambda: np.log(rng.uniform(0.05, 1.0, (1, K, M, T)))
+  edge = EdgeTopK(ids(), np.zeros((1, K, M, T, k)), ids(), np.zeros((1, K, M, T, k)), lp(), lp())
+  batch = SimpleNamespace(tokens=tokens, completion_mask=mask)
+  run = SimpleNamespace(probe=lambda params, stacked: edge, rounds=((1, 0),),
+                        names=('b0_count', 'b1_sort'),
+                        config=SimpleNamespace(opd=SimpleNamespace(beta=0.5, delta_clamp=0.0)))
+  distill = SimpleNamespace(rounds=[SimpleNamespace(batch=batch)], stacked=None)
+  out = driver.probe(run, SimpleNamespace(params=None), distill)
+  for s, name in ((0, 'b0_count<-b1_sort'), (1, 'b1_sort<-b0_count')):
+    want = metrics_lib.opd_edge_metrics(tokens[s], edge.student_ids[0, s], edge.teacher_ids[0, s],
+                                        edge.student_token_logprob[0, s],
+                                        edge.teacher_token_logprob[0, s], mask[s], 0.5)
+    for key in ('delta_abs', 'teacher_mass', 'student_mass', 'overlap_advantage',
+                'overlap_share'):
+      np.testing.assert_allclose(out[f'opd/{key}/{name}'], want[key], err_msg=key)
+  assert out['opd/delta_abs/b0_count<-b1_sort'] != out['opd/delta_abs/b1_sort<-b0_count']
+
+
 # ----------------------------------------------------------------------------- config
 
 def test_signal_fields_are_checked_and_reach_the_step_config():
