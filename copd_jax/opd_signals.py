@@ -42,10 +42,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from copd_jax.scoring import (TokenScores, logprobs_from_logits, map_head_chunks,
-                              next_token_logprobs, next_token_topk, pad_first_position,
-                              sequence_logprobs)
+                              next_token_logprobs, pad_first_position, sequence_logprobs)
 
-SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL = 'sampled_token', 'topk_forward_kl', 'full_reverse_kl'
+SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL = ('sampled_token', 'topk_forward_kl',
+                                                   'full_reverse_kl')
 SIGNALS = (SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL)
 
 
@@ -66,14 +66,39 @@ def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: 
     return TeacherView(sequence_logprobs(graphdef, params, tokens, valid, temperature,
                                          logits_chunk).logprobs)
   if signal == TOPK_FORWARD_KL:
-    ids, top_lp, token_lp = next_token_topk(graphdef, params, tokens, valid, temperature, topk,
-                                            logits_chunk)
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(tokens, token_valid=valid)
+
+    def per_chunk(logits, targets):
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+      token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      return (token_lp,) + top_k_by_argmax(logp, topk)
+
+    token_lp, ids, top_lp = (pad_first_position(x) for x in map_head_chunks(
+        per_chunk, model, hidden[:, :-1], tokens[:, 1:], logits_chunk))
     return TeacherView(token_lp * valid, ids, top_lp * valid[..., None])
   if signal == FULL_REVERSE_KL:
     logp = next_token_logprobs(graphdef, params, tokens, valid, temperature, logits_chunk)
     token_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     return TeacherView(token_lp * valid, logprobs=logp)
   raise ValueError(f'unknown OPD signal {signal!r}; choose one of {SIGNALS}')
+
+
+def top_k_by_argmax(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(ids [..., k] int32, values [..., k]) of the k largest entries of logp [..., V], largest
+  first, as lax.top_k, by k argmax / max passes. Inside the jitted OPD step XLA partitions these
+  reductions along the branch-stacked batch axes, where a vmapped lax.top_k was partitioned by
+  all-gathering every branch's [M, T, V] log-probs over 'branch' (edge_topk avoids that with a
+  shard_map instead)."""
+  vocab = jnp.arange(logp.shape[-1], dtype=jnp.int32)
+
+  def one(rest, _):
+    best = jnp.argmax(rest, axis=-1).astype(jnp.int32)
+    value = jnp.max(rest, axis=-1)
+    return jnp.where(vocab == best[..., None], -jnp.inf, rest), (best, value)
+
+  _, (ids, values) = jax.lax.scan(one, logp, None, length=k)
+  return jnp.moveaxis(ids, 0, -1), jnp.moveaxis(values, 0, -1)
 
 
 def topk_forward_kl(student_logp: jax.Array, teacher_ids: jax.Array,

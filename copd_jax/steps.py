@@ -18,9 +18,10 @@ OPD teacher signal: in round r (`Topology.rounds()`), student k distils from tea
 students' tokens are permuted along the branch axis to their teachers' shards (`shard_map` +
 `ppermute`: a device receives only its student's rows), every teacher scores them with its own
 parameters, and the log-probs are permuted back. Parameters never leave their branch; only
-[K, M, T] tokens and log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k] top-k
-ids and log-probs; 'full_reverse_kl' moves [K, M, T, V] log-probs: copd_jax.opd_signals). `copd_jax.edge_topk` does the same for the behavioural
-metrics (top-k ids and log-probs of student and teacher per position).
+[K, M, T] tokens and log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k]
+top-k ids and log-probs; 'full_reverse_kl' moves [K, M, T, V] log-probs: copd_jax.opd_signals).
+`copd_jax.edge_topk` does the same for the behavioural metrics (top-k ids and log-probs of
+student and teacher per position).
 
 Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in(rng, step).
 """
@@ -435,7 +436,8 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
     to_teacher, to_student, active = routing(teacher_of)
     tokens = route(distill.tokens[r], to_teacher, mesh)
     valid = route(distill.token_valid[r], to_teacher, mesh)
-    view = jax.tree.map(lambda x: route(x, to_student, mesh), jax.vmap(score)(params, tokens, valid))
+    view = jax.vmap(score)(params, tokens, valid)
+    view = jax.tree.map(lambda x: route(x, to_student, mesh), view)
     keep = lambda x: x * jnp.asarray(active, x.dtype)[(slice(None),) + (None,) * (x.ndim - 1)]
     out.append(jax.tree.map(keep, view))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *out)

@@ -31,6 +31,15 @@ def _mask(seed, shape):
 
 # ----------------------------------------------------------------------------- per position
 
+def test_top_k_by_argmax_equals_lax_top_k():
+  x = _random(9, (3, 4, V))
+  for k in (1, 4, V):
+    ids, values = opd_signals.top_k_by_argmax(x, k)
+    want_values, want_ids = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(values, want_values)
+
+
 def test_topk_forward_kl_value_and_gradient_against_a_dense_reference():
   """KL(q || softmax(z)) with q the teacher's top-k renormalised, written densely over V (q = 0
   off the top-k); its gradient in the logits is softmax(z) - q (closed form)."""
