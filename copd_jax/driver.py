@@ -125,12 +125,14 @@ def opd_step(run: Run, state: BranchState, native: RolloutBatch, distill: 'Disti
 
 
 def probe(run: Run, state: BranchState, distill: 'Distillation') -> dict[str, float]:
-  """Top-k overlap and KL estimates of each (student <- teacher) edge on the student's
-  distillation rollouts (estimators documented in copd_jax.metrics), and their smallest overlap
-  'behaviour/min_overlap', which drives the overlap schedule."""
+  """Top-k overlap, KL estimates and OPD signal metrics ('opd/...') of each (student <- teacher)
+  edge on the student's distillation rollouts (documented in copd_jax.metrics), and their
+  smallest overlap 'behaviour/min_overlap', which drives the overlap schedule."""
   edge = distributed.to_host(run.probe(state.params, distill.stacked))
   # [R, K, M, T]; gathered like the probe's outputs (the probe's limit, docs/scaling.md)
   masks = np.stack(distributed.to_host([d.batch.completion_mask for d in distill.rounds]))
+  tokens = np.stack(distributed.to_host([d.batch.tokens for d in distill.rounds]))
+  opd = run.config.opd
   k = edge.student_ids.shape[-1]
   out = {}
   for r, teacher_of in enumerate(run.rounds):
@@ -146,6 +148,10 @@ def probe(run: Run, state: BranchState, distill: 'Distillation') -> dict[str, fl
           student_lp, teacher_lp, mask[s])
       out[f'behaviour/reverse_kl/{name}'] = metrics_lib.reverse_kl_estimate(
           student_lp, teacher_lp, mask[s])
+      signal = metrics_lib.opd_edge_metrics(tokens[r, s], edge.student_ids[r, s],
+                                            edge.teacher_ids[r, s], student_lp, teacher_lp,
+                                            mask[s], opd.beta, opd.delta_clamp)
+      out.update({f'opd/{key}/{name}': value for key, value in signal.items()})
   overlaps = [v for key, v in out.items() if key.startswith('behaviour/overlap_top')]
   out['behaviour/min_overlap'] = min(overlaps) if overlaps else float('nan')
   return out

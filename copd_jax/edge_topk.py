@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from copd_jax.scoring import check_chunk_size, logprobs_from_logits, map_head_chunks
+from copd_jax.scoring import check_chunk_size, next_token_topk
 from copd_jax.steps import (BranchState, RolloutBatch, chunked, permute_branches, round_table,
                             routing)
 from copd_jax.tracing import TRACE_COUNTS
@@ -36,25 +36,6 @@ class EdgeTopK(NamedTuple):
   teacher_logprobs: jax.Array        # [R, K, M, T, k]
   student_token_logprob: jax.Array   # [R, K, M, T] log-prob of the sampled token
   teacher_token_logprob: jax.Array   # [R, K, M, T]
-
-
-def next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int,
-                    logits_chunk: int | None = None):
-  """[M, T] tokens -> (ids [M, T, k], logprobs [M, T, k], token_logprob [M, T]), aligned as in
-  scoring.sequence_logprobs (position t describes the prediction of token t); logits_chunk
-  positions of logits at a time (None: all)."""
-  model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(tokens, token_valid=valid)
-
-  def topk(logits, targets):
-    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp_all, k)
-    return top_ids, top_lp, logprobs_from_logits(logits, targets, temperature).logprobs
-
-  top_ids, top_lp, token_lp = map_head_chunks(topk, model, hidden[:, :-1], tokens[:, 1:],
-                                              logits_chunk)
-  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
-  return pad(top_ids), pad(top_lp), pad(token_lp)
 
 
 def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,

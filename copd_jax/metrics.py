@@ -11,6 +11,9 @@ log-prob of the student's sampled token.
   r = t(y) / s(y): E_s[(r - 1) log r]. Since E_s[r log r] = KL(t||s) and E_s[-log r] = KL(s||t),
   the estimator is unbiased, and every sample's term is >= 0 (low variance near r = 1).
   log r is clipped to +-`max_log_ratio` so one rare token cannot dominate a logged value.
+- Per edge, the OPD signal on the student's tokens (`opd_edge_metrics`): mean |delta|, the
+  teacher's and the student's probability of the sampled token, and the token advantage on
+  positions where the sampled token is in both top-k sets.
 """
 from __future__ import annotations
 
@@ -52,6 +55,35 @@ def symmetric_kl_estimate(student_logp, teacher_logp, mask, max_log_ratio: float
 def reverse_kl_estimate(student_logp, teacher_logp, mask) -> float:
   """KL(s||t) = E_s[log s(y) - log t(y)] on student samples (the quantity OPD minimises)."""
   return masked_mean(np.asarray(student_logp) - np.asarray(teacher_logp), mask)
+
+
+def opd_edge_metrics(tokens, student_ids, teacher_ids, student_token_logp, teacher_token_logp,
+                     mask, beta: float, delta_clamp: float = 0.0) -> dict[str, float]:
+  """Per-edge OPD signal metrics on the student's rollout (the probe's arrays: tokens [M, T],
+  top-k ids [M, T, k], log-probs of the sampled token [M, T], completion mask [M, T]), each a
+  mean over masked positions:
+
+  - delta_abs: |delta|, delta = log p_teacher(y_t) - log p_student(y_t);
+  - teacher_mass, student_mass: p_teacher(y_t), p_student(y_t) of the sampled token y_t;
+  - overlap_advantage: the sampled-token advantage beta * clip(delta, +-delta_clamp) (paper
+    Eq. 8; logged whichever opd.signal trains) over the overlap positions only, those where
+    the sampled token is in BOTH models' top-k sets (both consider it plausible; "the sets
+    intersect" holds almost everywhere, since the two argmaxes usually agree, and would say
+    little); nan when there is no such position;
+  - overlap_share: the share of positions that are overlap positions.
+  delta_clamp 0 is off, as in the config."""
+  tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
+  student_lp = np.asarray(student_token_logp, np.float64)
+  teacher_lp = np.asarray(teacher_token_logp, np.float64)
+  delta = teacher_lp - student_lp
+  advantage = beta * (np.clip(delta, -delta_clamp, delta_clamp) if delta_clamp else delta)
+  in_top = lambda ids: (np.asarray(ids) == tokens[..., None]).any(-1)
+  overlap = mask & in_top(student_ids) & in_top(teacher_ids)
+  return {'delta_abs': masked_mean(np.abs(delta), mask),
+          'teacher_mass': masked_mean(np.exp(teacher_lp), mask),
+          'student_mass': masked_mean(np.exp(student_lp), mask),
+          'overlap_advantage': masked_mean(advantage, overlap),
+          'overlap_share': masked_mean(overlap, mask)}
 
 
 def length_stats(tokens, completion_mask, max_new_tokens: int, eos_ids) -> dict[str, np.ndarray]:

@@ -54,11 +54,13 @@ def check_chunk_size(chunk_size: int | None) -> None:
     raise ValueError(f'chunk_size must be a positive integer or None, got {chunk_size!r}')
 
 
-def map_head_chunks(fn: Callable[[jax.Array, jax.Array], Any], model: nnx.Module,
-                    hidden: jax.Array, targets: jax.Array, chunk_size: int | None) -> Any:
-  """`fn(logits [B, c, V] fp32, targets [B, c])` -> pytree of [B, c, ...] arrays, applied to the
+def map_head_chunks(fn: Callable[[jax.Array, Any], Any], model: nnx.Module,
+                    hidden: jax.Array, targets: Any, chunk_size: int | None) -> Any:
+  """`fn(logits [B, c, V] fp32, targets chunk)` -> pytree of [B, c, ...] arrays, applied to the
   model's output projection of final hidden states `hidden` [B, T, D] (`Qwen3.hidden_states`)
-  predicting `targets` [B, T]; returns the pytree with [B, T, ...] leaves.
+  predicting `targets` (an array [B, T], or a pytree of [B, T, ...] arrays that travel with
+  their positions: token ids, a teacher's per-position top-k or log-probs); returns the pytree
+  with [B, T, ...] leaves.
 
   chunk_size None or >= T: one call on all T positions. Otherwise `lax.map` over chunks of
   chunk_size positions, each under `jax.checkpoint` (its logits are recomputed in the backward
@@ -66,7 +68,7 @@ def map_head_chunks(fn: Callable[[jax.Array, jax.Array], Any], model: nnx.Module
   """
   check_chunk_size(chunk_size)
   tied = model.config.tie_word_embeddings
-  B, T = targets.shape
+  B, T = hidden.shape[:2]
   if chunk_size is None or chunk_size >= T:
     return fn(head_logits(hidden, model.head_weight(), tied), targets)
   # The head enters each chunk in its parameter dtype and is cast there, so the gradient the
@@ -79,11 +81,11 @@ def map_head_chunks(fn: Callable[[jax.Array, jax.Array], Any], model: nnx.Module
 
   one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)  # prevent_cse is moot inside a scan
   n = -(-T // chunk_size)
-  pad = n * chunk_size - T
-  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk_size - T)) + ((0, 0),) * (x.ndim - 2))
+  hidden, targets = pad(hidden), jax.tree.map(pad, targets)
   to_chunks = lambda x: jnp.moveaxis(x.reshape(B, n, chunk_size, *x.shape[2:]), 1, 0)
-  out = jax.lax.map(lambda xs: one_chunk(w, *xs), (to_chunks(hidden), to_chunks(targets)))
+  out = jax.lax.map(lambda xs: one_chunk(w, *xs),
+                    (to_chunks(hidden), jax.tree.map(to_chunks, targets)))
   from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * chunk_size, *x.shape[3:])[:, :T]
   return jax.tree.map(from_chunks, out)
 
@@ -117,3 +119,40 @@ def sequence_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax.Arra
     scores = scores_from_hidden(model, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size)
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * token_valid
   return TokenScores(pad(scores.logprobs), pad(scores.entropy))
+
+
+def pad_first_position(x: jax.Array) -> jax.Array:
+  """[B, T - 1, ...] predictions of tokens 1 .. T-1 -> [B, T, ...] aligned with the tokens
+  (position 0, which has no context, holds 0)."""
+  return jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+
+
+def next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int,
+                    logits_chunk: int | None = None):
+  """[M, T] tokens -> (ids [M, T, k], logprobs [M, T, k], token_logprob [M, T]) of the model's
+  next-token distribution at `temperature`, aligned as in `sequence_logprobs` (position t
+  describes the prediction of token t), ids in descending probability; logits_chunk positions
+  of logits at a time (None: all)."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+
+  def topk(logits, targets):
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp_all, k)
+    return top_ids, top_lp, logprobs_from_logits(logits, targets, temperature).logprobs
+
+  out = map_head_chunks(topk, model, hidden[:, :-1], tokens[:, 1:], logits_chunk)
+  return tuple(pad_first_position(x) for x in out)
+
+
+def next_token_logprobs(graphdef, params, tokens, valid, temperature: float,
+                        logits_chunk: int | None = None) -> jax.Array:
+  """[M, T] tokens -> [M, T, V] log-probs of the whole next-token distribution at
+  `temperature`, aligned as in `sequence_logprobs` (position 0 and invalid positions 0).
+  Computed logits_chunk positions at a time, but the result is vocabulary-sized per token."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+  logp = map_head_chunks(
+      lambda logits, _: jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1),
+      model, hidden[:, :-1], tokens[:, 1:], logits_chunk)
+  return pad_first_position(logp) * valid[..., None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from copd_jax import logits_chunk as logits_chunk_lib, losses
+from copd_jax import logits_chunk as logits_chunk_lib, losses, opd_signals
 from copd_jax.errors import ConfigError, UserInputError
 from copd_jax.fields import Fields, is_int, is_real, named_by_config
 from copd_jax.topology import parse_indices
@@ -21,6 +21,7 @@ CONFIG_FIELDS = {
     'group_size': 'grpo.group_size', 'logits_chunk': 'grpo.logits_chunk',
     'max_completion_tokens': 'sampling.max_new_tokens', 'temperature': 'sampling.temperature',
     'opd_beta': 'opd.beta', 'opd_clamp': 'opd.delta_clamp', 'frozen_branches': 'copd.freeze',
+    'opd_signal': 'opd.signal', 'opd_topk': 'opd.topk',
 }
 
 
@@ -35,6 +36,10 @@ class StepConfig:
   max_completion_tokens is the constant of 'seq-mean-token-sum-norm' (default: T).
   temperature scores the student and, in OPD, the teacher (they must match the sampler's).
   opd_beta scales delta = log pi_teacher - log pi_student; opd_clamp bounds |delta| (None: off).
+  opd_signal picks the teacher signal (copd_jax.opd_signals.SIGNALS): 'sampled_token' (paper
+  Eq. 8, the default), 'topk_forward_kl' over the teacher's opd_topk most likely ids (opd_clamp
+  must be off: that loss has no delta) or 'full_reverse_kl' (exact, vocabulary-sized traffic).
+  opd_topk is used by 'topk_forward_kl' only.
   kl_coef > 0 adds a k3 KL to a frozen reference and makes ref_params a step argument.
   group_size > 1 with prompt_length > 0 makes grpo_step score each group's prompt once: rows
   k*G .. k*G+G-1 of a batch must repeat one prompt in columns [0, prompt_length) (the sampler's
@@ -58,6 +63,8 @@ class StepConfig:
   group_size: int = 1
   prompt_length: int = 0
   logits_chunk: int | None = None
+  opd_signal: str = opd_signals.SAMPLED_TOKEN
+  opd_topk: int = 8
 
   def __post_init__(self):
     check = Fields('StepConfig')
@@ -78,6 +85,11 @@ class StepConfig:
                 f'must be a finite number > 0 or off, got {clamp!r}')
     check.check(chunk is None or is_int(chunk) and chunk > 0, 'logits_chunk',
                 f'must be a positive integer or off, got {chunk!r}')
+    check.one_of('opd_signal', self.opd_signal, opd_signals.SIGNALS)
+    check.positive_int('opd_topk', self.opd_topk)
+    check.check(clamp is None or self.opd_signal != opd_signals.TOPK_FORWARD_KL, 'opd_clamp',
+                f"must be off with opd_signal='{opd_signals.TOPK_FORWARD_KL}' (its loss has no "
+                f'delta to clamp), got {clamp!r}')
     check.check(isinstance(self.frozen_branches, tuple) and
                 all(is_int(k) and k >= 0 for k in self.frozen_branches), 'frozen_branches',
                 f'must be a tuple of branch indices, got {self.frozen_branches!r}')
@@ -112,6 +124,10 @@ class StepConfig:
     if len(frozen) >= K:
       raise ConfigError('config.copd.freeze: at least one branch must train')
     chunk = logits_chunk_lib.resolve(config, prompt_length, vocab_size)
+    vocab = logits_chunk_lib.config_vocab_size(config) if vocab_size is None else vocab_size
+    if o.signal == opd_signals.TOPK_FORWARD_KL and is_int(o.topk) and o.topk > vocab:
+      raise ConfigError(f'config.opd.topk: must be at most the vocabulary size {vocab}, '
+                        f'got {o.topk}')
     with named_by_config(CONFIG_FIELDS):
       return cls(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
                  aggregation=g.aggregation, max_completion_tokens=config.sampling.max_new_tokens,
@@ -119,7 +135,7 @@ class StepConfig:
                  temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
                  opd_beta=o.beta, opd_clamp=_off_if_zero(o.delta_clamp),
                  frozen_branches=frozen, group_size=g.group_size, prompt_length=prompt_length,
-                 logits_chunk=chunk)
+                 logits_chunk=chunk, opd_signal=o.signal, opd_topk=o.topk)
 
 def _off_if_zero(value):
   """A config's 0 (off) as None; other values as they are, for __post_init__ to check."""

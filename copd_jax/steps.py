@@ -18,8 +18,10 @@ OPD teacher signal: in round r (`Topology.rounds()`), student k distils from tea
 students' tokens are permuted along the branch axis to their teachers' shards (`shard_map` +
 `ppermute`: a device receives only its student's rows), every teacher scores them with its own
 parameters, and the log-probs are permuted back. Parameters never leave their branch; only
-[K, M, T] tokens and log-probs cross it. `copd_jax.edge_topk` does the same for the behavioural
-metrics (top-k ids and log-probs of student and teacher per position).
+[K, M, T] tokens and log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k]
+top-k ids and log-probs; 'full_reverse_kl' moves [K, M, T, V] log-probs: copd_jax.opd_signals).
+`copd_jax.edge_topk` does the same for the behavioural metrics (top-k ids and log-probs of
+student and teacher per position).
 
 Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in(rng, step).
 """
@@ -34,9 +36,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from copd_jax import losses
+from copd_jax import losses, opd_signals
 from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
 from copd_jax.models.qwen3 import KVCache, default_positions
+from copd_jax.opd_signals import TeacherView
 from copd_jax.prompt_groups import repeat_cache, rows_off_group
 from copd_jax.scoring import TokenScores, scores_from_hidden, sequence_logprobs
 from copd_jax.step_config import StepConfig, StepConfigError
@@ -193,10 +196,19 @@ def prompt_mismatch(tokens: jax.Array, token_valid: jax.Array, group_size: int,
 
 
 class TeacherSignal(NamedTuple):
-  """What the OPD teachers say about the rows of a combined batch ([N, T] / [N] leaves): the
-  teacher's log-prob of each distillation token, from which the update forms the OPD advantage."""
+  """What the OPD teachers say about the rows of a combined batch ([N, T, ...] / [N] leaves):
+  the teacher's log-prob of each distillation token, from which the update forms the OPD
+  advantage, and for a distribution signal (copd_jax.opd_signals) the teacher's top-k or
+  full next-token log-probs (None when the signal does not use them)."""
   teacher_logprobs: jax.Array   # [N, T], 0 on native rows
   is_distill: jax.Array         # [N] bool: the row is a distillation rollout
+  topk_ids: jax.Array | None = None        # [N, T, k] 'topk_forward_kl'
+  topk_logprobs: jax.Array | None = None   # [N, T, k]
+  full_logprobs: jax.Array | None = None   # [N, T, V] 'full_reverse_kl'
+
+  def view(self) -> TeacherView:
+    return TeacherView(self.teacher_logprobs, self.topk_ids, self.topk_logprobs,
+                       self.full_logprobs)
 
 
 def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal | None,
@@ -222,13 +234,22 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
     return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
                              cfg.logits_chunk)
 
+  distribution = signal is not None and cfg.opd_signal != opd_signals.SAMPLED_TOKEN
+
   def loss_fn(p, mb: RolloutBatch, mb_signal: TeacherSignal | None):
-    scores = score(p, mb)
+    if distribution:
+      scores, divergence = opd_signals.student_scores(
+          graphdef, p, mb.tokens, mb.token_valid, mb_signal.view(), cfg.opd_signal,
+          cfg.temperature, cfg.logits_chunk, cfg.opd_clamp)
+    else:
+      scores = score(p, mb)
     advantages = mb.advantages
     if mb_signal is not None:
       mb_mask = mb.completion_mask * mb_signal.is_distill[:, None].astype(mb.completion_mask.dtype)
       opd_adv, delta = losses.opd_advantages(mb_signal.teacher_logprobs, scores.logprobs, mb_mask,
                                              beta=cfg.opd_beta, clamp=cfg.opd_clamp)
+      # A distribution signal replaces the distillation rows' token advantage (opd_signals).
+      opd_adv = jnp.zeros_like(opd_adv) if distribution else opd_adv
       advantages = jnp.where(mb_signal.is_distill[:, None], opd_adv, advantages)
     ref_lp = None
     if ref_params is not None:
@@ -242,6 +263,13 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
     if mb_signal is not None:
       metrics['opd_delta_mean'] = jnp.sum(delta) / distill_tokens
       metrics['opd_delta_abs_mean'] = jnp.sum(jnp.abs(delta)) / distill_tokens
+    if distribution:
+      weights = losses.aggregation_weights(mb_mask, cfg.aggregation, cfg.max_completion_tokens)[0]
+      opd_loss = cfg.opd_beta * jnp.sum(weights * divergence) / normalizer
+      loss = loss + opd_loss
+      metrics['loss'] = metrics['loss'] + jax.lax.stop_gradient(opd_loss)
+      metrics['opd_divergence_mean'] = jax.lax.stop_gradient(
+          jnp.sum(mb_mask * divergence) / distill_tokens)
     return loss, metrics
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -390,23 +418,39 @@ def route(x: jax.Array, index: np.ndarray, mesh: Mesh) -> jax.Array:
                        in_specs=spec, out_specs=spec, check_vma=False)(x)
 
 
-def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
-                     mesh: Mesh, temperature: float, num_micro_batches: int = 1,
-                     logits_chunk: int | None = None) -> jax.Array:
-  """[R, K, M, T] log pi_teacher of each student's distillation tokens (0 for idle students),
-  computed on the teacher's shard with the teacher's parameters (logits_chunk positions of
-  logits at a time; None: all). Tokens go to the teacher and log-probs come back by `route`."""
+def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
+                  mesh: Mesh, config: StepConfig) -> TeacherView:
+  """What each student's teacher says about its distillation rollouts, every leaf [R, K, M, T,
+  ...] (0 for idle students): `opd_signals.teacher_view` of config.opd_signal, computed on the
+  teacher's shard with the teacher's parameters (micro-batched and logits_chunk'ed as in
+  `config`). Tokens go to the teacher and the view comes back by `route`: [M, T] log-probs per
+  edge for 'sampled_token', [M, T, k] ids and log-probs for 'topk_forward_kl', [M, T, V]
+  log-probs for 'full_reverse_kl'."""
   score = lambda p, tok, valid: chunked(
-      lambda t, v: sequence_logprobs(graphdef, p, t, v, temperature, logits_chunk).logprobs,
-      num_micro_batches, tok, valid)
+      lambda t, v: opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal,
+                                            config.temperature, config.opd_topk,
+                                            config.logits_chunk),
+      config.num_micro_batches, tok, valid)
   out = []
   for r, teacher_of in enumerate(rounds):
     to_teacher, to_student, active = routing(teacher_of)
     tokens = route(distill.tokens[r], to_teacher, mesh)
     valid = route(distill.token_valid[r], to_teacher, mesh)
-    lp = route(jax.vmap(score)(params, tokens, valid), to_student, mesh)
-    out.append(lp * jnp.asarray(active, lp.dtype)[:, None, None])
-  return jnp.stack(out)
+    view = jax.vmap(score)(params, tokens, valid)
+    view = jax.tree.map(lambda x: route(x, to_student, mesh), view)
+    keep = lambda x: x * jnp.asarray(active, x.dtype)[(slice(None),) + (None,) * (x.ndim - 1)]
+    out.append(jax.tree.map(keep, view))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+
+def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
+                     mesh: Mesh, temperature: float, num_micro_batches: int = 1,
+                     logits_chunk: int | None = None) -> jax.Array:
+  """[R, K, M, T] log pi_teacher of each student's distillation tokens (0 for idle students):
+  `teacher_views` of the default signal."""
+  config = StepConfig(temperature=temperature, num_micro_batches=num_micro_batches,
+                      logits_chunk=logits_chunk)
+  return teacher_views(graphdef, params, distill, rounds, mesh, config).token_logprobs
 
 
 def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -417,11 +461,15 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
   its distillation rollouts distill [R, K, M, T] (row [r, k] sampled by student k on the domain
   of rounds[r][k]; its advantages field is ignored; rows of idle students are masked out).
 
-  Distillation tokens get the advantage opd_beta * delta (optionally clamped). The native and
+  Distillation tokens get the advantage opd_beta * delta (optionally clamped), or with a
+  distribution config.opd_signal the loss opd_beta * divergence instead (copd_jax.opd_signals).
+  The native and
   distillation rows form one batch [K, N + R * M, max T] (right-padded), so they share one
   aggregation normaliser and num_micro_batches must divide N + R * M (and M, for the teacher
   pass). metrics [K]: those of grpo_step plus opd_delta_mean and
-  opd_delta_abs_mean (over distillation tokens). rounds is static (Topology.rounds()).
+  opd_delta_abs_mean (over distillation tokens), and with a distribution signal
+  opd_divergence_mean (its per-position divergence over distillation tokens). rounds is static
+  (Topology.rounds()).
   """
   use_ref = config.kl_coef > 0
   rows = NamedSharding(mesh, P('branch'))
@@ -436,23 +484,25 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     mask = distill.completion_mask
     distill = distill._replace(completion_mask=mask * active.astype(mask.dtype))
     distill = jax.tree.map(lambda x: _rows_constraint(x, mesh, 1), distill)
-    teacher_lp = teacher_logprobs(graphdef, state.params, distill, table, mesh,
-                                  config.temperature, config.num_micro_batches,
-                                  config.logits_chunk)
+    teacher = teacher_views(graphdef, state.params, distill, table, mesh, config)
     # One combined batch per branch: native rows, then its distillation rows of all rounds
     # ([R, K, M, T] -> [K, R * M, T]), both right-padded to a common T.
     per_branch = lambda x: jnp.swapaxes(x, 0, 1).reshape(K, R * M, *x.shape[3:])
     distill_rows = jax.tree.map(per_branch, distill._replace(advantages=jnp.zeros_like(
         distill.sampler_logprobs)))
     T = max(native.tokens.shape[-1], distill.tokens.shape[-1])
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[-1])))
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[2])) + ((0, 0),) * (x.ndim - 3))
     combined = jax.tree.map(lambda a, b: jnp.concatenate([pad(a), pad(b)], axis=1),
                             native, distill_rows)
     N = native.tokens.shape[1]
+    # Native rows get zeros in every teacher field (they have no teacher).
+    with_native = lambda x: jnp.concatenate(
+        [jnp.zeros((K, N, T) + x.shape[4:], x.dtype), pad(per_branch(x))], axis=1)
+    teacher = jax.tree.map(with_native, teacher)
     signal = TeacherSignal(
-        jnp.concatenate([jnp.zeros((K, N, T), jnp.float32),
-                         pad(per_branch(teacher_lp)).astype(jnp.float32)], axis=1),
-        jnp.broadcast_to(jnp.arange(N + R * M) >= N, (K, N + R * M)))
+        teacher.token_logprobs.astype(jnp.float32),
+        jnp.broadcast_to(jnp.arange(N + R * M) >= N, (K, N + R * M)),
+        teacher.topk_ids, teacher.topk_logprobs, teacher.logprobs)
     combined, signal = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), (combined, signal))
 
     update = _update_every_branch(graphdef, optimizer, config)

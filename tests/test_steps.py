@@ -456,9 +456,10 @@ def test_cross_branch_check_catches_a_step_that_moves_teacher_parameters(mesh_ru
 
 def _largest_cross_branch_bytes(program: str, K: int = 2, *, vocab: int = 48, hidden: int = 32,
                                 tokens_len: int = T, k: int = 5) -> int:
-  """The largest cross-branch collective (bytes per device) of the compiled OPD step or edge
-  top-k probe on a branch=K, fsdp=2, tensor=8/(2K) mesh of 8 CPU devices (abstract inputs:
-  compile only), for a model of `vocab` and `hidden` and rollouts of `tokens_len`."""
+  """The largest cross-branch collective (bytes per device) of the compiled OPD step ('opd',
+  'opd_topk' / 'opd_full': opd.signal 'topk_forward_kl' with k / 'full_reverse_kl') or edge
+  top-k probe ('topk') on a branch=K, fsdp=2, tensor=8/(2K) mesh of 8 CPU devices (abstract
+  inputs: compile only), for a model of `vocab` and `hidden` and rollouts of `tokens_len`."""
   import dataclasses
   cfg = dataclasses.replace(CONFIG, vocab_size=vocab, hidden_size=hidden)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
@@ -469,8 +470,10 @@ def _largest_cross_branch_bytes(program: str, K: int = 2, *, vocab: int = 48, hi
   rounds = (tuple((i + 1) % K for i in range(K)),)   # a ring: every branch teaches
   batch = lambda lead: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                     _batch(0, lead, tokens_len))
-  if program == 'opd':
-    fn = make_opd_step(graphdef, adamw, mesh, StepConfig(), shardings, rounds)
+  if program.startswith('opd'):
+    signal = {'opd': {}, 'opd_topk': dict(opd_signal='topk_forward_kl', opd_topk=k),
+              'opd_full': dict(opd_signal='full_reverse_kl')}[program]
+    fn = make_opd_step(graphdef, adamw, mesh, StepConfig(**signal), shardings, rounds)
     lowered = fn.lower(state, batch((K, 4)), batch((1, K, 4)))
   else:
     fn = make_edge_topk(graphdef, mesh, shardings, rounds, k=k)
@@ -498,6 +501,28 @@ def test_cross_branch_traffic_scales_with_tokens_and_k_not_vocab_or_params(K):
   # Probe: [M, T, k] ids / log-probs of one round: 4 rows x 12 positions x k x 4 bytes.
   assert _largest_cross_branch_bytes('topk', K) == 4 * T * 5 * 4
   assert _largest_cross_branch_bytes('topk', K, k=10) == 2 * 4 * T * 5 * 4
+
+
+@pytest.mark.slow   # about 10 compiles of a tiny model
+@pytest.mark.parametrize('K', [2, 4])
+def test_topk_forward_kl_step_moves_tokens_times_k_across_branches_never_vocab(K):
+  """opd.signal='topk_forward_kl': the teacher's top-k ids and log-probs are the largest thing
+  that crosses branches: one branch's rows on a device (4 rows / fsdp 2) x T x k x 4 bytes,
+  unchanged by the vocabulary or the hidden size, doubled by the tokens or k."""
+  base = _largest_cross_branch_bytes('opd_topk', K)
+  assert base == 2 * T * 5 * 4
+  assert _largest_cross_branch_bytes('opd_topk', K, vocab=96) == base
+  assert _largest_cross_branch_bytes('opd_topk', K, hidden=64) == base
+  assert _largest_cross_branch_bytes('opd_topk', K, tokens_len=2 * T) == 2 * base
+  assert _largest_cross_branch_bytes('opd_topk', K, k=10) == 2 * base
+
+
+@pytest.mark.slow
+def test_full_reverse_kl_step_moves_the_documented_tokens_times_vocab():
+  """opd.signal='full_reverse_kl' moves what its field reference says: the teacher's fp32
+  [rows, T, V] log-probs (2 rows per device here), so its traffic grows with the vocabulary."""
+  assert _largest_cross_branch_bytes('opd_full', 2) == 2 * T * 48 * 4
+  assert _largest_cross_branch_bytes('opd_full', 2, vocab=96) == 2 * T * 96 * 4
 
 
 def test_mesh_checks_branch_divisibility(model):

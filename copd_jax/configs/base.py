@@ -92,7 +92,20 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
   opd                       prompts_per_step (per teacher), samples_per_prompt, beta (scale of
                             the OPD advantage beta * delta), delta_clamp (bound on |delta|;
                             0 = off). A checkpoint written when beta and delta_clamp were in
-                            copd still resumes (copd_jax.config.MOVED_FIELDS)
+                            copd still resumes (copd_jax.config.MOVED_FIELDS). signal: the
+                            teacher signal (copd_jax/opd_signals.py): 'sampled_token' (paper
+                            Eq. 8, default: advantage beta * delta of each sampled token;
+                            [M, T] log-probs cross branches per edge), 'topk_forward_kl'
+                            (loss beta * KL(teacher's top-k renormalised || student) on the
+                            teacher's topk ids, in place of the token advantage; [M, T, topk]
+                            ids and log-probs cross per edge; delta_clamp must be 0) or
+                            'full_reverse_kl' (loss beta * exact KL(student || teacher) over
+                            the vocabulary, delta_clamp clamping each vocabulary entry's delta
+                            in its gradient; the teacher's [M, T, vocab] fp32 log-probs cross
+                            branches and sit at the student per round: 4 x M x T x vocab
+                            bytes per edge, 2.3 GB for 32 rows of 120 tokens of Qwen3's
+                            151,936; an opt-in for small vocabularies or single-host runs).
+                            topk: k of 'topk_forward_kl' (1 .. vocab; default 8)
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p;
                             decoder: 'engine' (the default; continuous batching: rows enter
                             free decode slots as others finish, copd_jax/sampling/engine.py)
@@ -181,7 +194,7 @@ def base_config() -> ml_collections.ConfigDict:
       # 'auto' or a number: a field of any type (config files and overrides may set either).
       logits_chunk=ml_collections.FieldReference('auto', field_type=object)))
   c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0,
-                                         delta_clamp=0.0))
+                                         delta_clamp=0.0, signal='sampled_token', topk=8))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0,
                                               decoder='engine', kv_token_budget=0))
   c.optimizer = ml_collections.ConfigDict(dict(

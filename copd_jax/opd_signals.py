@@ -1,0 +1,159 @@
+"""The OPD teacher signal variants (`opd.signal`): what a teacher computes on its student's
+rollout, what of it crosses branches, and the per-position loss the student takes from it.
+
+- 'sampled_token' (default; paper Eq. 8): the teacher's log-prob of each sampled token crosses
+  ([M, T] per edge); the student's token advantage is beta * clip(delta, +-delta_clamp) with
+  delta = log pi_teacher(y_t) - log pi_student(y_t) (detached), fed into the clipped surrogate
+  like a GRPO advantage (copd_jax.losses.opd_advantages).
+- 'topk_forward_kl': the teacher's top-k next-token ids and log-probs cross ([M, T, k] per
+  edge, never the vocabulary). Per position the teacher's top-k distribution is renormalised
+  over its k ids, q_i = p_T(i) / sum_j p_T(j), and the student minimises the forward
+  KL(q || pi_student) = sum_i q_i (log q_i - log pi_student(i)) on those k ids (gradient
+  -sum_i q_i grad log pi_student(i)). With k < V this is not zero when teacher == student
+  (q is the truncated, sharpened distribution); with k = V it is the exact forward KL.
+- 'full_reverse_kl': the teacher's whole next-token distribution crosses ([M, T, V] per edge:
+  tokens x vocabulary, an opt-in for small vocabularies or single-host runs; possible because
+  every branch shares the tokenizer). Per position the student minimises the exact
+  KL(pi_student || pi_teacher) over the vocabulary. Its gradient
+  -sum_v pi_s(v) delta_v grad log pi_s(v), delta_v = log pi_t(v) - log pi_s(v), is the
+  expectation over y ~ pi_s of the sampled-token signal's gradient, so delta_clamp applies
+  the same way: per vocabulary entry, clip(delta_v) in that gradient (the logged value stays
+  the unclamped KL).
+
+Both distribution variants REPLACE the token advantage of the distillation rows: those rows get
+advantage 0 in the clipped surrogate (no gradient from it) and instead add
+beta * (per-position divergence), aggregated with the same weights and the same normaliser as
+the native GRPO rows of the combined batch (copd_jax.losses.aggregation_weights), so beta and
+the native GRPO part combine as for the default. There is no importance ratio on the
+divergence: the OPD step makes one update per batch, on the student's own rollouts.
+
+Memory: the student's logits are scored `logits_chunk` positions at a time with the divergence
+inside each chunk (recomputed in the backward pass), so the student's [T, V] logits never sit
+whole; with 'full_reverse_kl' the teacher's routed [M, T, V] log-probs do (one array per round
+at the student, computed chunk by chunk on the teacher's shard, then laid out as the update's
+[N + R * M, T, V] teacher field, zero on the N native rows).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from copd_jax.scoring import (TokenScores, logprobs_from_logits, map_head_chunks,
+                              next_token_logprobs, pad_first_position, sequence_logprobs)
+
+SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL = ('sampled_token', 'topk_forward_kl',
+                                                   'full_reverse_kl')
+SIGNALS = (SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL)
+
+
+class TeacherView(NamedTuple):
+  """What a teacher sends back per row of its student's rollout [M, T] (position t: the
+  prediction of token t; 0 at position 0 and invalid positions). Fields a signal does not use
+  are None and never computed or moved."""
+  token_logprobs: jax.Array                 # [M, T] log pi_teacher of the sampled token
+  topk_ids: jax.Array | None = None         # [M, T, k] int32 ('topk_forward_kl')
+  topk_logprobs: jax.Array | None = None    # [M, T, k]
+  logprobs: jax.Array | None = None         # [M, T, V] ('full_reverse_kl')
+
+
+def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: str,
+                 temperature: float, topk: int, logits_chunk: int | None) -> TeacherView:
+  """The teacher's side of `signal` on rows tokens [M, T] (scored with the teacher's params)."""
+  if signal == SAMPLED_TOKEN:
+    return TeacherView(sequence_logprobs(graphdef, params, tokens, valid, temperature,
+                                         logits_chunk).logprobs)
+  if signal == TOPK_FORWARD_KL:
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(tokens, token_valid=valid)
+
+    def per_chunk(logits, targets):
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+      token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      return (token_lp,) + top_k_by_argmax(logp, topk)
+
+    token_lp, ids, top_lp = (pad_first_position(x) for x in map_head_chunks(
+        per_chunk, model, hidden[:, :-1], tokens[:, 1:], logits_chunk))
+    return TeacherView(token_lp * valid, ids, top_lp * valid[..., None])
+  if signal == FULL_REVERSE_KL:
+    logp = next_token_logprobs(graphdef, params, tokens, valid, temperature, logits_chunk)
+    token_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return TeacherView(token_lp * valid, logprobs=logp)
+  raise ValueError(f'unknown OPD signal {signal!r}; choose one of {SIGNALS}')
+
+
+def top_k_by_argmax(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(ids [..., k] int32, values [..., k]) of the k largest entries of logp [..., V], largest
+  first, as lax.top_k, by k argmax / max passes. Inside the jitted OPD step XLA partitions these
+  reductions along the branch-stacked batch axes, where a vmapped lax.top_k was partitioned by
+  all-gathering every branch's [M, T, V] log-probs over 'branch' (edge_topk avoids that with a
+  shard_map instead)."""
+  vocab = jnp.arange(logp.shape[-1], dtype=jnp.int32)
+
+  def one(rest, _):
+    best = jnp.argmax(rest, axis=-1).astype(jnp.int32)
+    value = jnp.max(rest, axis=-1)
+    return jnp.where(vocab == best[..., None], -jnp.inf, rest), (best, value)
+
+  _, (ids, values) = jax.lax.scan(one, logp, None, length=k)
+  return jnp.moveaxis(ids, 0, -1), jnp.moveaxis(values, 0, -1)
+
+
+def topk_forward_kl(student_logp: jax.Array, teacher_ids: jax.Array,
+                    teacher_topk_logprobs: jax.Array) -> jax.Array:
+  """Per position KL(q || pi_student) on the teacher's k ids: student_logp [..., V] the
+  student's log-probs (differentiable), teacher_ids / teacher_topk_logprobs [..., k];
+  q = softmax(teacher_topk_logprobs) (the top-k renormalised; detached). -> [...]."""
+  q = jax.lax.stop_gradient(jax.nn.softmax(teacher_topk_logprobs, axis=-1))
+  log_q = jax.lax.stop_gradient(jax.nn.log_softmax(teacher_topk_logprobs, axis=-1))
+  ids = jnp.clip(teacher_ids, 0, student_logp.shape[-1] - 1)  # -1 marks unused positions
+  student_at = jnp.take_along_axis(student_logp, ids, axis=-1)
+  return jnp.sum(q * (log_q - student_at), axis=-1)
+
+
+def reverse_kl(student_logp: jax.Array, teacher_logp: jax.Array,
+               clamp: float | None = None) -> jax.Array:
+  """Per position KL(pi_student || pi_teacher) over the vocabulary (student_logp, teacher_logp
+  [..., V]; the teacher detached) -> [...]. The value is the exact KL; its gradient is
+  -sum_v pi_s(v) clip(delta_v) grad log pi_s(v), delta_v = log pi_t(v) - log pi_s(v) detached,
+  which equals grad KL when clamp is None (the sum_v pi_s grad log pi_s term is zero)."""
+  teacher_logp = jax.lax.stop_gradient(teacher_logp)
+  probs = jax.lax.stop_gradient(jnp.exp(student_logp))
+  kl = jnp.sum(probs * (jax.lax.stop_gradient(student_logp) - teacher_logp), axis=-1)
+  delta = jax.lax.stop_gradient(teacher_logp - student_logp)
+  if clamp is not None:
+    delta = jnp.clip(delta, -clamp, clamp)
+  surrogate = -jnp.sum(probs * delta * student_logp, axis=-1)
+  return kl + surrogate - jax.lax.stop_gradient(surrogate)
+
+
+def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: TeacherView,
+                   signal: str, temperature: float, logits_chunk: int | None,
+                   clamp: float | None = None) -> tuple[TokenScores, jax.Array]:
+  """The student's TokenScores of tokens [B, T] and, per position, its divergence from the
+  teacher's view for a distribution `signal` ([B, T], 0 at position 0 and invalid positions),
+  both from one pass over the student's logits, logits_chunk positions at a time."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+  shift = lambda x: x[:, 1:]  # position t of the view predicts token t: logits at t - 1
+
+  def per_chunk(logits, inputs):
+    targets, teacher = inputs
+    scores = logprobs_from_logits(logits, targets, temperature)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    if signal == TOPK_FORWARD_KL:
+      divergence = topk_forward_kl(logp, *teacher)
+    elif signal == FULL_REVERSE_KL:
+      divergence = reverse_kl(logp, teacher, clamp)
+    else:
+      raise ValueError(f'{signal!r} is not a distribution signal')
+    return scores, divergence
+
+  teacher = ((shift(view.topk_ids), shift(view.topk_logprobs)) if signal == TOPK_FORWARD_KL
+             else shift(view.logprobs))
+  scores, divergence = map_head_chunks(per_chunk, model, hidden[:, :-1],
+                                       (tokens[:, 1:], teacher), logits_chunk)
+  pad = lambda x: pad_first_position(x) * valid
+  return TokenScores(pad(scores.logprobs), pad(scores.entropy)), pad(divergence)
