@@ -8,6 +8,8 @@ and return no results.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -26,6 +28,8 @@ def finish(run: Run, state: BranchState, progress: bool = False
   Call it after the run's checkpointer is closed: the merge reads the final checkpoint.
   progress: tqdm bars for the merge (per tensor) and the evaluation (per sampling call)."""
   branch_params = distributed.to_host(state.params)
+  # The base model lives sharded on the mesh (run_setup); the evaluation here wants it on the host.
+  run = dataclasses.replace(run, base_params=distributed.to_host(run.base_params))
   try:
     if not distributed.is_primary():
       return None, None
