@@ -127,12 +127,13 @@ def init_stacked_branch_state(stacked_params: nnx.State, optimizer: optax.Gradie
                               mesh: Mesh, seed: int,
                               rules: Mapping[str, str | None] = DEFAULT_RULES) -> BranchState:
   """The BranchState of branch-stacked params already placed in their training shardings
-  (e.g. read per branch from checkpoints), fresh optimizer states built in theirs. The params'
-  buffers are donated: they become the state's."""
+  (e.g. read per branch from checkpoints), fresh optimizer states built in theirs. The params
+  are copied, not donated: on CPU a placed buffer may share its host memory with other devices'
+  copies (`hf_io.place_blocks`), which an in-place update would overwrite."""
   num_branches = jax.tree.leaves(stacked_params)[0].shape[0]
   init = stacked_state_init(num_branches, optimizer, seed)
   shardings = branch_state_shardings(jax.eval_shape(init, stacked_params), mesh, rules)
-  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(stacked_params)
+  return jax.jit(init, out_shardings=shardings)(stacked_params)
 
 
 def reference_shardings(state_sharding: BranchState) -> Any:
