@@ -10,6 +10,8 @@ and ends with the same results; process 0 alone writes and logs (the others retu
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 

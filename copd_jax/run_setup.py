@@ -4,8 +4,10 @@ Set-up order matters and is kept here in one place: data files are read (and rej
 file:line), and every prompt is checked against the tokenizer and the model's size
 (copd_jax/prompt_checks.py, from the HF folder's config.json or the character model's settings)
 before anything is written; an incompatible resume is refused before any compute;
-then the base model, the mesh, the branch state (restored from the newest checkpoint when the
-workdir has one, with the data iterators and the phase controller), the compiled steps.
+then the base model's shapes, the mesh, the memory check, the weights (read tensor by tensor
+into their shardings, copd_jax/start_params.py: never whole on one host), the branch state
+(restored from the newest checkpoint when the workdir has one, with the data iterators and the
+phase controller), the compiled steps.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
@@ -45,8 +46,11 @@ from copd_jax.sampling import SamplingParams
 from copd_jax.edge_topk import make_edge_topk
 from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
-from copd_jax.steps import (BranchState, branch_state_shardings, init_branch_state,
-                            make_grpo_step, make_opd_step, reference_shardings)
+from copd_jax.start_params import (branch_sources, load_base_params, load_branch_stacked,
+                                   state_from_pure_dict)
+from copd_jax.steps import (BranchState, branch_state_init, branch_state_shardings,
+                            init_branch_state, init_stacked_branch_state, make_grpo_step,
+                            make_opd_step, reference_shardings)
 from copd_jax.tag_names import tag_namer
 from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
@@ -67,7 +71,7 @@ class Run:
   base_path: str                       # the base model's folder (tokenizer, reference, eval)
   model_config: Qwen3Config
   graphdef: Any
-  base_params: nnx.State
+  base_params: nnx.State               # the base model, sharded like the reference (not stacked)
   encoder: PromptEncoder
   sampling: SamplingParams
   reward_kinds: dict[str, RewardSpec]
@@ -109,12 +113,13 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
     if saved is not None:
       check_resume_compatible(saved['config'], config, log, steps_done=saved['step'] + 1)
   base_path = base_model_path(config, workdir, domains, log)
-  model = hf_io.load_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
-                           param_dtype=DTYPES[config.model.param_dtype],
-                           remat=config.model.remat, scan_layers=config.model.scan_layers,
-                           attention=config.model.attention,
-                           attention_block=config.model.attention_block)
-  graphdef, base_params = nnx.split(model)
+  # Shapes only: the weights are read after the memory check, straight into their shardings.
+  model = hf_io.abstract_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
+                               param_dtype=DTYPES[config.model.param_dtype],
+                               remat=config.model.remat, scan_layers=config.model.scan_layers,
+                               attention=config.model.attention,
+                               attention_block=config.model.attention_block)
+  graphdef, abstract_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
   sample_mesh = mesh_lib.sampling_mesh(config, list(mesh.devices.flat), K)
@@ -130,10 +135,12 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, model.config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
-  state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed, param_rules)
+  base_params = load_base_params(base_path, abstract_params, model.config, mesh, param_rules)
   if config.model.branch_init:
-    state = state._replace(params=branch_init_params(config.model.branch_init, base_params,
-                                                     state.params, model.config))
+    state = branch_init_state(config, base_path, abstract_params, model.config, optimizer, mesh,
+                              param_rules)
+  else:
+    state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed, param_rules)
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
@@ -304,33 +311,17 @@ def base_model_path(config, workdir: str, domains, log: Callable) -> str:
       workdir, config.model, config.warmstart, pairs, config.seed, log), 'warmstart')
 
 
-def branch_init_params(paths, base_params, stacked_params, model_config):
-  """Branch-stacked params where branch k starts from paths[k] ('' = the base): a HF folder,
-  a merged checkpoint, or a run workdir / step folder with ':k' selecting its branch."""
-  per_branch = []
-  base = nnx.to_pure_dict(jax.device_get(base_params))
-  for k, path in enumerate(paths):
-    if not path:
-      per_branch.append(base)
-      continue
-    folder, branch = path, None
-    if ':' in path and path.rsplit(':', 1)[1].isdigit():
-      folder, branch = path.rsplit(':', 1)[0], int(path.rsplit(':', 1)[1])
-    config, params, _ = ckpt.load_params_for_inference(folder, branch)
-    if config != model_config:
-      raise ConfigError(f'config.model.branch_init[{k}]: {path} has architecture {config}, '
-                        f'the base model has {model_config}')
-    per_branch.append(params)
-  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_branch)
-  shardings = jax.tree.map(lambda x: x.sharding, stacked_params)
-  return jax.device_put(state_from_pure_dict(stacked_params, stacked), shardings)
-
-
-def state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
-  """An nnx.State shaped like `template` holding the arrays of the pure dict `pure`."""
-  state = jax.tree.map(lambda x: x, template)
-  nnx.replace_by_pure_dict(state, pure)
-  return state
+def branch_init_state(config, base_path: str, abstract_params: nnx.State,
+                      model_config: Qwen3Config, optimizer, mesh, rules) -> BranchState:
+  """The starting BranchState when config.model.branch_init gives branch k its own checkpoint
+  ('' = the base): the branch-stacked params read leaf by leaf into their training shardings
+  (start_params.load_branch_stacked), fresh optimizer states."""
+  K = len(config.branches)
+  abstract = jax.eval_shape(branch_state_init(K, optimizer, config.seed), abstract_params)
+  sources = branch_sources(config.model.branch_init, base_path, model_config)
+  stacked = load_branch_stacked(sources, abstract.params,
+                                branch_state_shardings(abstract, mesh, rules).params)
+  return init_stacked_branch_state(stacked, optimizer, mesh, config.seed, rules)
 
 
 def check_resume_compatible(saved: dict, config, log: Callable[[str], None],

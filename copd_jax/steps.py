@@ -112,12 +112,31 @@ def branch_state_init(num_branches: int, optimizer: optax.GradientTransformation
                       ) -> Callable[[nnx.State], BranchState]:
   """params -> the BranchState of K copies with fresh optimizer states, step 0 and per-branch
   keys from `seed` (traceable: `jax.eval_shape` of it is the abstract state `plan` measures)."""
-  def init(params):
-    stacked = stack_params(params, num_branches)
+  from_stacked = stacked_state_init(num_branches, optimizer, seed)
+  return lambda params: from_stacked(stack_params(params, num_branches))
+
+
+def stacked_state_init(num_branches: int, optimizer: optax.GradientTransformation, seed: int
+                       ) -> Callable[[nnx.State], BranchState]:
+  """Branch-stacked params [K, ...] -> their BranchState, as `branch_state_init` builds it."""
+  def init(stacked):
     keys = jax.random.split(jax.random.key(seed), num_branches)
     return BranchState(stacked, jax.vmap(optimizer.init)(stacked),
                        jnp.zeros((num_branches,), jnp.int32), jax.random.key_data(keys))
   return init
+
+
+def init_stacked_branch_state(stacked_params: nnx.State, optimizer: optax.GradientTransformation,
+                              mesh: Mesh, seed: int,
+                              rules: Mapping[str, str | None] = DEFAULT_RULES) -> BranchState:
+  """The BranchState of branch-stacked params already placed in their training shardings
+  (e.g. read per branch from checkpoints), fresh optimizer states built in theirs. The params
+  are copied, not donated: on CPU a placed buffer may share its host memory with other devices'
+  copies (`hf_io.place_blocks`), which an in-place update would overwrite."""
+  num_branches = jax.tree.leaves(stacked_params)[0].shape[0]
+  init = stacked_state_init(num_branches, optimizer, seed)
+  shardings = branch_state_shardings(jax.eval_shape(init, stacked_params), mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(stacked_params)
 
 
 def reference_shardings(state_sharding: BranchState) -> Any:

@@ -180,10 +180,10 @@ def test_sharded_load_places_each_tensor_before_reading_the_next(tmp_path, monke
   src = tmp_path / 'src'
   save_hf_model('tied_mqa', src)
   events = []
-  real_get, real_place = hf_read.TensorReader.get, jax.make_array_from_callback
+  real_get, real_place = hf_read.TensorReader.get, hf_read.place_blocks
   monkeypatch.setattr(hf_read.TensorReader, 'get',
                       lambda self, name: events.append('read') or real_get(self, name))
-  monkeypatch.setattr(jax, 'make_array_from_callback',
+  monkeypatch.setattr(hf_read, 'place_blocks',
                       lambda *a, **k: events.append('place') or real_place(*a, **k))
   config = hf_io.read_config(str(src))
   abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))

@@ -37,7 +37,7 @@ from copd_jax.checkpoint.layout import (CHECKPOINTS_SUBDIR, CHUNK_BYTES, DIGESTS
 from copd_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
 from copd_jax.checkpoint.run import RunCheckpointer
 from copd_jax.checkpoint.source import (ParamsSource, latest_step_dir, load_params_for_inference,
-                                        open_source, read_leaf)
+                                        model_branch, open_source, read_leaf)
 from copd_jax.tree_paths import flatten_paths, get_path, set_path
 
 __all__ = ['CHECKPOINTS_SUBDIR', 'CHUNK_BYTES', 'DIGESTS', 'META', 'META_BASE_PARAMS',
@@ -45,5 +45,5 @@ __all__ = ['CHECKPOINTS_SUBDIR', 'CHUNK_BYTES', 'DIGESTS', 'META', 'META_BASE_PA
            'UNREADABLE_SUBDIR', 'CheckpointError', 'DigestMismatch', 'ParamsSource',
            'RunCheckpointer', 'chunked_save_args', 'flatten_paths', 'get_path',
            'latest_step_dir', 'load_params_checkpoint', 'load_params_for_inference',
-           'model_config_from_meta', 'open_source', 'read_leaf', 'read_meta', 'run_meta',
+           'model_branch', 'model_config_from_meta', 'open_source', 'read_leaf', 'read_meta', 'run_meta',
            'save_params_checkpoint', 'set_path', 'this_process_only']

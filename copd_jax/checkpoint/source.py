@@ -330,13 +330,22 @@ def load_params_for_inference(path: str, branch: int | None = None
   workdir or step folder (`branch` selects the branch; optional when there is only one) or a
   params-only / merged checkpoint."""
   source = open_source(path)
+  branch = model_branch(source, branch)
+  return source.model_config, source.read_all(branch), source.tokenizer_dir
+
+
+def model_branch(source: ParamsSource, branch: int | None) -> int | None:
+  """The `branch` argument of source.read for one model of `source`: the requested branch of a
+  run checkpoint (optional when it has only one), None for a single model (where only None or 0
+  may be asked for)."""
   if source.kind == 'run':
     if branch is None:
       if source.num_branches != 1:
         raise CheckpointError(f'{source.path}: has {source.num_branches} branches; choose one '
                               f'(--branch 0..{source.num_branches - 1})')
       branch = 0
-  elif branch not in (None, 0):
+    return branch
+  if branch not in (None, 0):
     raise CheckpointError(f'{source.path}: a single model ({source.kind} checkpoint); '
                           f'--branch {branch} does not apply')
-  return source.model_config, source.read_all(branch), source.tokenizer_dir
+  return None

@@ -21,14 +21,15 @@ from copd_jax.models.hf_io.format import (PROCESSOR_FILES, SUPPORTED_ARCHITECTUR
                                           check_weight_values, config_from_hf_dict,
                                           config_to_hf_dict, layer_mapping, read_config,
                                           top_mapping)
-from copd_jax.models.hf_io.read import (check_tensors, iter_params, load_model, load_params,
+from copd_jax.models.hf_io.read import (abstract_model, as_float_numpy, check_tensors, iter_params, load_model, load_params,
                                         load_params_sharded, model_params_dict, open_safetensors,
-                                        tensor_files)
+                                        place_blocks, tensor_files)
 from copd_jax.models.hf_io.write import params_to_hf_tensors, save_hf_folder, source_token_ids
 
-__all__ = ['PROCESSOR_FILES', 'SUPPORTED_ARCHITECTURES', 'TOKENIZER_FILES', 'HFFormatError', 'check_weight_values',
+__all__ = ['PROCESSOR_FILES', 'SUPPORTED_ARCHITECTURES', 'TOKENIZER_FILES', 'HFFormatError',
+           'abstract_model', 'as_float_numpy', 'check_weight_values',
            'check_tensors', 'config_from_hf_dict', 'config_to_hf_dict', 'iter_params',
            'layer_mapping',
            'load_model', 'load_params', 'load_params_sharded', 'model_params_dict',
-           'open_safetensors', 'params_to_hf_tensors', 'read_config', 'save_hf_folder',
+           'open_safetensors', 'params_to_hf_tensors', 'place_blocks', 'read_config', 'save_hf_folder',
            'source_token_ids', 'tensor_files', 'top_mapping']

@@ -192,6 +192,7 @@ def iter_params(folder: str, config: Qwen3Config | None = None, param_dtype=np.f
       value = convert_tensor(reader.get(hf_name), to_ours, shapes[ours], hf_name, files[hf_name],
                              from_ours)
       yield (ours,), as_float_numpy(value, param_dtype)
+      del value  # so a caller that drops its copy holds one tensor at a time
     for ours, (hf, to_ours, from_ours) in layer_mapping(config).items():
       stacked = np.empty(shapes['layers'][ours], param_dtype)
       for i in range(config.num_layers):
@@ -200,6 +201,7 @@ def iter_params(folder: str, config: Qwen3Config | None = None, param_dtype=np.f
                                files[hf_name], from_ours)
         stacked[i] = as_float_numpy(value, param_dtype)
       yield ('layers', ours), stacked
+      del stacked  # released (once the caller drops it too) before the next is allocated
 
 
 def load_params(folder: str, config: Qwen3Config | None = None,
@@ -219,7 +221,7 @@ def load_params_sharded(folder: str, shardings: Mapping[str, Any],
   shardings: a jax.sharding.Sharding per parameter, in the nested layout `load_params` returns
   (a pure dict, or the nnx.State that `copd_jax.mesh.state_shardings` gives for the model's
   Params). Each (layer-stacked) tensor is read on the host, every addressable device receives
-  only its shard of it (`jax.make_array_from_callback`), and the host copy is dropped before the
+  only its shard of it (`place_blocks`), and the host copy is dropped before the
   next tensor: host memory stays near one stacked tensor and no device holds the whole model.
   On several hosts each process reads every tensor and places only its own devices' shards.
   Raises HFFormatError as `load_params` does.
@@ -235,10 +237,30 @@ def load_params_sharded(folder: str, shardings: Mapping[str, Any],
         sharding = sharding[key]
     except (KeyError, TypeError):
       raise ValueError(f'shardings: no sharding for parameter {".".join(path)}') from None
-    set_path(params, path, jax.make_array_from_callback(value.shape, sharding,
-                                                    lambda index, v=value: v[index]))
+    set_path(params, path, place_blocks(value.shape, sharding, lambda index, v=value: v[index]))
     del value  # the next tensor is read only after this one's host copy is released
   return params
+
+
+def place_blocks(shape: tuple[int, ...], sharding, block) -> jax.Array:
+  """The global jax.Array of `shape` placed with `sharding` whose shard at each index is
+  `block(index)` (a host array), made one distinct block at a time: every device holding that
+  block receives it and the host copy is dropped before the next is made. So the host holds
+  one block beyond the caller's data, where `jax.make_array_from_callback` stages a contiguous
+  copy for every device at once (on 8 devices of one process, twice a tensor split 4 ways)."""
+  indices = sharding.addressable_devices_indices_map(tuple(shape))
+  groups: dict[str, tuple[Any, list]] = {}
+  for device, index in indices.items():
+    groups.setdefault(repr(index), (index, []))[1].append(device)
+  shards = {}
+  for index, devices in groups.values():
+    host = np.ascontiguousarray(block(index))
+    placed = [jax.device_put(host, device) for device in devices]
+    jax.block_until_ready(placed)
+    shards.update(zip(devices, placed))
+    del host, placed
+  return jax.make_array_from_single_device_arrays(tuple(shape), sharding,
+                                                  [shards[d] for d in indices])
 
 
 def convert_tensor(array, to_ours, target_shape, hf_name, path, from_ours=None):
@@ -277,6 +299,18 @@ def _expected_shapes(config: Qwen3Config) -> dict[str, Any]:
   return shapes(state)
 
 
+def abstract_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float32,
+                   remat: bool = False, scan_layers: bool = True, attention: str = 'auto',
+                   attention_block: int = 512) -> Qwen3:
+  """The folder's Qwen3 (config.json) with abstract parameters (`nnx.eval_shape`: shapes and
+  dtypes, nothing read or allocated), for callers that place the weights themselves."""
+  config = read_config(folder)
+  return nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                      compute_dtype=compute_dtype, remat=remat,
+                                      scan_layers=scan_layers, attention=attention,
+                                      attention_block=attention_block))
+
+
 def load_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                remat: bool = False, scan_layers: bool = True, mesh=None,
                rules: Mapping[str, str | None] | None = None, attention: str = 'auto',
@@ -284,11 +318,10 @@ def load_model(folder: str, *, param_dtype=jnp.float32, compute_dtype=jnp.float3
   """A Qwen3 module holding the folder's weights: on the default device, or with `mesh` sharded
   by the model's logical axes (`copd_jax.mesh.state_shardings`, `rules` defaulting to its
   DEFAULT_RULES) and loaded with `load_params_sharded`."""
-  config = read_config(folder)
-  model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                       compute_dtype=compute_dtype, remat=remat,
-                                       scan_layers=scan_layers, attention=attention,
-                                       attention_block=attention_block))
+  model = abstract_model(folder, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                         remat=remat, scan_layers=scan_layers, attention=attention,
+                         attention_block=attention_block)
+  config = model.config
   state = nnx.state(model, nnx.Param)
   if mesh is None:
     params = jax.tree.map(jnp.asarray, load_params(folder, config, np.dtype(param_dtype)))
