@@ -10,8 +10,6 @@ and ends with the same results; process 0 alone writes and logs (the others retu
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 
@@ -21,7 +19,8 @@ from copd_jax import storage
 from copd_jax.evaluation import ModelGroup, evaluate_groups, markdown_table, save_results
 from copd_jax.merge import merge_checkpoints
 from copd_jax.models import hf_io
-from copd_jax.run_setup import Run, state_from_pure_dict
+from copd_jax.run_setup import Run
+from copd_jax.start_params import state_from_pure_dict
 from copd_jax.steps import BranchState
 
 

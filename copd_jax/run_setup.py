@@ -46,8 +46,7 @@ from copd_jax.sampling import SamplingParams
 from copd_jax.edge_topk import make_edge_topk
 from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
-from copd_jax.start_params import (branch_sources, load_base_params, load_branch_stacked,
-                                   state_from_pure_dict)
+from copd_jax.start_params import branch_sources, load_base_params, load_branch_stacked
 from copd_jax.steps import (BranchState, branch_state_init, branch_state_shardings,
                             init_branch_state, init_stacked_branch_state, make_grpo_step,
                             make_opd_step, reference_shardings)
