@@ -43,10 +43,19 @@ def test_other_errors_are_not_a_full_disk():
   assert not disk_space.out_of_space(ValueError('shape mismatch'))
 
 
-def test_describe_names_the_file_it_could_not_write():
-  error = OSError(errno.ENOSPC, 'No space left on device', '/d/run/base/model.safetensors')
+def test_describe_names_the_file_it_could_not_write_and_the_free_space(tmp_path, monkeypatch):
+  import collections
+  import shutil
+  usage = collections.namedtuple('usage', 'total used free')
+  asked = []
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: asked.append(path) or usage(4 << 20, 4 << 20, 1 << 19))
+  missing = str(tmp_path / 'run' / 'checkpoints' / '0.orbax-checkpoint-tmp' / 'x')
+  error = OSError(errno.ENOSPC, 'No space left on device', missing)
   assert disk_space.describe(error).startswith(
-      'no space left on device writing /d/run/base/model.safetensors; ')
+      f'no space left on device writing {missing} (0.5 MiB free of 4.0 MiB on its file '
+      'system); ')
+  assert asked == [str(tmp_path)]   # the nearest folder that exists
 
 
 def test_orbax_copies_of_a_full_disk_are_not_logged(caplog):

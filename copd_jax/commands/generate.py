@@ -96,6 +96,29 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str = '',
   return ids
 
 
+def unknown_characters(tokenizer, text: str) -> list[str]:
+  """The distinct characters of `text` that `tokenizer` encodes as its unknown token, in order of
+  appearance. Tokenizers without one (byte-level BPE such as Qwen3's encodes every byte) have
+  none."""
+  unk = tokenizer.unk_token_id
+  if unk is None:
+    return []
+  return [c for c in dict.fromkeys(text)
+          if unk in tokenizer(c, add_special_tokens=False)['input_ids']]
+
+
+def warn_unknown_characters(tokenizer, texts: dict[str, str]) -> None:
+  """One warning line per flag whose text holds characters the tokenizer does not know (they
+  reach the model as its unknown token, so it never sees them)."""
+  for flag, text in texts.items():
+    unknown = unknown_characters(tokenizer, text)
+    if unknown:
+      shown = ', '.join(f'{c!r} (U+{ord(c):04X})' for c in unknown[:10])
+      print(f'warning: {flag}: {len(unknown):,} character(s) the tokenizer does not know, '
+            f'encoded as {tokenizer.unk_token!r}: {shown}{" ..." if len(unknown) > 10 else ""}',
+            file=sys.stderr)
+
+
 def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument('--model', required=True,
                       help='Hugging Face folder, run workdir / checkpoint, or merged checkpoint')
@@ -151,6 +174,7 @@ def run(args) -> int:
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
   chat = args.chat or bool(args.system) or args.thinking is not None
   ids = encode_prompt(tokenizer, args.prompt, chat, args.system, args.thinking)
+  warn_unknown_characters(tokenizer, {'--prompt': args.prompt, '--system': args.system})
   check_prompt_length(len(ids), params.max_new_tokens, model.config.max_position_embeddings)
   tokens, valid = pad_prompts([ids] * args.num_samples, pad_id=pad_id)
   graphdef, state = split_model(model)
