@@ -176,19 +176,23 @@ def probe_metrics_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
     if not ok:
       return 'skipped (no root: cannot mount a tmpfs)', '', None
     workdir = os.path.join(disk, 'run')
-    result = _full_disk_train('metrics', 1, workdir, env, ['--stop-after=3'])
+    two_cycles = ['--config.copd.num_cycles=2', '--stop-after=8']
+    result = _full_disk_train('metrics', 1, workdir, env, two_cycles)
     path = os.path.join(workdir, 'metrics.jsonl')
     written = _metric_steps(path)
+    kept = runs.committed_steps(workdir)
     os.remove(os.path.join(disk, 'filler.bin'))   # space freed: the same command resumes
-    resumed = runs.train_process(workdir, env, ['--stop-after=3'])
+    resumed = runs.train_process(workdir, env, two_cycles)
     after = _metric_steps(path)
-  lines = _errors(result)
+  lines = [l for l in _errors(result) if not l.startswith('full_disk_train:')]
   line = lines[-1] if lines else ''
   held = (result.returncode == 2 and len(lines) == 1 and 'metrics.jsonl (' in line
-          and 'MiB free of' in line and written == [0] and resumed.returncode == 0
-          and after == [0, 1, 2])
+          and 'MiB free of' in line and bool(written) and written == list(range(len(written)))
+          and kept and kept[-1] == written[-1] and resumed.returncode == 0
+          and after == list(range(8)))
   return str(result.returncode), line + (
-      f' (metrics.jsonl steps kept: {written}; after freeing space and resuming: {after})'), held
+      f' (metrics.jsonl steps kept: {written}, no torn line; checkpoints: {kept}; after freeing '
+      f'space the same command resumes and logs steps {after})'), held
 
 
 def probe_events_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
@@ -212,7 +216,7 @@ PROBES = (('read-only workdir', probe_read_only),
           ("disk full while writing `base/` (tmpfs of 100 KiB)", probe_base_full),
           ('disk too small for the first checkpoint (tmpfs of 300 KiB)', probe_first_save_full),
           ('disk too small for the third checkpoint (tmpfs of 1,000 KiB)', probe_save_full),
-          ('disk fills after step 1, before its metrics.jsonl line (tmpfs of 16 MiB)',
+          ('disk fills before a metrics.jsonl line (tmpfs of 16 MiB)',
            probe_metrics_full),
           ('TensorBoard events file refuses writes (ENOSPC) after step 1 (injected)',
            probe_events_full))

@@ -3,15 +3,19 @@
 that step's metrics are logged); exit statuses and messages are the CLI's.
 
 WHAT is `metrics`: the file system of `--workdir` is really filled (a filler file next to the
-workdir, written until the disk refuses), so the next metrics.jsonl append is the write that
-fails; or `tensorboard`: the TensorBoard events file alone refuses every write from then on
-(ENOSPC), since on a really full disk the synchronous metrics.jsonl append always fails first.
+workdir, written until the disk refuses) at the first step from STEP on where (a) no checkpoint
+save is still being written and (b) the next metrics.jsonl line cannot fit in the slack of the
+file's last page (shorter than any line so far): so the next metrics.jsonl append is the write
+that fails. Or `tensorboard`: the TensorBoard events file alone refuses every write from then on
+(ENOSPC), since on a really full disk the synchronous metrics.jsonl append fails first.
 """
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import sys
+import time
 
 import tensorboardX.record_writer
 
@@ -66,19 +70,46 @@ class _RefusingFile:
     return self._inner.close()
 
 
+PAGE = 4096   # tmpfs allocates whole pages: a line that fits the last page's slack needs none
+
+
+def saves_in_flight(workdir: str) -> bool:
+  return bool(glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
+
+
+def metrics_slack(workdir: str) -> tuple[int, int]:
+  """(free bytes in metrics.jsonl's last page, its shortest line; 0 when it has none)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0, 0
+  with open(path, 'rb') as f:
+    data = f.read()
+  lines = [len(l) + 1 for l in data.splitlines()]
+  return -len(data) % PAGE, min(lines, default=0)
+
+
 class DiskFills(Hook):
-  """After step `step`, before the standard hooks log it: the disk is full."""
+  """From step `step` on, after a step and before the standard hooks log it: the disk is full
+  (once; see the module docstring for when exactly)."""
 
   def __init__(self, what: str, step: int, workdir: str):
-    self.what, self.step, self.workdir = what, step, workdir
+    self.what, self.step, self.workdir = what, step, os.path.abspath(workdir)
+    self.done = False
 
   def after_step(self, info: StepInfo) -> None:
-    if info.step != self.step:
+    if self.done or info.step < self.step:
       return
-    if self.what == 'metrics':
-      fill(os.path.dirname(os.path.abspath(self.workdir)))
-    else:
-      _RefusingFile.full = True
+    if self.what == 'tensorboard':
+      _RefusingFile.full = self.done = True
+      return
+    deadline = time.monotonic() + 120
+    while saves_in_flight(self.workdir) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    slack, shortest = metrics_slack(self.workdir)
+    if slack < shortest or not shortest:
+      fill(os.path.dirname(self.workdir))
+      print(f'full_disk_train: disk filled after step {info.step}', file=sys.stderr)
+      self.done = True
 
 
 def run(argv: list[str]) -> int:
