@@ -68,3 +68,44 @@ def test_a_grpo_step_at_two_paddings_gives_the_same_update_and_one_compile_each(
   _assert_trees_close(wide_state.params, narrow_state.params)
   moved = max(np.abs(a - b).max() for a, b in zip(_leaves(narrow_state.params), _leaves(stacked)))
   assert moved > 1e-4
+
+
+@pytest.mark.slow   # a tiny in-process run: warm start, 4 steps, merge, evaluation
+def test_a_run_with_a_few_long_prompts_compiles_one_step_per_bucket_it_uses(tmp_path):
+  """The count domain from a file where every fourth prompt is long (bucket 64, the others fit
+  16 or 32): batches take their own bucket, and the GRPO step compiles once per prompt length
+  its batches have (the OPD step at most once per bucket)."""
+  import json
+  import os
+  from copd_jax.config import load_config
+  from copd_jax.data.synthetic import synthetic_domain
+  from copd_jax.driver import train
+  from copd_jax.hooks import Hook
+  from tests.test_driver import ROOT, TINY
+  paths = {}
+  for split, examples in zip(('train', 'eval'), synthetic_domain('count', 200, 8, 8)):
+    paths[split] = str(tmp_path / f'count_{split}.jsonl')
+    with open(paths[split], 'w') as f:
+      for i, e in enumerate(examples):
+        prompt = ('Count the letters carefully: ' + e.prompt
+                  if i % 4 == 3 else e.prompt)
+        f.write(json.dumps({'prompt': prompt, 'answer': e.answer}) + '\n')
+  config = load_config(os.path.join(ROOT, 'configs/toy_copd.py'), TINY + [
+      '--config.mesh.fsdp=4', '--config.domains.count.source=file',
+      f'--config.domains.count.train_path={paths["train"]}',
+      f'--config.domains.count.eval_path={paths["eval"]}'])
+  lengths = {}
+
+  class Shapes(Hook):
+    def before_update(self, step, batch):
+      lengths[step] = batch.tokens.shape[-1] - config.sampling.max_new_tokens
+      return batch
+
+  before = dict(TRACE_COUNTS)
+  train(config, str(tmp_path / 'run'), log=lambda _: None, progress=False, hooks=[Shapes()])
+  traced = {k: TRACE_COUNTS[k] - before.get(k, 0) for k in ('grpo_step', 'opd_step')}
+  buckets = {16, 32, 64}   # of the run's prompts: 10 to 18 tokens, the long ones 41 to 50
+  assert set(lengths.values()) <= buckets, lengths
+  rl = {lengths[0], lengths[1]}
+  assert traced['grpo_step'] == len(rl), (traced, lengths)   # once per prompt length met
+  assert 1 <= traced['opd_step'] <= len(buckets), (traced, lengths)
