@@ -108,7 +108,7 @@ class ModelCase:
 
 CASES = (
     ModelCase('one NaN in an HF weight', lambda f: _rewrite(f, _one_nan),
-              f'tensor {TENSOR} has 1'),
+              f'tensor {TENSOR} has 1', ('export-hf', 'train', 'generate')),
     ModelCase('an HF weight all +inf',
               lambda f: _rewrite(f, lambda t: __import__('numpy').full_like(t, float('inf'))),
               'NaN or inf'),
@@ -125,6 +125,8 @@ CASES = (
     ModelCase('config.json with fewer layers than the weights (1 of 2)',
               _config_field('num_hidden_layers', 1),
               "past config.json's num_hidden_layers=1 (model.layers.1.*"),
+    ModelCase('a weight stored transposed', lambda f: _rewrite(f, lambda t: t.T.copy()),
+              '(the tensor is stored transposed)'),
     ModelCase('a tensor the model does not use', _extra_tensor,
               'tensor(s) the model does not use, ignored: model.mtp_head.weight', ('export-hf',),
               warns=True),
