@@ -11,7 +11,10 @@ What that asks of the train steps:
   [rows, T] batch, and the edge probe stacks the rounds: those batches, sampled with their own
   buckets, are left-padded to the longest of them (`pad_batch`). Left padding adds positions
   that are neither valid nor scored; positions count valid tokens only, so the math is that of
-  the longer bucket (equal up to float summation order).
+  the longer bucket (equal up to float summation order: on the README's toy run, whose prompts
+  of 10 to 18 tokens now take buckets 16 and 32 instead of 32 throughout, the evaluation table
+  and every reward, length and overlap are unchanged, while some later steps' loss and KL
+  values differ by about 1e-7).
 
 The memory estimate and `grpo.logits_chunk='auto'` use the run's largest bucket (the bucket of
 its longest prompt, `PromptEncoder.length`), the most any batch can need.
