@@ -40,20 +40,43 @@ def out_of_space(error: BaseException) -> bool:
              or any(m in str(e) for m in _MARKERS) for e in _chain(error))
 
 
-def describe(error: BaseException) -> str:
-  """One line: where the write failed, when the error names it, and what to do."""
-  where = ''
+def failed_path(error: BaseException) -> str:
+  """The path a full-disk error names (an OSError's filename, or a quoted path in its text), or
+  '' when it names none."""
   for e in _chain(error):
     if isinstance(e, OSError) and e.filename:
-      where = f' writing {e.filename}'
-      break
+      return str(e.filename)
     match = _QUOTED_PATH.search(str(e))
     if match:
-      where = f' writing {match.group(1)}'
-      break
-  return (f'no space left on device{where}; what was saved before (checkpoints, base model) is '
-          'intact: free space and run the command again (train resumes from its newest '
-          'checkpoint)')
+      return match.group(1)
+  return ''
+
+
+def free_space(path: str) -> str:
+  """'N MiB free of M MiB' on the file system holding `path` (its nearest existing folder), or
+  '' when that cannot be told."""
+  import os
+  import shutil
+  folder = path
+  while folder and not os.path.isdir(folder):
+    parent = os.path.dirname(folder.rstrip('/'))
+    folder = '' if parent == folder else parent
+  try:
+    usage = shutil.disk_usage(folder)
+  except (OSError, ValueError):
+    return ''
+  return f'{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.1f} MiB'
+
+
+def describe(error: BaseException) -> str:
+  """One line: where the write failed and how much room its file system has, when the error
+  names the path, and what to do."""
+  path = failed_path(error)
+  room = free_space(path) if path else ''
+  where = f' writing {path}' + (f' ({room} on its file system)' if room else '') if path else ''
+  return (f'no space left on device{where}; what was saved before (checkpoints, base model, '
+          'metrics) is intact: free space and run the command again (train resumes from its '
+          'newest checkpoint)')
 
 
 class _SameErrorLogged(logging.Filter):

@@ -44,7 +44,9 @@ from copd_jax.data import Example
 from copd_jax.finish import finish
 from copd_jax.hooks import Hook, StepInfo, standard_hooks
 from copd_jax.losses import group_advantages
-from copd_jax.rollouts import Rollouts, device_batch, sample_and_score, stack_rounds, to_batch
+from copd_jax.prompt_buckets import pad_batch
+from copd_jax.rollouts import (Rollouts, device_batch, sample_and_score, stack_rounds,
+                               to_batch)
 from copd_jax.run_setup import Run, setup_run
 from copd_jax.sampling.engine import EngineSettings
 from copd_jax.steps import BranchState, RolloutBatch
@@ -82,7 +84,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
       distill = None
       if phase == 'opd' or run.phases.wants_probe(step, phase):
         # Student k samples on its teacher's domain, round by round; O_k is measured on them.
-        distill = sample_distill(run, state, key)
+        distill = sample_distill(run, state, key, native.batch.tokens.shape[-1])
         scalars.update(distill.scalars)
         scalars.update(probe(run, state, distill))
       batch = native.batch
@@ -119,7 +121,10 @@ def rl_step(run: Run, state: BranchState, native: RolloutBatch) -> tuple[BranchS
 def opd_step(run: Run, state: BranchState, native: RolloutBatch, distill: 'Distillation'
              ) -> tuple[BranchState, dict]:
   """OPD (lines 8-17): the native GRPO batch plus the distillation rollouts, whose tokens each
-  teacher scores on its own shard. -> (state, host metrics)."""
+  teacher scores on its own shard. Native rows are left-padded to the distillation rollouts'
+  prompt bucket (sample_distill's, at least the native one) so they form one batch.
+  -> (state, host metrics)."""
+  native = pad_batch(native, distill.stacked.tokens.shape[-1], pad_id(run))
   state, metrics = run.opd_step(state, device_batch(native, run.mesh), distill.stacked, *run.ref)
   return state, distributed.to_host(metrics)
 
@@ -190,9 +195,16 @@ def sample_native(run: Run, state: BranchState, key: jax.Array) -> Sampled:
   return Sampled(rollouts, to_batch(rollouts, advantages))
 
 
-def sample_distill(run: Run, state: BranchState, key: jax.Array) -> Distillation:
+def pad_id(run: Run) -> int:
+  return run.encoder.tokenizer.pad_token_id or 0
+
+
+def sample_distill(run: Run, state: BranchState, key: jax.Array,
+                   min_tokens: int = 0) -> Distillation:
   """Each round's rollouts (round r from key fold_in(key, r + 1)); rows of a branch that learns
-  nothing in a round are masked out."""
+  nothing in a round are masked out. Each round samples with its own prompt bucket; their
+  batches are then left-padded to the longest of them and `min_tokens` (the native batch's
+  tokens), so rounds stack and join the native rows (copd_jax/prompt_buckets.py)."""
   per_prompt = run.config.opd.samples_per_prompt
   rounds = []
   for r, (loader, teacher_of) in enumerate(zip(run.sources.rounds, run.rounds)):
@@ -204,6 +216,8 @@ def sample_distill(run: Run, state: BranchState, key: jax.Array) -> Distillation
     learns = np.asarray([t >= 0 for t in teacher_of])
     row_mask = np.broadcast_to(learns[:, None], rollouts.rewards.shape)
     rounds.append(Sampled(rollouts, to_batch(rollouts, None, row_mask)))
+  length = max([min_tokens] + [d.batch.tokens.shape[-1] for d in rounds])
+  rounds = [d._replace(batch=pad_batch(d.batch, length, pad_id(run))) for d in rounds]
   stacked = stack_rounds([device_batch(d.batch, run.mesh) for d in rounds], run.mesh)
   scalars = {}
   for r, d in enumerate(rounds):

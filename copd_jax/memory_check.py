@@ -3,7 +3,8 @@ stops with one line that says what to change, instead of being killed mid-step w
 screen.
 
 The estimate is the one `plan` prints (copd_jax/memory_estimate.py) for the loaded model, the
-run's mesh and its prompt bucket. What it is compared with:
+run's mesh and its largest prompt bucket (that of its longest prompt: batches are padded to
+their own, copd_jax/prompt_buckets.py). What it is compared with:
   CPU devices   they share this host's RAM: what the run still has to allocate, the sum of
                 this process's devices' peaks (MemoryPlan.host_peak less the base model the
                 process already holds), against MemAvailable of /proc/meminfo

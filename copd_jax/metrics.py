@@ -29,6 +29,7 @@ from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
 
 from copd_jax import storage
+from copd_jax.log_files import EventErrors, append_whole
 
 
 def masked_mean(x, mask) -> float:
@@ -142,6 +143,7 @@ class MetricsLog:
     self._dirty = False
     self._last_flush = time.monotonic()
     self._writer = None
+    self._events: EventErrors | None = None
     if not enabled:
       return
     storage.makedirs(storage.parent(self.path))
@@ -154,6 +156,7 @@ class MetricsLog:
       from tensorboardX import SummaryWriter
       self._writer = SummaryWriter(storage.join(storage.parent(self.path), 'tensorboard'),
                                    flush_secs=10)
+      self._events = EventErrors.install(self._writer)
 
   def _truncate_from(self, step: int) -> None:
     """Keeps every readable record before `step`; damaged lines are skipped, reported (one
@@ -190,6 +193,7 @@ class MetricsLog:
       self._add(Summary.Value(tag=self.tag(key), metadata=meta, tensor=tensor), step)
 
   def _add(self, value, step: int) -> None:
+    self._events.raise_kept()   # a write the events thread could not do (a full disk)
     self._writer._get_file_writer().add_summary(Summary(value=[value]), step)
 
   def append(self, record: Mapping[str, Any]) -> None:
@@ -203,8 +207,7 @@ class MetricsLog:
       if time.monotonic() - self._last_flush >= self.flush_secs:
         self.flush()
     else:
-      with open(self.path, 'a') as f:
-        f.write(line)
+      append_whole(self.path, line.encode())
 
   def flush(self) -> None:
     """Makes every written line durable (remote: uploads the file; local lines already are)."""
@@ -214,12 +217,17 @@ class MetricsLog:
     self._last_flush = time.monotonic()
     if self._writer is not None:
       self._writer.flush()
+      self._events.raise_kept()
 
   def close(self) -> None:
-    if self.enabled:
-      self.flush()
-    if self._writer is not None:
-      self._writer.close()
+    try:
+      if self.enabled:
+        self.flush()
+    finally:
+      if self._writer is not None:
+        writer, self._writer = self._writer, None   # closed once, even when flushing failed
+        writer.close()
+        self._events.raise_kept()
 
 
 def records_before(text: str, step: int) -> tuple[list[str], list[tuple[int, str]]]:

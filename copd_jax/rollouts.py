@@ -1,4 +1,5 @@
-"""From prompts to scored rollouts: render and tokenise examples, pad them to a prompt bucket,
+"""From prompts to scored rollouts: render and tokenise examples, pad each batch to the smallest
+prompt bucket that holds its longest prompt (copd_jax/prompt_buckets.py),
 sample every branch at once, decode the completions and score them with each domain's
 verifiable reward. Also the host-side pieces any sampler caller needs: prompt buckets and
 padding (`pad_prompts`), completion token lists and stop strings (`apply_stop_strings`).
@@ -115,10 +116,11 @@ class PromptEncoder:
     self.use_chat_template = use_chat_template
     self.max_tokens = max_tokens
     self._cache: dict[tuple[str, str], list[int]] = {}
-    self.length: int | None = None
+    self.length: int | None = None   # the run's largest bucket (fix_length)
 
   def fix_length(self, longest: int) -> None:
-    """Pads every later batch to the bucket of `longest` tokens (one shape for the run)."""
+    """Records the bucket of the run's longest prompt (`longest` tokens): the largest any batch
+    is padded to, which the memory check and grpo.logits_chunk='auto' plan for."""
     self.length = bucket_length(longest, PROMPT_BUCKETS)
 
   def full_ids(self, example: Example) -> list[int]:
@@ -136,12 +138,13 @@ class PromptEncoder:
     return ids[-self.max_tokens:] if self.max_tokens and len(ids) > self.max_tokens else ids
 
   def encode(self, examples: Sequence[Sequence[Example]], length: int | None = None):
-    """[K][B] examples -> tokens, valid [K, B, P] with P a shared prompt bucket."""
+    """[K][B] examples -> tokens, valid [K, B, P] with P `length`, else the smallest bucket
+    that holds the longest of these prompts (all K branches share it)."""
     ids = [[self.ids(e) for e in row] for row in examples]
     longest = max(len(x) for row in ids for x in row)
-    length = length or self.length or bucket_length(longest, PROMPT_BUCKETS)
+    length = length or bucket_length(longest, PROMPT_BUCKETS)
     if longest > length:
-      raise ValueError(f'a prompt of {longest} tokens exceeds the run\'s prompt bucket {length}')
+      raise ValueError(f'a prompt of {longest} tokens exceeds the prompt bucket {length}')
     pad = self.tokenizer.pad_token_id or 0
     padded = [pad_prompts(row, length, pad) for row in ids]
     return np.stack([t for t, _ in padded]), np.stack([v for _, v in padded])

@@ -39,6 +39,7 @@ from copd_jax.models.chat_template import check_chat_template
 from copd_jax.models.presets import DTYPES, toy_model_config
 from copd_jax.models.tokenizer import char_tokenizer, load_tokenizer
 from copd_jax.optim import make_optimizer
+from copd_jax.prompt_buckets import StepPerPromptLength
 from copd_jax.prompt_checks import check_prompts
 from copd_jax.rewards import RewardSpec, reward_spec
 from copd_jax.rollouts import PromptEncoder
@@ -81,7 +82,7 @@ class Run:
   sources: 'PromptSources'
   checkpointer: ckpt.RunCheckpointer
   metrics_log: metrics_lib.MetricsLog
-  grpo_step: Callable
+  grpo_step: Callable                  # StepPerPromptLength: one compiled step per prompt bucket
   opd_step: Callable | None
   probe: Callable | None               # edge_topk.make_edge_topk: per-edge top-k for O_k and KLs
   ref: tuple                           # (reference params,) when the k3 KL term is on, else ()
@@ -155,7 +156,9 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
 
   step_config = StepConfig.from_config(config, encoder.length, model.config.vocab_size)
   sharding = branch_state_shardings(state, mesh, param_rules)
-  grpo_step = make_grpo_step(graphdef, optimizer, mesh, step_config, sharding)
+  # One compiled GRPO step per prompt bucket a batch uses (copd_jax/prompt_buckets.py).
+  grpo_step = StepPerPromptLength(
+      lambda cfg: make_grpo_step(graphdef, optimizer, mesh, cfg, sharding), step_config)
   opd_step = make_opd_step(graphdef, optimizer, mesh, step_config, sharding, rounds) \
       if rounds else None
   probe = make_edge_topk(graphdef, mesh, sharding, rounds, config.metrics.overlap_top_k,
@@ -289,8 +292,8 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
                         f'config.domains.{chat[0]}.use_chat_template')
   encoder = PromptEncoder(tokenizer, formats)
   domains = apply_prompt_limit(config, domains, encoder, log)
-  # One prompt bucket for the whole run (the longest prompt of any domain): one compiled
-  # sampler / step per phase, and GRPO groups can share their prompt's computation.
+  # Each batch is padded to its own bucket; the largest (that of the run's longest prompt) is
+  # what the memory check and grpo.logits_chunk='auto' plan for.
   encoder.fix_length(check_prompts(
       encoder, [e for split in domains.values() for part in split for e in part],
       vocab_size=model_config.vocab_size, max_positions=model_config.max_position_embeddings,

@@ -111,8 +111,9 @@ class StepConfig:
   @classmethod
   def from_config(cls, config, prompt_length: int = 0,
                   vocab_size: int | None = None) -> 'StepConfig':
-    """The run's step settings (CONFIG_FIELDS). prompt_length: the run's fixed prompt bucket;
-    GRPO groups then score their shared prompt once. 0 in opd.delta_clamp and
+    """The run's step settings (CONFIG_FIELDS). prompt_length: the run's largest prompt bucket
+    (a batch's own replaces it per compiled step, prompt_buckets.StepPerPromptLength); GRPO
+    groups then score their shared prompt once. 0 in opd.delta_clamp and
     grpo.logits_chunk means off (None here); grpo.logits_chunk='auto' is chosen from the
     model's vocab_size (None: what the config tells, logits_chunk.config_vocab_size) and rows
     of prompt_length + sampling.max_new_tokens tokens (logits_chunk.resolve)."""

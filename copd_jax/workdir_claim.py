@@ -110,4 +110,5 @@ def claim(workdir: str, config, *, overwrite: bool = False, accept_changed_data:
     if lock is not None:
       if not ok:
         _remove_own_leftovers(workdir, created, before)
-      lock.release()
+      # A refused start leaves an existing lock file's holder record as it was.
+      lock.release(restore_record=not ok and workdir_lock.LOCK_FILE in before)

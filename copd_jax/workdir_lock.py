@@ -82,13 +82,18 @@ class WorkdirLock:
   workdir: str
   fd: int | None = None
   token: str = ''
+  previous_record: bytes = b''   # local: the lock file's text before this holder wrote its own
   _stop: threading.Event | None = None
   _thread: threading.Thread | None = None
 
-  def release(self) -> None:
-    """Gives the lock up (idempotent)."""
+  def release(self, restore_record: bool = False) -> None:
+    """Gives the lock up (idempotent). restore_record: put back the lock file's previous holder
+    record first (a run refused after taking the lock leaves the file as it found it)."""
     _HELD_HERE.discard(self.workdir)
     if self.fd is not None:
+      if restore_record:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, self.previous_record, 0)
       os.close(self.fd)   # drops the POSIX lock
       self.fd = None
     if self._stop is not None:
@@ -149,10 +154,11 @@ def _acquire_local(workdir: str) -> WorkdirLock:
     if same:
       break
     os.close(fd)   # the file was replaced between open and lock: lock the current one
+  previous = os.pread(fd, os.fstat(fd).st_size, 0)
   os.ftruncate(fd, 0)
   os.pwrite(fd, json.dumps(holder_record()).encode(), 0)
   os.fsync(fd)
-  return WorkdirLock(workdir, fd=fd)
+  return WorkdirLock(workdir, fd=fd, previous_record=previous)
 
 
 def _lease_text(holder: dict) -> str:

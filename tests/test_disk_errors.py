@@ -43,10 +43,19 @@ def test_other_errors_are_not_a_full_disk():
   assert not disk_space.out_of_space(ValueError('shape mismatch'))
 
 
-def test_describe_names_the_file_it_could_not_write():
-  error = OSError(errno.ENOSPC, 'No space left on device', '/d/run/base/model.safetensors')
+def test_describe_names_the_file_it_could_not_write_and_the_free_space(tmp_path, monkeypatch):
+  import collections
+  import shutil
+  usage = collections.namedtuple('usage', 'total used free')
+  asked = []
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: asked.append(path) or usage(4 << 20, 4 << 20, 1 << 19))
+  missing = str(tmp_path / 'run' / 'checkpoints' / '0.orbax-checkpoint-tmp' / 'x')
+  error = OSError(errno.ENOSPC, 'No space left on device', missing)
   assert disk_space.describe(error).startswith(
-      'no space left on device writing /d/run/base/model.safetensors; ')
+      f'no space left on device writing {missing} (0.5 MiB free of 4.0 MiB on its file '
+      'system); ')
+  assert asked == [str(tmp_path)]   # the nearest folder that exists
 
 
 def test_orbax_copies_of_a_full_disk_are_not_logged(caplog):
@@ -105,3 +114,44 @@ def test_closed_loop_callbacks_are_dropped_and_other_unraisables_passed_on():
     hook(types.SimpleNamespace(exc_value=error))
   assert [str(u.exc_value) for u in seen] == ['something else', 'Event loop is closed']
   assert isinstance(seen[1].exc_value, ValueError)
+
+
+def test_a_full_disk_while_appending_keeps_the_lines_before_and_names_the_file(tmp_path,
+                                                                               monkeypatch):
+  from copd_jax import log_files
+  path = str(tmp_path / 'metrics.jsonl')
+  log_files.append_whole(path, b'{"step": 0}\n')
+  real_write = os.write
+
+  def half_then_full(fd, data):   # the disk takes 5 bytes, then refuses
+    real_write(fd, data[:5])
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(os, 'write', half_then_full)
+  with pytest.raises(OSError) as info:
+    log_files.append_whole(path, b'{"step": 1}\n')
+  assert info.value.errno == errno.ENOSPC and info.value.filename == path
+  assert disk_space.describe(info.value).startswith(f'no space left on device writing {path} (')
+  with open(path, 'rb') as f:
+    assert f.read() == b'{"step": 0}\n'   # no torn line
+
+
+def test_a_full_disk_in_the_tensorboard_thread_is_raised_in_the_run_naming_the_file(tmp_path):
+  from copd_jax.metrics import MetricsLog
+  log = MetricsLog(str(tmp_path), flush_secs=0)
+  log.write(0, {'x': 1.0})
+  log.flush()
+  events = log._events
+
+  class Full:
+    def write(self, data):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    flush = close = lambda self: None
+  events._inner = Full()
+  events.write(b'record')   # what the writer thread does: kept, not raised there
+  assert isinstance(events.error, OSError)
+  with pytest.raises(OSError) as info:
+    log.write(1, {'x': 2.0})
+  assert info.value.filename == events.path and '/tensorboard/events.out' in events.path
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert [l for l in f.read().splitlines()] == ['{"step": 0, "x": 1.0}', '{"step": 1, "x": 2.0}']
+  log.close()   # the error was said once; closing does not hang or raise it again

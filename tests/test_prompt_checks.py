@@ -174,3 +174,22 @@ def test_small_domains_are_said_once_each():
       'note: domain count is evaluated on 2 example(s) (eval.jsonl), fewer than '
       'eval.num_examples=128']
   assert coverage_notes(config, domains, train=False) == coverage_notes(config, domains)[1:]
+
+
+def test_generate_names_the_prompt_characters_the_tokenizer_does_not_know(capsys):
+  from copd_jax.commands.generate import unknown_characters, warn_unknown_characters
+  tokenizer = char_tokenizer()
+  assert unknown_characters(tokenizer, 'héllo 中é') == ['é', '中']
+  assert unknown_characters(tokenizer, 'hello 1+1') == []
+  warn_unknown_characters(tokenizer, {'--prompt': 'héllo 中é', '--system': 'be brief'})
+  assert capsys.readouterr().err == (
+      "warning: --prompt: 2 character(s) the tokenizer does not know, encoded as '<unk>': "
+      "'é' (U+00E9), '中' (U+4E2D)\n")
+
+
+def test_a_byte_level_tokenizer_has_no_unknown_characters():
+  from copd_jax.commands.generate import unknown_characters
+  from tests.qwen3_fixture import qwen3_tokenizer
+  tokenizer = qwen3_tokenizer()
+  assert tokenizer.unk_token_id is None
+  assert unknown_characters(tokenizer, 'héllo 中\x00') == []

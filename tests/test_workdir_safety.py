@@ -70,11 +70,16 @@ def test_a_second_train_on_a_locked_workdir_is_one_line_and_touches_nothing(hold
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     f.write('{"step": 0}\n')
   before = sorted(os.listdir(workdir))
+  lock_file = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  with open(lock_file, 'rb') as f:
+    record = f.read()
   with cli.tripwire('copd_jax.driver.train'):
     result = cli.run_cli(_train_argv(workdir))
   assert result.one_error_line, result.stderr
   assert 'in use by another run' in result.message and f'pid {proc.pid}' in result.message
   assert sorted(os.listdir(workdir)) == before
+  with open(lock_file, 'rb') as f:
+    assert f.read() == record   # the holder's record untouched
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     assert f.read() == '{"step": 0}\n'
 
@@ -134,6 +139,22 @@ def test_a_fresh_start_refuses_another_runs_workdir_unless_asked(tmp_path, quick
   assert quick_train == []
   assert cli.run_cli(_train_argv(workdir, '--overwrite')).code == 0
   assert run_owner.read_marker(workdir) is not None   # now this run's
+
+
+def test_a_refused_start_leaves_the_last_holders_record_in_the_lock_file(tmp_path, quick_train):
+  workdir = str(tmp_path / 'theirs')
+  os.makedirs(workdir)
+  record = json.dumps({'host': 'h', 'pid': 1, 'started': '2026-01-01T00:00:00+00:00',
+                       'token': ''}).encode()
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'wb') as f:
+    f.write(record)   # a run that ended: nobody holds the lock
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.write('{"step": 0, "theirs": 1.0}\n')
+  refused = cli.run_cli(_train_argv(workdir))
+  assert refused.one_error_line and 'not empty (metrics.jsonl)' in refused.message
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'rb') as f:
+    assert f.read() == record
+  assert quick_train == []
 
 
 def test_a_restart_before_the_first_checkpoint_is_this_runs_and_another_config_is_not(

@@ -116,6 +116,29 @@ def tokenize_prompt(tokenizer, text: str) -> list[int]:
   return ids
 
 
+def unknown_characters(tokenizer, text: str) -> list[str]:
+  """The distinct characters of `text` that `tokenizer` encodes as its unknown token, in order of
+  appearance. Tokenizers without one (byte-level BPE such as Qwen3's encodes every byte) have
+  none."""
+  unk = tokenizer.unk_token_id
+  if unk is None:
+    return []
+  return [c for c in dict.fromkeys(text)
+          if unk in tokenizer(c, add_special_tokens=False)['input_ids']]
+
+
+def warn_unknown_characters(tokenizer, texts: dict[str, str]) -> None:
+  """One warning line per flag whose text holds characters the tokenizer does not know (they
+  reach the model as its unknown token, so it never sees them)."""
+  for flag, text in texts.items():
+    unknown = unknown_characters(tokenizer, text)
+    if unknown:
+      shown = ', '.join(f'{c!r} (U+{ord(c):04X})' for c in unknown[:10])
+      print(f'warning: {flag}: {len(unknown):,} character(s) the tokenizer does not know, '
+            f'encoded as {tokenizer.unk_token!r}: {shown}{" ..." if len(unknown) > 10 else ""}',
+            file=sys.stderr)
+
+
 def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument('--model', required=True,
                       help='Hugging Face folder, run workdir / checkpoint, or merged checkpoint')
@@ -195,6 +218,7 @@ def run(args) -> int:
   prompt = vision_inputs.placeholders(len(args.image), len(args.video)) + args.prompt
   text = render_prompt(tokenizer, prompt, chat, args.system, args.thinking)
   ids = tokenize_prompt(tokenizer, text)
+  warn_unknown_characters(tokenizer, {'--prompt': args.prompt, '--system': args.system})
   visual = {}
   if pictures:
     encoded = encode_pictures(storage.local_copy(tokenizer_dir), text, tokenizer, args.image,

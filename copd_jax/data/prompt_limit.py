@@ -1,13 +1,14 @@
 """data.max_prompt_tokens: a cap on rendered prompt length, applied once at set-up.
 
-Every prompt of a run is left-padded to one bucket (the longest prompt of all domains and
-splits, rollouts.PromptEncoder.fix_length), so one very long prompt makes every batch pay for
-it. With max_prompt_tokens > 0, prompts longer than that (in tokens, after the chat template)
+Each batch is left-padded to the bucket of its own longest prompt (copd_jax/prompt_buckets.py),
+but the memory check plans for the bucket of the run's longest prompt of all domains and splits
+(rollouts.PromptEncoder.fix_length), so one very long prompt makes the whole run budget for it
+and every batch that draws it pay for it. With max_prompt_tokens > 0, prompts longer than that (in tokens, after the chat template)
 are handled by data.long_prompts:
   'drop'      removed from their domain's train and eval examples
   'truncate'  kept, cut to their last max_prompt_tokens tokens (the end of a chat prompt holds
               the assistant header the completion follows; PromptEncoder.ids does the cut)
-Either way the run's bucket is at most the bucket of max_prompt_tokens. What happened is counted
+Either way the run's largest bucket is at most the bucket of max_prompt_tokens. What happened is counted
 per domain and split and logged once (`prompt_limit_lines`); a domain left without train or
 eval examples stops the run with one line naming config.data.max_prompt_tokens.
 """

@@ -1,16 +1,21 @@
 """Bad data files: broken JSON Lines / Parquet train files of a `file` domain, and rows the model
 cannot take (a prompt longer than its positions). Each must fail with exit status 2 and one line
-naming the file and line (Parquet: row) before the warm start, leaving the workdir empty."""
+naming the file and line (Parquet: row) before the warm start, leaving the workdir empty.
+Data the run takes but decides something about (characters the tokenizer does not know, a
+domain smaller than a batch or than the evaluation, prompts that crowd out the completion) must
+be said in one logged line each before the warm start (`LOGGED_DATA`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 from typing import Callable
 
 from scripts.faults import report
-from scripts.faults.cli import (BASE_OVERRIDES, TOY_CONFIG, InputOutcome, fresh_workdir,
-                                run_cli, tripwire, try_in_temp_folders)
+from scripts.faults.cli import (BASE_OVERRIDES, TOY_CONFIG, CliResult, InputOutcome,
+                                fresh_workdir, run_cli, tripwire, try_in_temp_folders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +141,54 @@ BAD_DATA: tuple[DataCase, ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class LoggedCase:
+  """Train and eval files the run takes, with the line it must log (`expect`) before compute."""
+  label: str
+  train: bytes
+  eval: bytes
+  expect: str
+  overrides: tuple[str, ...] = ()
+
+
+LOGGED_DATA: tuple[LoggedCase, ...] = (
+    LoggedCase('non-ASCII prompts on the character model', _jsonl(_OK, {'prompt': 'café+1',
+                                                                        'answer': '1'}),
+               _jsonl(_OK), "prompts hold characters the tokenizer does not know, encoded as "
+               "'<unk>' (1 tokens; first: "),
+    LoggedCase('a 1-row train file (a batch needs 8 prompts)', _jsonl(_OK), _jsonl(_OK, _OK),
+               'note: domain count has 1 training prompt(s)'),
+    LoggedCase('an eval file smaller than eval.num_examples', _jsonl(*[_OK] * 20), _jsonl(_OK),
+               'note: domain count is evaluated on 1 example(s)'),
+    LoggedCase('a prompt that leaves fewer positions than sampling.max_new_tokens',
+               _jsonl(_OK, {'prompt': '1+' * 250, 'answer': '2'}), _jsonl(_OK),
+               'exceed max_position_embeddings=512 of config.model.toy (first: ',
+               ('--config.sampling.max_new_tokens=16',)),
+)
+
+
+def try_logged_data(case: LoggedCase, folder: str) -> InputOutcome:
+  """The case's files as config.domains.count's; the warm start is a tripwire. Holds when the
+  run got to it (nothing refused) and said `expect` in one line (stdout or stderr)."""
+  paths = {}
+  for split, content in (('train', case.train), ('eval', case.eval)):
+    paths[split] = os.path.join(folder, f'{split}.jsonl')
+    with open(paths[split], 'wb') as f:
+      f.write(content)
+  workdir = fresh_workdir(folder)
+  argv = ['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress', *BASE_OVERRIDES,
+          '--config.domains.count.source=file', f'--config.domains.count.train_path={paths["train"]}',
+          f'--config.domains.count.eval_path={paths["eval"]}', '--config.domains.count.reward=exact',
+          *case.overrides]
+  out = io.StringIO()
+  with tripwire('copd_jax.run_setup.base_model_path'), contextlib.redirect_stdout(out):
+    result = run_cli(argv)
+  said = [l for l in out.getvalue().splitlines() + result.lines if case.expect in l]
+  shown = CliResult(result.code, '\n'.join(said[:1]) or result.stderr)
+  return InputOutcome(case.label, shown, os.path.exists(workdir), [],
+                      result.code == 'compute started' and len(said) == 1)
+
+
 def write_data_case(case: DataCase, folder: str) -> str:
   path = os.path.join(folder, case.name)
   if callable(case.content):
@@ -178,7 +231,19 @@ def markdown(folder: str) -> report.Section:
                  f'{"yes" if outcome.result.code == "compute started" else "no"} | '
                  f'{", ".join(outcome.workdir_entries) or "empty"}'
                  f'{report.check_failed(outcome.ok)} |')
+  lines += ['', '### Data a run takes, with a logged decision', '',
+            '| # | data (train / eval file of a `file` domain) | reached the warm start | the '
+            'line it logged | held |', '|---|---|---|---|---|']
+  logged = 0
+  for i, case, outcome, message in try_in_temp_folders(LOGGED_DATA, try_logged_data, folder):
+    logged += outcome.ok
+    lines.append(f'| {i} | {case.label} | {"yes" if outcome.result.code == "compute started" else outcome.result.code} | '
+                 f'`{report.cell(message)}` | {"yes" if outcome.ok else "no"}'
+                 f'{report.check_failed(outcome.ok)} |')
   rows = [('bad data file (JSON Lines / Parquet)', len(BAD_DATA), held,
            'exit 2, one line naming the file and line (Parquet: row) while loading data, before '
-           'the warm start', 'nothing started; the workdir stays empty')]
-  return '\n'.join(lines), held == len(BAD_DATA), rows
+           'the warm start', 'nothing started; the workdir stays empty'),
+          ('data the run takes with a decision (unknown characters, a domain smaller than a '
+           'batch or the evaluation, prompts crowding out the completion)', len(LOGGED_DATA),
+           logged, 'one logged line each before the warm start', 'nothing')]
+  return ('\n'.join(lines), held == len(BAD_DATA) and logged == len(LOGGED_DATA), rows)

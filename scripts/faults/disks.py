@@ -1,28 +1,35 @@
 """File systems that refuse writes (issue 21, point 8): the tiny run on a read-only workdir, on a
-disk too small for its base model, and on a disk that fills up during its third checkpoint save.
+disk too small for its base model, for its first checkpoint or for its third, on a disk that
+fills up while metrics.jsonl is written, and with a TensorBoard events file that refuses writes.
 
 Each probe mounts what it needs under the work folder (a read-only bind mount, a small tmpfs),
 which takes root: without it the probes are reported as skipped, not as failures. A probe must
 exit 2 with one `error:` line; the full disk must leave no half-written `base/` sibling, and
 the checkpoints saved before the failed one must restore (the resume after freeing space
-finishes from them).
+finishes from them); a full disk while logging must keep every whole line written before it.
+The events-file probe injects the error (scripts/faults/full_disk_train.py) and needs no root.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import struct
 import subprocess
+import sys
 from typing import Iterator
 
 from scripts.faults import report, runs
-from scripts.faults.cli import is_logging_noise
+from scripts.faults.cli import ROOT, is_logging_noise
 
 # tmpfs sizes for the tiny run: its base/ takes about 144 KiB and each checkpoint about 336 KiB
 # (train asks for 1.1 x the state's bytes + 64 KiB before a save), so 100 KiB cannot hold the
 # base model and 1,000 KiB holds two checkpoints but not the third.
 BASE_DOES_NOT_FIT = '100k'
+FIRST_SAVE_DOES_NOT_FIT = '300k'
 THIRD_SAVE_DOES_NOT_FIT = '1000k'
+ROOM_FOR_THE_RUN = '16m'
 
 
 def _mount(*args: str) -> bool:
@@ -106,9 +113,113 @@ def probe_save_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
       f' (checkpoints kept: {kept}; on a larger disk: {resumed_from or "no resume"})'), held
 
 
+def _full_disk_train(what: str, step: int, workdir: str, env: dict,
+                     extra: list[str]) -> subprocess.CompletedProcess:
+  """The tiny run whose disk fills after `step` (scripts/faults/full_disk_train.py)."""
+  argv = runs.train_argv(workdir, extra)
+  argv = [sys.executable, '-m', 'scripts.faults.full_disk_train', what, str(step),
+          *argv[argv.index('train') + 1:]]
+  return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _metric_steps(path: str) -> list[int] | None:
+  """Steps of metrics.jsonl's records; None when a line does not read as one (a torn line)."""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  try:
+    return [json.loads(line)['step'] for line in lines]
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def _whole_records(path: str) -> int | None:
+  """Records of a TensorBoard events file (TFRecord framing); None when it ends in a torn one."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  at = count = 0
+  while at < len(data):
+    if at + 12 > len(data):
+      return None
+    length = struct.unpack('<Q', data[at:at + 8])[0]
+    at += 12 + length + 4
+    count += 1
+  return count if at == len(data) else None
+
+
+def probe_first_save_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
+  disk = os.path.join(folder, 'disk_first_save')
+  with small_disk(disk, FIRST_SAVE_DOES_NOT_FIT) as ok:
+    if not ok:
+      return 'skipped (no root: cannot mount a tmpfs)', '', None
+    workdir = os.path.join(disk, 'run')
+    result = runs.train_process(workdir, env, ['--stop-after=2'])
+    base_kept = os.path.isfile(os.path.join(workdir, 'base', 'config.json'))
+    kept = runs.committed_steps(workdir)
+    copy = os.path.join(folder, 'first_save_copy')
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(workdir, copy)
+  lines = _errors(result)
+  resumed = runs.train_process(copy, env, ['--stop-after=1'])
+  line = lines[-1] if lines else ''
+  held = (result.returncode == 2 and len(lines) == 1
+          and 'no space left on device writing ' in line and '/checkpoints/0.' in line
+          and 'MiB free of' in line and base_kept and kept == []
+          and resumed.returncode == 0 and runs.committed_steps(copy) == [0])
+  return str(result.returncode), line + (
+      f' (base model kept: {"yes" if base_kept else "no"}; on a larger disk the same command '
+      f'{"saves step 0" if runs.committed_steps(copy) == [0] else "fails"})'), held
+
+
+def probe_metrics_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
+  disk = os.path.join(folder, 'disk_metrics')
+  with small_disk(disk, ROOM_FOR_THE_RUN) as ok:
+    if not ok:
+      return 'skipped (no root: cannot mount a tmpfs)', '', None
+    workdir = os.path.join(disk, 'run')
+    two_cycles = ['--config.copd.num_cycles=2', '--stop-after=8']
+    result = _full_disk_train('metrics', 1, workdir, env, two_cycles)
+    path = os.path.join(workdir, 'metrics.jsonl')
+    written = _metric_steps(path)
+    kept = runs.committed_steps(workdir)
+    os.remove(os.path.join(disk, 'filler.bin'))   # space freed: the same command resumes
+    resumed = runs.train_process(workdir, env, two_cycles)
+    after = _metric_steps(path)
+  lines = [l for l in _errors(result) if not l.startswith('full_disk_train:')]
+  line = lines[-1] if lines else ''
+  held = (result.returncode == 2 and len(lines) == 1 and 'metrics.jsonl (' in line
+          and 'MiB free of' in line and bool(written) and written == list(range(len(written)))
+          and kept and kept[-1] == written[-1] and resumed.returncode == 0
+          and after == list(range(8)))
+  return str(result.returncode), line + (
+      f' (metrics.jsonl steps kept: {written}, no torn line; checkpoints: {kept}; after freeing '
+      f'space the same command resumes and logs steps {after})'), held
+
+
+def probe_events_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
+  workdir = os.path.join(folder, 'events_full')
+  shutil.rmtree(workdir, ignore_errors=True)
+  result = _full_disk_train('tensorboard', 1, workdir, env, ['--stop-after=3'])
+  events = sorted(os.path.join(workdir, 'tensorboard', n)
+                  for n in os.listdir(os.path.join(workdir, 'tensorboard')))
+  records = [_whole_records(e) for e in events]
+  written = _metric_steps(os.path.join(workdir, 'metrics.jsonl'))
+  lines = _errors(result)
+  line = lines[-1] if lines else ''
+  held = (result.returncode == 2 and len(lines) == 1 and 'no space left on device writing ' in
+          line and '/tensorboard/events.out.tfevents.' in line and None not in records
+          and bool(written) and written == sorted(written))
+  return str(result.returncode), line + (
+      f' (events files read back whole: {records} records; metrics.jsonl steps: {written})'), held
+
+
 PROBES = (('read-only workdir', probe_read_only),
           ("disk full while writing `base/` (tmpfs of 100 KiB)", probe_base_full),
-          ('disk too small for the third checkpoint (tmpfs of 1,000 KiB)', probe_save_full))
+          ('disk too small for the first checkpoint (tmpfs of 300 KiB)', probe_first_save_full),
+          ('disk too small for the third checkpoint (tmpfs of 1,000 KiB)', probe_save_full),
+          ('disk fills before a metrics.jsonl line (tmpfs of 16 MiB)',
+           probe_metrics_full),
+          ('TensorBoard events file refuses writes (ENOSPC) after step 1 (injected)',
+           probe_events_full))
 
 
 def markdown(folder: str) -> report.Section:
@@ -124,8 +235,9 @@ def markdown(folder: str) -> report.Section:
     lines.append(f'| {i} | {label} | {code} | `{report.cell(message, 300)}` | '
                  f'{"skipped" if ok is None else "yes" if ok else "no"}'
                  f'{report.check_failed(ok is not False)} |')
-  rows = [('read-only workdir, disk full (base model, checkpoint save)', tried, held,
+  rows = [('read-only workdir, disk full (base model, first and later checkpoint saves, '
+           'metrics.jsonl, TensorBoard)', tried, held,
            'exit 2 with one `error:` line, or (no room for the next checkpoint) exit 3 with one '
-           '`stopped:` line before the save; no half-written folder', 'nothing: the '
-           'checkpoints saved before resume')]
+           '`stopped:` line before the save; no half-written folder, no torn log line',
+           'nothing: the checkpoints saved before resume; logs keep every whole line')]
   return '\n'.join(lines), held == tried, rows

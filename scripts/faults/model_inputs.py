@@ -2,7 +2,8 @@
 with a NaN, infinite or integer weight, without a usable tokenizer, with a malformed chat
 template, with fewer layers in config.json than in its weights, with a tokenizer larger than
 the model, through `export-hf`, `train` and `generate --chat`; a 200,000-character prompt on
-the HF model; `plan --devices 100000000`. Each must exit 2 with one line naming the tensor,
+the HF model; `generate --prompt` with characters the tokenizer does not know (one warning line
+naming them); `plan --devices 100000000`. Each must exit 2 with one line naming the tensor,
 field, file:line or flag before any compute, and leave no workdir behind. A tensor the model
 does not use is loaded past with one warning line naming it."""
 from __future__ import annotations
@@ -107,7 +108,7 @@ class ModelCase:
 
 CASES = (
     ModelCase('one NaN in an HF weight', lambda f: _rewrite(f, _one_nan),
-              f'tensor {TENSOR} has 1'),
+              f'tensor {TENSOR} has 1', ('export-hf', 'train', 'generate')),
     ModelCase('an HF weight all +inf',
               lambda f: _rewrite(f, lambda t: __import__('numpy').full_like(t, float('inf'))),
               'NaN or inf'),
@@ -124,6 +125,8 @@ CASES = (
     ModelCase('config.json with fewer layers than the weights (1 of 2)',
               _config_field('num_hidden_layers', 1),
               "past config.json's num_hidden_layers=1 (model.layers.1.*"),
+    ModelCase('a weight stored transposed', lambda f: _rewrite(f, lambda t: t.T.copy()),
+              '(the tensor is stored transposed)'),
     ModelCase('a tensor the model does not use', _extra_tensor,
               'tensor(s) the model does not use, ignored: model.mtp_head.weight', ('export-hf',),
               warns=True),
@@ -179,6 +182,18 @@ def long_prompt_case(folder: str) -> tuple[CliResult, bool]:
                   result.message and not os.path.exists(workdir))
 
 
+def unknown_characters_case(folder: str) -> tuple[CliResult, bool]:
+  """`generate` on the char-tokenizer HF model with characters it does not know: one warning
+  line naming them (byte-level tokenizers such as Qwen3's have no unknown token)."""
+  model = hf_folder(folder)
+  result = run_cli(['generate', '--model', model, '--prompt', '12+7=é? 中', '--max-new-tokens',
+                    '2'])
+  warned = [l for l in result.lines if l.startswith('warning: ')]
+  return result, (result.code == 0 and len(warned) == 1 and warned[0].startswith(
+      "warning: --prompt: 2 character(s) the tokenizer does not know, encoded as '<unk>': "
+      "'é' (U+00E9), '中' (U+4E2D)"))
+
+
 def plan_case() -> tuple[CliResult, bool]:
   result = run_cli(['plan', '--config', TOY_CONFIG, '--devices', '100000000'])
   return result, result.one_error_line and '--devices must be an integer in' in result.message
@@ -205,6 +220,13 @@ def markdown(folder: str) -> report.Section:
   lines.append(f'| {tried} | a 200,000-character prompt on line 2 of a data file | `train` | '
                f'{result.code} | `{report.cell(message)}` | {"yes" if ok else "no"}'
                f'{report.check_failed(ok)} |')
+  with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    result, ok = unknown_characters_case(tmp)
+  warned = next((l for l in result.lines if l.startswith('warning: ')), result.message)
+  tried, held = tried + 1, held + ok
+  lines.append(f'| {tried} | `generate --prompt` with characters the tokenizer does not know | '
+               f'`generate` | {result.code} | `{report.cell(warned)}` | yes (a warning, then '
+               f'the completion){report.check_failed(ok)} |')
   result, ok = plan_case()
   tried, held = tried + 1, held + ok
   lines.append(f'| {tried} | `plan --devices 100000000` | `plan` | {result.code} | '
@@ -212,8 +234,9 @@ def markdown(folder: str) -> report.Section:
                f'{report.check_failed(ok)} |')
   rows = [('bad HF model folder (NaN / inf / integer weight, no tokenizer, malformed chat '
            'template, layers past config.json, unused tensors, tokenizer past vocab_size), a '
-           'prompt too long for the model, absurd plan size', tried, held,
-           'exit 2, one line naming the tensor and file, the field, file:line or the flag, '
-           'before any compute (unused tensors: exit 0, one warning line naming them)',
+           'prompt too long for the model, unknown prompt characters, absurd plan size', tried,
+           held, 'exit 2, one line naming the tensor and file, the field, file:line or the flag, '
+           'before any compute (unused tensors, unknown characters: exit 0, one warning line '
+           'naming them)',
            'nothing started; no workdir')]
   return '\n'.join(lines), held == tried, rows

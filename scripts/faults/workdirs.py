@@ -144,13 +144,17 @@ def two_trains(folder: str, env: dict[str, str], reference: str) -> Probe:
   line = refused[0].message if refused else ''
   if refused and not (refused[0].one_error_line and 'in use by another run' in line):
     problems.append('the refused run did not print one line naming the holder')
+  winner = [p.pid for p, (code, _, _) in zip(procs, results) if code == 0]
+  with open(os.path.join(workdir, LOCK_FILE)) as f:
+    if winner and json.loads(f.read()).get('pid') != winner[0]:
+      problems.append("the lock file no longer holds the holder's record")
   if runs.finished(workdir):
     problems += runs.compare_runs(workdir, reference)
   else:
     problems.append('no run finished')
   return Probe('two `train` commands on one workdir at once', ' and '.join(map(str, codes)),
                line, problems, 'the run that holds the lock ends identical to an uninterrupted '
-               'run (params, metrics, eval.json, merge)')
+               "run (params, metrics, eval.json, merge); the lock file keeps the holder's record")
 
 
 def damaged_metrics(folder: str, env: dict[str, str], partial: str, reference: str) -> Probe:
@@ -219,8 +223,7 @@ def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
   rows[0] = json.dumps({'prompt': train[0].prompt, 'answer': train[0].answer + '0'})
   with open(paths['train'], 'w') as f:
     f.write('\n'.join(rows) + '\n')
-  # The lock file records each run that takes the lock (this refused one too): not run data.
-  contents = lambda: {k: v for k, v in snapshot(workdir).items() if k != LOCK_FILE}
+  contents = lambda: snapshot(workdir)   # the lock file too: a refused run restores its record
   before = contents()
   refused = runs.train_process(workdir, env, extra)
   cli = CliResult(refused.returncode, refused.stderr)
@@ -229,7 +232,7 @@ def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
   if contents() != before:
     problems.append('the workdir changed')
   first = Probe('resume after the train file changed (same row count)', refused.returncode,
-                cli.message, problems, 'the workdir byte for byte (its lock file aside)')
+                cli.message, problems, 'the workdir byte for byte (its lock file too)')
   accepted = runs.train_process(workdir, env, [*extra, '--accept-changed-data'])
   text = accepted.stdout + accepted.stderr
   warning = next((l.strip() for l in text.splitlines() if l.startswith('warning: config.')), '')
