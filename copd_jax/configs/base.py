@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.branches = ('count', 'sort')
   c.domains = ml_collections.ConfigDict()
-  for name in ('arithmetic', 'reverse', 'sort', 'count'):
+  for name in ('arithmetic', 'reverse', 'sort', 'rsort', 'count'):
     c.domains[name] = synthetic_domain()
 
   c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop'))
