@@ -283,7 +283,7 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   if config.model.source == 'hf':
     return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
-  # A synthetic domain warm-starts on its own split (smaller instances, no RL or eval prompt),
+  # A synthetic domain warm-starts on its own split (no RL or eval prompt, a near-miss share),
   # so RL has skill left to discover; a file domain on the toy model uses its train split.
   pairs = []
   for name, (train, evals) in domains.items():

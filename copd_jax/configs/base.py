@@ -158,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True, preset='', branch_init=(), attention='auto', attention_block=512,
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                intermediate_size=192)))
-  c.warmstart = ml_collections.ConfigDict(dict(steps=400, batch_size=64, learning_rate=3e-3,
+  c.warmstart = ml_collections.ConfigDict(dict(steps=800, batch_size=64, learning_rate=3e-3,
                                               examples_per_domain=2000, wrong_share=0.5))
   c.copd = ml_collections.ConfigDict(dict(
       num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
