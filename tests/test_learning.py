@@ -22,10 +22,10 @@ SHORT_GRPO = [
     '--config.checkpoint.every_steps=1000', '--config.mesh.branch=1', '--config.mesh.fsdp=1',
 ]
 # Measured with this command (base -> after 12 GRPO steps, 64 eval prompts): seed 0 avg@4
-# 46.5 -> 68.4, pass@1 37.5 -> 89.1 (1 min 10 s CPU). With the earlier 400-step warm start:
-# seed 0 41.4 -> 69.9 / 39.1 -> 92.2, seed 1 41.4 -> 77.0 / 54.7 -> 89.1; and with the group
-# advantages negated in driver.sample_native (a sign flip) seed 0 fell to avg@4 9.8, pass@1 0.0:
-# the test fails, as it must.
+# 46.5 -> 68.4, pass@1 37.5 -> 89.1 (1 min 10 s CPU). With the group advantages negated in
+# driver.sample_native (a sign flip) the same run falls to avg@4 19.9, pass@1 7.8: the test
+# fails, as it must. (With an earlier 400-step warm start: seed 0 41.4 -> 69.9 / 39.1 -> 92.2,
+# seed 1 41.4 -> 77.0 / 54.7 -> 89.1.)
 AVG_MARGIN = 0.10
 PASS_MARGIN = 0.10
 
