@@ -1,9 +1,11 @@
-"""CoPD, K=3 hub-and-spoke (hub: count; spokes: sort, arithmetic) on the synthetic domains.
+"""CoPD, K=3 hub-and-spoke (hub: sort; spokes: reverse, rsort) on the synthetic domains.
 
 Run:
   python -m copd_jax train --config configs/toy_copd_k3.py --workdir runs/toy_copd_k3
 
-Spokes learn from the hub, the hub from every spoke (paper Sec. 3, K > 2).
+Spokes learn from the hub, the hub from every spoke (paper Sec. 3, K > 2). sort and reverse
+share a sub-skill; sort and rsort conflict (the same prompt surface but for one character,
+opposite orders): experiments/results/README.md.
 """
 import os
 import sys
@@ -14,7 +16,7 @@ from base import base_config  # noqa: E402
 
 def get_config():
   c = base_config()
-  c.branches = ('count', 'sort', 'arithmetic')
+  c.branches = ('sort', 'reverse', 'rsort')
   c.copd.topology = 'hub_and_spoke'
   c.copd.hub = 0
   return c

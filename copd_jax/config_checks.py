@@ -151,6 +151,8 @@ def _check_model(config, check_files: bool) -> None:
     check.positive_int('warmstart.steps', warm.steps)
     check.positive_int('warmstart.batch_size', warm.batch_size)
     check.real('warmstart.learning_rate', warm.learning_rate, 0, low_open=True)
+    check.positive_int('warmstart.examples_per_domain', warm.examples_per_domain)
+    check.real('warmstart.wrong_share', warm.wrong_share, 0, 1, high_open=True)
 
 
 def _check_copd(config) -> None:

@@ -29,6 +29,7 @@ from copd_jax.config import SCHEDULE_FIELD, resume_differences, with_moved_field
 from copd_jax.config_checks import branch_domains
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.data.synthetic_vision import default_image_dir, synthetic_vision_domain
+from copd_jax.data.synthetic import warmstart_examples
 from copd_jax.data.domain import prompt_format
 from copd_jax.data.prompt_limit import limit_prompts, prompt_limit_lines
 from copd_jax.errors import ConfigError, UserInputError
@@ -200,14 +201,14 @@ def load_domains(config, image_dir: str = '') -> dict[str, tuple[list[Example], 
   """(train, eval) examples of every domain some branch uses; file errors name file and line.
   image_dir: where 'synthetic_vision' domains write their PNGs ('' = the shared cache,
   synthetic_vision.default_image_dir())."""
-  used = sorted({d for names in branch_domains(config) for d in names})
   out = {}
-  for i, name in enumerate(used):
+  for name in used_domains(config):
     spec = config.domains[name]
     if spec.source == 'synthetic':
-      out[name] = synthetic_domain(name, config.seed + 1000 * i, spec.num_train, spec.num_eval)
+      out[name] = synthetic_domain(name, synthetic_seed(config, name), spec.num_train,
+                                   spec.num_eval)
     elif spec.source == 'synthetic_vision':
-      out[name] = synthetic_vision_domain(name, config.seed + 1000 * i, spec.num_train,
+      out[name] = synthetic_vision_domain(name, synthetic_seed(config, name), spec.num_train,
                                           spec.num_eval, image_dir or default_image_dir())
       _refuse_visual_rows(name, out[name][0] + out[name][1])
     else:
@@ -230,6 +231,15 @@ def _refuse_visual_rows(name: str, examples: list[Example]) -> None:
     raise UserInputError(f'{row.source}: the row has images or a video, which training does not '
                          f"feed to the model yet; set domains.{name}.image_field='' and "
                          "video_field='' to train on its text alone")
+
+
+def used_domains(config) -> list[str]:
+  return sorted({d for names in branch_domains(config) for d in names})
+
+
+def synthetic_seed(config, name: str) -> int:
+  """The seed of a synthetic domain's examples (train, eval and warm-start splits)."""
+  return config.seed + 1000 * used_domains(config).index(name)
 
 
 def domain_source(config, name: str) -> str:
@@ -304,8 +314,15 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   if config.model.source == 'hf':
     return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
+  # A synthetic domain warm-starts on its own split (no RL or eval prompt, a near-miss share),
+  # so RL has skill left to discover; a file domain on the toy model uses its train split.
   pairs = []
-  for train, _ in domains.values():
+  for name, (train, evals) in domains.items():
+    if config.domains[name].source == 'synthetic':
+      train = warmstart_examples(name, synthetic_seed(config, name),
+                                 config.warmstart.examples_per_domain,
+                                 exclude=[e.prompt for e in train + evals],
+                                 wrong_share=config.warmstart.wrong_share)
     pairs += [(e.prompt + '\n=', e.answer) for e in train]
   # Several processes: process 0 trains and writes it, the others then find it (or, on their own
   # disks, train the same model from the same seed).

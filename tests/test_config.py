@@ -123,6 +123,8 @@ TOY = os.path.join(ROOT, 'configs', 'toy_copd.py')
     # checked by config_checks itself
     ('--config.merge.method=median', 'merge.method'),
     ('--config.copd.topology=ring', 'copd.topology'),
+    ('--config.warmstart.wrong_share=1.0', 'warmstart.wrong_share'),
+    ('--config.warmstart.examples_per_domain=0', 'warmstart.examples_per_domain'),
 ])
 def test_a_bad_value_names_its_config_field(override, field):
   with pytest.raises(ConfigError) as error:

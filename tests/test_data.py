@@ -9,7 +9,7 @@ import pytest
 from copd_jax.data import (SYNTHETIC_DOMAINS, BranchPromptLoader, DataFileError, Example,
                            eval_batches, load_examples, mixed_loader, render_prompt, sft_pairs,
                            split_examples, synthetic_domain)
-from copd_jax.data.synthetic import MAX_ANSWER_CHARS, MAX_PROMPT_CHARS
+from copd_jax.data.synthetic import MAX_ANSWER_CHARS, MAX_PROMPT_CHARS, warmstart_examples
 from copd_jax.errors import UserInputError
 from copd_jax.models.tokenizer import char_tokenizer
 
@@ -24,7 +24,11 @@ def _expected_answer(ex: Example) -> str:
   if ex.domain == 'reverse':
     return p.split(' ', 1)[1][::-1]
   if ex.domain == 'sort':
+    assert p.startswith('sort ')
     return ''.join(sorted(p.split(' ', 1)[1]))
+  if ex.domain == 'rsort':
+    assert p.startswith('sort:')
+    return ''.join(sorted(p.split(':', 1)[1], reverse=True))
   if ex.domain == 'count':
     target, text = p.split(' ', 1)[1].split(':')
     return str(text.count(target))
@@ -58,6 +62,28 @@ def test_synthetic_domains_differ_and_ids_are_stable():
   a = synthetic_domain('sort', 0, 50, 5)[0]
   b = synthetic_domain('sort', 0, 80, 5)[0]
   assert [e.id for e in a] == [e.id for e in b[:50]]
+
+
+def test_warmstart_split_is_disjoint_from_the_run_and_carries_the_near_miss_share():
+  """The warm start never sees a train or eval prompt; sort's warm-start split holds smaller
+  instances than RL uses too, and wrong_share of it answers with the near miss (descending)."""
+  train, evals = synthetic_domain('sort', seed=3, num_train=2000, num_eval=200)
+  run_prompts = {e.prompt for e in train + evals}
+  warm = warmstart_examples('sort', seed=3, count=2000, exclude=run_prompts, wrong_share=0.6)
+  assert len({e.prompt for e in warm}) == 2000 and not run_prompts & {e.prompt for e in warm}
+  assert warm == warmstart_examples('sort', 3, 2000, run_prompts, wrong_share=0.6)
+  assert min(len(e.prompt) for e in warm) < min(len(e.prompt) for e in train)
+  right = sum(e.answer == _expected_answer(e) for e in warm)
+  near_miss = sum(e.answer == ''.join(sorted(e.prompt[5:], reverse=True)) != _expected_answer(e)
+                  for e in warm)
+  assert 0.33 < right / len(warm) < 0.47 and right + near_miss >= len(warm) - 60
+  clean = warmstart_examples('sort', 3, 50, run_prompts)
+  assert all(e.answer == _expected_answer(e) for e in clean)
+  # Domains without a near miss (count) stay right whatever the share.
+  count_warm = warmstart_examples('count', 3, 50, (), wrong_share=0.6)
+  assert all(e.answer == _expected_answer(e) for e in count_warm)
+  with pytest.raises(UserInputError, match='wrong_share must be in'):
+    warmstart_examples('sort', 3, 5, (), wrong_share=1.0)
 
 
 def test_synthetic_domain_errors():

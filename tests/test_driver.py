@@ -18,8 +18,8 @@ TINY = [
     '--config.warmstart.steps=30', '--config.grpo.prompts_per_step=2', '--config.grpo.group_size=4',
     '--config.opd.prompts_per_step=2', '--config.opd.samples_per_prompt=2',
     '--config.sampling.max_new_tokens=6', '--config.eval.num_examples=4', '--config.eval.samples_k=2',
-    '--config.checkpoint.every_steps=1', '--config.domains.count.num_train=200',
-    '--config.domains.sort.num_train=200', '--config.domains.count.num_eval=8',
+    '--config.checkpoint.every_steps=1', '--config.domains.reverse.num_train=200',
+    '--config.domains.sort.num_train=200', '--config.domains.reverse.num_eval=8',
     '--config.domains.sort.num_eval=8', '--config.model.toy.hidden_size=32',
     '--config.model.toy.intermediate_size=64',
 ]
@@ -62,16 +62,16 @@ def test_end_to_end_tiny_copd_run(reference_run):
   assert [r['step'] for r in records] == [0, 1, 2, 3]
   opd = [r for r in records if r['phase_is_opd'] == 1.0]
   assert len(opd) == 2
-  for edge in ('b0_count<-b1_sort', 'b1_sort<-b0_count'):
+  for edge in ('b0_sort<-b1_reverse', 'b1_reverse<-b0_sort'):
     for r in opd:
       assert 0.0 <= r[f'behaviour/overlap_top8/{edge}'] <= 1.0
       assert r[f'behaviour/symmetric_kl/{edge}'] >= 0.0
-  assert all(np.isfinite(r['train/loss/b0_count']) for r in records)
+  assert all(np.isfinite(r['train/loss/b0_sort']) for r in records)
   table = (workdir / 'eval.md').read_text()
-  for row in ('base', 'branch0:count', 'branch1:sort', 'merged:mean'):
+  for row in ('base', 'branch0:sort', 'branch1:reverse', 'merged:mean'):
     assert f'| {row} |' in table
   results = json.loads((workdir / 'eval.json').read_text())['results']
-  assert set(results['merged:mean']) == {'count', 'sort'}
+  assert set(results['merged:mean']) == {'reverse', 'sort'}
   assert (workdir / 'merged_hf' / 'config.json').exists()
   assert (workdir / 'tensorboard').is_dir()
 
@@ -149,9 +149,9 @@ def test_hooks_see_every_step_and_a_nan_hook_stops_the_run_with_checkpoints_inta
           hooks=[NanInjection.parse('0:1,0:2'), Recorder()])
   assert seen == [(0, 'rl', [0.0, 0.0], 1), (1, 'rl', [1.0, 0.0], 2), (2, 'opd', [1.0, 0.0], 3)]
   assert [l for l in logs if 'update skipped' in l] == [
-      "step 1: non-finite loss or gradient in branch(es) ['b0_count']; update skipped "
+      "step 1: non-finite loss or gradient in branch(es) ['b0_sort']; update skipped "
       '(1/2 consecutive)',
-      "step 2: non-finite loss or gradient in branch(es) ['b0_count']; update skipped "
+      "step 2: non-finite loss or gradient in branch(es) ['b0_sort']; update skipped "
       '(2/2 consecutive)']
   assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()) == [0, 1]
   assert [r['step'] for r in read_metrics(str(tmp_path))] == [0, 1]
@@ -194,24 +194,24 @@ def test_samples_lengths_and_periodic_eval_are_logged(extended_runs):
   samples = [json.loads(l) for l in (straight / 'samples.jsonl').read_text().splitlines()]
   assert len(samples) == 8 * 2 * 3   # steps x branches x samples_per_branch
   assert {(r['step'], r['branch']) for r in samples} == {
-      (s, b) for s in range(8) for b in ('b0_count', 'b1_sort')}
+      (s, b) for s in range(8) for b in ('b0_sort', 'b1_reverse')}
   for r in samples:
     assert {'prompt', 'completion', 'reward', 'branch', 'step', 'phase', 'cycle'} <= set(r)
     assert isinstance(r['completion'], str) and 0.0 <= r['reward'] <= 1.0
   records = read_metrics(straight)
   assert [r['step'] for r in records if any(k.startswith('eval/') for k in r)] == [1, 3, 5, 7]
   evals = {k for k in records[3] if k.startswith('eval/')}
-  assert evals == {f'eval/{d}/{m}/{b}' for d in ('count', 'sort') for m in ('pass@1', 'avg@k')
-                   for b in ('b0_count', 'b1_sort')}
+  assert evals == {f'eval/{d}/{m}/{b}' for d in ('reverse', 'sort') for m in ('pass@1', 'avg@k')
+                   for b in ('b0_sort', 'b1_reverse')}
   for r in records:
-    for b in ('b0_count', 'b1_sort'):
+    for b in ('b0_sort', 'b1_reverse'):
       assert 0 < r[f'native/length/{b}'] <= r[f'native/max_length/{b}'] <= 6
       assert 0.0 <= r[f'native/truncated/{b}'] <= 1.0
   tags = tensorboard_tags(straight)
-  for tag in ('behaviour/overlap_top8/count<-sort', 'eval/sort/pass@1/sort',
-              'native/truncated/count'):
+  for tag in ('behaviour/overlap_top8/sort<-reverse', 'eval/sort/pass@1/sort',
+              'native/truncated/reverse'):
     assert (tag, 'scalar') in tags
-  assert ('samples/count', 'text') in tags
+  assert ('samples/reverse', 'text') in tags
 
 
 @pytest.mark.slow

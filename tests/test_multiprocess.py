@@ -41,8 +41,8 @@ TINY = [
     '--config.opd.prompts_per_step=2', '--config.opd.samples_per_prompt=2',
     '--config.sampling.max_new_tokens=6', '--config.eval.num_examples=4',
     '--config.eval.samples_k=2', '--config.checkpoint.every_steps=1',
-    '--config.domains.count.num_train=200',
-    '--config.domains.sort.num_train=200', '--config.domains.count.num_eval=8',
+    '--config.domains.reverse.num_train=200',
+    '--config.domains.sort.num_train=200', '--config.domains.reverse.num_eval=8',
     '--config.domains.sort.num_eval=8', '--config.model.toy.hidden_size=32',
     '--config.model.toy.intermediate_size=64', '--config.mesh.branch=2', '--config.mesh.fsdp=4',
     # Evaluation during training after each step, and rewards that log which process scored

@@ -469,6 +469,6 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(harness_folder):
 def test_nan_in_one_branch_is_skipped_and_repeated_nans_stop_the_run(harness_folder):
   skipped, halted = nan_guard.nan_experiment(harness_folder, log=lambda s: None)
   assert skipped.problems == [] and skipped.code == 0, skipped
-  assert "['b1_sort']; update skipped (1/3 consecutive)" in skipped.guard_lines[0]
+  assert "['b1_reverse']; update skipped (1/3 consecutive)" in skipped.guard_lines[0]
   assert halted.problems == [] and halted.code == 3, halted
   assert halted.final_line.startswith('stopped: 2 consecutive steps') and halted.newest_step == 1

@@ -184,8 +184,8 @@ def test_a_failed_start_leaves_no_workdir_behind(tmp_path):
   good = tmp_path / 'good.jsonl'
   good.write_text('{"prompt": "1+1", "answer": "2"}\n')
   result = cli.run_cli(_train_argv(
-      workdir, '--config.domains.count.source=file', f'--config.domains.count.train_path={bad}',
-      f'--config.domains.count.eval_path={good}'))
+      workdir, '--config.domains.sort.source=file', f'--config.domains.sort.train_path={bad}',
+      f'--config.domains.sort.eval_path={good}'))
   assert result.one_error_line and 'malformed JSON' in result.message
   assert not os.path.exists(workdir)
 
@@ -225,12 +225,12 @@ def _file_run(tmp_path):
   train_file, eval_file = tmp_path / 'train.jsonl', tmp_path / 'eval.jsonl'
   train_file.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n')
   eval_file.write_text('{"prompt": "3+3", "answer": "6"}\n')
-  overrides = ['--config.domains.count.source=file',
-               f'--config.domains.count.train_path={train_file}',
-               f'--config.domains.count.eval_path={eval_file}']
+  overrides = ['--config.domains.sort.source=file',
+               f'--config.domains.sort.train_path={train_file}',
+               f'--config.domains.sort.eval_path={eval_file}']
   config = load_config(cli.TOY_CONFIG, [*cli.BASE_OVERRIDES, *overrides])
   recorded = data_digests.digests_of(config)
-  assert set(recorded) == {'config.domains.count.train_path', 'config.domains.count.eval_path'}
+  assert set(recorded) == {'config.domains.sort.train_path', 'config.domains.sort.eval_path'}
   workdir = str(tmp_path / 'run')
   with ckpt.RunCheckpointer(workdir) as saver:
     saver.save(3, make_state(2), {**meta_for(3), 'config': config.to_dict(),
@@ -262,11 +262,11 @@ def test_resume_on_a_changed_data_file_is_refused_by_name(tmp_path):
     train_file.write_text('{"prompt": "1+1", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')
     refused = cli.run_cli(_train_argv(workdir, *overrides))
     assert refused.one_error_line, refused.stderr
-    assert refused.message.startswith(f'error: config.domains.count.train_path: {train_file} '
+    assert refused.message.startswith(f'error: config.domains.sort.train_path: {train_file} '
                                       'changed since the checkpoint of step 3'), refused.message
     accepted = cli.run_cli(_train_argv(workdir, *overrides, '--accept-changed-data'))
   assert accepted.code == 'compute started'
-  assert any(l.startswith('warning: config.domains.count.train_path:') and
+  assert any(l.startswith('warning: config.domains.sort.train_path:') and
              '--accept-changed-data' in l for l in accepted.lines), accepted.stderr
 
 

@@ -55,7 +55,15 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
                             'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) that `plan` uses
                             when hf_path holds no config.json (shapes only, no weights)
-  warmstart                 supervised warm start of the toy base (cached in <workdir>/base)
+  warmstart                 supervised warm start of the toy base (cached in <workdir>/base):
+                            steps, batch_size, learning_rate (cosine decay to 0);
+                            examples_per_domain: a synthetic domain's warm-start split
+                            (its own instances, never an RL or eval prompt:
+                            copd_jax/data/synthetic.py); a file domain uses its train split;
+                            wrong_share in [0, 1): the share of a synthetic domain's
+                            warm-start examples that carry its near-miss answer (sort: the
+                            digits descending; rsort: ascending; reverse: unchanged), so the
+                            base is right on only part of its samples and GRPO has headroom
   copd                      num_cycles N (the one training field a resume may change: a
                             larger N continues the run and merges / evaluates at the new end;
                             fewer steps than already trained are refused), s_rl, s_opd
@@ -172,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.branches = ('count', 'sort')
   c.domains = ml_collections.ConfigDict()
-  for name in ('arithmetic', 'reverse', 'sort', 'count'):
+  for name in ('arithmetic', 'reverse', 'sort', 'rsort', 'count'):
     c.domains[name] = synthetic_domain()
 
   c.data = ml_collections.ConfigDict(dict(max_prompt_tokens=0, long_prompts='drop',
@@ -182,7 +190,8 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True, preset='', branch_init=(), attention='auto', attention_block=512,
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                intermediate_size=192)))
-  c.warmstart = ml_collections.ConfigDict(dict(steps=300, batch_size=64, learning_rate=3e-3))
+  c.warmstart = ml_collections.ConfigDict(dict(steps=800, batch_size=64, learning_rate=3e-3,
+                                              examples_per_domain=2000, wrong_share=0.5))
   c.copd = ml_collections.ConfigDict(dict(
       num_cycles=6, s_rl=6, s_opd=4, topology='pairwise', hub=0, edges='', drop_edges='',
       freeze='', schedule='fixed', overlap_low=0.87,
@@ -198,7 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0,
                                               decoder='engine', kv_token_budget=0))
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,
+      learning_rate=1e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,
       b1=0.9, b2=0.999, max_grad_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(branch=-1, fsdp=-1, tensor=1))
   c.mesh_sampling = ml_collections.ConfigDict(dict(branch=0, fsdp=0, tensor=0))

@@ -200,7 +200,7 @@ def write_data_case(case: DataCase, folder: str) -> str:
 
 
 def try_bad_data(case: DataCase, folder: str) -> InputOutcome:
-  """The bad file as config.domains.count's train file (the eval file is fine); the warm start
+  """The bad file as config.domains.sort's train file (the eval file is fine); the warm start
   (the first compute of a toy run) is a tripwire."""
   good = os.path.join(folder, 'good.jsonl')
   with open(good, 'wb') as f:
@@ -208,8 +208,8 @@ def try_bad_data(case: DataCase, folder: str) -> InputOutcome:
   path = write_data_case(case, folder)
   workdir = fresh_workdir(folder)
   argv = ['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress', *BASE_OVERRIDES,
-          '--config.domains.count.source=file', f'--config.domains.count.train_path={path}',
-          f'--config.domains.count.eval_path={good}', '--config.domains.count.reward=exact']
+          '--config.domains.sort.source=file', f'--config.domains.sort.train_path={path}',
+          f'--config.domains.sort.eval_path={good}', '--config.domains.sort.reward=exact']
   with tripwire('copd_jax.run_setup.base_model_path'):
     result = run_cli(argv)
   entries = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []

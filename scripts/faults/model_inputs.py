@@ -174,10 +174,10 @@ def long_prompt_case(folder: str) -> tuple[CliResult, bool]:
   with tripwire('copd_jax.models.hf_io.load_model'):
     result = run_cli(['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress',
                       *BASE_OVERRIDES, '--config.model.source=hf',
-                      f'--config.model.hf_path={model}', '--config.domains.count.source=file',
-                      f'--config.domains.count.train_path={data}',
-                      f'--config.domains.count.eval_path={data}',
-                      '--config.domains.count.reward=exact'])
+                      f'--config.model.hf_path={model}', '--config.domains.sort.source=file',
+                      f'--config.domains.sort.train_path={data}',
+                      f'--config.domains.sort.eval_path={data}',
+                      '--config.domains.sort.reward=exact'])
   return result, (result.one_error_line and f'{data}:2: the prompt is 200,002 tokens' in
                   result.message and not os.path.exists(workdir))
 
