@@ -1,6 +1,6 @@
 """CoPD, K=2 (sort <-> reverse, mutual OPD) on the built-in synthetic domains.
 
-Run (under 5 minutes on a 2-core CPU, compilation and the warm start included: 4 min 53 s
+Run (about a minute on an idle 2-core CPU, compilation and the warm start included; 4 min 53 s
 measured on 2 cores shared with other jobs):
   python -m copd_jax train --config configs/toy_copd.py --workdir runs/toy_copd
 
