@@ -36,6 +36,7 @@ import random
 import string
 from typing import Callable, Collection
 
+from copd_jax.data.distinct import first_distinct
 from copd_jax.data.domain import Example, content_id
 from copd_jax.errors import UserInputError
 
@@ -123,23 +124,12 @@ def _distinct(name: str, rng: random.Random, sizes: tuple[int, int], needed: int
               exclude: Collection[str] = ()) -> list[Example]:
   """`needed` distinct examples from one random stream, none with a prompt in `exclude`."""
   generate = _spec(name).generate
-  seen: set[str] = set()
-  examples: list[Example] = []
-  # Each domain has far more distinct prompts than a toy run uses; the attempt cap only turns a
-  # request beyond a domain's size (arithmetic has 20,000 prompts) into an error, not a hang.
-  attempts = 0
-  while len(examples) < needed:
-    attempts += 1
-    if attempts > 30 * needed + 10_000:
-      raise UserInputError(f'synthetic domain {name!r} has fewer than {needed} distinct prompts '
-                           f'(found {len(examples)}); lower num_train / num_eval')
-    prompt, answer = generate(rng, rng.randint(*sizes))
-    if prompt in seen or prompt in exclude:
-      continue
-    seen.add(prompt)
-    examples.append(Example(prompt=prompt, answer=answer, domain=name,
-                            id=content_id(name, prompt), reward='exact'))
-  return examples
+
+  def draw() -> tuple[str, str]:
+    return generate(rng, rng.randint(*sizes))
+  pairs = first_distinct(draw, lambda pair: pair[0], needed, f'synthetic domain {name!r}', exclude)
+  return [Example(prompt=prompt, answer=answer, domain=name, id=content_id(name, prompt),
+                  reward='exact') for prompt, answer in pairs]
 
 
 def synthetic_domain(name: str, seed: int, num_train: int,

@@ -47,6 +47,7 @@ from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
+from copd_jax.data.distinct import first_distinct
 from copd_jax.data.domain import Example, content_id
 from copd_jax.errors import UserInputError
 
@@ -254,24 +255,9 @@ def render_pictures(name: str, seed: int, count: int) -> list[Picture]:
                          f'{", ".join(SYNTHETIC_VISION_DOMAINS)}')
   generate = _GENERATORS[name]
   rng = random.Random(f'vision/{name}/{seed}')
-  seen: set[str] = set()
-  pictures: list[Picture] = []
-  attempts = 0
-  while len(pictures) < count:
-    attempts += 1
-    # A cap turns a request beyond a domain's size (digits has ~2,000 numbers x positions x
-    # colours, far more than a toy run uses) into an error, not a hang.
-    if attempts > 30 * count + 10_000:
-      raise UserInputError(f'synthetic_vision domain {name!r} has fewer than {count} distinct '
-                           f'prompts (found {len(pictures)}); lower num_train / num_eval')
-    picture = generate(rng)
-    if picture is None:  # no free place for an item: draw again
-      continue
-    digest = picture_digest(picture)
-    if digest not in seen:
-      seen.add(digest)
-      pictures.append(picture)
-  return pictures
+  # A picture is None when there was no free place for an item: first_distinct draws again.
+  return first_distinct(lambda: generate(rng), picture_digest, count,
+                        f'synthetic_vision domain {name!r}')
 
 
 def picture_example(name: str, picture: Picture, image_dir: str) -> Example:
