@@ -134,3 +134,17 @@ def random_pixels(grids, config, seed: int = 0) -> np.ndarray:
   rows = sum(int(np.prod(g)) for g in grids)
   dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
   return np.random.RandomState(seed + 100).randn(rows, dim).astype(np.float32)
+
+
+def hf_inputs(tokens: np.ndarray, images=None, videos=None, attention_mask=None) -> dict:
+  """transformers' Qwen3-VL keyword inputs for token ids [B, T] and (pixels, grid_thw) pairs."""
+  kwargs = dict(input_ids=torch.tensor(tokens),
+                mm_token_type_ids=torch.tensor((tokens == IMAGE) + 2 * (tokens == VIDEO)))
+  if images is not None:
+    kwargs.update(pixel_values=torch.tensor(images[0]), image_grid_thw=torch.tensor(images[1]))
+  if videos is not None:
+    kwargs.update(pixel_values_videos=torch.tensor(videos[0]),
+                  video_grid_thw=torch.tensor(videos[1]))
+  if attention_mask is not None:
+    kwargs['attention_mask'] = torch.tensor(np.asarray(attention_mask).astype(np.int64))
+  return kwargs

@@ -12,8 +12,8 @@ from copd_jax.models import hf_io_vl
 from copd_jax.models.hf_io import HFFormatError
 from copd_jax.models.qwen3_vl import VisualInput, forward
 from copd_jax.models.qwen3_vl_positions import mrope_position_ids
-from tests.hf_vl_fixtures import (IMAGE, VIDEO, TINY_VL_CONFIGS, image_prompt, random_pixels,
-                                  save_hf_vl_model, video_prompt)
+from tests.hf_vl_fixtures import (IMAGE, VIDEO, TINY_VL_CONFIGS, hf_inputs, image_prompt,
+                                  random_pixels, save_hf_vl_model, video_prompt)
 
 MAX_ABS = 1e-4
 MAX_KL = 1e-6
@@ -30,17 +30,8 @@ def _kl(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
 
 
 def _hf_logits(hf, tokens, images=None, videos=None, attention_mask=None):
-  kwargs = dict(input_ids=torch.tensor(tokens),
-                mm_token_type_ids=torch.tensor((tokens == IMAGE) + 2 * (tokens == VIDEO)))
-  if images is not None:
-    kwargs.update(pixel_values=torch.tensor(images[0]), image_grid_thw=torch.tensor(images[1]))
-  if videos is not None:
-    kwargs.update(pixel_values_videos=torch.tensor(videos[0]),
-                  video_grid_thw=torch.tensor(videos[1]))
-  if attention_mask is not None:
-    kwargs['attention_mask'] = torch.tensor(attention_mask.astype(np.int64))
   with torch.no_grad():
-    return hf(**kwargs).logits.numpy()
+    return hf(**hf_inputs(tokens, images, videos, attention_mask)).logits.numpy()
 
 
 def _our_logits(model, tokens, images=None, videos=None, token_valid=None):

@@ -13,7 +13,7 @@ from copd_jax.models.qwen3_vl import Qwen3VL, VisualInput, forward
 from copd_jax.sampling import SamplingParams, generate
 from copd_jax.scoring import split_model
 from copd_jax.tracing import TRACE_COUNTS
-from tests.hf_vl_fixtures import (IMAGE, VIDEO, VOCAB, image_prompt, random_pixels,
+from tests.hf_vl_fixtures import (IMAGE, VIDEO, VOCAB, hf_inputs, image_prompt, random_pixels,
                                   save_hf_vl_model, video_prompt)
 
 NEW_TOKENS = 32
@@ -38,14 +38,7 @@ def _two_prompts_with_images(seed: int = 0):
 
 
 def _hf_generate(hf, tokens, valid, images=None, videos=None):
-  kwargs = dict(input_ids=torch.tensor(tokens),
-                attention_mask=torch.tensor(valid.astype(np.int64)),
-                mm_token_type_ids=torch.tensor((tokens == IMAGE) + 2 * (tokens == VIDEO)))
-  if images is not None:
-    kwargs.update(pixel_values=torch.tensor(images[0]), image_grid_thw=torch.tensor(images[1]))
-  if videos is not None:
-    kwargs.update(pixel_values_videos=torch.tensor(videos[0]),
-                  video_grid_thw=torch.tensor(videos[1]))
+  kwargs = hf_inputs(tokens, images, videos, attention_mask=valid)
   with torch.no_grad():
     out = hf.generate(**kwargs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                       do_sample=False, eos_token_id=None, pad_token_id=0)
