@@ -157,9 +157,9 @@ LOGGED_DATA: tuple[LoggedCase, ...] = (
                _jsonl(_OK), "prompts hold characters the tokenizer does not know, encoded as "
                "'<unk>' (1 tokens; first: "),
     LoggedCase('a 1-row train file (a batch needs 8 prompts)', _jsonl(_OK), _jsonl(_OK, _OK),
-               'note: domain count has 1 training prompt(s)'),
+               'note: domain sort has 1 training prompt(s)'),
     LoggedCase('an eval file smaller than eval.num_examples', _jsonl(*[_OK] * 20), _jsonl(_OK),
-               'note: domain count is evaluated on 1 example(s)'),
+               'note: domain sort is evaluated on 1 example(s)'),
     LoggedCase('a prompt that leaves fewer positions than sampling.max_new_tokens',
                _jsonl(_OK, {'prompt': '1+' * 250, 'answer': '2'}), _jsonl(_OK),
                'exceed max_position_embeddings=512 of config.model.toy (first: ',
@@ -168,7 +168,7 @@ LOGGED_DATA: tuple[LoggedCase, ...] = (
 
 
 def try_logged_data(case: LoggedCase, folder: str) -> InputOutcome:
-  """The case's files as config.domains.count's; the warm start is a tripwire. Holds when the
+  """The case's files as config.domains.sort's; the warm start is a tripwire. Holds when the
   run got to it (nothing refused) and said `expect` in one line (stdout or stderr)."""
   paths = {}
   for split, content in (('train', case.train), ('eval', case.eval)):
@@ -177,8 +177,8 @@ def try_logged_data(case: LoggedCase, folder: str) -> InputOutcome:
       f.write(content)
   workdir = fresh_workdir(folder)
   argv = ['train', '--config', TOY_CONFIG, '--workdir', workdir, '--no-progress', *BASE_OVERRIDES,
-          '--config.domains.count.source=file', f'--config.domains.count.train_path={paths["train"]}',
-          f'--config.domains.count.eval_path={paths["eval"]}', '--config.domains.count.reward=exact',
+          '--config.domains.sort.source=file', f'--config.domains.sort.train_path={paths["train"]}',
+          f'--config.domains.sort.eval_path={paths["eval"]}', '--config.domains.sort.reward=exact',
           *case.overrides]
   out = io.StringIO()
   with tripwire('copd_jax.run_setup.base_model_path'), contextlib.redirect_stdout(out):
