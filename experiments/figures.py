@@ -69,7 +69,7 @@ def fig4ab(out: str, seeds: Sequence[int], runs: dict[str, M.RunSpec]) -> str | 
   if short is not None:  # the static student's OPD steps follow its E expert updates
     args = dict(a.split('=', 1) for a in short.overrides if a.startswith('--config.copd.'))
     offset = int(args['--config.copd.num_cycles']) * int(args['--config.copd.s_rl'])
-  sources += [('static', 'static_s2c', offset, '--'), ('static', 'static_c2s', offset, '--')]
+  sources += [('static', 'static_r2s', offset, '--'), ('static', 'static_s2r', offset, '--')]
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
   drawn = False
   for ax, kind, title in ((axes[0], 'overlap', 'top-8 overlap O_k'),

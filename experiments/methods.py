@@ -2,7 +2,12 @@
 eval.json rows that give each method's accuracy.
 
 A *run* is one `python -m copd_jax train` invocation; a *method* (a table column) is one model
-row of one run's eval.json, e.g. the count expert is row 'branch0:count' of the 'experts' run.
+row of one run's eval.json, e.g. the sort expert is row 'branch0:sort' of the 'experts' run.
+
+Domains (experiments/results/README.md has the design): K=2 is sort & reverse, the pair that
+shares a sub-skill (configs/toy_copd.py); K=3 adds rsort with sort as hub
+(configs/toy_copd_k3.py); the conflict runs train sort & rsort, the pair with opposite answers
+on one prompt surface, where mixed-data RLVR shows its trade-off.
 
 Equal budget (experiments/results/README.md states it in full): let U = N * (S_RL + S_OPD) be
 the optimizer updates of one CoPD branch and K the number of domains. Every method spends
@@ -24,16 +29,29 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K2_CONFIG = 'configs/toy_copd.py'
 K3_CONFIG = 'configs/toy_copd_k3.py'
-K2_DOMAINS = ('count', 'sort')
-K3_DOMAINS = ('count', 'sort', 'arithmetic')
+K2_DOMAINS = ('sort', 'reverse')
+K3_DOMAINS = ('sort', 'reverse', 'rsort')
+CONFLICT_DOMAINS = ('sort', 'rsort')
+
+
+def _config_defaults() -> tuple[int, int, int, int]:
+  """(num_cycles, s_rl, s_opd, eval.num_examples) of the K=2 config: the tables' default
+  schedule is the README main run's, so a table method spends what the main run spends."""
+  from copd_jax.config import read_config
+  c = read_config(os.path.join(ROOT, K2_CONFIG))
+  return c.copd.num_cycles, c.copd.s_rl, c.copd.s_opd, c.eval.num_examples
+
+
+_CYCLES, _S_RL, _S_OPD, _EVAL_EXAMPLES = _config_defaults()
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-  """Per-run cost knobs shared by all methods of a table (U = num_cycles * (s_rl + s_opd))."""
-  num_cycles: int = 4
-  s_rl: int = 3
-  s_opd: int = 2
-  eval_examples: int = 64
+  """Per-run cost knobs shared by all methods of a table (U = num_cycles * (s_rl + s_opd));
+  the defaults are configs/toy_copd.py's."""
+  num_cycles: int = _CYCLES
+  s_rl: int = _S_RL
+  s_opd: int = _S_OPD
+  eval_examples: int = _EVAL_EXAMPLES
   extra: tuple[str, ...] = ()  # further overrides for every run (the fast test's TINY settings)
 
   @property
@@ -78,21 +96,26 @@ def schedule(n: int, s_rl: int, s_opd: int) -> tuple[str, ...]:
           f'--config.copd.s_opd={s_opd}')
 
 
-def k_runs(p: Profile, suffix: str, config: str, domains: tuple[str, ...]) -> dict[str, RunSpec]:
-  """base/experts/mixed/CoPD/static-pipeline runs for a K-domain table (K = len(domains))."""
+def k_runs(p: Profile, suffix: str, config: str, domains: tuple[str, ...],
+           set_branches: bool = False) -> dict[str, RunSpec]:
+  """base/experts/mixed/CoPD/static-pipeline runs for a K-domain table (K = len(domains)).
+  set_branches: the runs train `domains` instead of the config file's branches."""
   K = len(domains)
   N, R, O = p.num_cycles, p.s_rl, p.s_opd
   c = p.common()
+  per_domain = ("--config.branches=(%s,)" % ','.join(f"'{d}'" for d in domains),
+                ) if set_branches else ()
   none = ('--config.copd.topology=none',)
   runs = {
-      f'copd{suffix}': RunSpec(f'copd{suffix}', config, schedule(N, R, O) + c, domains),
+      f'copd{suffix}': RunSpec(f'copd{suffix}', config, schedule(N, R, O) + per_domain + c,
+                               domains),
       f'experts{suffix}': RunSpec(f'experts{suffix}', config,
-                                  schedule(N, R + O, 0) + none + c, domains),
+                                  schedule(N, R + O, 0) + none + per_domain + c, domains),
       f'mixed{suffix}': RunSpec(f'mixed{suffix}', config,
                                 schedule(N, K * (R + O), 0) + none +
                                 (f"--config.branches=('{'+'.join(domains)}',)",) + c, domains),
       f'experts_short{suffix}': RunSpec(f'experts_short{suffix}', config,
-                                        schedule(N, R, 0) + none + c, domains),
+                                        schedule(N, R, 0) + none + per_domain + c, domains),
   }
   return runs
 
@@ -150,9 +173,11 @@ class Pilot:
   its kept checkpoints at every multiple of gcd(lengths) are the shorter experts) each teach a
   student started from the base, by static OPD for `opd_steps` updates, teacher frozen. All
   (expert length, direction) pairs run side by side as branches of one driver run, with one
-  control student per domain that has no teacher (its native GRPO batch only)."""
+  control student per domain that has no teacher (its native GRPO batch only). opd_steps
+  defaults to a Table 1 static-OPD student's distillation updates (K N S_OPD at the config's
+  schedule), so a pilot student gets the distillation budget of the table's."""
   lengths: tuple[int, ...] = (5, 10, 20, 40, 80)
-  opd_steps: int = 16
+  opd_steps: int = len(K2_DOMAINS) * _CYCLES * _S_OPD
   eval_examples: int = 200
   experts_run: str = 'pilot_experts'
 
@@ -233,11 +258,12 @@ def all_runs(p: Profile, sweep_updates: int = 60,
   runs = {}
   runs.update(k_runs(p, '', K2_CONFIG, K2_DOMAINS))
   runs.update(k_runs(p, '_k3', K3_CONFIG, K3_DOMAINS))
-  runs['static_s2c'] = static_opd_run(p, 'static_s2c', student=0, teacher=1)
-  runs['static_c2s'] = static_opd_run(p, 'static_c2s', student=1, teacher=0)
+  runs.update(k_runs(p, '_conflict', K2_CONFIG, CONFLICT_DOMAINS, set_branches=True))
+  runs['static_r2s'] = static_opd_run(p, 'static_r2s', student=0, teacher=1)
+  runs['static_s2r'] = static_opd_run(p, 'static_s2r', student=1, teacher=0)
   runs['mopd_k3'] = mopd_run(p)
   N, R, O = p.num_cycles, p.s_rl, p.s_opd
-  for name, edge in (('copd_no_s2c', '0<-1'), ('copd_no_c2s', '1<-0')):
+  for name, edge in (('copd_no_r2s', '0<-1'), ('copd_no_s2r', '1<-0')):
     runs[name] = RunSpec(name, K2_CONFIG, schedule(N, R, O) + (f'--config.copd.drop_edges={edge}',)
                          + p.common(), K2_DOMAINS)
   for ratio in PHASE_RATIOS:
@@ -251,33 +277,45 @@ def all_runs(p: Profile, sweep_updates: int = 60,
   return runs
 
 
-# Table columns (paper layouts). count plays the paper's text role (K=3 hub), sort the image role.
+# Table columns (paper layouts). sort plays the paper's text role (K=3 hub), reverse the image
+# role; OPD (X→Y) is the static pipeline whose Y student learns from the frozen X expert.
 TABLE1 = (
     Method('Base', 'copd', 'base'),
-    Method('Count-Expert', 'experts', 'branch0:count'),
-    Method('Sort-Expert', 'experts', 'branch1:sort'),
-    Method('Mixed RLVR', 'mixed', 'branch0:count+sort'),
-    Method('OPD (S→C)', 'static_s2c', 'branch0:count'),
-    Method('OPD (C→S)', 'static_c2s', 'branch1:sort'),
+    Method('Sort-Expert', 'experts', 'branch0:sort'),
+    Method('Reverse-Expert', 'experts', 'branch1:reverse'),
+    Method('Mixed RLVR', 'mixed', 'branch0:sort+reverse'),
+    Method('OPD (R→S)', 'static_r2s', 'branch0:sort'),
+    Method('OPD (S→R)', 'static_s2r', 'branch1:reverse'),
     Method('CoPD', 'copd', 'merged:mean'),
 )
 TABLE2 = (
     Method('Base', 'copd_k3', 'base'),
-    Method('Count-Exp.', 'experts_k3', 'branch0:count'),
-    Method('Sort-Exp.', 'experts_k3', 'branch1:sort'),
-    Method('Arith-Exp.', 'experts_k3', 'branch2:arithmetic'),
-    Method('Mixed RLVR', 'mixed_k3', 'branch0:count+sort+arithmetic'),
-    Method('MOPD', 'mopd_k3', 'branch0:count+sort+arithmetic'),
+    Method('Sort-Exp.', 'experts_k3', 'branch0:sort'),
+    Method('Reverse-Exp.', 'experts_k3', 'branch1:reverse'),
+    Method('Rsort-Exp.', 'experts_k3', 'branch2:rsort'),
+    Method('Mixed RLVR', 'mixed_k3', 'branch0:sort+reverse+rsort'),
+    Method('MOPD', 'mopd_k3', 'branch0:sort+reverse+rsort'),
     Method('CoPD', 'copd_k3', 'merged:mean'),
 )
 TABLE3 = (
     Method('CoPD (Full)', 'copd', 'merged:mean'),
-    Method('w/o S-OPD (count branch gets no distillation from sort)', 'copd_no_s2c',
+    Method('w/o R-OPD (sort branch gets no distillation from reverse)', 'copd_no_r2s',
            'merged:mean'),
-    Method('w/o C-OPD (sort branch gets no distillation from count)', 'copd_no_c2s',
+    Method('w/o S-OPD (reverse branch gets no distillation from sort)', 'copd_no_s2r',
            'merged:mean'),
-    Method('Count-Branch Only (no merge)', 'copd', 'branch0:count'),
-    Method('Sort-Branch Only (no merge)', 'copd', 'branch1:sort'),
+    Method('Sort-Branch Only (no merge)', 'copd', 'branch0:sort'),
+    Method('Reverse-Branch Only (no merge)', 'copd', 'branch1:reverse'),
+)
+# The conflicting pair (Table 1's layout): does mixed RLVR trade one order for the other, and
+# does CoPD keep both? The unmerged branches show what the mean merge has to reconcile.
+TABLE_CONFLICT = (
+    Method('Base', 'copd_conflict', 'base'),
+    Method('Sort-Expert', 'experts_conflict', 'branch0:sort'),
+    Method('Rsort-Expert', 'experts_conflict', 'branch1:rsort'),
+    Method('Mixed RLVR', 'mixed_conflict', 'branch0:sort+rsort'),
+    Method('CoPD', 'copd_conflict', 'merged:mean'),
+    Method('CoPD Sort-Branch', 'copd_conflict', 'branch0:sort'),
+    Method('CoPD Rsort-Branch', 'copd_conflict', 'branch1:rsort'),
 )
 
 
@@ -293,12 +331,16 @@ def overlap_methods(updates: int) -> tuple[Method, ...]:
 
 # Which runs each command needs (in run order).
 COMMAND_RUNS = {
-    'table1': ('copd', 'experts', 'mixed', 'static_s2c', 'static_c2s'),
-    'table3': ('copd', 'copd_no_s2c', 'copd_no_c2s'),
+    'table1': ('copd', 'experts', 'mixed', 'static_r2s', 'static_s2r'),
+    'table3': ('copd', 'copd_no_r2s', 'copd_no_s2r'),
     'table2': ('copd_k3', 'experts_k3', 'mixed_k3', 'mopd_k3'),
+    'conflict': ('copd_conflict', 'experts_conflict', 'mixed_conflict'),
     'pilot': ('experts', 'copd', 'pilot_experts', 'pilot_opd'),
 }
-TABLE_METHODS = {'table1': TABLE1, 'table2': TABLE2, 'table3': TABLE3}
+TABLE_METHODS = {'table1': TABLE1, 'table2': TABLE2, 'table3': TABLE3,
+                 'conflict': TABLE_CONFLICT}
+TABLE_DOMAINS = {'table1': K2_DOMAINS, 'table2': K3_DOMAINS, 'table3': K2_DOMAINS,
+                 'conflict': CONFLICT_DOMAINS}
 
 
 def command_runs(command: str, sweep_updates: int) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ METRICS = ('pass@1', 'avg@k')
 
 
 def _edge_value(record: dict, kind: str, edge: str) -> float:
-  """kind 'overlap_top' or 'symmetric_kl'; edge 'b0_sort<-b1_count'."""
+  """kind 'overlap_top' or 'symmetric_kl'; edge 'b0_reverse<-b1_sort'."""
   keys = [k for k in record if k.startswith(f'behaviour/{kind}') and k.endswith('/' + edge)]
   if len(keys) != 1:
     raise KeyError(f'behaviour/{kind}*/{edge}: found {keys}')

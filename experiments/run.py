@@ -1,7 +1,7 @@
 """Runs the paper's experiments at toy scale through the ordinary driver and writes the tables
 and figures.
 
-  python -m experiments.run table1|table2|table3|phase_ratio|pilot|overlap_schedule|all \
+  python -m experiments.run table1|table2|table3|conflict|phase_ratio|pilot|overlap_schedule|all \
       --seeds 3 --out experiments/results [--work runs/experiments]
 
 overlap_schedule needs the finished phase-ratio sweep at the same --sweep-updates: its
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 from experiments import methods as M
 from experiments import thresholds as T
 
-COMMANDS = ('table1', 'table3', 'phase_ratio', 'table2', 'pilot', 'overlap_schedule')
+COMMANDS = ('table1', 'table3', 'phase_ratio', 'table2', 'conflict', 'pilot', 'overlap_schedule')
 COPIED = ('eval.json', 'metrics.jsonl')
 
 

@@ -2,7 +2,7 @@
 over seeds (population std), per domain and overall (the mean over domains, per seed, then over
 seeds).
 
-Table 1 / 2: rows = domains + overall, columns = methods (best non-base cell in bold, worst
+Table 1 / 2 and the conflict table: rows = domains + overall, columns = methods (best non-base cell in bold, worst
 non-base cell marked †, as in the paper). Table 3, the overlap-schedule comparison and the
 phase-ratio sweep: rows = methods, columns = domains + overall.
 """
@@ -18,8 +18,9 @@ from experiments import methods as M
 
 METRICS = (('pass@1', 'greedy pass@1'), ('avg@k', 'sampled avg@k'))
 TITLES = {
-    'table1': 'Table 1 (toy): K=2, count & sort',
-    'table2': 'Table 2 (toy): K=3, count (hub), sort & arithmetic',
+    'table1': 'Table 1 (toy): K=2, sort & reverse (a shared sub-skill)',
+    'table2': 'Table 2 (toy): K=3, sort (hub), reverse & rsort',
+    'conflict': 'Conflict (toy): K=2, sort & rsort (opposite orders on one prompt surface)',
     'table3': 'Table 3 (toy): ablations of CoPD, K=2',
     'overlap_schedule': 'Overlap-driven schedule vs every fixed S_RL : S_OPD ratio (same budget; '
                         'merged model)',
@@ -172,9 +173,9 @@ def best_fixed_line(out: str, seeds: Sequence[int], methods: Sequence[M.Method],
 def render(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
            runs: dict[str, M.RunSpec], sweep_updates: int = 60) -> str:
   methods = M.command_methods(command, sweep_updates)
-  domains = M.K3_DOMAINS if command == 'table2' else M.K2_DOMAINS
+  domains = M.TABLE_DOMAINS.get(command, M.K2_DOMAINS)
   parts = [f'# {TITLES[command]}', '']
-  if command in ('table1', 'table2', 'table3'):
+  if command in M.TABLE_METHODS:
     parts += [budget_lines(profile, len(domains)), '']
   if command == 'overlap_schedule':
     parts += overlap_header(out, seeds, runs, sweep_updates)
@@ -185,7 +186,7 @@ def render(command: str, out: str, seeds: Sequence[int], profile: M.Profile,
   for metric, title in METRICS:
     parts.append(f'## {title} (%), mean ± std over seeds {list(seeds)}')
     parts.append('')
-    if command in ('table1', 'table2'):
+    if command in ('table1', 'table2', 'conflict'):
       parts.append(column_table(out, seeds, methods, domains, metric, runs))
     else:
       first = 'S_RL : S_OPD' if command == 'phase_ratio' else 'Method'

@@ -19,7 +19,7 @@ EXISTING_TABLE1_RUNS = ('copd', 'experts', 'mixed')  # need no new driver featur
 
 def test_every_table_method_has_a_run_and_equal_budget():
   runs = M.all_runs(M.Profile())
-  for methods, K in ((M.TABLE1, 2), (M.TABLE2, 3), (M.TABLE3, 2)):
+  for methods, K in ((M.TABLE1, 2), (M.TABLE2, 3), (M.TABLE3, 2), (M.TABLE_CONFLICT, 2)):
     U = M.Profile().updates_per_branch
     for m in methods:
       assert m.run in runs, m
@@ -37,9 +37,35 @@ def test_every_table_method_has_a_run_and_equal_budget():
   assert M.phase_schedule(1.5, 30) == (6, 3, 2)
 
 
+def test_profile_defaults_are_the_k2_configs_schedule():
+  from copd_jax.config import read_config
+  c = read_config(os.path.join(ROOT, M.K2_CONFIG))
+  p = M.Profile()
+  assert (p.num_cycles, p.s_rl, p.s_opd, p.eval_examples) == (
+      c.copd.num_cycles, c.copd.s_rl, c.copd.s_opd, c.eval.num_examples)
+  assert tuple(c.branches) == M.K2_DOMAINS
+  k3 = read_config(os.path.join(ROOT, M.K3_CONFIG))
+  assert tuple(k3.branches) == M.K3_DOMAINS and k3.copd.hub == 0
+  # A pilot student distils as long as a Table 1 static-OPD student.
+  assert M.Pilot().opd_steps == 2 * p.num_cycles * p.s_opd
+
+
+def test_conflict_runs_train_sort_and_rsort():
+  from copd_jax.config import load_config
+  runs = M.all_runs(M.Profile())
+  for name in M.COMMAND_RUNS['conflict']:
+    config = load_config(os.path.join(ROOT, runs[name].config),
+                         runs[name].overrides + ('--config.mesh.branch=1', '--config.mesh.fsdp=-1'),
+                         check_files=False)
+    expected = ('sort+rsort',) if name.startswith('mixed') else M.CONFLICT_DOMAINS
+    assert tuple(config.branches) == expected, name
+  for name in ('copd', 'experts', 'mixed'):  # the K=2 table keeps the config file's branches
+    assert not any(o.startswith('--config.branches=(\'sort\',') for o in runs[name].overrides)
+
+
 def test_static_opd_run_is_expressed_with_the_fixed_field_names():
   runs = M.all_runs(M.Profile(num_cycles=4, s_rl=3, s_opd=2))
-  argv = runs['static_s2c'].resolved(lambda name: f'/w/{name}')
+  argv = runs['static_r2s'].resolved(lambda name: f'/w/{name}')
   assert "--config.model.branch_init=('/w/experts_short:0','/w/experts_short:1')" in argv
   assert '--config.copd.edges=0<-1' in argv and '--config.copd.freeze=1' in argv
   assert '--config.copd.s_rl=0' in argv and '--config.copd.topology=edges' in argv
@@ -51,8 +77,8 @@ def test_pilot_layout_pairs_every_expert_length_with_a_base_student():
   pilot = M.Pilot(lengths=(5, 10, 20), opd_steps=4)
   pairs, controls = M.pilot_layout(pilot)
   assert [(q.length, q.teacher_domain, q.student_domain) for q in pairs] == [
-      (L, t, s) for L in (5, 10, 20) for t, s in (('count', 'sort'), ('sort', 'count'))]
-  assert controls == ((12, 'count'), (13, 'sort'))
+      (L, t, s) for L in (5, 10, 20) for t, s in (('sort', 'reverse'), ('reverse', 'sort'))]
+  assert controls == ((12, 'sort'), (13, 'reverse'))
   runs = M.pilot_runs(M.Profile(), pilot)
   # One experts run; its checkpoint after L updates (step L-1) is kept at every phase end.
   assert runs['pilot_experts'].overrides[:3] == M.schedule(4, 5, 0)
@@ -63,7 +89,7 @@ def test_pilot_layout_pairs_every_expert_length_with_a_base_student():
   assert '--config.copd.edges=0<-1,2<-3,4<-5,6<-7,8<-9,10<-11' in argv
   assert '--config.copd.freeze=1,3,5,7,9,11' in argv
   branches = next(a for a in argv if a.startswith('--config.branches='))
-  assert branches.count("'sort'") == branches.count("'count'") == 7
+  assert branches.count("'sort'") == branches.count("'reverse'") == 7
 
 
 def _fake_sweep(out, seeds, updates, overlaps):
@@ -147,7 +173,7 @@ def test_tiny_table1_and_figures(tiny_results):
   info = json.load(open(os.path.join(out, 'runs', 'seed0', 'copd', 'run_info.json')))
   assert '--config.copd.s_opd=1' in info['command'] and info['wall_seconds'] > 0
   assert R.ensure_runs(['copd'], runs, [0], out, work, log=lambda m: pytest.fail(m)) == {}
-  assert os.path.isfile(os.path.join(work, 'seed0', '_bases', 'count+sort', 'warmstart.json'))
+  assert os.path.isfile(os.path.join(work, 'seed0', '_bases', 'reverse+sort', 'warmstart.json'))
   runs_md = open(os.path.join(out, 'RUNS.md')).read()
   assert all(f'| {name} |' in runs_md for name in FAST_RUNS)
 
@@ -156,7 +182,7 @@ def test_tiny_table1_and_figures(tiny_results):
 def test_table3_rows_come_from_copd_branches(tiny_results):
   out, _, runs = tiny_results
   text = tables.render('table3', out, [0], TINY_PROFILE, runs)
-  for label in ('CoPD (Full)', 'Count-Branch Only (no merge)', 'Sort-Branch Only (no merge)'):
+  for label in ('CoPD (Full)', 'Sort-Branch Only (no merge)', 'Reverse-Branch Only (no merge)'):
     row = next(l for l in text.splitlines() if l.startswith(f'| {label} |'))
     assert '—' not in row and row.rstrip().endswith('| 1 |')
 
@@ -176,12 +202,14 @@ def test_tiny_pilot_gain_against_overlap(tiny_results):
   points = P.seed_points(out, 0, pilot)
   results = json.load(open(os.path.join(out, 'runs', 'seed0', 'pilot_opd', 'eval.json')))['results']
   assert set(results) == {'base'} | {f'branch{k}:{d}' for k, d in
-                                     enumerate(('sort', 'count', 'count', 'sort', 'count', 'sort'))}
+                                     enumerate(('reverse', 'sort', 'sort', 'reverse', 'sort',
+                                                'reverse'))}
   first = json.loads(open(os.path.join(out, 'runs', 'seed0', 'pilot_opd',
                                        'metrics.jsonl')).readline())
-  assert [(p['length'], p['direction']) for p in points] == [(1, 'count→sort'), (1, 'sort→count')]
-  for p, (student, teacher, sd, td, control) in zip(points, ((0, 1, 'sort', 'count', 5),
-                                                             (2, 3, 'count', 'sort', 4))):
+  assert [(p['length'], p['direction']) for p in points] == [(1, 'sort→reverse'),
+                                                              (1, 'reverse→sort')]
+  for p, (student, teacher, sd, td, control) in zip(points, ((0, 1, 'reverse', 'sort', 5),
+                                                             (2, 3, 'sort', 'reverse', 4))):
     for metric in P.METRICS:
       after = results[f'branch{student}:{sd}'][td][metric]
       assert p[f'gain_{metric}'] == pytest.approx(after - results['base'][td][metric])
@@ -191,7 +219,7 @@ def test_tiny_pilot_gain_against_overlap(tiny_results):
     assert 0.0 < p['overlap_before'] <= 1.0
   saved = json.load(open(os.path.join(out, 'pilot_gain_vs_overlap.json')))
   assert saved['summary']['n'] == 2 and len(saved['points']) == 2
-  assert '| count→sort | 1 |' in open(os.path.join(out, 'pilot.md')).read()
+  assert '| sort→reverse | 1 |' in open(os.path.join(out, 'pilot.md')).read()
 
 
 def test_pearson_is_nan_without_spread():
