@@ -204,17 +204,17 @@ def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
   """Point 5: a file-domain run stopped after 2 steps, its train file changed keeping its row
   count, then resumed: refused naming the file; with --accept-changed-data, a warning."""
   from copd_jax.data.synthetic import synthetic_domain
-  train, evaluation = synthetic_domain('count', 1000, 200, 8)
+  train, evaluation = synthetic_domain('sort', 1000, 200, 8)
   data = os.path.join(folder, 'data')
   os.makedirs(data, exist_ok=True)
   paths = {}
   for split, examples in (('train', train), ('eval', evaluation)):
-    paths[split] = os.path.join(data, f'count_{split}.jsonl')
+    paths[split] = os.path.join(data, f'sort_{split}.jsonl')
     with open(paths[split], 'w') as f:
       f.writelines(json.dumps({'prompt': e.prompt, 'answer': e.answer}) + '\n' for e in examples)
-  extra = ['--config.domains.count.source=file',
-           f'--config.domains.count.train_path={paths["train"]}',
-           f'--config.domains.count.eval_path={paths["eval"]}']
+  extra = ['--config.domains.sort.source=file',
+           f'--config.domains.sort.train_path={paths["train"]}',
+           f'--config.domains.sort.eval_path={paths["eval"]}']
   workdir = os.path.join(folder, 'changed_data')
   shutil.rmtree(workdir, ignore_errors=True)
   runs.run_train(workdir, env, [*extra, '--stop-after=2'])
