@@ -181,7 +181,12 @@ def probe_metrics_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
     path = os.path.join(workdir, 'metrics.jsonl')
     written = _metric_steps(path)
     kept = runs.committed_steps(workdir)
-    os.remove(os.path.join(disk, 'filler.bin'))   # space freed: the same command resumes
+    filler = os.path.join(disk, 'filler.bin')
+    if not os.path.exists(filler):   # the fill condition never came: report it, do not crash
+      return str(result.returncode), (f'the disk was never filled (no step met the fill '
+                                      f'condition; metrics.jsonl steps {written}, checkpoints '
+                                      f'{kept})'), False
+    os.remove(filler)   # space freed: the same command resumes
     resumed = runs.train_process(workdir, env, two_cycles)
     after = _metric_steps(path)
   lines = [l for l in _errors(result) if not l.startswith('full_disk_train:')]
