@@ -19,7 +19,8 @@ import numpy as np
 
 from copd_jax import checkpoint as ckpt
 from copd_jax import metrics as metrics_lib
-from copd_jax.run_setup import load_domains, state_from_pure_dict
+from copd_jax.run_setup import load_domains
+from copd_jax.start_params import state_from_pure_dict
 from copd_jax.models import hf_io
 from copd_jax.models.tokenizer import load_tokenizer
 from copd_jax.rollouts import PromptEncoder, sample_and_score
