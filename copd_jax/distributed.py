@@ -221,9 +221,9 @@ def process_shares(process_ids: np.ndarray, num_branches: int, batch: int
     return feeds
   shares = {}
   for (k0, k1, b0, b1), members in groups.items():
-    n = b1 - b0
+    n, m = b1 - b0, len(members)
     for i, p in enumerate(members):  # members are in process order
-      shares[p] = slice(k0, k1), slice(b0 + i * n // len(members), b0 + (i + 1) * n // len(members))
+      shares[p] = slice(k0, k1), slice(b0 + i * n // m, b0 + (i + 1) * n // m)
   return shares
 
 

@@ -11,7 +11,8 @@ Multi-host: every process encodes the same prompts and keys (same seed, same dat
 hands the sampler global arrays of its own rows (`distributed.host_to_global`). The sampled
 tokens stay on the devices: each process copies only its own rows to the host
 (`distributed.local_share` of the sampling mesh: its devices' rows, split with the processes
-that hold the same rows; `distributed.local_block`), decodes and scores them, and the per-row numbers (rewards, completion lengths) are gathered as small [K, B] arrays
+that hold the same rows; `distributed.local_block`), decodes and scores them, and the per-row
+numbers (rewards, completion lengths) are gathered as small [K, B] arrays
 (`distributed.gather_rows`), so every process computes the same advantages and metrics while
 no host holds the whole sampled batch. `to_batch` / `device_batch` build the train steps'
 RolloutBatch from the device arrays. One process takes the same path with all rows its own.
