@@ -14,8 +14,10 @@ data iterator states) in full. Device data crosses that boundary in two directio
                   is not fully addressable is all-gathered first (process_allgather). It is a
                   collective: every process calls it on the same values, in the same order.
                   `local_block`: only this process's rows of a global batch (no communication),
-                  e.g. sampled tokens to decode and score; `gather_rows`: per-row numbers
-                  computed from them (rewards, lengths) back to every process, small arrays.
+                  e.g. sampled tokens to decode and score (its `local_share`: every row by one
+                  process); `gather_rows`: per-row numbers computed from them (rewards,
+                  lengths) back to every process, small arrays; `sum_over_processes`: sums
+                  and counts of per-process metric terms.
 
 Everything else (the jitted sampler and train steps) runs on global arrays unchanged. Process 0
 alone writes metrics, logs and files outside Orbax; Orbax checkpoints are written by all
@@ -31,7 +33,9 @@ Batch layout (the train steps' `_rows_constraint`, the sampler's prompts): a glo
 divides B; otherwise B is replicated), and replicated over 'tensor'. A process feeds the block of
 rows that its own devices hold: `process_rows` computes it from the mesh's device-to-process
 map, `global_batch` assembles the global jax.Array from every process's block with
-`jax.make_array_from_process_local_data`.
+`jax.make_array_from_process_local_data`. Decoding and scoring use `process_shares` instead:
+processes that hold the same rows (B replicated over 'fsdp', or a 'tensor' axis across
+processes) split them, so no row is decoded or scored twice.
 """
 from __future__ import annotations
 
@@ -194,6 +198,40 @@ def local_rows(mesh: Mesh, num_branches: int, batch: int) -> tuple[slice, slice]
   return process_rows(mesh_process_ids(mesh), jax.process_index(), num_branches, batch)
 
 
+def process_shares(process_ids: np.ndarray, num_branches: int, batch: int
+                   ) -> dict[int, tuple[slice, slice]]:
+  """Per process, the (branch rows, batch rows) of a [K, B] batch that it decodes and scores:
+  every row by exactly one process.
+
+  A process's devices hold its `process_rows`; processes that hold the same rows (B replicated
+  because 'fsdp' does not divide it, or rows replicated over a 'tensor' axis that spans
+  processes) split those rows' batch range evenly in process order, so none repeats another's
+  work (a process may get no row when B is smaller than their number). Should two processes'
+  rows overlap without being equal (meshes whose devices are ordered unlike their processes),
+  each keeps all its rows: repeated work, the same values."""
+  processes = sorted({int(p) for p in np.asarray(process_ids).flat})
+  feeds = {p: process_rows(process_ids, p, num_branches, batch) for p in processes}
+  groups: dict[tuple[int, int, int, int], list[int]] = {}
+  for p, (k, b) in feeds.items():
+    groups.setdefault((k.start, k.stop, b.start, b.stop), []).append(p)
+  cover = np.zeros((num_branches, batch), int)
+  for k0, k1, b0, b1 in groups:
+    cover[k0:k1, b0:b1] += 1
+  if (cover > 1).any():
+    return feeds
+  shares = {}
+  for (k0, k1, b0, b1), members in groups.items():
+    n, m = b1 - b0, len(members)
+    for i, p in enumerate(members):  # members are in process order
+      shares[p] = slice(k0, k1), slice(b0 + i * n // m, b0 + (i + 1) * n // m)
+  return shares
+
+
+def local_share(mesh: Mesh, num_branches: int, batch: int) -> tuple[slice, slice]:
+  """This process's rows of `process_shares` on `mesh` (all rows on one process)."""
+  return process_shares(mesh_process_ids(mesh), num_branches, batch)[jax.process_index()]
+
+
 def global_batch(local: Any, mesh: Mesh, global_shape: tuple[int, ...]) -> jax.Array:
   """The global [K, B, ...] jax.Array from this process's rows `local` (its `local_rows` block,
   the whole batch on one host), sharded by `batch_spec`."""
@@ -289,19 +327,22 @@ def all_rows(num_branches: int, batch: int) -> tuple[slice, slice]:
   return slice(0, num_branches), slice(0, batch)
 
 
-def local_block(x: jax.Array, rows: tuple[slice, slice]) -> np.ndarray:
-  """x[rows] (a [K, B, ...] array's block of `rows`, e.g. this process's `local_rows`) as numpy,
-  copied from the shards this process holds: no communication, and only the rows asked for
-  leave the devices (a block replicated on several local devices is copied once). Fails when
-  a row of the block is on no local device."""
-  lead = tuple(range(*r.indices(n)) for r, n in zip(rows, x.shape[:2]))
-  out = np.empty((len(lead[0]), len(lead[1])) + x.shape[2:], x.dtype)
-  filled = np.zeros(out.shape[:2], bool)
+def local_block(x: jax.Array, rows: tuple[slice, ...]) -> np.ndarray:
+  """x[rows] (the block of `rows` over x's leading axes, e.g. this process's `local_share` of a
+  [K, B, ...] array) as numpy, copied from the shards this process holds: no communication,
+  and only the rows asked for leave the devices (a block replicated on several local devices is
+  copied once). Fails when a row of the block is on no local device."""
+  if not isinstance(x, jax.Array):  # a host array (one process): nothing to copy from devices
+    return np.asarray(x)[tuple(rows)]
+  n = len(rows)
+  lead = tuple(range(*r.indices(size)) for r, size in zip(rows, x.shape[:n]))
+  out = np.empty(tuple(len(r) for r in lead) + x.shape[n:], x.dtype)
+  filled = np.zeros(out.shape[:n], bool)
   for shard in x.addressable_shards:
-    # The shard's [K, B] extent in global rows, intersected with the block.
-    spans = [range(*s.indices(n)) for s, n in zip(shard.index[:2], x.shape[:2])]
+    # The shard's extent in global rows, intersected with the block.
+    spans = [range(*s.indices(size)) for s, size in zip(shard.index[:n], x.shape[:n])]
     want = [range(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(spans, lead)]
-    if not want[0] or not want[1]:
+    if not all(want):
       continue
     dst = tuple(slice(w.start - b.start, w.stop - b.start) for w, b in zip(want, lead))
     if filled[dst].all():
@@ -314,13 +355,55 @@ def local_block(x: jax.Array, rows: tuple[slice, slice]) -> np.ndarray:
   return out
 
 
+def sum_over_processes(x: Any) -> np.ndarray:
+  """The sum over processes of each process's array `x` (the same shape on every process), the
+  same float64 value on every process: the terms are all-gathered and added in process order.
+  A collective on several processes; `x` itself on one."""
+  x = np.ascontiguousarray(x, np.float64)
+  if not is_multiprocess():
+    return x
+  # As raw 32-bit words: without jax_enable_x64 a float64 array would be cast to float32.
+  who, words = multihost_utils.process_allgather(
+      (np.int32(jax.process_index()), x.reshape(-1).view(np.uint32)), tiled=False)
+  terms = np.ascontiguousarray(words).view(np.float64).reshape((len(who),) + x.shape)
+  total = np.zeros_like(x)
+  for i in np.argsort(who, kind='stable'):
+    total = total + terms[i]
+  return total
+
+
 def gather_rows(local: Any, mesh: Mesh | None, num_branches: int, batch: int) -> Any:
-  """Every process's [K_local, B_local, ...] blocks (`local_rows`) of small per-row values
-  (rewards, lengths) -> the whole [K, B, ...] numpy arrays on every process (a collective on
-  several processes: `global_batch`, then `to_host`). One process: `local` unchanged."""
+  """Every process's [K_share, B_share, ...] block (`local_share`) of small per-row values
+  (rewards, lengths) -> the whole [K, B, ...] numpy arrays on every process. On several
+  processes a collective: each block, padded to the largest share, is all-gathered
+  (`multihost_utils.process_allgather`) and put at its rows (`assemble_rows`). One process:
+  `local` unchanged."""
   if mesh is None or not is_multiprocess():
     return jax.tree.map(np.asarray, local)
+  shares = process_shares(mesh_process_ids(mesh), num_branches, batch)
+  height = max(k.stop - k.start for k, _ in shares.values())
+  width = max(b.stop - b.start for _, b in shares.values())
   def one(x):
     x = np.asarray(x)
-    return global_batch(x, mesh, (num_branches, batch) + x.shape[2:])
-  return to_host(jax.tree.map(one, local))
+    padded = np.zeros((height, width) + x.shape[2:], x.dtype)
+    padded[:x.shape[0], :x.shape[1]] = x
+    who, blocks = multihost_utils.process_allgather(
+        (np.int32(jax.process_index()), padded), tiled=False)
+    return assemble_rows(dict(zip(who.tolist(), blocks)), shares, num_branches, batch)
+  return jax.tree.map(one, local)
+
+
+def assemble_rows(blocks: Mapping[int, np.ndarray], shares: Mapping[int, tuple[slice, slice]],
+                  num_branches: int, batch: int) -> np.ndarray:
+  """The [K, B, ...] array from each process's block of its `shares` rows (a block may be
+  padded beyond its share); fails when a row is in no share."""
+  first = next(iter(blocks.values()))
+  out = np.zeros((num_branches, batch) + first.shape[2:], first.dtype)
+  filled = np.zeros((num_branches, batch), bool)
+  for p, block in blocks.items():
+    k, b = shares[p]
+    out[k, b] = block[:k.stop - k.start, :b.stop - b.start]
+    filled[k, b] = True
+  if not filled.all():
+    raise ValueError(f'rows {np.argwhere(~filled)[:4].tolist()}... are in no process\'s share')
+  return out

@@ -44,6 +44,7 @@ from copd_jax.data import Example
 from copd_jax.finish import finish
 from copd_jax.hooks import Hook, StepInfo, standard_hooks
 from copd_jax.losses import group_advantages
+from copd_jax.probe_metrics import probe_metrics
 from copd_jax.prompt_buckets import pad_batch
 from copd_jax.rollouts import (Rollouts, device_batch, sample_and_score, stack_rounds,
                                to_batch)
@@ -132,34 +133,12 @@ def opd_step(run: Run, state: BranchState, native: RolloutBatch, distill: 'Disti
 def probe(run: Run, state: BranchState, distill: 'Distillation') -> dict[str, float]:
   """Top-k overlap, KL estimates and OPD signal metrics ('opd/...') of each (student <- teacher)
   edge on the student's distillation rollouts (documented in copd_jax.metrics), and their
-  smallest overlap 'behaviour/min_overlap', which drives the overlap schedule."""
-  edge = distributed.to_host(run.probe(state.params, distill.stacked))
-  # [R, K, M, T]; gathered like the probe's outputs (the probe's limit, docs/scaling.md)
-  masks = np.stack(distributed.to_host([d.batch.completion_mask for d in distill.rounds]))
-  tokens = np.stack(distributed.to_host([d.batch.tokens for d in distill.rounds]))
+  smallest overlap 'behaviour/min_overlap', which drives the overlap schedule. Each process
+  sums the metrics' terms on its own rows; only those numbers are gathered
+  (copd_jax/probe_metrics.py)."""
   opd = run.config.opd
-  k = edge.student_ids.shape[-1]
-  out = {}
-  for r, teacher_of in enumerate(run.rounds):
-    mask = masks[r]
-    for s, t in enumerate(teacher_of):
-      if t < 0:
-        continue
-      name = f'{run.names[s]}<-{run.names[t]}'
-      student_lp, teacher_lp = edge.student_token_logprob[r, s], edge.teacher_token_logprob[r, s]
-      out[f'behaviour/overlap_top{k}/{name}'] = metrics_lib.topk_overlap(
-          edge.student_ids[r, s], edge.teacher_ids[r, s], mask[s])
-      out[f'behaviour/symmetric_kl/{name}'] = metrics_lib.symmetric_kl_estimate(
-          student_lp, teacher_lp, mask[s])
-      out[f'behaviour/reverse_kl/{name}'] = metrics_lib.reverse_kl_estimate(
-          student_lp, teacher_lp, mask[s])
-      signal = metrics_lib.opd_edge_metrics(tokens[r, s], edge.student_ids[r, s],
-                                            edge.teacher_ids[r, s], student_lp, teacher_lp,
-                                            mask[s], opd.beta, opd.delta_clamp)
-      out.update({f'opd/{key}/{name}': value for key, value in signal.items()})
-  overlaps = [v for key, v in out.items() if key.startswith('behaviour/overlap_top')]
-  out['behaviour/min_overlap'] = min(overlaps) if overlaps else float('nan')
-  return out
+  return probe_metrics(run.probe(state.params, distill.stacked), distill.stacked, run.rounds,
+                       run.names, run.mesh, opd.beta, opd.delta_clamp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,30 +32,58 @@ from copd_jax import storage
 from copd_jax.log_files import EventErrors, append_whole
 
 
-def masked_mean(x, mask) -> float:
+def masked_sum(x, mask) -> tuple[float, int]:
+  """(sum of x over the masked positions, their number): the terms of `masked_mean`, which
+  processes compute on their own rows and add (copd_jax/probe_metrics.py)."""
   x, mask = np.asarray(x, np.float64), np.asarray(mask, bool)
-  return float(x[mask].mean()) if mask.any() else float('nan')
+  return float(x[mask].sum()), int(mask.sum())
+
+
+def ratio(terms: tuple[float, float]) -> float:
+  """sum / count of `masked_sum` terms (nan without positions): their masked mean."""
+  total, count = terms
+  return float(total / count) if count else float('nan')
+
+
+def masked_mean(x, mask) -> float:
+  return ratio(masked_sum(x, mask))
 
 
 def topk_overlap(student_ids, teacher_ids, mask) -> float:
   """student_ids, teacher_ids [..., T, k]; mask [..., T] -> O_k averaged over masked positions."""
+  return ratio(topk_overlap_terms(student_ids, teacher_ids, mask))
+
+
+def topk_overlap_terms(student_ids, teacher_ids, mask) -> tuple[float, int]:
+  """`masked_sum` terms of `topk_overlap`."""
   s, t = np.asarray(student_ids), np.asarray(teacher_ids)
   k = s.shape[-1]
   # |A ∩ B| for sets of distinct ids: count matches of each student id among the teacher ids.
   shared = (s[..., :, None] == t[..., None, :]).any(-1).sum(-1) / k
-  return masked_mean(shared, mask)
+  return masked_sum(shared, mask)
 
 
 def symmetric_kl_estimate(student_logp, teacher_logp, mask, max_log_ratio: float = 20.0) -> float:
   """KL(s||t) + KL(t||s) from log-probs of student-sampled tokens (see module docstring)."""
+  return ratio(symmetric_kl_terms(student_logp, teacher_logp, mask, max_log_ratio))
+
+
+def symmetric_kl_terms(student_logp, teacher_logp, mask, max_log_ratio: float = 20.0
+                       ) -> tuple[float, int]:
+  """`masked_sum` terms of `symmetric_kl_estimate`."""
   log_r = np.clip(np.asarray(teacher_logp, np.float64) - np.asarray(student_logp, np.float64),
                   -max_log_ratio, max_log_ratio)
-  return masked_mean((np.exp(log_r) - 1.0) * log_r, mask)
+  return masked_sum((np.exp(log_r) - 1.0) * log_r, mask)
 
 
 def reverse_kl_estimate(student_logp, teacher_logp, mask) -> float:
   """KL(s||t) = E_s[log s(y) - log t(y)] on student samples (the quantity OPD minimises)."""
-  return masked_mean(np.asarray(student_logp) - np.asarray(teacher_logp), mask)
+  return ratio(reverse_kl_terms(student_logp, teacher_logp, mask))
+
+
+def reverse_kl_terms(student_logp, teacher_logp, mask) -> tuple[float, int]:
+  """`masked_sum` terms of `reverse_kl_estimate`."""
+  return masked_sum(np.asarray(student_logp) - np.asarray(teacher_logp), mask)
 
 
 def opd_edge_metrics(tokens, student_ids, teacher_ids, student_token_logp, teacher_token_logp,
@@ -73,6 +101,14 @@ def opd_edge_metrics(tokens, student_ids, teacher_ids, student_token_logp, teach
     little); nan when there is no such position;
   - overlap_share: the share of positions that are overlap positions.
   delta_clamp 0 is off, as in the config."""
+  return {key: ratio(terms) for key, terms in opd_edge_terms(
+      tokens, student_ids, teacher_ids, student_token_logp, teacher_token_logp, mask, beta,
+      delta_clamp).items()}
+
+
+def opd_edge_terms(tokens, student_ids, teacher_ids, student_token_logp, teacher_token_logp,
+                   mask, beta: float, delta_clamp: float = 0.0) -> dict[str, tuple[float, int]]:
+  """`masked_sum` terms of each of `opd_edge_metrics`' values."""
   tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
   student_lp = np.asarray(student_token_logp, np.float64)
   teacher_lp = np.asarray(teacher_token_logp, np.float64)
@@ -80,11 +116,11 @@ def opd_edge_metrics(tokens, student_ids, teacher_ids, student_token_logp, teach
   advantage = beta * (np.clip(delta, -delta_clamp, delta_clamp) if delta_clamp else delta)
   in_top = lambda ids: (np.asarray(ids) == tokens[..., None]).any(-1)
   overlap = mask & in_top(student_ids) & in_top(teacher_ids)
-  return {'delta_abs': masked_mean(np.abs(delta), mask),
-          'teacher_mass': masked_mean(np.exp(teacher_lp), mask),
-          'student_mass': masked_mean(np.exp(student_lp), mask),
-          'overlap_advantage': masked_mean(advantage, overlap),
-          'overlap_share': masked_mean(overlap, mask)}
+  return {'delta_abs': masked_sum(np.abs(delta), mask),
+          'teacher_mass': masked_sum(np.exp(teacher_lp), mask),
+          'student_mass': masked_sum(np.exp(student_lp), mask),
+          'overlap_advantage': masked_sum(advantage, overlap),
+          'overlap_share': masked_sum(overlap, mask)}
 
 
 def length_stats(tokens, completion_mask, max_new_tokens: int, eos_ids) -> dict[str, np.ndarray]:

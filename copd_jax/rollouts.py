@@ -10,8 +10,9 @@ driver and by evaluation. Shapes: K branches, B prompts per branch, T = P + N to
 Multi-host: every process encodes the same prompts and keys (same seed, same data order) and
 hands the sampler global arrays of its own rows (`distributed.host_to_global`). The sampled
 tokens stay on the devices: each process copies only its own rows to the host
-(`distributed.local_rows` of the sampling mesh, `distributed.local_block`), decodes and scores
-them, and the per-row numbers (rewards, completion lengths) are gathered as small [K, B] arrays
+(`distributed.local_share` of the sampling mesh: its devices' rows, split with the processes
+that hold the same rows; `distributed.local_block`), decodes and scores them, and the per-row
+numbers (rewards, completion lengths) are gathered as small [K, B] arrays
 (`distributed.gather_rows`), so every process computes the same advantages and metrics while
 no host holds the whole sampled batch. `to_batch` / `device_batch` build the train steps'
 RolloutBatch from the device arrays. One process takes the same path with all rows its own.
@@ -167,8 +168,8 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
   """Each branch k samples one completion per example of examples[k]; rewards by domain kind.
 
   mesh: the sampling mesh (params are placed by sampling.SAMPLING_RULES on it, whatever their
-  layout); on several processes it is required (each process then decodes and scores the rows
-  its devices hold on it, `distributed.local_rows`).
+  layout); on several processes it is required (each process then decodes and scores its share
+  of the rows its devices hold on it, `distributed.local_share`).
   group_size: rows k*G .. k*G+G-1 of every branch repeat one example (the driver's
   `repeat_rows` layout), so the sampler prefills each group's prompt once; checked on the
   encoded prompts first (`check_groups`).
@@ -196,7 +197,7 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
     output = engine_generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
                                       eos, pad, mesh=mesh, group_size=group_size, settings=engine)
   rows = (distributed.all_rows(K, B) if mesh is None
-          else distributed.local_rows(mesh, K, B))
+          else distributed.local_share(mesh, K, B))
   local = SampleOutput(*(distributed.local_block(x, rows) for x in output))
   mine = [list(row[rows[1]]) for row in examples[rows[0]]]
   decode = functools.partial(tokenizer.decode, skip_special_tokens=True)

@@ -38,7 +38,8 @@ def load_base_params(folder: str, abstract_params: nnx.State, model_config: Qwen
                      mesh: jax.sharding.Mesh, rules) -> nnx.State:
   """The HF folder's parameters as an nnx.State like `abstract_params` (the abstract model's
   Params), every leaf sharded over `mesh` by its logical axes and `rules` (replicated over
-  'branch'); read and placed one layer-stacked tensor at a time (`hf_io.load_params_sharded`)."""
+  'branch'); read and placed one device block at a time, each from only its bytes, so a process
+  reads only its own devices' blocks (`hf_io.load_params_sharded`)."""
   shardings = state_shardings(abstract_params, mesh, rules)
   dtype = jax.tree.leaves(abstract_params)[0].dtype
   pure = hf_io.load_params_sharded(folder, shardings, model_config, dtype)

@@ -96,6 +96,67 @@ def test_process_rows_rejects_scattered_devices():
     dist.process_rows(ids, 2, 2, 4)
 
 
+def _cover(shares, K, B):
+  cover = np.zeros((K, B), int)
+  for k, b in shares.values():
+    cover[k, b] += 1
+  return cover
+
+
+def test_process_shares_split_rows_that_several_processes_hold():
+  ids = np.array([0, 0, 0, 0, 1, 1, 1, 1]).reshape(1, 8, 1)   # branch=1, fsdp=8
+  # OPD's M = 4 rows are not split over fsdp=8 (replicated): each process takes half of them.
+  assert dist.process_shares(ids, 2, 4) == {0: (slice(0, 2), slice(0, 2)),
+                                            1: (slice(0, 2), slice(2, 4))}
+  # 16 rows split over fsdp: the shares are the rows each process's devices hold.
+  assert dist.process_shares(ids, 2, 16) == {p: dist.process_rows(ids, p, 2, 16) for p in (0, 1)}
+  # One branch per process: nothing shared.
+  ids = ids.reshape(2, 4, 1)
+  assert dist.process_shares(ids, 2, 6) == {0: (slice(0, 1), slice(0, 6)),
+                                            1: (slice(1, 2), slice(0, 6))}
+
+
+@pytest.mark.parametrize('layout,K,B', [((1, 1, 8), 2, 6), ((1, 1, 8), 3, 2), ((2, 2, 2), 4, 5),
+                                        ((1, 8, 1), 2, 4), ((1, 2, 4), 2, 8)])
+def test_process_shares_cover_every_row_exactly_once(layout, K, B):
+  for processes in (2, 4, 8):
+    ids = np.repeat(np.arange(processes), 8 // processes).reshape(layout)
+    shares = dist.process_shares(ids, K, B)
+    assert sorted(shares) == list(range(processes))
+    assert (_cover(shares, K, B) == 1).all(), (layout, processes, shares)
+    for p, (k, b) in shares.items():   # within the rows the process's devices hold
+      feed_k, feed_b = dist.process_rows(ids, p, K, B)
+      assert feed_k.start <= k.start <= k.stop <= feed_k.stop
+      assert feed_b.start <= b.start <= b.stop <= feed_b.stop
+  # More processes than rows: some take none.
+  ids = np.repeat(np.arange(4), 2).reshape(1, 1, 8)
+  assert [b.stop - b.start for _, b in dist.process_shares(ids, 3, 2).values()] == [0, 1, 0, 1]
+
+
+def test_process_shares_keep_rows_that_overlap_unevenly():
+  # Process 1 holds devices of both branches, 0 and 2 of one each: each keeps all its rows.
+  ids = np.array([0, 0, 1, 1, 2, 2]).reshape(2, 1, 3)
+  assert dist.process_shares(ids, 2, 4) == {p: dist.process_rows(ids, p, 2, 4) for p in (0, 1, 2)}
+
+
+def test_assemble_rows_puts_each_process_block_at_its_share():
+  ids = np.repeat(np.arange(4), 2).reshape(1, 2, 4)   # processes share fsdp blocks in pairs
+  K, B = 3, 6
+  full = np.arange(K * B * 2, dtype=np.float32).reshape(K, B, 2)
+  shares = dist.process_shares(ids, K, B)
+  height = max(k.stop - k.start for k, _ in shares.values())
+  width = max(b.stop - b.start for _, b in shares.values())
+  blocks = {}
+  for p, (k, b) in shares.items():   # padded with garbage beyond the share, as gathered
+    block = np.full((height, width, 2), -1.0, np.float32)
+    block[:k.stop - k.start, :b.stop - b.start] = full[k, b]
+    blocks[p] = block
+  np.testing.assert_array_equal(dist.assemble_rows(blocks, shares, K, B), full)
+  del blocks[3]
+  with pytest.raises(ValueError, match='no process'):
+    dist.assemble_rows(blocks, shares, K, B)
+
+
 def test_global_batch_on_one_host_is_the_sharded_global_array():
   mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
   assert dist.local_rows(mesh, 2, 8) == (slice(0, 2), slice(0, 8))
@@ -156,6 +217,20 @@ def test_local_block_copies_exactly_the_rows_asked_for_from_the_shards(spec):
     assert block.dtype == host.dtype
     np.testing.assert_array_equal(block, host[rows])
   assert dist.all_rows(2, 8) == (slice(0, 2), slice(0, 8))
+
+
+def test_local_block_takes_leading_axes_and_host_arrays():
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 4, 'tensor': 1}, num_branches=2)
+  host = np.arange(3 * 2 * 4 * 5, dtype=np.float32).reshape(3, 2, 4, 5)   # [R, K, M, T]
+  x = jax.device_put(host, NamedSharding(mesh, P(None, 'branch')))
+  rows = (slice(0, 3), slice(1, 2), slice(1, 3))
+  np.testing.assert_array_equal(dist.local_block(x, rows), host[rows])
+  np.testing.assert_array_equal(dist.local_block(host, rows), host[rows])
+
+
+def test_sum_over_processes_on_one_process_is_the_value():
+  x = np.array([[0.1, 3.0], [2.5, 1.0]])
+  np.testing.assert_array_equal(dist.sum_over_processes(x), x)
 
 
 def test_gather_rows_on_one_process_returns_the_rows_as_numpy():

@@ -176,21 +176,32 @@ def test_sharded_load_gives_declared_shardings_and_plain_values(tmp_path):
   assert split == 9  # every matrix (embed, lm_head, 7 per layer) split; the norms replicated
 
 
-def test_sharded_load_places_each_tensor_before_reading_the_next(tmp_path, monkeypatch):
+def test_sharded_load_reads_each_tensor_while_placing_it(tmp_path, monkeypatch):
   src = tmp_path / 'src'
   save_hf_model('tied_mqa', src)
   events = []
-  real_get, real_place = hf_read.TensorReader.get, hf_read.place_blocks
-  monkeypatch.setattr(hf_read.TensorReader, 'get',
-                      lambda self, name: events.append('read') or real_get(self, name))
-  monkeypatch.setattr(hf_read, 'place_blocks',
-                      lambda *a, **k: events.append('place') or real_place(*a, **k))
+  real_read, real_place = hf_read.TensorReader.read, hf_read.place_blocks
+  monkeypatch.setattr(hf_read.TensorReader, 'read',
+                      lambda self, name, index: events.append(name) or real_read(self, name, index))
+  def place(*args, **kwargs):
+    events.append('start')
+    out = real_place(*args, **kwargs)
+    events.append('end')
+    return out
+  monkeypatch.setattr(hf_read, 'place_blocks', place)
   config = hf_io.read_config(str(src))
   abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
   shardings = state_shardings(nnx.state(abstract, nnx.Param), _fsdp_mesh())
   hf_io.load_params_sharded(str(src), shardings)
-  # tied: embed, final_norm, then 11 per-layer tensors stacked over 3 layers.
-  assert events == ['read', 'place'] * 2 + (['read'] * 3 + ['place']) * 11
+  # tied: embed, final_norm, then 11 per-layer tensors stacked over 3 layers. Each is read
+  # while it is placed (block by block), every one of its HF tensors, nothing of the next.
+  text = ' '.join(events)
+  groups = [g.split() for g in text.replace('start', '').split('end')]
+  assert text.startswith('start') and text.endswith('end') and groups[-1] == []
+  expected = [names for _, names, _, _ in hf_read.param_sources(config)]
+  assert len(groups) - 1 == len(expected) == 13
+  for group, names in zip(groups, expected):
+    assert set(group) == set(names), names
 
 
 def test_sharded_load_model_gives_the_same_logits(tmp_path):

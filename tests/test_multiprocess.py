@@ -204,6 +204,32 @@ def test_two_processes_sampling_in_a_tensor_parallel_layout(two_processes, tmp_p
   assert_same_run(workdir, reference)
 
 
+# (branch=1, fsdp=8): both branches on every device. GRPO's 2 x 4 rows split over 'fsdp', but
+# OPD's 2 x 2 = 4 distillation rows do not (they are replicated), so the two processes hold the
+# same distillation rows and must split them (distributed.process_shares); the top-k probe's
+# output is replicated too, and its metrics are summed per process (copd_jax/probe_metrics.py).
+ROWS_NOT_SPLIT_BY_FSDP = ['--config.mesh.branch=1', '--config.mesh.fsdp=8']
+
+
+@pytest.mark.slow
+def test_two_processes_split_rows_that_fsdp_does_not_divide(tmp_path):
+  reference, workdir = tmp_path / 'one_process', tmp_path / 'two_processes'
+  run_processes(reference, 1, ROWS_NOT_SPLIT_BY_FSDP)
+  run_processes(workdir, 2, ROWS_NOT_SPLIT_BY_FSDP)
+  assert_same_run(workdir, reference)   # the probe's metrics included, rtol 1e-5
+  opd_step = read_metrics(workdir)[1]
+  assert opd_step['phase_is_opd'] == 1.0
+  assert any(k.startswith('behaviour/overlap_top') for k in opd_step)
+  # Every training row (the distillation rows included) scored by exactly one process: together
+  # exactly the one process's rows, each process about half.
+  (alone,), mine = scored_rows(reference), scored_rows(workdir)
+  evals = eval_ids()
+  training = lambda rows: collections.Counter({r: n for r, n in rows.items() if r[1] not in evals})
+  assert len(mine) == 2 and training(mine[0]) + training(mine[1]) == training(alone)
+  total = sum(training(alone).values())
+  assert all(0.4 * total <= sum(training(m).values()) <= 0.6 * total for m in mine)
+
+
 # ----------------------------------------------------------------------------- sampling layout
 
 @pytest.fixture(scope='module')

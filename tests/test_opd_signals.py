@@ -252,11 +252,11 @@ def test_probe_logs_the_signal_metrics_under_each_edge_name():
   ids = lambda: rng.integers(0, 4, (1, K, M, T, k))
   lp = lambda: np.log(rng.uniform(0.05, 1.0, (1, K, M, T)))
   edge = EdgeTopK(ids(), np.zeros((1, K, M, T, k)), ids(), np.zeros((1, K, M, T, k)), lp(), lp())
-  batch = SimpleNamespace(tokens=tokens, completion_mask=mask)
+  stacked = SimpleNamespace(tokens=tokens[None], completion_mask=mask[None])   # R = 1
   run = SimpleNamespace(probe=lambda params, stacked: edge, rounds=((1, 0),),
-                        names=('b0_count', 'b1_sort'),
+                        names=('b0_count', 'b1_sort'), mesh=None,
                         config=SimpleNamespace(opd=SimpleNamespace(beta=0.5, delta_clamp=0.0)))
-  distill = SimpleNamespace(rounds=[SimpleNamespace(batch=batch)], stacked=None)
+  distill = SimpleNamespace(stacked=stacked)
   out = driver.probe(run, SimpleNamespace(params=None), distill)
   for s, name in ((0, 'b0_count<-b1_sort'), (1, 'b1_sort<-b0_count')):
     want = metrics_lib.opd_edge_metrics(tokens[s], edge.student_ids[0, s], edge.teacher_ids[0, s],

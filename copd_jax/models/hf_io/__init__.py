@@ -2,17 +2,19 @@
 
 Reading streams tensor by tensor out of (possibly sharded) safetensors into preallocated stacked
 numpy arrays, so peak host memory is about one copy of the model; `load_params_sharded` instead
-places each (layer-stacked) tensor on the devices with its sharding as soon as it is read, so the
-host holds about one stacked tensor and each device only its shards. Only safetensors are read;
+reads each parameter's device blocks, each from only its bytes, and places them with its sharding
+as they are read, so the host holds about one block, each device only its shards, and each
+process reads only its own devices' blocks. Only safetensors are read;
 pickled `.bin` checkpoints are refused. Writing produces config.json + safetensors (sharded with
 an index above `max_shard_bytes`) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
 Folders may be local or remote (gs://...; see copd_jax/storage.py). Remote safetensors are read
-with one ranged read per tensor; a remote export writes its files in place with config.json, then
+with one ranged read per tensor (per slice, the span of its rows); a remote export writes its files in place with config.json, then
 the completion marker, last.
 
   format.py   config.json <-> Qwen3Config; HF tensor names and layouts <-> ours; HFFormatError
   read.py     safetensors (local or ranged remote reads) -> params, host or sharded; load_model
+  blocks.py   one device block of a parameter read from only the HF tensors' bytes that hold it
   write.py    params -> an HF folder (save_hf_folder; write_model_folder, the one folder writer
               that Qwen3-VL's export uses too), special-token ids of the source
 """

@@ -2,6 +2,7 @@
 HF tensor names and layouts and ours (each entry converts in both directions)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Callable
 
@@ -141,6 +142,37 @@ def top_mapping(c: Qwen3Config) -> dict[str, tuple[str, Callable, Callable]]:
     m['lm_head'] = ('lm_head.weight', lambda w: w.T, lambda p: p.T)
   return m
 
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+  """How our array of a mapping entry lays out the HF tensor's values, as data, so a block of
+  ours can be read without the rest (hf_io/read.py's sliced reads): the HF tensor, transposed
+  when `transposed` (2-D), with its axis `split` cut into two axes of ours (e.g. heads x
+  head_dim); tests/test_hf_io.py checks every entry against its to_ours function."""
+  transposed: bool = False
+  split: int | None = None
+
+
+def layer_layouts(c: Qwen3Config) -> dict[str, TensorLayout]:
+  """The `TensorLayout` of every `layer_mapping` entry."""
+  out = {name: TensorLayout() for name in layer_mapping(c)}
+  out.update({name: TensorLayout(transposed=True, split=1)
+              for name in ('q_proj', 'k_proj', 'v_proj')})
+  out['o_proj'] = TensorLayout(transposed=True, split=0)
+  out.update({name: TensorLayout(transposed=True)
+              for name in ('gate_proj', 'up_proj', 'down_proj')})
+  if c.attention_bias:
+    out.update({name: TensorLayout(split=0) for name in ('q_bias', 'k_bias', 'v_bias')})
+  return out
+
+
+def top_layouts(c: Qwen3Config) -> dict[str, TensorLayout]:
+  """The `TensorLayout` of every `top_mapping` entry."""
+  out = {name: TensorLayout() for name in top_mapping(c)}
+  if 'lm_head' in out:
+    out['lm_head'] = TensorLayout(transposed=True)
+  return out
 
 
 def check_weight_values(array, hf_name: str, path: str) -> None:

@@ -1,9 +1,11 @@
 """Reading a Hugging Face folder: tensor by tensor out of (possibly sharded, possibly remote)
 safetensors into the stacked layout of `nnx.state(Qwen3, Param)`, on the host (`load_params`) or
-placed on the devices as each tensor is read (`load_params_sharded`, `load_model`)."""
+placed on the devices block by block, each read from only its bytes (`load_params_sharded`,
+`load_model`; blocks.py)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import struct
@@ -19,8 +21,10 @@ from safetensors import safe_open
 
 from copd_jax import mesh as mesh_lib
 from copd_jax import storage
-from copd_jax.models.hf_io.format import (HFFormatError, check_weight_values, layer_mapping,
-                                          read_config, top_mapping)
+from copd_jax.models.hf_io import blocks as hf_blocks
+from copd_jax.models.hf_io.format import (HFFormatError, TensorLayout, check_weight_values,
+                                          layer_layouts, layer_mapping, read_config,
+                                          top_layouts, top_mapping)
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.tree_paths import set_path
 
@@ -85,6 +89,24 @@ class _StreamedSafetensors:
       done += n
     return out
 
+  def get_slice(self, name: str) -> '_StreamedSlice':
+    return _StreamedSlice(self, name)
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the tensor's first axis, with one ranged read."""
+    info = self._header[name]
+    shape, dtype = tuple(info['shape']), np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    out = np.empty((stop - start,) + shape[1:], dtype)
+    self._file.seek(self._data_start + info['data_offsets'][0] + start * row_bytes)
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < out.nbytes:
+      n = self._file.readinto(view[done:])
+      if not n:
+        raise ValueError(f'tensor {name}: file ends after {done} of {out.nbytes} bytes')
+      done += n
+    return out
+
   def close(self) -> None:
     self._file.close()
 
@@ -93,6 +115,30 @@ class _StreamedSafetensors:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class _StreamedSlice:
+  """safe_open's `get_slice` for a remote file: the shape and dtype from the header, and a
+  slice read as the one byte range of its first-axis rows (the rest cut out in memory)."""
+
+  def __init__(self, file: _StreamedSafetensors, name: str):
+    self._file, self._name = file, name
+    self._info = file._header[name]
+
+  def get_shape(self) -> list[int]:
+    return list(self._info['shape'])
+
+  def get_dtype(self) -> str:
+    return self._info['dtype']
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    shape = self.get_shape()
+    if not shape:
+      return self._file.get_tensor(self._name)[index]
+    start, stop, _ = index[0].indices(shape[0])
+    rows = self._file.read_rows(self._name, start, max(start, stop))
+    return rows[(slice(None),) + tuple(index[1:])]
 
 
 def open_safetensors(path: str):
@@ -105,25 +151,45 @@ def open_safetensors(path: str):
 
 class TensorReader:
   """Reads HF tensors by name from a folder's safetensors files, opening each file once; errors
-  name the file and the tensor."""
+  name the file and the tensor. `bytes_read` counts the bytes of every tensor or slice read."""
 
   def __init__(self, files: dict[str, str]):
     self._files = files
     self._open: dict[str, Any] = {}
     self._stack = contextlib.ExitStack()
+    self.bytes_read = 0
 
-  def get(self, name: str) -> np.ndarray:
+  def _call(self, name: str, fn):
+    """fn(the open file holding `name`), with errors naming the file and the tensor."""
     path = self._files[name]
     try:
       if path not in self._open:
         if not storage.is_file(path):
           raise HFFormatError(f'{path}: missing safetensors shard (needed for tensor {name})')
         self._open[path] = self._stack.enter_context(open_safetensors(path))
-      return self._open[path].get_tensor(name)
+      return fn(self._open[path])
     except HFFormatError:
       raise
     except Exception as e:
       raise HFFormatError(f'{path}: cannot read tensor {name} ({e})') from None
+
+  def get(self, name: str) -> np.ndarray:
+    out = self._call(name, lambda f: f.get_tensor(name))
+    self.bytes_read += out.nbytes
+    return out
+
+  def info(self, name: str) -> tuple[tuple[int, ...], str]:
+    """(shape, safetensors dtype code such as 'F32') of tensor `name` from its file's header,
+    reading no values."""
+    shape, code = self._call(name, lambda f: (lambda sl: (sl.get_shape(), sl.get_dtype()))(
+        f.get_slice(name)))
+    return tuple(shape), str(code)
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """The slice `index` (step-1 slices) of tensor `name`, reading only its bytes' span."""
+    out = np.asarray(self._call(name, lambda f: f.get_slice(name)[tuple(index)]))
+    self.bytes_read += out.nbytes
+    return out
 
   def __enter__(self) -> 'TensorReader':
     return self
@@ -214,32 +280,78 @@ def load_params(folder: str, config: Qwen3Config | None = None,
 
 
 def load_params_sharded(folder: str, shardings: Mapping[str, Any],
-                        config: Qwen3Config | None = None, param_dtype=jnp.float32
-                        ) -> dict[str, Any]:
-  """The folder's parameters as jax.Arrays placed with `shardings` as they are read.
+                        config: Qwen3Config | None = None, param_dtype=jnp.float32,
+                        reader: TensorReader | None = None) -> dict[str, Any]:
+  """The folder's parameters as jax.Arrays placed with `shardings`, each device block read from
+  only the bytes that hold it.
 
   shardings: a jax.sharding.Sharding per parameter, in the nested layout `load_params` returns
   (a pure dict, or the nnx.State that `copd_jax.mesh.state_shardings` gives for the model's
-  Params). Each (layer-stacked) tensor is read on the host, every addressable device receives
-  only its shard of it (`place_blocks`), and the host copy is dropped before the
-  next tensor: host memory stays near one stacked tensor and no device holds the whole model.
-  On several hosts each process reads every tensor and places only its own devices' shards.
-  Raises HFFormatError as `load_params` does.
+  Params). Parameter by parameter, every tensor's shape and dtype are checked from the file
+  headers, then each distinct block that an addressable device holds is read (`blocks.py`:
+  a slice of each HF tensor, of the block's layers only), cast, checked for NaN / inf, and
+  handed to its devices before the next block is read (`place_blocks`): the host holds about
+  one block, no device the whole model, and on several hosts a process reads only its own
+  devices' blocks (a tensor none of them needs not at all). The values equal `load_params`'
+  bit for bit. Raises HFFormatError as `load_params` does (a NaN only where some process reads
+  it). reader: the TensorReader of the folder's files to use (tests count its bytes_read).
   """
   if isinstance(shardings, nnx.State):
     shardings = nnx.to_pure_dict(shardings)
+  config = config or read_config(folder)
+  files = _checked_files(folder, config)
+  shapes = _expected_shapes(config)
   dtype = np.dtype(param_dtype)
   params: dict[str, Any] = {}
-  for path, value in iter_params(folder, config, dtype):
-    sharding = shardings
-    try:
-      for key in path:
-        sharding = sharding[key]
-    except (KeyError, TypeError):
-      raise ValueError(f'shardings: no sharding for parameter {".".join(path)}') from None
-    set_path(params, path, place_blocks(value.shape, sharding, lambda index, v=value: v[index]))
-    del value  # the next tensor is read only after this one's host copy is released
+  with contextlib.ExitStack() as stack:
+    reader = reader or stack.enter_context(TensorReader(files))
+    for path, names, layout, from_ours in param_sources(config):
+      shape = shapes
+      sharding = shardings
+      try:
+        for key in path:
+          shape, sharding = shape[key], sharding[key]
+      except (KeyError, TypeError):
+        raise ValueError(f'shardings: no sharding for parameter {".".join(path)}') from None
+      stacked = path[0] == 'layers'
+      one = shape[1:] if stacked else shape
+      for name in names:
+        _check_stored(reader, name, hf_blocks.hf_shape(layout, one), one, from_ours, files[name])
+
+      def convert(read, name):
+        check_weight_values(read, name, files[name])
+        return as_float_numpy(read, dtype)
+      block = functools.partial(hf_blocks.read_block, reader, names, layout, shape,
+                                stacked=stacked, convert=convert)
+      set_path(params, path, place_blocks(shape, sharding, block))
   return params
+
+
+def param_sources(config: Qwen3Config) -> Iterator[tuple[tuple[str, ...], list[str],
+                                                         TensorLayout, Any]]:
+  """(our key path, its HF tensor names (one per layer for a layer-stacked parameter), layout,
+  from_ours) of every parameter, in `iter_params`' order."""
+  layouts = top_layouts(config)
+  for ours, (hf_name, _, from_ours) in top_mapping(config).items():
+    yield (ours,), [hf_name], layouts[ours], from_ours
+  layouts = layer_layouts(config)
+  for ours, (hf, _, from_ours) in layer_mapping(config).items():
+    yield (('layers', ours), [f'model.layers.{i}.{hf}' for i in range(config.num_layers)],
+           layouts[ours], from_ours)
+
+
+def _check_stored(reader: TensorReader, name: str, want: tuple[int, ...], ours: tuple[int, ...],
+                  from_ours, path: str) -> None:
+  """The checks `convert_tensor` makes, from the header alone: the shape config.json implies,
+  a floating-point dtype."""
+  shape, code = reader.info(name)
+  if shape != tuple(want):
+    raise HFFormatError(_shape_problem(shape, from_ours, ours, name, path))
+  dtype = _SAFETENSORS_DTYPES.get(code)
+  if dtype is None or not (np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16):
+    shown = np.dtype(dtype).name if dtype is not None else code
+    raise HFFormatError(f'{path}: tensor {name} has dtype {shown}; weights must be floating '
+                        'point')
 
 
 def place_blocks(shape: tuple[int, ...], sharding, block) -> jax.Array:
