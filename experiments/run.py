@@ -65,6 +65,18 @@ def machine() -> str:
   return f'{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {devices}'
 
 
+def code_commit() -> str:
+  """The commit the run's code came from; '+local changes' when copd_jax/, configs/ or
+  experiments/ differ from it (the run then used code no commit holds)."""
+  def git(*args: str) -> str:
+    return subprocess.run(['git', *args], cwd=M.ROOT, capture_output=True, text=True,
+                          check=False).stdout.strip()
+  commit = git('rev-parse', '--short', 'HEAD') or 'unknown (not a git checkout)'
+  dirty = git('status', '--porcelain', '--', 'copd_jax', 'configs', 'experiments/methods.py',
+              'experiments/run.py')
+  return commit + (' +local changes' if dirty else '')
+
+
 def train_argv(spec: M.RunSpec, workdir: str, seed: int, run_dir: Callable[[str], str]
                ) -> list[str]:
   # --overwrite: the runner owns its workdirs and writes train.log (and a shared warm-start
@@ -99,6 +111,7 @@ def execute(spec: M.RunSpec, seed: int, out: str, work: str, log: Callable[[str]
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   log(f'[seed {seed}] {spec.name}: ' + shlex.join(argv[1:]))
+  commit = code_commit()
   t0 = time.time()
   with open(os.path.join(workdir, 'train.log'), 'a') as f:
     proc = subprocess.run(argv, cwd=M.ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -115,7 +128,7 @@ def execute(spec: M.RunSpec, seed: int, out: str, work: str, log: Callable[[str]
   for name in COPIED:
     shutil.copy(os.path.join(workdir, name), os.path.join(dest, name))
   info = {'run': spec.name, 'seed': seed, 'command': shlex.join(['python'] + argv[1:]).replace(
-      os.path.abspath(work), '$WORK'), 'wall_seconds': round(wall, 1), 'machine': machine(),
+      os.path.abspath(work), '$WORK'), 'commit': commit, 'wall_seconds': round(wall, 1), 'machine': machine(),
       'finished': time.strftime('%Y-%m-%d %H:%M:%S')}
   with open(os.path.join(dest, 'run_info.json'), 'w') as f:
     json.dump(info, f, indent=2)

@@ -214,7 +214,7 @@ def write_command(command: str, out: str, seeds: Sequence[int], profile: M.Profi
 
 
 def write_run_log(out: str) -> str:
-  """OUT/RUNS.md: every finished run's exact command, wall time and machine."""
+  """OUT/RUNS.md: every finished run's exact command, code commit, wall time and machine."""
   infos = []
   root = os.path.join(out, 'runs')
   for dirpath, _, files in os.walk(root):
@@ -223,9 +223,11 @@ def write_run_log(out: str) -> str:
         infos.append(json.load(f))
   infos.sort(key=lambda i: (i['seed'], i['finished']))
   lines = ['# Runs (exact commands; $WORK = the --work folder of experiments.run)', '',
-           '| seed | run | wall s | machine | finished | command |', '|---|---|---|---|---|---|']
+           '| seed | run | commit | wall s | machine | finished | command |',
+           '|---|---|---|---|---|---|---|']
   for i in infos:
-    lines.append(f"| {i['seed']} | {i['run']} | {i['wall_seconds']} | {i['machine']} | "
+    lines.append(f"| {i['seed']} | {i['run']} | {i.get('commit', 'not recorded')} | "
+                 f"{i['wall_seconds']} | {i['machine']} | "
                  f"{i['finished']} | `{i['command']}` |")
   total = sum(i['wall_seconds'] for i in infos)
   lines += ['', f'Total wall time: {total / 60:.1f} min over {len(infos)} runs.']
