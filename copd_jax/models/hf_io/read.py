@@ -80,7 +80,11 @@ class _StreamedSafetensors:
     if out.nbytes != end - begin:
       raise ValueError(f'tensor {name}: {end - begin} bytes for shape {info["shape"]} '
                        f'{info["dtype"]}')
-    self._file.seek(self._data_start + begin)
+    return self._read_into(out, self._data_start + begin, name)
+
+  def _read_into(self, out: np.ndarray, offset: int, name: str) -> np.ndarray:
+    """Fills `out` with the file's bytes from `offset` (a stream may return short reads)."""
+    self._file.seek(offset)
     view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
     while done < out.nbytes:
       n = self._file.readinto(view[done:])
@@ -98,14 +102,8 @@ class _StreamedSafetensors:
     shape, dtype = tuple(info['shape']), np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     out = np.empty((stop - start,) + shape[1:], dtype)
-    self._file.seek(self._data_start + info['data_offsets'][0] + start * row_bytes)
-    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-    while done < out.nbytes:
-      n = self._file.readinto(view[done:])
-      if not n:
-        raise ValueError(f'tensor {name}: file ends after {done} of {out.nbytes} bytes')
-      done += n
-    return out
+    return self._read_into(out, self._data_start + info['data_offsets'][0] + start * row_bytes,
+                           name)
 
   def close(self) -> None:
     self._file.close()
