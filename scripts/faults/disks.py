@@ -245,7 +245,7 @@ def markdown(folder: str) -> report.Section:
     message = report.without_folders(message, folder)
     if ok is not None:
       tried, held = tried + 1, held + ok
-    lines.append(f'| {i} | {label} | {code} | `{report.cell(message, 300)}` | '
+    lines.append(f'| {i} | {label} | {code} | `{report.cell(message, 600)}` | '
                  f'{"skipped" if ok is None else "yes" if ok else "no"}'
                  f'{report.check_failed(ok is not False)} |')
   rows = [('read-only workdir, disk full (base model, first and later checkpoint saves, '
