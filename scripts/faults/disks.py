@@ -176,10 +176,10 @@ def probe_metrics_full(folder: str, env: dict) -> tuple[str, str, bool | None]:
   uninterrupted run (parameters, merge, metrics, eval.json)."""
   disk = os.path.join(folder, 'disk_metrics')
   two_cycles = ['--config.copd.num_cycles=2']
-  reference = runs.reference_run(folder, env, 'reference_two_cycles', two_cycles)
   with small_disk(disk, ROOM_FOR_THE_RUN) as ok:
     if not ok:
       return 'skipped (no root: cannot mount a tmpfs)', '', None
+    reference = runs.reference_run(folder, env, 'reference_two_cycles', two_cycles)
     workdir = os.path.join(disk, 'run')
     result = _full_disk_train('metrics', 1, workdir, env, two_cycles)
     path = os.path.join(workdir, 'metrics.jsonl')
