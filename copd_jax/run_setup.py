@@ -103,6 +103,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   # The prompts against the tokenizer and the model's size, before anything is written (Orbax's
   # checkpoint manager starts background work in the workdir as soon as it is made).
   encoder, domains = prompt_encoder(config, domains, log)
+  rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
+  sources = PromptSources(config, domains, rounds)
   storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
                                       keep_marked=config.checkpoint.keep_phase_ends)
@@ -113,6 +115,7 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
       saved = None
     if saved is not None:
       check_resume_compatible(saved['config'], config, log, steps_done=saved['step'] + 1)
+      sources.set_state(saved['data_state'])  # a changed number of examples: refused here
   base_path = base_model_path(config, workdir, domains, log)
   # Shapes only: the weights are read after the memory check, straight into their shardings.
   model = hf_io.abstract_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
@@ -126,12 +129,10 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   sample_mesh = mesh_lib.sampling_mesh(config, list(mesh.devices.flat), K)
   for line in mesh_lib.layout_lines(config, mesh.devices.size):
     log(f'layout: {line}')
-  rounds = topology_from_config(config).rounds() if config.copd.s_opd else ()
   optimizer = make_optimizer(config.optimizer)
   phases = PhaseController(config.copd)
   sampling = SamplingParams.from_config(config)
   reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
-  sources = PromptSources(config, domains, rounds)
   # Before any state is allocated: stop with one line if the run would not fit in memory.
   memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, model.config, log)
 

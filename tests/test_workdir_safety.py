@@ -16,7 +16,10 @@ from copd_jax import checkpoint as ckpt
 from copd_jax import data_digests, run_owner, workdir_claim, workdir_lock
 from copd_jax import metrics as metrics_lib
 from copd_jax.config import load_config
+from copd_jax.run_setup import PromptSources, load_domains
+from copd_jax.topology import topology_from_config
 from scripts.faults import cli
+from scripts.faults.workdirs import snapshot
 from tests.test_checkpoint import make_state, meta_for
 from tests.test_storage import fake_gcs  # noqa: F401  (a fixture)
 
@@ -219,6 +222,16 @@ def test_records_before_never_drops_good_records_after_a_bad_one():
 # Data files changed between checkpoint and resume
 # ---------------------------------------------------------------------------------------------
 
+def _checkpointed_workdir(workdir: str, config, **meta) -> str:
+  """`workdir` with one checkpoint (step 3) of `config`: its config and its data loaders' state
+  in the meta, as `train` saves them, plus `meta`."""
+  sources = PromptSources(config, load_domains(config), topology_from_config(config).rounds())
+  with ckpt.RunCheckpointer(workdir) as saver:
+    saver.save(3, make_state(2), {**meta_for(3), 'config': config.to_dict(),
+                                  'data_state': sources.get_state(), **meta})
+  return workdir
+
+
 def _file_run(tmp_path):
   """A workdir with one checkpoint whose meta records the digests of its data files, and the
   CLI overrides of that run."""
@@ -231,10 +244,8 @@ def _file_run(tmp_path):
   config = load_config(cli.TOY_CONFIG, [*cli.BASE_OVERRIDES, *overrides])
   recorded = data_digests.digests_of(config)
   assert set(recorded) == {'config.domains.sort.train_path', 'config.domains.sort.eval_path'}
-  workdir = str(tmp_path / 'run')
-  with ckpt.RunCheckpointer(workdir) as saver:
-    saver.save(3, make_state(2), {**meta_for(3), 'config': config.to_dict(),
-                                  data_digests.META_KEY: recorded})
+  workdir = _checkpointed_workdir(str(tmp_path / 'run'), config,
+                                  **{data_digests.META_KEY: recorded})
   return workdir, overrides, train_file
 
 
@@ -242,9 +253,7 @@ def test_resume_with_different_branches_is_refused_before_compute(tmp_path):
   """A workdir with a checkpoint resumes only under the config it was saved with: a changed
   training field stops `train` with one line naming it, before the base model is built."""
   config = load_config(cli.TOY_CONFIG, cli.BASE_OVERRIDES)
-  workdir = str(tmp_path / 'run')
-  with ckpt.RunCheckpointer(workdir) as saver:
-    saver.save(3, make_state(2), {**meta_for(3), 'config': config.to_dict()})
+  workdir = _checkpointed_workdir(str(tmp_path / 'run'), config)
   with cli.tripwire('copd_jax.run_setup.base_model_path'):
     same = cli.run_cli(_train_argv(workdir))
     refused = cli.run_cli(_train_argv(workdir, '--config.branches=arithmetic,sort'))
@@ -268,6 +277,29 @@ def test_resume_on_a_changed_data_file_is_refused_by_name(tmp_path):
   assert accepted.code == 'compute started'
   assert any(l.startswith('warning: config.domains.sort.train_path:') and
              '--accept-changed-data' in l for l in accepted.lines), accepted.stderr
+
+
+def test_resume_on_a_data_file_with_fewer_rows_is_one_line_before_compute(tmp_path):
+  """Issue 21, point 13: --accept-changed-data accepts changed rows, but the data order cannot
+  resume on another number of examples; the loader says so in one line naming the branch and
+  the file, before the base model is built (the tripwire) and without touching the workdir."""
+  workdir, overrides, train_file = _file_run(tmp_path)
+  train_file.write_text('{"prompt": "1+1", "answer": "2"}\n')
+  before = snapshot(workdir)
+  with cli.tripwire('copd_jax.run_setup.base_model_path'):
+    refused = cli.run_cli(_train_argv(workdir, *overrides, '--accept-changed-data'))
+  assert refused.code == 2, refused.stderr
+  assert refused.errors == [
+      f'error: data loader state does not match this run: branch 0 had 2 training examples at '
+      f'the checkpoint and has 1 now from {train_file}; a resume continues the data order of '
+      'the checkpoint, which needs as many examples as then (changed rows can be accepted, '
+      'added or removed ones cannot): restore the data or use a new --workdir'], refused.stderr
+  # The only other line: the warning that --accept-changed-data asked for.
+  assert [l for l in refused.lines if not l.startswith('error:')] == [
+      l for l in refused.lines if l.startswith('warning: config.domains.sort.train_path:')
+      and l.endswith('(--accept-changed-data)')], refused.stderr
+  assert len(refused.lines) == 2, refused.stderr
+  assert snapshot(workdir) == before
 
 
 def test_checkpoints_without_recorded_digests_resume_unchecked(tmp_path):

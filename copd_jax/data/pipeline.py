@@ -134,10 +134,14 @@ class BranchPromptLoader:
         if changed:
           k = changed[0]
           source = f' from {self.sources[k]}' if k < len(self.sources) else ''
+          # --accept-changed-data cannot help: the saved position is one in a permutation of
+          # that many examples.
           raise UserInputError(f'data loader state does not match this run: branch {k} had '
                                f'{theirs[k]:,} training examples at the checkpoint and has '
-                               f'{value[k]:,} now{source}; restore the data or use a new '
-                               '--workdir')
+                               f'{value[k]:,} now{source}; a resume continues the data order '
+                               'of the checkpoint, which needs as many examples as then '
+                               '(changed rows can be accepted, added or removed ones cannot): '
+                               'restore the data or use a new --workdir')
       if theirs != value:
         raise UserInputError(f'data loader state does not match this run: {key} is {theirs!r} '
                              f'in the checkpoint but {value!r} now')

@@ -194,6 +194,20 @@ def unknown_characters_case(folder: str) -> tuple[CliResult, bool]:
       "'é' (U+00E9), '中' (U+4E2D)"))
 
 
+# `generate`'s sampling flags: a bad value is named by the flag typed, not by the
+# config.sampling field it becomes (issue 21, point 13).
+BAD_GENERATE_FLAGS = (('--top-p', '1.5'), ('--temperature', '0'))
+
+
+def generate_flag_case(folder: str, flag: str, value: str) -> tuple[CliResult, bool]:
+  """`generate` with a bad sampling flag: one line naming the flag, before the model loads (the
+  tripwire)."""
+  model = hf_folder(folder)
+  with tripwire('copd_jax.commands.generate.load_model_and_tokenizer'):
+    result = run_cli(['generate', '--model', model, '--prompt', '12+7', flag, value])
+  return result, result.one_error_line and result.message.startswith(f'error: {flag}: ')
+
+
 def plan_case() -> tuple[CliResult, bool]:
   result = run_cli(['plan', '--config', TOY_CONFIG, '--devices', '100000000'])
   return result, result.one_error_line and '--devices must be an integer in' in result.message
@@ -227,6 +241,13 @@ def markdown(folder: str) -> report.Section:
   lines.append(f'| {tried} | `generate --prompt` with characters the tokenizer does not know | '
                f'`generate` | {result.code} | `{report.cell(warned)}` | yes (a warning, then '
                f'the completion){report.check_failed(ok)} |')
+  for flag, value in BAD_GENERATE_FLAGS:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+      result, ok = generate_flag_case(tmp, flag, value)
+    tried, held = tried + 1, held + ok
+    lines.append(f'| {tried} | `generate {flag} {value}` (a bad sampling flag) | `generate` | '
+                 f'{result.code} | `{report.cell(result.message)}` | yes (the model was not '
+                 f'loaded){report.check_failed(ok)} |')
   result, ok = plan_case()
   tried, held = tried + 1, held + ok
   lines.append(f'| {tried} | `plan --devices 100000000` | `plan` | {result.code} | '
@@ -234,7 +255,8 @@ def markdown(folder: str) -> report.Section:
                f'{report.check_failed(ok)} |')
   rows = [('bad HF model folder (NaN / inf / integer weight, no tokenizer, malformed chat '
            'template, layers past config.json, unused tensors, tokenizer past vocab_size), a '
-           'prompt too long for the model, unknown prompt characters, absurd plan size', tried,
+           'prompt too long for the model, unknown prompt characters, bad `generate` flags, '
+           'absurd plan size', tried,
            held, 'exit 2, one line naming the tensor and file, the field, file:line or the flag, '
            'before any compute (unused tensors, unknown characters: exit 0, one warning line '
            'naming them)',

@@ -1,7 +1,7 @@
-"""Data loss and corruption probes (issue 21, points 1-5): outputs aimed at their own inputs,
---overwrite of what a command did not write, NaN merges and exports, two `train` commands on one
-workdir, a damaged metrics.jsonl on resume, a fresh start in another run's workdir, and a resume
-on a data file that changed. Every probe runs the real command line in a fresh interpreter on a
+"""Data loss and corruption probes (issue 21, points 1-5 and 13): outputs aimed at their own
+inputs, --overwrite of what a command did not write, NaN merges and exports, two `train`
+commands on one workdir, a damaged metrics.jsonl on resume, a fresh start in another run's
+workdir, and a resume on a data file that changed (the same number of rows, or one fewer). Every probe runs the real command line in a fresh interpreter on a
 tiny run, and checks that nothing was lost: inputs byte for byte, outputs against an
 uninterrupted run."""
 from __future__ import annotations
@@ -202,7 +202,8 @@ def foreign_workdir(folder: str, env: dict[str, str]) -> Probe:
 
 def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
   """Point 5: a file-domain run stopped after 2 steps, its train file changed keeping its row
-  count, then resumed: refused naming the file; with --accept-changed-data, a warning."""
+  count, then resumed: refused naming the file; one row fewer with --accept-changed-data:
+  refused naming the file (point 13); the same rows with --accept-changed-data: a warning."""
   from copd_jax.data.synthetic import synthetic_domain
   train, evaluation = synthetic_domain('sort', 1000, 200, 8)
   data = os.path.join(folder, 'data')
@@ -233,6 +234,7 @@ def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
     problems.append('the workdir changed')
   first = Probe('resume after the train file changed (same row count)', refused.returncode,
                 cli.message, problems, 'the workdir byte for byte (its lock file too)')
+  fewer = fewer_rows(workdir, env, extra, paths['train'], rows)
   accepted = runs.train_process(workdir, env, [*extra, '--accept-changed-data'])
   text = accepted.stdout + accepted.stderr
   warning = next((l.strip() for l in text.splitlines() if l.startswith('warning: config.')), '')
@@ -242,7 +244,37 @@ def changed_data(folder: str, env: dict[str, str]) -> list[Probe]:
     problems.append('no warning')
   second = Probe('the same with `--accept-changed-data`', accepted.returncode, warning, problems,
                  'the run resumes from step 1 and finishes')
-  return [first, second]
+  return [first, fewer, second]
+
+
+def fewer_rows(workdir: str, env: dict[str, str], extra: list[str], train_path: str,
+               rows: list[str]) -> Probe:
+  """Point 13: the train file loses its last row and the resume passes --accept-changed-data:
+  the data loader cannot continue its order on another number of examples, so the resume must
+  exit 2 with one `error:` line naming branch 0 and the file (besides the warning the flag asks
+  for), before the warm start, leaving the workdir byte for byte. The file is put back
+  (`rows`) afterwards."""
+  with open(train_path, 'w') as f:
+    f.write('\n'.join(rows[:-1]) + '\n')
+  before = snapshot(workdir)
+  refused = runs.train_process(workdir, env, [*extra, '--accept-changed-data'])
+  with open(train_path, 'w') as f:
+    f.write('\n'.join(rows) + '\n')
+  cli = CliResult(refused.returncode, refused.stderr)
+  others = [l for l in cli.lines if not l.startswith('error:')]
+  problems = []
+  if not (refused.returncode == 2 and len(cli.errors) == 1 and 'branch 0 had 200 training '
+          f'examples at the checkpoint and has 199 now from {train_path};' in cli.message):
+    problems.append(f'exit {refused.returncode}, expected 2 with one line naming the file')
+  if len(others) != 1 or '(--accept-changed-data)' not in others[0]:
+    problems.append(f'other stderr lines: {others}')
+  if 'warm-starting' in refused.stdout:
+    problems.append('the base model was warm-started again before the refusal')
+  if snapshot(workdir) != before:
+    problems.append('the workdir changed')
+  return Probe('the same, the train file one row shorter, with `--accept-changed-data`',
+               refused.returncode, cli.message, problems, 'the workdir byte for byte (its lock '
+               'file too); no warm start (the warning the flag asks for comes first)')
 
 
 def experiment(folder: str, log: Callable[[str], None] = print) -> list[Probe]:
@@ -273,7 +305,7 @@ def markdown(folder: str) -> report.Section:
                  ' |')
   lines.append(f'\n{len(probes)} probes in {time.perf_counter() - started:.0f} s.')
   rows = [('data loss and corruption (outputs onto inputs, --overwrite, NaN merges, two trains, '
-           'damaged metrics, foreign workdir, changed data)', len(probes),
+           'damaged metrics, foreign workdir, changed data and row count)', len(probes),
            sum(p.ok for p in probes),
            'exit 2 with one line naming the path, flag, holder or file; the locked run and '
            'resumes go on', 'nothing: inputs byte for byte, runs identical to an uninterrupted '
