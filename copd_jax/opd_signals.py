@@ -18,7 +18,7 @@ rollout, what of it crosses branches, and the per-position loss the student take
   the same way: per vocabulary entry, clip(delta_v) in that gradient (the logged value stays
   the unclamped KL). What crosses is what the teacher's logits are made of, never the logits:
   its final-normed hidden states ([M, T, D] per edge, compute dtype) and, once per round, its
-  output head (`teacher_head`: [V, D], the embedding when tied, or [D, V]). The student forms
+  output head (`teacher_head`: [V, D], the embedding when tied). The student forms
   the teacher's log-probs one logits_chunk at a time inside its own chunked loss
   (`teacher_logprobs_from_hidden`), the same head_logits of the same inputs the teacher would
   compute, so the traffic scales as tokens x D + V x D, not tokens x V.
@@ -94,21 +94,25 @@ def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: 
 
 
 def teacher_head(graphdef, params) -> jax.Array:
-  """The teacher's output projection as 'full_reverse_kl' sends it, once per round: in the
-  compute dtype, as the teacher's own chunked scoring casts it ([V, D] when tied, else [D, V])."""
-  return nnx.merge(graphdef, params).head_weight()
+  """The teacher's output projection as 'full_reverse_kl' sends it, once per round: [V, D] (an
+  untied [D, V] head transposed, so every head is split on its vocabulary axis alike) in the
+  compute dtype, as the teacher's own chunked scoring casts it."""
+  model = nnx.merge(graphdef, params)
+  head = model.head_weight()
+  return head if model.config.tie_word_embeddings else head.T
 
 
-def teacher_logprobs_from_hidden(hidden: jax.Array, heads: jax.Array, tied: bool,
+def teacher_logprobs_from_hidden(hidden: jax.Array, heads: jax.Array,
                                  temperature: float) -> jax.Array:
   """fp32 next-token log-probs [B, c, V] of teachers' hidden states [B, c, D] whose rows come in
-  R equal consecutive groups, group r through heads[r] (heads [R, V, D] tied, else [R, D, V]):
-  the logits each teacher computes for itself (`head_logits`), at `temperature`."""
+  R equal consecutive groups, group r through heads[r] (heads [R, V, D], `teacher_head`): the
+  logits each teacher computes for itself (`head_logits`), at `temperature`."""
   R = heads.shape[0]
   B, c, D = hidden.shape
   if B % R:
     raise ValueError(f'{B} teacher rows do not split into {R} rounds')
-  logits = jax.vmap(lambda h, w: head_logits(h, w, tied))(hidden.reshape(R, B // R, c, D), heads)
+  logits = jax.vmap(lambda h, w: head_logits(h, w, tied=True))(hidden.reshape(R, B // R, c, D),
+                                                               heads)
   return jax.nn.log_softmax(logits.reshape(B, c, -1) / temperature, axis=-1)
 
 
@@ -166,11 +170,11 @@ def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: 
   both from one pass over the student's logits, logits_chunk positions at a time.
 
   'full_reverse_kl': rows [first_distill_row, B) are distillation rows in R equal consecutive
-  groups, group r taught by teacher_heads[r] ([R, V, D] tied, else [R, D, V]) applied to
+  groups, group r taught by teacher_heads[r] ([R, V, D], `teacher_head`) applied to
   view.hidden; rows before first_distill_row (native rows) get divergence 0 and no teacher
   logits."""
   model = nnx.merge(graphdef, params)
-  tied, first = model.config.tie_word_embeddings, first_distill_row
+  first = first_distill_row
   hidden, _ = model.hidden_states(tokens, token_valid=valid)
   shift = lambda x: x[:, 1:]  # position t of the view predicts token t: logits at t - 1
 
@@ -181,8 +185,7 @@ def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: 
     if signal == TOPK_FORWARD_KL:
       divergence = topk_forward_kl(logp, *teacher)
     elif signal == FULL_REVERSE_KL:
-      teacher_logp = teacher_logprobs_from_hidden(teacher[first:], teacher_heads, tied,
-                                                  temperature)
+      teacher_logp = teacher_logprobs_from_hidden(teacher[first:], teacher_heads, temperature)
       divergence = jnp.concatenate([jnp.zeros((first, logp.shape[1]), logp.dtype),
                                     reverse_kl(logp[first:], teacher_logp, clamp)])
     else:

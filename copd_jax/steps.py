@@ -476,10 +476,9 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
 
 
 def teacher_heads(graphdef, params: nnx.State, rounds: np.ndarray, mesh: Mesh) -> jax.Array:
-  """[R, K, ...] the output head (`opd_signals.teacher_head`, compute dtype) of each student's
+  """[R, K, V, D] the output head (`opd_signals.teacher_head`, compute dtype) of each student's
   teacher per round (0 for idle students), moved by `route` like the views: per round one
-  collective permute of each teacher's head, split over 'fsdp' where it divides the head's first
-  axis (V tied, D untied)."""
+  collective permute of each teacher's head, split over 'fsdp' where it divides V."""
   heads = jax.vmap(lambda p: opd_signals.teacher_head(graphdef, p))(params)
   out = []
   for teacher_of in rounds:
@@ -532,8 +531,13 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     distill = jax.tree.map(lambda x: _rows_constraint(x, mesh, 1), distill)
     teacher = teacher_views(graphdef, state.params, distill, table, mesh, config)
     heads = None
-    if config.opd_signal == opd_signals.FULL_REVERSE_KL:   # [R, K, ...] -> per branch [K, R, ...]
+    if config.opd_signal == opd_signals.FULL_REVERSE_KL:   # [R, K, V, D] -> [K, R, V, D]
       heads = jnp.swapaxes(teacher_heads(graphdef, state.params, table, mesh), 0, 1)
+      # At the student the vocabulary is split over 'tensor' as its own logits are (and as
+      # memory_estimate counts the heads), the hidden axis whole.
+      vocab = 'tensor' if heads.shape[2] % mesh.shape['tensor'] == 0 else None
+      heads = jax.lax.with_sharding_constraint(heads, NamedSharding(mesh, P('branch', None,
+                                                                            vocab)))
     # One combined batch per branch: native rows, then its distillation rows of all rounds
     # ([R, K, M, T] -> [K, R * M, T]), both right-padded to a common T.
     per_branch = lambda x: jnp.swapaxes(x, 0, 1).reshape(K, R * M, *x.shape[3:])

@@ -354,6 +354,41 @@ def test_the_teacher_pass_counts_in_the_training_peak(plan_8b):
                                     + 2 * plan_8b.activation_bytes['opd'])
 
 
+def test_the_opd_signal_changes_the_training_estimate(plan_8b):
+  """opd.signal changes what the OPD update holds (8B K=3 plan, whole logits): nothing beyond
+  per-token log-probs for 'sampled_token'; the teachers' top-k ids and log-probs for
+  'topk_forward_kl'; for 'full_reverse_kl' the teachers' hidden states and heads through the
+  update, and the teachers' fp32 logits arrays in the head term (never [rows, T, V] through the
+  update)."""
+  from copd_jax.memory_estimate import SIGNAL_CHUNK_ARRAYS
+  from copd_jax.memory_plan import format_plan
+  plans = {signal: make_plan(load_config(CONFIG_8B, OVERRIDES_8B + [
+      f'--config.opd.signal={signal}', '--config.opd.delta_clamp=0'], check_files=False),
+      jax.devices(), prompt_tokens=256)
+      for signal in ('topk_forward_kl', 'full_reverse_kl')}
+  sampled, topk, full = plan_8b, plans['topk_forward_kl'], plans['full_reverse_kl']
+  assert sampled.workload.opd_signal == 'sampled_token' and sampled.opd_signal_bytes == 0
+  # OPD batch: 32 native + 2 rounds x 8 distillation rows = 48 per branch, 12 per device over
+  # fsdp 4, 36 for 3 branches, T = 768; top-k 8 (default): int32 ids + fp32 log-probs.
+  rows, T, V = 36, 768, 75_968   # V / tensor 2
+  assert topk.opd_signal_bytes == rows * T * 8 * 8
+  # bf16 hidden states [36, 768, 4096] + 3 branches x 2 rounds of teacher heads [V / 2, 4096].
+  assert full.opd_signal_bytes == rows * T * 4096 * 2 + 3 * 2 * V * 4096 * 2
+  # Per chunk (here all T): the micro-batch's 2 x 8 / 2 distillation rows, 2 per device, 6 for
+  # 3 branches: the teachers' fp32 [6, 768, V] arrays beside the student's own.
+  assert (full.activation_bytes['opd'] - sampled.activation_bytes['opd']
+          == SIGNAL_CHUNK_ARRAYS * 6 * T * V * 4)
+  assert topk.activation_bytes == sampled.activation_bytes
+  assert full.train_peak - sampled.train_peak == (full.opd_signal_bytes
+                                                  + SIGNAL_CHUNK_ARRAYS * 6 * T * V * 4)
+  assert full.train_peak > topk.train_peak > sampled.train_peak
+  # Smaller than the [rows, T, V] fp32 teacher log-probs the signal once held at the student.
+  assert full.opd_signal_bytes < rows * T * 2 * V * 4 / 4
+  report = format_plan(full, leaves=False)
+  assert 'OPD teacher signal at the student (opd.signal=full_reverse_kl)' in report
+  assert 'OPD teacher signal' not in format_plan(sampled, leaves=False)
+
+
 def test_host_ram_sums_the_cpu_devices_of_a_host(plan_8b, capsys):
   from copd_jax.memory_plan import host_memory_bytes
   # The driver's base model: one unstacked fp32 copy of the 8B parameters.
