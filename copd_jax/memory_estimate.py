@@ -39,10 +39,11 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
   OPD teacher signal at the student (opd.signal; 0 for 'sampled_token', whose [rows, T]
                   log-probs count as little as the batch's other per-token arrays):
                   'topk_forward_kl' b_o T k * 8 (the teachers' top-k ids and log-probs);
-                  'full_reverse_kl' b_o T D a + K/branch R V/t D a (the teachers' final-normed
-                  hidden states, laid into the whole combined batch, and the R teacher heads
-                  [V, D] of each branch, split over 'tensor' as the student's logits are) held
-                  through the update, b_o = the OPD step's rows of all micro-batches on a
+                  'full_reverse_kl' b_o T D a + K/branch (R + 1) V/t D a (the teachers'
+                  final-normed hidden states, laid into the whole combined batch, and [V, D]
+                  heads: the R routed to each branch, split over 'tensor' as the student's
+                  logits are, and the compute-dtype copy each teacher makes of its own to send)
+                  held through the update, b_o = the OPD step's rows of all micro-batches on a
                   device; plus, in the head term of the OPD micro-batch,
                   SIGNAL_CHUNK_ARRAYS * b_d c V/t * 4 for the teachers' logits formed in each
                   chunk (b_d: the micro-batch's distillation rows on a device)
@@ -104,9 +105,10 @@ from copd_jax.topology import topology_from_config
 
 GIB = 2 ** 30
 # fp32 [rows, c, V] arrays a chunk of the 'full_reverse_kl' student loss holds for the teachers'
-# distribution beside the student's own (its logits, log-softmax, and the delta the gradient
-# reads): tests/test_plan.py checks the count against XLA's compiled temporaries.
-SIGNAL_CHUNK_ARRAYS = 3
+# distribution beside the student's own (their log-softmax; the logits fuse into it). Against
+# XLA:CPU's compiled OPD step the signal's terms err high by up to about 25%
+# (tests/test_plan.py: test_full_reverse_kl_estimate_tracks_xla_memory_analysis).
+SIGNAL_CHUNK_ARRAYS = 1
 
 
 class PlanError(UserInputError):
@@ -295,7 +297,7 @@ def train_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tenso
 def signal_held_bytes(mc: Qwen3Config, signal: str, rows: float, seq: int, a: int,
                       tensor: int, heads: float, topk: int) -> float:
   """The OPD teacher signal (beyond per-token log-probs) the update holds on one device for
-  `rows` rows of `seq` tokens and `heads` routed teacher heads (branches here x rounds):
+  `rows` rows of `seq` tokens and `heads` teacher heads (branches here x (rounds + 1)):
   'topk_forward_kl' the int32 ids and fp32 log-probs of the top-k; 'full_reverse_kl' the
   teachers' hidden states and their [V, D] heads (vocabulary over 'tensor') in compute dtype;
   'sampled_token' 0."""
@@ -435,7 +437,8 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
   signal = 0.0
   if work.rounds:
     signal = signal_held_bytes(mc, work.opd_signal, rows_per_device(opd_rows, K, mesh_shape),
-                               work.seq, a, tensor, K / mesh_shape['branch'] * work.rounds,
+                               work.seq, a, tensor,
+                               K / mesh_shape['branch'] * (work.rounds + 1),
                                work.opd_topk)
 
   s_shape = dict(s_mesh.shape)

@@ -17,8 +17,9 @@ group's prompt is scored once and its KV cache shared by the group's rows
 OPD teacher signal: in round r (`Topology.rounds()`), student k distils from teacher_of[k]. The
 students' tokens are permuted along the branch axis to their teachers' shards (`shard_map` +
 `ppermute`: a device receives only its student's rows), every teacher scores them with its own
-parameters, and the log-probs are permuted back. Parameters never leave their branch; only
-[K, M, T] tokens and log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k]
+parameters, and the log-probs are permuted back. Parameters never leave their branch (but for
+the teachers' output heads of 'full_reverse_kl', once per round); only [K, M, T] tokens and
+log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k]
 top-k ids and log-probs; 'full_reverse_kl' moves the teachers' [K, M, T, D] hidden states and,
 once per round, their output heads, from which the students form the teachers' logits one
 logits_chunk at a time: copd_jax.opd_signals).
@@ -240,7 +241,7 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
   plus, for OPD, distillation rows whose advantage is the teacher signal), micro-batched against
   one normaliser of the whole batch. Returns (params, opt_state, metrics).
 
-  teacher_heads ('full_reverse_kl', else None): [R, ...] the head of this branch's teacher in
+  teacher_heads ('full_reverse_kl', else None): [R, V, D] the head of this branch's teacher in
   each round; the batch is native_rows native rows, then R rounds of equally many distillation
   rows, so each micro-batch holds native_rows / num_micro_batches native rows and then its
   share of each round's rows, in round order (`_split_micro` deals rows out in turn).
