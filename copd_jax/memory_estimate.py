@@ -73,7 +73,8 @@ estimate of 4.1 GiB: the runtime, compiled programs and allocator slack are not 
 bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
 
 Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
-the GRPO and OPD micro-batches' activations and the OPD teacher pass; sampling peak = state
+the GRPO and OPD micro-batches' activations (the OPD one plus the teacher signal it holds) and
+the OPD teacher pass; sampling peak = state
 (+ reference) + the sampler's parameter copy (parameters resharded by `sampling.SAMPLING_RULES`
 on the sampling mesh: 'embed' is not split over 'fsdp') + KV cache + prefill; probe peak =
 state (+ reference) + top-k probe. Not counted: XLA temporaries and fusion buffers, the compiled

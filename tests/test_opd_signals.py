@@ -137,7 +137,8 @@ def test_full_reverse_kl_from_teacher_hidden_states_equals_the_vocabulary_sized_
   mask = jnp.asarray(batch.completion_mask, jnp.float32).at[:2].set(0.0)
   native, rounds = 2, [slice(2, 5), slice(5, 8)]
 
-  def teacher_part(fn):
+  def teacher_part(fn):   # jitted: eager op-by-op dispatch of the model is slow
+    fn = jax.jit(fn)
     return [fn(teacher, tokens[rows], valid[rows]) for teacher, rows in zip(teachers, rounds)]
 
   old_teacher = jnp.concatenate([jnp.zeros((native, tokens.shape[1], CONFIG.vocab_size))] +
@@ -147,7 +148,8 @@ def test_full_reverse_kl_from_teacher_hidden_states_equals_the_vocabulary_sized_
       graphdef, p, t, v, opd_signals.FULL_REVERSE_KL, TEMPERATURE, 1, chunk))
   hidden = jnp.concatenate([jnp.zeros((native,) + views[0].hidden.shape[1:])] +
                            [view.hidden for view in views])
-  heads = jnp.stack([opd_signals.teacher_head(graphdef, p) for p in teachers])
+  heads = jnp.stack([jax.jit(lambda p: opd_signals.teacher_head(graphdef, p))(p)
+                     for p in teachers])
   view = opd_signals.TeacherView(jnp.zeros(tokens.shape), hidden=hidden)
 
   def loss(scores_and_divergence):
@@ -171,8 +173,8 @@ def test_full_reverse_kl_from_teacher_hidden_states_equals_the_vocabulary_sized_
   assert np.all(np.asarray(new_divergence[:native]) == 0)
   assert np.asarray(new_divergence[native:]).max() > 0.1
   np.testing.assert_allclose(new_loss, old_loss, rtol=1e-5)
-  for x, y in zip(jax.tree.leaves(new_grad), jax.tree.leaves(old_grad)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(new_grad), jax.tree.leaves(old_grad)):   # entries up to ~2
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
   # the teacher's token log-probs sent beside the hidden states are those of its whole view
   for view_r, rows in zip(views, rounds):
     want = jnp.take_along_axis(old_teacher[rows], tokens[rows][..., None], axis=-1)[..., 0]
@@ -280,6 +282,7 @@ def test_distribution_signal_step_equals_grpo_update_plus_reference_divergence_g
   assert np.all(np.asarray(metrics['opd_divergence_mean']) > 0)
 
 
+@pytest.mark.slow   # compiles a K = 3 OPD step and a GRPO step: ~2 min on a loaded 2-core machine
 def test_full_reverse_kl_step_with_two_teachers_per_student_and_micro_batches(model):
   """K = 3, every branch taught by both others (two rounds), 2 micro-batches, a delta clamp:
   each micro-batch holds native rows, then its share of round 0's and of round 1's rows, and
