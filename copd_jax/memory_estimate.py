@@ -36,6 +36,17 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
                   arrays are freed before the layers' backward recomputes one layer at a time)
   gradients:      per device, params' element count * (4 + param bytes): the fp32 micro-batch
                   accumulator and one micro-batch's gradient
+  OPD teacher signal at the student (opd.signal; 0 for 'sampled_token', whose [rows, T]
+                  log-probs count as little as the batch's other per-token arrays):
+                  'topk_forward_kl' b_o T k * 8 (the teachers' top-k ids and log-probs);
+                  'full_reverse_kl' b_o T D a + K/branch (R + 1) V/t D a (the teachers'
+                  final-normed hidden states, laid into the whole combined batch, and [V, D]
+                  heads: the R routed to each branch, split over 'tensor' as the student's
+                  logits are, and the compute-dtype copy each teacher makes of its own to send)
+                  held through the update, b_o = the OPD step's rows of all micro-batches on a
+                  device; plus, in the head term of the OPD micro-batch,
+                  SIGNAL_CHUNK_ARRAYS * b_d c V/t * 4 for the teachers' logits formed in each
+                  chunk (b_d: the micro-batch's distillation rows on a device)
   OPD teacher pass: layer(b_t, T) + 2 * b_t c V/t * 4, b_t the distillation rows of one
                   micro-batch (opd rows / grpo.micro_batches) on a device: the teachers score
                   the students' tokens forward only (fp32 logits and log-softmax) before the
@@ -62,7 +73,8 @@ estimate of 4.1 GiB: the runtime, compiled programs and allocator slack are not 
 bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
 
 Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
-the GRPO and OPD micro-batches' activations and the OPD teacher pass; sampling peak = state
+the GRPO and OPD micro-batches' activations (the OPD one plus the teacher signal it holds) and
+the OPD teacher pass; sampling peak = state
 (+ reference) + the sampler's parameter copy (parameters resharded by `sampling.SAMPLING_RULES`
 on the sampling mesh: 'embed' is not split over 'fsdp') + KV cache + prefill; probe peak =
 state (+ reference) + top-k probe. Not counted: XLA temporaries and fusion buffers, the compiled
@@ -82,7 +94,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from copd_jax.sampling.engine import EngineSettings, slot_count
-from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib
+from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib, opd_signals
 from copd_jax.errors import UserInputError
 from copd_jax.models.attention import Attention, uses_dense_scores
 from copd_jax.models.presets import DTYPES
@@ -93,6 +105,11 @@ from copd_jax.steps import branch_state_init, branch_state_shardings
 from copd_jax.topology import topology_from_config
 
 GIB = 2 ** 30
+# fp32 [rows, c, V] arrays a chunk of the 'full_reverse_kl' student loss holds for the teachers'
+# distribution beside the student's own (their log-softmax; the logits fuse into it). Against
+# XLA:CPU's compiled OPD step the signal's terms err high by up to about 25%
+# (tests/test_plan.py: test_full_reverse_kl_estimate_tracks_xla_memory_analysis).
+SIGNAL_CHUNK_ARRAYS = 1
 
 
 class PlanError(UserInputError):
@@ -114,6 +131,8 @@ class Workload:
   reference: bool        # grpo.kl_coef > 0: a frozen reference copy of the params
   logits_chunk: int | None = None   # grpo.logits_chunk as resolved (None: off)
   attention: Attention = Attention()  # model.attention / model.attention_block
+  opd_signal: str = opd_signals.SAMPLED_TOKEN   # opd.signal
+  opd_topk: int = 8                             # opd.topk ('topk_forward_kl')
 
   @property
   def seq(self) -> int:
@@ -141,7 +160,8 @@ def workload_of(config, prompt_tokens: int, vocab_size: int | None = None) -> Wo
       compute_bytes=jnp.dtype(DTYPES[config.model.compute_dtype]).itemsize,
       remat=bool(config.model.remat), reference=config.grpo.kl_coef > 0,
       logits_chunk=logits_chunk_lib.resolve(config, prompt_tokens, vocab_size),
-      attention=Attention(config.model.attention, config.model.attention_block))
+      attention=Attention(config.model.attention, config.model.attention_block),
+      opd_signal=config.opd.signal, opd_topk=config.opd.topk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,14 +283,40 @@ def forward_pass_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: i
 
 def train_activation_bytes(mc: Qwen3Config, rows: float, seq: int, a: int, tensor: int,
                            remat: bool, chunk: int | None = None,
-                           attention: Attention = Attention('dense')) -> float:
+                           attention: Attention = Attention('dense'),
+                           head_extra: float = 0.0) -> float:
   """Activations of one micro-batch's forward + backward on one device (layers + output head,
-  `chunk` positions of logits at a time; None: all)."""
+  `chunk` positions of logits at a time; None: all); head_extra: bytes the loss holds beside
+  the head's own arrays while a chunk runs (`signal_chunk_bytes`)."""
   layer = layer_activation_bytes(mc, rows, seq, a, tensor, attention)
-  head = head_activation_bytes(mc, rows, seq, tensor, chunk)
+  head = head_activation_bytes(mc, rows, seq, tensor, chunk) + head_extra
   if remat:
     return mc.num_layers * rows * seq * mc.hidden_size * a + max(layer, head)
   return mc.num_layers * layer + head
+
+
+def signal_held_bytes(mc: Qwen3Config, signal: str, rows: float, seq: int, a: int,
+                      tensor: int, heads: float, topk: int) -> float:
+  """The OPD teacher signal (beyond per-token log-probs) the update holds on one device for
+  `rows` rows of `seq` tokens and `heads` teacher heads (branches here x (rounds + 1)):
+  'topk_forward_kl' the int32 ids and fp32 log-probs of the top-k; 'full_reverse_kl' the
+  teachers' hidden states and their [V, D] heads (vocabulary over 'tensor') in compute dtype;
+  'sampled_token' 0."""
+  if signal == opd_signals.TOPK_FORWARD_KL:
+    return rows * seq * topk * 8
+  if signal == opd_signals.FULL_REVERSE_KL:
+    return (rows * seq + heads * _split(mc.vocab_size, tensor)) * mc.hidden_size * a
+  return 0.0
+
+
+def signal_chunk_bytes(mc: Qwen3Config, signal: str, rows: float, seq: int, tensor: int,
+                       chunk: int | None) -> float:
+  """'full_reverse_kl': the teachers' fp32 [rows, positions, V] arrays one chunk of the
+  student's loss holds for its `rows` distillation rows (SIGNAL_CHUNK_ARRAYS of them); else 0."""
+  if signal != opd_signals.FULL_REVERSE_KL:
+    return 0.0
+  return (SIGNAL_CHUNK_ARRAYS * rows * scored_positions(seq, chunk)
+          * _split(mc.vocab_size, tensor) * 4)
 
 
 def kv_cache_bytes(mc: Qwen3Config, rows: float, slots: int, a: int, tensor: int) -> float:
@@ -309,6 +355,7 @@ class MemoryPlan:
   teacher_bytes: float = 0.0           # the OPD step's teacher pass (0 without OPD)
   base_param_bytes: int = 0            # the driver's one unstacked copy of the base model
   kv_cache_rows: float = 0.0           # sequences the KV cache holds on a device
+  opd_signal_bytes: float = 0.0        # opd.signal's teacher arrays held through the OPD update
 
   def group_bytes(self, group: str) -> int:
     return sum(leaf.per_device_bytes for leaf in self.leaves if leaf.group == group)
@@ -319,8 +366,11 @@ class MemoryPlan:
 
   @property
   def train_peak(self) -> float:
+    steps = dict(self.activation_bytes)
+    if 'opd' in steps:   # the teachers' signal stays at the student through its update
+      steps['opd'] += self.opd_signal_bytes
     return (self.state_bytes + self.gradient_bytes + self.reference_bytes
-            + max(*self.activation_bytes.values(), self.teacher_bytes))
+            + max(*steps.values(), self.teacher_bytes))
 
   @property
   def sampling_peak(self) -> float:
@@ -372,14 +422,25 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
   a, tensor, chunk = work.compute_bytes, mesh.shape['tensor'], work.logits_chunk
   mesh_shape = dict(mesh.shape)
   activations = {}
-  for step, rows in (('grpo', work.native_rows),
-                     ('opd', work.native_rows + work.rounds * work.distill_rows)):
+  opd_rows = work.native_rows + work.rounds * work.distill_rows
+  for step, rows in (('grpo', work.native_rows), ('opd', opd_rows)):
     if step == 'opd' and not work.rounds:
       continue
     per_micro = rows // work.micro_batches
+    head_extra = 0.0
+    if step == 'opd':
+      distill = rows_per_device(work.rounds * work.distill_rows // work.micro_batches, K,
+                                mesh_shape)
+      head_extra = signal_chunk_bytes(mc, work.opd_signal, distill, work.seq, tensor, chunk)
     activations[step] = train_activation_bytes(
         mc, rows_per_device(per_micro, K, mesh_shape), work.seq, a, tensor, work.remat, chunk,
-        work.attention)
+        work.attention, head_extra)
+  signal = 0.0
+  if work.rounds:
+    signal = signal_held_bytes(mc, work.opd_signal, rows_per_device(opd_rows, K, mesh_shape),
+                               work.seq, a, tensor,
+                               K / mesh_shape['branch'] * (work.rounds + 1),
+                               work.opd_topk)
 
   s_shape = dict(s_mesh.shape)
   s_tensor = s_shape['tensor']
@@ -410,7 +471,8 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
                                  attention=work.attention)
   base = sum(leaf.total_bytes for leaf in param_leaves) // K
   return MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
-                    sampling_params, activations, kv, prefill, probe, teacher, base, kv_rows)
+                    sampling_params, activations, kv, prefill, probe, teacher, base, kv_rows,
+                    opd_signal_bytes=signal)
 
 
 def phase_fixes(plan: MemoryPlan, shared_host: bool = False) -> dict[str, list[str]]:

@@ -127,6 +127,9 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
            (f'KV cache (estimate; {plan.kv_cache_rows:g} rows x {w.seq} tokens: '
             f'sampling.decoder / kv_token_budget)', plan.kv_cache_bytes),
            ('prefill transient (estimate)', plan.prefill_bytes)]
+  if plan.opd_signal_bytes:
+    rows.append((f'OPD teacher signal at the student (opd.signal={w.opd_signal})',
+                 plan.opd_signal_bytes))
   if plan.teacher_bytes:
     rows.append(('OPD teacher pass transient (estimate)', plan.teacher_bytes))
   if plan.probe_bytes:

@@ -11,14 +11,17 @@ rollout, what of it crosses branches, and the per-position loss the student take
   KL(q || pi_student) = sum_i q_i (log q_i - log pi_student(i)) on those k ids (gradient
   -sum_i q_i grad log pi_student(i)). With k < V this is not zero when teacher == student
   (q is the truncated, sharpened distribution); with k = V it is the exact forward KL.
-- 'full_reverse_kl': the teacher's whole next-token distribution crosses ([M, T, V] per edge:
-  tokens x vocabulary, an opt-in for small vocabularies or single-host runs; possible because
-  every branch shares the tokenizer). Per position the student minimises the exact
-  KL(pi_student || pi_teacher) over the vocabulary. Its gradient
+- 'full_reverse_kl': per position the student minimises the exact KL(pi_student || pi_teacher)
+  over the vocabulary (possible because every branch shares the tokenizer). Its gradient
   -sum_v pi_s(v) delta_v grad log pi_s(v), delta_v = log pi_t(v) - log pi_s(v), is the
   expectation over y ~ pi_s of the sampled-token signal's gradient, so delta_clamp applies
   the same way: per vocabulary entry, clip(delta_v) in that gradient (the logged value stays
-  the unclamped KL).
+  the unclamped KL). What crosses is what the teacher's logits are made of, never the logits:
+  its final-normed hidden states ([M, T, D] per edge, compute dtype) and, once per round, its
+  output head (`teacher_head`: [V, D], the embedding when tied). The student forms
+  the teacher's log-probs one logits_chunk at a time inside its own chunked loss
+  (`teacher_logprobs_from_hidden`), the same head_logits of the same inputs the teacher would
+  compute, so the traffic scales as tokens x D + V x D, not tokens x V.
 
 Both distribution variants REPLACE the token advantage of the distillation rows: those rows get
 advantage 0 in the clipped surrogate (no gradient from it) and instead add
@@ -29,9 +32,9 @@ divergence: the OPD step makes one update per batch, on the student's own rollou
 
 Memory: the student's logits are scored `logits_chunk` positions at a time with the divergence
 inside each chunk (recomputed in the backward pass), so the student's [T, V] logits never sit
-whole; with 'full_reverse_kl' the teacher's routed [M, T, V] log-probs do (one array per round
-at the student, computed chunk by chunk on the teacher's shard, then laid out as the update's
-[N + R * M, T, V] teacher field, zero on the N native rows).
+whole; with 'full_reverse_kl' neither do the teacher's: a chunk holds both models' [rows, c, V]
+logits, and what stays for the whole update is the teacher's [rows, T, D] hidden states and its
+R heads (copd_jax/memory_estimate.py counts both).
 """
 from __future__ import annotations
 
@@ -41,8 +44,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from copd_jax.models.qwen3 import head_logits
 from copd_jax.scoring import (TokenScores, logprobs_from_logits, map_head_chunks,
-                              next_token_logprobs, pad_first_position, sequence_logprobs)
+                              pad_first_position, scores_from_hidden, sequence_logprobs)
 
 SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL = ('sampled_token', 'topk_forward_kl',
                                                    'full_reverse_kl')
@@ -56,7 +60,8 @@ class TeacherView(NamedTuple):
   token_logprobs: jax.Array                 # [M, T] log pi_teacher of the sampled token
   topk_ids: jax.Array | None = None         # [M, T, k] int32 ('topk_forward_kl')
   topk_logprobs: jax.Array | None = None    # [M, T, k]
-  logprobs: jax.Array | None = None         # [M, T, V] ('full_reverse_kl')
+  hidden: jax.Array | None = None           # [M, T, D] ('full_reverse_kl') the teacher's final-
+                                            # normed hidden state whose logits predict token t
 
 
 def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: str,
@@ -78,10 +83,37 @@ def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: 
         per_chunk, model, hidden[:, :-1], tokens[:, 1:], logits_chunk))
     return TeacherView(token_lp * valid, ids, top_lp * valid[..., None])
   if signal == FULL_REVERSE_KL:
-    logp = next_token_logprobs(graphdef, params, tokens, valid, temperature, logits_chunk)
-    token_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    return TeacherView(token_lp * valid, logprobs=logp)
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(tokens, token_valid=valid)
+    token_lp = scores_from_hidden(model, hidden[:, :-1], tokens[:, 1:], temperature,
+                                  logits_chunk).logprobs
+    return TeacherView(pad_first_position(token_lp) * valid,
+                       hidden=pad_first_position(hidden[:, :-1]) * valid[..., None].astype(
+                           hidden.dtype))
   raise ValueError(f'unknown OPD signal {signal!r}; choose one of {SIGNALS}')
+
+
+def teacher_head(graphdef, params) -> jax.Array:
+  """The teacher's output projection as 'full_reverse_kl' sends it, once per round: [V, D] (an
+  untied [D, V] head transposed, so every head is split on its vocabulary axis alike) in the
+  compute dtype, as the teacher's own chunked scoring casts it."""
+  model = nnx.merge(graphdef, params)
+  head = model.head_weight()
+  return head if model.config.tie_word_embeddings else head.T
+
+
+def teacher_logprobs_from_hidden(hidden: jax.Array, heads: jax.Array,
+                                 temperature: float) -> jax.Array:
+  """fp32 next-token log-probs [B, c, V] of teachers' hidden states [B, c, D] whose rows come in
+  R equal consecutive groups, group r through heads[r] (heads [R, V, D], `teacher_head`): the
+  logits each teacher computes for itself (`head_logits`), at `temperature`."""
+  R = heads.shape[0]
+  B, c, D = hidden.shape
+  if B % R:
+    raise ValueError(f'{B} teacher rows do not split into {R} rounds')
+  logits = jax.vmap(lambda h, w: head_logits(h, w, tied=True))(hidden.reshape(R, B // R, c, D),
+                                                               heads)
+  return jax.nn.log_softmax(logits.reshape(B, c, -1) / temperature, axis=-1)
 
 
 def top_k_by_argmax(logp: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -131,11 +163,18 @@ def reverse_kl(student_logp: jax.Array, teacher_logp: jax.Array,
 
 def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: TeacherView,
                    signal: str, temperature: float, logits_chunk: int | None,
-                   clamp: float | None = None) -> tuple[TokenScores, jax.Array]:
+                   clamp: float | None = None, teacher_heads: jax.Array | None = None,
+                   first_distill_row: int = 0) -> tuple[TokenScores, jax.Array]:
   """The student's TokenScores of tokens [B, T] and, per position, its divergence from the
   teacher's view for a distribution `signal` ([B, T], 0 at position 0 and invalid positions),
-  both from one pass over the student's logits, logits_chunk positions at a time."""
+  both from one pass over the student's logits, logits_chunk positions at a time.
+
+  'full_reverse_kl': rows [first_distill_row, B) are distillation rows in R equal consecutive
+  groups, group r taught by teacher_heads[r] ([R, V, D], `teacher_head`) applied to
+  view.hidden; rows before first_distill_row (native rows) get divergence 0 and no teacher
+  logits."""
   model = nnx.merge(graphdef, params)
+  first = first_distill_row
   hidden, _ = model.hidden_states(tokens, token_valid=valid)
   shift = lambda x: x[:, 1:]  # position t of the view predicts token t: logits at t - 1
 
@@ -146,13 +185,15 @@ def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: 
     if signal == TOPK_FORWARD_KL:
       divergence = topk_forward_kl(logp, *teacher)
     elif signal == FULL_REVERSE_KL:
-      divergence = reverse_kl(logp, teacher, clamp)
+      teacher_logp = teacher_logprobs_from_hidden(teacher[first:], teacher_heads, temperature)
+      divergence = jnp.concatenate([jnp.zeros((first, logp.shape[1]), logp.dtype),
+                                    reverse_kl(logp[first:], teacher_logp, clamp)])
     else:
       raise ValueError(f'{signal!r} is not a distribution signal')
     return scores, divergence
 
   teacher = ((shift(view.topk_ids), shift(view.topk_logprobs)) if signal == TOPK_FORWARD_KL
-             else shift(view.logprobs))
+             else shift(view.hidden))
   scores, divergence = map_head_chunks(per_chunk, model, hidden[:, :-1],
                                        (tokens[:, 1:], teacher), logits_chunk)
   pad = lambda x: pad_first_position(x) * valid

@@ -17,9 +17,12 @@ group's prompt is scored once and its KV cache shared by the group's rows
 OPD teacher signal: in round r (`Topology.rounds()`), student k distils from teacher_of[k]. The
 students' tokens are permuted along the branch axis to their teachers' shards (`shard_map` +
 `ppermute`: a device receives only its student's rows), every teacher scores them with its own
-parameters, and the log-probs are permuted back. Parameters never leave their branch; only
-[K, M, T] tokens and log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k]
-top-k ids and log-probs; 'full_reverse_kl' moves [K, M, T, V] log-probs: copd_jax.opd_signals).
+parameters, and the log-probs are permuted back. Parameters never leave their branch (but for
+the teachers' output heads of 'full_reverse_kl', once per round); only [K, M, T] tokens and
+log-probs cross it (with opd.signal='topk_forward_kl' also [K, M, T, k]
+top-k ids and log-probs; 'full_reverse_kl' moves the teachers' [K, M, T, D] hidden states and,
+once per round, their output heads, from which the students form the teachers' logits one
+logits_chunk at a time: copd_jax.opd_signals).
 `copd_jax.edge_topk` does the same for the behavioural metrics (top-k ids and log-probs of
 student and teacher per position).
 
@@ -217,24 +220,31 @@ def prompt_mismatch(tokens: jax.Array, token_valid: jax.Array, group_size: int,
 class TeacherSignal(NamedTuple):
   """What the OPD teachers say about the rows of a combined batch ([N, T, ...] / [N] leaves):
   the teacher's log-prob of each distillation token, from which the update forms the OPD
-  advantage, and for a distribution signal (copd_jax.opd_signals) the teacher's top-k or
-  full next-token log-probs (None when the signal does not use them)."""
+  advantage, and for a distribution signal (copd_jax.opd_signals) the teacher's top-k or its
+  hidden states (None when the signal does not use them; the teachers' heads of
+  'full_reverse_kl' are per round, not per row, and travel beside the signal)."""
   teacher_logprobs: jax.Array   # [N, T], 0 on native rows
   is_distill: jax.Array         # [N] bool: the row is a distillation rollout
   topk_ids: jax.Array | None = None        # [N, T, k] 'topk_forward_kl'
   topk_logprobs: jax.Array | None = None   # [N, T, k]
-  full_logprobs: jax.Array | None = None   # [N, T, V] 'full_reverse_kl'
+  teacher_hidden: jax.Array | None = None  # [N, T, D] 'full_reverse_kl', 0 on native rows
 
   def view(self) -> TeacherView:
     return TeacherView(self.teacher_logprobs, self.topk_ids, self.topk_logprobs,
-                       self.full_logprobs)
+                       self.teacher_hidden)
 
 
 def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal | None,
-                   ref_params, trainable, *, graphdef, optimizer, cfg: StepConfig):
+                   ref_params, trainable, teacher_heads, *, graphdef, optimizer, cfg: StepConfig,
+                   native_rows: int = 0):
   """One optimizer update of one branch from batch [N, T] (native rows with their advantages,
   plus, for OPD, distillation rows whose advantage is the teacher signal), micro-batched against
   one normaliser of the whole batch. Returns (params, opt_state, metrics).
+
+  teacher_heads ('full_reverse_kl', else None): [R, V, D] the head of this branch's teacher in
+  each round; the batch is native_rows native rows, then R rounds of equally many distillation
+  rows, so each micro-batch holds native_rows / num_micro_batches native rows and then its
+  share of each round's rows, in round order (`_split_micro` deals rows out in turn).
 
   The update is applied only when the branch is `trainable` (frozen teachers are not) and its
   loss and gradients are finite; metrics['skipped_nonfinite'] is 1 when a non-finite value
@@ -259,7 +269,8 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
     if distribution:
       scores, divergence = opd_signals.student_scores(
           graphdef, p, mb.tokens, mb.token_valid, mb_signal.view(), cfg.opd_signal,
-          cfg.temperature, cfg.logits_chunk, cfg.opd_clamp)
+          cfg.temperature, cfg.logits_chunk, cfg.opd_clamp, teacher_heads,
+          native_rows // cfg.num_micro_batches)
     else:
       scores = score(p, mb)
     advantages = mb.advantages
@@ -317,14 +328,17 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
 
 
 def _update_every_branch(graphdef, optimizer: optax.GradientTransformation,
-                         cfg: StepConfig) -> Callable:
+                         cfg: StepConfig, native_rows: int = 0) -> Callable:
   """`_branch_update` vmapped over the K branches: update(params, opt_state, batch, signal,
-  ref_params, trainable), every argument stacked on 'branch' except the reference params, which
-  all branches share (signal: a TeacherSignal, or None for GRPO)."""
-  def update(params, opt_state, batch, signal, ref_params, trainable):
-    return _branch_update(params, opt_state, batch, signal, ref_params, trainable,
-                          graphdef=graphdef, optimizer=optimizer, cfg=cfg)
-  return jax.vmap(update, in_axes=(0, 0, 0, 0, None, 0))
+  ref_params, trainable, teacher_heads=None), every argument stacked on 'branch' except the
+  reference params, which all branches share (signal: a TeacherSignal, or None for GRPO;
+  native_rows: the native rows leading each branch's batch)."""
+  def update(params, opt_state, batch, signal, ref_params, trainable, teacher_heads):
+    return _branch_update(params, opt_state, batch, signal, ref_params, trainable, teacher_heads,
+                          graphdef=graphdef, optimizer=optimizer, cfg=cfg,
+                          native_rows=native_rows)
+  vmapped = jax.vmap(update, in_axes=(0, 0, 0, 0, None, 0, 0))
+  return lambda *args, teacher_heads=None: vmapped(*args, teacher_heads)
 
 
 def _trainable(cfg: StepConfig, num_branches: int) -> jax.Array:
@@ -443,8 +457,8 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
   ...] (0 for idle students): `opd_signals.teacher_view` of config.opd_signal, computed on the
   teacher's shard with the teacher's parameters (micro-batched and logits_chunk'ed as in
   `config`). Tokens go to the teacher and the view comes back by `route`: [M, T] log-probs per
-  edge for 'sampled_token', [M, T, k] ids and log-probs for 'topk_forward_kl', [M, T, V]
-  log-probs for 'full_reverse_kl'."""
+  edge for 'sampled_token', [M, T, k] ids and log-probs for 'topk_forward_kl', [M, T] log-probs
+  and [M, T, D] hidden states for 'full_reverse_kl' (whose heads `teacher_heads` routes)."""
   score = lambda p, tok, valid: chunked(
       lambda t, v: opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal,
                                             config.temperature, config.opd_topk,
@@ -460,6 +474,19 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
     keep = lambda x: x * jnp.asarray(active, x.dtype)[(slice(None),) + (None,) * (x.ndim - 1)]
     out.append(jax.tree.map(keep, view))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+
+def teacher_heads(graphdef, params: nnx.State, rounds: np.ndarray, mesh: Mesh) -> jax.Array:
+  """[R, K, V, D] the output head (`opd_signals.teacher_head`, compute dtype) of each student's
+  teacher per round (0 for idle students), moved by `route` like the views: per round one
+  collective permute of each teacher's head, split over 'fsdp' where it divides V."""
+  heads = jax.vmap(lambda p: opd_signals.teacher_head(graphdef, p))(params)
+  out = []
+  for teacher_of in rounds:
+    _, to_student, active = routing(teacher_of)
+    routed = route(heads, to_student, mesh)
+    out.append(routed * jnp.asarray(active, routed.dtype)[:, None, None])
+  return jnp.stack(out)
 
 
 def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np.ndarray,
@@ -504,6 +531,14 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     distill = distill._replace(completion_mask=mask * active.astype(mask.dtype))
     distill = jax.tree.map(lambda x: _rows_constraint(x, mesh, 1), distill)
     teacher = teacher_views(graphdef, state.params, distill, table, mesh, config)
+    heads = None
+    if config.opd_signal == opd_signals.FULL_REVERSE_KL:   # [R, K, V, D] -> [K, R, V, D]
+      heads = jnp.swapaxes(teacher_heads(graphdef, state.params, table, mesh), 0, 1)
+      # At the student the vocabulary is split over 'tensor' as its own logits are (and as
+      # memory_estimate counts the heads), the hidden axis whole.
+      vocab = 'tensor' if heads.shape[2] % mesh.shape['tensor'] == 0 else None
+      heads = jax.lax.with_sharding_constraint(heads, NamedSharding(mesh, P('branch', None,
+                                                                            vocab)))
     # One combined batch per branch: native rows, then its distillation rows of all rounds
     # ([R, K, M, T] -> [K, R * M, T]), both right-padded to a common T.
     per_branch = lambda x: jnp.swapaxes(x, 0, 1).reshape(K, R * M, *x.shape[3:])
@@ -521,12 +556,12 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     signal = TeacherSignal(
         teacher.token_logprobs.astype(jnp.float32),
         jnp.broadcast_to(jnp.arange(N + R * M) >= N, (K, N + R * M)),
-        teacher.topk_ids, teacher.topk_logprobs, teacher.logprobs)
+        teacher.topk_ids, teacher.topk_logprobs, teacher.hidden)
     combined, signal = jax.tree.map(lambda x: _rows_constraint(x, mesh, 0), (combined, signal))
 
-    update = _update_every_branch(graphdef, optimizer, config)
+    update = _update_every_branch(graphdef, optimizer, config, native_rows=N)
     params, opt_state, metrics = update(state.params, state.opt_state, combined, signal,
-                                        ref_params, _trainable(config, K))
+                                        ref_params, _trainable(config, K), teacher_heads=heads)
     metrics.update(jax.vmap(losses.advantage_stats)(native.advantages, native.completion_mask))
     return BranchState(params, opt_state, state.step + 1, state.rng), metrics
 

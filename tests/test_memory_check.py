@@ -5,6 +5,7 @@ The numbers are issue 17.3's run: a 9.8M-parameter Qwen3 with the 151,936 vocabu
 two CPU devices, default batches (GRPO 8 x 8, OPD 8 x 4 rows), 32 prompt + 12 new tokens. Whole
 logits need about 20 GiB of host RAM (the run was killed at 18 GB); 'auto' chunks them to 8
 positions and needs about 4 GiB."""
+import dataclasses
 import json
 import os
 import shutil
@@ -53,6 +54,22 @@ def test_whole_logits_do_not_fit_a_small_host_and_auto_chunks_do():
   assert shortfall(auto, auto.peak) is None
 
 
+def test_host_check_counts_the_base_model_it_has_yet_to_load():
+  """The base model is read into its shardings after the check (copd_jax/start_params.py), so
+  on CPU the run still has to allocate it beside the devices' peaks: a host with room for the
+  peaks but not the base copy is refused, naming it; one with room for both is not."""
+  _, plan = issue_plan()
+  big_base = dataclasses.replace(plan, base_param_bytes=2 * GIB)
+  peaks = 2 * big_base.peak
+  message = shortfall(big_base, peaks + GIB, host_devices=2)
+  assert message is not None and '+ 2.00 GiB base model' in message
+  assert f'needs about {(peaks + 2 * GIB) / GIB:.2f} GiB' in message
+  assert shortfall(big_base, peaks + 2 * GIB, host_devices=2) is None
+  assert big_base.host_peak(2) == peaks + 2 * GIB
+  # One device's memory (GPU / TPU) holds no host copy: the per-device peak alone.
+  assert shortfall(big_base, big_base.peak) is None
+
+
 def test_available_host_memory_is_memavailable(tmp_path):
   meminfo = tmp_path / 'meminfo'
   meminfo.write_text('MemTotal:       24000000 kB\nMemAvailable:    1000000 kB\n')
@@ -83,9 +100,12 @@ def test_check_fits_refuses_logs_or_skips(monkeypatch):
   check_fits(config, jax.devices()[:2], 32, ISSUE_MODEL, logged.append,
              env={'COPD_JAX_NO_MEMORY_CHECK': '1'})
   assert logged == ['memory check skipped (COPD_JAX_NO_MEMORY_CHECK is set)']
-  config, _ = issue_plan()
+  config, plan = issue_plan()
   check_fits(config, jax.devices()[:2], 32, ISSUE_MODEL, logged.append, env={})
-  assert logged[-1].startswith('memory: the run adds about 4.0') and 'logits_chunk: 8' in logged[-1]
+  # the devices' peaks (2 x 2.03 GiB) and the base model (0.04 GiB) the driver loads after it
+  assert logged[-1].startswith('memory: the run adds about 4.10 GiB')
+  assert 'logits_chunk: 8' in logged[-1]
+  assert round(plan.host_peak(2) / GIB, 2) == 4.10 and plan.base_param_bytes > 0.03 * GIB
 
 
 def test_train_stops_with_one_line_before_any_compute(tmp_path, monkeypatch, capsys):

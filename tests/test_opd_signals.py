@@ -2,15 +2,20 @@
 independent references, the jitted OPD step of each variant against a hand-made update, the
 delta = 0 case (a teacher identical to its student leaves only the native GRPO update), the
 per-edge signal metrics and the config checks."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from copd_jax import metrics as metrics_lib, opd_signals
 from copd_jax.errors import UserInputError
-from copd_jax.scoring import apply_model
+from copd_jax.models.qwen3 import Qwen3
+from copd_jax.scoring import (apply_model, logprobs_from_logits, map_head_chunks,
+                              next_token_logprobs, pad_first_position)
 from copd_jax.steps import StepConfig, make_grpo_step, make_opd_step
 from tests.test_steps import (CONFIG, _batch, _one_device_mesh, _perturbed_stack, _state,
                               model)  # noqa: F401  (model: the fixture)
@@ -89,6 +94,93 @@ def test_reverse_kl_value_and_gradient_against_autodiff_of_the_plain_formula():
   assert np.all(np.asarray(grad)[np.asarray(mask) == 0] == 0)
 
 
+def _vocabulary_view_scores(graphdef, params, tokens, valid, teacher_logp, temperature, chunk,
+                            clamp):
+  """The 'full_reverse_kl' student pass as it was when the teacher sent its whole [B, T, V]
+  log-probs (`scoring.next_token_logprobs`): the student's scores and reverse_kl per position
+  against those log-probs, logits `chunk` positions at a time."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+
+  def per_chunk(logits, inputs):
+    targets, teacher = inputs
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return (logprobs_from_logits(logits, targets, temperature).logprobs,
+            opd_signals.reverse_kl(logp, teacher, clamp))
+
+  out = map_head_chunks(per_chunk, model, hidden[:, :-1], (tokens[:, 1:], teacher_logp[:, 1:]),
+                        chunk)
+  return tuple(pad_first_position(x) * valid for x in out)
+
+
+def _random_params(graphdef, abstract, seed):
+  rng = np.random.default_rng(seed)
+  def draw(v):
+    if 'norm' in v.get_metadata()['logical_axes']:
+      return v.replace(jnp.ones(v.shape, v.dtype))
+    return v.replace(jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype))
+  return jax.tree.map(draw, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@pytest.mark.parametrize('tied,chunk,clamp', [(False, 5, None), (True, None, 0.5), (True, 4, 0.5)])
+def test_full_reverse_kl_from_teacher_hidden_states_equals_the_vocabulary_sized_view(tied, chunk,
+                                                                                    clamp):
+  """Old vs new on the same inputs: 2 native rows, then 2 rounds of 3 distillation rows taught
+  by two different teachers. The student's log-probs, the divergence and the gradient of a loss
+  using both, with the teachers' logits formed at the student from their hidden states and
+  heads, equal those against the teachers' whole [B, T, V] log-probs."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3(
+      dataclasses.replace(CONFIG, tie_word_embeddings=tied), rngs=nnx.Rngs(0))))
+  student, *teachers = (_random_params(graphdef, abstract, seed) for seed in range(3))
+  batch = _batch(11, (8,))
+  tokens, valid = jnp.asarray(batch.tokens), jnp.asarray(batch.token_valid)
+  mask = jnp.asarray(batch.completion_mask, jnp.float32).at[:2].set(0.0)
+  native, rounds = 2, [slice(2, 5), slice(5, 8)]
+
+  def teacher_part(fn):   # jitted: eager op-by-op dispatch of the model is slow
+    fn = jax.jit(fn)
+    return [fn(teacher, tokens[rows], valid[rows]) for teacher, rows in zip(teachers, rounds)]
+
+  old_teacher = jnp.concatenate([jnp.zeros((native, tokens.shape[1], CONFIG.vocab_size))] +
+                                teacher_part(lambda p, t, v: next_token_logprobs(
+                                    graphdef, p, t, v, TEMPERATURE, chunk)))
+  views = teacher_part(lambda p, t, v: opd_signals.teacher_view(
+      graphdef, p, t, v, opd_signals.FULL_REVERSE_KL, TEMPERATURE, 1, chunk))
+  hidden = jnp.concatenate([jnp.zeros((native,) + views[0].hidden.shape[1:])] +
+                           [view.hidden for view in views])
+  heads = jnp.stack([jax.jit(lambda p: opd_signals.teacher_head(graphdef, p))(p)
+                     for p in teachers])
+  view = opd_signals.TeacherView(jnp.zeros(tokens.shape), hidden=hidden)
+
+  def loss(scores_and_divergence):
+    logprobs, divergence = scores_and_divergence
+    return jnp.sum(mask * (divergence + 0.1 * logprobs)), scores_and_divergence
+
+  def new_pass(p):
+    scores, divergence = opd_signals.student_scores(
+        graphdef, p, tokens, valid, view, opd_signals.FULL_REVERSE_KL, TEMPERATURE, chunk, clamp,
+        heads, native)
+    return scores.logprobs, divergence
+
+  new = jax.jit(jax.value_and_grad(lambda p: loss(new_pass(p)), has_aux=True))
+  old = jax.jit(jax.value_and_grad(lambda p: loss(_vocabulary_view_scores(
+      graphdef, p, tokens, valid, old_teacher, TEMPERATURE, chunk, clamp)), has_aux=True))
+  (new_loss, (new_scores, new_divergence)), new_grad = new(student)
+  (old_loss, (old_scores, old_divergence)), old_grad = old(student)
+  np.testing.assert_allclose(new_scores, old_scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_divergence[native:], old_divergence[native:], rtol=1e-5,
+                             atol=1e-6)
+  assert np.all(np.asarray(new_divergence[:native]) == 0)
+  assert np.asarray(new_divergence[native:]).max() > 0.1
+  np.testing.assert_allclose(new_loss, old_loss, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(new_grad), jax.tree.leaves(old_grad)):   # entries up to ~2
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  # the teacher's token log-probs sent beside the hidden states are those of its whole view
+  for view_r, rows in zip(views, rounds):
+    want = jnp.take_along_axis(old_teacher[rows], tokens[rows][..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(view_r.token_logprobs, want, rtol=1e-5, atol=1e-6)
+
+
 def test_reverse_kl_clamp_clips_each_vocabulary_delta_in_the_gradient_only():
   """With a clamp c the gradient in the logits is s * (sum_v s_v c_v - c_v), c_v =
   clip(log t_v - log s_v, +-clamp) (the closed form of -sum_v s_v c_v grad log s_v); the value
@@ -130,9 +222,11 @@ def _seq_mean_weights(mask):
   return mask / np.maximum(lengths, 1), float((lengths > 0).sum())
 
 
-def _reference_divergence_grad(graphdef, student, teacher, distill_k, signal, k, normalizer):
+def _reference_divergence_grad(graphdef, student, teacher, distill_k, signal, k, normalizer,
+                               clamp=None):
   """Gradient of BETA * sum_rows,t w * divergence / normalizer written from the full logits of
-  both models (apply_model, no chunking, no routing)."""
+  both models (apply_model, no chunking, no routing); with a clamp, the reverse KL's clamped
+  gradient (opd_signals.reverse_kl, checked against its closed form above)."""
   tok, valid, mask = distill_k
   weights = jnp.asarray(_seq_mean_weights(np.asarray(mask, np.float32))[0])
   logp = lambda p: jax.nn.log_softmax(
@@ -145,8 +239,10 @@ def _reference_divergence_grad(graphdef, student, teacher, distill_k, signal, k,
       top = jax.nn.one_hot(jax.lax.top_k(t, k)[1], t.shape[-1]).sum(-2)
       q = top * jnp.exp(t) / jnp.sum(top * jnp.exp(t), axis=-1, keepdims=True)
       div = jnp.sum(jax.scipy.special.xlogy(q, q) - q * s, axis=-1)
-    else:
+    elif clamp is None:
       div = jnp.sum(jnp.exp(s) * (s - t), axis=-1)
+    else:
+      div = opd_signals.reverse_kl(s, t, clamp)
     return BETA * jnp.sum(weights[:, 1:] * div) / normalizer
 
   return jax.grad(loss)(student)
@@ -183,6 +279,46 @@ def test_distribution_signal_step_equals_grpo_update_plus_reference_divergence_g
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
       moved = max(moved, float(np.abs(np.asarray(y) - np.asarray(z)).max()))
     assert moved > 1e-4   # the divergence part is not trivially zero
+  assert np.all(np.asarray(metrics['opd_divergence_mean']) > 0)
+
+
+@pytest.mark.slow   # compiles a K = 3 OPD step and a GRPO step: ~2 min on a loaded 2-core machine
+def test_full_reverse_kl_step_with_two_teachers_per_student_and_micro_batches(model):
+  """K = 3, every branch taught by both others (two rounds), 2 micro-batches, a delta clamp:
+  each micro-batch holds native rows, then its share of round 0's and of round 1's rows, and
+  each round's rows must meet that round's teacher head. The step equals the GRPO update of the
+  combined batch plus minus the reference divergence gradients of both teachers."""
+  graphdef, params = model
+  mesh = _one_device_mesh()
+  stacked = _perturbed_stack(params, 3)
+  sh = _state(stacked, SGD, mesh)[1]
+  cfg = lambda **kw: StepConfig(opd_beta=BETA, temperature=TEMPERATURE, num_micro_batches=2,
+                                **kw)
+  rounds = ((1, 2, 0), (2, 0, 1))
+  opd = make_opd_step(graphdef, SGD, mesh, cfg(opd_signal='full_reverse_kl', opd_clamp=0.3,
+                                               logits_chunk=5), sh, rounds)
+  native, distill = _batch(6, (3, 4)), _batch(7, (2, 3, 4))
+  got, metrics = opd(_state(stacked, SGD, mesh)[0], native, distill)
+
+  cat = lambda n, d: np.concatenate([n, d[0], d[1]], axis=1)
+  combined = type(native)(*(cat(n, d) for n, d in zip(native, distill)))
+  combined = combined._replace(advantages=cat(native.advantages,
+                                              np.zeros_like(distill.advantages)))
+  base, _ = make_grpo_step(graphdef, SGD, mesh, cfg(), sh)(_state(stacked, SGD, mesh)[0],
+                                                           combined)
+  branch = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+  for b in range(3):
+    normalizer = _seq_mean_weights(np.asarray(combined.completion_mask[b], np.float32))[1]
+    want = branch(base.params, b)
+    for r, teacher_of in enumerate(rounds):
+      rows = tuple(np.asarray(x[r, b]) for x in (distill.tokens, distill.token_valid,
+                                                 distill.completion_mask))
+      g = _reference_divergence_grad(graphdef, branch(stacked, b),
+                                     branch(stacked, teacher_of[b]), rows, 'full_reverse_kl', 0,
+                                     normalizer, clamp=0.3)
+      want = jax.tree.map(lambda x, gx: x - gx, want, g)
+    for x, y in zip(jax.tree.leaves(branch(got.params, b)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)
   assert np.all(np.asarray(metrics['opd_divergence_mean']) > 0)
 
 

@@ -354,6 +354,42 @@ def test_the_teacher_pass_counts_in_the_training_peak(plan_8b):
                                     + 2 * plan_8b.activation_bytes['opd'])
 
 
+def test_the_opd_signal_changes_the_training_estimate(plan_8b):
+  """opd.signal changes what the OPD update holds (8B K=3 plan, whole logits): nothing beyond
+  per-token log-probs for 'sampled_token'; the teachers' top-k ids and log-probs for
+  'topk_forward_kl'; for 'full_reverse_kl' the teachers' hidden states and heads through the
+  update, and the teachers' fp32 logits arrays in the head term (never [rows, T, V] through the
+  update)."""
+  from copd_jax.memory_estimate import SIGNAL_CHUNK_ARRAYS
+  from copd_jax.memory_plan import format_plan
+  plans = {signal: make_plan(load_config(CONFIG_8B, OVERRIDES_8B + [
+      f'--config.opd.signal={signal}', '--config.opd.delta_clamp=0'], check_files=False),
+      jax.devices(), prompt_tokens=256)
+      for signal in ('topk_forward_kl', 'full_reverse_kl')}
+  sampled, topk, full = plan_8b, plans['topk_forward_kl'], plans['full_reverse_kl']
+  assert sampled.workload.opd_signal == 'sampled_token' and sampled.opd_signal_bytes == 0
+  # OPD batch: 32 native + 2 rounds x 8 distillation rows = 48 per branch, 12 per device over
+  # fsdp 4, 36 for 3 branches, T = 768; top-k 8 (default): int32 ids + fp32 log-probs.
+  rows, T, V = 36, 768, 75_968   # V / tensor 2
+  assert topk.opd_signal_bytes == rows * T * 8 * 8
+  # bf16 hidden states [36, 768, 4096] + teacher heads [V / 2, 4096]: 3 branches x (2 rounds
+  # routed + the teacher's own copy to send).
+  assert full.opd_signal_bytes == rows * T * 4096 * 2 + 3 * 3 * V * 4096 * 2
+  # Per chunk (here all T): the micro-batch's 2 x 8 / 2 distillation rows, 2 per device, 6 for
+  # 3 branches: the teachers' fp32 [6, 768, V] arrays beside the student's own.
+  assert (full.activation_bytes['opd'] - sampled.activation_bytes['opd']
+          == SIGNAL_CHUNK_ARRAYS * 6 * T * V * 4)
+  assert topk.activation_bytes == sampled.activation_bytes
+  assert full.train_peak - sampled.train_peak == (full.opd_signal_bytes
+                                                  + SIGNAL_CHUNK_ARRAYS * 6 * T * V * 4)
+  assert full.train_peak > topk.train_peak > sampled.train_peak
+  # Smaller than the [rows, T, V] fp32 teacher log-probs the signal once held at the student.
+  assert full.opd_signal_bytes < rows * T * 2 * V * 4 / 2
+  report = format_plan(full, leaves=False)
+  assert 'OPD teacher signal at the student (opd.signal=full_reverse_kl)' in report
+  assert 'OPD teacher signal' not in format_plan(sampled, leaves=False)
+
+
 def test_host_ram_sums_the_cpu_devices_of_a_host(plan_8b, capsys):
   from copd_jax.memory_plan import host_memory_bytes
   # The driver's base model: one unstacked fp32 copy of the 8B parameters.
@@ -386,3 +422,39 @@ def test_chunked_activation_estimate_tracks_xla_memory_analysis(remat):
     assert estimate == pytest.approx(xla, rel=0.10), (estimate, xla)
   else:
     assert xla <= estimate <= 1.2 * xla, (estimate, xla)
+
+
+def _xla_opd_temp_bytes(c: Qwen3Config, signal: str, native: int, distill: int, T: int,
+                        chunk: int) -> int:
+  """Temp bytes XLA:CPU allocates for a compiled fp32 K=2 OPD step (one round, each branch
+  teaching the other) with both branches on one device (compiled only, nothing run)."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(c, rngs=nnx.Rngs(0))))
+  mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
+  adamw = optim.make_optimizer({'learning_rate': 1e-3})
+  state = abstract_branch_state(params, 2, adamw)
+  s = lambda lead, dtype: jax.ShapeDtypeStruct(lead + (T,), dtype)
+  batch = lambda lead: RolloutBatch(s(lead, jnp.int32), s(lead, bool), s(lead, bool),
+                                    s(lead, jnp.float32), s(lead, jnp.float32))
+  step = make_opd_step(graphdef, adamw, mesh, StepConfig(opd_signal=signal, logits_chunk=chunk),
+                       branch_state_shardings(state, mesh), ((1, 0),))
+  lowered = step.lower(state, batch((2, native)), batch((1, 2, distill)))
+  return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow   # two compiles, ~1 min each on a loaded 2-core machine
+def test_full_reverse_kl_estimate_tracks_xla_memory_analysis():
+  """What 'full_reverse_kl' adds to the compiled OPD step's temporaries over the default signal
+  (2 branches on one device, 4 native + 4 distillation rows each, 16 tokens, chunks of 4, V
+  4096): the estimate's signal terms (hidden states, heads, the teachers' chunk arrays) err
+  high by at most 30%, and the vocabulary-sized log-probs the signal once held ([2 x 8, 16, V]
+  fp32 = 4 MiB here, on top) are gone."""
+  from copd_jax.memory_estimate import signal_chunk_bytes, signal_held_bytes
+  c = Qwen3Config(vocab_size=4096, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, intermediate_size=64)
+  added = (_xla_opd_temp_bytes(c, 'full_reverse_kl', 4, 4, 16, 4)
+           - _xla_opd_temp_bytes(c, 'sampled_token', 4, 4, 16, 4))
+  held = signal_held_bytes(c, 'full_reverse_kl', rows=2 * 8, seq=16, a=4, tensor=1,
+                           heads=2 * 2, topk=8)
+  estimate = held + signal_chunk_bytes(c, 'full_reverse_kl', 2 * 4, 16, 1, 4)
+  assert added <= estimate <= 1.3 * added, (estimate, added)
+  assert added < 2 * 8 * 16 * 4096 * 4

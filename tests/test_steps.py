@@ -454,9 +454,14 @@ def test_cross_branch_check_catches_a_step_that_moves_teacher_parameters(mesh_ru
   assert big, 'the check failed to see parameters crossing branches'
 
 
-def _largest_cross_branch_bytes(program: str, K: int = 2, *, vocab: int = 48, hidden: int = 32,
-                                tokens_len: int = T, k: int = 5) -> int:
-  """The largest cross-branch collective (bytes per device) of the compiled OPD step ('opd',
+def _largest_cross_branch_bytes(program: str, K: int = 2, **kw) -> int:
+  """The largest of `_cross_branch_bytes`."""
+  return max(_cross_branch_bytes(program, K, **kw), default=0)
+
+
+def _cross_branch_bytes(program: str, K: int = 2, *, vocab: int = 48, hidden: int = 32,
+                        tokens_len: int = T, k: int = 5) -> list[int]:
+  """Bytes per device of every cross-branch collective of the compiled OPD step ('opd',
   'opd_topk' / 'opd_full': opd.signal 'topk_forward_kl' with k / 'full_reverse_kl') or edge
   top-k probe ('topk') on a branch=K, fsdp=2, tensor=8/(2K) mesh of 8 CPU devices (abstract
   inputs: compile only), for a model of `vocab` and `hidden` and rollouts of `tokens_len`."""
@@ -478,8 +483,7 @@ def _largest_cross_branch_bytes(program: str, K: int = 2, *, vocab: int = 48, hi
   else:
     fn = make_edge_topk(graphdef, mesh, shardings, rounds, k=k)
     lowered = fn.lower(state.params, batch((1, K, 4)))
-  cross = cross_branch_collectives(lowered.compile().as_text(), mesh)
-  return max((c['bytes'] for c in cross), default=0)
+  return [c['bytes'] for c in cross_branch_collectives(lowered.compile().as_text(), mesh)]
 
 
 @pytest.mark.slow   # about 10 compiles of a tiny model
@@ -517,12 +521,23 @@ def test_topk_forward_kl_step_moves_tokens_times_k_across_branches_never_vocab(K
   assert _largest_cross_branch_bytes('opd_topk', K, k=10) == 2 * base
 
 
-@pytest.mark.slow
-def test_full_reverse_kl_step_moves_the_documented_tokens_times_vocab():
-  """opd.signal='full_reverse_kl' moves what its field reference says: the teacher's fp32
-  [rows, T, V] log-probs (2 rows per device here), so its traffic grows with the vocabulary."""
-  assert _largest_cross_branch_bytes('opd_full', 2) == 2 * T * 48 * 4
-  assert _largest_cross_branch_bytes('opd_full', 2, vocab=96) == 2 * T * 96 * 4
+@pytest.mark.slow   # 3 compiles of a tiny model
+def test_full_reverse_kl_step_moves_hidden_states_and_heads_never_tokens_times_vocab():
+  """opd.signal='full_reverse_kl' moves what its field reference says: per edge the teacher's
+  hidden states, one branch's rows on a device (4 rows / fsdp 2) x T x D x 4 bytes, and once per
+  round its output head split over 'fsdp' ([V, D], an untied head transposed: V / 2 x D x 4
+  bytes); the tokens
+  scale only the first, the vocabulary only the second, and nothing is tokens x vocabulary
+  (the teacher's log-probs, 2 x T x V x 4 bytes, which this signal once moved)."""
+  hidden = lambda tokens_len, d=32: 2 * tokens_len * d * 4
+  head = lambda vocab, d=32: vocab // 2 * d * 4
+  base = _cross_branch_bytes('opd_full', 2)
+  assert hidden(T) in base and head(48) in base and max(base) == hidden(T) == head(48)
+  longer = _cross_branch_bytes('opd_full', 2, vocab=80, tokens_len=2 * T)
+  assert hidden(2 * T) in longer and head(80) in longer
+  assert max(longer) == hidden(2 * T) < 2 * (2 * T) * 80 * 4
+  wider = _cross_branch_bytes('opd_full', 2, hidden=64)
+  assert hidden(T, 64) in wider and head(48, 64) in wider and max(wider) == 2 * max(base)
 
 
 def test_mesh_checks_branch_divisibility(model):

@@ -109,10 +109,13 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             ids and log-probs cross per edge; delta_clamp must be 0) or
                             'full_reverse_kl' (loss beta * exact KL(student || teacher) over
                             the vocabulary, delta_clamp clamping each vocabulary entry's delta
-                            in its gradient; the teacher's [M, T, vocab] fp32 log-probs cross
-                            branches and sit at the student per round: 4 x M x T x vocab
-                            bytes per edge, 2.3 GB for 32 rows of 120 tokens of Qwen3's
-                            151,936; an opt-in for small vocabularies or single-host runs).
+                            in its gradient; the teacher's final-normed [M, T, hidden] states
+                            cross per edge and its [vocab, hidden] output head once per round,
+                            in the compute dtype, and the student forms the teacher's logits
+                            one grpo.logits_chunk at a time: for Qwen3-8B in bf16 the states
+                            of 32 rows of 120 tokens are 31 MB and the head 1.2 GB whatever
+                            the rows, where fp32 log-probs over the vocabulary were 2.3 GB
+                            and grew with them; `plan` counts both).
                             topk: k of 'topk_forward_kl' (1 .. vocab; default 8)
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p;
                             decoder: 'engine' (the default; continuous batching: rows enter
