@@ -4,23 +4,23 @@ every branch and the merge, write the table, eval.json and the merged model.
 The merge is the same streaming merge as `python -m copd_jax merge --workdir`, read from the
 final checkpoint. The evaluation runs on the sampling mesh like the rollouts (`run_groups`):
 the branches where the training state holds them, the base and merged models as a second group
-of the same size. Several processes: process 0 merges and writes the merged checkpoint, the
-others read it back from there; every process evaluates its share of each sampling call's rows
-and ends with the same results; process 0 alone writes and logs (the others return no results).
+of the same size, read from the base folder and the merged checkpoint straight into the
+branches' layout (each process only its devices' blocks). Several processes: process 0 merges
+and writes the merged checkpoint, every process reads its blocks back from there; every process
+evaluates its share of each sampling call's rows and ends with the same results; process 0
+alone writes and logs (the others return no results).
 """
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from copd_jax import checkpoint as ckpt
 from copd_jax import distributed
 from copd_jax import storage
 from copd_jax.evaluation import ModelGroup, evaluate_groups, markdown_table, save_results
 from copd_jax.merge import merge_checkpoints
 from copd_jax.models import hf_io
 from copd_jax.run_setup import Run
-from copd_jax.start_params import state_from_pure_dict
+from copd_jax.start_params import BranchSource, load_branch_stacked
 from copd_jax.steps import BranchState
 
 
@@ -39,10 +39,11 @@ def finish(run: Run, state: BranchState, progress: bool = False
 
 def run_groups(run: Run, branch_names, branch_params, singles=()) -> list[ModelGroup]:
   """The model groups of a run's evaluation on its sampling mesh: the K branches (params as the
-  training state holds them) and, when `singles` (name, host params) are given, those models
-  stacked into a second group of K slots (filled up with copies of the first, unnamed), so it
-  runs on the same mesh. Key numbers: singles[0], the branches, then the other singles (the
-  order of the table: base, branches, merge)."""
+  training state holds them) and, when `singles` (name, start_params.BranchSource) are given,
+  those models read into a second group of K slots (filled up with the first, unnamed), laid
+  out like the branches: each process reads only the blocks of the slots its devices hold
+  (`load_branch_stacked`), so no host ever holds a whole model. Key numbers: singles[0], the
+  branches, then the other singles (the order of the table: base, branches, merge)."""
   K = len(branch_names)
   groups = [ModelGroup(tuple(branch_names), branch_params,
                        tuple(range(min(len(singles), 1), min(len(singles), 1) + K)),
@@ -52,8 +53,9 @@ def run_groups(run: Run, branch_names, branch_params, singles=()) -> list[ModelG
       raise ValueError(f'{len(singles)} single models do not fit a group of K={K} slots')
     slots = list(singles) + [(None, singles[0][1])] * (K - len(singles))
     key_index = (0,) + tuple(K + i for i in range(1, len(singles))) + (0,) * (K - len(singles))
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                           *[p for _, p in slots])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), branch_params)
+    stacked = load_branch_stacked([source for _, source in slots], abstract,
+                                  jax.tree.map(lambda x: x.sharding, branch_params))
     groups.append(ModelGroup(tuple(n for n, _ in slots), stacked, key_index, run.sample_mesh))
   return groups
 
@@ -75,7 +77,7 @@ def merge_and_evaluate(run: Run, branch_params, progress: bool = False) -> tuple
   config, workdir = run.config, run.workdir
   K = len(config.branches)
   names = [f'branch{k}:{b}' for k, b in enumerate(config.branches)]
-  singles = [('base', distributed.to_host(run.base_params))]
+  singles = [('base', BranchSource(run.base_path, None, 'the base model'))]
   if config.merge.method != 'none' and K > 1:
     merged_dir = storage.join(workdir, 'merged')
     failed = None
@@ -92,10 +94,8 @@ def merge_and_evaluate(run: Run, branch_params, progress: bool = False) -> tuple
     distributed.barrier('merged')
     if failed is not None:
       raise failed
-    if not distributed.is_primary():
-      merged = ckpt.open_source(merged_dir).read_all()
     singles.append((f'merged:{config.merge.method}',
-                    state_from_pure_dict(run.base_params, merged)))
+                    BranchSource(merged_dir, None, 'the merged model')))
   results = evaluate(run, run_groups(run, names, branch_params, singles), progress)
   table = markdown_table(results, config.eval.samples_k)
   if distributed.is_primary():

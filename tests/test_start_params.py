@@ -109,6 +109,35 @@ def test_branch_init_equals_stacking_the_whole_checkpoints(folders):
   assert len(reads) == 3 * tensors and len(set(reads)) == 3 * tensors
 
 
+def test_final_evaluation_group_reads_base_and_merge_into_the_branch_layout(folders):
+  """finish.run_groups: the base and merged models are read from their folders straight into
+  the branches' layout (no host copy of a whole model): slots [base, merged], the same values
+  as the whole checkpoints and the same shardings as the branch parameters."""
+  from types import SimpleNamespace
+  from copd_jax.finish import run_groups
+  from copd_jax.start_params import BranchSource
+  base, other, merged = folders
+  mesh = branch_mesh()
+  model = hf_io.abstract_model(base)
+  _, abstract_params = nnx.split(model)
+  abstract = jax.eval_shape(branch_state_init(2, OPTIMIZER, 5), abstract_params)
+  shardings = branch_state_shardings(abstract, mesh, RULES)
+  branches = load_branch_stacked(branch_sources([other, ''], base, model.config),
+                                 abstract.params, shardings.params)
+  singles = [('base', BranchSource(base, None, 'base')),
+             ('merged:mean', BranchSource(merged, None, 'merged'))]
+  groups = run_groups(SimpleNamespace(sample_mesh=mesh), ['b0', 'b1'], branches, singles)
+  assert [g.names for g in groups] == [('b0', 'b1'), ('base', 'merged:mean')]
+  assert [g.key_index for g in groups] == [(1, 2), (0, 3)]
+  second = groups[1].params
+  assert jax.tree.map(lambda x: x.sharding, second) == shardings.params
+  wholes = [ckpt.load_params_for_inference(p)[1] for p in (base, merged)]
+  assert_trees_equal(nnx.to_pure_dict(second), jax.tree.map(lambda *xs: np.stack(xs), *wholes))
+  # One single model: the spare slot repeats it, unnamed, with its key number.
+  groups = run_groups(SimpleNamespace(sample_mesh=mesh), ['b0', 'b1'], branches, singles[:1])
+  assert groups[1].names == ('base', None) and groups[1].key_index == (0, 0)
+
+
 class OneProcessOfTwo:
   """A sharding as process 0 of a two-process (branch=2, fsdp=4) run sees it: its 4 devices
   hold branch 0 of a [2, 8] array."""
