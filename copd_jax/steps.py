@@ -23,6 +23,16 @@ top-k ids and log-probs; 'full_reverse_kl' moves [K, M, T, V] log-probs: copd_ja
 `copd_jax.edge_topk` does the same for the behavioural metrics (top-k ids and log-probs of
 student and teacher per position).
 
+Qwen3-VL: a batch's pictures travel in `RolloutBatch.vision` (copd_jax.vision_batch: each
+branch's patches padded to a bucket, per-position visual slots, M-RoPE positions), so a step
+compiles once per (tokens, patch bucket). Every forward of the update (policy, reference,
+teacher) runs the vision tower on the pack and the decoder with the pictures' merged tokens and
+deepstack features; the tower gets gradients (unless StepConfig.freeze_vision). The pack is
+whole in every micro-batch (rows point into it) and each row is scored whole (no shared-prompt
+KV cache for the VL forward). In OPD the student's pack goes with its tokens to the teacher's
+shard (pixels cross branches, parameters never), and the native and distillation packs are
+joined into one per branch for the update (`combined_pictures`).
+
 Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in(rng, step).
 """
 from __future__ import annotations
@@ -306,6 +316,9 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
           jnp.sum(mb_mask * divergence) / distill_tokens)
     return loss, metrics
 
+  if cfg.freeze_vision:   # no gradient into the Qwen3-VL vision tower, and no update of it
+    trained_loss = loss_fn
+    loss_fn = lambda p, *rest: trained_loss(_on_vision(jax.lax.stop_gradient, p), *rest)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   xs = jax.tree.map(lambda x: _split_micro(x, cfg.num_micro_batches, group), (batch, signal))
 
@@ -323,12 +336,21 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
   metrics['grad_norm'] = optax.global_norm(grads)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  if cfg.freeze_vision:   # weight decay would still move the tower
+    updates = _on_vision(jnp.zeros_like, updates)
   apply = finite & trainable
   keep_old = lambda new, old: jnp.where(apply, new, old)
   params = jax.tree.map(keep_old, optax.apply_updates(params, updates), params)
   opt_state = jax.tree.map(keep_old, new_opt_state, opt_state)
   metrics['skipped_nonfinite'] = (~finite).astype(jnp.float32)
   return params, opt_state, metrics
+
+
+def _on_vision(fn, tree):
+  """tree (params-shaped) with `fn` applied to the Qwen3-VL vision tower's leaves ('vision/...');
+  a text model's tree is returned unchanged."""
+  is_vision = lambda path: bool(path) and str(getattr(path[0], 'key', path[0])) == 'vision'
+  return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if is_vision(path) else x, tree)
 
 
 def _update_every_branch(graphdef, optimizer: optax.GradientTransformation,

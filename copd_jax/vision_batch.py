@@ -203,3 +203,20 @@ def concat_packs(visions: Sequence[VisionBatch], merge_unit: int) -> list[Vision
   joined = PatchPack(join('pixels'), join('interp_index'), join('interp_weight'), join('rope_hw'),
                      jnp.concatenate(segments, axis=-1))
   return [v._replace(patches=joined) for v in out]
+
+
+def pad_patches(vision: VisionBatch, size: int) -> VisionBatch:
+  """The pack padded with zero patches (segment 0, never read) to `size` patches."""
+  extra = size - vision.patches.segment.shape[-1]
+  if extra < 0:
+    raise ValueError(f'cannot pad a pack of {vision.patches.segment.shape[-1]} patches to {size}')
+  if extra == 0:
+    return vision
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+  p = vision.patches
+  return vision._replace(patches=PatchPack(pad(p.pixels, -2), pad(p.interp_index, -2),
+                                           pad(p.interp_weight, -2), pad(p.rope_hw, -2),
+                                           pad(p.segment, -1)))

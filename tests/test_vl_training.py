@@ -1,4 +1,5 @@
-"""GRPO and OPD steps of a Qwen3-VL model on rows with pictures (copd_jax.vision_batch): the
+"""Training a Qwen3-VL model on rows with pictures (copd_jax.vision_batch): the branch-stacked
+sampler equals `generate` per branch; in the GRPO and OPD steps the
 update equals the gradient of the same loss built from the model's own full forward
 (`Qwen3VL.__call__` per row with its `VisualInput`, M-RoPE positions recomputed from the whole
 row), fp32, images and a video, two branches with different picture sizes, GRPO groups sharing
@@ -14,6 +15,7 @@ from copd_jax import losses, mesh as mesh_lib
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, VisualInput
 from copd_jax.models.qwen3_vl_vision import VisionConfig
+from copd_jax.sampling import SamplingParams, generate, generate_branches
 from copd_jax.scoring import logprobs_from_logits
 from copd_jax.steps import (BranchState, RolloutBatch, StepConfig, branch_state_shardings,
                             make_grpo_step, make_opd_step)
@@ -104,36 +106,49 @@ def _rollouts(seed: int, prompts_per_branch: int = 2):
   return batch, pictures
 
 
-def _full_forward_logprobs(graphdef, params, tokens, valid, pictures, temperature):
-  """Per-token log-probs [B, T] of rows by the model's own forward, one row at a time with its
-  pictures as a VisualInput (positions from the whole row: `Qwen3VL.position_ids`)."""
+def _row_inputs(graphdef, params, tokens, valid, pictures):
+  """Per row, what the model's own forward takes: (images, videos) as VisualInputs of the row's
+  pictures and its M-RoPE positions from the whole row (`Qwen3VL.position_ids`, host-side)."""
   model = nnx.merge(graphdef, params)
-  out = []
+  rows = []
   for b in range(tokens.shape[0]):
-    pic = pictures[b]
-    images = videos = None
+    pic, images, videos = pictures[b], None, None
     if pic is not None:
       n_img = int(sum(np.prod(g) for g in pic.image_grids))
       if len(pic.image_grids):
         images = VisualInput.of(pic.pixels[:n_img], pic.image_grids)
       if len(pic.video_grids):
         videos = VisualInput.of(pic.pixels[n_img:], pic.video_grids)
-    row, row_valid = tokens[b][None], valid[b][None]
-    positions = model.position_ids(row, images=images, videos=videos, token_valid=row_valid)
-    logits = model(jnp.asarray(row), images=images, videos=videos,
-                   positions=jnp.asarray(positions), token_valid=jnp.asarray(row_valid))
-    lp = logprobs_from_logits(logits[:, :-1], jnp.asarray(row[:, 1:]), temperature).logprobs
-    out.append(jnp.pad(lp, ((0, 0), (1, 0)))[0] * row_valid[0])
+    positions = model.position_ids(tokens[b][None], images=images, videos=videos,
+                                   token_valid=valid[b][None])
+    rows.append((images, videos, jnp.asarray(positions)))
+  return tuple(rows)
+
+
+@jax.jit(static_argnums=0)
+def _full_forward_logprobs(graphdef, params, tokens, valid, rows, temperature):
+  """Per-token log-probs [B, T] by the model's own forward, one row at a time with its
+  pictures (`_row_inputs`)."""
+  model = nnx.merge(graphdef, params)
+  out = []
+  for b, (images, videos, positions) in enumerate(rows):
+    logits = model(tokens[b][None], images=images, videos=videos, positions=positions,
+                   token_valid=valid[b][None])
+    lp = logprobs_from_logits(logits[:, :-1], tokens[b][None, 1:], temperature).logprobs
+    out.append(jnp.pad(lp, ((0, 0), (1, 0)))[0] * valid[b])
   return jnp.stack(out)
 
 
-def _reference_loss(graphdef, params, batch_k, pictures_k, advantages, temperature):
-  lp = _full_forward_logprobs(graphdef, params, batch_k.tokens, batch_k.token_valid, pictures_k,
-                              temperature)
-  mask = batch_k.completion_mask.astype(np.float32)
-  loss, _ = losses.policy_loss(lp, batch_k.sampler_logprobs, advantages,
-                               batch_k.completion_mask, token_count=mask.sum())
-  return loss
+@jax.jit(static_argnums=0)
+def _reference_grad(graphdef, params, batch_k, rows, advantages, temperature):
+  """Gradient of the GRPO loss of rows batch_k [B, T] (advantages [B, T]) by the full forward."""
+  def loss(p):
+    lp = _full_forward_logprobs(graphdef, p, batch_k.tokens, batch_k.token_valid, rows,
+                                temperature)
+    mask = batch_k.completion_mask.astype(jnp.float32)
+    return losses.policy_loss(lp, batch_k.sampler_logprobs, advantages, batch_k.completion_mask,
+                              token_count=mask.sum())[0]
+  return jax.grad(loss)(params)
 
 
 def _state(params, mesh):
@@ -159,6 +174,7 @@ def _vision_grad_norm(grad) -> float:
   return float(optax.global_norm(grad['vision']))
 
 
+@pytest.mark.slow   # compiles of a tiny Qwen3-VL step / sampler and its reference
 def test_grpo_step_with_pictures_equals_the_full_forward_gradient(model):
   graphdef, params = model
   mesh = _mesh()
@@ -172,12 +188,14 @@ def test_grpo_step_with_pictures_equals_the_full_forward_gradient(model):
   for k in range(2):
     branch = jax.tree.map(lambda x: x[k], params)
     batch_k = jax.tree.map(lambda x: np.asarray(x)[k], batch._replace(vision=None))
-    grad = jax.grad(_reference_loss, argnums=1)(graphdef, branch, batch_k, pictures[k],
-                                                batch_k.advantages, CFG['temperature'])
+    rows = _row_inputs(graphdef, branch, batch_k.tokens, batch_k.token_valid, pictures[k])
+    grad = _reference_grad(graphdef, branch, batch_k, rows, batch_k.advantages,
+                           CFG['temperature'])
     assert _vision_grad_norm(grad) > 1e-4   # the tower learns
     _assert_update_is_minus_grad(params, new.params, grad, k)
 
 
+@pytest.mark.slow   # compiles of a tiny Qwen3-VL step / sampler and its reference
 def test_opd_step_with_pictures_equals_the_full_forward_gradient(model):
   """Student k's distillation rows (with their pictures) are scored by teacher 1 - k with the
   same pictures; the update is the gradient of the combined loss whose distillation
@@ -197,21 +215,89 @@ def test_opd_step_with_pictures_equals_the_full_forward_gradient(model):
   for k in range(2):
     d_k = jax.tree.map(lambda x: np.asarray(x)[k], distill._replace(vision=None))
     n_k = jax.tree.map(lambda x: np.asarray(x)[k], native._replace(vision=None))
-    teacher = _full_forward_logprobs(graphdef, branch(1 - k), d_k.tokens, d_k.token_valid,
-                                     distill_pics[k], temp)
-    student = _full_forward_logprobs(graphdef, branch(k), d_k.tokens, d_k.token_valid,
-                                     distill_pics[k], temp)
+    rows = _row_inputs(graphdef, branch(k), d_k.tokens, d_k.token_valid, distill_pics[k])
+    teacher = _full_forward_logprobs(graphdef, branch(1 - k), d_k.tokens, d_k.token_valid, rows,
+                                     temp)
+    student = _full_forward_logprobs(graphdef, branch(k), d_k.tokens, d_k.token_valid, rows,
+                                     temp)
     delta = np.asarray(teacher - student) * d_k.completion_mask
     assert np.abs(delta).max() > clamp   # the clamp matters
     combined = RolloutBatch(*(np.concatenate([a, b], axis=0) for a, b in
                               zip(n_k[:5], d_k[:5])))
     adv = np.concatenate([n_k.advantages, beta * np.clip(delta, -clamp, clamp)]).astype(
         np.float32)
-    grad = jax.grad(
-        lambda p: _reference_loss(graphdef, p, combined, native_pics[k] + distill_pics[k], adv,
-                                  temp))(branch(k))
+    rows = _row_inputs(graphdef, branch(k), combined.tokens, combined.token_valid,
+                       native_pics[k] + distill_pics[k])
+    grad = _reference_grad(graphdef, branch(k), combined, rows, adv, temp)
     assert _vision_grad_norm(grad) > 1e-4
     _assert_update_is_minus_grad(params, new.params, grad, k)
     count = d_k.completion_mask.sum()
     np.testing.assert_allclose(metrics['opd_delta_mean'][k], delta.sum() / count, rtol=2e-4,
                                atol=1e-6)
+
+
+def _visual_inputs(pictures_rows):
+  """(images, videos) VisualInputs of the distinct prompts' pictures, in prompt order, as
+  `sampling.generate` takes them."""
+  parts = {'image': ([], []), 'video': ([], [])}
+  for pic in pictures_rows:
+    if pic is None:
+      continue
+    n_img = int(sum(np.prod(g) for g in pic.image_grids))
+    if len(pic.image_grids):
+      parts['image'][0].append(pic.pixels[:n_img])
+      parts['image'][1].append(pic.image_grids)
+    if len(pic.video_grids):
+      parts['video'][0].append(pic.pixels[n_img:])
+      parts['video'][1].append(pic.video_grids)
+  return tuple(VisualInput.of(np.concatenate(px), np.concatenate(gr)) if px else None
+               for px, gr in parts.values())
+
+
+@pytest.mark.slow   # compiles of a tiny Qwen3-VL step / sampler and its reference
+def test_branched_sampler_with_pictures_equals_generate_per_branch(model):
+  """generate_branches with a VisionBatch (pictures as data, one pack per branch, groups of G
+  rows sharing their prompt's copy), on one device and on a ('branch',) mesh, samples what
+  `generate` (HF-parity tested) samples on each branch with its VisualInputs."""
+  graphdef, params = model
+  batch, pictures = _rollouts(3)
+  P = batch.tokens.shape[-1] - N_NEW
+  tokens, valid = batch.tokens[..., :P], batch.token_valid[..., :P]
+  sampling = SamplingParams(max_new_tokens=N_NEW, temperature=1.0)
+  keys = jax.random.split(jax.random.key(5), 2)
+  never = (VOCAB,)   # every row samples all N_NEW tokens
+  mesh = mesh_lib.make_mesh({'branch': 2, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:2])
+  outs = [generate_branches(graphdef, params, tokens, valid, keys, sampling, never, 0,
+                            mesh=m, group_size=G, vision=batch.vision) for m in (None, mesh)]
+  for k in range(2):
+    images, videos = _visual_inputs(pictures[k][::G])
+    ref = generate(graphdef, jax.tree.map(lambda x: x[k], params), tokens[k], valid[k], keys[k],
+                   sampling, never, 0, group_size=G, images=images, videos=videos)
+    for out in outs:
+      np.testing.assert_array_equal(np.asarray(out.tokens)[k], np.asarray(ref.tokens))
+      np.testing.assert_allclose(np.asarray(out.logprobs)[k], np.asarray(ref.logprobs),
+                                 atol=2e-5)
+
+
+@pytest.mark.slow   # compiles of a tiny Qwen3-VL step / sampler and its reference
+def test_freeze_vision_keeps_the_tower_and_trains_the_decoder(model):
+  """model.freeze_vision: AdamW with weight decay moves every decoder leaf but no vision leaf."""
+  graphdef, params = model
+  mesh = _mesh()
+  batch, _ = _rollouts(0)
+  adamw = optax.adamw(1e-2, weight_decay=0.1)
+  state = BranchState(params, jax.vmap(adamw.init)(params), jnp.zeros((2,), jnp.int32),
+                      jax.random.key_data(jax.random.split(jax.random.key(0), 2)))
+  sh = branch_state_shardings(state, mesh)
+  state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), state), sh)
+  step = make_grpo_step(graphdef, adamw, mesh, StepConfig(freeze_vision=True, **CFG), sh)
+  new, _ = step(state, batch)
+  before = jax.tree_util.tree_flatten_with_path(params)[0]
+  after = jax.tree.leaves(new.params)
+  assert len(before) == len(after)
+  for (path, old), leaf in zip(before, after):
+    moved = np.abs(np.asarray(old) - np.asarray(leaf)).max()
+    if str(getattr(path[0], 'key', path[0])) == 'vision':
+      assert moved == 0, jax.tree_util.keystr(path)
+    else:
+      assert moved > 0, jax.tree_util.keystr(path)
