@@ -32,6 +32,7 @@ from copd_jax import distributed
 from copd_jax import vision_inputs
 from copd_jax.data import Example, render_prompt
 from copd_jax.data.domain import PromptFormat, chat_messages
+from copd_jax.errors import UserInputError
 from copd_jax.models.chat_template import render_chat
 from copd_jax.metrics import row_lengths
 from copd_jax.prompt_groups import check_groups
@@ -185,19 +186,25 @@ class PromptEncoder:
     self.full_ids(example)
     return self._pictures.get((example.domain, example.id))
 
+  def check_pictures_kept(self, examples: Sequence[Example]) -> None:
+    """A prompt with pictures cut to max_tokens (long_prompts='truncate') may lose some of its
+    pad tokens: one line naming the first such row."""
+    if not self.max_tokens:
+      return
+    cut = next((e for e in examples if (e.images or e.video)
+                and len(self.full_ids(e)) > self.max_tokens), None)
+    if cut is not None:
+      raise UserInputError(f'{cut.source or cut.id}: a prompt with pictures is longer than '
+                           f'data.max_prompt_tokens={self.max_tokens}; truncating it would cut '
+                           "its image pads (use data.long_prompts='drop')")
+
   def vision_batch(self, examples: Sequence[Sequence[Example]], tokens, valid,
                    completion_length: int) -> VisionBatch | None:
     """The pictures of encoded rows tokens, valid [K, B, P] (`encode`) followed by
     completion_length sampled columns; None without `vision` (a text model)."""
     if self.vision is None:
       return None
-    if self.max_tokens:   # a truncated prompt may have lost some of its pad tokens
-      cut = [e for row in examples for e in row if (e.images or e.video)
-             and len(self.full_ids(e)) > self.max_tokens]
-      if cut:
-        raise ValueError(f'{cut[0].source or cut[0].id}: a prompt with pictures is longer than '
-                         f'data.max_prompt_tokens={self.max_tokens}; truncating it would cut '
-                         "its image pads (use data.long_prompts='drop')")
+    self.check_pictures_kept([e for row in examples for e in row])
     pictures = [[self.pictures(e) for e in row] for row in examples]
     return build_vision_batch(tokens, valid, pictures, completion_length,
                               self.vision.model_config)

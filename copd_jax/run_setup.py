@@ -326,6 +326,8 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
                         f'config.domains.{chat[0]}.use_chat_template')
   encoder = PromptEncoder(tokenizer, formats, vision=vision)
   domains = apply_prompt_limit(config, domains, encoder, log)
+  if vision is not None:
+    encoder.check_pictures_kept([e for split in domains.values() for part in split for e in part])
   # Each batch is padded to its own bucket; the largest (that of the run's longest prompt) is
   # what the memory check and grpo.logits_chunk='auto' plan for.
   encoder.fix_length(check_prompts(
