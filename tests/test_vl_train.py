@@ -1,6 +1,8 @@
 """End to end on a Qwen3-VL base: `train` on a text domain and a toy image domain (K=2, one
 cycle of GRPO + OPD with pictures), then the merge, the evaluation of base / branches / merge
-and the merged Hugging Face folder, which loads as a Qwen3-VL model."""
+and the merged Hugging Face folder, which loads as a Qwen3-VL model; the `evaluate` command on
+the run's checkpoint sees the pictures too."""
+import argparse
 import json
 import os
 
@@ -9,6 +11,15 @@ import pytest
 from copd_jax.configs.base import base_config, synthetic_domain
 from tests.hf_vl_fixtures import save_hf_vl_folder_with_tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = """import sys
+sys.path.insert(0, {root!r})
+from tests.test_vl_train import _config
+
+
+def get_config():
+  return _config({base!r})
+"""
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
                          'shared', 'fixtures', 'qwen3_tokenizer')
 
@@ -48,3 +59,13 @@ def test_train_merge_evaluate_with_an_image_domain(tmp_path):
   merged = str(tmp_path / 'run' / 'merged_hf')
   assert hf_io_vl.is_vl_folder(merged)
   assert hf_io_vl.read_vl_config(merged) == hf_io_vl.read_vl_config(str(base))
+  # The evaluate command on the run: the same models, every domain, pictures included.
+  from copd_jax.commands import evaluate
+  config_file = tmp_path / 'vl_config.py'
+  config_file.write_text(CONFIG_FILE.format(root=ROOT, base=str(base)))
+  out = tmp_path / 'evaluate.json'
+  assert evaluate.run(argparse.Namespace(config=str(config_file), checkpoint=str(tmp_path / 'run'),
+                                         merge_method='mean', out=str(out), extra=[])) == 0
+  text = out.read_text()
+  for name in ('compare', 'sort', 'merged:mean'):
+    assert name in text, text[:400]
