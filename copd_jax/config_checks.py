@@ -134,7 +134,7 @@ def _check_model(config, check_files: bool) -> None:
     _check_model_path(config)
   check.one_of('model.compute_dtype', model.compute_dtype, tuple(DTYPES))
   check.one_of('model.param_dtype', model.param_dtype, tuple(DTYPES))
-  for field in ('remat', 'scan_layers'):
+  for field in ('remat', 'scan_layers', 'freeze_vision'):
     check.typed(f'model.{field}', model[field], bool)
   check.one_of('model.attention', model.attention, IMPLEMENTATIONS)
   check.positive_int('model.attention_block', model.attention_block)

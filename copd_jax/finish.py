@@ -18,7 +18,8 @@ from copd_jax import distributed
 from copd_jax import storage
 from copd_jax.evaluation import ModelGroup, evaluate_groups, markdown_table, save_results
 from copd_jax.merge import merge_checkpoints
-from copd_jax.models import hf_io
+from copd_jax.models import hf_io, hf_io_vl
+from copd_jax.models.qwen3_vl import Qwen3VLConfig
 from copd_jax.run_setup import Run
 from copd_jax.start_params import BranchSource, load_branch_stacked
 from copd_jax.steps import BranchState
@@ -87,7 +88,11 @@ def merge_and_evaluate(run: Run, branch_params, progress: bool = False) -> tuple
                                    density=config.merge.density, out=merged_dir,
                                    overwrite=True, progress=progress).params
         out_dir = storage.join(workdir, 'merged_hf')
-        hf_io.save_hf_folder(merged, run.model_config, out_dir, tokenizer_from=run.base_path)
+        if isinstance(run.model_config, Qwen3VLConfig):
+          hf_io_vl.save_vl_hf_folder(merged, run.model_config, out_dir,
+                                     tokenizer_from=run.base_path)
+        else:
+          hf_io.save_hf_folder(merged, run.model_config, out_dir, tokenizer_from=run.base_path)
         run.log(f'merged model ({config.merge.method}) written to {out_dir}')
       except BaseException as error:   # raised after the barrier, so no process waits on it
         failed = error

@@ -45,8 +45,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from copd_jax.models.qwen3 import head_logits
-from copd_jax.scoring import (TokenScores, logprobs_from_logits, map_head_chunks,
-                              pad_first_position, scores_from_hidden, sequence_logprobs)
+from copd_jax.scoring import (TokenScores, head_model, logprobs_from_logits, map_head_chunks,
+                              model_hidden, pad_first_position, scores_from_hidden,
+                              sequence_logprobs)
 
 SAMPLED_TOKEN, TOPK_FORWARD_KL, FULL_REVERSE_KL = ('sampled_token', 'topk_forward_kl',
                                                    'full_reverse_kl')
@@ -65,14 +66,16 @@ class TeacherView(NamedTuple):
 
 
 def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: str,
-                 temperature: float, topk: int, logits_chunk: int | None) -> TeacherView:
-  """The teacher's side of `signal` on rows tokens [M, T] (scored with the teacher's params)."""
+                 temperature: float, topk: int, logits_chunk: int | None,
+                 vision=None) -> TeacherView:
+  """The teacher's side of `signal` on rows tokens [M, T] (scored with the teacher's params;
+  vision: the rows' pictures for a Qwen3-VL model, `scoring.model_hidden`)."""
   if signal == SAMPLED_TOKEN:
     return TeacherView(sequence_logprobs(graphdef, params, tokens, valid, temperature,
-                                         logits_chunk).logprobs)
+                                         logits_chunk, vision).logprobs)
   if signal == TOPK_FORWARD_KL:
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(tokens, token_valid=valid)
+    hidden = model_hidden(model, tokens, valid, vision)
 
     def per_chunk(logits, targets):
       logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
@@ -80,12 +83,12 @@ def teacher_view(graphdef, params, tokens: jax.Array, valid: jax.Array, signal: 
       return (token_lp,) + top_k_by_argmax(logp, topk)
 
     token_lp, ids, top_lp = (pad_first_position(x) for x in map_head_chunks(
-        per_chunk, model, hidden[:, :-1], tokens[:, 1:], logits_chunk))
+        per_chunk, head_model(model), hidden[:, :-1], tokens[:, 1:], logits_chunk))
     return TeacherView(token_lp * valid, ids, top_lp * valid[..., None])
   if signal == FULL_REVERSE_KL:
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(tokens, token_valid=valid)
-    token_lp = scores_from_hidden(model, hidden[:, :-1], tokens[:, 1:], temperature,
+    hidden = model_hidden(model, tokens, valid, vision)
+    token_lp = scores_from_hidden(head_model(model), hidden[:, :-1], tokens[:, 1:], temperature,
                                   logits_chunk).logprobs
     return TeacherView(pad_first_position(token_lp) * valid,
                        hidden=pad_first_position(hidden[:, :-1]) * valid[..., None].astype(
@@ -97,7 +100,7 @@ def teacher_head(graphdef, params) -> jax.Array:
   """The teacher's output projection as 'full_reverse_kl' sends it, once per round: [V, D] (an
   untied [D, V] head transposed, so every head is split on its vocabulary axis alike) in the
   compute dtype, as the teacher's own chunked scoring casts it."""
-  model = nnx.merge(graphdef, params)
+  model = head_model(nnx.merge(graphdef, params))
   head = model.head_weight()
   return head if model.config.tie_word_embeddings else head.T
 
@@ -164,10 +167,11 @@ def reverse_kl(student_logp: jax.Array, teacher_logp: jax.Array,
 def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: TeacherView,
                    signal: str, temperature: float, logits_chunk: int | None,
                    clamp: float | None = None, teacher_heads: jax.Array | None = None,
-                   first_distill_row: int = 0) -> tuple[TokenScores, jax.Array]:
+                   first_distill_row: int = 0, vision=None) -> tuple[TokenScores, jax.Array]:
   """The student's TokenScores of tokens [B, T] and, per position, its divergence from the
   teacher's view for a distribution `signal` ([B, T], 0 at position 0 and invalid positions),
-  both from one pass over the student's logits, logits_chunk positions at a time.
+  both from one pass over the student's logits, logits_chunk positions at a time (vision: as
+  in `teacher_view`).
 
   'full_reverse_kl': rows [first_distill_row, B) are distillation rows in R equal consecutive
   groups, group r taught by teacher_heads[r] ([R, V, D], `teacher_head`) applied to
@@ -175,7 +179,7 @@ def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: 
   logits."""
   model = nnx.merge(graphdef, params)
   first = first_distill_row
-  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+  hidden = model_hidden(model, tokens, valid, vision)
   shift = lambda x: x[:, 1:]  # position t of the view predicts token t: logits at t - 1
 
   def per_chunk(logits, inputs):
@@ -194,7 +198,7 @@ def student_scores(graphdef, params, tokens: jax.Array, valid: jax.Array, view: 
 
   teacher = ((shift(view.topk_ids), shift(view.topk_logprobs)) if signal == TOPK_FORWARD_KL
              else shift(view.hidden))
-  scores, divergence = map_head_chunks(per_chunk, model, hidden[:, :-1],
+  scores, divergence = map_head_chunks(per_chunk, head_model(model), hidden[:, :-1],
                                        (tokens[:, 1:], teacher), logits_chunk)
   pad = lambda x: pad_first_position(x) * valid
   return TokenScores(pad(scores.logprobs), pad(scores.entropy)), pad(divergence)

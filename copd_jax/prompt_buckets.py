@@ -49,10 +49,14 @@ def _left_pad(batch: RolloutBatch, extra: int, pad_id: int) -> RolloutBatch:
   def pad(x, value):
     widths = [(0, 0)] * (x.ndim - 1) + [(extra, 0)]
     return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
+  vision = batch.vision
+  if vision is not None:   # Qwen3-VL: added columns are text (slot 0) at position 0
+    vision = vision._replace(visual_slot=pad(vision.visual_slot, 0),
+                             positions=pad(vision.positions, 0))
   return RolloutBatch(tokens=pad(batch.tokens, pad_id), token_valid=pad(batch.token_valid, False),
                       completion_mask=pad(batch.completion_mask, False),
                       sampler_logprobs=pad(batch.sampler_logprobs, 0),
-                      advantages=pad(batch.advantages, 0))
+                      advantages=pad(batch.advantages, 0), vision=vision)
 
 
 class StepPerPromptLength:

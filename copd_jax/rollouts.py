@@ -30,14 +30,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax import distributed
+from copd_jax import vision_inputs
 from copd_jax.data import Example, render_prompt
-from copd_jax.data.domain import PromptFormat
+from copd_jax.data.domain import PromptFormat, chat_messages
+from copd_jax.errors import UserInputError
+from copd_jax.models.chat_template import render_chat
 from copd_jax.metrics import row_lengths
 from copd_jax.prompt_groups import check_groups
 from copd_jax.rewards import RewardSpec, score_completions
 from copd_jax.sampling import SampleOutput, SamplingConfigError, SamplingParams, generate_branches
 from copd_jax.sampling.engine import EngineSettings, engine_generate_branches
 from copd_jax.steps import RolloutBatch
+from copd_jax.vision_batch import PromptPictures, VisionBatch, build_vision_batch, pad_patches
 
 # Prompt-length buckets, powers of two from 16 to 32k: a run compiles the sampler and the steps
 # for at most these prompt lengths.
@@ -86,6 +90,7 @@ class Rollouts:
   truncated: np.ndarray | None = None  # [K, B] bool, cut at max_new_tokens without EOS
   rows: tuple[slice, slice] | None = None   # this process's (branch, batch) rows; None: all
   decode: Callable[[list[int]], str] | None = None   # token ids -> text (the tokenizer's)
+  vision: VisionBatch | None = None    # Qwen3-VL: the rows' pictures [K, ...] (host arrays)
 
   def texts_of(self, batch_rows: Sequence[int]) -> list[list[str]]:
     """Decoded completions of rows `batch_rows` of every branch, [K][len(batch_rows)]. On
@@ -106,17 +111,44 @@ def _take_rows(output: SampleOutput, batch_rows: tuple[int, ...]) -> SampleOutpu
   return SampleOutput(*(x[:, jnp.asarray(batch_rows)] for x in output))
 
 
+@dataclasses.dataclass(frozen=True)
+class VisionEncoding:
+  """What a Qwen3-VL run turns a row's images / video into model inputs with: transformers'
+  processors of the model folder (`vision_inputs.load_vision_processor`), the model's config
+  (`qwen3_vl.Qwen3VLConfig`: pad token ids, merge size) and data.max_image_pixels."""
+  processor: vision_inputs.VisionProcessor
+  model_config: object
+  max_pixels: int = vision_inputs.DEFAULT_MAX_PIXELS
+
+
+def render_visual_prompt(tokenizer, example: Example, fmt: PromptFormat) -> str:
+  """The prompt text of a row with images / a video: the chat template given a content list
+  with the pictures before the text (`vision_inputs.with_visual_content`), or the raw prompt
+  after their placeholders."""
+  n_images, n_videos = len(example.images), int(bool(example.video))
+  if not fmt.use_chat_template:
+    return vision_inputs.placeholders(n_images, n_videos) + example.prompt
+  messages = vision_inputs.with_visual_content(chat_messages(example, fmt.system_prompt),
+                                               n_images, n_videos)
+  return render_chat(tokenizer, messages, source=getattr(tokenizer, 'name_or_path', 'tokenizer'),
+                     context=f'the prompt of {example.source or example.id}',
+                     enable_thinking=fmt.enable_thinking)
+
+
 class PromptEncoder:
-  """Renders examples with the tokenizer (chat template per domain) into left-padded buckets."""
+  """Renders examples with the tokenizer (chat template per domain) into left-padded buckets;
+  with `vision`, a row's images / video into pad runs and packed patches (`pictures`)."""
 
   def __init__(self, tokenizer, use_chat_template: dict[str, PromptFormat | bool],
-               max_tokens: int = 0):
+               max_tokens: int = 0, vision: VisionEncoding | None = None):
     """max_tokens > 0: `ids` keeps a prompt's last max_tokens tokens (data.max_prompt_tokens
     with long_prompts='truncate'; the end holds the chat template's assistant header)."""
     self.tokenizer = tokenizer
     self.use_chat_template = use_chat_template
     self.max_tokens = max_tokens
+    self.vision = vision
     self._cache: dict[tuple[str, str], list[int]] = {}
+    self._pictures: dict[tuple[str, str], PromptPictures] = {}
     self.length: int | None = None   # the run's largest bucket (fix_length)
 
   def fix_length(self, longest: int) -> None:
@@ -125,13 +157,58 @@ class PromptEncoder:
     self.length = bucket_length(longest, PROMPT_BUCKETS)
 
   def full_ids(self, example: Example) -> list[int]:
-    """The rendered prompt's token ids, whatever its length."""
+    """The rendered prompt's token ids, whatever its length (a row with pictures: its pad runs
+    expanded to the pictures' merged sizes)."""
     key = (example.domain, example.id)
     if key not in self._cache:
-      text = render_prompt(self.tokenizer, example,
-                           self.use_chat_template.get(example.domain, True))
-      self._cache[key] = self.tokenizer(text, add_special_tokens=False)['input_ids']
+      fmt = self.use_chat_template.get(example.domain, True)
+      if self.vision is not None and (example.images or example.video):
+        self._encode_pictures(key, example, fmt)
+      else:
+        text = render_prompt(self.tokenizer, example, fmt)
+        self._cache[key] = self.tokenizer(text, add_special_tokens=False)['input_ids']
     return self._cache[key]
+
+  def _encode_pictures(self, key, example: Example, fmt) -> None:
+    fmt = fmt if isinstance(fmt, PromptFormat) else PromptFormat(use_chat_template=bool(fmt))
+    where = example.source or f'domains.{example.domain} ({example.id})'
+    v = self.vision
+    images = [vision_inputs.open_image(p, where, v.max_pixels) for p in example.images]
+    videos = [vision_inputs.open_video(example.video, where, v.max_pixels)] if example.video \
+        else []
+    prompt = vision_inputs.encode_vision_prompt(render_visual_prompt(self.tokenizer, example, fmt),
+                                                images, v.processor, self.tokenizer, videos)
+    self._cache[key] = prompt.input_ids.tolist()
+    self._pictures[key] = PromptPictures.of(prompt.pixel_values, prompt.image_grid_thw,
+                                            prompt.pixel_values_videos, prompt.video_grid_thw)
+
+  def pictures(self, example: Example) -> PromptPictures | None:
+    """The row's pictures (one object per prompt, shared by its repeats), None for text."""
+    self.full_ids(example)
+    return self._pictures.get((example.domain, example.id))
+
+  def check_pictures_kept(self, examples: Sequence[Example]) -> None:
+    """A prompt with pictures cut to max_tokens (long_prompts='truncate') may lose some of its
+    pad tokens: one line naming the first such row."""
+    if not self.max_tokens:
+      return
+    cut = next((e for e in examples if (e.images or e.video)
+                and len(self.full_ids(e)) > self.max_tokens), None)
+    if cut is not None:
+      raise UserInputError(f'{cut.source or cut.id}: a prompt with pictures is longer than '
+                           f'data.max_prompt_tokens={self.max_tokens}; truncating it would cut '
+                           "its image pads (use data.long_prompts='drop')")
+
+  def vision_batch(self, examples: Sequence[Sequence[Example]], tokens, valid,
+                   completion_length: int) -> VisionBatch | None:
+    """The pictures of encoded rows tokens, valid [K, B, P] (`encode`) followed by
+    completion_length sampled columns; None without `vision` (a text model)."""
+    if self.vision is None:
+      return None
+    self.check_pictures_kept([e for row in examples for e in row])
+    pictures = [[self.pictures(e) for e in row] for row in examples]
+    return build_vision_batch(tokens, valid, pictures, completion_length,
+                              self.vision.model_config)
 
   def ids(self, example: Example) -> list[int]:
     """The ids the model sees: full_ids, cut to the last max_tokens when that is set."""
@@ -175,8 +252,15 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
   encoded prompts first (`check_groups`).
   keys: [K] PRNG keys, one per branch (default: `jax.random.split(key, K)`).
   engine: sample with the continuous-batching engine (`sampling.engine`, the same samples) under
-  these settings; None: the static decoder."""
+  these settings; None: the static decoder. A Qwen3-VL encoder (`encoder.vision`) gives every
+  batch its pictures (`PromptEncoder.vision_batch`), sampled by the static decoder (the engine
+  has no vision prefill) and kept in `Rollouts.vision` for the train steps."""
   tokens, valid = encoder.encode(examples)
+  vision = encoder.vision_batch(examples, tokens, valid, sampling.max_new_tokens)
+  if vision is not None:
+    engine = None
+    if distributed.is_multiprocess():
+      raise ValueError('Qwen3-VL rollouts run on one process for now')
   if group_size > 1:
     check_groups(tokens, valid, group_size)
   K, B = len(examples), len(examples[0])
@@ -192,7 +276,7 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
   eos, pad = eos_ids(tokenizer), tokenizer.pad_token_id or 0
   if engine is None:
     output = generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling, eos, pad,
-                               mesh=mesh, group_size=group_size)
+                               mesh=mesh, group_size=group_size, vision=vision)
   else:
     output = engine_generate_branches(graphdef, stacked_params, tokens, valid, keys, sampling,
                                       eos, pad, mesh=mesh, group_size=group_size, settings=engine)
@@ -216,7 +300,7 @@ def sample_and_score(graphdef, stacked_params, examples: Sequence[Sequence[Examp
   rewards, lengths, truncated = distributed.gather_rows(
       (rewards, lengths.astype(np.int32), truncated), mesh, K, B)
   return Rollouts(output, [list(row) for row in examples], texts, rewards, lengths,
-                  truncated.astype(bool), rows, decode)
+                  truncated.astype(bool), rows, decode, vision)
 
 
 def to_batch(rollouts: Rollouts, advantages: np.ndarray | None, row_mask=None) -> RolloutBatch:
@@ -231,7 +315,7 @@ def to_batch(rollouts: Rollouts, advantages: np.ndarray | None, row_mask=None) -
   if distributed.is_multiprocess():
     rows = NamedSharding(out.tokens.sharding.mesh, P('branch'))
     per_row = tuple(distributed.host_to_global(x, rows) for x in per_row)
-  return _batch_from(SampleOutput(*out), *per_row)
+  return _batch_from(SampleOutput(*out), *per_row)._replace(vision=rollouts.vision)
 
 
 @jax.jit
@@ -257,7 +341,11 @@ def device_batch(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
 
 def stack_rounds(batches: Sequence[RolloutBatch], mesh: Mesh) -> RolloutBatch:
   """The OPD step's distillation input [R, K, M, T] from R rounds' batches (`device_batch`es),
-  in its input layout (K on 'branch'), stacked on the devices."""
+  in its input layout (K on 'branch'), stacked on the devices. Qwen3-VL batches' packs of
+  patches are padded to the largest first."""
+  if batches and batches[0].vision is not None:
+    size = max(b.vision.patches.segment.shape[-1] for b in batches)
+    batches = [b._replace(vision=pad_patches(b.vision, size)) for b in batches]
   stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=NamedSharding(mesh, P(None, 'branch')))
   return jax.tree.map(lambda *xs: stack(*xs), *batches)
 

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
 from copd_jax import checkpoint as ckpt
@@ -43,12 +44,16 @@ from copd_jax.optim import make_optimizer
 from copd_jax.prompt_buckets import StepPerPromptLength
 from copd_jax.prompt_checks import check_prompts
 from copd_jax.rewards import RewardSpec, reward_spec
-from copd_jax.rollouts import PromptEncoder
+from copd_jax.rollouts import PromptEncoder, VisionEncoding
+from copd_jax.models import hf_io_vl
+from copd_jax.vision_inputs import load_vision_processor
 from copd_jax.sampling import SamplingParams
 from copd_jax.edge_topk import make_edge_topk
 from copd_jax.schedule import PhaseController
 from copd_jax.step_config import StepConfig
-from copd_jax.start_params import branch_sources, load_base_params, load_branch_stacked
+from copd_jax.start_params import (branch_sources, load_base_params, load_branch_stacked,
+                                   state_from_pure_dict)
+from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.steps import (BranchState, branch_state_init, branch_state_shardings,
                             init_branch_state, init_stacked_branch_state, make_grpo_step,
                             make_opd_step, reference_shardings)
@@ -118,11 +123,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
       sources.set_state(saved['data_state'])  # a changed number of examples: refused here
   base_path = base_model_path(config, workdir, domains, log)
   # Shapes only: the weights are read after the memory check, straight into their shardings.
-  model = hf_io.abstract_model(base_path, compute_dtype=DTYPES[config.model.compute_dtype],
-                               param_dtype=DTYPES[config.model.param_dtype],
-                               remat=config.model.remat, scan_layers=config.model.scan_layers,
-                               attention=config.model.attention,
-                               attention_block=config.model.attention_block)
+  model = abstract_base_model(config, base_path)
+  text_config = text_model_config(model.config)
   graphdef, abstract_params = nnx.split(model)
 
   mesh = mesh_lib.make_mesh(config.mesh, num_branches=K)
@@ -134,10 +136,14 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   sampling = SamplingParams.from_config(config)
   reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
   # Before any state is allocated: stop with one line if the run would not fit in memory.
-  memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, model.config, log)
+  # Qwen3-VL: the text decoder's estimate (the vision tower is not counted yet).
+  memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, text_config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
-  base_params = load_base_params(base_path, abstract_params, model.config, mesh, param_rules)
+  if isinstance(model, Qwen3VL):
+    base_params = load_vl_base_params(base_path, abstract_params, model.config, mesh, param_rules)
+  else:
+    base_params = load_base_params(base_path, abstract_params, model.config, mesh, param_rules)
   if config.model.branch_init:
     state = branch_init_state(config, base_path, abstract_params, model.config, optimizer, mesh,
                               param_rules)
@@ -156,7 +162,7 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
                                        enabled=jax.process_index() == 0,
                                        tag=tag_namer(branch_names(config.branches)))
 
-  step_config = StepConfig.from_config(config, encoder.length, model.config.vocab_size)
+  step_config = StepConfig.from_config(config, encoder.length, text_config.vocab_size)
   sharding = branch_state_shardings(state, mesh, param_rules)
   # One compiled GRPO step per prompt bucket a batch uses (copd_jax/prompt_buckets.py).
   grpo_step = StepPerPromptLength(
@@ -211,27 +217,35 @@ def load_domains(config, image_dir: str = '') -> dict[str, tuple[list[Example], 
     elif spec.source == 'synthetic_vision':
       out[name] = synthetic_vision_domain(name, synthetic_seed(config, name), spec.num_train,
                                           spec.num_eval, image_dir or default_image_dir())
-      _refuse_visual_rows(name, out[name][0] + out[name][1])
     else:
       fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None,
                     image_field=spec.image_field, video_field=spec.video_field,
                     max_image_pixels=config.data.max_image_pixels)
       out[name] = (load_examples(spec.train_path, name, reward=spec.reward, **fields),
                    load_examples(spec.eval_path, name, reward=spec.reward, **fields))
-      _refuse_visual_rows(name, out[name][0] + out[name][1])
   return out
 
 
-def _refuse_visual_rows(name: str, examples: list[Example]) -> None:
-  """The training loop feeds text only: a row's images would be dropped without a word."""
-  row = next((ex for ex in examples if ex.images or ex.video), None)
-  if row is not None:
-    if not row.source:  # a synthetic_vision domain: its pictures are the task
-      raise UserInputError(f"domains.{name}: source 'synthetic_vision' gives rows with images or "
-                           'a video, which training does not feed to the model yet')
-    raise UserInputError(f'{row.source}: the row has images or a video, which training does not '
-                         f"feed to the model yet; set domains.{name}.image_field='' and "
-                         "video_field='' to train on its text alone")
+def check_visual_rows(domains, vision: VisionEncoding | None) -> None:
+  """Rows with pictures need a Qwen3-VL model (`vision`: its processors), and rows with a video
+  transformers' video processor (it needs torchvision): otherwise one line naming the row (the
+  domain, for a synthetic_vision one) before any compute, instead of pictures dropped without
+  a word."""
+  for name, split in domains.items():
+    for row in (ex for part in split for ex in part if ex.images or ex.video):
+      if vision is None:
+        if not row.source:
+          raise UserInputError(f"domains.{name}: source 'synthetic_vision' gives rows with images "
+                               'or a video, which a text model cannot see; train a Qwen3-VL '
+                               'model (model.source=\'hf\', model.hf_path)')
+        raise UserInputError(f'{row.source}: the row has images or a video, which a text model '
+                             'cannot see; train a Qwen3-VL model (model.hf_path) or set '
+                             f"domains.{name}.image_field='' and video_field='' to train on its "
+                             'text alone')
+      if row.video and vision.processor.video_processor is None:
+        raise UserInputError(f'{row.source or "domains." + name}: the row has a video, but '
+                             f'{vision.processor.video_problem} (domains.{name}.video_field=\'\' '
+                             'trains on the rest of the row)')
 
 
 def used_domains(config) -> list[str]:
@@ -288,21 +302,33 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
   """The run's PromptEncoder and its domains after config.data.max_prompt_tokens, every prompt
   checked (prompt_checks) and the bucket fixed, from the tokenizer and the architecture alone:
   the HF folder's, or the character model's."""
+  vision = None
   if config.model.source == 'hf':
     folder = local_model_path(config.model.hf_path)
-    model_config, source = hf_io.read_config(folder), storage.join(folder, 'config.json')
-    hf_io.check_tensors(folder, model_config)
+    source = storage.join(folder, 'config.json')
+    if hf_io_vl.is_vl_folder(storage.local_copy(folder)):
+      vl_config = hf_io_vl.read_vl_config(storage.local_copy(folder))
+      model_config = vl_config.text
+      if any(ex.images or ex.video for split in domains.values() for part in split for ex in part):
+        vision = VisionEncoding(load_vision_processor(storage.local_copy(folder)), vl_config,
+                                config.data.max_image_pixels)
+    else:
+      model_config = hf_io.read_config(folder)
+      hf_io.check_tensors(folder, model_config)
     tokenizer = load_tokenizer(storage.local_copy(folder))
   else:
     folder, tokenizer = None, char_tokenizer()
     model_config, source = toy_model_config(config.model.toy), 'config.model.toy'
+  check_visual_rows(domains, vision)
   formats = {name: prompt_format(config.domains[name]) for name in domains}
   chat = sorted(name for name, fmt in formats.items() if fmt.use_chat_template)
   if chat:
     check_chat_template(tokenizer, folder and storage.local_copy(folder),
                         f'config.domains.{chat[0]}.use_chat_template')
-  encoder = PromptEncoder(tokenizer, formats)
+  encoder = PromptEncoder(tokenizer, formats, vision=vision)
   domains = apply_prompt_limit(config, domains, encoder, log)
+  if vision is not None:
+    encoder.check_pictures_kept([e for split in domains.values() for part in split for e in part])
   # Each batch is padded to its own bucket; the largest (that of the run's longest prompt) is
   # what the memory check and grpo.logits_chunk='auto' plan for.
   encoder.fix_length(check_prompts(
@@ -310,6 +336,34 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
       vocab_size=model_config.vocab_size, max_positions=model_config.max_position_embeddings,
       max_new_tokens=config.sampling.max_new_tokens, model_source=source, log=log))
   return encoder, domains
+
+
+def abstract_base_model(config, base_path: str):
+  """The base model with abstract parameters: a Qwen3, or a Qwen3-VL for a Qwen3-VL folder."""
+  dtypes = dict(compute_dtype=DTYPES[config.model.compute_dtype],
+                param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
+  if hf_io_vl.is_vl_folder(storage.local_copy(base_path)):
+    vl_config = hf_io_vl.read_vl_config(storage.local_copy(base_path))
+    return nnx.eval_shape(lambda: Qwen3VL(vl_config, rngs=nnx.Rngs(0), **dtypes))
+  return hf_io.abstract_model(base_path, scan_layers=config.model.scan_layers,
+                              attention=config.model.attention,
+                              attention_block=config.model.attention_block, **dtypes)
+
+
+def text_model_config(model_config) -> Qwen3Config:
+  """The decoder's Qwen3Config: the model's, or a Qwen3-VL model's text side."""
+  return model_config.text if isinstance(model_config, Qwen3VLConfig) else model_config
+
+
+def load_vl_base_params(folder: str, abstract_params: nnx.State, model_config: Qwen3VLConfig,
+                        mesh, rules) -> nnx.State:
+  """A Qwen3-VL folder's parameters placed by their logical axes like `load_base_params`, but
+  read whole on the host first (`hf_io_vl.load_vl_params`; fine for the toy and small models,
+  a tensor-by-tensor sharded read is not written yet)."""
+  dtype = jax.tree.leaves(abstract_params)[0].dtype
+  pure = hf_io_vl.load_vl_params(storage.local_copy(folder), model_config, np.dtype(dtype))
+  params = state_from_pure_dict(abstract_params, pure)
+  return jax.device_put(params, mesh_lib.state_shardings(abstract_params, mesh, rules))
 
 
 def base_model_path(config, workdir: str, domains, log: Callable) -> str:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from copd_jax.models.qwen3 import head_logits
+from copd_jax.models.qwen3_vl import Qwen3VL
 
 
 class TokenScores(NamedTuple):
@@ -37,6 +38,23 @@ def split_model(model: nnx.Module):
 def apply_model(graphdef, params, tokens, **kwargs):
   """Calls the model functionally: returns what `model(tokens, **kwargs)` returns."""
   return nnx.merge(graphdef, params)(tokens, **kwargs)
+
+
+def model_hidden(model: nnx.Module, tokens: jax.Array, token_valid: jax.Array,
+                 vision=None) -> jax.Array:
+  """Final hidden states [B, T, D] of rows tokens [B, T]: a Qwen3 model's, or a Qwen3-VL
+  model's with the rows' pictures (`vision_batch.VisionBatch` of one branch, None for text
+  rows: plain positions)."""
+  if isinstance(model, Qwen3VL):
+    return model.packed_hidden_states(tokens, token_valid, vision)
+  if vision is not None:
+    raise ValueError(f'pictures need a Qwen3-VL model, got {type(model).__name__}')
+  return model.hidden_states(tokens, token_valid=token_valid)[0]
+
+
+def head_model(model: nnx.Module) -> nnx.Module:
+  """The module holding the output head (`map_head_chunks`): a Qwen3-VL model's text decoder."""
+  return model.text if isinstance(model, Qwen3VL) else model
 
 
 def logprobs_from_logits(logits: jax.Array, targets: jax.Array,
@@ -101,8 +119,9 @@ def scores_from_hidden(model: nnx.Module, hidden: jax.Array, targets: jax.Array,
 
 def sequence_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax.Array,
                       temperature: float | jax.Array = 1.0,
-                      chunk_size: int | None = None) -> TokenScores:
+                      chunk_size: int | None = None, vision=None) -> TokenScores:
   """Teacher-forced scores of every token of `tokens` [B, T] under the model at `temperature`.
+  vision: the rows' pictures for a Qwen3-VL model (`model_hidden`).
 
   Output position t scores tokens[:, t] from the logits at t-1; position 0 and invalid tokens
   score 0, so masks over completion tokens apply directly. chunk_size (None or >= T: off) bounds
@@ -110,13 +129,14 @@ def sequence_logprobs(graphdef, params, tokens: jax.Array, token_valid: jax.Arra
   model must then expose `hidden_states` and its head as Qwen3 does.
   """
   check_chunk_size(chunk_size)
-  if chunk_size is None or chunk_size >= tokens.shape[1]:
-    logits, _ = apply_model(graphdef, params, tokens, token_valid=token_valid)
+  model = nnx.merge(graphdef, params)
+  if not isinstance(model, Qwen3VL) and (chunk_size is None or chunk_size >= tokens.shape[1]):
+    logits, _ = model(tokens, token_valid=token_valid)
     scores = logprobs_from_logits(logits[:, :-1], tokens[:, 1:], temperature)
   else:
-    model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(tokens, token_valid=token_valid)
-    scores = scores_from_hidden(model, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size)
+    hidden = model_hidden(model, tokens, token_valid, vision)
+    scores = scores_from_hidden(head_model(model), hidden[:, :-1], tokens[:, 1:], temperature,
+                                chunk_size)
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0))) * token_valid
   return TokenScores(pad(scores.logprobs), pad(scores.entropy))
 
@@ -128,31 +148,32 @@ def pad_first_position(x: jax.Array) -> jax.Array:
 
 
 def next_token_topk(graphdef, params, tokens, valid, temperature: float, k: int,
-                    logits_chunk: int | None = None):
+                    logits_chunk: int | None = None, vision=None):
   """[M, T] tokens -> (ids [M, T, k], logprobs [M, T, k], token_logprob [M, T]) of the model's
   next-token distribution at `temperature`, aligned as in `sequence_logprobs` (position t
   describes the prediction of token t), ids in descending probability; logits_chunk positions
-  of logits at a time (None: all)."""
+  of logits at a time (None: all); vision: as in `sequence_logprobs`."""
   model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+  hidden = model_hidden(model, tokens, valid, vision)
 
   def topk(logits, targets):
     logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp_all, k)
     return top_ids, top_lp, logprobs_from_logits(logits, targets, temperature).logprobs
 
-  out = map_head_chunks(topk, model, hidden[:, :-1], tokens[:, 1:], logits_chunk)
+  out = map_head_chunks(topk, head_model(model), hidden[:, :-1], tokens[:, 1:], logits_chunk)
   return tuple(pad_first_position(x) for x in out)
 
 
 def next_token_logprobs(graphdef, params, tokens, valid, temperature: float,
-                        logits_chunk: int | None = None) -> jax.Array:
+                        logits_chunk: int | None = None, vision=None) -> jax.Array:
   """[M, T] tokens -> [M, T, V] log-probs of the whole next-token distribution at
   `temperature`, aligned as in `sequence_logprobs` (position 0 and invalid positions 0).
-  Computed logits_chunk positions at a time, but the result is vocabulary-sized per token."""
+  Computed logits_chunk positions at a time, but the result is vocabulary-sized per token;
+  vision: as in `sequence_logprobs`."""
   model = nnx.merge(graphdef, params)
-  hidden, _ = model.hidden_states(tokens, token_valid=valid)
+  hidden = model_hidden(model, tokens, valid, vision)
   logp = map_head_chunks(
       lambda logits, _: jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1),
-      model, hidden[:, :-1], tokens[:, 1:], logits_chunk)
+      head_model(model), hidden[:, :-1], tokens[:, 1:], logits_chunk)
   return pad_first_position(logp) * valid[..., None]

@@ -21,7 +21,7 @@ CONFIG_FIELDS = {
     'group_size': 'grpo.group_size', 'logits_chunk': 'grpo.logits_chunk',
     'max_completion_tokens': 'sampling.max_new_tokens', 'temperature': 'sampling.temperature',
     'opd_beta': 'opd.beta', 'opd_clamp': 'opd.delta_clamp', 'frozen_branches': 'copd.freeze',
-    'opd_signal': 'opd.signal', 'opd_topk': 'opd.topk',
+    'opd_signal': 'opd.signal', 'opd_topk': 'opd.topk', 'freeze_vision': 'model.freeze_vision',
 }
 
 
@@ -48,6 +48,7 @@ class StepConfig:
   logits in the backward pass (scoring.map_head_chunks): peak memory holds [rows, logits_chunk,
   vocab] logits instead of [rows, T, vocab], at the cost of a second head matmul. A config's
   grpo.logits_chunk='auto' is resolved to a number or None here (copd_jax/logits_chunk.py).
+  freeze_vision: a Qwen3-VL model's vision tower gets no gradient and no update.
   """
   epsilon_low: float = 0.2
   epsilon_high: float = 0.28
@@ -65,6 +66,7 @@ class StepConfig:
   logits_chunk: int | None = None
   opd_signal: str = opd_signals.SAMPLED_TOKEN
   opd_topk: int = 8
+  freeze_vision: bool = False
 
   def __post_init__(self):
     check = Fields('StepConfig')
@@ -93,6 +95,8 @@ class StepConfig:
     check.check(isinstance(self.frozen_branches, tuple) and
                 all(is_int(k) and k >= 0 for k in self.frozen_branches), 'frozen_branches',
                 f'must be a tuple of branch indices, got {self.frozen_branches!r}')
+    check.check(isinstance(self.freeze_vision, bool), 'freeze_vision',
+                f'must be True or False, got {self.freeze_vision!r}')
 
   @property
   def shares_prompts(self) -> bool:
@@ -136,7 +140,8 @@ class StepConfig:
                  temperature=config.sampling.temperature, num_micro_batches=g.micro_batches,
                  opd_beta=o.beta, opd_clamp=_off_if_zero(o.delta_clamp),
                  frozen_branches=frozen, group_size=g.group_size, prompt_length=prompt_length,
-                 logits_chunk=chunk, opd_signal=o.signal, opd_topk=o.topk)
+                 logits_chunk=chunk, opd_signal=o.signal, opd_topk=o.topk,
+                 freeze_vision=config.model.freeze_vision)
 
 def _off_if_zero(value):
   """A config's 0 (off) as None; other values as they are, for __post_init__ to check."""

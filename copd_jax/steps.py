@@ -26,6 +26,16 @@ logits_chunk at a time: copd_jax.opd_signals).
 `copd_jax.edge_topk` does the same for the behavioural metrics (top-k ids and log-probs of
 student and teacher per position).
 
+Qwen3-VL: a batch's pictures travel in `RolloutBatch.vision` (copd_jax.vision_batch: each
+branch's patches padded to a bucket, per-position visual slots, M-RoPE positions), so a step
+compiles once per (tokens, patch bucket). Every forward of the update (policy, reference,
+teacher) runs the vision tower on the pack and the decoder with the pictures' merged tokens and
+deepstack features; the tower gets gradients (unless StepConfig.freeze_vision). The pack is
+whole in every micro-batch (rows point into it) and each row is scored whole (no shared-prompt
+KV cache for the VL forward). In OPD the student's pack goes with its tokens to the teacher's
+shard (pixels cross branches, parameters never), and the native and distillation packs are
+joined into one per branch for the update (`combined_pictures`).
+
 Rng: `state.rng` is not consumed by the updates; derive per-step keys as fold_in(rng, step).
 """
 from __future__ import annotations
@@ -42,11 +52,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from copd_jax import losses, opd_signals
 from copd_jax.mesh import DEFAULT_RULES, branch_sharded, state_shardings
 from copd_jax.models.qwen3 import KVCache, default_positions
+from copd_jax.models.qwen3_vl import Qwen3VL
 from copd_jax.opd_signals import TeacherView
 from copd_jax.prompt_groups import repeat_cache, rows_off_group
 from copd_jax.scoring import TokenScores, scores_from_hidden, sequence_logprobs
 from copd_jax.step_config import StepConfig, StepConfigError
 from copd_jax.tracing import TRACE_COUNTS
+from copd_jax.vision_batch import VisionBatch, concat_packs
 
 
 class BranchState(NamedTuple):
@@ -66,6 +78,9 @@ class RolloutBatch(NamedTuple):
   sampler_logprobs: jax.Array   # float32, the sampler's log-prob of each token (0 elsewhere)
   advantages: jax.Array         # float32 per token (GRPO: the sequence advantage broadcast);
                                 # ignored for distillation batches
+  vision: Any = None            # Qwen3-VL: the rows' pictures, a vision_batch.VisionBatch
+                                # (patches [K, S, ...], visual_slot [K, N, T], positions
+                                # [K, N, 3, T]); None for a text model
 
 
 # ----------------------------------------------------------------------------- state
@@ -255,13 +270,23 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
   if signal is not None:
     distill_tokens = jnp.maximum(jnp.sum(mask * signal.is_distill[:, None]), 1.0)
 
-  group = cfg.group_size if cfg.shares_prompts and signal is None else 1
+  # A Qwen3-VL model scores every row whole (its forward has no KV cache to share a prompt
+  # through); its pictures run through the tower once per prompt of the pack all the same.
+  is_vl = isinstance(nnx.merge(graphdef, params), Qwen3VL)
+  group = cfg.group_size if cfg.shares_prompts and signal is None and not is_vl else 1
+  # The pack of pictures is whole in every micro-batch (its rows point into it); only the
+  # per-row fields (visual_slot, positions) are split with the rows.
+  patches = None if batch.vision is None else batch.vision.patches
+  if batch.vision is not None:
+    batch = batch._replace(vision=batch.vision._replace(patches=None))
+  with_patches = lambda mb: None if mb.vision is None else mb.vision._replace(patches=patches)
+
   def score(p, mb: RolloutBatch) -> TokenScores:
     if group > 1:
       return shared_prompt_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
                                     group, cfg.prompt_length, cfg.logits_chunk)
     return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
-                             cfg.logits_chunk)
+                             cfg.logits_chunk, with_patches(mb))
 
   distribution = signal is not None and cfg.opd_signal != opd_signals.SAMPLED_TOKEN
 
@@ -270,7 +295,7 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
       scores, divergence = opd_signals.student_scores(
           graphdef, p, mb.tokens, mb.token_valid, mb_signal.view(), cfg.opd_signal,
           cfg.temperature, cfg.logits_chunk, cfg.opd_clamp, teacher_heads,
-          native_rows // cfg.num_micro_batches)
+          native_rows // cfg.num_micro_batches, with_patches(mb))
     else:
       scores = score(p, mb)
     advantages = mb.advantages
@@ -302,6 +327,9 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
           jnp.sum(mb_mask * divergence) / distill_tokens)
     return loss, metrics
 
+  if cfg.freeze_vision:   # no gradient into the Qwen3-VL vision tower, and no update of it
+    trained_loss = loss_fn
+    loss_fn = lambda p, *rest: trained_loss(_on_vision(jax.lax.stop_gradient, p), *rest)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   xs = jax.tree.map(lambda x: _split_micro(x, cfg.num_micro_batches, group), (batch, signal))
 
@@ -319,12 +347,21 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
   metrics['grad_norm'] = optax.global_norm(grads)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  if cfg.freeze_vision:   # weight decay would still move the tower
+    updates = _on_vision(jnp.zeros_like, updates)
   apply = finite & trainable
   keep_old = lambda new, old: jnp.where(apply, new, old)
   params = jax.tree.map(keep_old, optax.apply_updates(params, updates), params)
   opt_state = jax.tree.map(keep_old, new_opt_state, opt_state)
   metrics['skipped_nonfinite'] = (~finite).astype(jnp.float32)
   return params, opt_state, metrics
+
+
+def _on_vision(fn, tree):
+  """tree (params-shaped) with `fn` applied to the Qwen3-VL vision tower's leaves ('vision/...');
+  a text model's tree is returned unchanged."""
+  is_vision = lambda path: bool(path) and str(getattr(path[0], 'key', path[0])) == 'vision'
+  return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if is_vision(path) else x, tree)
 
 
 def _update_every_branch(graphdef, optimizer: optax.GradientTransformation,
@@ -459,17 +496,23 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
   `config`). Tokens go to the teacher and the view comes back by `route`: [M, T] log-probs per
   edge for 'sampled_token', [M, T, k] ids and log-probs for 'topk_forward_kl', [M, T] log-probs
   and [M, T, D] hidden states for 'full_reverse_kl' (whose heads `teacher_heads` routes)."""
-  score = lambda p, tok, valid: chunked(
-      lambda t, v: opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal,
-                                            config.temperature, config.opd_topk,
-                                            config.logits_chunk),
-      config.num_micro_batches, tok, valid)
+  def score(p, tok, valid, vision):
+    def one(t, v, *rows):
+      pictures = None if vision is None else VisionBatch(vision.patches, *rows)
+      return opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal, config.temperature,
+                                      config.opd_topk, config.logits_chunk, pictures)
+    rows = () if vision is None else (vision.visual_slot, vision.positions)
+    return chunked(one, config.num_micro_batches, tok, valid, *rows)
+
   out = []
   for r, teacher_of in enumerate(rounds):
     to_teacher, to_student, active = routing(teacher_of)
     tokens = route(distill.tokens[r], to_teacher, mesh)
     valid = route(distill.token_valid[r], to_teacher, mesh)
-    view = jax.vmap(score)(params, tokens, valid)
+    # Qwen3-VL: the student's pictures go with its tokens (pixels, never parameters, cross).
+    vision = None if distill.vision is None else jax.tree.map(
+        lambda x: route(x[r], to_teacher, mesh), distill.vision)
+    view = jax.vmap(score)(params, tokens, valid, vision)
     view = jax.tree.map(lambda x: route(x, to_student, mesh), view)
     keep = lambda x: x * jnp.asarray(active, x.dtype)[(slice(None),) + (None,) * (x.ndim - 1)]
     out.append(jax.tree.map(keep, view))
@@ -497,6 +540,20 @@ def teacher_logprobs(graphdef, params: nnx.State, distill: RolloutBatch, rounds:
   config = StepConfig(temperature=temperature, num_micro_batches=num_micro_batches,
                       logits_chunk=logits_chunk)
   return teacher_views(graphdef, params, distill, rounds, mesh, config).token_logprobs
+
+
+def combined_pictures(native: VisionBatch, distill: VisionBatch, length: int,
+                      model: Qwen3VL) -> VisionBatch:
+  """The pictures of an OPD step's combined batch [K, N + R * M, length]: native [K, ...] and
+  every round's distill [R, K, ...] packs joined into one pack per branch, the rows' slots and
+  positions in the combined row order (native rows, then round by round), right-padded to
+  `length` columns (text slots, position 0)."""
+  R = distill.visual_slot.shape[0]
+  rounds = [jax.tree.map(lambda x: x[r], distill) for r in range(R)]
+  joined = concat_packs([native] + rounds, model.config.vision.merge_unit)
+  pad = lambda x: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, length - x.shape[-1]),))
+  rows = lambda name: jnp.concatenate([pad(getattr(v, name)) for v in joined], axis=1)
+  return VisionBatch(joined[0].patches, rows('visual_slot'), rows('positions'))
 
 
 def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -530,6 +587,9 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     mask = distill.completion_mask
     distill = distill._replace(completion_mask=mask * active.astype(mask.dtype))
     distill = jax.tree.map(lambda x: _rows_constraint(x, mesh, 1), distill)
+    if (native.vision is None) != (distill.vision is None):
+      raise StepConfigError('native and distillation batches must both carry pictures or '
+                            'neither (a Qwen3-VL run attaches them to every batch)')
     teacher = teacher_views(graphdef, state.params, distill, table, mesh, config)
     heads = None
     if config.opd_signal == opd_signals.FULL_REVERSE_KL:   # [R, K, V, D] -> [K, R, V, D]
@@ -543,11 +603,14 @@ def make_opd_step(graphdef, optimizer: optax.GradientTransformation, mesh: Mesh,
     # ([R, K, M, T] -> [K, R * M, T]), both right-padded to a common T.
     per_branch = lambda x: jnp.swapaxes(x, 0, 1).reshape(K, R * M, *x.shape[3:])
     distill_rows = jax.tree.map(per_branch, distill._replace(advantages=jnp.zeros_like(
-        distill.sampler_logprobs)))
+        distill.sampler_logprobs), vision=None))
     T = max(native.tokens.shape[-1], distill.tokens.shape[-1])
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[2])) + ((0, 0),) * (x.ndim - 3))
     combined = jax.tree.map(lambda a, b: jnp.concatenate([pad(a), pad(b)], axis=1),
-                            native, distill_rows)
+                            native._replace(vision=None), distill_rows)
+    if native.vision is not None:
+      combined = combined._replace(vision=combined_pictures(
+          native.vision, distill.vision, T, nnx.merge(graphdef, state.params)))
     N = native.tokens.shape[1]
     # Native rows get zeros in every teacher field (they have no teacher).
     with_native = lambda x: jnp.concatenate(

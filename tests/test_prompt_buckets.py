@@ -37,7 +37,8 @@ def test_pad_batch_adds_columns_that_are_neither_valid_scored_nor_advantaged():
   assert padded.tokens.shape == (2, 4, T + 5)
   assert (padded.tokens[..., :5] == 7).all() and not padded.token_valid[..., :5].any()
   assert not padded.completion_mask[..., :5].any() and not padded.advantages[..., :5].any()
-  for new, old in zip(padded, batch):
+  assert padded.vision is None and batch.vision is None   # a text batch has no pictures
+  for new, old in zip(padded[:5], batch[:5]):
     np.testing.assert_array_equal(np.asarray(new)[..., 5:], old)
   assert pad_batch(batch, T) is batch
   with pytest.raises(ValueError, match='cannot pad a batch of 12 tokens to 8'):

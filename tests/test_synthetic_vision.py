@@ -241,12 +241,13 @@ def test_config_names_vision_domains_and_refuses_unknown_ones():
     config_checks.validate(_config('shape'), check_files=False)
 
 
-def test_train_refuses_vision_rows_until_it_feeds_pixels(tmp_path):
-  from copd_jax.run_setup import load_domains
-  with pytest.raises(UserInputError, match=r"^domains\.shapes: source 'synthetic_vision' gives "
-                                           'rows with images'):
-    load_domains(_config('shapes'), image_dir=str(tmp_path))
+def test_train_refuses_vision_rows_for_a_text_model(tmp_path):
+  from copd_jax.run_setup import check_visual_rows, load_domains
+  domains = load_domains(_config('shapes'), image_dir=str(tmp_path))
   assert len(list((tmp_path / 'shapes').glob('*.png'))) == 12  # rendered, then refused
+  with pytest.raises(UserInputError, match=r"^domains\.shapes: source 'synthetic_vision' gives "
+                                           'rows with images or a video, which a text model'):
+    check_visual_rows(domains, None)
 
 
 def test_unknown_domain_and_bad_sizes_are_one_line(tmp_path):

@@ -309,8 +309,8 @@ def test_one_question_about_different_images_is_different_prompts(tmp_path):
   assert not {e.images for e in train} & {e.images for e in evals}
 
 
-def test_training_refuses_rows_with_images_until_it_feeds_them(tmp_path):
-  from copd_jax.run_setup import load_domains
+def test_training_a_text_model_refuses_rows_with_images(tmp_path):
+  from copd_jax.run_setup import check_visual_rows, load_domains
   _picture((8, 8, 3)).save(tmp_path / 'a.png')
   data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a'},
                                 {'prompt': 'q', 'answer': 'b', 'images': 'a.png'}])
@@ -318,11 +318,13 @@ def test_training_refuses_rows_with_images_until_it_feeds_them(tmp_path):
   config.domains['pics'] = config.domains.count.copy_and_resolve_references()
   config.domains.pics.update(source='file', train_path=data, eval_path=data)
   config.branches = ('pics',)
-  with pytest.raises(UserInputError, match=f"{data}:2: the row has images .*image_field=''"):
-    load_domains(config)
+  with pytest.raises(UserInputError, match=f"{data}:2: the row has images .*text model cannot "
+                                           ".*image_field=''"):
+    check_visual_rows(load_domains(config), None)
   config.domains.pics.update(image_field='', video_field='')
-  train, _ = load_domains(config)['pics']
-  assert [ex.images for ex in train] == [(), ()]
+  domains = load_domains(config)
+  check_visual_rows(domains, None)
+  assert [ex.images for ex in domains['pics'][0]] == [(), ()]
 
 
 def test_parquet_rows_carry_checked_image_paths(tmp_path):

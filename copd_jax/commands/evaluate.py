@@ -63,7 +63,10 @@ def run(args) -> int:
   from copd_jax.models.tokenizer import load_tokenizer
   from copd_jax.prompt_checks import check_prompts
   from copd_jax.rewards import reward_spec
-  from copd_jax.rollouts import PromptEncoder
+  from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
+  from copd_jax.rollouts import PromptEncoder, VisionEncoding
+  from copd_jax.run_setup import check_visual_rows
+  from copd_jax.vision_inputs import load_vision_processor
 
   domains = load_domains(config)
   source = ckpt.open_source(args.checkpoint)
@@ -84,21 +87,32 @@ def run(args) -> int:
     raise ckpt.CheckpointError(f'{source.path}: no tokenizer recorded; cannot render prompts')
   tokenizer = load_tokenizer(storage.local_copy(source.tokenizer_dir))
 
-  model = nnx.eval_shape(lambda: Qwen3(source.model_config, rngs=nnx.Rngs(0)))
+  vl = isinstance(source.model_config, Qwen3VLConfig)
+  text_config = source.model_config.text if vl else source.model_config
+  model = nnx.eval_shape(lambda: (Qwen3VL if vl else Qwen3)(source.model_config,
+                                                            rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model)
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *[p for _, p in named])
   params = jax.tree.map(lambda x: x, abstract)
   nnx.replace_by_pure_dict(params, stacked)
 
-  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains})
+  # A Qwen3-VL checkpoint sees its rows' pictures through the processors saved with it.
+  pictures = any(ex.images or ex.video for split in domains.values() for part in split
+                 for ex in part)
+  vision = VisionEncoding(load_vision_processor(storage.local_copy(source.tokenizer_dir)),
+                          source.model_config, config.data.max_image_pixels) \
+      if vl and pictures else None
+  check_visual_rows(domains, vision)
+  encoder = PromptEncoder(tokenizer, {n: prompt_format(config.domains[n]) for n in domains},
+                          vision=vision)
   domains = apply_prompt_limit(config, domains, encoder, print)   # the prompts `train` saw
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in domains.items()}
   for note in coverage_notes(config, domains, train=False):
     print(note, file=sys.stderr)
   # Every eval prompt against the model before any compute (file:line of the first too long).
   check_prompts(encoder, [e for examples in eval_sets.values() for e in examples],
-                vocab_size=source.model_config.vocab_size,
-                max_positions=source.model_config.max_position_embeddings,
+                vocab_size=text_config.vocab_size,
+                max_positions=text_config.max_position_embeddings,
                 max_new_tokens=config.sampling.max_new_tokens, model_source=source.path,
                 log=lambda line: print(line, file=sys.stderr))
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,

@@ -33,8 +33,10 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             the data loads (copd_jax/vision_inputs.py). source
                             'synthetic_vision': the built-in image / video domain <name>
                             (shapes, digits, compare, motion, appear; num_train/num_eval;
-                            copd_jax/data/synthetic_vision.py); `train` refuses its rows until
-                            it feeds pixels to the model
+                            copd_jax/data/synthetic_vision.py). Rows with pictures train a
+                            Qwen3-VL model (model.hf_path a Qwen3-VL folder with its processor
+                            files; a text model refuses them; videos need torchvision); they
+                            are sampled by the static decoder whatever sampling.decoder says
   data                      max_prompt_tokens: longest rendered prompt (tokens, after the chat
                             template) a run keeps; 0 = no limit. Every prompt is padded to the
                             run's longest one, so one long prompt costs every batch. Longer
@@ -46,6 +48,9 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             video frame with more pixels (width x height) is refused at load
                             (default: Pillow's decompression-bomb threshold, 89,478,485)
   model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
+                            freeze_vision (Qwen3-VL): keep the vision tower (and its mergers)
+                            as the base has it, train the decoder only (default False: the
+                            tower learns with the rest);
                             compute/param dtype, remat, scan_layers; attention: 'auto' (per
                             backend: dense up to attention_block tokens, then cuDNN on GPU
                             bf16, else blockwise), 'dense', 'blockwise' or 'cudnn';
@@ -191,6 +196,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       source='toy', hf_path='', compute_dtype='float32', param_dtype='float32', remat=False,
       scan_layers=True, preset='', branch_init=(), attention='auto', attention_block=512,
+      freeze_vision=False,
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                intermediate_size=192)))
   c.warmstart = ml_collections.ConfigDict(dict(steps=800, batch_size=64, learning_rate=3e-3,

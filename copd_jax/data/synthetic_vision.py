@@ -32,9 +32,8 @@ Rows are `Example`s with `images` / `video` holding those paths, exactly as data
 represents a JSONL / Parquet row with images; every file passes vision_inputs.check_image /
 check_video_frames.
 
-A config names these domains with source 'synthetic_vision'. `train` refuses their rows as it
-refuses file rows with images (run_setup._refuse_visual_rows): the training loop does not feed
-pixels to the model yet.
+A config names these domains with source 'synthetic_vision'. They train a Qwen3-VL model, as
+file rows with images do; a text model refuses them (run_setup.check_visual_rows).
 """
 from __future__ import annotations
 

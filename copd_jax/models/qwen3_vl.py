@@ -27,7 +27,7 @@ from flax import nnx
 from copd_jax.fields import Fields
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config, causal_mask, decoder_layer, rms_norm
 from copd_jax.models.qwen3_vl_positions import mrope_position_ids, mrope_tables
-from copd_jax.models.qwen3_vl_vision import VisionConfig, VisionTower, grid_layout
+from copd_jax.models.qwen3_vl_vision import GridLayout, VisionConfig, VisionTower, grid_layout
 from copd_jax.tracing import TRACE_COUNTS
 
 
@@ -135,13 +135,48 @@ class Qwen3VL(nnx.Module):
             deepstack, features)
     return h, deepstack
 
+  def embed_packed(self, tokens, visual_slot, patches) -> tuple[jax.Array, jax.Array | None]:
+    """`embed_inputs` for pictures as static-shaped data (`vision_batch`): the tower runs on the
+    padded pack `patches` (a vision_batch.PatchPack), and position t of row b takes merged
+    token visual_slot[b, t] - 1 (0: the token's own embedding) and its deepstack features."""
+    c, dt = self.config, self.compute_dtype
+    TRACE_COUNTS['vision_tower'] += 1
+    layout = GridLayout(patches.interp_index, patches.interp_weight, patches.rope_hw,
+                        patches.segment)
+    merged, features = self.vision(patches.pixels, layout)
+    h = jnp.take(self.text.embed[...], tokens, axis=0).astype(dt)
+    visual = (visual_slot > 0)[..., None]
+    index = jnp.maximum(visual_slot - 1, 0)
+    h = jnp.where(visual, jnp.take(merged.astype(dt), index, axis=0), h)
+    if features is None:
+      return h, None
+    deepstack = jnp.where(visual[None], jnp.take(features.astype(dt), index, axis=1), 0)
+    return h, deepstack
+
+  def packed_hidden_states(self, tokens, token_valid, vision=None) -> jax.Array:
+    """Final-normed hidden states [B, T, D] of rows tokens [B, T] whose pictures come as a
+    `vision_batch.VisionBatch` of one branch (positions [B, 3, T]); vision None: text rows,
+    plain positions on all three M-RoPE rows (what transformers gives a text-only prompt)."""
+    if vision is None:
+      h = jnp.take(self.text.embed[...], tokens, axis=0).astype(self.compute_dtype)
+      plain = jnp.maximum(jnp.cumsum(token_valid.astype(jnp.int32), axis=-1) - 1, 0)
+      return self._decode(h, None, jnp.broadcast_to(plain[None], (3,) + plain.shape),
+                          token_valid)
+    h, deepstack = self.embed_packed(tokens, vision.visual_slot, vision.patches)
+    return self._decode(h, deepstack, jnp.moveaxis(vision.positions, -2, 0), token_valid)
+
   def hidden_states(self, tokens, positions, *, images=None, videos=None, token_valid=None):
     """Final-normed hidden states [B, T, D] in the compute dtype."""
-    c, dt = self.config, self.compute_dtype
-    tc = c.text
     if token_valid is None:
       token_valid = jnp.ones(tokens.shape, bool)
     h, deepstack = self.embed_inputs(tokens, images=images, videos=videos)
+    return self._decode(h, deepstack, positions, token_valid)
+
+  def _decode(self, h, deepstack, positions, token_valid):
+    """The decoder stack on input embeddings h [B, T, D] (deepstack additions or None, M-RoPE
+    positions [3, B, T]) -> final-normed hidden states."""
+    c, dt = self.config, self.compute_dtype
+    tc = c.text
     cos, sin = mrope_tables(jnp.asarray(positions), tc.head_dim, tc.rope_theta, c.mrope_section)
     mask = causal_mask(token_valid)
     h = decoder_stack(self.text.layers.as_dict(), h, cos, sin, mask, deepstack, tc, dt,

@@ -44,6 +44,7 @@ from copd_jax.sampling.placement import (batch_axis, mesh_group_size, place_prom
 from copd_jax.sampling.token_selection import (SamplingParams, force_eos, row_keys,
                                                select_tokens)
 from copd_jax.tracing import TRACE_COUNTS
+from copd_jax.vision_batch import VisionBatch
 
 
 class SampleOutput(NamedTuple):
@@ -121,7 +122,9 @@ class _Program:
     prompt, valid = left_pack(prompt_tokens, prompt_valid, self.pad_id)
     n_prompt = jnp.sum(valid, axis=-1, dtype=jnp.int32)
     rope_start = n_prompt
-    if vision is not None:   # M-RoPE positions packed like the tokens; decode continues after
+    if isinstance(vision, VisionBatch):   # per-row pictures as data (the branched sampler)
+      vision, rope_start = packed_prefill(vision, prompt_valid, G)
+    elif vision is not None:   # M-RoPE positions packed like the tokens; decode continues after
       lead_order = pack_order(prompt_valid[::G])
       vision = vision._replace(positions=jnp.take_along_axis(vision.positions,
                                                              lead_order[None], axis=-1))
@@ -167,14 +170,29 @@ class _Program:
         logprobs=jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32), logprobs], axis=1))
 
 
+def packed_prefill(vision: VisionBatch, prompt_valid, group_size: int):
+  """(VisionPrefill of the group leaders, RoPE position [B] of every row's first generated
+  token) from a `vision_batch.VisionBatch` of rows [B] over the prompt's P columns and the
+  completion's (positions [B, 3, P + N]): the prompt's slots and positions packed like the
+  tokens (`left_pack`), the first completion column's position as the decode's start."""
+  P = prompt_valid.shape[-1]
+  order = pack_order(prompt_valid)
+  positions = jnp.take_along_axis(vision.positions[..., :P], order[:, None], axis=-1)
+  slots = jnp.take_along_axis(vision.visual_slot[:, :P], order, axis=-1)
+  lead = slice(None, None, group_size)
+  prefill = VisionPrefill(None, None, jnp.moveaxis(positions[lead], 1, 0), None,
+                          patches=vision.patches, visual_slot=slots[lead])
+  return prefill, vision.positions[:, 0, P]
+
+
 def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
                    sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                    group_size: int = 1, decode_mode: str = 'layerwise',
                    branched: bool = False, vision: VisionPrefill | None = None,
                    eos_at=None) -> SampleOutput:
   """The whole sampling program; layers: `placement.unstacked_layers(params)` or None; keys: one
-  PRNG key per row (`row_keys`); vision: a Qwen3-VL prefill's pictures and positions (not with
-  branched). branched: every input has a leading branch axis [K, ...]; the per-batch pieces are
+  PRNG key per row (`row_keys`); vision: a Qwen3-VL prefill's pictures and positions (a
+  VisionPrefill; with branched, a branch-stacked `vision_batch.VisionBatch`). branched: every input has a leading branch axis [K, ...]; the per-batch pieces are
   vmapped, the while_loop is not (a vmapped while_loop with a per-branch predicate would
   `select` the whole state, KV caches included, every step) and stops when every row of every
   branch is done."""
@@ -183,9 +201,8 @@ def _generate_impl(graphdef, params, layers, prompt_tokens, prompt_valid, keys,
   slots = prompt_tokens.shape[-1] + sampling.max_new_tokens
   weights = over(functools.partial(program.forward.prepare, slots=slots))(params, layers)
   draws = over(program.draws)(keys)
-  start = program.start if vision is None else functools.partial(program.start, vision=vision)
-  state, prompt, valid, rope_start, broken = over(start)(weights, prompt_tokens, prompt_valid,
-                                                         draws, eos_at)
+  state, prompt, valid, rope_start, broken = over(program.start)(
+      weights, prompt_tokens, prompt_valid, draws, eos_at, vision)
   advance = over(program.advance, in_axes=(0, 0, 0, 0, None, 0))
 
   def cond(carry):
@@ -270,23 +287,23 @@ def generate(graphdef, params, prompt_tokens, prompt_valid, key, sampling: Sampl
 
 
 def _local_branches(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                    eos_at, sampling, eos_ids, pad_id, group_size, decode_mode):
+                    eos_at, vision, sampling, eos_ids, pad_id, group_size, decode_mode):
   """The branches held in one place. A single branch runs the plain program: XLA:CPU runs a
   vmapped axis of size 1 markedly slower per token (BENCHMARKS.md, "Sampler")."""
   if prompt_tokens.shape[0] == 1:
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     out = _generate_impl(graphdef, first(stacked_params), first(layers), prompt_tokens[0],
                          prompt_valid[0], keys[0], sampling, eos_ids, pad_id, group_size,
-                         decode_mode, eos_at=first(eos_at))
+                         decode_mode, vision=first(vision), eos_at=first(eos_at))
     return jax.tree.map(lambda x: x[None], out)
   return _generate_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
                         sampling, eos_ids, pad_id, group_size, decode_mode, branched=True,
-                        eos_at=eos_at)
+                        vision=vision, eos_at=eos_at)
 
 
 def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                   eos_at, sampling, eos_ids, pad_id, group_size=1, decode_mode='layerwise',
-                   mesh: Mesh | None = None):
+                   eos_at, vision, sampling, eos_ids, pad_id, group_size=1,
+                   decode_mode='layerwise', mesh: Mesh | None = None):
   """keys [K] -> one key per row, then the branches' programs. On a mesh, each device runs its
   own program on its own rows (shard_map over 'branch', and over 'fsdp' when it divides the
   batch B; 'tensor' stays with the compiler): with one branch per 'branch' slice no branch axis
@@ -300,14 +317,22 @@ def _branches_impl(graphdef, stacked_params, layers, prompt_tokens, prompt_valid
   local = functools.partial(_local_branches, graphdef, sampling=sampling, eos_ids=eos_ids,
                             pad_id=pad_id, group_size=group_size, decode_mode=decode_mode)
   if mesh is None:
-    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at)
+    return local(stacked_params, layers, prompt_tokens, prompt_valid, keys, eos_at, vision)
   rows = P('branch', batch_axis(mesh, B))
   return jax.shard_map(local, mesh=mesh,
                        in_specs=(P('branch'), P('branch'), rows, rows, rows,
-                                 None if eos_at is None else rows),
+                                 None if eos_at is None else rows, _vision_specs(vision, rows)),
                        out_specs=rows, axis_names={'branch'} | set(rows) - {None},
                        check_vma=False)(stacked_params, layers, prompt_tokens, prompt_valid, keys,
-                                        eos_at)
+                                        eos_at, vision)
+
+
+def _vision_specs(vision: VisionBatch | None, rows: P):
+  """Where a branch-stacked VisionBatch lives in the sampler's shard_map: each device holds its
+  branch's whole pack of patches (its rows' slots point anywhere in it) and its own rows."""
+  if vision is None:
+    return None
+  return VisionBatch(jax.tree.map(lambda _: P('branch'), vision.patches), rows, rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,7 +347,8 @@ def _branches_jit(mesh: Mesh | None) -> Callable:
 def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, keys,
                       sampling: SamplingParams, eos_ids: tuple[int, ...], pad_id: int = 0,
                       mesh: Mesh | None = None, group_size: int = 1,
-                      decode_mode: str = 'layerwise', eos_at=None) -> SampleOutput:
+                      decode_mode: str = 'layerwise', eos_at=None,
+                      vision: VisionBatch | None = None) -> SampleOutput:
   """`generate` for K branches at once, one compiled program vmapped over the leading axis.
 
   stacked_params: params with every leaf [K, ...], or `place_weights(params, mesh)` of them
@@ -332,7 +358,11 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
   over 'fsdp'), prompts are split over 'branch' and, when it divides the batch, over 'fsdp'.
   group_size: as in `generate`, per branch (must divide B; the same promise); on a mesh, cut to
   whole groups per 'fsdp' shard (`mesh_group_size`). decode_mode, eos_at ([K, B] or None): as
-  in `generate`. Returns [K, B, P + N], sharded over 'branch'.
+  in `generate`. vision (Qwen3-VL): the rows' pictures as a branch-stacked
+  `vision_batch.VisionBatch` over the P + N columns (`build_vision_batch`: the positions of the
+  completion columns give the decode's start); rows of a group point at one copy of their
+  prompt's pictures, and the tower runs on each branch's pack once per call, in the prefill.
+  Returns [K, B, P + N], sharded over 'branch'.
   """
   # Host arrays stay numpy until placed (one transfer); global arrays (multi-process) stay jax.
   as_array = lambda x, dtype: jnp.asarray(x, dtype) if isinstance(x, jax.Array) else np.asarray(
@@ -349,6 +379,15 @@ def generate_branches(graphdef, stacked_params, prompt_tokens, prompt_valid, key
           mesh, P('branch', batch_axis(mesh, prompt_tokens.shape[1]))))
   weights = place_weights(stacked_params, mesh)
   layers = weights.layers if decode_mode == 'layerwise' else None
+  if vision is not None:
+    if decode_mode != 'layerwise':
+      raise ValueError(f"pictures are sampled with decode_mode='layerwise', not {decode_mode!r}")
+    if mesh is None:
+      vision = jax.tree.map(jnp.asarray, vision)
+    else:
+      specs = _vision_specs(vision, P('branch', batch_axis(mesh, prompt_tokens.shape[1])))
+      vision = jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)),
+                            vision, specs)
   return _branches_jit(mesh)(graphdef, weights.params, layers, prompt_tokens, prompt_valid,
-                             keys, eos_at, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
+                             keys, eos_at, vision, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
                              pad_id=int(pad_id), group_size=group_size, decode_mode=decode_mode)

@@ -45,11 +45,17 @@ class VisionPrefill(NamedTuple):
   prompts' pictures packed in prompt order (`qwen3_vl.VisualInput`, or None); positions
   [3, B, P] int32: M-RoPE positions of the prompt tokens as laid out in the input
   (`qwen3_vl_positions.mrope_position_ids`, 0 at padding); deltas [B] int32: max position + 1 -
-  real tokens per prompt, the offset of every position after the prompt."""
+  real tokens per prompt, the offset of every position after the prompt.
+
+  The branch-stacked sampler gives the pictures as static-shaped data instead
+  (`vision_batch`): images / videos / deltas None, `patches` a vision_batch.PatchPack and
+  visual_slot [B, P] which merged token each prompt position reads."""
   images: VisualInput | None
   videos: VisualInput | None
   positions: jax.Array
-  deltas: jax.Array
+  deltas: jax.Array | None
+  patches: Any = None
+  visual_slot: jax.Array | None = None
 
 
 def vision_prefill(model: Qwen3VL, tokens: np.ndarray, valid: np.ndarray,
@@ -149,7 +155,10 @@ class Forward:
       cos, sin = (jnp.take(table, positions, axis=0) for table in weights.rope)
       deepstack = ()
     else:
-      h, deepstack = full.embed_inputs(tokens, images=vision.images, videos=vision.videos)
+      if vision.patches is not None:
+        h, deepstack = full.embed_packed(tokens, vision.visual_slot, vision.patches)
+      else:
+        h, deepstack = full.embed_inputs(tokens, images=vision.images, videos=vision.videos)
       cos, sin = mrope_tables(positions, c.head_dim, c.rope_theta, full.config.mrope_section)
       deepstack = () if deepstack is None else deepstack
     ks, vs = [], []
