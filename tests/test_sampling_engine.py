@@ -202,3 +202,43 @@ def test_config_fields_name_themselves():
     engine.EngineSettings.from_config(config)
   config.sampling.prefill_prompts = 4
   assert engine.EngineSettings.from_config(config) == engine.EngineSettings(0, 4, 256)
+
+
+@pytest.mark.slow   # four sampler compiles: about 45 s of CPU
+def test_evaluation_through_the_engine_samples_the_static_decoders_tokens(monkeypatch):
+  """evaluate_models with the engine (greedy pass@1: one row per prompt, several prompts per
+  prefill; avg@k: groups of k sharing a prefill; chunked prefill) samples, call by call, the
+  tokens the static decoder samples, so the table is the same."""
+  from copd_jax import evaluation
+  from copd_jax.data import synthetic_domain
+  from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+  from copd_jax.models.tokenizer import char_tokenizer, char_vocab_size
+  from copd_jax.rollouts import PromptEncoder
+  from copd_jax.scoring import split_model
+  from flax import nnx
+  config = Qwen3Config(vocab_size=char_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, intermediate_size=64)
+  graphdef, params = split_model(Qwen3(config, rngs=nnx.Rngs(1), init_std=0.3))
+  stacked = jax.tree.map(lambda x: np.stack([np.asarray(x), np.asarray(x) * 1.1]), params)
+  eval_sets = {'count': synthetic_domain('count', 0, 6, 0)[0]}
+  encoder = PromptEncoder(char_tokenizer(), {'count': False})
+  calls = []
+  real = evaluation.sample_and_score
+
+  def recording(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls.append((kwargs['engine'], out.output))
+    return out
+
+  monkeypatch.setattr(evaluation, 'sample_and_score', recording)
+  run = lambda engine_settings: evaluation.evaluate_models(
+      graphdef, stacked, ['a', 'b'], eval_sets, encoder, {'count': 'exact'}, 6, 1.0, 2, 0,
+      rows_per_call=4, engine=engine_settings)
+  static = run(None)
+  settings = engine.EngineSettings(kv_token_budget=0, prefill_prompts=2, prefill_chunk=8)
+  assert run(settings) == static
+  half = len(calls) // 2
+  assert half == 5   # greedy: 2 calls of 4 rows; avg@2: 3 calls of 2 groups of 2
+  for (none, ref), (used, out) in zip(calls[:half], calls[half:]):
+    assert none is None and used == settings
+    assert_same_rows(out, ref)

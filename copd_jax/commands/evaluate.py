@@ -64,6 +64,7 @@ def run(args) -> int:
   from copd_jax.prompt_checks import check_prompts
   from copd_jax.rewards import reward_spec
   from copd_jax.rollouts import PromptEncoder
+  from copd_jax.sampling.engine import EngineSettings
 
   domains = load_domains(config)
   source = ckpt.open_source(args.checkpoint)
@@ -104,7 +105,8 @@ def run(args) -> int:
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
                             {n: reward_spec(config.domains[n]) for n in domains},
                             config.sampling.max_new_tokens, config.sampling.temperature,
-                            config.eval.samples_k, config.seed)
+                            config.eval.samples_k, config.seed,
+                            engine=EngineSettings.from_config(config))
   print(markdown_table(results, config.eval.samples_k))
   out = args.out or default_output(source)
   save_results(out, results, config.eval.samples_k)
