@@ -115,10 +115,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             151,936; an opt-in for small vocabularies or single-host runs).
                             topk: k of 'topk_forward_kl' (1 .. vocab; default 8)
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p;
-                            decoder: 'engine' (the default; continuous batching: rows enter
-                            free decode slots as others finish, copd_jax/sampling/engine.py)
-                            or 'static' (every row until the batch's longest ends); the same
-                            tokens, log-probs equal up to float rounding.
+                            decoder (rollouts and evaluation): 'engine' (the default;
+                            continuous batching: rows enter free decode slots as others
+                            finish, copd_jax/sampling/engine.py) or 'static' (every row until
+                            the batch's longest ends); the same tokens, log-probs equal up to
+                            float rounding.
                             kv_token_budget (engine): KV-cache tokens per branch and device
                             shard; it holds budget // (prompt bucket + max_new_tokens) rows at
                             a time (0 = every row at once, the static decoder's cache).

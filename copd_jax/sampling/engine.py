@@ -7,21 +7,32 @@ cache holds `slots` rows (sized from a token budget, `slot_count`), and the loop
 admits waiting rows into free slots (prefill, then their first token), then runs one decode
 step over every slot. A row leaves its slot at EOS or at `max_new_tokens`.
 
-Same samples as the static decoder: row b draws from `row_keys(key, B)[b]` and its token t uses
-that key's uniform t (`_Program.draws`), whatever slot it lands in and whenever it is admitted;
-a slot's cache row has the static decoder's layout (prompt left-packed in columns 0..P-1,
-completion token t at column P + t), the same length P + N, and the decode step masks the same
-keys, so each row computes what it would compute in a static batch: the same tokens, and
-log-probs equal up to float rounding (a prefill of one prompt instead of the batch's rounds
-the last float32 bits differently, as group sharing does: ~1e-6; a training run fed by
-either decoder therefore drifts apart over its steps by float noise). Stale keys of a slot's
-earlier row stay masked (their attention weight is exactly 0).
+Admission: the groups of G rows sharing one prompt (`prompt_groups`; G = 1 for one sample per
+prompt) are taken in `order` (default 0, 1, ...; the tests permute it). One admission prefills
+several prompts at once, as many as the free slots hold, up to `prefill_prompts`; the program
+holds one prefill per size in `admission_sizes` (powers of two up to that most), so its shapes
+stay static and a slot freed alone costs a one-prompt prefill. Each prompt is prefilled once,
+from its group's first row, into a staging cache, and copied into its G rows' slots. Prefill
+chunks (`prefill_chunk` < P): the admission's prompts are prefilled `chunk` columns per call,
+one call per decode step of the running rows, so a long prompt neither stalls them nor needs
+more than one chunk's activations; chunks that hold only left padding are skipped. Without
+chunks every admission the free slots hold runs before the next decode step.
 
-Shapes are static (slots, cache length P + N, one group of G rows per admission), so the
-program compiles once per (prompt bucket, batch, slots). A group of G rows sharing one prompt
-(`prompt_groups`) is prefilled once, from its first row, and its cache copied into G slots.
-Teacher scoring is not sampling and stays a teacher-forced prefill (`copd_jax.scoring`).
-Admission order: group by group in `order` (default 0, 1, ...); the tests permute it.
+Same samples as the static decoder: row b draws from `row_keys(key, B)[b]` and its token t uses
+that key's uniform t (`_Program.draws`), whatever slot it lands in, whenever it is admitted and
+with whichever prompts it is prefilled; a slot's cache row has the static decoder's layout
+(prompt left-packed in columns 0..P-1, completion token t at column P + t), the same length
+P + N, and the decode step masks the same keys, so each row computes what it would compute in
+a static batch: the same tokens, and log-probs equal up to float rounding (a prefill of other
+shapes than the batch's, fewer prompts or one chunk, rounds the last float32 bits differently,
+as group sharing does: ~1e-6; a training run fed by either decoder therefore drifts apart over
+its steps by float noise). Stale keys of a slot's or the staging cache's earlier row stay
+masked (their attention weight is exactly 0).
+
+Shapes are static (slots, cache length P + N, the admission sizes, the chunk), so the program
+compiles once per (prompt bucket, batch, slots). Teacher scoring is not sampling and stays a
+teacher-forced prefill (`copd_jax.scoring`). Text prompts only (a Qwen3-VL prompt's pictures
+go through `decode.generate`).
 """
 from __future__ import annotations
 
