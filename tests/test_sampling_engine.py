@@ -46,6 +46,8 @@ def test_engine_equals_static_decoder_for_any_slots_and_order(model, eos_at):
   if eos_at is not None:
     np.testing.assert_array_equal(lengths, np.where(LENGTHS, eos_at, 0))
   rng = np.random.RandomState(0)
+  # With the default prefill_prompts (8): 3 slots admit up to 3 prompts per prefill, 8 slots
+  # all 8 prompts in one prefill.
   for slots, order in ((1, None), (3, rng.permutation(8)), (8, rng.permutation(8))):
     out = engine.engine_generate(graphdef, params, tokens, valid, jax.random.key(1), SPEC, EOS,
                                  settings=engine.EngineSettings(slots * cache_length),
@@ -57,10 +59,9 @@ LONG = (5, 16, 1, 11, 0, 3, 14, 2)   # prompts of up to 16 tokens in a bucket of
 
 
 def test_engine_equals_static_for_any_admission_batch_and_prefill_chunk(model):
-  """Several prompts per prefill (all free slots at once, or a few at a time while others
-  decode) and chunked prefill (chunks of 4 or 8 of the 16 prompt columns, leading padding
-  chunks skipped, interleaved with decode steps): the static decoder's rows, with natural and
-  forced EOS."""
+  """Several prompts per prefill (a few at a time while others decode) and chunked prefill
+  (chunks of 4 or 8 of the 16 prompt columns, leading padding chunks skipped, interleaved with
+  decode steps): the static decoder's rows, with natural and forced EOS."""
   graphdef, params = model
   _, tokens, valid = prompts(LONG, 16, seed=11)
   cache_length = tokens.shape[1] + SPEC.max_new_tokens
@@ -70,8 +71,8 @@ def test_engine_equals_static_for_any_admission_batch_and_prefill_chunk(model):
                                    eos_at=eos_at)
     assert len(set(np.asarray(refs[name].completion_mask).sum(axis=1).tolist())) > 3
   order = np.random.RandomState(1).permutation(8)
-  for slots, prefill_prompts, chunk, order_, eos in ((8, 8, 0, None, 'natural'),
-                                                     (5, 3, 4, order, 'forced'),
+  # (Every free slot's prompt in one prefill: the default prefill_prompts in the test above.)
+  for slots, prefill_prompts, chunk, order_, eos in ((5, 3, 4, order, 'forced'),
                                                      (8, 2, 8, order[::-1], 'natural')):
     settings = engine.EngineSettings(slots * cache_length, prefill_prompts, chunk)
     out = engine.engine_generate(graphdef, params, tokens, valid, jax.random.key(4), SPEC, EOS,
