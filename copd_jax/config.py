@@ -182,7 +182,8 @@ TRAINING_SECTIONS = ('branches', 'domains', 'data', 'model', 'warmstart', 'seed'
 # Fields inside those sections that change memory, not the maths (results equal up to float
 # rounding): a resume may change them, e.g. to get past an out-of-memory error.
 MEMORY_ONLY_FIELDS = ('config.grpo.logits_chunk', 'config.grpo.micro_batches',
-                      'config.sampling.decoder', 'config.sampling.kv_token_budget')
+                      'config.sampling.decoder', 'config.sampling.kv_token_budget',
+                      'config.sampling.prefill_prompts', 'config.sampling.prefill_chunk')
 # The schedule's length: a resume may change it (train longer, or stop earlier than planned but
 # not before the steps already trained; run_setup.check_schedule_change). Every other field of
 # the training sections keeps its saved value: the steps already taken were computed with it.

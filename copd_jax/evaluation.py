@@ -27,6 +27,7 @@ from copd_jax import storage
 from copd_jax.data import Example
 from copd_jax.rollouts import PromptEncoder, sample_and_score
 from copd_jax.sampling import SamplingParams, place_weights
+from copd_jax.sampling.engine import EngineSettings
 
 GREEDY, SAMPLED = 'pass@1', 'avg@k'
 
@@ -47,20 +48,25 @@ def evaluate_models(graphdef, stacked_params, model_names: Sequence[str],
                     eval_sets: dict[str, list[Example]], encoder: PromptEncoder,
                     reward_kinds: dict[str, Any], max_new_tokens: int, temperature: float,
                     samples_k: int, seed: int, rows_per_call: int = 256,
-                    progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+                    progress: bool = False, engine: EngineSettings | None = None
+                    ) -> dict[str, dict[str, dict[str, float]]]:
   """-> {model: {domain: {'pass@1': acc, 'avg@k': acc}}} (accuracies in [0, 1]) of the models
   stacked in `stacked_params` (one per name), sampled together on this process's device.
   reward_kinds: per domain, a reward kind or copd_jax.rewards.RewardSpec.
-  progress: a tqdm bar over the sampling calls, labelled with the domain and metric."""
+  progress: a tqdm bar over the sampling calls, labelled with the domain and metric.
+  engine: sample with the continuous-batching engine under these settings
+  (`EngineSettings.from_config`: sampling.decoder 'engine'); None: the static decoder. The
+  same tokens either way, so the same results."""
   group = ModelGroup(tuple(model_names), stacked_params, tuple(range(len(model_names))))
   return evaluate_groups(graphdef, [group], eval_sets, encoder, reward_kinds, max_new_tokens,
-                         temperature, samples_k, seed, rows_per_call, progress)
+                         temperature, samples_k, seed, rows_per_call, progress, engine)
 
 
 def evaluate_groups(graphdef, groups: Sequence[ModelGroup], eval_sets: dict[str, list[Example]],
                     encoder: PromptEncoder, reward_kinds: dict[str, Any], max_new_tokens: int,
                     temperature: float, samples_k: int, seed: int, rows_per_call: int = 256,
-                    progress: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+                    progress: bool = False, engine: EngineSettings | None = None
+                    ) -> dict[str, dict[str, dict[str, float]]]:
   """`evaluate_models` of the named models of every group, each group sampled on its own mesh;
   results ordered by key_index. Model m samples each call with key m of
   `jax.random.split(call_key, M)` (M named models), whatever group it is in."""
@@ -98,7 +104,7 @@ def evaluate_groups(graphdef, groups: Sequence[ModelGroup], eval_sets: dict[str,
           out = sample_and_score(graphdef, weights, [chunk] * len(group.names), encoder,
                                  sampling, None, reward_kinds, mesh=group.mesh,
                                  group_size=repeats if size % repeats == 0 else 1,
-                                 keys=keys[np.asarray(group.key_index)])
+                                 keys=keys[np.asarray(group.key_index)], engine=engine)
           for s, name in enumerate(group.names):
             if name is not None:
               rewards[name].append(out.rewards[s, :real])

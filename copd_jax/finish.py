@@ -21,6 +21,7 @@ from copd_jax.merge import merge_checkpoints
 from copd_jax.models import hf_io, hf_io_vl
 from copd_jax.models.qwen3_vl import Qwen3VLConfig
 from copd_jax.run_setup import Run
+from copd_jax.sampling.engine import EngineSettings
 from copd_jax.start_params import BranchSource, load_branch_stacked
 from copd_jax.steps import BranchState
 
@@ -64,12 +65,14 @@ def run_groups(run: Run, branch_names, branch_params, singles=()) -> list[ModelG
 def evaluate(run: Run, groups, progress: bool = False) -> dict:
   """The run's evaluation of the models of `groups` (`run_groups`) on eval.num_examples
   examples of every domain: {name: {domain: {metric: acc}}}. Shared by the final evaluation
-  and the periodic one (copd_jax.periodic_eval)."""
+  and the periodic one (copd_jax.periodic_eval); sampled with the rollouts' decoder
+  (sampling.decoder: the engine under the run's sampling settings, or the static decoder)."""
   config = run.config
   eval_sets = {name: split[1][:config.eval.num_examples] for name, split in run.domains.items()}
   return evaluate_groups(run.graphdef, groups, eval_sets, run.encoder, run.reward_kinds,
                          config.sampling.max_new_tokens, config.sampling.temperature,
-                         config.eval.samples_k, config.seed, progress=progress)
+                         config.eval.samples_k, config.seed, progress=progress,
+                         engine=EngineSettings.from_config(config))
 
 
 def merge_and_evaluate(run: Run, branch_params, progress: bool = False) -> tuple[dict, str]:

@@ -56,7 +56,11 @@ c the positions of logits scored at once: grpo.logits_chunk as resolved
                   (sampling.decoder='engine') the slots its kv_token_budget holds,
                   `sampling.engine.slot_count`)
   prefill:        layer(b, P) + 2 b V/t * 4 for the P prompt tokens (transient, one layer;
-                  b = b_s, or one prompt for the engine, which prefills a group at a time)
+                  b = b_s). The engine prefills b = the most prompts one admission takes
+                  (`sampling.engine.admission_sizes`: sampling.prefill_prompts, at most the
+                  groups its slots hold) over min(P, sampling.prefill_chunk) tokens at a
+                  time, into a staging cache of those b rows (r * ... above with r = b,
+                  held for the whole sampling call), per branch engine on the device
   top-k probe:    layer(b_p, T) + 3 * b_p c V/t * 4: the behavioural metrics
                   (`edge_topk.make_edge_topk`) of a round's b_p distillation rows on a device (fp32
                   logits, the log-softmax of the top-k and that of the token's log-prob),
@@ -93,7 +97,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from copd_jax.sampling.engine import EngineSettings, slot_count
+from copd_jax.sampling.engine import EngineSettings, admission_sizes, slot_count
 from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib, opd_signals
 from copd_jax.errors import UserInputError
 from copd_jax.models.attention import Attention, uses_dense_scores
@@ -446,21 +450,27 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
   s_tensor = s_shape['tensor']
   sample_rows = max(work.native_rows, work.distill_rows if work.rounds else 0)
   b_s = rows_per_device(sample_rows, K, s_shape)
-  kv_rows, prefill_rows = b_s, b_s
-  if EngineSettings.from_config(config) is not None:   # the larger of its GRPO and OPD calls
+  kv_rows, prefill_rows, prefill_tokens, staging = b_s, b_s, work.prompt_tokens, 0.0
+  engine = EngineSettings.from_config(config)
+  if engine is not None:   # the larger of its GRPO and OPD calls
     calls = [(work.native_rows, config.grpo.group_size)]
     if work.rounds:
       calls.append((work.distill_rows, config.opd.samples_per_prompt))
     # The budget is per branch and device shard; a device runs K / branch branches' engines.
-    kv_rows = K / s_shape['branch'] * max(
-        slot_count(config.sampling.kv_token_budget, work.seq,
-                   max(int(_split(rows, s_shape['fsdp'])), group), group)
-        for rows, group in calls)
-    prefill_rows = 1
+    engines = K / s_shape['branch']
+    slots = [(slot_count(engine.kv_token_budget, work.seq,
+                         max(int(_split(rows, s_shape['fsdp'])), group), group), group)
+             for rows, group in calls]
+    kv_rows = engines * max(s for s, _ in slots)
+    prefill_rows = engines * max(admission_sizes(engine.prefill_prompts, s, group)[-1]
+                                 for s, group in slots)
+    if engine.prefill_chunk:
+      prefill_tokens = min(prefill_tokens, engine.prefill_chunk)
+    staging = kv_cache_bytes(mc, prefill_rows, work.seq, a, s_tensor)
   kv = kv_cache_bytes(mc, kv_rows, work.seq, a, s_tensor)
-  prefill = (layer_activation_bytes(mc, prefill_rows, work.prompt_tokens, a, s_tensor,
+  prefill = (layer_activation_bytes(mc, prefill_rows, prefill_tokens, a, s_tensor,
                                     work.attention)
-             + 2 * prefill_rows * _split(mc.vocab_size, s_tensor) * 4)
+             + 2 * prefill_rows * _split(mc.vocab_size, s_tensor) * 4 + staging)
   probe = teacher = 0.0
   if work.rounds:
     b_p = rows_per_device(work.distill_rows, K, mesh_shape)

@@ -89,7 +89,8 @@ def test_memory_only_fields_may_change_on_resume():
   assert resume_differences(saved, current, ('grpo',)) == (['config.grpo.epsilon_low'], [])
   # The decoder and its cache budget change the schedule of rows, not the samples.
   saved = {'sampling': {'decoder': 'static', 'kv_token_budget': 0, 'top_k': 0}}
-  current = {'sampling': {'decoder': 'engine', 'kv_token_budget': 4096, 'top_k': 0}}
+  current = {'sampling': {'decoder': 'engine', 'kv_token_budget': 4096, 'top_k': 0,
+                          'prefill_prompts': 8, 'prefill_chunk': 256}}
   assert resume_differences(saved, current, ('sampling',)) == ([], [])
 
 

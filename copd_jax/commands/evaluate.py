@@ -66,6 +66,7 @@ def run(args) -> int:
   from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
   from copd_jax.rollouts import PromptEncoder, VisionEncoding
   from copd_jax.run_setup import check_visual_rows
+  from copd_jax.sampling.engine import EngineSettings
   from copd_jax.vision_inputs import load_vision_processor
 
   domains = load_domains(config)
@@ -118,7 +119,8 @@ def run(args) -> int:
   results = evaluate_models(graphdef, params, [n for n, _ in named], eval_sets, encoder,
                             {n: reward_spec(config.domains[n]) for n in domains},
                             config.sampling.max_new_tokens, config.sampling.temperature,
-                            config.eval.samples_k, config.seed)
+                            config.eval.samples_k, config.seed,
+                            engine=EngineSettings.from_config(config))
   print(markdown_table(results, config.eval.samples_k))
   out = args.out or default_output(source)
   save_results(out, results, config.eval.samples_k)

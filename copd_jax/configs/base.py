@@ -123,14 +123,22 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             and grew with them; `plan` counts both).
                             topk: k of 'topk_forward_kl' (1 .. vocab; default 8)
   sampling                  max_new_tokens, temperature (trainer and teachers use it too), top_k, top_p;
-                            decoder: 'engine' (the default; continuous batching: rows enter
-                            free decode slots as others finish, copd_jax/sampling/engine.py)
-                            or 'static' (every row until the batch's longest ends); the same
-                            tokens, log-probs equal up to float rounding.
+                            decoder (rollouts and evaluation): 'engine' (the default;
+                            continuous batching: rows enter free decode slots as others
+                            finish, copd_jax/sampling/engine.py) or 'static' (every row until
+                            the batch's longest ends); the same tokens, log-probs equal up to
+                            float rounding.
                             kv_token_budget (engine): KV-cache tokens per branch and device
                             shard; it holds budget // (prompt bucket + max_new_tokens) rows at
-                            a time (0 = every row at once, the static decoder's cache). Both
-                            may change on resume; `plan` reports the cache
+                            a time (0 = every row at once, the static decoder's cache).
+                            prefill_prompts (engine): the most prompts (groups of G rows)
+                            one admission prefills together when their slots are free
+                            (default 8; 1 = one at a time). prefill_chunk (engine): prompt
+                            tokens per prefill call, a power of two (0 = the whole prompt,
+                            the default); a longer prompt is prefilled chunk by chunk, one
+                            chunk per decode step of the running rows, which bounds the
+                            prefill's activations. All four may change on resume (the same
+                            tokens); `plan` reports the cache and the prefill
   optimizer                 AdamW: learning_rate, schedule, warmup_steps, decay_steps (total
                             steps of a 'cosine' / 'linear' schedule; unused by 'constant'),
                             weight_decay, b1, b2, max_grad_norm (copd_jax/optim.py)
@@ -214,7 +222,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.opd = ml_collections.ConfigDict(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0,
                                          delta_clamp=0.0, signal='sampled_token', topk=8))
   c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0,
-                                              decoder='engine', kv_token_budget=0))
+                                              decoder='engine', kv_token_budget=0,
+                                              prefill_prompts=8, prefill_chunk=0))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, schedule='constant', warmup_steps=0, decay_steps=0, weight_decay=0.0,
       b1=0.9, b2=0.999, max_grad_norm=1.0))

@@ -9,8 +9,10 @@ masks and the log-prob of every sampled token.
   decode.py           the program (prefill, group-shared prefill, decode loop) and its entry
                       points `generate` (one model) and `generate_branches` (K stacked models)
   engine.py           continuous batching with the same samples: a fixed number of decode slots
-                      (from a KV token budget), rows admitted into free slots as others finish;
-                      `engine_generate`, `engine_generate_branches` (sampling.decoder='engine')
+                      (from a KV token budget), rows admitted into free slots as others finish,
+                      several prompts per prefill, long prompts prefilled in chunks between
+                      decode steps; `engine_generate`, `engine_generate_branches`
+                      (sampling.decoder='engine')
   placement.py        the sampler's layout on a ('branch', 'fsdp', 'tensor') mesh
                       (SAMPLING_RULES, `place_weights`; shared weight buffers on CPU hosts)
 
