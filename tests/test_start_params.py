@@ -77,13 +77,18 @@ def test_base_load_equals_the_whole_load_path(folders):
   assert_trees_equal(state, expected)
 
 
+def branch_layout(base: str, num_branches: int, mesh):
+  """(abstract model, its abstract params, the abstract K-branch state, its shardings)."""
+  model = hf_io.abstract_model(base)
+  _, abstract_params = nnx.split(model)
+  abstract = jax.eval_shape(branch_state_init(num_branches, OPTIMIZER, 5), abstract_params)
+  return model, abstract_params, abstract, branch_state_shardings(abstract, mesh, RULES)
+
+
 def test_branch_init_equals_stacking_the_whole_checkpoints(folders):
   base, other, merged = folders
   mesh = branch_mesh()
-  model = hf_io.abstract_model(base)
-  _, abstract_params = nnx.split(model)
-  abstract = jax.eval_shape(branch_state_init(4, OPTIMIZER, 5), abstract_params)
-  shardings = branch_state_shardings(abstract, mesh, RULES)
+  model, abstract_params, abstract, shardings = branch_layout(base, 4, mesh)
   sources = branch_sources(['', other, merged, ''], base, model.config)
   reads = []
   def counting_open(path):
@@ -118,10 +123,7 @@ def test_final_evaluation_group_reads_base_and_merge_into_the_branch_layout(fold
   from copd_jax.start_params import BranchSource
   base, other, merged = folders
   mesh = branch_mesh()
-  model = hf_io.abstract_model(base)
-  _, abstract_params = nnx.split(model)
-  abstract = jax.eval_shape(branch_state_init(2, OPTIMIZER, 5), abstract_params)
-  shardings = branch_state_shardings(abstract, mesh, RULES)
+  model, _, abstract, shardings = branch_layout(base, 2, mesh)
   branches = load_branch_stacked(branch_sources([other, ''], base, model.config),
                                  abstract.params, shardings.params)
   singles = [('base', BranchSource(base, None, 'base')),
