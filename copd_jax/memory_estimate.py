@@ -72,6 +72,12 @@ compiled temporaries per device 1.87 GiB (OPD step; estimate 1.92 with gradients
 estimate of 4.1 GiB: the runtime, compiled programs and allocator slack are not estimated.
 bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
 
+Qwen3-VL (a Qwen3VLConfig): the state holds the vision tower's leaves (no gradients under
+model.freeze_vision), and `add_vision_terms` adds the tower's activations on each step's patch
+pack, the deepstack additions, the pictures and the OPD packs routed to the teachers
+(formulas: copd_jax/vision_memory.py) to the GRPO / OPD updates, the teacher pass and the
+prefill; the decoder's terms above use its text side.
+
 Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
 the GRPO and OPD micro-batches' activations (the OPD one plus the teacher signal it holds) and
 the OPD teacher pass; sampling peak = state
