@@ -544,6 +544,12 @@ def test_vl_plan_cli_on_the_shipped_configs(capsys):
     assert 'model: preset qwen3-vl-4b: 4,437,815,808 parameters per branch' in out
     assert layout in out and 'vision tower: depth=24' in out
     assert 'fits: peak' in out and 'WARNING' not in out
+  # --layouts plans every layout with the same pictures: the chosen row's peak is the plan's.
+  assert main(['plan', '--config', CONFIG_VL, '--devices', '8', '--no-leaves', '--layouts',
+               '--patches-per-prompt', '256']) == 0
+  out = capsys.readouterr().out
+  peak = out.split('| peak while training | ')[1].split(' | ')[1].split(' |')[0]
+  assert f'| 2 | 4 | 1 | {peak} | ' in out and out.count('chosen |') == 1
   assert main(['plan', '--config', CONFIG_VL, '--devices', '8', '--patches-per-prompt', '0']) == 2
   assert capsys.readouterr().err.strip() == ('error: --patches-per-prompt must be a positive '
                                              'integer, got 0')
