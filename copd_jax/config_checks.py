@@ -27,7 +27,7 @@ from copd_jax.merge import MergeRecipe
 from copd_jax.models import hub
 from copd_jax.models.attention import IMPLEMENTATIONS
 from copd_jax.models.tokenizer import char_vocab_size
-from copd_jax.models.presets import DTYPES, QWEN3_PRESETS, toy_model_config
+from copd_jax.models.presets import DTYPES, MODEL_PRESETS, toy_model_config
 from copd_jax.optim import make_optimizer
 from copd_jax.sampling import SamplingParams
 from copd_jax.sampling.engine import EngineSettings
@@ -128,8 +128,8 @@ def _check_data(config, check_files: bool) -> None:
 def _check_model(config, check_files: bool) -> None:
   model, K = config.model, len(config.branches)
   check.one_of('model.source', model.source, ('toy', 'hf'))
-  check.check(model.preset in ('',) + tuple(QWEN3_PRESETS), 'model.preset',
-              f"must be '' or one of {', '.join(QWEN3_PRESETS)}; got {model.preset!r}")
+  check.check(model.preset in ('',) + tuple(MODEL_PRESETS), 'model.preset',
+              f"must be '' or one of {', '.join(MODEL_PRESETS)}; got {model.preset!r}")
   if model.source == 'hf' and check_files:
     _check_model_path(config)
   check.one_of('model.compute_dtype', model.compute_dtype, tuple(DTYPES))

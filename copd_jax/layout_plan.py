@@ -15,6 +15,7 @@ import jax
 from copd_jax import mesh as mesh_lib
 from copd_jax.memory_estimate import GIB, estimate
 from copd_jax.models.qwen3 import Qwen3Config
+from copd_jax.models.qwen3_vl import Qwen3VLConfig
 
 
 def with_layout(config, shape: Sequence[int]):
@@ -25,13 +26,16 @@ def with_layout(config, shape: Sequence[int]):
 
 
 def layout_rows(config, devices: Sequence[jax.Device], prompt_tokens: int,
-                model_config: Qwen3Config) -> list[tuple[tuple[int, ...], dict[str, float], bool]]:
-  """(layout, {phase: per-device peak bytes}, chosen) for every candidate layout."""
+                model_config: Qwen3Config | Qwen3VLConfig, patches_per_prompt: int | None = None
+                ) -> list[tuple[tuple[int, ...], dict[str, float], bool]]:
+  """(layout, {phase: per-device peak bytes}, chosen) for every candidate layout
+  (patches_per_prompt: a Qwen3-VL model's pictures, as `memory_estimate.estimate` takes them)."""
   K = len(config.branches)
   chosen = mesh_lib.branch_mesh_shape(config.mesh, len(devices), K)
   rows = []
   for shape in mesh_lib.candidate_layouts(len(devices), K):
-    plan = estimate(with_layout(config, shape), devices, prompt_tokens, model_config)
+    plan = estimate(with_layout(config, shape), devices, prompt_tokens, model_config,
+                    patches_per_prompt=patches_per_prompt)
     peaks = {'training': plan.train_peak, 'sampling': plan.sampling_peak,
              'probe': plan.probe_peak, 'peak': plan.peak}
     rows.append((tuple(shape), peaks, tuple(shape) == tuple(chosen)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from copd_jax.errors import ConfigError
 from copd_jax.fields import is_int
-from copd_jax.models.presets import QWEN3_PRESETS
+from copd_jax.models.presets import MODEL_PRESETS, preset_text_config
 from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.topology import topology_from_config
 
@@ -57,8 +57,8 @@ def config_vocab_size(config) -> int:
   model's own."""
   if config.model.source == 'toy':
     return char_vocab_size()
-  if config.model.preset in QWEN3_PRESETS:
-    return QWEN3_PRESETS[config.model.preset].vocab_size
+  if config.model.preset in MODEL_PRESETS:
+    return preset_text_config(config.model.preset).vocab_size
   return QWEN3_VOCAB
 
 

@@ -76,6 +76,12 @@ compiled temporaries per device 1.87 GiB (OPD step; estimate 1.92 with gradients
 estimate of 4.1 GiB: the runtime, compiled programs and allocator slack are not estimated.
 bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
 
+Qwen3-VL (a Qwen3VLConfig): the state holds the vision tower's leaves (no gradients under
+model.freeze_vision), and `add_vision_terms` adds the tower's activations on each step's patch
+pack, the deepstack additions, the pictures and the OPD packs routed to the teachers
+(formulas: copd_jax/vision_memory.py) to the GRPO / OPD updates, the teacher pass and the
+prefill; the decoder's terms above use its text side.
+
 Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
 the GRPO and OPD micro-batches' activations (the OPD one plus the teacher signal it holds) and
 the OPD teacher pass; sampling peak = state
@@ -103,10 +109,12 @@ from copd_jax.errors import UserInputError
 from copd_jax.models.attention import Attention, uses_dense_scores
 from copd_jax.models.presets import DTYPES
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.optim import make_optimizer
 from copd_jax.sampling import SAMPLING_RULES
 from copd_jax.steps import branch_state_init, branch_state_shardings
 from copd_jax.topology import topology_from_config
+from copd_jax import vision_memory
 
 GIB = 2 ** 30
 # fp32 [rows, c, V] arrays a chunk of the 'full_reverse_kl' student loss holds for the teachers'
@@ -172,9 +180,12 @@ def workload_of(config, prompt_tokens: int, vocab_size: int | None = None) -> Wo
 # Abstract state and per-leaf shardings
 # ---------------------------------------------------------------------------------------------
 
-def abstract_params(model_config: Qwen3Config, param_dtype=jnp.float32) -> tuple[Any, nnx.State]:
-  """(graphdef, params of ShapeDtypeStruct leaves) of one model; nothing allocated."""
-  model = nnx.eval_shape(lambda: Qwen3(model_config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+def abstract_params(model_config: Qwen3Config | Qwen3VLConfig, param_dtype=jnp.float32
+                    ) -> tuple[Any, nnx.State]:
+  """(graphdef, params of ShapeDtypeStruct leaves) of one model (a Qwen3, or a Qwen3-VL with
+  its vision tower); nothing allocated."""
+  cls = Qwen3VL if isinstance(model_config, Qwen3VLConfig) else Qwen3
+  model = nnx.eval_shape(lambda: cls(model_config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
   return nnx.split(model)
 
 
@@ -360,6 +371,18 @@ class MemoryPlan:
   base_param_bytes: int = 0            # the driver's one unstacked copy of the base model
   kv_cache_rows: float = 0.0           # sequences the KV cache holds on a device
   opd_signal_bytes: float = 0.0        # opd.signal's teacher arrays held through the OPD update
+  # Qwen3-VL (copd_jax/vision_memory.py): the whole architecture, the patch buckets planned
+  # for, and per step ('grpo', 'opd') the tower's activations, deepstack additions and
+  # pictures an update holds beside the decoder's (all 0 / None for a text model).
+  vl_model: Qwen3VLConfig | None = None
+  pictures: vision_memory.PictureLoad | None = None
+  vision_train_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+  vision_routed_bytes: float = 0.0     # OPD: the students' packs at their teachers' shards
+
+  @property
+  def architecture(self) -> Qwen3Config | Qwen3VLConfig:
+    """What the plan was made for: the Qwen3-VL model, or the text decoder alone."""
+    return self.vl_model or self.model
 
   def group_bytes(self, group: str) -> int:
     return sum(leaf.per_device_bytes for leaf in self.leaves if leaf.group == group)
@@ -371,6 +394,8 @@ class MemoryPlan:
   @property
   def train_peak(self) -> float:
     steps = dict(self.activation_bytes)
+    for step, extra in self.vision_train_bytes.items():
+      steps[step] += extra
     if 'opd' in steps:   # the teachers' signal stays at the student through its update
       steps['opd'] += self.opd_signal_bytes
     return (self.state_bytes + self.gradient_bytes + self.reference_bytes
@@ -395,17 +420,21 @@ class MemoryPlan:
     return devices_on_host * self.peak + self.base_param_bytes
 
 
-def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_config: Qwen3Config,
-             model_source: str = '') -> MemoryPlan:
+def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
+             model_config: Qwen3Config | Qwen3VLConfig, model_source: str = '',
+             patches_per_prompt: int | None = None) -> MemoryPlan:
   """The MemoryPlan of `config` for a model of architecture `model_config` with the run's mesh
-  over `devices` and prompts padded to `prompt_tokens`."""
-  mc = model_config
+  over `devices` and prompts padded to `prompt_tokens`. A Qwen3-VL model adds the vision terms
+  (copd_jax/vision_memory.py) for prompts of `patches_per_prompt` patches each (None: the most
+  a prompt of `prompt_tokens` tokens can carry, every position a merged visual token)."""
+  vl = model_config if isinstance(model_config, Qwen3VLConfig) else None
+  mc = vl.text if vl else model_config
   work = workload_of(config, prompt_tokens, mc.vocab_size)
   K = work.num_branches
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices, num_branches=K)
   s_mesh = mesh_lib.sampling_mesh(config, devices, K)
   param_dtype = DTYPES[config.model.param_dtype]
-  _, params = abstract_params(mc, param_dtype)
+  _, params = abstract_params(model_config, param_dtype)
   state = abstract_branch_state(params, K, make_optimizer(config.optimizer))
   shardings = branch_state_shardings(state, mesh,
                                      mesh_lib.param_rules(config.shard_params_over_fsdp))
@@ -413,7 +442,10 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
 
   param_leaves = [leaf for leaf in leaves if leaf.group == 'params']
   itemsize = jnp.dtype(param_dtype).itemsize
-  gradients = sum(leaf.per_device_bytes // itemsize * (4 + itemsize) for leaf in param_leaves)
+  # A frozen vision tower (model.freeze_vision) gets no gradient (steps._branch_update).
+  frozen = vl is not None and bool(config.model.freeze_vision)
+  gradients = sum(leaf.per_device_bytes // itemsize * (4 + itemsize) for leaf in param_leaves
+                  if not (frozen and leaf.path.startswith('vision.')))
   reference = 0
   if work.reference:  # one unstacked copy, the params' shardings without 'branch'
     reference = sum(shard_bytes(leaf.shape[1:], leaf.dtype,
@@ -480,9 +512,54 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int, model_co
     teacher = forward_pass_bytes(mc, b_t, work.seq, a, tensor, chunk,
                                  attention=work.attention)
   base = sum(leaf.total_bytes for leaf in param_leaves) // K
-  return MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
+  plan = MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
                     sampling_params, activations, kv, prefill, probe, teacher, base, kv_rows,
                     opd_signal_bytes=signal)
+  if vl is not None:
+    add_vision_terms(plan, config, vl, patches_per_prompt or
+                     vl.vision.merge_unit * prompt_tokens, b_s)
+  return plan
+
+
+def add_vision_terms(plan: MemoryPlan, config, vl: Qwen3VLConfig, patches_per_prompt: int,
+                     sample_rows: float) -> None:
+  """Adds a Qwen3-VL model's terms (copd_jax/vision_memory.py) to `plan`: per step the tower's
+  activations on the whole pack, the deepstack additions of a micro-batch and the pictures the
+  update holds; the tower's forward in the teacher pass and the sampler's prefill; the
+  students' packs routed to their teachers. Every device of a branch holds its whole pack."""
+  vc, w, K = vl.vision, plan.workload, plan.workload.num_branches
+  vm = vision_memory
+  pictures = vm.picture_load(config, patches_per_prompt)
+  a, tensor, seq, D = w.compute_bytes, plan.mesh_shape['tensor'], w.seq, vl.text.hidden_size
+  here = K / plan.mesh_shape['branch']   # branches (and so packs) on a device
+  S_n, S_d, R = pictures.native, pictures.distill, w.rounds
+  # The pictures an update holds: GRPO its native pack; OPD the native (S_n) and distillation
+  # (R S_d) packs it is given, the copies routed to the teachers (R S_d) and the joined pack
+  # of the update (S_n + R S_d).
+  held = {'grpo': vm.pack_bytes(vc, S_n), 'opd': vm.pack_bytes(vc, 2 * S_n + 3 * R * S_d)}
+  for step, S, rows in (('grpo', S_n, w.native_rows),
+                        ('opd', S_n + R * S_d, w.native_rows + R * w.distill_rows)):
+    if step not in plan.activation_bytes:
+      continue
+    micro = rows_per_device(rows // w.micro_batches, K, plan.mesh_shape)
+    plan.vision_train_bytes[step] = (
+        here * (vm.tower_train_bytes(vc, S, a, tensor, pictures.frozen) + held[step])
+        + vm.deepstack_bytes(vc, micro, seq, D, a)
+        + vm.row_picture_bytes(rows_per_device(rows, K, plan.mesh_shape), seq))
+  if R:
+    b_t = rows_per_device(w.distill_rows // w.micro_batches, K, plan.mesh_shape)
+    plan.teacher_bytes += (here * vm.tower_forward_bytes(vc, S_d, a, tensor)
+                           + vm.deepstack_bytes(vc, b_t, seq, D, a))
+    plan.vision_routed_bytes = here * R * vm.pack_bytes(vc, S_d)
+  # The sampler's prefill: the tower forward on the larger call's pack, the deepstack
+  # additions of the prompt positions.
+  s_here = K / plan.sampling_mesh_shape['branch']
+  S_s = max(S_n, S_d if R else 0)
+  plan.prefill_bytes += (s_here * (vm.tower_forward_bytes(vc, S_s, a,
+                                                         plan.sampling_mesh_shape['tensor'])
+                                   + vm.pack_bytes(vc, S_s))
+                         + vm.deepstack_bytes(vc, sample_rows, w.prompt_tokens, D, a))
+  plan.vl_model, plan.pictures = vl, pictures
 
 
 def phase_fixes(plan: MemoryPlan, shared_host: bool = False) -> dict[str, list[str]]:

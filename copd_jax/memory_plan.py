@@ -20,32 +20,40 @@ from copd_jax.memory_estimate import (  # noqa: F401  (re-exported: the planner'
     estimate, forward_pass_bytes, head_activation_bytes, kv_cache_bytes,
     layer_activation_bytes, num_opd_rounds, phase_fixes, phase_peaks, rows_per_device,
     shard_bytes, state_leaf_plans, train_activation_bytes, workload_of)
-from copd_jax.models import hf_io
-from copd_jax.models.presets import QWEN3_PRESETS, toy_model_config
+from copd_jax.models import hf_io, hf_io_vl
+from copd_jax.models.presets import MODEL_PRESETS, toy_model_config
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
+from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.optim import make_optimizer
 from copd_jax.step_config import StepConfig
 from copd_jax.steps import RolloutBatch, branch_state_shardings, make_grpo_step
+from copd_jax.vision_batch import PatchPack, VisionBatch
 
 
-def model_config_of(config) -> tuple[Qwen3Config, str]:
-  """(architecture, where it came from): source 'hf' reads hf_path/config.json when it exists,
-  else config.model.preset; source 'toy' uses the built-in character model's shape."""
+def model_config_of(config) -> tuple[Qwen3Config | Qwen3VLConfig, str]:
+  """(architecture, where it came from): source 'hf' reads hf_path/config.json when it exists
+  (a Qwen3 or a Qwen3-VL folder), else config.model.preset; source 'toy' uses the built-in
+  character model's shape."""
   model = config.model
   if model.source == 'toy':
     return toy_model_config(model.toy), 'toy'
   if model.hf_path and os.path.isfile(os.path.join(model.hf_path, 'config.json')):
-    return hf_io.read_config(model.hf_path), os.path.join(model.hf_path, 'config.json')
+    source = os.path.join(model.hf_path, 'config.json')
+    if hf_io_vl.is_vl_folder(model.hf_path):
+      return hf_io_vl.read_vl_config(model.hf_path), source
+    return hf_io.read_config(model.hf_path), source
   if model.preset:
-    return QWEN3_PRESETS[model.preset], f'preset {model.preset}'
+    return MODEL_PRESETS[model.preset], f'preset {model.preset}'
   raise PlanError(f'config.model.hf_path: no config.json at {model.hf_path!r}; set model.hf_path '
-                  f'to a Hugging Face folder or model.preset to one of {", ".join(QWEN3_PRESETS)}')
+                  f'to a Hugging Face folder or model.preset to one of {", ".join(MODEL_PRESETS)}')
 
-def make_plan(config, devices: Sequence[jax.Device], prompt_tokens: int) -> MemoryPlan:
+def make_plan(config, devices: Sequence[jax.Device], prompt_tokens: int,
+              patches_per_prompt: int | None = None) -> MemoryPlan:
   """The MemoryPlan of `config` with its mesh over `devices`, for the architecture
-  `model_config_of` finds."""
+  `model_config_of` finds (a Qwen3-VL one's prompts with `patches_per_prompt` patches each;
+  None: `estimate`'s bound)."""
   mc, source = model_config_of(config)
-  return estimate(config, devices, prompt_tokens, mc, source)
+  return estimate(config, devices, prompt_tokens, mc, source, patches_per_prompt)
 
 
 def host_memory_bytes() -> float | None:
@@ -98,7 +106,7 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
   its RAM in bytes): the devices are CPU devices of one host sharing its RAM."""
   mc, w = plan.model, plan.workload
   lines = [
-      f'model: {plan.model_source}: {mc.num_params():,} parameters per branch '
+      f'model: {plan.model_source}: {_params_per_branch(plan):,} parameters per branch '
       f'(L={mc.num_layers}, D={mc.hidden_size}, H={mc.num_heads}, KV={mc.num_kv_heads}, '
       f'hd={mc.head_dim}, F={mc.intermediate_size}, V={mc.vocab_size}, '
       f'tied={mc.tie_word_embeddings})',
@@ -108,6 +116,14 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
       f'rows, {w.micro_batches} micro-batch(es); T = {w.prompt_tokens} prompt + {w.new_tokens} '
       f'new tokens; remat={w.remat}; logits scored {_chunk_words(w)}',
   ]
+  if plan.vl_model is not None:
+    vc, pics = plan.vl_model.vision, plan.pictures
+    lines.append(
+        f'vision tower: depth={vc.depth}, D={vc.hidden_size}, H={vc.num_heads}, '
+        f'F={vc.intermediate_size}, patch dim {vc.patch_dim}, deepstack taps '
+        f'{list(vc.deepstack_visual_indexes)}, freeze_vision={pics.frozen}; '
+        f'{pics.patches_per_prompt} patches per prompt: patch buckets GRPO {pics.native}, '
+        f'OPD {pics.distill} per round (--patches-per-prompt)')
   if leaves:
     lines += ['', '| group | leaf | shape | dtype | PartitionSpec | per device |',
               '|---|---|---|---|---|---:|']
@@ -127,6 +143,12 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
            (f'KV cache (estimate; {plan.kv_cache_rows:g} rows x {w.seq} tokens: '
             f'sampling.decoder / kv_token_budget)', plan.kv_cache_bytes),
            ('prefill transient (estimate)', plan.prefill_bytes)]
+  for step, value in plan.vision_train_bytes.items():
+    rows.append((f'Qwen3-VL, {step.upper()} update: vision tower, deepstack, pictures '
+                 '(estimate)', value))
+  if plan.vision_routed_bytes:
+    rows.append(('Qwen3-VL: students\' pictures at the teachers\' shards (in the OPD row)',
+                 plan.vision_routed_bytes))
   if plan.opd_signal_bytes:
     rows.append((f'OPD teacher signal at the student (opd.signal={w.opd_signal})',
                  plan.opd_signal_bytes))
@@ -153,6 +175,14 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
   return '\n'.join(lines)
 
 
+def _params_per_branch(plan: MemoryPlan) -> int:
+  """The decoder's count, or a Qwen3-VL model's with its tower (from the planned leaves)."""
+  if plan.vl_model is None:
+    return plan.model.num_params()
+  return sum(int(np.prod(leaf.shape)) for leaf in plan.leaves
+             if leaf.group == 'params') // plan.workload.num_branches
+
+
 def _chunk_words(w: Workload) -> str:
   if w.logits_chunk is None:
     return 'all T positions at once (grpo.logits_chunk off)'
@@ -164,17 +194,26 @@ def per_device_bytes_of_array(x: jax.Array) -> int:
   return max(int(np.prod(s.data.shape)) * x.dtype.itemsize for s in x.addressable_shards)
 
 
-def compiled_grpo_step_temp_bytes(model: Qwen3, rows: int, seq: int, step_config: StepConfig
-                                  ) -> int:
+def compiled_grpo_step_temp_bytes(model: Qwen3 | Qwen3VL, rows: int, seq: int,
+                                  step_config: StepConfig, patches: int = 0) -> int:
   """Temporary bytes XLA allocates for one compiled GRPO step of `model` (one branch, one
-  device, `rows` x `seq` tokens; compiled only, nothing run): the measurement the estimate's
-  formulas are checked against (tests/test_plan.py, benchmarks/attention_memory.py)."""
+  device, `rows` x `seq` tokens; a Qwen3-VL model's batch with a pack of `patches` patches;
+  compiled only, nothing run): the measurement the estimate's formulas are checked against
+  (tests/test_plan.py, benchmarks/attention_memory.py)."""
   graphdef, params = nnx.split(model)
   mesh = mesh_lib.make_mesh({'branch': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
   adamw = make_optimizer({'learning_rate': 1e-3})
   state = abstract_branch_state(params, 1, adamw)
   shardings = branch_state_shardings(state, mesh)
   s = lambda dtype: jax.ShapeDtypeStruct((1, rows, seq), dtype)
-  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32))
+  vision = None
+  if isinstance(model, Qwen3VL):
+    shape = lambda *tail: jax.ShapeDtypeStruct((1,) + tail, jnp.int32)
+    pack = PatchPack(jax.ShapeDtypeStruct((1, patches, model.config.vision.patch_dim),
+                                          jnp.float32), shape(patches, 4),
+                     jax.ShapeDtypeStruct((1, patches, 4), jnp.float32), shape(patches, 2),
+                     shape(patches))
+    vision = VisionBatch(pack, shape(rows, seq), shape(rows, 3, seq))
+  batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32), vision)
   step = make_grpo_step(graphdef, adamw, mesh, step_config, shardings)
   return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes

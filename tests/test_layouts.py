@@ -102,10 +102,19 @@ def test_describe_layout_says_chosen_or_configured():
              'tensor=1; K=3, 8 devices)'),
     (CONFIG_8B, 'layout: config.mesh: branch=1 fsdp=2 tensor=4 (chosen from branch=-1 fsdp=-1 '
                 'tensor=4; K=3, 8 devices)'),
+    # Qwen3-VL-4B, the paper's Table 1 and Table 2 settings (no weights: model.preset).
+    (os.path.join(ROOT, 'configs', 'qwen3_vl_4b_text_image.py'),
+     'layout: config.mesh: branch=2 fsdp=4 tensor=1 (chosen from branch=-1 fsdp=-1 tensor=1; '
+     'K=2, 8 devices)'),
+    (os.path.join(ROOT, 'configs', 'qwen3_vl_4b_text_image_video.py'),
+     'layout: config.mesh: branch=1 fsdp=2 tensor=4 (chosen from branch=-1 fsdp=-1 tensor=4; '
+     'K=3, 8 devices)'),
 ])
 def test_plan_on_8_devices_chooses_and_prints_the_layout(config, line, capsys):
   assert main(['plan', '--config', config, '--devices', '8', '--no-leaves']) == 0
-  assert line in capsys.readouterr().out.splitlines()
+  out = capsys.readouterr().out
+  assert line in out.splitlines()
+  assert '| peak while training |' in out and '| peak while sampling |' in out
 
 
 def test_plan_lists_candidate_layouts_with_their_peaks(capsys):

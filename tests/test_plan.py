@@ -458,3 +458,148 @@ def test_full_reverse_kl_estimate_tracks_xla_memory_analysis():
   estimate = held + signal_chunk_bytes(c, 'full_reverse_kl', 2 * 4, 16, 1, 4)
   assert added <= estimate <= 1.3 * added, (estimate, added)
   assert added < 2 * 8 * 16 * 4096 * 4
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL
+
+CONFIG_VL = os.path.join(ROOT, 'configs', 'qwen3_vl_4b_text_image.py')
+CONFIG_VL_K3 = os.path.join(ROOT, 'configs', 'qwen3_vl_4b_text_image_video.py')
+
+
+def test_the_qwen3_vl_4b_preset_has_the_released_shapes():
+  from copd_jax.memory_plan import abstract_params
+  from copd_jax.models.presets import MODEL_PRESETS, QWEN3_VL_PRESETS
+  vl = QWEN3_VL_PRESETS['qwen3-vl-4b']
+  _, params = abstract_params(vl)
+  # Qwen3VLForConditionalGeneration's count for Qwen3-VL-4B-Instruct; the decoder alone is
+  # Qwen3-4B's shape (with M-RoPE and a longer context).
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 4_437_815_808
+  assert vl.text.num_params() == QWEN3_PRESETS['qwen3-4b'].num_params()
+  assert vl.vision.patch_dim == 3 * 2 * 16 * 16 and vl.vision.deepstack_visual_indexes == (5, 11, 17)
+  assert set(QWEN3_PRESETS) < set(MODEL_PRESETS) and 'qwen3-vl-4b' in MODEL_PRESETS
+
+
+def _vl_plan(overrides=(), patches=256):
+  config = load_config(CONFIG_VL, list(overrides), check_files=False)
+  return make_plan(config, jax.devices(), prompt_tokens=1024, patches_per_prompt=patches)
+
+
+def test_vl_plan_vision_terms_by_hand():
+  """The K=2 Table 1 config on 8 devices, (branch, fsdp, tensor) = (2, 4, 1): one branch per
+  device; 4 GRPO prompts of 256 patches -> a pack of 1,024; OPD joins it with one round's
+  4 distillation prompts (1,024) into 2,048 patches."""
+  from copd_jax import vision_memory as vm
+  plan = _vl_plan()
+  assert plan.mesh_shape == {'branch': 2, 'fsdp': 4, 'tensor': 1}
+  vc = plan.vl_model.vision
+  assert (plan.pictures.native, plan.pictures.distill) == (1024, 1024)
+  # One tower block on S patches, bf16 (a = 2): per patch 2 (4 x 1024 + 6 x 1024 + 2 x 4096)
+  # + 8 x 1024 bytes; 16 heads of fp32 scores, masked scores and bf16 probabilities.
+  block = lambda S: S * (2 * (4 * 1024 + 6 * 1024 + 2 * 4096) + 8 * 1024) + 16 * S * S * 10
+  assert vm.tower_block_bytes(vc, 1024, 2, 1) == block(1024)
+  # GRPO: 24 blocks of the 1,024-patch pack, the deepstack additions of a micro-batch's
+  # 32 / 4 / 4 = 2 rows of 3,072 positions (3 taps, D = 2560, bf16), the pack (fp32 pixels of
+  # 1,536 values + 44 bytes of constants per patch) and 16 bytes per row position of 8 rows.
+  T = 1024 + 2048
+  assert plan.vision_train_bytes['grpo'] == (24 * block(1024) + 1024 * (4 * 1536 + 44)
+                                             + 3 * 2 * T * 2560 * 2 + 8 * T * 16)
+  # OPD: (32 + 16) / 4 / 4 = 3 rows a micro-batch; packs given (1,024 + 1,024), routed (1,024)
+  # and joined (2,048).
+  assert plan.vision_train_bytes['opd'] == (24 * block(2048) + 5 * 1024 * (4 * 1536 + 44)
+                                            + 3 * 3 * T * 2560 * 2 + 12 * T * 16)
+  assert plan.vision_routed_bytes == 1024 * (4 * 1536 + 44)
+  assert plan.train_peak == (plan.state_bytes + plan.gradient_bytes
+                             + plan.activation_bytes['opd'] + plan.vision_train_bytes['opd'])
+
+
+def test_vl_plan_counts_the_tower_state_and_freeze_vision_drops_its_gradients():
+  plan, frozen = _vl_plan(), _vl_plan(['--config.model.freeze_vision=True'])
+  tower = [leaf for leaf in plan.leaves if leaf.group == 'params'
+           and leaf.path.startswith('vision.')]
+  tower_bytes = sum(leaf.per_device_bytes for leaf in tower)
+  assert tower and tower_bytes > 0
+  # The tower's params and Adam moments stay (the optimizer state covers every leaf); only its
+  # gradients (fp32 accumulator + one micro-batch) go.
+  assert frozen.state_bytes == plan.state_bytes
+  assert plan.gradient_bytes - frozen.gradient_bytes == 2 * tower_bytes
+  # A frozen tower runs forward only: one block's arrays instead of 24.
+  assert frozen.vision_train_bytes['grpo'] < plan.vision_train_bytes['grpo'] / 10
+  # Doubling the pictures of a prompt doubles the packs; the tower grows with their square.
+  big = _vl_plan(patches=512)
+  assert (big.pictures.native, big.pictures.distill) == (2048, 2048)
+  assert 3 < big.vision_train_bytes['grpo'] / plan.vision_train_bytes['grpo'] < 4
+
+
+def test_text_plans_have_no_vision_terms(plan_8b):
+  assert plan_8b.vl_model is None and plan_8b.vision_train_bytes == {}
+  assert plan_8b.architecture is plan_8b.model
+
+
+def test_vl_plan_cli_on_the_shipped_configs(capsys):
+  for config, layout in ((CONFIG_VL, "training mesh {'branch': 2, 'fsdp': 4, 'tensor': 1}"),
+                         (CONFIG_VL_K3, "training mesh {'branch': 1, 'fsdp': 2, 'tensor': 4}")):
+    assert main(['plan', '--config', config, '--devices', '8', '--no-leaves',
+                 '--device-memory-gb', '80', '--patches-per-prompt', '256']) == 0
+    out = capsys.readouterr().out
+    assert 'model: preset qwen3-vl-4b: 4,437,815,808 parameters per branch' in out
+    assert layout in out and 'vision tower: depth=24' in out
+    assert 'fits: peak' in out and 'WARNING' not in out
+  # --layouts plans every layout with the same pictures: the chosen row's peak is the plan's.
+  assert main(['plan', '--config', CONFIG_VL, '--devices', '8', '--no-leaves', '--layouts',
+               '--patches-per-prompt', '256']) == 0
+  out = capsys.readouterr().out
+  peak = out.split('| peak while training | ')[1].split(' | ')[1].split(' |')[0]
+  assert f'| 2 | 4 | 1 | {peak} | ' in out and out.count('chosen |') == 1
+  assert main(['plan', '--config', CONFIG_VL, '--devices', '8', '--patches-per-prompt', '0']) == 2
+  assert capsys.readouterr().err.strip() == ('error: --patches-per-prompt must be a positive '
+                                             'integer, got 0')
+
+
+def test_a_vl_folder_is_planned_as_qwen3_vl(tmp_path):
+  """A Qwen3-VL config.json at model.hf_path wins over the preset, tower included."""
+  text = dict(vocab_size=160, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=24, rms_norm_eps=1e-6,
+              max_position_embeddings=4096,
+              rope_scaling=dict(rope_type='default', mrope_section=[4, 4, 4],
+                                mrope_interleaved=True), rope_theta=500_000.0)
+  vision = dict(depth=2, hidden_size=24, intermediate_size=40, num_heads=2, out_hidden_size=40,
+                num_position_embeddings=36, deepstack_visual_indexes=[1], patch_size=8,
+                hidden_act='gelu_pytorch_tanh')
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(dict(architectures=['Qwen3VLForConditionalGeneration'], model_type='qwen3_vl',
+                   text_config=text, vision_config=vision, tie_word_embeddings=True), f)
+  config = load_config(CONFIG_VL, [f'--config.model.hf_path={tmp_path}'], check_files=False)
+  model_config, source = model_config_of(config)
+  assert source == str(tmp_path / 'config.json')
+  assert model_config.vision.depth == 2 and model_config.text.hidden_size == 40
+  plan = make_plan(config, jax.devices(), prompt_tokens=64)
+  assert plan.vl_model == model_config
+  assert plan.pictures.patches_per_prompt == 4 * 64   # every prompt position a visual token
+
+
+# The tiny Qwen3-VL whose compiled GRPO step the vision terms are checked against: a tower
+# wide enough for its terms to dominate what a larger pack adds.
+XLA_CHECK_VL = dict(
+    text=Qwen3Config(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=16, intermediate_size=128),
+    vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                num_position_embeddings=16, deepstack_visual_indexes=(0,), patch_size=8))
+
+
+@pytest.mark.slow   # four compiles, ~40 s each on a loaded 2-core machine
+@pytest.mark.parametrize('frozen', [False, True])
+def test_vision_estimate_tracks_xla_when_the_patch_bucket_doubles(frozen):
+  """From a pack of 256 to 512 patches (fp32, one branch on one device, 4 rows of 32 tokens)
+  XLA:CPU's compiled GRPO step grows by what the vision terms say, within 20% (measured:
+  21.0 MB against 21.2 MB with the tower trained, 10.65 against 10.69 MB frozen)."""
+  from copd_jax import vision_memory as vm
+  from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
+  from copd_jax.models.qwen3_vl_vision import VisionConfig
+  vl = Qwen3VLConfig(text=XLA_CHECK_VL['text'], vision=VisionConfig(**XLA_CHECK_VL['vision']))
+  model = nnx.eval_shape(lambda: Qwen3VL(vl, rngs=nnx.Rngs(0)))
+  cfg = StepConfig(freeze_vision=frozen)
+  xla = {S: compiled_grpo_step_temp_bytes(model, 4, 32, cfg, patches=S) for S in (256, 512)}
+  terms = lambda S: (vm.tower_train_bytes(vl.vision, S, 4, 1, frozen)
+                     + vm.pack_bytes(vl.vision, S))
+  grown, estimate = xla[512] - xla[256], terms(512) - terms(256)
+  assert estimate == pytest.approx(grown, rel=0.20), (estimate, grown)

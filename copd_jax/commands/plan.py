@@ -1,5 +1,5 @@
 """`python -m copd_jax plan --config FILE --devices N [--device-memory-gb G] [--cpu]
-[--host-memory-gb G] [--layouts] [--config.a.b=v ...]`
+[--host-memory-gb G] [--layouts] [--patches-per-prompt N] [--config.a.b=v ...]`
 
 Per-device memory of a run config on an N-device mesh, from shapes only (nothing is allocated):
 parameters, optimizer state, gradients, the sampler's parameter copy and KV cache, activation
@@ -9,6 +9,8 @@ first prints the layout the config's mesh resolves to on N devices (chosen for -
 copd_jax.mesh.LAYOUT_RULE); --layouts adds every valid layout with its per-device peaks
 (copd_jax/layout_plan.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
+A Qwen3-VL model adds its vision tower and pictures (copd_jax/vision_memory.py) for prompts of
+--patches-per-prompt patches each (default: the most a padded prompt can carry).
 With --cpu (or --host-memory-gb) the N devices are CPU devices of one host: they share its RAM,
 so the plan adds up their peaks (plus the driver's copy of the base model) and compares the sum
 with --host-memory-gb, default this machine's MemTotal.
@@ -47,6 +49,10 @@ def add_arguments(parser) -> None:
                       help='padded prompt length (a sampler bucket: a power of two); default: '
                            'the bucket of the config\'s data.max_prompt_tokens when set, '
                            'else 256')
+  parser.add_argument('--patches-per-prompt', type=int, default=None,
+                      help='Qwen3-VL: patches of one prompt\'s images and video frames (an '
+                           'H x W image is H/16 x W/16 of them); default: 4 x the prompt '
+                           'tokens, the most a padded prompt can carry')
   parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
   parser.add_argument('--layouts', action='store_true',
                       help='also list every valid (branch, fsdp, tensor) layout with its '
@@ -72,6 +78,8 @@ def _argv(args) -> list[str]:
     argv.append('--cpu')
   if args.host_memory_gb is not None:
     argv += ['--host-memory-gb', str(args.host_memory_gb)]
+  if args.patches_per_prompt is not None:
+    argv += ['--patches-per-prompt', str(args.patches_per_prompt)]
   if args.no_leaves:
     argv.append('--no-leaves')
   if args.layouts:
@@ -89,6 +97,9 @@ def run(args) -> int:
     raise PlanError(f'--devices must be an integer in [1, {MAX_DEVICES:,}], got {args.devices:,} '
                     '(the plan starts that many CPU host devices: about 1 GiB of memory and a '
                     'minute per 8,192)')
+  if args.patches_per_prompt is not None and args.patches_per_prompt < 1:
+    raise PlanError(f'--patches-per-prompt must be a positive integer, got '
+                    f'{args.patches_per_prompt}')
   if 'jax' not in sys.modules:
     os.environ.update(cpu_env(args.devices, dict(os.environ)))
   import jax
@@ -111,7 +122,7 @@ def run(args) -> int:
     prompt_tokens = bucket_length(limit) if limit else DEFAULT_PROMPT_TOKENS
   for line in mesh_lib.layout_lines(config, args.devices):
     print(f'layout: {line}')
-  plan = make_plan(config, jax.devices(), prompt_tokens)
+  plan = make_plan(config, jax.devices(), prompt_tokens, args.patches_per_prompt)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
   host = None
   if args.cpu or args.host_memory_gb is not None:
@@ -124,7 +135,7 @@ def run(args) -> int:
   if args.layouts:
     from copd_jax.layout_plan import format_layouts, layout_rows
     print('\n' + format_layouts(layout_rows(config, jax.devices(), prompt_tokens,
-                                             plan.model)))
+                                             plan.architecture, args.patches_per_prompt)))
   from copd_jax.retention import disk_plan, format_disk_plan
   state_bytes = sum(leaf.total_bytes for leaf in plan.leaves)
   print('\n' + format_disk_plan(disk_plan(config, state_bytes), config.checkpoint))

@@ -58,8 +58,9 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             branch ('' = the base) to start that branch from: a HF folder, a
                             merged checkpoint, or a run workdir with ':k' for its branch k; preset: '' or a built-in
                             Qwen3 architecture ('qwen3-0.6b', 'qwen3-1.7b', 'qwen3-4b',
-                            'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) that `plan` uses
-                            when hf_path holds no config.json (shapes only, no weights)
+                            'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) or Qwen3-VL one
+                            ('qwen3-vl-4b', QWEN3_VL_PRESETS) that `plan` uses when hf_path
+                            holds no config.json (shapes only, no weights)
   warmstart                 supervised warm start of the toy base (cached in <workdir>/base):
                             steps, batch_size, learning_rate (cosine decay to 0);
                             examples_per_domain: a synthetic domain's warm-start split

@@ -1,0 +1,86 @@
+"""CoPD, K=2 (text <-> image, mutual OPD) from Qwen3-VL-4B-Instruct: the paper's Table 1 setting.
+
+Set before training (edit this file or pass --config.<field>=<value>):
+  model.hf_path                 local Hugging Face folder of Qwen3-VL-4B-Instruct (config.json,
+                                safetensors, tokenizer and the processor files
+                                preprocessor_config.json / video_preprocessor_config.json);
+                                `train` stops with one line naming config.model.hf_path while
+                                the placeholder below is not such a folder
+  domains.text.train_path       JSONL, {"prompt": "<problem>", "answer": "<final answer>"} per
+  domains.text.eval_path          line (math reasoning; math-verify reward, \\boxed{..})
+  domains.image.train_path      JSONL, {"prompt": ..., "answer": ..., "images": "<path or list
+  domains.image.eval_path         of paths, relative to the file>"} (image reasoning;
+                                math-verify reward)
+Both render prompts with the model's chat template (pictures before the text).
+
+Paper settings (../shared/METHOD_NOTES.md): GRPO G = 8, clip-higher eps 0.2 / 0.28, temperature
+1.0, lr 1e-6 constant, no KL; OPD beta 1.0 on the sampled-token signal; S_RL : S_OPD = 1.5 : 1
+(30 : 20); the vision tower trains with the decoder (model.freeze_vision=False). Rollout batch
+and lengths are scaled down from the paper's 256 prompts x 16k tokens to fit one 8-GPU host.
+
+Plan (no weights or data needed; the architecture is model.preset='qwen3-vl-4b', the public
+config.json's shapes):
+  python -m copd_jax plan --config configs/qwen3_vl_4b_text_image.py --devices 8 \
+      --device-memory-gb 80 --patches-per-prompt 256
+(--patches-per-prompt: the patches of one prompt's pictures; 256 is a 256 x 256 image, the
+image processor's smallest (65,536 pixels), 64 visual tokens; a 512 x 512 image is 1,024.
+Without it the plan assumes the most a prompt of data.max_prompt_tokens tokens can carry,
+4 x 1,024 patches, and the tower alone needs terabytes.) On 8 devices the layout chooser gives
+(branch, fsdp, tensor) = (2, 4, 1), sampling the same; the estimate is about 42 GiB per device
+while training (state 12.4 GiB + gradients 8.3 GiB; the OPD update's vision terms 17.2 GiB: the
+tower trains on the update's joined pack of 1,024 + 1,024 patches, whose dense [S, S] attention
+scores dominate), 33 GiB while sampling: it fits an 8 x H100 (80 GB) host and a TPU v5p-8
+(95 GiB per chip); a v5e-8 (16 GiB per chip) does not (fp32 state alone is 12.4 GiB).
+
+Why only 4 prompts per step (the paper rolls out 256): a branch's pictures form one pack that
+the tower runs whole in every micro-batch, with attention over the whole pack, so its memory
+grows with (prompts x patches per prompt)^2 and grpo.micro_batches does not lower it
+(docs/scaling.md, "Qwen3-VL"). 1,024-patch images at 16 prompts per step plan at over 2 TiB per device.
+Not run in this repository (no accelerator here): no result is claimed for it.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from base import base_config, synthetic_domain  # noqa: E402
+
+# A placeholder: point it at your local Qwen3-VL-4B-Instruct folder.
+MODEL_PATH = 'models/Qwen3-VL-4B-Instruct'
+
+
+def file_domain(name: str, reward: str):
+  domain = synthetic_domain()  # the fields of a domain, re-pointed to files
+  domain.update(dict(source='file', reward=reward, train_path=f'data/{name}/train.jsonl',
+                     eval_path=f'data/{name}/eval.jsonl', use_chat_template=True,
+                     answer_extraction='boxed'))
+  return domain
+
+
+def get_config():
+  c = base_config()
+  c.domains.text = file_domain('text', 'math')
+  c.domains.image = file_domain('image', 'math')
+  c.branches = ('text', 'image')
+
+  c.model.source = 'hf'
+  c.model.hf_path = MODEL_PATH
+  c.model.preset = 'qwen3-vl-4b'
+  c.model.param_dtype = 'float32'
+  c.model.compute_dtype = 'bfloat16'
+  c.model.remat = True
+  c.model.freeze_vision = False
+
+  c.data.max_prompt_tokens = 1024
+  c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='pairwise'))
+  # Prompts per step are what the vision tower's memory follows (module docstring).
+  c.grpo.update(dict(group_size=8, prompts_per_step=4, epsilon_low=0.2, epsilon_high=0.28,
+                     aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=4))
+  c.opd.update(dict(prompts_per_step=4, samples_per_prompt=4, beta=1.0, delta_clamp=5.0))
+  c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
+  c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
+                          weight_decay=0.0, max_grad_norm=1.0))
+  c.mesh.update(dict(branch=-1, fsdp=-1, tensor=1))
+  c.eval.update(dict(num_examples=500, samples_k=4))
+  c.checkpoint.update(dict(every_steps=25, keep_last=2))
+  c.metrics.log_every = 5
+  return c

@@ -1,0 +1,43 @@
+"""CoPD, K=3 hub-and-spoke (hub: text; spokes: image, video) from Qwen3-VL-4B-Instruct: the
+paper's Table 2 setting.
+
+Spokes learn from the hub, the hub from every spoke (two OPD rounds per step). Set before
+training, as in configs/qwen3_vl_4b_text_image.py (model.hf_path, domains.text / image), and
+  domains.video.train_path      JSONL, {"prompt": ..., "answer": ..., "video": "<folder of
+  domains.video.eval_path         frames, or a list of frame paths>"} (video reasoning;
+                                math-verify reward; videos need torchvision)
+Paper settings as in the K=2 config: G = 8, eps 0.2 / 0.28, lr 1e-6, beta 1.0, S_RL : S_OPD =
+30 : 20; the vision tower trains.
+
+Plan (no weights or data needed; model.preset='qwen3-vl-4b'):
+  python -m copd_jax plan --config configs/qwen3_vl_4b_text_image_video.py --devices 8 \\
+      --device-memory-gb 80 --patches-per-prompt 256
+On 8 devices the layout chooser gives training (branch, fsdp, tensor) = (1, 2, 4) (K=3 shares
+no divisor with 8, so every device holds a shard of all three branches) and sampling (1, 1, 8);
+the estimate is about 67 GiB per device while training (state 18.7 GiB + gradients 12.4 GiB,
+the OPD update's decoder activations 20.6 GiB and vision terms 15.6 GiB: its joined pack of
+1,024 + 2 x 512 patches runs through the tower whole), 32 GiB while sampling: it fits an
+8 x H100 (80 GB) host, narrowly; a TPU v5p-8 (95 GiB per chip) with room. For a v5e slice
+(16 GiB per chip), `plan --devices N --device-memory-gb 16 --layouts` compares the layouts.
+Larger pictures or more prompts per step grow the tower's attention with the square of the
+pack (docs/scaling.md, "Qwen3-VL").
+Not run in this repository (no accelerator here): no result is claimed for it.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qwen3_vl_4b_text_image import get_config as text_image_config, file_domain  # noqa: E402
+
+
+def get_config():
+  c = text_image_config()
+  c.domains.video = file_domain('video', 'math')
+  c.branches = ('text', 'image', 'video')
+  c.copd.update(dict(topology='hub_and_spoke', hub=0))
+  # Two OPD rounds join the native pack and two distillation packs in the update: fewer
+  # distillation prompts keep the joined pack at 2,048 patches (module docstring).
+  c.opd.update(dict(prompts_per_step=2, samples_per_prompt=8))
+  c.mesh.update(dict(branch=-1, fsdp=-1, tensor=4))
+  c.mesh_sampling.update(dict(branch=-1, fsdp=-1, tensor=8))
+  return c
