@@ -337,3 +337,17 @@ def test_qwen3_template_system_prompt_thinking_and_messages():
   # `generate --system ... --no-thinking` renders the same text.
   assert tok.decode(encode_prompt(tok, 'What is 2+1?', True, 'Be brief.', False)) == no_think
   assert tok.decode(encode_prompt(tok, 'What is 2+1?', True)) == user
+
+
+def test_branch_loader_takes_one_prompt_per_batch():
+  # Batch size 1 (opd.prompts_per_step=1) once overflowed grain's length of the infinite
+  # stream at set-up; its stream is the batch-2 stream one example at a time.
+  a, _ = synthetic_domain('sort', 0, 7, 0)
+  ones = BranchPromptLoader([a], batch_size=1, seed=3)
+  twos = BranchPromptLoader([a], batch_size=2, seed=3)
+  singles = [e.id for _ in range(16) for e in ones.next()[0]]
+  assert singles == [e.id for _ in range(8) for e in twos.next()[0]]
+  state = json.loads(json.dumps(ones.get_state()))
+  resumed = BranchPromptLoader([a], batch_size=1, seed=3)
+  resumed.set_state(state)
+  assert _ids([resumed.next() for _ in range(3)]) == _ids([ones.next() for _ in range(3)])

@@ -72,7 +72,11 @@ def batched_stream(examples: Sequence[Example], batch_size: int, seed: int,
   if batch_size < 1:
     raise UserInputError(f'batch_size must be >= 1, got {batch_size}')
   stream = mixed_stream(examples, seed) if mix_domains else example_stream(examples, seed)
-  return stream.batch(batch_size, batch_fn=_batch_list)
+  # The stream is infinite, so there is no remainder to keep. drop_remainder=True makes grain
+  # size it as len // batch_size; without it grain takes ceil(len / batch_size) in floats,
+  # which for batch_size 1 rounds sys.maxsize up past what len() may return (OverflowError at
+  # loader set-up). The batches themselves are the same either way.
+  return stream.batch(batch_size, drop_remainder=True, batch_fn=_batch_list)
 
 
 class BranchPromptLoader:
