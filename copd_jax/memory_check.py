@@ -4,7 +4,11 @@ screen.
 
 The estimate is the one `plan` prints (copd_jax/memory_estimate.py) for the loaded model, the
 run's mesh and its largest prompt bucket (that of its longest prompt: batches are padded to
-their own, copd_jax/prompt_buckets.py). What it is compared with:
+their own, copd_jax/prompt_buckets.py). A Qwen3-VL model is planned whole, as `plan` plans it:
+the vision tower's parameters, Adam moments and gradients (no gradients under
+model.freeze_vision), its activations, the deepstack additions and the pictures
+(copd_jax/vision_memory.py), every prompt with as many patches as the run's most
+(`most_patches_per_prompt`). What it is compared with:
   CPU devices   they share this host's RAM: what the run still has to allocate, the sum of
                 this process's devices' peaks plus the one copy of the base model the driver
                 keeps (MemoryPlan.host_peak: the check runs before the base is read, straight
@@ -30,6 +34,7 @@ import jax
 from copd_jax.errors import UserInputError
 from copd_jax.memory_estimate import GIB, MemoryPlan, estimate, phase_fixes, phase_peaks
 from copd_jax.models.qwen3 import Qwen3Config
+from copd_jax.models.qwen3_vl import Qwen3VLConfig
 
 SKIP_ENV = 'COPD_JAX_NO_MEMORY_CHECK'
 
@@ -91,15 +96,40 @@ def shortfall(plan: MemoryPlan, available: float, host_devices: int = 0) -> str 
           f'{", ".join(fixes)} (`plan` shows every term; {SKIP_ENV}=1 skips this check)')
 
 
+def most_patches_per_prompt(encoder, examples: Sequence) -> int:
+  """The most patches (images and video frames) one of `examples` carries as `encoder`
+  (rollouts.PromptEncoder) prepared it; 0 when none has pictures or the encoder has no vision."""
+  if encoder.vision is None:
+    return 0
+  pictures = (encoder.pictures(e) for e in examples if e.images or e.video)
+  return max((p.num_patches for p in pictures if p is not None), default=0)
+
+
+def check_run_fits(config, devices: Sequence[jax.Device], encoder, examples: Sequence,
+                   model_config: Qwen3Config | Qwen3VLConfig,
+                   log: Callable[[str], None] = print, env: Mapping[str, str] = os.environ
+                   ) -> None:
+  """`check_fits` for a run: its prompts padded to the encoder's largest bucket; a Qwen3-VL
+  `model_config` planned with its tower and every prompt carrying the most patches one of the
+  run's `examples` has."""
+  patches = None
+  if isinstance(model_config, Qwen3VLConfig):
+    patches = most_patches_per_prompt(encoder, examples)
+  check_fits(config, devices, encoder.length, model_config, log, env, patches)
+
+
 def check_fits(config, devices: Sequence[jax.Device], prompt_tokens: int,
-               model_config: Qwen3Config, log: Callable[[str], None] = print,
-               env: Mapping[str, str] = os.environ) -> None:
+               model_config: Qwen3Config | Qwen3VLConfig, log: Callable[[str], None] = print,
+               env: Mapping[str, str] = os.environ, patches_per_prompt: int | None = None
+               ) -> None:
   """Raises MemoryCheckError (one line, what to change) when the run's estimate exceeds the
-  memory this process can use; logs the comparison otherwise. `devices`: the training mesh's."""
+  memory this process can use; logs the comparison otherwise. `devices`: the training mesh's;
+  patches_per_prompt: a Qwen3-VL model's pictures per prompt (`estimate`)."""
   if env.get(SKIP_ENV):
     log(f'memory check skipped ({SKIP_ENV} is set)')
     return
-  plan = estimate(config, devices, prompt_tokens, model_config)
+  plan = estimate(config, devices, prompt_tokens, model_config,
+                  patches_per_prompt=patches_per_prompt)
   here = [d for d in devices if d.process_index == jax.process_index()]
   on_cpu = all(d.platform == 'cpu' for d in here)
   available = available_host_bytes() if on_cpu else device_limit_bytes(here)
@@ -109,11 +139,15 @@ def check_fits(config, devices: Sequence[jax.Device], prompt_tokens: int,
   message = shortfall(plan, available, len(here) if on_cpu else 0)
   if message:
     raise MemoryCheckError(message)
+  pictures = ''
+  if plan.pictures is not None:
+    pictures = (f'; Qwen3-VL with its vision tower, {plan.pictures.patches_per_prompt} patches '
+                'per prompt')
   if on_cpu:
     log(f'memory: the run adds about {plan.host_peak(len(here)) / GIB:.2f} GiB at its peak '
         f'(estimate, base model included) '
         f'of the {available / GIB:.2f} GiB of host RAM available '
-        f'(grpo.logits_chunk: {plan.workload.logits_chunk or "off"})')
+        f'(grpo.logits_chunk: {plan.workload.logits_chunk or "off"}{pictures})')
   else:
     log(f'memory: estimated peak {plan.peak / GIB:.2f} GiB of the {available / GIB:.2f} GiB a '
-        f'device has (grpo.logits_chunk: {plan.workload.logits_chunk or "off"})')
+        f'device has (grpo.logits_chunk: {plan.workload.logits_chunk or "off"}{pictures})')

@@ -426,7 +426,8 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
   """The MemoryPlan of `config` for a model of architecture `model_config` with the run's mesh
   over `devices` and prompts padded to `prompt_tokens`. A Qwen3-VL model adds the vision terms
   (copd_jax/vision_memory.py) for prompts of `patches_per_prompt` patches each (None: the most
-  a prompt of `prompt_tokens` tokens can carry, every position a merged visual token)."""
+  a prompt of `prompt_tokens` tokens can carry, every position a merged visual token; 0: text
+  rows only, planned as the smallest patch bucket)."""
   vl = model_config if isinstance(model_config, Qwen3VLConfig) else None
   mc = vl.text if vl else model_config
   work = workload_of(config, prompt_tokens, mc.vocab_size)
@@ -516,8 +517,9 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
                     sampling_params, activations, kv, prefill, probe, teacher, base, kv_rows,
                     opd_signal_bytes=signal)
   if vl is not None:
-    add_vision_terms(plan, config, vl, patches_per_prompt or
-                     vl.vision.merge_unit * prompt_tokens, b_s)
+    if patches_per_prompt is None:
+      patches_per_prompt = vl.vision.merge_unit * prompt_tokens
+    add_vision_terms(plan, config, vl, patches_per_prompt, b_s)
   return plan
 
 

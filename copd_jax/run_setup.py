@@ -135,9 +135,11 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   phases = PhaseController(config.copd)
   sampling = SamplingParams.from_config(config)
   reward_kinds = {name: reward_spec(config.domains[name]) for name in domains}
-  # Before any state is allocated: stop with one line if the run would not fit in memory.
-  # Qwen3-VL: the text decoder's estimate (the vision tower is not counted yet).
-  memory_check.check_fits(config, list(mesh.devices.flat), encoder.length, text_config, log)
+  # Before any state is allocated: stop with one line if the run would not fit in memory
+  # (a Qwen3-VL model with its vision tower and the run's largest pictures, as `plan` counts).
+  memory_check.check_run_fits(config, list(mesh.devices.flat), encoder,
+                              [e for split in domains.values() for part in split for e in part],
+                              model.config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
   if isinstance(model, Qwen3VL):

@@ -151,3 +151,50 @@ def test_train_stops_with_one_line_before_any_compute(tmp_path, monkeypatch, cap
   assert 'grpo.logits_chunk (now off)' in err[0]
   assert dict(TRACE_COUNTS) == traced
   assert not workdir.exists()   # made by this run and removed again: nothing saved
+
+
+class _PictureEncoder:
+  """What check_run_fits reads of a rollouts.PromptEncoder: the largest prompt bucket and each
+  row's pictures (here only their grids: num_patches counts t * h * w of each)."""
+
+  def __init__(self, length, patches):
+    from copd_jax.vision_batch import PromptPictures
+    self.length, self.vision = length, object()
+    self._pictures = {key: PromptPictures.of(image_grid_thw=[[1, 2, n // 2]])
+                      for key, n in patches.items()}
+
+  def pictures(self, example):
+    return self._pictures.get(example.id)
+
+
+def test_run_check_counts_a_vl_models_vision_tower_and_largest_pictures(monkeypatch):
+  """A Qwen3-VL run is checked on `plan`'s whole estimate (tower state, its activations, the
+  pictures) for the run's largest pictures, not on its text decoder alone: a host with room
+  for the decoder's estimate but not for the VL one is refused."""
+  from copd_jax.data import Example
+  from copd_jax.models.qwen3_vl import Qwen3VLConfig
+  from copd_jax.models.qwen3_vl_vision import VisionConfig
+  from tests.test_plan import XLA_CHECK_VL
+  vl = Qwen3VLConfig(text=XLA_CHECK_VL['text'], vision=VisionConfig(**XLA_CHECK_VL['vision']))
+  config = load_config(TOY, TWO_DEVICES, check_files=False)
+  devices = jax.devices()[:2]
+  rows = [Example('p', 'a', 'sort', 'small', images=('s.png',)),
+          Example('p', 'a', 'sort', 'large', images=('l.png',)),
+          Example('p', 'a', 'sort', 'text')]
+  encoder = _PictureEncoder(64, {'small': 16, 'large': 600})
+  assert memory_check.most_patches_per_prompt(encoder, rows) == 600
+  vl_plan = estimate(config, devices, 64, vl, patches_per_prompt=600)
+  text_plan = estimate(config, devices, 64, vl.text)
+  assert vl_plan.pictures.patches_per_prompt == 600
+  assert vl_plan.host_peak(2) > text_plan.host_peak(2) + 0.01 * GIB
+  monkeypatch.setattr(memory_check, 'available_host_bytes',
+                      lambda: (vl_plan.host_peak(2) + text_plan.host_peak(2)) / 2)
+  with pytest.raises(MemoryCheckError, match='^the run would not fit: training needs'):
+    memory_check.check_run_fits(config, devices, encoder, rows, vl, print, env={})
+  logged = []
+  monkeypatch.setattr(memory_check, 'available_host_bytes', lambda: vl_plan.host_peak(2))
+  memory_check.check_run_fits(config, devices, encoder, rows, vl, logged.append, env={})
+  assert logged[-1].endswith('Qwen3-VL with its vision tower, 600 patches per prompt)')
+  # A text model's check ignores pictures and keeps its log line.
+  memory_check.check_run_fits(config, devices, encoder, rows, vl.text, logged.append, env={})
+  assert logged[-1].endswith('(grpo.logits_chunk: off)')
