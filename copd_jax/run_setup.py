@@ -121,7 +121,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
     if saved is not None:
       check_resume_compatible(saved['config'], config, log, steps_done=saved['step'] + 1)
       sources.set_state(saved['data_state'])  # a changed number of examples: refused here
-  base_path = base_model_path(config, workdir, domains, log)
+  base_path = base_model_path(config, workdir, domains, log,
+                              resuming=checkpointer.latest_step() is not None)
   # Shapes only: the weights are read after the memory check, straight into their shardings.
   model = abstract_base_model(config, base_path)
   text_config = text_model_config(model.config)
@@ -368,7 +369,9 @@ def load_vl_base_params(folder: str, abstract_params: nnx.State, model_config: Q
   return jax.device_put(params, mesh_lib.state_shardings(abstract_params, mesh, rules))
 
 
-def base_model_path(config, workdir: str, domains, log: Callable) -> str:
+def base_model_path(config, workdir: str, domains, log: Callable, resuming: bool = False) -> str:
+  """The base model's folder: model.hf_path, or the workdir's warm-started toy base (trained
+  now if absent; resuming: an existing one is kept even if its data changed since)."""
   if config.model.source == 'hf':
     return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
   # A synthetic domain warm-starts on its own split (no RL or eval prompt, a near-miss share),
@@ -384,7 +387,7 @@ def base_model_path(config, workdir: str, domains, log: Callable) -> str:
   # Several processes: process 0 trains and writes it, the others then find it (or, on their own
   # disks, train the same model from the same seed).
   return distributed.primary_first(lambda: ensure_base_model(
-      workdir, config.model, config.warmstart, pairs, config.seed, log), 'warmstart')
+      workdir, config.model, config.warmstart, pairs, config.seed, log, resuming), 'warmstart')
 
 
 def branch_init_state(config, base_path: str, abstract_params: nnx.State,

@@ -74,9 +74,15 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
   return config, nnx.to_pure_dict(params)
 
 
-def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print) -> str:
+def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print,
+                      resuming: bool = False) -> str:
   """Path of the warm-started base HF folder in `workdir`, trained now unless already cached with
-  the same settings. `workdir` may be remote (gs://...)."""
+  the same settings. `workdir` may be remote (gs://...).
+
+  resuming: the workdir's checkpoints were trained from the base it holds, so that base is kept
+  even where the recipe differs: on a resume only its data can (its other fields are training
+  fields the resume check holds equal), after --accept-changed-data; a resume never rewrites
+  base/, whose model is the run's reference and evaluation baseline."""
   path = storage.join(storage.resolve(workdir), 'base')
   recipe = {'model': model_cfg.toy.to_dict(), 'warmstart': warm_cfg.to_dict(), 'seed': seed,
             'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
@@ -88,6 +94,10 @@ def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=p
       cached = None  # a torn stamp: train the base again
     if cached == recipe:
       log(f'base model: reusing {path}')
+      return path
+    if resuming and cached is not None:
+      log(f'base model: reusing {path}, the base this run started from (its warm-start data '
+          'changed since; a resume keeps it)')
       return path
   log(f'base model: warm-starting a character model on {len(pairs)} examples')
   config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)

@@ -232,15 +232,15 @@ def _checkpointed_workdir(workdir: str, config, **meta) -> str:
   return workdir
 
 
-def _file_run(tmp_path):
+def _file_run(tmp_path, *more_overrides):
   """A workdir with one checkpoint whose meta records the digests of its data files, and the
-  CLI overrides of that run."""
+  CLI overrides of that run (`more_overrides` among them)."""
   train_file, eval_file = tmp_path / 'train.jsonl', tmp_path / 'eval.jsonl'
   train_file.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n')
   eval_file.write_text('{"prompt": "3+3", "answer": "6"}\n')
   overrides = ['--config.domains.sort.source=file',
                f'--config.domains.sort.train_path={train_file}',
-               f'--config.domains.sort.eval_path={eval_file}']
+               f'--config.domains.sort.eval_path={eval_file}', *more_overrides]
   config = load_config(cli.TOY_CONFIG, [*cli.BASE_OVERRIDES, *overrides])
   recorded = data_digests.digests_of(config)
   assert set(recorded) == {'config.domains.sort.train_path', 'config.domains.sort.eval_path'}
@@ -277,6 +277,29 @@ def test_resume_on_a_changed_data_file_is_refused_by_name(tmp_path):
   assert accepted.code == 'compute started'
   assert any(l.startswith('warning: config.domains.sort.train_path:') and
              '--accept-changed-data' in l for l in accepted.lines), accepted.stderr
+
+
+def test_a_resume_on_accepted_changed_data_keeps_the_base_it_started_from(tmp_path, capsys):
+  """With --accept-changed-data and the same row count the run resumes, on the base model its
+  checkpoints were trained from: base/ (warm-started on the old rows) is not trained again on
+  the new rows nor rewritten."""
+  workdir, overrides, train_file = _file_run(
+      tmp_path, '--config.warmstart.steps=1', '--config.warmstart.batch_size=4',
+      '--config.warmstart.examples_per_domain=40', '--config.model.toy.num_layers=1')
+  base = os.path.join(workdir, 'base')
+  with cli.tripwire('copd_jax.run_setup.abstract_base_model'):   # right after the base
+    capsys.readouterr()
+    first = cli.run_cli(_train_argv(workdir, *overrides))
+    assert first.code == 'compute started', first.stderr
+    assert 'base model: warm-starting' in capsys.readouterr().out
+    before = snapshot(base)
+    train_file.write_text('{"prompt": "1+1", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')
+    resumed = cli.run_cli(_train_argv(workdir, *overrides, '--accept-changed-data'))
+  assert resumed.code == 'compute started', resumed.stderr
+  out = capsys.readouterr().out
+  assert 'base model: warm-starting' not in out, out
+  assert f'base model: reusing {base}, the base this run started from' in out, out
+  assert snapshot(base) == before
 
 
 def test_resume_on_a_data_file_with_fewer_rows_is_one_line_before_compute(tmp_path):
