@@ -29,7 +29,6 @@ merge and evaluation in copd_jax.finish. This file holds the loop and one functi
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -42,7 +41,7 @@ from copd_jax import distributed
 from copd_jax import metrics as metrics_lib
 from copd_jax.data import Example
 from copd_jax.finish import finish
-from copd_jax.hooks import Hook, StepInfo, standard_hooks
+from copd_jax.hooks import Hook, StepInfo, closed_at_exit, standard_hooks
 from copd_jax.losses import group_advantages
 from copd_jax.probe_metrics import probe_metrics
 from copd_jax.prompt_buckets import pad_batch
@@ -72,9 +71,7 @@ def train(config, workdir: str, log: Callable[[str], None] = print, progress: bo
   last = min(stop_after if stop_after is not None else total, total)
   hooks = [*hooks, *standard_hooks(run, progress and distributed.is_primary())]
   state = run.state
-  with contextlib.ExitStack() as closing:
-    for hook in hooks:
-      closing.callback(hook.close)
+  with closed_at_exit(hooks):
     for step in range(run.start_step, last):
       cycle, phase = run.phases.at(step)
       key = jax.random.fold_in(run.root_key, step)

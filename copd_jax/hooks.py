@@ -3,7 +3,8 @@
 The loop (copd_jax.driver.train) calls, for each global step and for every hook in order,
 `before_update(step, batch)` on the native batch just before it goes to the update, and
 `after_step(info)` with a `StepInfo` once the update is done; `close()` at the end of the loop,
-also when it ends with an error (in reverse order). `standard_hooks` are those of every run:
+also when it ends with an error (in reverse order; `closed_at_exit`: the loop's first error is
+the one raised, a close that fails after it is reported on its own line). `standard_hooks` are those of every run:
 the numerical guard, the metric log (JSONL + TensorBoard), the progress bar and the checkpoint
 cadence, and those the config turns on: periodic evaluation (eval.every_steps,
 copd_jax.periodic_eval), sample completions (metrics.samples_every, copd_jax.samples) and
@@ -16,7 +17,9 @@ logging) the hooks' objects already know (MetricsLog(enabled=...), the primary l
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import contextlib
+import sys
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +36,40 @@ from copd_jax.steps import RolloutBatch
 from copd_jax.tag_names import branch_labels
 from copd_jax.wandb_log import WandbLogger
 
-__all__ = ['Hook', 'StepInfo', 'standard_hooks', 'NanGuard', 'MetricsWriter', 'ProgressBar',
-           'Checkpointing', 'NanInjection', 'poison']
+__all__ = ['Hook', 'StepInfo', 'standard_hooks', 'closed_at_exit', 'NanGuard', 'MetricsWriter',
+           'ProgressBar', 'Checkpointing', 'NanInjection', 'poison']
+
+
+def _to_stderr(line: str) -> None:
+  print(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def closed_at_exit(hooks: Sequence[Hook], report: Callable[[str], None] = _to_stderr
+                   ) -> Iterator[None]:
+  """Closes every hook (in reverse order) when the block ends, however it ends. The first
+  error is the one raised: the block's, else the first failing close's; a close failing after
+  it (e.g. TensorBoard's writer after metrics.jsonl hit a full disk) goes to `report` as one
+  line and closing goes on, so the message names what failed first."""
+  first: BaseException | None = None
+  try:
+    yield
+  except BaseException as e:
+    first = e
+    raise
+  finally:
+    block_failed = first is not None
+    for hook in reversed(hooks):
+      try:
+        hook.close()
+      except Exception as e:
+        if first is None:
+          first = e
+        else:
+          report(f'warning: closing {type(hook).__name__} also failed, after the error '
+                 f'reported: {e}')
+    if first is not None and not block_failed:
+      raise first
 
 
 def standard_hooks(run: Run, progress: bool) -> list[Hook]:

@@ -259,10 +259,16 @@ class MetricsLog:
     try:
       if self.enabled:
         self.flush()
-    finally:
-      if self._writer is not None:
-        writer, self._writer = self._writer, None   # closed once, even when flushing failed
-        writer.close()
+    except BaseException:
+      self._close_writer(raise_kept=False)   # the flush's error is the one to report
+      raise
+    self._close_writer(raise_kept=True)
+
+  def _close_writer(self, raise_kept: bool) -> None:
+    if self._writer is not None:
+      writer, self._writer = self._writer, None   # closed once, even when flushing failed
+      writer.close()
+      if raise_kept:
         self._events.raise_kept()
 
 

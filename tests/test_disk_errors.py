@@ -155,3 +155,94 @@ def test_a_full_disk_in_the_tensorboard_thread_is_raised_in_the_run_naming_the_f
   with open(tmp_path / 'metrics.jsonl') as f:
     assert [l for l in f.read().splitlines()] == ['{"step": 0, "x": 1.0}', '{"step": 1, "x": 2.0}']
   log.close()   # the error was said once; closing does not hang or raise it again
+
+
+def _full(path):
+  return OSError(errno.ENOSPC, 'No space left on device', path)
+
+
+def test_the_first_error_is_reported_when_a_hook_then_fails_to_close(monkeypatch, capsys):
+  """metrics.jsonl fails in a step, then the TensorBoard writer fails as the loop closes its
+  hooks: `train` raises the metrics.jsonl error (what the CLI's one line names), the close's
+  goes to stderr on its own line, and every hook is closed."""
+  import types
+  import jax
+  from copd_jax import driver
+  from copd_jax.hooks import Hook
+  closed = []
+
+  class MetricsFull(Hook):
+    def before_update(self, step, batch):
+      raise _full('run/metrics.jsonl')
+
+    def close(self):
+      closed.append('metrics')
+
+  class EventsFull(Hook):
+    def close(self):
+      closed.append('events')
+      raise _full('run/tensorboard/events.out.tfevents')
+
+  phases = types.SimpleNamespace(total_steps=1, at=lambda step: (0, 'rl'),
+                                 wants_probe=lambda step, phase: False)
+  run = types.SimpleNamespace(phases=phases, start_step=0, state=None,
+                              root_key=jax.random.key(0))
+  monkeypatch.setattr(driver, 'setup_run', lambda config, workdir, log: run)
+  monkeypatch.setattr(driver, 'standard_hooks', lambda run, progress: [])
+  monkeypatch.setattr(driver, 'sample_native',
+                      lambda run, state, key: types.SimpleNamespace(batch=None))
+  monkeypatch.setattr(driver, 'rollout_scalars', lambda sampled, run, prefix: {})
+  capsys.readouterr()
+  with pytest.raises(OSError) as info:
+    driver.train(None, 'run', log=lambda _: None, progress=False,
+                 hooks=[MetricsFull(), EventsFull()])
+  assert info.value.filename == 'run/metrics.jsonl'
+  assert closed == ['events', 'metrics']   # reverse order, every one
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith('warning: closing EventsFull also failed, after '
+                                             'the error reported: [Errno 28]'), err
+  assert 'events.out.tfevents' in err[0]
+
+
+def test_closing_hooks_raises_the_first_failing_close_and_reports_the_rest():
+  from copd_jax.hooks import Hook, closed_at_exit
+  reported = []
+
+  class Fails(Hook):
+    def __init__(self, name):
+      self.name = name
+
+    def close(self):
+      raise _full(self.name)
+
+  with pytest.raises(OSError) as info:
+    with closed_at_exit([Fails('a'), Hook(), Fails('b')], reported.append):
+      pass
+  assert info.value.filename == 'b'   # closed last first
+  assert len(reported) == 1 and reported[0].endswith("No space left on device: 'a'")
+  with closed_at_exit([Hook()], reported.append):
+    pass
+  assert len(reported) == 1
+
+
+def test_metrics_log_close_reports_the_flush_error_not_tensorboards(tmp_path):
+  """metrics.jsonl's upload fails in close(), then TensorBoard's events file fails to close:
+  the metrics.jsonl error is the one raised."""
+  from copd_jax.metrics import MetricsLog
+  log = MetricsLog(str(tmp_path), flush_secs=0)
+  log.write(0, {'x': 1.0})
+
+  class FullOnClose:
+    write = flush = lambda self, *args: None
+
+    def close(self):
+      raise _full('events')
+  log._events._inner = FullOnClose()
+
+  def upload_fails():
+    raise _full(log.path)
+  log.flush = upload_fails
+  with pytest.raises(OSError) as info:
+    log.close()
+  assert info.value.filename == log.path
+  assert log._events.error is not None and log._events.error.filename == 'events'
