@@ -4,9 +4,9 @@ The loop (copd_jax.driver.train) calls, for each global step and for every hook 
 `before_update(step, batch)` on the native batch just before it goes to the update, and
 `after_step(info)` with a `StepInfo` once the update is done; `close()` at the end of the loop,
 also when it ends with an error (in reverse order; `closed_at_exit`: the loop's first error is
-the one raised, a close that fails after it is reported on its own line). `standard_hooks` are those of every run:
-the numerical guard, the metric log (JSONL + TensorBoard), the progress bar and the checkpoint
-cadence, and those the config turns on: periodic evaluation (eval.every_steps,
+the one raised, a close that fails after it is reported on its own line). `standard_hooks` are
+those of every run: the numerical guard, the metric log (JSONL + TensorBoard), the progress bar
+and the checkpoint cadence, and those the config turns on: periodic evaluation (eval.every_steps,
 copd_jax.periodic_eval), sample completions (metrics.samples_every, copd_jax.samples) and
 Weights & Biases (metrics.wandb, copd_jax.wandb_log). Tests and the fault harness add their
 own through `train(..., hooks=[...])`, e.g. `NanInjection`, which poisons chosen branches'
