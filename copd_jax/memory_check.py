@@ -10,10 +10,9 @@ model.freeze_vision), its activations, the deepstack additions and the pictures
 (copd_jax/vision_memory.py), every prompt with as many patches as the run's most
 (`most_patches_per_prompt`). What it is compared with:
   CPU devices   they share this host's RAM: what the run still has to allocate, the sum of
-                this process's devices' peaks plus the one copy of the base model the driver
-                keeps (MemoryPlan.host_peak: the check runs before the base is read, straight
-                into its shardings, copd_jax/start_params.py), against MemAvailable of
-                /proc/meminfo
+                this process's devices' peaks (MemoryPlan.host_peak), each with its shard of
+                the base model (the check runs before the base is read, straight into its
+                shardings, copd_jax/start_params.py), against MemAvailable of /proc/meminfo
   GPU / TPU     one device's peak against the smallest `bytes_limit` of this process's devices
                 (`Device.memory_stats()`); not checked where a backend reports none
 The estimate leaves out the compiled programs and XLA's fusion temporaries, so passing the check
@@ -77,15 +76,15 @@ def device_limit_bytes(devices: Sequence[jax.Device]) -> float | None:
 def shortfall(plan: MemoryPlan, available: float, host_devices: int = 0) -> str | None:
   """The one-line refusal when the plan does not fit `available` bytes, else None.
   host_devices > 0: that many CPU devices share `available` host RAM the run has yet to
-  allocate, the base model included (it is loaded after the check); 0: `available` is one
+  allocate, their base shards included (loaded after the check); 0: `available` is one
   device's memory."""
   peaks = phase_peaks(plan)
   phase = max(peaks, key=peaks.get)
   if host_devices:
-    need = host_devices * peaks[phase] + plan.base_param_bytes
-    where = (f'more host RAM ({host_devices} CPU device(s) x {peaks[phase] / GIB:.2f} GiB + '
-             f'{plan.base_param_bytes / GIB:.2f} GiB base model) than the '
-             f'{available / GIB:.2f} GiB available (MemAvailable)')
+    need = host_devices * peaks[phase]
+    where = (f'more host RAM ({host_devices} CPU device(s) x {peaks[phase] / GIB:.2f} GiB, '
+             f'base model included) than the {available / GIB:.2f} GiB available '
+             '(MemAvailable)')
   else:
     need = plan.peak
     where = f'per device, more than the {available / GIB:.2f} GiB a device has'

@@ -82,15 +82,20 @@ pack, the deepstack additions, the pictures and the OPD packs routed to the teac
 (formulas: copd_jax/vision_memory.py) to the GRPO / OPD updates, the teacher pass and the
 prefill; the decoder's terms above use its text side.
 
-Training peak = state + gradients (+ reference params when grpo.kl_coef > 0) + the largest of
-the GRPO and OPD micro-batches' activations (the OPD one plus the teacher signal it holds) and
-the OPD teacher pass; sampling peak = state
-(+ reference) + the sampler's parameter copy (parameters resharded by `sampling.SAMPLING_RULES`
-on the sampling mesh: 'embed' is not split over 'fsdp') + KV cache + prefill; probe peak =
-state (+ reference) + top-k probe. Not counted: XLA temporaries and fusion buffers, the compiled
-programs, the Python process. Host memory (CPU devices share their host's RAM):
-`MemoryPlan.host_peak` sums the per-device peaks of a host's devices and adds the one unstacked
-copy of the base parameters the driver keeps.
+Base model: the driver keeps the un-stacked base parameters on the devices for the whole run
+(`run_setup.Run.base_params`, in the params' shardings without 'branch'), whatever
+grpo.kl_coef: with kl_coef > 0 they are the KL reference itself (placed on the same shardings,
+no copy), so every phase counts one base shard per device either way.
+
+Training peak = state + gradients + base shard + the largest of the GRPO and OPD
+micro-batches' activations (the OPD one plus the teacher signal it holds) and the OPD teacher
+pass; sampling peak = state + base shard + the sampler's parameter copy (parameters resharded by
+`sampling.SAMPLING_RULES` on the sampling mesh: 'embed' is not split over 'fsdp') + KV cache +
+prefill; probe peak = state + base shard + top-k probe. Not counted: XLA temporaries and fusion
+buffers, the compiled programs, the Python process. Host memory (CPU devices share their host's
+RAM): `MemoryPlan.host_peak` sums the per-device peaks of a host's devices (their base shards
+are the base model the run holds in RAM: a shard replicated over 'branch' is one copy per
+device on CPU too).
 """
 from __future__ import annotations
 
@@ -140,7 +145,7 @@ class Workload:
   micro_batches: int
   compute_bytes: int
   remat: bool
-  reference: bool        # grpo.kl_coef > 0: a frozen reference copy of the params
+  reference: bool        # grpo.kl_coef > 0: the base params are the k3 KL term's reference
   logits_chunk: int | None = None   # grpo.logits_chunk as resolved (None: off)
   attention: Attention = Attention()  # model.attention / model.attention_block
   opd_signal: str = opd_signals.SAMPLED_TOKEN   # opd.signal
@@ -353,7 +358,7 @@ def rows_per_device(rows_per_branch: int, num_branches: int, mesh_shape: Mapping
 @dataclasses.dataclass
 class MemoryPlan:
   """Per-device bytes of one config on one mesh (all numbers are bytes on ONE device, except
-  base_param_bytes and host_peak)."""
+  host_peak)."""
   model: Qwen3Config
   model_source: str
   mesh_shape: dict[str, int]
@@ -361,14 +366,14 @@ class MemoryPlan:
   workload: Workload
   leaves: list[LeafPlan]
   gradient_bytes: int
-  reference_bytes: int
+  base_shard_bytes: int     # the base model's params on one device (kept all run; the
+                            # KL reference when grpo.kl_coef > 0)
   sampling_param_bytes: int
   activation_bytes: dict[str, float]   # 'grpo', 'opd' (a micro-batch of each step)
   kv_cache_bytes: float
   prefill_bytes: float
   probe_bytes: float                   # the OPD steps' top-k probe (0 without OPD)
   teacher_bytes: float = 0.0           # the OPD step's teacher pass (0 without OPD)
-  base_param_bytes: int = 0            # the driver's one unstacked copy of the base model
   kv_cache_rows: float = 0.0           # sequences the KV cache holds on a device
   opd_signal_bytes: float = 0.0        # opd.signal's teacher arrays held through the OPD update
   # Qwen3-VL (copd_jax/vision_memory.py): the whole architecture, the patch buckets planned
@@ -398,17 +403,17 @@ class MemoryPlan:
       steps[step] += extra
     if 'opd' in steps:   # the teachers' signal stays at the student through its update
       steps['opd'] += self.opd_signal_bytes
-    return (self.state_bytes + self.gradient_bytes + self.reference_bytes
+    return (self.state_bytes + self.gradient_bytes + self.base_shard_bytes
             + max(*steps.values(), self.teacher_bytes))
 
   @property
   def sampling_peak(self) -> float:
-    return (self.state_bytes + self.reference_bytes + self.sampling_param_bytes
+    return (self.state_bytes + self.base_shard_bytes + self.sampling_param_bytes
             + self.kv_cache_bytes + self.prefill_bytes)
 
   @property
   def probe_peak(self) -> float:
-    return self.state_bytes + self.reference_bytes + self.probe_bytes
+    return self.state_bytes + self.base_shard_bytes + self.probe_bytes
 
   @property
   def peak(self) -> float:
@@ -416,8 +421,8 @@ class MemoryPlan:
 
   def host_peak(self, devices_on_host: int) -> float:
     """Bytes of host RAM when `devices_on_host` CPU devices share it: their per-device peaks
-    (every device runs the same phase at once) plus the base model the driver keeps."""
-    return devices_on_host * self.peak + self.base_param_bytes
+    (every device runs the same phase at once; each holds its base shard)."""
+    return devices_on_host * self.peak
 
 
 def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
@@ -447,11 +452,10 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
   frozen = vl is not None and bool(config.model.freeze_vision)
   gradients = sum(leaf.per_device_bytes // itemsize * (4 + itemsize) for leaf in param_leaves
                   if not (frozen and leaf.path.startswith('vision.')))
-  reference = 0
-  if work.reference:  # one unstacked copy, the params' shardings without 'branch'
-    reference = sum(shard_bytes(leaf.shape[1:], leaf.dtype,
-                                NamedSharding(mesh, P(*leaf.spec[1:])))
-                    for leaf in param_leaves)
+  # The base params the run keeps, whatever grpo.kl_coef: the params' shardings without
+  # 'branch' (steps.reference_shardings).
+  base_shard = sum(shard_bytes(leaf.shape[1:], leaf.dtype, NamedSharding(mesh, P(*leaf.spec[1:])))
+                   for leaf in param_leaves)
   sampling_sh = mesh_lib.state_shardings(state.params, s_mesh, SAMPLING_RULES, branch_stacked=True)
   sampling_params = sum(leaf.per_device_bytes for leaf in
                         _leaf_rows('params', state.params, sampling_sh))
@@ -512,10 +516,9 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
     b_t = rows_per_device(work.distill_rows // work.micro_batches, K, mesh_shape)
     teacher = forward_pass_bytes(mc, b_t, work.seq, a, tensor, chunk,
                                  attention=work.attention)
-  base = sum(leaf.total_bytes for leaf in param_leaves) // K
-  plan = MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, reference,
-                    sampling_params, activations, kv, prefill, probe, teacher, base, kv_rows,
-                    opd_signal_bytes=signal)
+  plan = MemoryPlan(mc, model_source, mesh_shape, s_shape, work, leaves, gradients, base_shard,
+                    sampling_params, activations, kv, prefill, probe, teacher,
+                    kv_cache_rows=kv_rows, opd_signal_bytes=signal)
   if vl is not None:
     if patches_per_prompt is None:
       patches_per_prompt = vl.vision.merge_unit * prompt_tokens

@@ -88,11 +88,11 @@ def fit_warnings(plan: MemoryPlan, device_memory_bytes: float | None) -> list[st
 
 def host_warnings(plan: MemoryPlan, devices_on_host: int, host_bytes: float) -> list[str]:
   """One line per phase whose estimated host RAM (CPU devices: `devices_on_host` per-device
-  peaks plus the driver's base model) exceeds `host_bytes`, with what to change."""
+  peaks, each with its base shard) exceeds `host_bytes`, with what to change."""
   fixes = phase_fixes(plan, shared_host=True)
   out = []
   for phase, need in phase_peaks(plan).items():
-    total = devices_on_host * need + plan.base_param_bytes
+    total = devices_on_host * need
     if total > host_bytes:
       out.append(f'WARNING: {phase} needs about {gib(total)} of host RAM ({devices_on_host} '
                  f'CPU devices sharing it), more than the {gib(host_bytes)} available; try '
@@ -135,8 +135,8 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
           ('optimizer state', plan.group_bytes('opt_state')),
           ('step + rng', plan.group_bytes('step') + plan.group_bytes('rng')),
           ('gradients (fp32 accumulator + one micro-batch)', plan.gradient_bytes)]
-  if plan.reference_bytes:
-    rows.append(('reference params (kl_coef > 0)', plan.reference_bytes))
+  rows.append(('base model params (kept all run; the KL reference when grpo.kl_coef > 0)',
+               plan.base_shard_bytes))
   for step, value in plan.activation_bytes.items():
     rows.append((f'activations, {step.upper()} micro-batch (estimate)', value))
   rows += [('sampler parameter copy (SAMPLING_RULES)', plan.sampling_param_bytes),
@@ -168,8 +168,8 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
   if host_memory:
     devices, host_bytes = host_memory
     need = plan.host_peak(devices)
-    lines += ['', f'host RAM (CPU devices share it): {devices} x {gib(plan.peak)} per device + '
-              f'{gib(plan.base_param_bytes)} base model = {gib(need)}']
+    lines += ['', f'host RAM (CPU devices share it): {devices} x {gib(plan.peak)} per device '
+              f'(base model shards included) = {gib(need)}']
     lines += (host_warnings(plan, devices, host_bytes)
               or [f'fits: {gib(need)} of {gib(host_bytes)} host RAM'])
   return '\n'.join(lines)

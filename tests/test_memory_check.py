@@ -40,8 +40,8 @@ def test_whole_logits_do_not_fit_a_small_host_and_auto_chunks_do():
   assert whole.host_peak(2) > 18 * GIB and auto.host_peak(2) < 5 * GIB
   message = shortfall(whole, 16 * GIB, host_devices=2)
   assert message is not None and '\n' not in message
-  assert message.startswith('the run would not fit: training needs about 19.6')
-  assert 'GiB more host RAM (2 CPU device(s) x 9.8' in message
+  assert message.startswith('the run would not fit: training needs about 19.7')
+  assert 'GiB more host RAM (2 CPU device(s) x 9.86 GiB, base model included)' in message
   for field in ('grpo.logits_chunk (now off)', 'grpo.micro_batches', 'model.remat=True',
                 'opd.prompts_per_step', 'COPD_JAX_NO_MEMORY_CHECK=1'):
     assert field in message, field
@@ -55,19 +55,22 @@ def test_whole_logits_do_not_fit_a_small_host_and_auto_chunks_do():
 
 
 def test_host_check_counts_the_base_model_it_has_yet_to_load():
-  """The base model is read into its shardings after the check (copd_jax/start_params.py), so
-  on CPU the run still has to allocate it beside the devices' peaks: a host with room for the
-  peaks but not the base copy is refused, naming it; one with room for both is not."""
-  _, plan = issue_plan()
-  big_base = dataclasses.replace(plan, base_param_bytes=2 * GIB)
-  peaks = 2 * big_base.peak
-  message = shortfall(big_base, peaks + GIB, host_devices=2)
-  assert message is not None and '+ 2.00 GiB base model' in message
-  assert f'needs about {(peaks + 2 * GIB) / GIB:.2f} GiB' in message
-  assert shortfall(big_base, peaks + 2 * GIB, host_devices=2) is None
-  assert big_base.host_peak(2) == peaks + 2 * GIB
-  # One device's memory (GPU / TPU) holds no host copy: the per-device peak alone.
-  assert shortfall(big_base, big_base.peak) is None
+  """The base model is read into its shardings after the check (copd_jax/start_params.py) and
+  kept on the devices all run (grpo.kl_coef = 0 too): every device's peak holds its shard, on
+  (2, 1, 1) the whole base, replicated over 'branch' (one copy per CPU device). A host with
+  room for the peaks without one of those copies is refused; one with room for both is not."""
+  config, plan = issue_plan()
+  assert config.grpo.kl_coef == 0
+  base = sum(leaf.total_bytes for leaf in plan.leaves if leaf.group == 'params') // 2
+  assert plan.base_shard_bytes == base
+  without_base = dataclasses.replace(plan, base_shard_bytes=0)
+  assert plan.peak == without_base.peak + base
+  assert plan.host_peak(2) == 2 * plan.peak
+  message = shortfall(plan, 2 * without_base.peak + base, host_devices=2)
+  assert message is not None and 'base model included' in message
+  assert shortfall(plan, 2 * plan.peak, host_devices=2) is None
+  # One device's memory (GPU / TPU): the per-device peak, its base shard included.
+  assert shortfall(plan, plan.peak - 1) is not None and shortfall(plan, plan.peak) is None
 
 
 def test_available_host_memory_is_memavailable(tmp_path):
@@ -102,10 +105,11 @@ def test_check_fits_refuses_logs_or_skips(monkeypatch):
   assert logged == ['memory check skipped (COPD_JAX_NO_MEMORY_CHECK is set)']
   config, plan = issue_plan()
   check_fits(config, jax.devices()[:2], 32, ISSUE_MODEL, logged.append, env={})
-  # the devices' peaks (2 x 2.03 GiB) and the base model (0.04 GiB) the driver loads after it
-  assert logged[-1].startswith('memory: the run adds about 4.10 GiB')
+  # the devices' peaks (2 x 2.07 GiB), each with the whole base model (0.04 GiB) the driver
+  # loads after the check
+  assert logged[-1].startswith('memory: the run adds about 4.13 GiB')
   assert 'logits_chunk: 8' in logged[-1]
-  assert round(plan.host_peak(2) / GIB, 2) == 4.10 and plan.base_param_bytes > 0.03 * GIB
+  assert round(plan.host_peak(2) / GIB, 2) == 4.13 and plan.base_shard_bytes > 0.03 * GIB
 
 
 def test_train_stops_with_one_line_before_any_compute(tmp_path, monkeypatch, capsys):
