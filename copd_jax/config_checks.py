@@ -29,6 +29,7 @@ from copd_jax.models.attention import IMPLEMENTATIONS
 from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.models.presets import DTYPES, MODEL_PRESETS, toy_model_config
 from copd_jax.optim import make_optimizer
+from copd_jax.rollouts import PROMPT_BUCKETS
 from copd_jax.sampling import SamplingParams
 from copd_jax.sampling.engine import EngineSettings
 from copd_jax.step_config import StepConfig
@@ -41,6 +42,7 @@ WANDB_MISSING = ('config.metrics.wandb: True needs the wandb package (pip instal
 
 # check.<rule>('section.field', value, ...) raises 'config.section.field: <why>'.
 check = Fields('config')
+SHORTEST_PROMPT_BUCKET = PROMPT_BUCKETS[0]   # the fewest prompt tokens a sampling call has
 
 
 def _check_observability(config) -> None:
@@ -79,12 +81,30 @@ def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> Non
   for field in ('eval.num_examples', 'eval.samples_k', 'metrics.log_every',
                 'metrics.overlap_top_k', 'checkpoint.every_steps'):
     check.positive_int(field, _get(config, field))
+  check_eval_kv_budget(config, SHORTEST_PROMPT_BUCKET)
   _check_observability(config)
   _check_checkpoint_retention(config)
   check.positive_int('seed', config.seed, allow_zero=True)
   _check_sizes(config, check_files)
   check.one_of('merge.method', config.merge.method, MERGE_METHODS)
   MergeRecipe.from_config(config)
+
+
+def check_eval_kv_budget(config, prompt_tokens: int) -> None:
+  """The evaluation's avg@k calls sample eval.samples_k rows of a prompt as one group, which
+  the engine's KV cache (sampling.kv_token_budget, 0 = no limit) must hold at once, as the
+  training calls' groups (checked by the memory estimate, copd_jax/memory_estimate.py). At
+  config load `prompt_tokens` is the shortest prompt bucket (P is not known yet); `plan` and
+  `train`'s memory check call it again with the run's largest bucket."""
+  budget, k = config.sampling.kv_token_budget, config.eval.samples_k
+  if config.sampling.decoder != 'engine' or not budget:
+    return
+  cache = prompt_tokens + config.sampling.max_new_tokens
+  check.check(budget // cache >= k, 'sampling.kv_token_budget',
+              f'{budget} holds fewer than one evaluation group of eval.samples_k={k} rows of '
+              f'{cache} tokens (a {prompt_tokens}-token prompt bucket + sampling.max_new_tokens '
+              f'{config.sampling.max_new_tokens}); raise it to at least {k * cache} or lower '
+              'eval.samples_k')
 
 
 def _get(config, field: str):

@@ -109,7 +109,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from copd_jax.sampling.engine import EngineSettings, admission_sizes, slot_count
-from copd_jax import logits_chunk as logits_chunk_lib, mesh as mesh_lib, opd_signals
+from copd_jax import config_checks, logits_chunk as logits_chunk_lib, mesh as mesh_lib, opd_signals
 from copd_jax.errors import UserInputError
 from copd_jax.models.attention import Attention, uses_dense_scores
 from copd_jax.models.presets import DTYPES
@@ -489,6 +489,8 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
   b_s = rows_per_device(sample_rows, K, s_shape)
   kv_rows, prefill_rows, prefill_tokens, staging = b_s, b_s, work.prompt_tokens, 0.0
   engine = EngineSettings.from_config(config)
+  # The evaluation's groups of eval.samples_k rows must fit the budget too (one line if not).
+  config_checks.check_eval_kv_budget(config, work.prompt_tokens)
   if engine is not None:   # the larger of its GRPO and OPD calls
     calls = [(work.native_rows, config.grpo.group_size)]
     if work.rounds:

@@ -122,6 +122,32 @@ def test_kv_token_budget_sizes_the_engine_cache():
     make_plan(too_small, jax.devices(), prompt_tokens=256)
 
 
+def test_kv_token_budget_must_hold_an_evaluation_group():
+  """The evaluation's avg@k calls sample eval.samples_k rows of a prompt as one group: a budget
+  that holds the training groups (G = 8) but not 16 evaluation samples is refused in one line
+  naming the field before compute: at config load when even the shortest prompt bucket (16 +
+  512 new tokens) overflows it, else by `plan` / `train`'s memory check for the run's bucket."""
+  k16 = '--config.eval.samples_k=16'
+  with pytest.raises(ConfigError) as refused:
+    load_config(CONFIG_8B, [*OVERRIDES_8B, '--config.sampling.kv_token_budget=6200', k16],
+                check_files=False)
+  assert str(refused.value) == (
+      'config.sampling.kv_token_budget: 6200 holds fewer than one evaluation group of '
+      'eval.samples_k=16 rows of 528 tokens (a 16-token prompt bucket + '
+      'sampling.max_new_tokens 512); raise it to at least 8448 or lower eval.samples_k')
+  loads = load_config(CONFIG_8B, [*OVERRIDES_8B, '--config.sampling.kv_token_budget=8448', k16],
+                      check_files=False)
+  with pytest.raises(ConfigError, match=r'^config.sampling.kv_token_budget: 8448 holds fewer '
+                                        r'.* 768 tokens .* at least 12288 '):
+    make_plan(loads, jax.devices(), prompt_tokens=256)
+  fits = load_config(CONFIG_8B, [*OVERRIDES_8B, '--config.sampling.kv_token_budget=12288', k16],
+                     check_files=False)
+  assert make_plan(fits, jax.devices(), prompt_tokens=256).kv_cache_rows == 3 * 16
+  # The static decoder has no budget to hold them.
+  load_config(CONFIG_8B, [*OVERRIDES_8B, '--config.sampling.kv_token_budget=6200', k16,
+                          '--config.sampling.decoder=static'], check_files=False)
+
+
 def test_8b_k3_kv_cache_and_activation_estimates_by_hand(plan_8b):
   # KV cache: 3 branches x 32 rows on every device (fsdp=1), 2 (K and V) x 36 layers x 1 KV
   # head (8 over tensor 8) x 128 x 768 slots x 2 bytes (bf16).

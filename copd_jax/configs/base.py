@@ -131,7 +131,10 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             float rounding.
                             kv_token_budget (engine): KV-cache tokens per branch and device
                             shard; it holds budget // (prompt bucket + max_new_tokens) rows at
-                            a time (0 = every row at once, the static decoder's cache).
+                            a time (0 = every row at once, the static decoder's cache); at
+                            least one group of each call: grpo.group_size,
+                            opd.samples_per_prompt and eval.samples_k rows (checked before
+                            compute).
                             prefill_prompts (engine): the most prompts (groups of G rows)
                             one admission prefills together when their slots are free
                             (default 8; 1 = one at a time). prefill_chunk (engine): prompt
