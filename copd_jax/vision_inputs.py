@@ -9,10 +9,13 @@ Three concerns, each a function that callers combine:
   or a command-line flag) and the image path. The check reads the header and runs Pillow's
   `verify` (PNG: every chunk's checksum); formats whose `verify` does not walk the pixel data
   (JPEG, WebP, ...) are decoded once, so a truncated file is found here rather than in the
-  middle of a run.
+  middle of a run. A video is a folder of frames (number order), a list of frame paths (each
+  an image, all of one size) or a `.npy` array [T, H, W, 3] uint8 (its header checked).
 * Pixels: `open_image` / `open_video` decode to RGB (palette, grey, CMYK, 16-bit, alpha:
   converted); resizing, normalising and patching are transformers' Qwen-VL image / video
-  processors, loaded from the model folder (`load_vision_processor`), never written here.
+  processors, loaded from the model folder (`load_vision_processor`), never written here; what
+  they refuse (a video shorter than one temporal patch, an aspect ratio over 200) is one line
+  naming the row too.
 * Placement (`encode_vision_prompt`): the prompt text holds one
   `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` in the middle for a
   video), as the Qwen3-VL chat template renders an image / video item (`with_visual_content` puts them in the
@@ -267,7 +270,8 @@ def load_vision_processor(model_dir: str) -> VisionProcessor:
   except (ImportError, AttributeError, TypeError, ValueError, OSError) as e:
     first = ' '.join(str(e).split()).split('. ')[0]  # transformers' first sentence
     video_processor = None
-    needs = '; it needs torchvision' if isinstance(e, ImportError) else ''
+    needs = ('; it needs torchvision (requirements-video.txt)'
+             if isinstance(e, ImportError) else '')
     problem = (f"transformers' video processor of {model_dir} could not be loaded "
                f'({type(e).__name__}: {first}{needs})')
   return VisionProcessor(image_processor, video_processor, problem)
