@@ -173,8 +173,8 @@ def _bad_video(folder, kind):
                         'data.max_image_pixels=1,000'),
     ('missing_array', r'video .*nowhere.npy: no such file'),
     ('not_an_array', r'video .*clip.npy: not a readable NumPy array file'),
-    ('wrong_dtype', r'video .*clip.npy: a video array must be frames \[T, H, W, 3\] of uint8 RGB, got '
-                    r'float32 \[2, 8, 8, 3\]'),
+    ('wrong_dtype', r'video .*clip.npy: a video array must be frames \[T, H, W, 3\] of uint8 '
+                    r'RGB, got float32 \[2, 8, 8, 3\]'),
     ('wrong_shape', r'video .*clip.npy: .* got uint8 \[2, 8, 8\]'),
     ('big_array', 'video .*clip.npy: frames of 40 x 40 = 1,600 pixels are over '
                   'data.max_image_pixels=1,000'),

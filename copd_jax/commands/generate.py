@@ -9,10 +9,9 @@ tokenised as plain text; `--chat` renders it with the tokenizer's chat template 
 
 A Qwen3-VL folder also takes pictures: `--image PATH` and `--video PATH` (a folder of frame
 images or a `.npy` array of frames; both repeatable) go before the text in the one user
-message. They take the data
-loader's path (`copd_jax/vision_inputs.py`): the same file checks and one-line refusals, and
-transformers' Qwen-VL processors of the folder; the vision tower runs once, in the prefill
-shared by all --num-samples samples.
+message. They take the data loader's path (`copd_jax/vision_inputs.py`): the same file checks
+and one-line refusals, and transformers' Qwen-VL processors of the folder; the vision tower
+runs once, in the prefill shared by all --num-samples samples.
 """
 from __future__ import annotations
 
@@ -169,8 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 def encode_pictures(model_dir: str, text: str, tokenizer, image_paths: list[str],
                     video_paths: list[str]) -> vision_inputs.VisionPrompt:
   """The rendered prompt `text` (its placeholders in place) with the --image files and --video
-  frame folders / arrays, checked and prepared as the data loader does; a bad file is one line naming
-  its flag and path."""
+  frame folders / arrays, checked and prepared as the data loader does; a bad file is one line
+  naming its flag and path."""
   images = [vision_inputs.open_image(path, '--image') for path in image_paths]
   videos = [vision_inputs.open_video(video_frames(path), '--video') for path in video_paths]
   processor = vision_inputs.load_vision_processor(model_dir)
