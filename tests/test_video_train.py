@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from copd_jax.configs.base import base_config, synthetic_domain
+from copd_jax.errors import UserInputError
 from tests.hf_vl_fixtures import save_hf_vl_folder_with_tokenizer
 from tests.qwen3_fixture import qwen3_tokenizer_dir
 from tests.video_fixtures import video_frames, write_video, write_video_processor_config
@@ -108,6 +109,17 @@ def test_video_rows_without_torchvision_stop_train_in_one_line(tmp_path):
   result = cli.run_cli(['train', '--config', str(config_file), '--workdir', workdir,
                         '--no-progress'])
   assert result.one_error_line, result.stderr
-  assert 'the row has a video' in result.message and 'torchvision' in result.message, \
-      result.message
+  assert ("domains.appear: source 'synthetic_vision' gives video rows, but transformers' video "
+          'processor') in result.message, result.message
+  assert 'torchvision (requirements-video.txt)' in result.message, result.message
   assert not os.path.exists(workdir)
+  # A file row: named by its file and line, with the field that trains on the rest of it.
+  from copd_jax.rollouts import VisionEncoding
+  from copd_jax.run_setup import check_visual_rows, load_domains
+  from copd_jax.vision_inputs import load_vision_processor
+  config = _config(base, data)
+  config.branches = ('clips',)
+  with pytest.raises(UserInputError, match=f"{data}:1: the row has a video, but .*torchvision "
+                                           r"\(requirements-video.txt\)\); "
+                                           "domains.clips.video_field='' trains on the rest"):
+    check_visual_rows(load_domains(config), VisionEncoding(load_vision_processor(base), None))
