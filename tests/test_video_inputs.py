@@ -204,3 +204,23 @@ def test_an_array_video_opens_as_its_frames(tmp_path):
   opened = vi.open_video(example.video, 'row')
   assert [f.size for f in opened] == [(10, 6)] * 3
   np.testing.assert_array_equal(np.stack([np.asarray(f) for f in opened]), frames)
+
+
+def test_parquet_rows_carry_videos_in_every_form(tmp_path):
+  """A string column (frame folders, .npy arrays) and a list column (frame paths); nulls are
+  rows without a video; a bad frame is named by file and row."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  folder, frames, array = [write_video(tmp_path, f'clip_{form}', video_frames(3, 6, 6), form)
+                           for form in ('folder', 'frame_list', 'npy')]
+  strings, lists = str(tmp_path / 'strings.parquet'), str(tmp_path / 'lists.parquet')
+  pq.write_table(pa.table({'prompt': ['p', 'q', 'r'], 'answer': ['a', 'b', 'c'],
+                           'video': [folder, array, None]}), strings)
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'video': [frames, frames[:1] + ['nowhere.png']]}), lists)
+  rows = load_examples(strings, 'vid', reward='exact')
+  assert rows[0].video == tuple(str(tmp_path / folder / f'frame_{i}.png') for i in (1, 2, 3))
+  assert rows[1].video == (str(tmp_path / array),) and rows[2].video == ()
+  assert [len(vi.open_video(r.video, 'row')) for r in rows[:2]] == [3, 3]
+  with pytest.raises(UserInputError, match=f'{lists}: row 1: image .*nowhere.png: no such file'):
+    load_examples(lists, 'vid', reward='exact')
