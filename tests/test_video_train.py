@@ -1,8 +1,10 @@
 """`train` with video rows on a Qwen3-VL base: a text branch and a video branch (the toy video
 domains `motion` and `appear`, source 'synthetic_vision', mixed with a JSONL file whose rows'
-videos are a frame folder and a `.npy` array), one cycle of GRPO + OPD, merge, evaluation. With
-torchvision (transformers' video processor) it trains; without, the run stops at set-up with one
-line naming the row and torchvision, before any compute and without a workdir."""
+videos are a frame folder and a `.npy` array), one cycle of GRPO + OPD, merge, evaluation, then
+the `evaluate` command on the run. With torchvision (transformers' video processor) it trains;
+without, the run stops at set-up with one line naming the row and torchvision, before any
+compute and without a workdir."""
+import argparse
 import importlib.util
 import json
 import os
@@ -85,6 +87,15 @@ def test_train_merge_evaluate_with_video_domains(tmp_path):
   assert merged_tower.keys() == base_tower.keys() and merged_tower
   assert any(not np.array_equal(merged_tower[k], base_tower[k]) for k in base_tower)
   print(result.table)
+  # The evaluate command on the run's checkpoint: every domain, the videos included.
+  from copd_jax.commands import evaluate
+  config_file = tmp_path / 'video_config.py'
+  config_file.write_text(CONFIG_FILE.format(root=ROOT, base=base, data=data))
+  out = tmp_path / 'evaluate.json'
+  assert evaluate.run(argparse.Namespace(config=str(config_file), checkpoint=str(tmp_path / 'run'),
+                                         merge_method='mean', out=str(out), extra=[])) == 0
+  for name in ('motion', 'appear', 'clips', 'sort', 'merged:mean'):
+    assert name in out.read_text(), name
 
 
 def _vision_tensors(folder: str) -> dict[str, np.ndarray]:
