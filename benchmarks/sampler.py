@@ -31,6 +31,9 @@ once as a Hugging Face folder; copd_jax's `generate` with images ('vl') against 
 prompts and pixels, both greedy: the table adds whether the two generated the same tokens.
 
     .venv/bin/python benchmarks/sampler.py --prompts image --batch 8 --reps 5
+
+Video prompts (`--prompts video`): the same model and sides, each prompt a 4-frame video of the
+same 256 patches, with the timestamp text between its frames (benchmarks/vl_model.py).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ MODELS = {
 }
 PROMPT_LEN, NEW_TOKENS = 16, 48
 OURS_MODES = ('layerwise', 'model-scan', 'model-unrolled', 'branches')
-VL_WORKERS = ('vl', 'transformers-vl')   # --prompts image: ours, transformers' generate
+VL_WORKERS = ('vl', 'transformers-vl')   # --prompts image / video: ours, transformers' generate
 PEERS = ('tunix', 'transformers')
 # HBM bandwidth per device, GB/s (vendor datasheets), matched against jax's device_kind.
 PEAK_GBPS = (('H200', 4800.0), ('H100 PCIe', 2000.0), ('H100', 3350.0), ('A100', 2039.0))
@@ -156,7 +159,8 @@ def _tunix_worker(c: dict, batch: int, dtype_name: str, per_core: bool = False):
   return run
 
 
-def worker_main(kind: str, model: str, batch: int, dtype: str, vl_folder: str = ''):
+def worker_main(kind: str, model: str, batch: int, dtype: str, vl_folder: str = '',
+                prompts: str = 'image'):
   """Compiles (first call, timed), then answers 'run <rep>' lines with JSON timings."""
   if kind == 'branches':
     from copd_jax import host_devices
@@ -166,12 +170,12 @@ def worker_main(kind: str, model: str, batch: int, dtype: str, vl_folder: str = 
   if kind in VL_WORKERS:
     from benchmarks import vl_model
     make = vl_model.ours_worker if kind == 'vl' else vl_model.transformers_worker
-    run = make(vl_folder, batch, NEW_TOKENS)
+    run = make(vl_folder, batch, NEW_TOKENS, prompts)
   elif kind.startswith('tunix'):
     run = _tunix_worker(c, batch, dtype, per_core=kind == 'tunix-cores')
   else:
     run = _ours_worker(kind, c, batch, dtype)
-  # Image-prompt workers return (tokens, digest of the generated tokens).
+  # Image / video-prompt workers return (tokens, digest of the generated tokens).
   counted = lambda result: result if isinstance(result, tuple) else (result, None)
   build_s = time.perf_counter() - start
   start = time.perf_counter()
@@ -196,12 +200,12 @@ def worker_main(kind: str, model: str, batch: int, dtype: str, vl_folder: str = 
 def orchestrate(args) -> dict:
   me = os.path.abspath(__file__)
   workload = ['--model', args.model, '--batch', str(args.batch), '--dtype', args.dtype]
-  if args.prompts == 'image':
+  if args.prompts in ('image', 'video'):
     import tempfile
     from benchmarks import vl_model
     folder = tempfile.mkdtemp(prefix='vl_bench_')
     vl_model.save_folder(folder)
-    workload += ['--vl-folder', folder]
+    workload += ['--vl-folder', folder, '--prompts', args.prompts]
     specs = [('vl', [sys.executable, me, '--worker', 'vl', *workload]),
              ('transformers', [sys.executable, me, '--worker', 'transformers-vl', *workload])]
   else:
@@ -264,7 +268,8 @@ def orchestrate(args) -> dict:
 
 
 def peer_of(summary: dict) -> str | None:
-  """The sampler the others are compared with: Tunix, or transformers for image prompts."""
+  """The sampler the others are compared with: Tunix, or transformers for image / video
+  prompts."""
   return next((name for name in PEERS if name in summary), None)
 
 
@@ -325,22 +330,23 @@ def main():
   parser.add_argument('--json', default='', help='also write the summary to this file')
   parser.add_argument('--peer-cores', action='store_true',
                       help="also run Tunix on one CPU device per core ('tunix-cores')")
-  parser.add_argument('--prompts', choices=('text', 'image'), default='text',
-                      help="'image': the Qwen3-VL image-prompt case against transformers' "
-                           'generate (benchmarks/vl_model.py; --ours and --peer-python unused)')
+  parser.add_argument('--prompts', choices=('text', 'image', 'video'), default='text',
+                      help="'image' / 'video': the Qwen3-VL image- / video-prompt case against "
+                           "transformers' generate (benchmarks/vl_model.py; --ours and "
+                           '--peer-python unused)')
   parser.add_argument('--worker', choices=[*OURS_MODES, 'tunix', 'tunix-cores', *VL_WORKERS],
                       help=argparse.SUPPRESS)
   parser.add_argument('--vl-folder', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker, args.model, args.batch, args.dtype, args.vl_folder)
+    worker_main(args.worker, args.model, args.batch, args.dtype, args.vl_folder, args.prompts)
     return
   print('before:', machine_line())
   summary = orchestrate(args)
   print('after: ', machine_line())
   print_table(summary)
   digests = {s['digest'] for s in summary.values()}
-  if args.prompts == 'image':
+  if args.prompts != 'text':
     print(f"same greedy tokens as transformers: {'yes' if len(digests) == 1 else 'NO'}")
   write_json(args.json, summary)
 

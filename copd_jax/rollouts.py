@@ -177,7 +177,8 @@ class PromptEncoder:
     videos = [vision_inputs.open_video(example.video, where, v.max_pixels)] if example.video \
         else []
     prompt = vision_inputs.encode_vision_prompt(render_visual_prompt(self.tokenizer, example, fmt),
-                                                images, v.processor, self.tokenizer, videos)
+                                                images, v.processor, self.tokenizer, videos,
+                                                where=where)
     self._cache[key] = prompt.input_ids.tolist()
     self._pictures[key] = PromptPictures.of(prompt.pixel_values, prompt.image_grid_thw,
                                             prompt.pixel_values_videos, prompt.video_grid_thw)

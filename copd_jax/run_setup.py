@@ -246,9 +246,12 @@ def check_visual_rows(domains, vision: VisionEncoding | None) -> None:
                              f"domains.{name}.image_field='' and video_field='' to train on its "
                              'text alone')
       if row.video and vision.processor.video_processor is None:
-        raise UserInputError(f'{row.source or "domains." + name}: the row has a video, but '
-                             f'{vision.processor.video_problem} (domains.{name}.video_field=\'\' '
-                             'trains on the rest of the row)')
+        problem = vision.processor.video_problem
+        if not row.source:
+          raise UserInputError(f"domains.{name}: source 'synthetic_vision' gives video rows, "
+                               f'but {problem}')
+        raise UserInputError(f'{row.source}: the row has a video, but {problem}; '
+                             f"domains.{name}.video_field='' trains on the rest of the row")
 
 
 def used_domains(config) -> list[str]:

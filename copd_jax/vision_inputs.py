@@ -9,10 +9,13 @@ Three concerns, each a function that callers combine:
   or a command-line flag) and the image path. The check reads the header and runs Pillow's
   `verify` (PNG: every chunk's checksum); formats whose `verify` does not walk the pixel data
   (JPEG, WebP, ...) are decoded once, so a truncated file is found here rather than in the
-  middle of a run.
+  middle of a run. A video is a folder of frames (number order), a list of frame paths (each
+  an image, all of one size) or a `.npy` array [T, H, W, 3] uint8 (its header checked).
 * Pixels: `open_image` / `open_video` decode to RGB (palette, grey, CMYK, 16-bit, alpha:
   converted); resizing, normalising and patching are transformers' Qwen-VL image / video
-  processors, loaded from the model folder (`load_vision_processor`), never written here.
+  processors, loaded from the model folder (`load_vision_processor`), never written here; what
+  they refuse (a video shorter than one temporal patch, an aspect ratio over 200) is one line
+  naming the row too.
 * Placement (`encode_vision_prompt`): the prompt text holds one
   `<|vision_start|><|image_pad|><|vision_end|>` per image (`<|video_pad|>` in the middle for a
   video), as the Qwen3-VL chat template renders an image / video item (`with_visual_content` puts them in the
@@ -126,29 +129,72 @@ def open_image(path: str, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
 
 
 def video_frame_paths(value: Any, base_dir: str, where: str, field: str) -> list[str]:
-  """A row's video as its frame files in order: a folder (its files sorted by name) or a list
-  of frame paths; relative paths are relative to base_dir (the data file's folder)."""
+  """A row's video: a folder of frames (`folder_frames`), a NumPy array file (`.npy`, frames
+  [T, H, W, 3] uint8; returned as the one path) or a list of frame paths; relative paths are
+  relative to base_dir (the data file's folder)."""
   if isinstance(value, str) and value.strip():
-    return folder_frames(resolve_path(value, base_dir), f'{where}: field {field!r}',
-                         ' (give a folder or a list of frame paths)')
+    path = resolve_path(value, base_dir)
+    if is_array_video([path]):
+      return [path]
+    return folder_frames(path, f'{where}: field {field!r}',
+                         ' (give a folder, a .npy array file or a list of frame paths)')
   return [resolve_path(p, base_dir) for p in _path_list(value, where, field)]
 
 
+def _natural_key(name: str) -> list:
+  """Sort key that compares runs of digits as numbers: frame_2 before frame_10."""
+  return [(0, int(part), part) if part.isdigit() else (1, 0, part)
+          for part in re.split(r'(\d+)', name)]
+
+
 def folder_frames(folder: str, where: str, hint: str = '') -> list[str]:
-  """The frame files of a video folder, sorted by name (hidden files skipped); `hint`: what
-  else the caller accepts, added to the refusal of a path that is no folder."""
+  """The frame files of a video folder in name order, numbers compared as numbers (frame_2
+  before frame_10, as a video tool that writes unpadded numbers means them; hidden files
+  skipped); `hint`: what else the caller accepts, added to the refusal of a path that is no
+  folder."""
   if not os.path.isdir(folder):
     raise VisionInputError(f'{where}: video {folder} is not a folder of frames{hint}')
-  frames = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, n)) and not n.startswith('.'))
-  if not frames:
+  names = sorted((n for n in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, n)) and not n.startswith('.')),
+                 key=_natural_key)
+  if not names:
     raise VisionInputError(f'{where}: video folder {folder} holds no frames')
-  return frames
+  return [os.path.join(folder, n) for n in names]
+
+
+def is_array_video(frames: Sequence[str]) -> bool:
+  """Whether a row's video is one NumPy array file rather than frame images."""
+  return len(frames) == 1 and frames[0].lower().endswith('.npy')
+
+
+def _video_array(path: str, where: str, max_pixels: int, load: bool) -> np.ndarray:
+  """A `.npy` video's frames [T, H, W, 3] uint8: memory-mapped for the checks (shape and dtype
+  from the header, no pixel read), read whole with `load`."""
+  label = f'{where}: video {path}'
+  if not os.path.isfile(path):
+    raise VisionInputError(f'{label}: no such file')
+  try:
+    array = np.load(path, mmap_mode=None if load else 'r', allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise VisionInputError(f'{label}: not a readable NumPy array file ({e})') from None
+  if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape:
+    raise VisionInputError(f'{label}: a video array must be frames [T, H, W, 3] of uint8 RGB, '
+                           f'got {array.dtype} {list(array.shape)}')
+  height, width = array.shape[1:3]
+  if width * height > max_pixels:
+    raise VisionInputError(f'{label}: frames of {width} x {height} = {width * height:,} pixels '
+                           f'are over data.max_image_pixels={max_pixels:,}; resize them or raise '
+                           'the limit')
+  return array
 
 
 def check_video_frames(frames: Sequence[str], where: str,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-  """Every frame usable (`check_image`) and all of one size (the video processor stacks them)."""
+  """Every frame usable (`check_image`) and all of one size (the video processor stacks them);
+  an array video's header checked (`_video_array`)."""
+  if is_array_video(frames):
+    _video_array(frames[0], where, max_pixels, load=False)
+    return
   first = None
   for frame in frames:
     size = check_image(frame, where, max_pixels)
@@ -164,6 +210,8 @@ def open_video(frames: Sequence[str], where: str, max_pixels: int = DEFAULT_MAX_
                ) -> list[Image.Image]:
   """A video's frames decoded to RGB, after `check_video_frames`."""
   check_video_frames(frames, where, max_pixels)
+  if is_array_video(frames):
+    return [Image.fromarray(frame) for frame in _video_array(frames[0], where, max_pixels, True)]
   return [open_image(frame, where, max_pixels) for frame in frames]
 
 
@@ -222,7 +270,8 @@ def load_vision_processor(model_dir: str) -> VisionProcessor:
   except (ImportError, AttributeError, TypeError, ValueError, OSError) as e:
     first = ' '.join(str(e).split()).split('. ')[0]  # transformers' first sentence
     video_processor = None
-    needs = '; it needs torchvision' if isinstance(e, ImportError) else ''
+    needs = ('; it needs torchvision (requirements-video.txt)'
+             if isinstance(e, ImportError) else '')
     problem = (f"transformers' video processor of {model_dir} could not be loaded "
                f'({type(e).__name__}: {first}{needs})')
   return VisionProcessor(image_processor, video_processor, problem)
@@ -293,15 +342,32 @@ class VisionPrompt:
       default_factory=lambda: np.zeros((0, 3), np.int64))
 
 
+def _processed(processor, kind: str, where: str, **inputs):
+  """transformers' processor on `inputs`; the ValueErrors it raises for pictures it cannot take
+  (too few frames for one temporal patch, an aspect ratio over 200) as one line naming
+  `where`, before any compute."""
+  try:
+    return processor(**inputs, return_tensors='np')
+  except ValueError as e:
+    raise VisionInputError(f"{where}: transformers' {kind} processor refuses the "
+                           f"{kind}{'s' if kind == 'image' else ''}: {e}") from None
+
+
 def encode_vision_prompt(prompt_text: str, images: Sequence[Image.Image],
-                         processor: VisionProcessor, tokenizer, videos: Sequence[Sequence[Image.Image]] = (),
-                         video_fps: float = DEFAULT_VIDEO_FPS) -> VisionPrompt:
+                         processor: VisionProcessor, tokenizer,
+                         videos: Sequence[Sequence[Image.Image]] = (),
+                         video_fps: float = DEFAULT_VIDEO_FPS, where: str = 'the prompt'
+                         ) -> VisionPrompt:
   """A rendered prompt (its placeholders from the chat template) and its images / videos (each
-  a list of frames) as model inputs, with transformers' processors for the pixels."""
+  a list of frames) as model inputs, with transformers' processors for the pixels: what
+  transformers' Qwen3VLProcessor gives for this text and these videos with
+  `do_sample_frames=False` (a video's frames are the ones the model sees; with no metadata its
+  timestamps assume `video_fps`, transformers' default 24). `where` (a data row, a flag) names
+  pictures the processors refuse."""
   no_grids = np.zeros((0, 3), np.int64)
   pixels, image_grids = None, no_grids
   if images:
-    out = processor.image_processor(images=list(images), return_tensors='np')
+    out = _processed(processor.image_processor, 'image', where, images=list(images))
     pixels, image_grids = np.asarray(out['pixel_values']), np.asarray(out['image_grid_thw'])
   video_pixels, video_grids, stamps = None, no_grids, []
   if videos:
@@ -309,7 +375,7 @@ def encode_vision_prompt(prompt_text: str, images: Sequence[Image.Image],
       raise UserInputError(f'video inputs need a video processor: {processor.video_problem}')
     vp = processor.video_processor
     arrays = [np.stack([np.asarray(f.convert('RGB')) for f in frames]) for frames in videos]
-    out = vp(videos=arrays, do_sample_frames=False, return_tensors='np')
+    out = _processed(vp, 'video', where, videos=arrays, do_sample_frames=False)
     video_pixels, video_grids = (np.asarray(out['pixel_values_videos']),
                                  np.asarray(out['video_grid_thw']))
     stamps = [frame_timestamps(len(a), video_fps, int(vp.temporal_patch_size)) for a in arrays]

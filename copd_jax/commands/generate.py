@@ -7,11 +7,11 @@ tokenised as plain text; `--chat` renders it with the tokenizer's chat template 
 `--system TEXT` as the system turn and `--thinking` / `--no-thinking` as Qwen3's
 `enable_thinking` (either implies --chat; without them the template's defaults apply).
 
-A Qwen3-VL folder also takes pictures: `--image PATH` and `--video FOLDER` (a folder of frame
-images; both repeatable) go before the text in the one user message. They take the data
-loader's path (`copd_jax/vision_inputs.py`): the same file checks and one-line refusals, and
-transformers' Qwen-VL processors of the folder; the vision tower runs once, in the prefill
-shared by all --num-samples samples.
+A Qwen3-VL folder also takes pictures: `--image PATH` and `--video PATH` (a folder of frame
+images or a `.npy` array of frames; both repeatable) go before the text in the one user
+message. They take the data loader's path (`copd_jax/vision_inputs.py`): the same file checks
+and one-line refusals, and transformers' Qwen-VL processors of the folder; the vision tower
+runs once, in the prefill shared by all --num-samples samples.
 """
 from __future__ import annotations
 
@@ -159,22 +159,31 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help='stop string (repeatable); the completion is cut before it')
   parser.add_argument('--image', action='append', default=[], metavar='PATH',
                       help='an image before the prompt text (repeatable; Qwen3-VL folders)')
-  parser.add_argument('--video', action='append', default=[], metavar='FOLDER',
-                      help='a folder of frame images before the prompt text (repeatable; Qwen3-VL '
-                           'folders; needs torchvision for transformers\' video processor)')
+  parser.add_argument('--video', action='append', default=[], metavar='PATH',
+                      help='a video before the prompt text: a folder of frame images or a .npy '
+                           'array [T, H, W, 3] uint8 (repeatable; Qwen3-VL folders; needs '
+                           'torchvision for transformers\' video processor)')
 
 
 def encode_pictures(model_dir: str, text: str, tokenizer, image_paths: list[str],
-                    video_folders: list[str]) -> vision_inputs.VisionPrompt:
+                    video_paths: list[str]) -> vision_inputs.VisionPrompt:
   """The rendered prompt `text` (its placeholders in place) with the --image files and --video
-  frame folders, checked and prepared as the data loader does; a bad file is one line naming
-  its flag and path."""
+  frame folders / arrays, checked and prepared as the data loader does; a bad file is one line
+  naming its flag and path."""
   images = [vision_inputs.open_image(path, '--image') for path in image_paths]
-  videos = [vision_inputs.open_video(vision_inputs.folder_frames(os.path.abspath(folder),
-                                                                 '--video'), '--video')
-            for folder in video_folders]
+  videos = [vision_inputs.open_video(video_frames(path), '--video') for path in video_paths]
   processor = vision_inputs.load_vision_processor(model_dir)
-  return vision_inputs.encode_vision_prompt(text, images, processor, tokenizer, videos)
+  return vision_inputs.encode_vision_prompt(text, images, processor, tokenizer, videos,
+                                            where='--image / --video')
+
+
+def video_frames(path: str) -> list[str]:
+  """A --video path as the data loader takes a row's video: a `.npy` array file of frames, or
+  a folder of frame images."""
+  path = os.path.abspath(path)
+  if vision_inputs.is_array_video([path]):
+    return [path]
+  return vision_inputs.folder_frames(path, '--video', ' (or a .npy array of frames)')
 
 
 def check_prompt_length(n: int, max_new_tokens: int, max_positions: int) -> None:

@@ -4,8 +4,8 @@ A row's prompt is a string field, or a chat: a `messages` list of {'role', 'cont
 (roles system / user / assistant, ending with a user turn) rendered with the chat template. Its
 answer is a string or a number (3 -> '3', 2.5 -> '2.5', 4.0 -> '4'). Its images (field
 `image_field`, default 'images': a path or a list of paths) and video (field `video_field`,
-default 'video': a folder of frames or a list of frame paths) are paths relative to the data
-file's folder.
+default 'video': a folder of frames, a .npy array of frames or a list of frame paths) are
+paths relative to the data file's folder.
 
 Everything is validated while loading, before any training: a missing or empty file, a
 malformed JSON line, a missing field or a value of the wrong type raises `DataFileError` whose
