@@ -142,7 +142,7 @@ class Qwen3VL(nnx.Module):
     c, dt = self.config, self.compute_dtype
     TRACE_COUNTS['vision_tower'] += 1
     layout = GridLayout(patches.interp_index, patches.interp_weight, patches.rope_hw,
-                        patches.segment)
+                        patches.segment, patches.attention_rows)
     merged, features = self.vision(patches.pixels, layout)
     h = jnp.take(self.text.embed[...], tokens, axis=0).astype(dt)
     visual = (visual_slot > 0)[..., None]
