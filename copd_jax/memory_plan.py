@@ -122,8 +122,9 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
         f'vision tower: depth={vc.depth}, D={vc.hidden_size}, H={vc.num_heads}, '
         f'F={vc.intermediate_size}, patch dim {vc.patch_dim}, deepstack taps '
         f'{list(vc.deepstack_visual_indexes)}, freeze_vision={pics.frozen}; '
-        f'{pics.patches_per_prompt} patches per prompt: patch buckets GRPO {pics.native}, '
-        f'OPD {pics.distill} per round (--patches-per-prompt)')
+        f'{pics.patches_per_prompt} patches per prompt (one frame each): packs GRPO '
+        f'{_pack_words(pics.native)}, OPD {_pack_words(pics.distill)} per round '
+        f'(--patches-per-prompt)')
   if leaves:
     lines += ['', '| group | leaf | shape | dtype | PartitionSpec | per device |',
               '|---|---|---|---|---|---:|']
@@ -187,6 +188,10 @@ def _chunk_words(w: Workload) -> str:
   if w.logits_chunk is None:
     return 'all T positions at once (grpo.logits_chunk off)'
   return f'{w.logits_chunk} positions at a time (grpo.logits_chunk)'
+
+
+def _pack_words(pack) -> str:
+  return f'{pack.patches} patches in {pack.rows} x {pack.length} attention rows'
 
 
 def per_device_bytes_of_array(x: jax.Array) -> int:

@@ -82,7 +82,7 @@ class Qwen3VL(nnx.Module):
     self.text = Qwen3(config.text, rngs=rngs, param_dtype=param_dtype,
                       compute_dtype=compute_dtype, remat=remat, init_std=init_std)
     self.vision = VisionTower(config.vision, rngs=rngs, param_dtype=param_dtype,
-                              compute_dtype=compute_dtype, init_std=init_std)
+                              compute_dtype=compute_dtype, init_std=init_std, remat=remat)
 
   def position_ids(self, tokens, *, images: VisualInput | None = None,
                    videos: VisualInput | None = None, token_valid=None) -> np.ndarray:

@@ -256,10 +256,11 @@ class VisionTower(nnx.Module):
   """Qwen3VLVisionModel: packed patch rows -> (merged tokens, deepstack features)."""
 
   def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               compute_dtype=jnp.float32, init_std: float = 0.02):
+               compute_dtype=jnp.float32, init_std: float = 0.02, remat: bool = False):
     c = config
     self.config = c
     self.compute_dtype = compute_dtype
+    self.remat = remat   # checkpoint each block: the backward keeps block inputs only
     self.patch_embed = init_param(rngs, (c.patch_dim, c.hidden_size), (None, 'embed'), 'normal',
                              param_dtype, init_std)
     self.patch_bias = init_param(rngs, (c.hidden_size,), ('embed',), 'zeros', param_dtype, init_std)
@@ -285,6 +286,9 @@ class VisionTower(nnx.Module):
 
     def body(x, p):
       return vision_block(p, x, cos, sin, rows, dt), None
+
+    if self.remat:
+      body = jax.checkpoint(body)
 
     taps, start = [], 0
     for stop in [i + 1 for i in c.deepstack_visual_indexes]:
