@@ -4,10 +4,12 @@ functions of shapes; per-device bytes.
 
 Derived from the code: `vision_batch` pads each branch's distinct pictures (a GRPO group shares
 its prompt's) to a patch bucket S (a power of two) and packs its frames whole into R attention
-rows of P patches (P the bucket of the largest frame, R = S / P or 2 S / P); the steps run the
-tower (`qwen3_vl_vision.VisionTower`) on the whole pack in every micro-batch
-(`steps._branch_update`), and a tower block attends within each row ([R, Hv, P, P] scores), so
-its scores follow the frames' sizes, not the pack's.
+rows of P patches (P the bucket of the largest frame, R = S / P or 2 S / P); an update runs the
+tower (`qwen3_vl_vision.VisionTower`) on the whole pack once (`steps._branch_update`: forward
+before the micro-batch loop, its arrays kept through it, one backward after it), and a tower
+block attends within each row ([R, Hv, P, P] scores), so its scores follow the frames' sizes,
+not the pack's. The tower's arrays therefore sit beside one micro-batch's decoder arrays, as
+the estimate adds them.
 
 The plan takes each prompt's patches as one frame (`plan_pack`): an image; for a prompt of N
 patches that is the largest attention it can need (a video's N patches in t frames need 1 / t
@@ -53,8 +55,8 @@ of a branch holds it).
 Calibration (tests/test_plan.py::test_vision_estimate_tracks_xla_when_the_pack_grows): against
 XLA:CPU's compiled GRPO step of a tiny Qwen3-VL (fp32, one device) the growth of its
 temporaries when the pack doubles (rows of 64 twice as many) and when its frames grow (rows of
-64 -> 256, same patches), in MB measured / estimated: trained tower 5.25 / 5.27 and
-7.14 / 7.96, frozen 16.65 / 17.01 and 37.75 / 38.54, model.remat 25.46 / 28.02 and
+64 -> 256, same patches), in MB measured / estimated: trained tower 5.29 / 5.27 and
+7.10 / 7.96, frozen 16.65 / 17.01 and 37.75 / 38.54, model.remat 25.46 / 28.02 and
 48.23 / 51.12 (the test allows 20%).
 """
 from __future__ import annotations
@@ -153,7 +155,7 @@ def tower_backward_bytes(vc: VisionConfig, pack: PackShape, a: int, tensor: int)
 
 def tower_train_bytes(vc: VisionConfig, pack: PackShape, a: int, tensor: int,
                       frozen: bool, remat: bool) -> float:
-  """The tower's share of one micro-batch's forward + backward (training above)."""
+  """The tower's share of an update's forward + backward (training above)."""
   if frozen:
     return tower_forward_bytes(vc, pack, a, tensor)
   back = tower_backward_bytes(vc, pack, a, tensor) + _row_mask_bytes(pack)

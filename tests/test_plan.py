@@ -605,8 +605,8 @@ def test_vision_estimate_tracks_xla_when_the_pack_grows(tower):
   64: twice the attention rows) and when its frames grow (2 S patches in rows of 64 -> rows
   of 256: a quarter of the rows, 16 times the scores per row). S = 256 for the trained tower,
   2,048 for a frozen or checkpointed one (one block at a time: it needs larger packs to
-  dominate the step's temporaries). Measured, XLA against the estimate, MB: trained 5.25 /
-  5.27 and 7.14 / 7.96; frozen 16.65 / 17.01 and 37.75 / 38.54; remat 25.46 / 28.02 and
+  dominate the step's temporaries). Measured, XLA against the estimate, MB: trained 5.29 /
+  5.27 and 7.10 / 7.96; frozen 16.65 / 17.01 and 37.75 / 38.54; remat 25.46 / 28.02 and
   48.23 / 51.12."""
   from copd_jax import vision_memory as vm
   from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig

@@ -252,8 +252,15 @@ class _ParamGroup(nnx.Module):
     return {name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)}
 
 
+class TowerOutput(NamedTuple):
+  """What the tower gives the decoder: merged tokens [M, out_hidden] and deepstack features
+  [len(deepstack_visual_indexes), M, out_hidden] (None without deepstack taps)."""
+  tokens: jax.Array
+  features: jax.Array | None
+
+
 class VisionTower(nnx.Module):
-  """Qwen3VLVisionModel: packed patch rows -> (merged tokens, deepstack features)."""
+  """Qwen3VLVisionModel: packed patch rows -> TowerOutput (merged tokens, deepstack features)."""
 
   def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                compute_dtype=jnp.float32, init_std: float = 0.02, remat: bool = False):
@@ -274,7 +281,7 @@ class VisionTower(nnx.Module):
       self.deepstack = _ParamGroup(
           _merger_param_specs(c, n_ds, c.hidden_size * c.merge_unit), **kw)
 
-  def __call__(self, pixels: jax.Array, layout: GridLayout) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, pixels: jax.Array, layout: GridLayout) -> TowerOutput:
     """pixels [N, patch_dim] -> (tokens [N / merge^2, out_hidden], deepstack features
     [len(deepstack_visual_indexes), N / merge^2, out_hidden] or None)."""
     c, dt = self.config, self.compute_dtype
@@ -299,12 +306,12 @@ class VisionTower(nnx.Module):
       x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[start:], blocks))
     tokens = patch_merger(self.merger.as_dict(), x, c.merge_unit, postshuffle_norm=False, dtype=dt)
     if not taps:
-      return tokens, None
+      return TowerOutput(tokens, None)
     ds = self.deepstack.as_dict()
     features = jnp.stack([
         patch_merger(jax.tree.map(lambda a: a[j], ds), tap, c.merge_unit, postshuffle_norm=True,
                      dtype=dt) for j, tap in enumerate(taps)])
-    return tokens, features
+    return TowerOutput(tokens, features)
 
 
 # ---------------------------------------------------------------------------------------------
