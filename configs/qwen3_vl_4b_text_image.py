@@ -21,21 +21,24 @@ and lengths are scaled down from the paper's 256 prompts x 16k tokens to fit one
 Plan (no weights or data needed; the architecture is model.preset='qwen3-vl-4b', the public
 config.json's shapes):
   python -m copd_jax plan --config configs/qwen3_vl_4b_text_image.py --devices 8 \
-      --device-memory-gb 80 --patches-per-prompt 256
-(--patches-per-prompt: the patches of one prompt's pictures; 256 is a 256 x 256 image, the
-image processor's smallest (65,536 pixels), 64 visual tokens; a 512 x 512 image is 1,024.
-Without it the plan assumes the most a prompt of data.max_prompt_tokens tokens can carry,
-4 x 1,024 patches, and the tower alone needs terabytes.) On 8 devices the layout chooser gives
-(branch, fsdp, tensor) = (2, 4, 1), sampling the same; the estimate is about 42 GiB per device
-while training (state 12.4 GiB + gradients 8.3 GiB; the OPD update's vision terms 17.2 GiB: the
-tower trains on the update's joined pack of 1,024 + 1,024 patches, whose dense [S, S] attention
-scores dominate), 33 GiB while sampling: it fits an 8 x H100 (80 GB) host and a TPU v5p-8
-(95 GiB per chip); a v5e-8 (16 GiB per chip) does not (fp32 state alone is 12.4 GiB).
+      --device-memory-gb 80 --patches-per-prompt 1024
+(--patches-per-prompt: the patches of one prompt's pictures, planned as one frame; 1,024 is a
+512 x 512 image, 256 visual tokens; 256 a 256 x 256 image, the image processor's smallest
+(65,536 pixels). Without it the plan assumes the most a prompt of data.max_prompt_tokens tokens
+can carry, 4 x 1,024 patches.) On 8 devices the layout chooser gives (branch, fsdp, tensor) =
+(2, 4, 1), sampling the same; the estimate is about 64 GiB per device while training (state 12.4
+GiB + gradients 8.3 GiB, the base model's shard 4.1 GiB, the OPD micro-batch's decoder
+activations 15.9 GiB and the OPD update's vision terms 23.4 GiB: the tower, checkpointed per
+block with model.remat, trains on the update's joined pack of 32 + 32 images in 64 attention
+rows of 1,024 patches), 73 GiB while sampling (KV cache 27.0 GiB): it fits an 8 x H100 (80 GB)
+host and a TPU v5p-8 (95 GiB per chip); a v5e-8 (16 GiB per chip) does not (fp32 state alone is
+12.4 GiB). With 256-patch images: 44 / 67 GiB.
 
-Why only 4 prompts per step (the paper rolls out 256): a branch's pictures form one pack that
-the tower runs whole in every micro-batch, with attention over the whole pack, so its memory
-grows with (prompts x patches per prompt)^2 and grpo.micro_batches does not lower it
-(docs/scaling.md, "Qwen3-VL"). 1,024-patch images at 16 prompts per step plan at over 2 TiB per device.
+Prompts per step: 32 (the paper rolls out 256). The tower attends within each image, so its
+memory grows with prompts x patches per image, not with their square (docs/scaling.md,
+"Qwen3-VL"); what stops the paper's 256 on 8 devices is the sampler's KV cache of 2,048 rows x
+3,072 tokens per branch (216 GiB per device) and the tower running every branch's whole pack
+on each of that branch's devices (184 GiB at 256 prompts of 1,024 patches).
 Not run in this repository (no accelerator here): no result is claimed for it.
 """
 import os
@@ -72,10 +75,11 @@ def get_config():
 
   c.data.max_prompt_tokens = 1024
   c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='pairwise'))
-  # Prompts per step are what the vision tower's memory follows (module docstring).
-  c.grpo.update(dict(group_size=8, prompts_per_step=4, epsilon_low=0.2, epsilon_high=0.28,
-                     aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=4))
-  c.opd.update(dict(prompts_per_step=4, samples_per_prompt=4, beta=1.0, delta_clamp=5.0))
+  # Prompts per step: what the sampler's KV cache and the pack of pictures follow (module
+  # docstring).
+  c.grpo.update(dict(group_size=8, prompts_per_step=32, epsilon_low=0.2, epsilon_high=0.28,
+                     aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=8))
+  c.opd.update(dict(prompts_per_step=32, samples_per_prompt=4, beta=1.0, delta_clamp=5.0))
   c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
   c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
                           weight_decay=0.0, max_grad_norm=1.0))

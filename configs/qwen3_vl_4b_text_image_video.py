@@ -11,16 +11,19 @@ Paper settings as in the K=2 config: G = 8, eps 0.2 / 0.28, lr 1e-6, beta 1.0, S
 
 Plan (no weights or data needed; model.preset='qwen3-vl-4b'):
   python -m copd_jax plan --config configs/qwen3_vl_4b_text_image_video.py --devices 8 \\
-      --device-memory-gb 80 --patches-per-prompt 256
+      --device-memory-gb 80 --patches-per-prompt 1024
 On 8 devices the layout chooser gives training (branch, fsdp, tensor) = (1, 2, 4) (K=3 shares
 no divisor with 8, so every device holds a shard of all three branches) and sampling (1, 1, 8);
-the estimate is about 67 GiB per device while training (state 18.7 GiB + gradients 12.4 GiB,
-the OPD update's decoder activations 20.6 GiB and vision terms 15.6 GiB: its joined pack of
-1,024 + 2 x 512 patches runs through the tower whole), 32 GiB while sampling: it fits an
-8 x H100 (80 GB) host, narrowly; a TPU v5p-8 (95 GiB per chip) with room. For a v5e slice
-(16 GiB per chip), `plan --devices N --device-memory-gb 16 --layouts` compares the layouts.
-Larger pictures or more prompts per step grow the tower's attention with the square of the
-pack (docs/scaling.md, "Qwen3-VL").
+with 16 GRPO prompts and 2 rounds of 8 distillation prompts per step, 16 micro-batches, the
+estimate is about 69 GiB per device while training (state 18.7 GiB + gradients 12.4 GiB, the
+base model's shard 2.1 GiB, the OPD micro-batch's decoder activations 20.6 GiB and vision terms
+15.3 GiB: the joined pack of 16 + 2 x 8 pictures of 1,024 patches, one attention row each), 58
+GiB while sampling: it fits an 8 x H100 (80 GB) host and a TPU v5p-8 (95 GiB per chip); 57 / 57
+GiB with 256-patch pictures. The plan takes a prompt's patches as one frame; a video of t frames
+of N / t patches attends over t rows of that size, less than the plan assumes. For a v5e
+slice (16 GiB per chip), `plan --devices N --device-memory-gb 16 --layouts` compares the layouts. The tower's
+memory grows with prompts x patches per frame, the decoder's with the rows (docs/scaling.md,
+"Qwen3-VL").
 Not run in this repository (no accelerator here): no result is claimed for it.
 """
 import os
@@ -35,9 +38,10 @@ def get_config():
   c.domains.video = file_domain('video', 'math')
   c.branches = ('text', 'image', 'video')
   c.copd.update(dict(topology='hub_and_spoke', hub=0))
-  # Two OPD rounds join the native pack and two distillation packs in the update: fewer
-  # distillation prompts keep the joined pack at 2,048 patches (module docstring).
-  c.opd.update(dict(prompts_per_step=2, samples_per_prompt=8))
+  # Every device holds a shard of all three branches: half the K=2 config's prompts, more
+  # micro-batches (module docstring).
+  c.grpo.update(dict(prompts_per_step=16, micro_batches=16))
+  c.opd.update(dict(prompts_per_step=8, samples_per_prompt=8))
   c.mesh.update(dict(branch=-1, fsdp=-1, tensor=4))
   c.mesh_sampling.update(dict(branch=-1, fsdp=-1, tensor=8))
   return c

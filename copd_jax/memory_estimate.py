@@ -543,14 +543,16 @@ def add_vision_terms(plan: MemoryPlan, config, vl: Qwen3VLConfig, patches_per_pr
   # The pictures an update holds: GRPO its native pack; OPD the native (S_n) and distillation
   # (R S_d) packs it is given, the copies routed to the teachers (R S_d) and the joined pack
   # of the update (S_n + R S_d).
-  held = {'grpo': vm.pack_bytes(vc, S_n), 'opd': vm.pack_bytes(vc, 2 * S_n + 3 * R * S_d)}
+  held = {'grpo': vm.pack_bytes(vc, S_n),
+          'opd': 2 * vm.pack_bytes(vc, S_n) + 3 * R * vm.pack_bytes(vc, S_d)}
   for step, S, rows in (('grpo', S_n, w.native_rows),
-                        ('opd', S_n + R * S_d, w.native_rows + R * w.distill_rows)):
+                        ('opd', vm.joined_pack(S_n, *[S_d] * R),
+                         w.native_rows + R * w.distill_rows)):
     if step not in plan.activation_bytes:
       continue
     micro = rows_per_device(rows // w.micro_batches, K, plan.mesh_shape)
     plan.vision_train_bytes[step] = (
-        here * (vm.tower_train_bytes(vc, S, a, tensor, pictures.frozen) + held[step])
+        here * (vm.tower_train_bytes(vc, S, a, tensor, pictures.frozen, w.remat) + held[step])
         + vm.deepstack_bytes(vc, micro, seq, D, a)
         + vm.row_picture_bytes(rows_per_device(rows, K, plan.mesh_shape), seq))
   if R:
@@ -561,7 +563,7 @@ def add_vision_terms(plan: MemoryPlan, config, vl: Qwen3VLConfig, patches_per_pr
   # The sampler's prefill: the tower forward on the larger call's pack, the deepstack
   # additions of the prompt positions.
   s_here = K / plan.sampling_mesh_shape['branch']
-  S_s = max(S_n, S_d if R else 0)
+  S_s = max((S_n, S_d) if R else (S_n,), key=lambda pack: pack.patches)
   plan.prefill_bytes += (s_here * (vm.tower_forward_bytes(vc, S_s, a,
                                                          plan.sampling_mesh_shape['tensor'])
                                    + vm.pack_bytes(vc, S_s))

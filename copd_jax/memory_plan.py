@@ -122,8 +122,9 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
         f'vision tower: depth={vc.depth}, D={vc.hidden_size}, H={vc.num_heads}, '
         f'F={vc.intermediate_size}, patch dim {vc.patch_dim}, deepstack taps '
         f'{list(vc.deepstack_visual_indexes)}, freeze_vision={pics.frozen}; '
-        f'{pics.patches_per_prompt} patches per prompt: patch buckets GRPO {pics.native}, '
-        f'OPD {pics.distill} per round (--patches-per-prompt)')
+        f'{pics.patches_per_prompt} patches per prompt (one frame each): packs GRPO '
+        f'{_pack_words(pics.native)}, OPD {_pack_words(pics.distill)} per round '
+        f'(--patches-per-prompt)')
   if leaves:
     lines += ['', '| group | leaf | shape | dtype | PartitionSpec | per device |',
               '|---|---|---|---|---|---:|']
@@ -189,15 +190,21 @@ def _chunk_words(w: Workload) -> str:
   return f'{w.logits_chunk} positions at a time (grpo.logits_chunk)'
 
 
+def _pack_words(pack) -> str:
+  return f'{pack.patches} patches in {pack.rows} x {pack.length} attention rows'
+
+
 def per_device_bytes_of_array(x: jax.Array) -> int:
   """Bytes of the largest addressable shard of a concrete array (checks a plan against reality)."""
   return max(int(np.prod(s.data.shape)) * x.dtype.itemsize for s in x.addressable_shards)
 
 
 def compiled_grpo_step_temp_bytes(model: Qwen3 | Qwen3VL, rows: int, seq: int,
-                                  step_config: StepConfig, patches: int = 0) -> int:
+                                  step_config: StepConfig, patches: int = 0,
+                                  row_length: int = 0) -> int:
   """Temporary bytes XLA allocates for one compiled GRPO step of `model` (one branch, one
-  device, `rows` x `seq` tokens; a Qwen3-VL model's batch with a pack of `patches` patches;
+  device, `rows` x `seq` tokens; a Qwen3-VL model's batch with a pack of `patches` patches in
+  patches / row_length attention rows of `row_length` (default: one row of the whole pack);
   compiled only, nothing run): the measurement the estimate's formulas are checked against
   (tests/test_plan.py, benchmarks/attention_memory.py)."""
   graphdef, params = nnx.split(model)
@@ -209,10 +216,11 @@ def compiled_grpo_step_temp_bytes(model: Qwen3 | Qwen3VL, rows: int, seq: int,
   vision = None
   if isinstance(model, Qwen3VL):
     shape = lambda *tail: jax.ShapeDtypeStruct((1,) + tail, jnp.int32)
+    length = row_length or patches
     pack = PatchPack(jax.ShapeDtypeStruct((1, patches, model.config.vision.patch_dim),
                                           jnp.float32), shape(patches, 4),
                      jax.ShapeDtypeStruct((1, patches, 4), jnp.float32), shape(patches, 2),
-                     shape(patches))
+                     shape(patches), shape(patches // length, length))
     vision = VisionBatch(pack, shape(rows, seq), shape(rows, 3, seq))
   batch = RolloutBatch(s(jnp.int32), s(bool), s(bool), s(jnp.float32), s(jnp.float32), vision)
   step = make_grpo_step(graphdef, adamw, mesh, step_config, shardings)

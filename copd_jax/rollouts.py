@@ -41,7 +41,8 @@ from copd_jax.rewards import RewardSpec, score_completions
 from copd_jax.sampling import SampleOutput, SamplingConfigError, SamplingParams, generate_branches
 from copd_jax.sampling.engine import EngineSettings, engine_generate_branches
 from copd_jax.steps import RolloutBatch
-from copd_jax.vision_batch import PromptPictures, VisionBatch, build_vision_batch, pad_patches
+from copd_jax.vision_batch import (PromptPictures, VisionBatch, build_vision_batch,
+                                   common_pack_shape, pad_patches)
 
 # Prompt-length buckets, powers of two from 16 to 32k: a run compiles the sampler and the steps
 # for at most these prompt lengths.
@@ -345,8 +346,8 @@ def stack_rounds(batches: Sequence[RolloutBatch], mesh: Mesh) -> RolloutBatch:
   in its input layout (K on 'branch'), stacked on the devices. Qwen3-VL batches' packs of
   patches are padded to the largest first."""
   if batches and batches[0].vision is not None:
-    size = max(b.vision.patches.segment.shape[-1] for b in batches)
-    batches = [b._replace(vision=pad_patches(b.vision, size)) for b in batches]
+    size, *rows = common_pack_shape([b.vision for b in batches])
+    batches = [b._replace(vision=pad_patches(b.vision, size, tuple(rows))) for b in batches]
   stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=NamedSharding(mesh, P(None, 'branch')))
   return jax.tree.map(lambda *xs: stack(*xs), *batches)
 

@@ -275,29 +275,46 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
   is_vl = isinstance(nnx.merge(graphdef, params), Qwen3VL)
   group = cfg.group_size if cfg.shares_prompts and signal is None and not is_vl else 1
   # The pack of pictures is whole in every micro-batch (its rows point into it); only the
-  # per-row fields (visual_slot, positions) are split with the rows.
+  # per-row fields (visual_slot, positions) are split with the rows. The tower runs on it once
+  # per update, not once per micro-batch: its output enters every micro-batch's loss as an
+  # input, the gradients the micro-batches give that output are summed, and one backward
+  # through the tower (its vjp) turns the sum into the tower's gradient. A gradient is linear
+  # in its cotangent, so that equals the sum of the micro-batches' tower gradients.
   patches = None if batch.vision is None else batch.vision.patches
-  if batch.vision is not None:
+  encoded = ref_encoded = tower_vjp = None
+  if patches is not None:
     batch = batch._replace(vision=batch.vision._replace(patches=None))
-  with_patches = lambda mb: None if mb.vision is None else mb.vision._replace(patches=patches)
 
-  def score(p, mb: RolloutBatch) -> TokenScores:
+    def encode(vision_params):
+      with_vision = jax.tree.map(lambda x: x, params)   # a new State; params stays as it is
+      with_vision['vision'] = vision_params
+      return nnx.merge(graphdef, with_vision).encode_pack(patches)
+
+    if cfg.freeze_vision:
+      encoded = jax.lax.stop_gradient(encode(params['vision']))
+    else:
+      encoded, tower_vjp = jax.vjp(encode, params['vision'])
+    if ref_params is not None:
+      ref_encoded = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params).encode_pack(patches))
+  with_patches = lambda mb, enc: None if mb.vision is None else mb.vision._replace(patches=enc)
+
+  def score(p, mb: RolloutBatch, enc) -> TokenScores:
     if group > 1:
       return shared_prompt_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
                                     group, cfg.prompt_length, cfg.logits_chunk)
     return sequence_logprobs(graphdef, p, mb.tokens, mb.token_valid, cfg.temperature,
-                             cfg.logits_chunk, with_patches(mb))
+                             cfg.logits_chunk, with_patches(mb, enc))
 
   distribution = signal is not None and cfg.opd_signal != opd_signals.SAMPLED_TOKEN
 
-  def loss_fn(p, mb: RolloutBatch, mb_signal: TeacherSignal | None):
+  def loss_fn(p, enc, mb: RolloutBatch, mb_signal: TeacherSignal | None):
     if distribution:
       scores, divergence = opd_signals.student_scores(
           graphdef, p, mb.tokens, mb.token_valid, mb_signal.view(), cfg.opd_signal,
           cfg.temperature, cfg.logits_chunk, cfg.opd_clamp, teacher_heads,
-          native_rows // cfg.num_micro_batches, with_patches(mb))
+          native_rows // cfg.num_micro_batches, with_patches(mb, enc))
     else:
-      scores = score(p, mb)
+      scores = score(p, mb, enc)
     advantages = mb.advantages
     if mb_signal is not None:
       mb_mask = mb.completion_mask * mb_signal.is_distill[:, None].astype(mb.completion_mask.dtype)
@@ -308,7 +325,7 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
       advantages = jnp.where(mb_signal.is_distill[:, None], opd_adv, advantages)
     ref_lp = None
     if ref_params is not None:
-      ref_lp = score(ref_params, mb).logprobs
+      ref_lp = score(ref_params, mb, ref_encoded).logprobs
     loss, metrics = losses.policy_loss(
         scores.logprobs, mb.sampler_logprobs, advantages, mb.completion_mask,
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
@@ -330,19 +347,26 @@ def _branch_update(params, opt_state, batch: RolloutBatch, signal: TeacherSignal
   if cfg.freeze_vision:   # no gradient into the Qwen3-VL vision tower, and no update of it
     trained_loss = loss_fn
     loss_fn = lambda p, *rest: trained_loss(_on_vision(jax.lax.stop_gradient, p), *rest)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   xs = jax.tree.map(lambda x: _split_micro(x, cfg.num_micro_batches, group), (batch, signal))
+  add = lambda a, b: a + b.astype(jnp.float32)
 
   def body(carry, x):
-    g_acc, m_acc = carry
-    (_, metrics), g = grad_fn(params, *x)
-    g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-    return (g_acc, jax.tree.map(jnp.add, m_acc, metrics)), None
+    g_acc, e_acc, m_acc = carry
+    (_, metrics), (g, g_encoded) = grad_fn(params, encoded, *x)
+    return (jax.tree.map(add, g_acc, g), jax.tree.map(add, e_acc, g_encoded),
+            jax.tree.map(jnp.add, m_acc, metrics)), None
 
-  metric_shapes = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0], xs))[0][1])
-  init = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
+  metric_shapes = jax.eval_shape(
+      lambda: grad_fn(params, encoded, *jax.tree.map(lambda x: x[0], xs))[0][1])
+  zeros32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  init = (zeros32(params), zeros32(encoded),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-  (grads, metrics), _ = jax.lax.scan(body, init, xs)
+  (grads, encoded_grads, metrics), _ = jax.lax.scan(body, init, xs)
+  if tower_vjp is not None:   # the tower's one backward, from the micro-batches' summed signal
+    (tower_grads,) = tower_vjp(jax.tree.map(lambda g, e: g.astype(e.dtype), encoded_grads,
+                                            encoded))
+    grads['vision'] = jax.tree.map(add, grads['vision'], tower_grads)
   metrics = dict(metrics)
   metrics['grad_norm'] = optax.global_norm(grads)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
@@ -497,8 +521,11 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
   edge for 'sampled_token', [M, T, k] ids and log-probs for 'topk_forward_kl', [M, T] log-probs
   and [M, T, D] hidden states for 'full_reverse_kl' (whose heads `teacher_heads` routes)."""
   def score(p, tok, valid, vision):
+    # The teacher's tower runs once per round on the student's pack, not per micro-batch.
+    encoded = None if vision is None else nnx.merge(graphdef, p).encode_pack(vision.patches)
+
     def one(t, v, *rows):
-      pictures = None if vision is None else VisionBatch(vision.patches, *rows)
+      pictures = None if vision is None else VisionBatch(encoded, *rows)
       return opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal, config.temperature,
                                       config.opd_topk, config.logits_chunk, pictures)
     rows = () if vision is None else (vision.visual_slot, vision.positions)

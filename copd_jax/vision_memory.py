@@ -3,46 +3,69 @@ activations, the pictures a batch carries, and what OPD sends to the teacher's s
 functions of shapes; per-device bytes.
 
 Derived from the code: `vision_batch` pads each branch's distinct pictures (a GRPO group shares
-its prompt's) to a patch bucket S (a power of two), and the steps run the tower
-(`qwen3_vl_vision.VisionTower`) on the whole pack in every micro-batch (`steps._branch_update`).
-A tower block attends over the pack with a dense [S, S] segment mask, so its scores grow with
-S^2, whatever the sizes of the single images.
+its prompt's) to a patch bucket S (a power of two) and packs its frames whole into R attention
+rows of P patches (P the bucket of the largest frame, R = S / P or 2 S / P); an update runs the
+tower (`qwen3_vl_vision.VisionTower`) on the whole pack once (`steps._branch_update`: forward
+before the micro-batch loop, its arrays kept through it, one backward after it), and a tower
+block attends within each row ([R, Hv, P, P] scores), so its scores follow the frames' sizes,
+not the pack's. The tower's arrays therefore sit beside one micro-batch's decoder arrays, as
+the estimate adds them.
 
-Notation: S patches of the pack, Dv / Hv / hdv / Fv the tower's width, heads, head_dim and MLP
-width (heads and MLP divided by 'tensor' where it divides them), a compute-dtype bytes, depth
-the tower's blocks; the pack is not split over 'fsdp' (every device of a branch holds it).
+The plan takes each prompt's patches as one frame (`plan_pack`): an image; for a prompt of N
+patches that is the largest attention it can need (a video's N patches in t frames need 1 / t
+of it).
 
-  block(S)      = S * (a * (4 Dv + 6 Hv hdv + 2 Fv) + 8 Dv)   (block input, norm outputs,
-                  q / k / v, rotated q / k, attention output, residual, MLP pre- and
-                  post-GELU; the fp32 LayerNorm internals)
-                  + Hv * S^2 * (8 + a)                        (fp32 scores, the masked
-                  scores, the probabilities)
-  training:     depth * block(S): the tower is not rematerialised (model.remat checkpoints the
-                  decoder layers only), so every block's arrays live until its backward;
-                  with model.freeze_vision nothing flows back into the tower: one block at a
-                  time, forward only, and no gradient of its parameters
+Notation: S patches of the pack, R x P its attention rows, Dv / Hv / hdv / Fv the tower's width,
+heads, head_dim and MLP width (heads and MLP divided by 'tensor' where it divides them), a
+compute-dtype bytes, depth the tower's blocks; the pack is not split over 'fsdp' (every device
+of a branch holds it).
+
+  kept(S, R, P)  = S * (a * (4 Dv + 7 Hv hdv + 5 Fv) + 8 Dv)  (what a block keeps for its
+                  backward: block input, norm outputs, q / k / v, rotated q / k, attention
+                  output in rows and scattered back, residual, MLP pre- and post-GELU and the
+                  tanh-GELU internals; the fp32 LayerNorm internals)
+                   + R * P * 4 a Hv hdv                        (q / k / v gathered into the
+                  rows, the rows' output)
+                   + Hv * R * P^2 * (4 + a, or 4 when a = 4)   (the fp32 probabilities the
+                  softmax keeps, the probabilities in compute dtype when that is narrower)
+  back(S, R, P)  = kept with Hv * R * P^2 * (12 + a)           (one block's backward: fp32
+                  scores, masked scores and probabilities, and an fp32 gradient of them)
+  forward(S, R, P) = S * (a * (2 Dv + 6 Hv hdv) + 8 Dv)        (one block of a forward-only
+                  pass: input, normed input, q / k / v and their rotations, and the output,
+                  live around the attention)
+                   + R * P * 4 a Hv hdv + Hv * R * P^2 * (8 + a)
+  all of them plus R * P^2 bytes once per tower (the rows' same-frame mask)
+  training:     (depth - 1) * kept + back: every block's arrays live until its backward; with
+                  model.remat (which checkpoints the tower's blocks as it does the decoder's)
+                  depth * S * Dv * a (each block's input) + back; with model.freeze_vision
+                  nothing flows back into the tower: forward, one block at a time, and no
+                  gradient of its parameters
   deepstack:    n_ds * b * T * D * a, the per-position additions of the deepstack taps held
                   through the decoder's forward and backward (D the decoder's width)
-  pack:         S * (4 patch_dim + 44): fp32 pixels and the per-patch int32 / fp32 constants
-                  (4 taps, 4 weights, row / column, segment); plus 16 bytes per row and
-                  position (visual_slot and 3 M-RoPE positions, int32)
+  pack:         S * (4 patch_dim + 44) + 4 R P: fp32 pixels, the per-patch int32 / fp32
+                  constants (4 taps, 4 weights, row / column, segment) and the rows' int32 pack
+                  indices; plus 16 bytes per row and position (visual_slot and 3 M-RoPE
+                  positions, int32)
   OPD:          the combined update pack is the native pack and the R distillation packs
-                  joined (S_n + R S_d, no re-bucketing); each round's student pack is routed to
-                  its teacher's shard (R S_d patches cross branches, never parameters); the
-                  teacher pass runs the tower forward on S_d
+                  joined (S_n + R S_d patches, their rows stacked, no re-bucketing); each
+                  round's student pack is routed to its teacher's shard (R S_d patches cross
+                  branches, never parameters); the teacher pass runs the tower forward on S_d
   sampling:     the prefill runs the tower forward once per call on the call's pack
 
-Calibration (tests/test_plan.py::test_vision_estimate_tracks_xla_when_the_patch_bucket_doubles):
-against XLA:CPU's compiled GRPO step of a tiny Qwen3-VL (fp32, one device) the growth of its
-temporaries from S = 256 to 512 patches: 21.0 MB measured, 21.2 MB by the terms above (trained
-tower); 10.65 MB and 10.69 MB with model.freeze_vision (the test allows 20%).
+Calibration (tests/test_plan.py::test_vision_estimate_tracks_xla_when_the_pack_grows): against
+XLA:CPU's compiled GRPO step of a tiny Qwen3-VL (fp32, one device) the growth of its
+temporaries when the pack doubles (rows of 64 twice as many) and when its frames grow (rows of
+64 -> 256, same patches), in MB measured / estimated: trained tower 5.29 / 5.27 and
+7.10 / 7.96, frozen 16.65 / 17.01 and 37.75 / 38.54, model.remat 25.46 / 28.02 and
+48.23 / 51.12 (the test allows 20%).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
-from copd_jax.models.qwen3_vl_vision import VisionConfig
-from copd_jax.vision_batch import patch_bucket
+from copd_jax.models.qwen3_vl_vision import VisionConfig, first_fit_rows
+from copd_jax.vision_batch import attention_row_count, patch_bucket, row_length
 
 # Bytes per patch of a pack besides its pixels: interp_index (4 int32), interp_weight (4 fp32),
 # rope_hw (2 int32), segment (int32).
@@ -55,45 +78,96 @@ def _split(n: int, axis_size: int) -> float:
   return n / axis_size if n % axis_size == 0 else n
 
 
+class PackShape(NamedTuple):
+  """A pack's static shape: S patches, R attention rows of P patches (`vision_batch`)."""
+  patches: int
+  rows: int
+  length: int
+
+
+def plan_pack(prompts: int, patches_per_prompt: int) -> PackShape:
+  """The pack `vision_batch` builds for `prompts` prompts whose patches are one frame each."""
+  S = patch_bucket(max(prompts * patches_per_prompt, 1))
+  P = row_length(patches_per_prompt)
+  needed = len(set(first_fit_rows([patches_per_prompt] * prompts, P)))
+  return PackShape(S, attention_row_count(needed, S, P), P)
+
+
+def joined_pack(*packs: PackShape) -> PackShape:
+  """The pack `vision_batch.concat_packs` joins: patches added, rows widened to the longest
+  (`widen_rows`) and stacked."""
+  P = max(p.length for p in packs)
+  return PackShape(sum(p.patches for p in packs),
+                   sum(-(-p.rows * p.length // P) for p in packs), P)
+
+
 @dataclasses.dataclass(frozen=True)
 class PictureLoad:
-  """The patch buckets of one run's batches (per branch): GRPO's native pack, one OPD round's
+  """The packs of one run's batches (per branch): GRPO's native pack, one OPD round's
   distillation pack; what the plan assumes about the pictures of a prompt."""
   patches_per_prompt: int
-  native: int         # S_n: bucket of grpo.prompts_per_step prompts' patches
-  distill: int        # S_d: bucket of opd.prompts_per_step prompts' patches
+  native: PackShape   # S_n: grpo.prompts_per_step prompts' patches
+  distill: PackShape  # S_d: opd.prompts_per_step prompts' patches
   frozen: bool        # model.freeze_vision
 
 
 def picture_load(config, patches_per_prompt: int) -> PictureLoad:
-  """The packs when every prompt carries `patches_per_prompt` patches (a GRPO group's rows
-  share their prompt's pictures, so a pack holds one copy per prompt)."""
-  bucket = lambda prompts: patch_bucket(max(prompts * patches_per_prompt, 1))
-  return PictureLoad(patches_per_prompt, bucket(config.grpo.prompts_per_step),
-                     bucket(config.opd.prompts_per_step), bool(config.model.freeze_vision))
+  """The packs when every prompt carries `patches_per_prompt` patches in one frame (a GRPO
+  group's rows share their prompt's pictures, so a pack holds one copy per prompt)."""
+  return PictureLoad(patches_per_prompt,
+                     plan_pack(config.grpo.prompts_per_step, patches_per_prompt),
+                     plan_pack(config.opd.prompts_per_step, patches_per_prompt),
+                     bool(config.model.freeze_vision))
 
 
-def tower_block_bytes(vc: VisionConfig, patches: float, a: int, tensor: int) -> float:
-  """One tower block's arrays on a pack of `patches` patches (see block(S) above)."""
+def _scores(vc: VisionConfig, pack: PackShape, tensor: int) -> float:
+  """Attention score elements of one block: heads x R x P^2."""
+  return _split(vc.num_heads, tensor) * pack.rows * pack.length * pack.length
+
+
+def _per_block(vc: VisionConfig, pack: PackShape, a: int, tensor: int, per_patch: str,
+               score_bytes: float) -> float:
+  """A block's bytes on a pack: `per_patch` 'kept' or 'forward' arrays per patch, the rows'
+  gathered q / k / v and output, `score_bytes` per attention score."""
   heads = _split(vc.num_heads, tensor)
   width = heads * vc.head_dim
   mlp = _split(vc.intermediate_size, tensor)
   D = vc.hidden_size
-  per_patch = a * (4 * D + 6 * width + 2 * mlp) + 8 * D
-  return patches * per_patch + heads * patches * patches * (8 + a)
+  patch = (a * (4 * D + 7 * width + 5 * mlp) if per_patch == 'kept'
+           else a * (2 * D + 6 * width)) + 8 * D
+  slots = pack.rows * pack.length
+  return pack.patches * patch + slots * 4 * a * width + heads * slots * pack.length * score_bytes
 
 
-def tower_train_bytes(vc: VisionConfig, patches: float, a: int, tensor: int,
-                      frozen: bool) -> float:
-  """The tower's share of one micro-batch's forward + backward: every block's arrays, or with
-  a frozen tower one block's, forward only."""
-  block = tower_block_bytes(vc, patches, a, tensor)
-  return block if frozen else vc.depth * block
+def _row_mask_bytes(pack: PackShape) -> float:
+  return pack.rows * pack.length * pack.length
 
 
-def tower_forward_bytes(vc: VisionConfig, patches: float, a: int, tensor: int) -> float:
-  """A forward-only pass of the tower (the sampler's prefill, the OPD teacher pass)."""
-  return tower_block_bytes(vc, patches, a, tensor)
+def tower_kept_bytes(vc: VisionConfig, pack: PackShape, a: int, tensor: int) -> float:
+  """What one trained block keeps for its backward (kept(S, R, P) above)."""
+  return _per_block(vc, pack, a, tensor, 'kept', 4 + (a if a < 4 else 0))
+
+
+def tower_backward_bytes(vc: VisionConfig, pack: PackShape, a: int, tensor: int) -> float:
+  """One block's backward (back(S, R, P) above)."""
+  return _per_block(vc, pack, a, tensor, 'kept', 12 + a)
+
+
+def tower_train_bytes(vc: VisionConfig, pack: PackShape, a: int, tensor: int,
+                      frozen: bool, remat: bool) -> float:
+  """The tower's share of an update's forward + backward (training above)."""
+  if frozen:
+    return tower_forward_bytes(vc, pack, a, tensor)
+  back = tower_backward_bytes(vc, pack, a, tensor) + _row_mask_bytes(pack)
+  if remat:
+    return vc.depth * pack.patches * vc.hidden_size * a + back
+  return (vc.depth - 1) * tower_kept_bytes(vc, pack, a, tensor) + back
+
+
+def tower_forward_bytes(vc: VisionConfig, pack: PackShape, a: int, tensor: int) -> float:
+  """A forward-only pass of the tower (the sampler's prefill, the OPD teacher pass, a frozen
+  tower): one block at a time (forward(S, R, P) above)."""
+  return _per_block(vc, pack, a, tensor, 'forward', 8 + a) + _row_mask_bytes(pack)
 
 
 def deepstack_bytes(vc: VisionConfig, rows: float, seq: int, hidden: int, a: int) -> float:
@@ -101,9 +175,10 @@ def deepstack_bytes(vc: VisionConfig, rows: float, seq: int, hidden: int, a: int
   return len(vc.deepstack_visual_indexes) * rows * seq * hidden * a
 
 
-def pack_bytes(vc: VisionConfig, patches: float) -> float:
-  """Pixels and per-patch constants of a pack of `patches` patches."""
-  return patches * (4 * vc.patch_dim + PATCH_CONSTANT_BYTES)
+def pack_bytes(vc: VisionConfig, pack: PackShape) -> float:
+  """Pixels, per-patch constants and attention rows of a pack."""
+  return (pack.patches * (4 * vc.patch_dim + PATCH_CONSTANT_BYTES)
+          + 4 * pack.rows * pack.length)
 
 
 def row_picture_bytes(rows: float, seq: int) -> float:

@@ -2,6 +2,7 @@
 K=3 config on 8 CPU devices against a hand calculation, the CLI without model or data files,
 and a small allocated K=2 run on a (branch=2, fsdp=4) mesh whose GRPO and OPD steps keep the
 declared shardings and whose shards have exactly the planned sizes."""
+import dataclasses
 import json
 import os
 
@@ -530,33 +531,39 @@ def _vl_plan(overrides=(), patches=256):
 
 def test_vl_plan_vision_terms_by_hand():
   """The K=2 Table 1 config on 8 devices, (branch, fsdp, tensor) = (2, 4, 1): one branch per
-  device; 4 GRPO prompts of 256 patches -> a pack of 1,024; OPD joins it with one round's
-  4 distillation prompts (1,024) into 2,048 patches."""
+  device; 32 GRPO prompts of 256 patches (one 256-patch frame each) -> a pack of 8,192 patches
+  in 32 attention rows of 256; OPD joins it with one round's 32 distillation prompts into
+  16,384 patches in 64 rows."""
   from copd_jax import vision_memory as vm
   plan = _vl_plan()
   assert plan.mesh_shape == {'branch': 2, 'fsdp': 4, 'tensor': 1}
-  vc = plan.vl_model.vision
-  assert (plan.pictures.native, plan.pictures.distill) == (1024, 1024)
-  # One tower block on S patches, bf16 (a = 2): per patch 2 (4 x 1024 + 6 x 1024 + 2 x 4096)
-  # + 8 x 1024 bytes; 16 heads of fp32 scores, masked scores and bf16 probabilities.
-  block = lambda S: S * (2 * (4 * 1024 + 6 * 1024 + 2 * 4096) + 8 * 1024) + 16 * S * S * 10
-  assert vm.tower_block_bytes(vc, 1024, 2, 1) == block(1024)
-  # GRPO: 24 blocks of the 1,024-patch pack, the deepstack additions of a micro-batch's
-  # 32 / 4 / 4 = 2 rows of 3,072 positions (3 taps, D = 2560, bf16), the pack (fp32 pixels of
-  # 1,536 values + 44 bytes of constants per patch) and 16 bytes per row position of 8 rows.
+  assert plan.pictures.native == plan.pictures.distill == vm.PackShape(8192, 32, 256)
+  # The tower with model.remat, bf16 (a = 2): each of 24 blocks' input (S x 1024 x 2 bytes),
+  # one block's backward: per patch 2 (4 x 1024 + 7 x 1024 + 5 x 4096) + 8 x 1024 bytes, the
+  # rows' gathered q / k / v and output (4 x 2 x 1024 per slot), 16 heads of attention scores
+  # at 12 + 2 bytes, and the rows' mask (1 byte per score of a head).
+  def tower(S, R, P):
+    back = (S * (2 * (4 * 1024 + 7 * 1024 + 5 * 4096) + 8 * 1024) + R * P * 4 * 2 * 1024
+            + 16 * R * P * P * 14)
+    return 24 * S * 1024 * 2 + back + R * P * P
+  # A pack: fp32 pixels of 1,536 values + 44 bytes of constants per patch, 4 per row slot.
+  pack = 8192 * (4 * 1536 + 44) + 4 * 32 * 256
+  # GRPO: the deepstack additions of a micro-batch's 256 / 8 / 4 = 8 rows of 3,072 positions
+  # (3 taps, D = 2560, bf16) and 16 bytes per row position of 64 rows.
   T = 1024 + 2048
-  assert plan.vision_train_bytes['grpo'] == (24 * block(1024) + 1024 * (4 * 1536 + 44)
-                                             + 3 * 2 * T * 2560 * 2 + 8 * T * 16)
-  # OPD: (32 + 16) / 4 / 4 = 3 rows a micro-batch; packs given (1,024 + 1,024), routed (1,024)
-  # and joined (2,048).
-  assert plan.vision_train_bytes['opd'] == (24 * block(2048) + 5 * 1024 * (4 * 1536 + 44)
-                                            + 3 * 3 * T * 2560 * 2 + 12 * T * 16)
-  assert plan.vision_routed_bytes == 1024 * (4 * 1536 + 44)
+  assert plan.vision_train_bytes['grpo'] == (tower(8192, 32, 256) + pack
+                                             + 3 * 8 * T * 2560 * 2 + 64 * T * 16)
+  # OPD: (256 + 128) / 8 / 4 = 12 rows a micro-batch; packs given (native + distillation),
+  # routed (distillation) and joined (both).
+  assert plan.vision_train_bytes['opd'] == (tower(16384, 64, 256) + 5 * pack
+                                            + 3 * 12 * T * 2560 * 2 + 96 * T * 16)
+  assert plan.vision_routed_bytes == pack
   assert plan.train_peak == (plan.state_bytes + plan.gradient_bytes + plan.base_shard_bytes
                              + plan.activation_bytes['opd'] + plan.vision_train_bytes['opd'])
 
 
 def test_vl_plan_counts_the_tower_state_and_freeze_vision_drops_its_gradients():
+  from copd_jax import vision_memory as vm
   plan, frozen = _vl_plan(), _vl_plan(['--config.model.freeze_vision=True'])
   tower = [leaf for leaf in plan.leaves if leaf.group == 'params'
            and leaf.path.startswith('vision.')]
@@ -566,12 +573,16 @@ def test_vl_plan_counts_the_tower_state_and_freeze_vision_drops_its_gradients():
   # gradients (fp32 accumulator + one micro-batch) go.
   assert frozen.state_bytes == plan.state_bytes
   assert plan.gradient_bytes - frozen.gradient_bytes == 2 * tower_bytes
-  # A frozen tower runs forward only: one block's arrays instead of 24.
-  assert frozen.vision_train_bytes['grpo'] < plan.vision_train_bytes['grpo'] / 10
-  # Doubling the pictures of a prompt doubles the packs; the tower grows with their square.
+  # A frozen tower runs forward only, one block at a time: no block inputs kept, no backward.
+  assert frozen.vision_train_bytes['grpo'] < 0.75 * plan.vision_train_bytes['grpo']
+  # Attention per frame: twice the prompts (the same pictures) twice the tower's memory, not
+  # four times; twice the patches of each picture (longer rows) between two and four times.
+  more = _vl_plan(['--config.grpo.prompts_per_step=64', '--config.opd.prompts_per_step=64'])
+  assert more.pictures.native == vm.PackShape(16384, 64, 256)
+  assert 1.9 < more.vision_train_bytes['grpo'] / plan.vision_train_bytes['grpo'] < 2.1
   big = _vl_plan(patches=512)
-  assert (big.pictures.native, big.pictures.distill) == (2048, 2048)
-  assert 3 < big.vision_train_bytes['grpo'] / plan.vision_train_bytes['grpo'] < 4
+  assert big.pictures.native == big.pictures.distill == vm.PackShape(16384, 32, 512)
+  assert 2 < big.vision_train_bytes['grpo'] / plan.vision_train_bytes['grpo'] < 4
 
 
 def test_text_plans_have_no_vision_terms(plan_8b):
@@ -630,20 +641,38 @@ XLA_CHECK_VL = dict(
                 num_position_embeddings=16, deepstack_visual_indexes=(0,), patch_size=8))
 
 
-@pytest.mark.slow   # four compiles, ~40 s each on a loaded 2-core machine
-@pytest.mark.parametrize('frozen', [False, True])
-def test_vision_estimate_tracks_xla_when_the_patch_bucket_doubles(frozen):
-  """From a pack of 256 to 512 patches (fp32, one branch on one device, 4 rows of 32 tokens)
-  XLA:CPU's compiled GRPO step grows by what the vision terms say, within 20% (measured:
-  21.0 MB against 21.2 MB with the tower trained, 10.65 against 10.69 MB frozen)."""
+@pytest.mark.slow   # nine compiles, ~40 s each on a loaded 2-core machine
+@pytest.mark.parametrize('tower', ['trained', 'frozen', 'remat'])
+def test_vision_estimate_tracks_xla_when_the_pack_grows(tower):
+  """XLA:CPU's compiled GRPO step (fp32, one branch on one device, 4 rows of 32 tokens) grows by
+  what the vision terms say, within 20%, when the pack doubles (S -> 2 S patches in rows of
+  64: twice the attention rows) and when its frames grow (2 S patches in rows of 64 -> rows
+  of 256: a quarter of the rows, 16 times the scores per row). S = 256 for the trained tower,
+  2,048 for a frozen or checkpointed one (one block at a time: it needs larger packs to
+  dominate the step's temporaries). Measured, XLA against the estimate, MB: trained 5.29 /
+  5.27 and 7.10 / 7.96; frozen 16.65 / 17.01 and 37.75 / 38.54; remat 25.46 / 28.02 and
+  48.23 / 51.12."""
   from copd_jax import vision_memory as vm
   from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
   from copd_jax.models.qwen3_vl_vision import VisionConfig
   vl = Qwen3VLConfig(text=XLA_CHECK_VL['text'], vision=VisionConfig(**XLA_CHECK_VL['vision']))
-  model = nnx.eval_shape(lambda: Qwen3VL(vl, rngs=nnx.Rngs(0)))
+  frozen, remat = tower == 'frozen', tower == 'remat'
+  if remat:   # blocks checkpointed in scans of two (a one-block scan keeps what it keeps)
+    vl = dataclasses.replace(vl, vision=dataclasses.replace(vl.vision, depth=4,
+                                                            deepstack_visual_indexes=(1,)))
+  model = nnx.eval_shape(lambda: Qwen3VL(vl, rngs=nnx.Rngs(0), remat=remat))
   cfg = StepConfig(freeze_vision=frozen)
-  xla = {S: compiled_grpo_step_temp_bytes(model, 4, 32, cfg, patches=S) for S in (256, 512)}
-  terms = lambda S: (vm.tower_train_bytes(vl.vision, S, 4, 1, frozen)
-                     + vm.pack_bytes(vl.vision, S))
-  grown, estimate = xla[512] - xla[256], terms(512) - terms(256)
-  assert estimate == pytest.approx(grown, rel=0.20), (estimate, grown)
+  # The trained tower keeps every block: it dominates the step's temporaries at 256 patches;
+  # a frozen or checkpointed one holds one block at a time and needs larger packs to.
+  S = 256 if tower == 'trained' else 2048
+  packs = [vm.PackShape(S, S // 64, 64), vm.PackShape(2 * S, 2 * S // 64, 64),
+           vm.PackShape(2 * S, 2 * S // 256, 256)]
+  xla = [compiled_grpo_step_temp_bytes(model, 4, 32, cfg, patches=p.patches,
+                                       row_length=p.length) for p in packs]
+  terms = [vm.tower_train_bytes(vl.vision, p, 4, 1, frozen, remat) + vm.pack_bytes(vl.vision, p)
+           for p in packs]
+  for a, b in ((0, 1), (1, 2)):
+    grown, estimate = xla[b] - xla[a], terms[b] - terms[a]
+    print(f'{tower} {packs[a]} -> {packs[b]}: XLA {grown / 1e6:.2f} MB, estimate '
+          f'{estimate / 1e6:.2f} MB')
+    assert estimate == pytest.approx(grown, rel=0.20), (a, b, estimate, grown)

@@ -678,7 +678,8 @@ def _largest_cross_branch_bytes_vl(*, hidden: int = 32, patches: int = 64, K: in
     pictures = VisionBatch(
         PatchPack(spec(pack + (patches, vision.patch_dim), jnp.float32),
                   spec(pack + (patches, 4), jnp.int32), spec(pack + (patches, 4), jnp.float32),
-                  spec(pack + (patches, 2), jnp.int32), spec(pack + (patches,), jnp.int32)),
+                  spec(pack + (patches, 2), jnp.int32), spec(pack + (patches,), jnp.int32),
+                  spec(pack + (patches // 16, 16), jnp.int32)),
         spec(lead + (T,), jnp.int32), spec(lead + (3, T), jnp.int32))
     return rows._replace(vision=pictures)
 

@@ -51,7 +51,8 @@ def add_arguments(parser) -> None:
                            'else 256')
   parser.add_argument('--patches-per-prompt', type=int, default=None,
                       help='Qwen3-VL: patches of one prompt\'s images and video frames (an '
-                           'H x W image is H/16 x W/16 of them); default: 4 x the prompt '
+                           'H x W image is H/16 x W/16 of them), planned as one frame (the '
+                           'largest attention they can need); default: 4 x the prompt '
                            'tokens, the most a padded prompt can carry')
   parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
   parser.add_argument('--layouts', action='store_true',

@@ -27,7 +27,8 @@ from flax import nnx
 from copd_jax.fields import Fields
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config, causal_mask, decoder_layer, rms_norm
 from copd_jax.models.qwen3_vl_positions import mrope_position_ids, mrope_tables
-from copd_jax.models.qwen3_vl_vision import GridLayout, VisionConfig, VisionTower, grid_layout
+from copd_jax.models.qwen3_vl_vision import (GridLayout, TowerOutput, VisionConfig, VisionTower,
+                                             grid_layout)
 from copd_jax.tracing import TRACE_COUNTS
 
 
@@ -82,7 +83,7 @@ class Qwen3VL(nnx.Module):
     self.text = Qwen3(config.text, rngs=rngs, param_dtype=param_dtype,
                       compute_dtype=compute_dtype, remat=remat, init_std=init_std)
     self.vision = VisionTower(config.vision, rngs=rngs, param_dtype=param_dtype,
-                              compute_dtype=compute_dtype, init_std=init_std)
+                              compute_dtype=compute_dtype, init_std=init_std, remat=remat)
 
   def position_ids(self, tokens, *, images: VisualInput | None = None,
                    videos: VisualInput | None = None, token_valid=None) -> np.ndarray:
@@ -135,15 +136,21 @@ class Qwen3VL(nnx.Module):
             deepstack, features)
     return h, deepstack
 
-  def embed_packed(self, tokens, visual_slot, patches) -> tuple[jax.Array, jax.Array | None]:
-    """`embed_inputs` for pictures as static-shaped data (`vision_batch`): the tower runs on the
-    padded pack `patches` (a vision_batch.PatchPack), and position t of row b takes merged
-    token visual_slot[b, t] - 1 (0: the token's own embedding) and its deepstack features."""
-    c, dt = self.config, self.compute_dtype
+  def encode_pack(self, patches) -> TowerOutput:
+    """The vision tower on a padded pack `patches` (a vision_batch.PatchPack)."""
     TRACE_COUNTS['vision_tower'] += 1
     layout = GridLayout(patches.interp_index, patches.interp_weight, patches.rope_hw,
-                        patches.segment)
-    merged, features = self.vision(patches.pixels, layout)
+                        patches.segment, patches.attention_rows)
+    return self.vision(patches.pixels, layout)
+
+  def embed_packed(self, tokens, visual_slot, patches) -> tuple[jax.Array, jax.Array | None]:
+    """`embed_inputs` for pictures as static-shaped data (`vision_batch`): the tower runs on the
+    padded pack `patches` (a vision_batch.PatchPack; or `patches` is its TowerOutput, computed
+    once for several calls), and position t of row b takes merged token visual_slot[b, t] - 1
+    (0: the token's own embedding) and its deepstack features."""
+    c, dt = self.config, self.compute_dtype
+    encoded = patches if isinstance(patches, TowerOutput) else self.encode_pack(patches)
+    merged, features = encoded
     h = jnp.take(self.text.embed[...], tokens, axis=0).astype(dt)
     visual = (visual_slot > 0)[..., None]
     index = jnp.maximum(visual_slot - 1, 0)

@@ -8,13 +8,22 @@ What it computes (the facts from transformers' modeling_qwen3_vl.py and vision_u
 - A learned square table of position embeddings is bilinearly resampled (align_corners=True) to
   each frame's (h, w) grid and added.
 - Blocks: pre-LayerNorm attention with 2-D rotary positions on (h, w) and full attention within
-  each frame (block-diagonal over the packed patches, here a segment mask), then a tanh-GELU MLP.
+  each frame (transformers' cu_seqlens: block-diagonal over the packed patches), then a
+  tanh-GELU MLP.
 - The merger (LayerNorm over each patch -> concat 2x2 -> fc1 -> exact GELU -> fc2) gives one
   token per 2x2 block; the deepstack mergers (concat 2x2 -> LayerNorm -> fc1 -> GELU -> fc2) tap
   the outputs of the blocks in `deepstack_visual_indexes`.
 
 Everything that depends only on the grids (`image_grid_thw`) is host-side numpy
 (`grid_layout`): the grids fix the shapes anyway, so the jitted forward sees them as constants.
+
+Attention per frame under static shapes: whole frames are packed into attention rows of a fixed
+length (`attention_rows`: first fit, largest frame first), each row an [R, P] table of pack
+indices. A block gathers q / k / v into those rows, attends within each row (a segment mask
+keeps the frames sharing a row apart) and scatters the result back to pack order for the
+merger. Scores are [R, H, P, P]: with P the largest frame (or its bucket) their size follows the
+frames' own sizes (sum over rows of P^2, at most about 2 x patches x P), not the square of the
+whole pack.
 Block parameters are stacked on a leading 'layers' axis and run with `lax.scan`, one scan per
 run of blocks between deepstack taps.
 """
@@ -95,11 +104,14 @@ class GridLayout(NamedTuple):
   """Per-patch constants of a packed batch of images / videos.
   interp_index, interp_weight [N, 4]: bilinear taps into the flattened position table.
   rope_hw [N, 2]: (row, column) of each patch for the 2-D rotary embedding.
-  segment [N]: attention segment (one per frame)."""
+  segment [N]: attention segment (one per frame).
+  attention_rows [R, P]: the patches (indices into N) each attention row holds, -1 for an empty
+  slot; every patch that is read appears once (`attention_rows`)."""
   interp_index: np.ndarray
   interp_weight: np.ndarray
   rope_hw: np.ndarray
   segment: np.ndarray
+  attention_rows: np.ndarray
 
 
 def _block_order_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,11 +135,49 @@ def _bilinear_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray,
   return taps, weights
 
 
+def first_fit_rows(frame_sizes, row_length: int) -> list[int]:
+  """The attention row of each frame when whole frames are packed into rows of `row_length`
+  patches: first fit, largest frame first (ties in frame order), so the packing depends only on
+  the sizes. First fit leaves no two rows that could be joined: any two rows hold more than
+  `row_length` patches together, so n patches need fewer than 2 n / row_length + 1 rows."""
+  sizes = [int(n) for n in frame_sizes]
+  if sizes and max(sizes) > row_length:
+    raise ValueError(f'a frame of {max(sizes)} patches does not fit an attention row of '
+                     f'{row_length}')
+  free, row_of = [], [0] * len(sizes)
+  for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+    row = next((r for r, room in enumerate(free) if room >= sizes[i]), len(free))
+    if row == len(free):
+      free.append(row_length)
+    free[row] -= sizes[i]
+    row_of[i] = row
+  return row_of
+
+
+def attention_rows(frame_starts, frame_sizes, row_length: int, num_rows: int | None = None
+                   ) -> np.ndarray:
+  """[num_rows, row_length] int32 pack indices of the frames (frame i: patches frame_starts[i]
+  .. + frame_sizes[i]) placed whole by `first_fit_rows`, -1 for empty slots. num_rows defaults
+  to the rows the frames need."""
+  row_of = first_fit_rows(frame_sizes, row_length)
+  needed = max(row_of, default=-1) + 1
+  num_rows = needed if num_rows is None else num_rows
+  if needed > num_rows:
+    raise ValueError(f'the frames need {needed} attention rows of {row_length}, got {num_rows}')
+  rows = np.full((num_rows, row_length), -1, np.int32)
+  filled = np.zeros(num_rows, np.int64)
+  for start, size, row in zip(frame_starts, frame_sizes, row_of):
+    rows[row, filled[row]:filled[row] + size] = np.arange(start, start + size)
+    filled[row] += size
+  return rows
+
+
 def grid_layout(grid_thw: np.ndarray, config: VisionConfig) -> GridLayout:
-  """The GridLayout of packed patches for grids [num_items, 3] of (t, h, w) in patches."""
+  """The GridLayout of packed patches for grids [num_items, 3] of (t, h, w) in patches; the
+  attention rows are as long as the largest frame (no padding when the frames are equal)."""
   m, side = config.spatial_merge_size, config.grid_side
   index, weight, rope, segment = [], [], [], []
-  frames = 0
+  frames, sizes = 0, []
   for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3).tolist():
     if h % m or w % m:
       raise ValueError(f'grid (t={t}, h={h}, w={w}) is not a multiple of the merge size {m}')
@@ -141,9 +191,12 @@ def grid_layout(grid_thw: np.ndarray, config: VisionConfig) -> GridLayout:
       weight.append(frame_weight)
       rope.append(np.stack([rows, cols], axis=-1))
       segment.append(np.full(h * w, frames, np.int32))
+      sizes.append(h * w)
       frames += 1
+  starts = np.cumsum([0] + sizes[:-1])
   return GridLayout(np.concatenate(index).astype(np.int32), np.concatenate(weight),
-                    np.concatenate(rope).astype(np.int32), np.concatenate(segment))
+                    np.concatenate(rope).astype(np.int32), np.concatenate(segment),
+                    attention_rows(starts, sizes, max(sizes)))
 
 
 def merged_token_counts(grid_thw: np.ndarray, config: VisionConfig) -> list[int]:
@@ -199,14 +252,22 @@ class _ParamGroup(nnx.Module):
     return {name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)}
 
 
+class TowerOutput(NamedTuple):
+  """What the tower gives the decoder: merged tokens [M, out_hidden] and deepstack features
+  [len(deepstack_visual_indexes), M, out_hidden] (None without deepstack taps)."""
+  tokens: jax.Array
+  features: jax.Array | None
+
+
 class VisionTower(nnx.Module):
-  """Qwen3VLVisionModel: packed patch rows -> (merged tokens, deepstack features)."""
+  """Qwen3VLVisionModel: packed patch rows -> TowerOutput (merged tokens, deepstack features)."""
 
   def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               compute_dtype=jnp.float32, init_std: float = 0.02):
+               compute_dtype=jnp.float32, init_std: float = 0.02, remat: bool = False):
     c = config
     self.config = c
     self.compute_dtype = compute_dtype
+    self.remat = remat   # checkpoint each block: the backward keeps block inputs only
     self.patch_embed = init_param(rngs, (c.patch_dim, c.hidden_size), (None, 'embed'), 'normal',
                              param_dtype, init_std)
     self.patch_bias = init_param(rngs, (c.hidden_size,), ('embed',), 'zeros', param_dtype, init_std)
@@ -220,19 +281,21 @@ class VisionTower(nnx.Module):
       self.deepstack = _ParamGroup(
           _merger_param_specs(c, n_ds, c.hidden_size * c.merge_unit), **kw)
 
-  def __call__(self, pixels: jax.Array, layout: GridLayout) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, pixels: jax.Array, layout: GridLayout) -> TowerOutput:
     """pixels [N, patch_dim] -> (tokens [N / merge^2, out_hidden], deepstack features
     [len(deepstack_visual_indexes), N / merge^2, out_hidden] or None)."""
     c, dt = self.config, self.compute_dtype
     x = jnp.dot(pixels.astype(dt), self.patch_embed[...].astype(dt)) + self.patch_bias[...].astype(dt)
     x = x + position_embedding(self.pos_embed[...], layout).astype(dt)
     cos, sin = vision_rope_tables(jnp.asarray(layout.rope_hw), c.head_dim, c.rope_theta)
-    segment = jnp.asarray(layout.segment)
-    mask = segment[:, None] == segment[None, :]
+    rows = frame_rows(jnp.asarray(layout.attention_rows), jnp.asarray(layout.segment))
     blocks = self.blocks.as_dict()
 
     def body(x, p):
-      return vision_block(p, x, cos, sin, mask, dt), None
+      return vision_block(p, x, cos, sin, rows, dt), None
+
+    if self.remat:
+      body = jax.checkpoint(body)
 
     taps, start = [], 0
     for stop in [i + 1 for i in c.deepstack_visual_indexes]:
@@ -243,12 +306,12 @@ class VisionTower(nnx.Module):
       x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[start:], blocks))
     tokens = patch_merger(self.merger.as_dict(), x, c.merge_unit, postshuffle_norm=False, dtype=dt)
     if not taps:
-      return tokens, None
+      return TowerOutput(tokens, None)
     ds = self.deepstack.as_dict()
     features = jnp.stack([
         patch_merger(jax.tree.map(lambda a: a[j], ds), tap, c.merge_unit, postshuffle_norm=True,
                      dtype=dt) for j, tap in enumerate(taps)])
-    return tokens, features
+    return TowerOutput(tokens, features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,23 +346,45 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = _LN
   return out.astype(x.dtype)
 
 
-def segment_attention(q, k, v, mask):
-  """Full (non-causal) attention among patches of the same segment. q, k, v [N, H, hd];
-  mask [N, N] bool -> [N, H, hd]."""
+class FrameRows(NamedTuple):
+  """The attention rows of a pack as the blocks use them (`frame_rows`)."""
+  gather: jax.Array     # [R, P] pack index of each slot (0 for an empty slot)
+  scatter: jax.Array    # [R, P] pack index of each slot, N (dropped) for an empty slot
+  mask: jax.Array       # [R, P, P] bool: query slot and key slot hold the same frame
+
+
+def frame_rows(rows: jax.Array, segment: jax.Array) -> FrameRows:
+  """FrameRows of attention rows [R, P] (pack indices, -1 empty) over a pack with per-patch
+  segments [N]. Empty slots form a segment of their own, so no real patch attends to them and
+  their (dropped) rows of scores stay finite."""
+  valid = rows >= 0
+  gather = jnp.where(valid, rows, 0)
+  row_segment = jnp.where(valid, jnp.take(segment, gather), -1)
+  return FrameRows(gather, jnp.where(valid, rows, segment.shape[0]),
+                   row_segment[:, :, None] == row_segment[:, None, :])
+
+
+def frame_attention(q, k, v, rows: FrameRows):
+  """Full (non-causal) attention among patches of the same frame, one attention row at a time.
+  q, k, v [N, H, hd] -> [N, H, hd]; patches in no row get 0."""
   hd = q.shape[-1]
-  scores = jnp.einsum('qhd,khd->hqk', q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-  scores = jnp.where(mask[None], scores, _MASK_VALUE)
+  take = lambda x: jnp.take(x, rows.gather, axis=0)                     # [R, P, H, hd]
+  scores = jnp.einsum('rqhd,rkhd->rhqk', take(q), take(k),
+                      preferred_element_type=jnp.float32) * hd ** -0.5
+  scores = jnp.where(rows.mask[:, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum('hqk,khd->qhd', probs, v)
+  out = jnp.einsum('rhqk,rkhd->rqhd', probs, take(v))
+  return jnp.zeros_like(q).at[rows.scatter.reshape(-1)].set(
+      out.reshape((-1,) + q.shape[1:]), mode='drop')
 
 
-def vision_block(p: dict[str, jax.Array], x, cos, sin, mask, dtype):
+def vision_block(p: dict[str, jax.Array], x, cos, sin, rows: FrameRows, dtype):
   """One vision block: x + attn(norm1(x)); x + mlp(norm2(x)) with a tanh-GELU MLP."""
   w = {name: value.astype(dtype) for name, value in p.items()}
   y = layer_norm(x, p['norm1_scale'], p['norm1_bias'])
   qkv = jnp.einsum('nd,dshe->snhe', y, w['qkv']) + w['qkv_bias'][:, None]
   q, k, v = apply_rope(qkv[0], cos, sin), apply_rope(qkv[1], cos, sin), qkv[2]
-  attn = segment_attention(q, k, v, mask)
+  attn = frame_attention(q, k, v, rows)
   x = x + jnp.einsum('nhe,hed->nd', attn, w['proj']) + w['proj_bias']
   y = layer_norm(x, p['norm2_scale'], p['norm2_bias'])
   y = jax.nn.gelu(jnp.dot(y, w['fc1']) + w['fc1_bias'], approximate=True)
