@@ -475,6 +475,19 @@ def chunked(fn, num: int, *xs):
   return jax.tree.map(_merge_micro, out)
 
 
+def chunked_rows(fn, num: int, tokens: jax.Array, valid: jax.Array,
+                 vision: VisionBatch | None):
+  """`fn(tokens, valid, pictures)` over one branch's rows [M, T], `chunked` into num sequential
+  micro-batches: the pack of pictures is whole in every micro-batch (its rows point into it),
+  the rows' visual slots and M-RoPE positions are split with the rows (pictures None for text
+  rows). The one way the OPD teacher pass and the top-k probe feed rows to a scoring function."""
+  def one(t, v, *rows):
+    pictures = None if vision is None else vision._replace(visual_slot=rows[0], positions=rows[1])
+    return fn(t, v, pictures)
+  rows = () if vision is None else (vision.visual_slot, vision.positions)
+  return chunked(one, num, tokens, valid, *rows)
+
+
 def route(x: jax.Array, index: np.ndarray, mesh: Mesh) -> jax.Array:
   """Rows of x [K, M, ...] permuted along the branch axis (row t becomes x[index[t]]) by
   `permute_branches` under a `shard_map` manual over every mesh axis, laid out as
@@ -497,12 +510,11 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
   edge for 'sampled_token', [M, T, k] ids and log-probs for 'topk_forward_kl', [M, T] log-probs
   and [M, T, D] hidden states for 'full_reverse_kl' (whose heads `teacher_heads` routes)."""
   def score(p, tok, valid, vision):
-    def one(t, v, *rows):
-      pictures = None if vision is None else VisionBatch(vision.patches, *rows)
-      return opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal, config.temperature,
-                                      config.opd_topk, config.logits_chunk, pictures)
-    rows = () if vision is None else (vision.visual_slot, vision.positions)
-    return chunked(one, config.num_micro_batches, tok, valid, *rows)
+    return chunked_rows(
+        lambda t, v, pictures: opd_signals.teacher_view(
+            graphdef, p, t, v, config.opd_signal, config.temperature, config.opd_topk,
+            config.logits_chunk, pictures),
+        config.num_micro_batches, tok, valid, vision)
 
   out = []
   for r, teacher_of in enumerate(rounds):
