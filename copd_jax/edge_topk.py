@@ -10,6 +10,10 @@ only [M, T, k] ids and log-probs travel back. Before, a plain jit of the same co
 every branch's full-vocabulary log-probs [M, T, V] over 'branch' (XLA's partitioning of the
 vmapped top-k); tests/test_steps.py checks the compiled program's largest cross-branch
 collective scales with tokens x k, not vocabulary or parameters.
+
+Qwen3-VL: the rows' pictures (`RolloutBatch.vision`) are scored as the OPD teacher pass scores
+them (`steps.chunked_rows`): the student on its own pack, the teacher on the student's pack,
+which goes to the teacher's shard with the tokens (pixels cross branches, parameters never).
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from copd_jax.scoring import check_chunk_size, next_token_topk
-from copd_jax.steps import (BranchState, RolloutBatch, chunked, permute_branches, round_table,
-                            routing)
+from copd_jax.steps import (BranchState, RolloutBatch, chunked_rows, encoded_once,
+                            permute_branches, round_table, routing)
 from copd_jax.tracing import TRACE_COUNTS
 
 
@@ -42,8 +46,8 @@ def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
                    rounds: Sequence[Sequence[int]], k: int, temperature: float = 1.0,
                    num_micro_batches: int = 1, logits_chunk: int | None = None) -> Callable:
   """Jitted `edge_topk(params [K, ...], distill [R, K, M, T]) -> EdgeTopK`. Parameters stay where
-  they are; tokens go to the teacher's shard and only top-k results come back. logits_chunk as
-  in StepConfig."""
+  they are; tokens (and a Qwen3-VL batch's pictures) go to the teacher's shard and only top-k
+  results come back. logits_chunk as in StepConfig."""
   check_chunk_size(logits_chunk)
   rounds_sh = NamedSharding(mesh, P(None, 'branch'))
 
@@ -51,20 +55,24 @@ def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
     TRACE_COUNTS['edge_topk'] += 1
     R, K = distill.tokens.shape[:2]
     table = round_table(rounds, K, R)
-    score = lambda p, tok, valid: chunked(
-        lambda t, v: next_token_topk(graphdef, p, t, v, temperature, k, logits_chunk),
-        num_micro_batches, tok, valid)
+    score = lambda p, tok, valid, vision: chunked_rows(
+        lambda t, v, pictures: next_token_topk(graphdef, p, t, v, temperature, k, logits_chunk,
+                                               pictures),
+        num_micro_batches, tok, valid, encoded_once(graphdef, p, vision))
 
-    def local(params, tokens, valid, completion):
-      """One branch block's share: [K / branch, ...] of every input."""
+    def local(params, tokens, valid, completion, vision):
+      """One branch block's share: [K / branch, ...] of every input (vision None for text)."""
       here = jax.lax.axis_index('branch') * tokens.shape[1] + jnp.arange(tokens.shape[1])
       out = []
       for r, teacher_of in enumerate(table):
         to_teacher, to_student, active = routing(teacher_of)
         move = lambda x, index: permute_branches(x, index, K)
-        s_ids, s_lp, s_tok = jax.vmap(score)(params, tokens[r], valid[r])
-        t_ids, t_lp, t_tok = jax.vmap(score)(params, move(tokens[r], to_teacher),
-                                             move(valid[r], to_teacher))
+        pictures = jax.tree.map(lambda x: x[r], vision)
+        s_ids, s_lp, s_tok = jax.vmap(score)(params, tokens[r], valid[r], pictures)
+        # Qwen3-VL: the student's pictures go with its tokens to the teacher.
+        t_ids, t_lp, t_tok = jax.vmap(score)(
+            params, move(tokens[r], to_teacher), move(valid[r], to_teacher),
+            jax.tree.map(lambda x: move(x, to_teacher), pictures))
         t_ids, t_lp, t_tok = (move(x, to_student) for x in (t_ids, t_lp, t_tok))
         keep = completion[r].astype(bool) & jnp.asarray(active)[here][:, None, None]
         ids = lambda x: jnp.where(keep[..., None], x, -1)
@@ -74,9 +82,9 @@ def make_edge_topk(graphdef, mesh: Mesh, state_sharding: BranchState,
       return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
 
     rows = P(None, 'branch')
-    return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), rows, rows, rows),
+    return jax.shard_map(local, mesh=mesh, in_specs=(P('branch'), rows, rows, rows, rows),
                          out_specs=rows, axis_names={'branch'}, check_vma=False)(
-        params, distill.tokens, distill.token_valid, distill.completion_mask)
+        params, distill.tokens, distill.token_valid, distill.completion_mask, distill.vision)
 
   return jax.jit(edge_topk, in_shardings=(state_sharding.params, rounds_sh),
                  out_shardings=rounds_sh)

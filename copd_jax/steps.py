@@ -499,6 +499,27 @@ def chunked(fn, num: int, *xs):
   return jax.tree.map(_merge_micro, out)
 
 
+def chunked_rows(fn, num: int, tokens: jax.Array, valid: jax.Array,
+                 vision: VisionBatch | None):
+  """`fn(tokens, valid, pictures)` over one branch's rows [M, T], `chunked` into num sequential
+  micro-batches: the pack of pictures is whole in every micro-batch (its rows point into it),
+  the rows' visual slots and M-RoPE positions are split with the rows (pictures None for text
+  rows). The one way the OPD teacher pass and the top-k probe feed rows to a scoring function."""
+  def one(t, v, *rows):
+    pictures = None if vision is None else vision._replace(visual_slot=rows[0], positions=rows[1])
+    return fn(t, v, pictures)
+  rows = () if vision is None else (vision.visual_slot, vision.positions)
+  return chunked(one, num, tokens, valid, *rows)
+
+
+def encoded_once(graphdef, params: nnx.State, vision: VisionBatch | None) -> VisionBatch | None:
+  """`vision` with its pack already through the tower (`Qwen3VL.encode_pack`), so the
+  micro-batches of a forward-only pass (`chunked_rows`) share one tower run."""
+  if vision is None:
+    return None
+  return vision._replace(patches=nnx.merge(graphdef, params).encode_pack(vision.patches))
+
+
 def route(x: jax.Array, index: np.ndarray, mesh: Mesh) -> jax.Array:
   """Rows of x [K, M, ...] permuted along the branch axis (row t becomes x[index[t]]) by
   `permute_branches` under a `shard_map` manual over every mesh axis, laid out as
@@ -522,14 +543,11 @@ def teacher_views(graphdef, params: nnx.State, distill: RolloutBatch, rounds: np
   and [M, T, D] hidden states for 'full_reverse_kl' (whose heads `teacher_heads` routes)."""
   def score(p, tok, valid, vision):
     # The teacher's tower runs once per round on the student's pack, not per micro-batch.
-    encoded = None if vision is None else nnx.merge(graphdef, p).encode_pack(vision.patches)
-
-    def one(t, v, *rows):
-      pictures = None if vision is None else VisionBatch(encoded, *rows)
-      return opd_signals.teacher_view(graphdef, p, t, v, config.opd_signal, config.temperature,
-                                      config.opd_topk, config.logits_chunk, pictures)
-    rows = () if vision is None else (vision.visual_slot, vision.positions)
-    return chunked(one, config.num_micro_batches, tok, valid, *rows)
+    return chunked_rows(
+        lambda t, v, pictures: opd_signals.teacher_view(
+            graphdef, p, t, v, config.opd_signal, config.temperature, config.opd_topk,
+            config.logits_chunk, pictures),
+        config.num_micro_batches, tok, valid, encoded_once(graphdef, p, vision))
 
   out = []
   for r, teacher_of in enumerate(rounds):

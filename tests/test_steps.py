@@ -651,9 +651,16 @@ def test_logits_chunk_config_field_reaches_the_step_config():
 
 
 def _largest_cross_branch_bytes_vl(*, hidden: int = 32, patches: int = 64, K: int = 2) -> int:
-  """The largest cross-branch collective (bytes per device) of the compiled OPD step of a tiny
-  Qwen3-VL model on rows with pictures (a pack of `patches` patches per branch and round), on a
-  branch=K, fsdp=2 mesh of CPU devices (abstract inputs: compile only)."""
+  """The largest of `_cross_branch_bytes_vl` of the OPD step."""
+  return max(_cross_branch_bytes_vl('opd', hidden=hidden, patches=patches, K=K), default=0)
+
+
+def _cross_branch_bytes_vl(program: str, *, hidden: int = 32, patches: int = 64, K: int = 2,
+                           k: int = 5) -> list[int]:
+  """Bytes per device of every cross-branch collective of the compiled OPD step ('opd') or
+  top-k probe ('topk', k) of a tiny Qwen3-VL model on rows with pictures (a pack of `patches`
+  patches per branch and round), on a branch=K, fsdp=2 mesh of CPU devices (abstract inputs:
+  compile only)."""
   from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
   from copd_jax.models.qwen3_vl_vision import VisionConfig
   from copd_jax.vision_batch import PatchPack, VisionBatch
@@ -683,10 +690,13 @@ def _largest_cross_branch_bytes_vl(*, hidden: int = 32, patches: int = 64, K: in
         spec(lead + (T,), jnp.int32), spec(lead + (3, T), jnp.int32))
     return rows._replace(vision=pictures)
 
-  fn = make_opd_step(graphdef, adamw, mesh, StepConfig(), shardings, rounds)
-  lowered = fn.lower(state, batch((K, 4)), batch((1, K, 4)))
-  cross = cross_branch_collectives(lowered.compile().as_text(), mesh)
-  return max((c['bytes'] for c in cross), default=0)
+  if program == 'opd':
+    fn = make_opd_step(graphdef, adamw, mesh, StepConfig(), shardings, rounds)
+    lowered = fn.lower(state, batch((K, 4)), batch((1, K, 4)))
+  else:
+    lowered = make_edge_topk(graphdef, mesh, shardings, rounds, k=k).lower(
+        state.params, batch((1, K, 4)))
+  return [c['bytes'] for c in cross_branch_collectives(lowered.compile().as_text(), mesh)]
 
 
 @pytest.mark.slow   # three compiles of a tiny Qwen3-VL OPD step
@@ -699,3 +709,19 @@ def test_vl_opd_step_moves_pixels_and_tokens_across_branches_never_parameters():
   assert base == 64 * 96 * 4 // 2
   assert _largest_cross_branch_bytes_vl(hidden=64) == base
   assert _largest_cross_branch_bytes_vl(patches=128) == 2 * base
+
+
+@pytest.mark.slow   # four compiles of a tiny Qwen3-VL top-k probe
+def test_vl_probe_moves_tokens_pixels_and_topk_across_branches_never_parameters():
+  """Issue 19: the top-k probe on Qwen3-VL rows sends the student's tokens and pictures to the
+  teacher's shard and brings the teacher's top-k back, nothing else: the cross-branch
+  collectives are the same when the model's hidden sizes double; the largest is a branch's
+  pack of pixels (64 patches x 96 values x 4 bytes, whole on each device: the probe is manual
+  over 'branch' only), doubled with the pack; the teacher's top-k ids and log-probs (4 rows x
+  T x k x 4 bytes) scale with k."""
+  base = _cross_branch_bytes_vl('topk')
+  assert sorted(_cross_branch_bytes_vl('topk', hidden=64)) == sorted(base)
+  assert max(base) == 64 * 96 * 4
+  assert max(_cross_branch_bytes_vl('topk', patches=128)) == 2 * max(base)
+  assert base.count(4 * T * 5 * 4) == 2
+  assert _cross_branch_bytes_vl('topk', k=10).count(4 * T * 10 * 4) == 2

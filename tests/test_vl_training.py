@@ -3,7 +3,8 @@ sampler equals `generate` per branch; in the GRPO and OPD steps the
 update equals the gradient of the same loss built from the model's own full forward
 (`Qwen3VL.__call__` per row with its `VisualInput`, M-RoPE positions recomputed from the whole
 row), fp32, images and a video, two branches with different picture sizes, GRPO groups sharing
-one copy of their prompt's pictures; and the step's pack of patches pads to a bucket."""
+one copy of their prompt's pictures; and the step's pack of patches pads to a bucket. The top-k
+probe (copd_jax.edge_topk) scores the rows with their pictures as that full forward does."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from flax import nnx
 
 from copd_jax import losses, mesh as mesh_lib
+from copd_jax.edge_topk import make_edge_topk
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, VisualInput
 from copd_jax.models.qwen3_vl_vision import VisionConfig
@@ -140,6 +142,20 @@ def _full_forward_logprobs(graphdef, params, tokens, valid, rows, temperature):
 
 
 @jax.jit(static_argnums=0)
+def _full_forward_next_logprobs(graphdef, params, tokens, valid, rows, temperature):
+  """[B, T, V] log-probs of the next-token distribution predicting token t at position t
+  (position 0: 0) by the model's own forward, one row at a time with its pictures."""
+  model = nnx.merge(graphdef, params)
+  out = []
+  for b, (images, videos, positions) in enumerate(rows):
+    logits = model(tokens[b][None], images=images, videos=videos, positions=positions,
+                   token_valid=valid[b][None])
+    out.append(jnp.pad(jax.nn.log_softmax(logits[0, :-1] / temperature, axis=-1),
+                       ((1, 0), (0, 0))))
+  return jnp.stack(out)
+
+
+@jax.jit(static_argnums=0)
 def _reference_grad(graphdef, params, batch_k, rows, advantages, temperature):
   """Gradient of the GRPO loss of rows batch_k [B, T] (advantages [B, T]) by the full forward."""
   def loss(p):
@@ -234,6 +250,47 @@ def test_opd_step_with_pictures_equals_the_full_forward_gradient(model):
     count = d_k.completion_mask.sum()
     np.testing.assert_allclose(metrics['opd_delta_mean'][k], delta.sum() / count, rtol=2e-4,
                                atol=1e-6)
+
+
+@pytest.mark.slow   # compiles of a tiny Qwen3-VL probe on two meshes and its reference
+def test_probe_scores_rows_with_their_pictures_as_the_full_forward_does(model):
+  """Issue 19: the behavioural probe's top-k ids and log-probs and its sampled-token log-probs
+  of student k and of its teacher 1 - k, on student k's distillation rows (images, a video, a
+  text-only prompt) micro-batched in two, equal each model's own full forward with the rows'
+  pictures, on one device (branches gathered) and on a ('branch',) mesh (the student's tokens
+  and pixels permuted to the teacher); scoring the same rows as text (the pictures dropped,
+  plain positions) gives other numbers."""
+  graphdef, params = model
+  distill, pictures = _rollouts(4)
+  stacked = jax.tree.map(lambda x: np.asarray(x)[None], distill)
+  k, temp = 5, CFG['temperature']
+  two = mesh_lib.make_mesh({'branch': 2, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:2])
+  outs = []
+  for mesh in (_mesh(), two):
+    state, sh = _state(params, mesh)
+    probe = make_edge_topk(graphdef, mesh, sh, ((1, 0),), k, temp, num_micro_batches=2)
+    outs.append(probe(state.params, stacked))
+  as_text = probe(state.params, stacked._replace(vision=None))
+  branch = lambda b: jax.tree.map(lambda x: x[b], params)
+  for student in range(2):
+    tokens, valid = distill.tokens[student], distill.token_valid[student]
+    mask = distill.completion_mask[student]
+    rows = _row_inputs(graphdef, branch(student), tokens, valid, pictures[student])
+    for who, field in ((student, 'student'), (1 - student, 'teacher')):
+      logp = np.asarray(_full_forward_next_logprobs(graphdef, branch(who), tokens, valid, rows,
+                                                    temp))
+      want_ids = np.argsort(-logp, axis=-1)[..., :k]
+      want_lp = np.take_along_axis(logp, want_ids, -1)
+      want_tok = np.take_along_axis(logp, tokens[..., None], -1)[..., 0] * mask
+      for out in outs:
+        ids, lp, tok = (np.asarray(getattr(out, f'{field}_{name}'))[0, student]
+                        for name in ('ids', 'logprobs', 'token_logprob'))
+        np.testing.assert_array_equal(ids[mask], want_ids[mask])
+        assert np.all(ids[~mask] == -1)
+        np.testing.assert_allclose(lp[mask], want_lp[mask], rtol=0, atol=2e-5)
+        np.testing.assert_allclose(tok, want_tok, rtol=0, atol=2e-5)
+      text_lp = np.asarray(getattr(as_text, f'{field}_logprobs'))[0, student]
+      assert np.abs(text_lp[mask] - want_lp[mask]).max() > 1e-2
 
 
 def _visual_inputs(pictures_rows):
