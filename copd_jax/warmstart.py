@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,9 +77,20 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
 def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print) -> str:
   """Path of the warm-started base HF folder in `workdir`, trained now unless already cached with
   the same settings. `workdir` may be remote (gs://...)."""
-  path = storage.join(storage.resolve(workdir), 'base')
   recipe = {'model': model_cfg.toy.to_dict(), 'warmstart': warm_cfg.to_dict(), 'seed': seed,
             'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
+
+  def build(path: str) -> None:
+    log(f'base model: warm-starting a character model on {len(pairs)} examples')
+    config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
+    hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
+  return cached_base(workdir, recipe, build, log)
+
+
+def cached_base(workdir: str, recipe: dict, build: Callable[[str], None], log=print) -> str:
+  """<workdir>/base: reused when its stamp holds `recipe` (every setting the base depends on),
+  else `build(path)` writes it and the stamp is written after it."""
+  path = storage.join(storage.resolve(workdir), 'base')
   stamp = storage.join(path, _STAMP)
   if storage.is_file(stamp):
     try:
@@ -89,9 +100,7 @@ def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=p
     if cached == recipe:
       log(f'base model: reusing {path}')
       return path
-  log(f'base model: warm-starting a character model on {len(pairs)} examples')
-  config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
-  hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
+  build(path)
   # Atomic (local: temporary file + os.replace; remote: one object upload): a kill leaves the
   # old stamp or the new one.
   storage.write_text(stamp, json.dumps(recipe))

@@ -1,0 +1,40 @@
+"""CoPD, K=3 hub-and-spoke on the toy Qwen3-VL world: text, image and video branches (hub: sort,
+text; spokes: compare, an image domain, and motion, a video domain), the paper's Table 2
+setting in miniature.
+
+Run (needs torchvision for transformers' video processor: requirements-video.txt;
+configs/toy_copd_vl_image.py is the images-only world that needs nothing beyond
+requirements.txt):
+  python -m copd_jax train --config configs/toy_copd_vl.py --workdir runs/toy_copd_vl
+
+What to expect: a toy Qwen3-VL (the text toy's character decoder with a 2-block vision tower,
+copd_jax/models/toy_vl.py) warm-started with pictures on each domain's own warm-start split, a
+share of it answered with the domain's near miss (copd_jax/warmstart_vl.py; cached in
+<workdir>/base), then GRPO + hub-and-spoke OPD cycles (spokes learn from the hub, the hub from
+every spoke), a mean merge, the merged Hugging Face Qwen3-VL folder, and the evaluation table
+(base, each branch, merge) of the text run. A recorded run, its wall time and whether RL lifts
+the visual domains: experiments/results/toy_copd_vl.md.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from base import base_config, synthetic_domain  # noqa: E402
+
+
+def toy_vl_world(branches):
+  """The toy Qwen3-VL world's config with `branches` (the first one the text hub; the others
+  built-in image / video domains, copd_jax/data/synthetic_vision.py)."""
+  c = base_config()
+  c.branches = tuple(branches)
+  for name in branches[1:]:
+    c.domains[name] = synthetic_domain(num_train=2000, num_eval=128)
+    c.domains[name].source = 'synthetic_vision'
+  c.model.source = 'toy_vl'
+  c.copd.topology = 'hub_and_spoke'
+  c.copd.hub = 0
+  return c
+
+
+def get_config():
+  return toy_vl_world(('sort', 'compare', 'motion'))
