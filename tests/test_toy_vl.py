@@ -163,3 +163,19 @@ def test_toy_vision_fields_are_checked_naming_the_field():
   with pytest.raises(ConfigError, match=r'model\.source'):
     validate(c)
   validate(_config())
+
+
+def test_video_domain_without_torchvision_is_one_line_naming_the_toy_model(tmp_path):
+  import importlib.util
+  from copd_jax import run_setup
+  from copd_jax.errors import UserInputError
+  if importlib.util.find_spec('torchvision') is not None:
+    pytest.skip('torchvision is installed: the toy video processor loads')
+  c = _config()
+  c.branches = ('sort', 'motion')
+  c.domains['motion'] = synthetic_domain(num_train=2, num_eval=1)
+  c.domains.motion.source = 'synthetic_vision'
+  domains = run_setup.load_domains(c, image_dir=str(tmp_path))
+  with pytest.raises(UserInputError, match=r"^domains\.motion: the row has a video, but .*of the "
+                     r"toy Qwen3-VL \(model\.source='toy_vl'\).*torchvision"):
+    run_setup.prompt_encoder(c, domains, log=lambda _: None)

@@ -12,6 +12,7 @@ never here: a 64 x 64 image becomes a 4 x 4 grid of 16 x 16 patches, 4 merged to
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -86,7 +87,10 @@ def toy_vision_processor(toy_vision) -> VisionProcessor:
   base folder (written to a temporary folder and read back the same way)."""
   with tempfile.TemporaryDirectory() as folder:
     write_processor_files(folder, toy_vision)
-    return load_vision_processor(folder)
+    processor = load_vision_processor(folder)
+  # Why videos cannot be used names the model, not the temporary folder.
+  return dataclasses.replace(processor, video_problem=processor.video_problem.replace(
+      f'of {folder}', "of the toy Qwen3-VL (model.source='toy_vl')"))
 
 
 def save_toy_vl_folder(params: dict, config: Qwen3VLConfig, out_dir: str, toy_vision) -> None:
