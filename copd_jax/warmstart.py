@@ -92,6 +92,7 @@ def cached_base(workdir: str, recipe: dict, build: Callable[[str], None], log=pr
   else `build(path)` writes it and the stamp is written after it."""
   path = storage.join(storage.resolve(workdir), 'base')
   stamp = storage.join(path, _STAMP)
+  recipe = json.loads(json.dumps(recipe))  # as the stamp reads back (tuples become lists)
   if storage.is_file(stamp):
     try:
       cached = json.loads(storage.read_text(stamp))

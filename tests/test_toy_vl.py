@@ -179,3 +179,14 @@ def test_video_domain_without_torchvision_is_one_line_naming_the_toy_model(tmp_p
   with pytest.raises(UserInputError, match=r"^domains\.motion: the row has a video, but .*of the "
                      r"toy Qwen3-VL \(model\.source='toy_vl'\).*torchvision"):
     run_setup.prompt_encoder(c, domains, log=lambda _: None)
+
+
+def test_cached_base_is_reused_for_a_recipe_with_tuples(tmp_path):
+  """model.toy_vision holds tuples; the stamp reads them back as lists and must still match."""
+  from copd_jax.warmstart import cached_base
+  built = []
+  recipe = {'model': {'toy_vision': {'deepstack_visual_indexes': (0,), 'mrope_section': (2, 3, 3)}}}
+  for _ in range(2):
+    path = cached_base(str(tmp_path), recipe, lambda p: (os.makedirs(p), built.append(p)),
+                       log=lambda _: None)
+  assert built == [path]
