@@ -42,6 +42,13 @@ def encode_sft_batch(tokenizer, pairs: Sequence[tuple[str, str]], length: int):
   return tokens, valid, target
 
 
+def warmstart_optimizer(warm_cfg) -> optax.GradientTransformation:
+  """AdamW with clipping and a cosine decay over warmstart.steps (the text and VL warm starts)."""
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.cosine_decay_schedule(warm_cfg.learning_rate,
+                                                             warm_cfg.steps), b2=0.98))
+
+
 def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
                log=print) -> tuple[Qwen3Config, dict]:
   """Supervised warm start on rendered (prompt, answer) pairs; returns (config, params dict)."""
@@ -49,9 +56,7 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
   config = toy_model_config(model_cfg.toy)
   model = Qwen3(config, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(optax.cosine_decay_schedule(warm_cfg.learning_rate,
-                                                                  warm_cfg.steps), b2=0.98))
+  optimizer = warmstart_optimizer(warm_cfg)
   opt_state = optimizer.init(params)
   longest = max(len(p) + len(a) for p, a in pairs) + 1
   length = int(-(-longest // 8) * 8)

@@ -34,7 +34,7 @@ from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.toy_vl import save_toy_vl_folder, toy_vl_model_config
 from copd_jax.rollouts import PromptEncoder, bucket_length
 from copd_jax.scoring import sequence_logprobs
-from copd_jax.warmstart import cached_base
+from copd_jax.warmstart import cached_base, warmstart_optimizer
 
 
 def vl_warmstart_split(config, domains: dict[str, tuple[list[Example], list[Example]]],
@@ -102,9 +102,7 @@ def train_vl_base(model_config: Qwen3VLConfig, warm_cfg, split: dict[str, list[E
   tower included, learns); returns the params as a pure dict."""
   model = Qwen3VL(model_config, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(optax.cosine_decay_schedule(warm_cfg.learning_rate,
-                                                                  warm_cfg.steps), b2=0.98))
+  optimizer = warmstart_optimizer(warm_cfg)
   opt_state = optimizer.init(params)
   every = [e for rows in split.values() for e in rows]
   prompt_length = bucket_length(max(len(encoder.ids(e)) for e in every))
