@@ -22,12 +22,13 @@ from copd_jax.data.domain import REWARD_KINDS, is_reward_name
 from copd_jax.data.prompt_limit import LONG_PROMPT_POLICIES
 from copd_jax.data.synthetic_vision import SYNTHETIC_VISION_DOMAINS
 from copd_jax.errors import ConfigError, UserInputError
-from copd_jax.fields import Fields
+from copd_jax.fields import Fields, is_int
 from copd_jax.merge import MergeRecipe
 from copd_jax.models import hub
 from copd_jax.models.attention import IMPLEMENTATIONS
 from copd_jax.models.tokenizer import char_vocab_size
 from copd_jax.models.presets import DTYPES, MODEL_PRESETS, toy_model_config
+from copd_jax.models.toy_vl import toy_vl_model_config
 from copd_jax.optim import make_optimizer
 from copd_jax.rollouts import PROMPT_BUCKETS
 from copd_jax.sampling import SamplingParams
@@ -147,7 +148,7 @@ def _check_data(config, check_files: bool) -> None:
 
 def _check_model(config, check_files: bool) -> None:
   model, K = config.model, len(config.branches)
-  check.one_of('model.source', model.source, ('toy', 'hf'))
+  check.one_of('model.source', model.source, ('toy', 'toy_vl', 'hf'))
   check.check(model.preset in ('',) + tuple(MODEL_PRESETS), 'model.preset',
               f"must be '' or one of {', '.join(MODEL_PRESETS)}; got {model.preset!r}")
   if model.source == 'hf' and check_files:
@@ -165,14 +166,28 @@ def _check_model(config, check_files: bool) -> None:
     if path and check_files:
       folder = path.rsplit(':', 1)[0] if ':' in path and path.rsplit(':', 1)[1].isdigit() else path
       check.check(os.path.isdir(folder), f'model.branch_init[{k}]', f'no such folder: {folder!r}')
-  if model.source == 'toy':  # checked now: the toy model is first built after the data load
+  if model.source in ('toy', 'toy_vl'):  # checked now: the toy is first built after the data load
     toy_model_config(model.toy)
+    if model.source == 'toy_vl':
+      _check_toy_vision(model)
     warm = config.warmstart
     check.positive_int('warmstart.steps', warm.steps)
     check.positive_int('warmstart.batch_size', warm.batch_size)
     check.real('warmstart.learning_rate', warm.learning_rate, 0, low_open=True)
     check.positive_int('warmstart.examples_per_domain', warm.examples_per_domain)
     check.real('warmstart.wrong_share', warm.wrong_share, 0, 1, high_open=True)
+
+
+def _check_toy_vision(model) -> None:
+  """model.toy_vision: the toy Qwen3-VL's architecture (its own checks name the field) and its
+  processors' pixel cap."""
+  toy_vision = model.toy_vision
+  check.positive_int('model.toy_vision.max_image_pixels', toy_vision.max_image_pixels)
+  for name in ('deepstack_visual_indexes', 'mrope_section'):
+    check.check(isinstance(toy_vision[name], (tuple, list))
+                and all(is_int(i) for i in toy_vision[name]), f'model.toy_vision.{name}',
+                f'must be a tuple of ints, got {toy_vision[name]!r}')
+  toy_vl_model_config(model.toy, toy_vision)
 
 
 def _check_copd(config) -> None:
@@ -285,7 +300,7 @@ MAX_SEED = 2**31 - 1
 
 def _model_vocab_size(config, check_files: bool) -> int | None:
   """The model's vocabulary size, known before any compute (None: not known yet)."""
-  if config.model.source == 'toy':
+  if config.model.source in ('toy', 'toy_vl'):
     return char_vocab_size()
   if not check_files:
     return None

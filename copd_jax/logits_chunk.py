@@ -55,7 +55,7 @@ def config_vocab_size(config) -> int:
   """The vocabulary a config alone tells: the toy's character vocabulary, model.preset's, else
   Qwen3's (the largest, so 'auto' errs on the side of memory). The driver and `plan` pass the
   model's own."""
-  if config.model.source == 'toy':
+  if config.model.source in ('toy', 'toy_vl'):
     return char_vocab_size()
   if config.model.preset in MODEL_PRESETS:
     return preset_text_config(config.model.preset).vocab_size

@@ -22,6 +22,7 @@ from copd_jax.memory_estimate import (  # noqa: F401  (re-exported: the planner'
     shard_bytes, state_leaf_plans, train_activation_bytes, workload_of)
 from copd_jax.models import hf_io, hf_io_vl
 from copd_jax.models.presets import MODEL_PRESETS, toy_model_config
+from copd_jax.models.toy_vl import toy_vl_model_config
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.optim import make_optimizer
@@ -37,6 +38,8 @@ def model_config_of(config) -> tuple[Qwen3Config | Qwen3VLConfig, str]:
   model = config.model
   if model.source == 'toy':
     return toy_model_config(model.toy), 'toy'
+  if model.source == 'toy_vl':
+    return toy_vl_model_config(model.toy, model.toy_vision), 'toy_vl'
   if model.hf_path and os.path.isfile(os.path.join(model.hf_path, 'config.json')):
     source = os.path.join(model.hf_path, 'config.json')
     if hf_io_vl.is_vl_folder(model.hf_path):

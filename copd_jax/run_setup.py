@@ -40,6 +40,7 @@ from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.chat_template import check_chat_template
 from copd_jax.models.presets import DTYPES, toy_model_config
 from copd_jax.models.tokenizer import char_tokenizer, load_tokenizer
+from copd_jax.models.toy_vl import toy_vision_processor, toy_vl_model_config
 from copd_jax.optim import make_optimizer
 from copd_jax.prompt_buckets import StepPerPromptLength
 from copd_jax.prompt_checks import check_prompts
@@ -60,6 +61,7 @@ from copd_jax.steps import (BranchState, branch_state_init, branch_state_shardin
 from copd_jax.tag_names import tag_namer
 from copd_jax.topology import topology_from_config
 from copd_jax.warmstart import ensure_base_model
+from copd_jax.warmstart_vl import ensure_toy_vl_base, vl_warmstart_split
 
 
 @dataclasses.dataclass
@@ -121,7 +123,7 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
     if saved is not None:
       check_resume_compatible(saved['config'], config, log, steps_done=saved['step'] + 1)
       sources.set_state(saved['data_state'])  # a changed number of examples: refused here
-  base_path = base_model_path(config, workdir, domains, log,
+  base_path = base_model_path(config, workdir, domains, log, encoder,
                               resuming=checkpointer.latest_step() is not None)
   # Shapes only: the weights are read after the memory check, straight into their shardings.
   model = abstract_base_model(config, base_path)
@@ -322,6 +324,13 @@ def prompt_encoder(config, domains, log: Callable) -> tuple[PromptEncoder, dict]
       model_config = hf_io.read_config(folder)
       hf_io.check_tensors(folder, model_config)
     tokenizer = load_tokenizer(storage.local_copy(folder))
+  elif config.model.source == 'toy_vl':  # its processors are settings: known before the base
+    folder, tokenizer = None, char_tokenizer(vision=True)
+    vl_config = toy_vl_model_config(config.model.toy, config.model.toy_vision)
+    model_config, source = vl_config.text, 'config.model.toy'
+    if any(ex.images or ex.video for split in domains.values() for part in split for ex in part):
+      vision = VisionEncoding(toy_vision_processor(config.model.toy_vision), vl_config,
+                              config.data.max_image_pixels)
   else:
     folder, tokenizer = None, char_tokenizer()
     model_config, source = toy_model_config(config.model.toy), 'config.model.toy'
@@ -372,11 +381,17 @@ def load_vl_base_params(folder: str, abstract_params: nnx.State, model_config: Q
   return jax.device_put(params, mesh_lib.state_shardings(abstract_params, mesh, rules))
 
 
-def base_model_path(config, workdir: str, domains, log: Callable, resuming: bool = False) -> str:
-  """The base model's folder: model.hf_path, or the workdir's warm-started toy base (trained
-  now if absent; resuming: an existing one is kept even if its data changed since)."""
+def base_model_path(config, workdir: str, domains, log: Callable,
+                    encoder: PromptEncoder | None = None, resuming: bool = False) -> str:
+  """The base model's folder: model.hf_path, or the toy base warm-started in <workdir>/base
+  (source 'toy_vl': through `encoder`, the run's, pictures included), trained now if absent;
+  resuming: an existing one is kept even if its data changed since."""
   if config.model.source == 'hf':
     return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
+  if config.model.source == 'toy_vl':
+    split = vl_warmstart_split(config, domains, lambda name: synthetic_seed(config, name))
+    return distributed.primary_first(lambda: ensure_toy_vl_base(
+        workdir, config, split, encoder, log, resuming), 'warmstart')
   # A synthetic domain warm-starts on its own split (no RL or eval prompt, a near-miss share),
   # so RL has skill left to discover; a file domain on the toy model uses its train split.
   pairs = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,13 @@ def encode_sft_batch(tokenizer, pairs: Sequence[tuple[str, str]], length: int):
   return tokens, valid, target
 
 
+def warmstart_optimizer(warm_cfg) -> optax.GradientTransformation:
+  """AdamW with clipping and a cosine decay over warmstart.steps (the text and VL warm starts)."""
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.cosine_decay_schedule(warm_cfg.learning_rate,
+                                                             warm_cfg.steps), b2=0.98))
+
+
 def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
                log=print) -> tuple[Qwen3Config, dict]:
   """Supervised warm start on rendered (prompt, answer) pairs; returns (config, params dict)."""
@@ -49,9 +56,7 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
   config = toy_model_config(model_cfg.toy)
   model = Qwen3(config, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adamw(optax.cosine_decay_schedule(warm_cfg.learning_rate,
-                                                                  warm_cfg.steps), b2=0.98))
+  optimizer = warmstart_optimizer(warm_cfg)
   opt_state = optimizer.init(params)
   longest = max(len(p) + len(a) for p, a in pairs) + 1
   length = int(-(-longest // 8) * 8)
@@ -77,16 +82,29 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
 def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print,
                       resuming: bool = False) -> str:
   """Path of the warm-started base HF folder in `workdir`, trained now unless already cached with
-  the same settings. `workdir` may be remote (gs://...).
+  the same settings. `workdir` may be remote (gs://...). resuming: as in `cached_base`."""
+  recipe = {'model': model_cfg.toy.to_dict(), 'warmstart': warm_cfg.to_dict(), 'seed': seed,
+            'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
+
+  def build(path: str) -> None:
+    log(f'base model: warm-starting a character model on {len(pairs)} examples')
+    config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
+    hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
+  return cached_base(workdir, recipe, build, log, resuming)
+
+
+def cached_base(workdir: str, recipe: dict, build: Callable[[str], None], log=print,
+                resuming: bool = False) -> str:
+  """<workdir>/base: reused when its stamp holds `recipe` (every setting the base depends on),
+  else `build(path)` writes it and the stamp is written after it.
 
   resuming: the workdir's checkpoints were trained from the base it holds, so that base is kept
   even where the recipe differs: on a resume only its data can (its other fields are training
   fields the resume check holds equal), after --accept-changed-data; a resume never rewrites
   base/, whose model is the run's reference and evaluation baseline."""
   path = storage.join(storage.resolve(workdir), 'base')
-  recipe = {'model': model_cfg.toy.to_dict(), 'warmstart': warm_cfg.to_dict(), 'seed': seed,
-            'data': hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()}
   stamp = storage.join(path, _STAMP)
+  recipe = json.loads(json.dumps(recipe))  # as the stamp reads back (tuples become lists)
   if storage.is_file(stamp):
     try:
       cached = json.loads(storage.read_text(stamp))
@@ -99,9 +117,7 @@ def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=p
       log(f'base model: reusing {path}, the base this run started from (its warm-start data '
           'changed since; a resume keeps it)')
       return path
-  log(f'base model: warm-starting a character model on {len(pairs)} examples')
-  config, params = train_base(model_cfg, warm_cfg, pairs, seed, log)
-  hf_io.save_hf_folder(params, config, path, tokenizer=char_tokenizer())
+  build(path)
   # Atomic (local: temporary file + os.replace; remote: one object upload): a kill leaves the
   # old stamp or the new one.
   storage.write_text(stamp, json.dumps(recipe))

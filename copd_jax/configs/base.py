@@ -48,7 +48,15 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             (copd_jax/data/prompt_limit.py). max_image_pixels: an image or
                             video frame with more pixels (width x height) is refused at load
                             (default: Pillow's decompression-bomb threshold, 89,478,485)
-  model                     source 'toy' (built-in char model, warm-started) or 'hf' (hf_path);
+  model                     source 'toy' (built-in char model, warm-started), 'toy_vl' (the
+                            toy Qwen3-VL: the char decoder of model.toy with the small vision
+                            tower of model.toy_vision: depth, hidden_size, intermediate_size,
+                            num_heads, patch_size, num_position_embeddings (a square: the
+                            learned position table), deepstack_visual_indexes, the decoder's
+                            mrope_section, max_image_pixels (transformers' image processor
+                            resizes larger pictures down, per frame for a video); warm-started
+                            on the domains with pictures, copd_jax/warmstart_vl.py) or 'hf'
+                            (hf_path);
                             freeze_vision (Qwen3-VL): keep the vision tower (and its mergers)
                             as the base has it, train the decoder only (default False: the
                             tower learns with the rest);
@@ -62,14 +70,16 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             'qwen3-8b', copd_jax.models.presets.QWEN3_PRESETS) or Qwen3-VL one
                             ('qwen3-vl-4b', QWEN3_VL_PRESETS) that `plan` uses when hf_path
                             holds no config.json (shapes only, no weights)
-  warmstart                 supervised warm start of the toy base (cached in <workdir>/base):
+  warmstart                 supervised warm start of the toy base, 'toy' or 'toy_vl' (cached
+                            in <workdir>/base):
                             steps, batch_size, learning_rate (cosine decay to 0);
                             examples_per_domain: a synthetic domain's warm-start split
                             (its own instances, never an RL or eval prompt:
                             copd_jax/data/synthetic.py); a file domain uses its train split;
                             wrong_share in [0, 1): the share of a synthetic domain's
                             warm-start examples that carry its near-miss answer (sort: the
-                            digits descending; rsort: ascending; reverse: unchanged), so the
+                            digits descending; rsort: ascending; reverse: unchanged; image /
+                            video domains: synthetic_vision.NEAR_MISS), so the
                             base is right on only part of its samples and GRPO has headroom
   copd                      num_cycles N (the one training field a resume may change: a
                             larger N continues the run and merges / evaluates at the new end;
@@ -211,7 +221,10 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True, preset='', branch_init=(), attention='auto', attention_block=512,
       freeze_vision=False,
       toy=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-               intermediate_size=192)))
+               intermediate_size=192),
+      toy_vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                      num_position_embeddings=16, deepstack_visual_indexes=(0,),
+                      mrope_section=(2, 3, 3), max_image_pixels=64 * 64)))
   c.warmstart = ml_collections.ConfigDict(dict(steps=800, batch_size=64, learning_rate=3e-3,
                                               examples_per_domain=2000, wrong_share=0.5))
   c.copd = ml_collections.ConfigDict(dict(

@@ -42,7 +42,7 @@ import hashlib
 import io
 import os
 import random
-from typing import Callable
+from typing import Callable, Collection
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -287,3 +287,56 @@ def synthetic_vision_domain(name: str, seed: int, num_train: int, num_eval: int,
   pictures = render_pictures(name, seed, num_train + num_eval)
   examples = [picture_example(name, p, image_dir) for p in pictures]
   return examples[num_eval:], examples[:num_eval]
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-start split of the toy Qwen3-VL (copd_jax/warmstart_vl.py)
+# ---------------------------------------------------------------------------------------------
+
+def _off_by_one(answer: str, top: int, bottom: int = 0) -> str:
+  value = int(answer)
+  return str(value + 1 if value < top else value - 1) if top > bottom else answer
+
+
+# Each domain's near miss: the plausible wrong answer a share of its warm-start examples carry
+# (as synthetic.py's text domains), so the base is right on only part of its samples. Counts and
+# frames are off by one; compare and motion take the opposite side / direction (the base still
+# learns which axis a motion is on); digits change the last digit.
+NEAR_MISS: dict[str, Callable[[str], str]] = {
+    'shapes': lambda a: _off_by_one(a, 4),
+    'digits': lambda a: a[:-1] + str((int(a[-1]) + 1) % 10),
+    'compare': lambda a: 'right' if a == 'left' else 'left',
+    'motion': lambda a: {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}[a],
+    'appear': lambda a: _off_by_one(a, VIDEO_FRAMES, 1),
+}
+
+
+def warmstart_vision_examples(name: str, seed: int, count: int, exclude: Collection[str],
+                              image_dir: str, wrong_share: float = 0.0) -> list[Example]:
+  """`count` warm-start examples of a built-in image / video domain from their own stream (not
+  the train / eval stream), none whose picture digest is in `exclude` (the run's train and eval
+  pictures, `picture_digest`), PNGs written under image_dir/name; a random `wrong_share` of them
+  carry the domain's near-miss answer (NEAR_MISS). Deterministic in (name, seed)."""
+  if name not in _GENERATORS:
+    raise UserInputError(f'unknown synthetic_vision domain {name!r}; choose from '
+                         f'{", ".join(SYNTHETIC_VISION_DOMAINS)}')
+  if count < 1:
+    raise UserInputError(f'synthetic_vision domain {name!r}: warm-start count must be >= 1, '
+                         f'got {count}')
+  if not 0.0 <= wrong_share < 1.0:
+    raise UserInputError(f'synthetic_vision domain {name!r}: wrong_share must be in [0, 1), got '
+                         f'{wrong_share}')
+  generate = _GENERATORS[name]
+  rng = random.Random(f'vision/{name}/{seed}/warmstart')
+  pictures = first_distinct(lambda: generate(rng), picture_digest, count,
+                            f'synthetic_vision domain {name!r} (warm start)', frozenset(exclude))
+  examples = [picture_example(name, p, image_dir) for p in pictures]
+  return [dataclasses.replace(e, answer=NEAR_MISS[name](e.answer)) if rng.random() < wrong_share
+          else e for e in examples]
+
+
+def example_digest(example: Example) -> str:
+  """The picture digest of a synthetic_vision row: its files are named by it (picture_example)."""
+  path = example.video[0] if example.video else example.images[0]
+  return os.path.basename(os.path.dirname(path)) if example.video else \
+      os.path.splitext(os.path.basename(path))[0]

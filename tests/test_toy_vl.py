@@ -1,0 +1,193 @@
+"""The toy Qwen3-VL (model.source='toy_vl'): the character tokenizer with vision tokens and its
+chat template through transformers' own Qwen3VLProcessor, the base folder as transformers reads
+it (equal logits on an image prompt), the warm start's loss going down, config errors."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from copd_jax.config_checks import validate
+from copd_jax.configs.base import base_config, synthetic_domain
+from copd_jax.data.synthetic_vision import render_pictures, synthetic_vision_domain
+from copd_jax.errors import ConfigError
+from copd_jax.models import hf_io_vl
+from copd_jax.models.tokenizer import VISION_TOKENS, char_tokenizer
+from copd_jax.models.toy_vl import (save_toy_vl_folder, toy_vision_processor,
+                                    toy_vl_model_config)
+from copd_jax.rollouts import PromptEncoder, VisionEncoding
+from copd_jax.data.domain import PromptFormat
+from copd_jax.vision_inputs import encode_vision_prompt, load_vision_processor, placeholders
+from tests.test_vision_inputs import _transformers_expansion
+
+
+def _config():
+  c = base_config()
+  c.branches = ('sort', 'compare')
+  c.domains['compare'] = synthetic_domain(num_train=8, num_eval=4)
+  c.domains.compare.source = 'synthetic_vision'
+  c.model.source = 'toy_vl'
+  return c
+
+
+def _model_config(c=None):
+  c = c or _config()
+  return toy_vl_model_config(c.model.toy, c.model.toy_vision)
+
+
+def test_vision_tokens_are_whole_tokens_and_text_ids_unchanged():
+  tok, text_tok = char_tokenizer(vision=True), char_tokenizer()
+  ids = tok.convert_tokens_to_ids(list(VISION_TOKENS))
+  assert len(set(ids)) == 4 and min(ids) == len(text_tok)   # after every character
+  text = 'rev 123<|vision_start|><|image_pad|><|image_pad|><|vision_end|>?\n='
+  encoded = tok(text, add_special_tokens=False)['input_ids']
+  assert tok.decode(encoded) == text
+  assert encoded.count(ids[2]) == 2 and len(encoded) == len('rev 123') + 4 + 3
+  assert tok('sort 5031\n=')['input_ids'] == text_tok('sort 5031\n=')['input_ids']
+  chat = [{'role': 'user', 'content': 'sort 5031'}]
+  assert (tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+          == text_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+
+
+def test_chat_template_through_transformers_processor_places_the_pad_runs():
+  """The toy template renders one pad per image; transformers' Qwen3VLProcessor expands each into
+  grid / merge**2 pads with the grids of the toy image processor, as copd_jax's encoder does.
+  Without torchvision the processor cannot be built whole (its video processor needs it): its
+  own expansion methods run on a processor built without sub-processors instead."""
+  c = _config()
+  processor = toy_vision_processor(c.model.toy_vision)
+  tok = char_tokenizer(vision=True)
+  images = [Image.new('RGB', (64, 64), (200, 30, 30)), Image.new('RGB', (64, 32), (0, 0, 0))]
+  messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'image'},
+                                           {'type': 'text', 'text': 'Which half?'}]}]
+  text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert text == ('<|vision_start|><|image_pad|><|vision_end|>' * 2) + 'Which half?\n='
+  mine = encode_vision_prompt(text, images, processor, tok)
+  assert mine.image_grid_thw.tolist() == [[1, 4, 4], [1, 2, 4]]   # 16 x 16 patches
+  pad = tok.convert_tokens_to_ids('<|image_pad|>')
+  assert mine.input_ids.tolist().count(pad) == 4 + 2
+  try:
+    hf = transformers.Qwen3VLProcessor(image_processor=processor.image_processor, tokenizer=tok,
+                                       video_processor=processor.video_processor,
+                                       chat_template=tok.chat_template)
+  except (AttributeError, ImportError, TypeError):   # no torchvision: no video processor
+    hf = None
+  if hf is None:
+    expanded = _transformers_expansion(text, mine.image_grid_thw.tolist(), [], 24.0)
+    ids = tok(expanded, add_special_tokens=False)['input_ids']
+  else:
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    out = hf(text=[text], images=images, return_tensors='np')
+    ids = out['input_ids'][0].tolist()
+    np.testing.assert_allclose(mine.pixel_values, out['pixel_values'], atol=1e-6)
+  assert mine.input_ids.tolist() == ids
+
+
+def _folder(tmp_path, c=None):
+  import jax
+  from flax import nnx
+  from copd_jax.models.qwen3_vl import Qwen3VL
+  c = c or _config()
+  mc = _model_config(c)
+  model = Qwen3VL(mc, rngs=nnx.Rngs(3), init_std=0.2)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  folder = str(tmp_path / 'base')
+  save_toy_vl_folder(params, mc, folder, c.model.toy_vision)
+  return folder, model
+
+
+def test_base_folder_loads_in_transformers_with_equal_logits(tmp_path):
+  """The saved folder is a complete HF Qwen3-VL folder: transformers' model, tokenizer and image
+  processor load it, copd_jax reads back the same config and processors, and transformers'
+  logits on a rendered image prompt equal the JAX model's."""
+  import jax.numpy as jnp
+  c = _config()
+  folder, model = _folder(tmp_path, c)
+  assert hf_io_vl.is_vl_folder(folder)
+  assert hf_io_vl.read_vl_config(folder) == _model_config(c)
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  assert tok.convert_tokens_to_ids(list(VISION_TOKENS)) == [100, 101, 102, 103]
+  processor = load_vision_processor(folder)
+  assert processor.merge_size == 2 and processor.image_processor.patch_size == 16
+  hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(folder).eval()
+  (picture,) = render_pictures('compare', 0, 1)
+  prompt = encode_vision_prompt(placeholders(1) + picture.question + '\n=', list(picture.frames),
+                                processor, tok)
+  assert prompt.image_grid_thw.tolist() == [[1, 2, 4]]
+  ids = prompt.input_ids[None].astype(np.int64)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(prompt.pixel_values),
+                image_grid_thw=torch.tensor(prompt.image_grid_thw),
+                mm_token_type_ids=torch.tensor((ids == 102).astype(np.int64))).logits.numpy()
+  from copd_jax.models.qwen3_vl import VisualInput
+  images = VisualInput.of(prompt.pixel_values, prompt.image_grid_thw)
+  ours = model(jnp.asarray(ids), images=images)
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_warm_start_loss_goes_down_with_pictures(tmp_path):
+  from copd_jax.warmstart_vl import train_vl_base
+  c = _config()
+  c.warmstart.update(steps=10, batch_size=8, learning_rate=3e-3)
+  train, _ = synthetic_vision_domain('compare', 0, 16, 0, str(tmp_path / 'img'))
+  from copd_jax.data.synthetic import warmstart_examples
+  split = {'compare': train, 'sort': warmstart_examples('sort', 0, 16, exclude=())}
+  mc = _model_config(c)
+  encoder = PromptEncoder(char_tokenizer(vision=True),
+                          {n: PromptFormat() for n in split},
+                          vision=VisionEncoding(toy_vision_processor(c.model.toy_vision), mc))
+  lines = []
+  params = train_vl_base(mc, c.warmstart, split, encoder, seed=0, log=lines.append)
+  losses = [float(re.search(r'NLL ([0-9.]+)', line).group(1)) for line in lines]
+  assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, lines
+  assert set(params) == {'text', 'vision'}
+
+
+def test_toy_vision_fields_are_checked_naming_the_field():
+  c = _config()
+  c.model.toy_vision.num_position_embeddings = 15
+  with pytest.raises(ConfigError, match=r'model\.toy_vision\.num_position_embeddings'):
+    validate(c)
+  c = _config()
+  c.model.toy_vision.deepstack_visual_indexes = (0, 5)
+  with pytest.raises(ConfigError, match=r'model\.toy_vision\.deepstack_visual_indexes'):
+    validate(c)
+  c = _config()
+  c.model.toy_vision.max_image_pixels = 0
+  with pytest.raises(ConfigError, match=r'model\.toy_vision\.max_image_pixels'):
+    validate(c)
+  c = _config()
+  c.model.source = 'toy_vlm'
+  with pytest.raises(ConfigError, match=r'model\.source'):
+    validate(c)
+  validate(_config())
+
+
+def test_video_domain_without_torchvision_is_one_line_naming_the_toy_model(tmp_path):
+  import importlib.util
+  from copd_jax import run_setup
+  from copd_jax.errors import UserInputError
+  if importlib.util.find_spec('torchvision') is not None:
+    pytest.skip('torchvision is installed: the toy video processor loads')
+  c = _config()
+  c.branches = ('sort', 'motion')
+  c.domains['motion'] = synthetic_domain(num_train=2, num_eval=1)
+  c.domains.motion.source = 'synthetic_vision'
+  domains = run_setup.load_domains(c, image_dir=str(tmp_path))
+  with pytest.raises(UserInputError, match=r"^domains\.motion: the row has a video, but .*of the "
+                     r"toy Qwen3-VL \(model\.source='toy_vl'\).*torchvision"):
+    run_setup.prompt_encoder(c, domains, log=lambda _: None)
+
+
+def test_cached_base_is_reused_for_a_recipe_with_tuples(tmp_path):
+  """model.toy_vision holds tuples; the stamp reads them back as lists and must still match."""
+  from copd_jax.warmstart import cached_base
+  built = []
+  recipe = {'model': {'toy_vision': {'deepstack_visual_indexes': (0,), 'mrope_section': (2, 3, 3)}}}
+  for _ in range(2):
+    path = cached_base(str(tmp_path), recipe, lambda p: (os.makedirs(p), built.append(p)),
+                       log=lambda _: None)
+  assert built == [path]
