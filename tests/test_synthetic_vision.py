@@ -21,7 +21,7 @@ from copd_jax.errors import UserInputError
 from copd_jax.fields import FieldError
 from copd_jax.rewards.completions import exact_match
 from tests.qwen3_fixture import qwen3_tokenizer
-from tests.test_vision_inputs import VL_TEMPLATE
+from tests.video_fixtures import VL_TEMPLATE
 
 # The most common answer's share on 500 examples stays below these (chance plus sampling noise).
 MAJORITY_BOUND = {'shapes': 0.3, 'digits': 0.08, 'compare': 0.6, 'motion': 0.35, 'appear': 0.35}

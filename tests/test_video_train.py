@@ -16,6 +16,7 @@ from copd_jax.configs.base import base_config, synthetic_domain
 from copd_jax.errors import UserInputError
 from tests.hf_vl_fixtures import save_hf_vl_folder_with_tokenizer
 from tests.qwen3_fixture import qwen3_tokenizer_dir
+from tests.test_vl_train import one_tiny_cycle
 from tests.video_fixtures import video_frames, write_video, write_video_processor_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,15 +39,7 @@ def _config(base: str, data: str):
     c.domains[name].source = 'synthetic_vision'
   c.domains['clips'] = synthetic_domain()
   c.domains.clips.update(source='file', train_path=data, eval_path=data, reward='exact')
-  for name in ('sort', 'motion', 'appear', 'clips'):
-    c.domains[name].use_chat_template = False
-  c.model.source, c.model.hf_path = 'hf', base
-  c.copd.update(num_cycles=1, s_rl=1, s_opd=1)
-  c.grpo.update(prompts_per_step=2, group_size=2, logits_chunk=16)
-  c.opd.update(prompts_per_step=2, samples_per_prompt=2)
-  c.sampling.max_new_tokens = 3
-  c.eval.update(num_examples=2, samples_k=1)
-  return c
+  return one_tiny_cycle(c, base, ('sort', 'motion', 'appear', 'clips'))
 
 
 def _inputs(tmp_path):

@@ -3,7 +3,6 @@ the image; modes converted to RGB; transformers' image processor for pixels; pad
 by a Qwen3-VL chat template on the real Qwen3 tokenizer, one per merged patch."""
 import io
 import json
-import os
 import struct
 import zlib
 
@@ -18,15 +17,7 @@ from copd_jax.data import load_examples
 from copd_jax.errors import UserInputError
 from copd_jax.fields import FieldError
 from tests.qwen3_fixture import qwen3_tokenizer
-
-# A Qwen3-VL-style chat template: per content item an image / video placeholder or the text.
-VL_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.content is string %}{{ m.content }}{% else %}{% for item in m.content %}"
-    "{% if item.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item.type == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif item.type == 'text' %}{{ item.text }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from tests.video_fixtures import VL_TEMPLATE
 
 
 def _picture(shape, seed=0, mode=None):

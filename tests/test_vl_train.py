@@ -30,7 +30,13 @@ def _config(base: str):
   c.domains['compare'] = synthetic_domain(num_train=16, num_eval=2)
   c.domains.compare.source = 'synthetic_vision'
   c.domains.sort.update(num_train=16, num_eval=2)
-  for name in c.branches:
+  return one_tiny_cycle(c, base, c.branches)
+
+
+def one_tiny_cycle(c, base: str, domains):
+  """`c` on the Qwen3-VL folder `base`, its `domains` without a chat template, shrunk to one
+  cycle of GRPO + OPD on two prompts and a two-prompt evaluation."""
+  for name in domains:
     c.domains[name].use_chat_template = False
   c.model.source, c.model.hf_path = 'hf', base
   c.copd.update(num_cycles=1, s_rl=1, s_opd=1)
