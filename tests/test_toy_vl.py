@@ -177,7 +177,7 @@ def test_video_domain_without_torchvision_is_one_line_naming_the_toy_model(tmp_p
   c.domains['motion'] = synthetic_domain(num_train=2, num_eval=1)
   c.domains.motion.source = 'synthetic_vision'
   domains = run_setup.load_domains(c, image_dir=str(tmp_path))
-  with pytest.raises(UserInputError, match=r"^domains\.motion: the row has a video, but .*of the "
+  with pytest.raises(UserInputError, match=r"^domains\.motion: source 'synthetic_vision' gives video rows, but .*of the "
                      r"toy Qwen3-VL \(model\.source='toy_vl'\).*torchvision"):
     run_setup.prompt_encoder(c, domains, log=lambda _: None)
 
