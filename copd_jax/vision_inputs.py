@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from copd_jax.data import image_bytes
 from copd_jax.errors import UserInputError
 
 IMAGE_PAD, VIDEO_PAD = '<|image_pad|>', '<|video_pad|>'
@@ -219,19 +220,33 @@ def resolve_path(path: str, base_dir: str) -> str:
   return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
 
 
-def _path_list(value: Any, where: str, field: str) -> list[str]:
-  """A path or a non-empty list of paths (non-empty strings), else one line naming the field."""
-  items = [value] if isinstance(value, str) else value
-  if (not isinstance(items, (list, tuple)) or not items
-      or not all(isinstance(p, str) and p.strip() for p in items)):
-    raise VisionInputError(f'{where}: field {field!r} must be a path or a non-empty list of '
-                           f'paths, got {value!r:.60}')
+def _path_list(value: Any, where: str, field: str, embedded_ok: bool = False) -> list:
+  """A path or a non-empty list of paths (non-empty strings; with embedded_ok also images held
+  in the row, data/image_bytes.py), else one line naming the field."""
+  single = isinstance(value, str) or (embedded_ok and image_bytes.is_embedded(value))
+  items = [value] if single else value
+  usable = lambda p: (isinstance(p, str) and p.strip()) or (embedded_ok
+                                                            and image_bytes.is_embedded(p))
+  if not isinstance(items, (list, tuple)) or not items or not all(usable(p) for p in items):
+    what = 'a path, image bytes or a data URI' if embedded_ok else 'a path'
+    raise VisionInputError(f'{where}: field {field!r} must be {what} or a non-empty list of '
+                           f'them, got {value!r:.60}')
   return list(items)
 
 
 def image_paths(value: Any, base_dir: str, where: str, field: str) -> list[str]:
-  """A row's image field (a path or a list of paths) as paths relative to base_dir."""
-  return [resolve_path(p, base_dir) for p in _path_list(value, where, field)]
+  """A row's image field (a path, an image held in the row, or a list of them) as paths:
+  relative paths relative to base_dir, embedded images written to their content-named cache
+  file (data/image_bytes.py)."""
+  paths = []
+  for item in _path_list(value, where, field, embedded_ok=True):
+    if image_bytes.is_embedded(item):
+      item = image_bytes.image_bytes(item, where, field)
+      if isinstance(item, bytes):
+        paths.append(image_bytes.stored_image(item))
+        continue
+    paths.append(resolve_path(item, base_dir))
+  return paths
 
 
 # ---------------------------------------------------------------------------------------------

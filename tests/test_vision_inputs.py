@@ -144,8 +144,8 @@ def test_rows_carry_image_and_video_paths_with_configurable_fields(tmp_path):
 
 
 @pytest.mark.parametrize('value, message', [
-    (['a.png', 3], 'must be a path or a non-empty list of paths'),
-    ([], 'must be a path or a non-empty list of paths'),
+    (['a.png', 3], 'must be a path, image bytes or a data URI or a non-empty list of them'),
+    ([], 'must be a path, image bytes or a data URI or a non-empty list of them'),
 ])
 def test_malformed_image_field_is_named(tmp_path, value, message):
   _picture((8, 8, 3)).save(tmp_path / 'a.png')
@@ -332,3 +332,64 @@ def test_parquet_rows_carry_checked_image_paths(tmp_path):
                            'images': [['a.png'], ['bad.png']]}), path)
   with pytest.raises(UserInputError, match=f'{path}: row 1: image {tmp_path / "bad.png"}: not an'):
     load_examples(path, 'img', reward='exact')
+
+
+def _png(seed=0, shape=(8, 8, 3)):
+  out = io.BytesIO()
+  _picture(shape, seed).save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_images_held_in_rows_become_the_same_pixels_as_files(tmp_path, monkeypatch):
+  """JSONL data URIs, a Parquet binary column and `datasets`' {'bytes', 'path'} struct give
+  rows whose images open to the pixels of the embedded bytes (one cached file per content)."""
+  import base64
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  first, second = _png(0), _png(1)
+  _picture((8, 8, 3), 2).save(tmp_path / 'c.png')
+  uri = 'data:image/png;base64,' + base64.b64encode(first).decode()
+  rows = load_examples(_write_rows(tmp_path, [
+      {'prompt': 'p', 'answer': 'a', 'images': uri},
+      {'prompt': 'q', 'answer': 'b', 'images': [uri, 'c.png']}]), 'img', reward='exact')
+  assert rows[0].images[0] == rows[1].images[0]          # same content, one file
+  assert rows[1].images[1] == str(tmp_path / 'c.png')
+  pixels = lambda path: np.asarray(vi.open_image(path, 'test'))
+  decoded = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+  np.testing.assert_array_equal(pixels(rows[0].images[0]), decoded(first))
+  path = str(tmp_path / 'data.parquet')
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'images': [[first], [second]]}), path)
+  binary = load_examples(path, 'img', reward='exact')
+  assert binary[0].images == rows[0].images
+  np.testing.assert_array_equal(pixels(binary[1].images[0]), decoded(second))
+  pq.write_table(pa.table({'prompt': ['p', 'q'], 'answer': ['a', 'b'],
+                           'images': [{'bytes': second, 'path': None},
+                                      {'bytes': None, 'path': 'c.png'}]}), path)
+  struct = load_examples(path, 'img', reward='exact')
+  assert struct[0].images == binary[1].images
+  assert struct[1].images == (str(tmp_path / 'c.png'),)
+
+
+@pytest.mark.parametrize('value, message', [
+    ('data:image/png;base64,@@@@', 'not valid base64'),
+    ('data:image/png,abc', r"a data URI must read 'data:image/<type>;base64,<data>'"),
+    ({'path': None}, "an image struct needs 'bytes' or 'path'"),
+])
+def test_malformed_embedded_image_is_one_line_naming_the_row(tmp_path, monkeypatch, value,
+                                                              message):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'images': value}])
+  with pytest.raises(UserInputError, match=f'{data}:1: field .images.: {message}'):
+    load_examples(data, 'img', reward='exact')
+
+
+def test_corrupt_embedded_image_is_refused_at_load_naming_the_row(tmp_path, monkeypatch):
+  import base64
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  half = _png(0, (32, 32, 3))[:300]
+  data = _write_rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'images':
+                                 'data:image/png;base64,' + base64.b64encode(half).decode()}])
+  with pytest.raises(UserInputError, match=f'{data}:1: image .*corrupt or truncated'):
+    load_examples(data, 'img', reward='exact')

@@ -28,7 +28,8 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             'last_number'; reward_timeout_s: seconds per completion in the
                             reward worker (past it: 0, logged). Images: image_field (default
                             'images': a path or a list of paths per row, relative to the data
-                            file) and video_field (default 'video': a folder of frames, a
+                            file, or images in the row: bytes, a {'bytes', 'path'} struct, a
+                            base64 data URI) and video_field (default 'video': a folder of frames, a
                             .npy array [T, H, W, 3] uint8 or a list of frame paths); '' = not
                             read. Every file is checked when the data loads
                             (copd_jax/vision_inputs.py). source

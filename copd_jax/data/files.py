@@ -3,7 +3,8 @@
 A row's prompt is a string field, or a chat: a `messages` list of {'role', 'content'} turns
 (roles system / user / assistant, ending with a user turn) rendered with the chat template. Its
 answer is a string or a number (3 -> '3', 2.5 -> '2.5', 4.0 -> '4'). Its images (field
-`image_field`, default 'images': a path or a list of paths) and video (field `video_field`,
+`image_field`, default 'images': a path or a list of paths, or images held in the row:
+data/image_bytes.py) and video (field `video_field`,
 default 'video': a folder of frames, a .npy array of frames or a list of frame paths) are
 paths relative to the data file's folder.
 
