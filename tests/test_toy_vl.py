@@ -191,3 +191,69 @@ def test_cached_base_is_reused_for_a_recipe_with_tuples(tmp_path):
     path = cached_base(str(tmp_path), recipe, lambda p: (os.makedirs(p), built.append(p)),
                        log=lambda _: None)
   assert built == [path]
+
+
+def _colour_rows(tmp_path, name: str, size: tuple[int, int], count: int, seed: int):
+  """`count` rows asking the colour of a whole picture of `size` (4 answers, the colour jittered
+  so no two pictures are equal): a question only the row's own picture answers."""
+  import random
+  from copd_jax.data.synthetic_vision import COLOURS, Picture, picture_example
+  rng, rows = random.Random(seed), []
+  for _ in range(count):
+    colour = rng.choice(sorted(COLOURS))
+    rgb = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in COLOURS[colour])
+    picture = Picture('What colour is the picture?', colour, (Image.new('RGB', size, rgb),), False)
+    rows.append(picture_example(name, picture, str(tmp_path / 'img')))
+  return rows
+
+
+def _answer_accuracy(graphdef, params, encoder, rows, candidates, prompt_length):
+  """Held-out accuracy of picking, per row, the candidate answer of the highest log-probability."""
+  import dataclasses
+  from copd_jax.scoring import sequence_logprobs
+  from copd_jax.warmstart_vl import sft_batch
+  scores = []
+  for candidate in candidates:
+    batch = sft_batch(encoder, [dataclasses.replace(e, answer=candidate) for e in rows],
+                      prompt_length, 8)
+    s = sequence_logprobs(graphdef, params, *batch[:2], vision=batch[3])
+    scores.append(np.asarray((s.logprobs * batch[2]).sum(-1)))
+  picked = np.asarray(candidates)[np.argmax(np.stack(scores, 1), 1)]
+  return float(np.mean(picked == np.asarray([e.answer for e in rows])))
+
+
+@pytest.mark.slow   # about 40 s on 2 cores (60 warm-start steps)
+def test_warm_start_reads_each_rows_own_picture(tmp_path):
+  """The warm start's batches give every row its own picture: a whole-picture colour question
+  (chance 25 %), trained through train_vl_base in batches that mix text rows and two picture
+  sizes (so a pack holds frames of different grids), is answered on held-out pictures; with
+  the pictures shuffled across the rows the same model falls to about chance. A batch whose rows
+  read another row's merged tokens (visual_slot / pack misaligned) fails the first check."""
+  import dataclasses
+  from flax import nnx
+  from copd_jax.data.synthetic import warmstart_examples
+  from copd_jax.models.qwen3_vl import Qwen3VL
+  from copd_jax.rollouts import bucket_length
+  from copd_jax.warmstart_vl import train_vl_base
+  c = _config()
+  c.warmstart.update(steps=60, batch_size=24, learning_rate=3e-3)
+  square = _colour_rows(tmp_path, 'colour', (64, 64), 140, seed=0)
+  wide = _colour_rows(tmp_path, 'colour_wide', (64, 32), 140, seed=1)
+  split = {'colour': square[:100], 'colour_wide': wide[:100],
+           'sort': warmstart_examples('sort', 0, 100, exclude=())}
+  held = square[100:] + wide[100:]
+  mc = _model_config(c)
+  encoder = PromptEncoder(char_tokenizer(vision=True), {n: PromptFormat() for n in split},
+                          vision=VisionEncoding(toy_vision_processor(c.model.toy_vision), mc))
+  params = train_vl_base(mc, c.warmstart, split, encoder, seed=0, log=lambda _: None)
+  graphdef, state = nnx.split(Qwen3VL(mc, rngs=nnx.Rngs(0)))
+  nnx.replace_by_pure_dict(state, params)
+  length = bucket_length(max(len(encoder.ids(e)) for rows in split.values() for e in rows))
+  colours = ['blue', 'green', 'red', 'yellow']
+  assert _answer_accuracy(graphdef, state, encoder, held, colours, length) >= 0.9
+  # Each row keeps its question and answer but shows the picture of a row of another colour.
+  others = held[1:] + held[:1]
+  shuffled = [dataclasses.replace(e, images=o.images, id=f'{e.id}/shuffled')
+              for e, o in zip(held, others)]
+  assert sum(e.answer != o.answer for e, o in zip(held, others)) >= 0.6 * len(held)
+  assert _answer_accuracy(graphdef, state, encoder, shuffled, colours, length) <= 0.45
