@@ -61,14 +61,7 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
   longest = max(len(p) + len(a) for p, a in pairs) + 1
   length = int(-(-longest // 8) * 8)
 
-  @jax.jit
-  def step(params, opt_state, tokens, valid, target):
-    def loss_fn(p):
-      scores = sequence_logprobs(graphdef, p, tokens, valid)
-      return -jnp.sum(scores.logprobs * target) / jnp.maximum(target.sum(), 1)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = sft_step(graphdef, optimizer)
 
   rng = np.random.default_rng(seed)
   for i in range(warm_cfg.steps):
@@ -77,6 +70,21 @@ def train_base(model_cfg, warm_cfg, pairs: Sequence[tuple[str, str]], seed: int,
     if (i + 1) % max(1, warm_cfg.steps // 5) == 0:
       log(f'warm start {i + 1}/{warm_cfg.steps}: answer-token NLL {float(loss):.3f}')
   return config, nnx.to_pure_dict(params)
+
+
+def sft_step(graphdef, optimizer: optax.GradientTransformation) -> Callable:
+  """Jitted `step(params, opt_state, tokens, valid, target, vision=None) -> (params, opt_state,
+  loss)`: one optimizer step on the mean negative log-likelihood of the target tokens (vision:
+  a Qwen3-VL batch's pictures, vision_batch.VisionBatch). Both warm starts use it."""
+  @jax.jit
+  def step(params, opt_state, tokens, valid, target, vision=None):
+    def loss_fn(p):
+      scores = sequence_logprobs(graphdef, p, tokens, valid, vision=vision)
+      return -jnp.sum(scores.logprobs * target) / jnp.maximum(target.sum(), 1)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
 
 
 def ensure_base_model(workdir: str, model_cfg, warm_cfg, pairs, seed: int, log=print,

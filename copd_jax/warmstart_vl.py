@@ -21,9 +21,7 @@ import json
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from copd_jax.data.domain import Example
@@ -33,8 +31,7 @@ from copd_jax.data.synthetic_vision import (default_image_dir, example_digest,
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.toy_vl import save_toy_vl_folder, toy_vl_model_config
 from copd_jax.rollouts import PromptEncoder, bucket_length
-from copd_jax.scoring import sequence_logprobs
-from copd_jax.warmstart import cached_base, warmstart_optimizer
+from copd_jax.warmstart import cached_base, sft_step, warmstart_optimizer
 
 
 def vl_warmstart_split(config, domains: dict[str, tuple[list[Example], list[Example]]],
@@ -109,14 +106,7 @@ def train_vl_base(model_config: Qwen3VLConfig, warm_cfg, split: dict[str, list[E
   answer_length = max(len(encoder.tokenizer(e.answer, add_special_tokens=False)['input_ids'])
                       for e in every) + 1
 
-  @jax.jit
-  def step(params, opt_state, tokens, valid, target, vision):
-    def loss_fn(p):
-      scores = sequence_logprobs(graphdef, p, tokens, valid, vision=vision)
-      return -jnp.sum(scores.logprobs * target) / jnp.maximum(target.sum(), 1)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = sft_step(graphdef, optimizer)
 
   rng = np.random.default_rng(seed)
   for i in range(warm_cfg.steps):
