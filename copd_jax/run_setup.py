@@ -30,7 +30,6 @@ from copd_jax.config import SCHEDULE_FIELD, resume_differences, with_moved_field
 from copd_jax.config_checks import branch_domains
 from copd_jax.data import BranchPromptLoader, Example, load_examples, synthetic_domain
 from copd_jax.data.synthetic_vision import default_image_dir, synthetic_vision_domain
-from copd_jax.data.synthetic import warmstart_examples
 from copd_jax.data.domain import prompt_format
 from copd_jax.data.prompt_limit import limit_prompts, prompt_limit_lines
 from copd_jax.errors import ConfigError, UserInputError
@@ -60,8 +59,8 @@ from copd_jax.steps import (BranchState, branch_state_init, branch_state_shardin
                             make_opd_step, reference_shardings)
 from copd_jax.tag_names import tag_namer
 from copd_jax.topology import topology_from_config
-from copd_jax.warmstart import ensure_base_model
-from copd_jax.warmstart_vl import ensure_toy_vl_base, vl_warmstart_split
+from copd_jax.warmstart import ensure_base_model, warmstart_split
+from copd_jax.warmstart_vl import ensure_toy_vl_base
 
 
 @dataclasses.dataclass
@@ -389,19 +388,13 @@ def base_model_path(config, workdir: str, domains, log: Callable,
   if config.model.source == 'hf':
     return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
   if config.model.source == 'toy_vl':
-    split = vl_warmstart_split(config, domains, lambda name: synthetic_seed(config, name))
+    split = warmstart_split(config, domains, lambda name: synthetic_seed(config, name))
     return distributed.primary_first(lambda: ensure_toy_vl_base(
         workdir, config, split, encoder, log, resuming), 'warmstart')
   # A synthetic domain warm-starts on its own split (no RL or eval prompt, a near-miss share),
   # so RL has skill left to discover; a file domain on the toy model uses its train split.
-  pairs = []
-  for name, (train, evals) in domains.items():
-    if config.domains[name].source == 'synthetic':
-      train = warmstart_examples(name, synthetic_seed(config, name),
-                                 config.warmstart.examples_per_domain,
-                                 exclude=[e.prompt for e in train + evals],
-                                 wrong_share=config.warmstart.wrong_share)
-    pairs += [(e.prompt + '\n=', e.answer) for e in train]
+  split = warmstart_split(config, domains, lambda name: synthetic_seed(config, name))
+  pairs = [(e.prompt + '\n=', e.answer) for examples in split.values() for e in examples]
   # Several processes: process 0 trains and writes it, the others then find it (or, on their own
   # disks, train the same model from the same seed).
   return distributed.primary_first(lambda: ensure_base_model(

@@ -16,6 +16,10 @@ import optax
 from flax import nnx
 
 from copd_jax import storage
+from copd_jax.data.domain import Example
+from copd_jax.data.synthetic import warmstart_examples
+from copd_jax.data.synthetic_vision import (default_image_dir, example_digest,
+                                            warmstart_vision_examples)
 from copd_jax.models import hf_io
 from copd_jax.models.presets import toy_model_config
 from copd_jax.models.qwen3 import Qwen3, Qwen3Config
@@ -23,6 +27,30 @@ from copd_jax.models.tokenizer import char_tokenizer
 from copd_jax.scoring import sequence_logprobs
 
 _STAMP = 'warmstart.json'
+
+
+def warmstart_split(config, domains: dict[str, tuple[list[Example], list[Example]]],
+                       seed_of: Callable[[str], int], image_dir: str = ''
+                       ) -> dict[str, list[Example]]:
+  """Each domain's warm-start examples, in `domains`' order: a synthetic domain (text or
+  pictures) its own split from a separate stream that skips the run's train and eval prompts,
+  `warmstart.wrong_share` of it answered with the domain's near miss; a file domain its train
+  split. seed_of(name): the domain's synthetic seed (run_setup.synthetic_seed)."""
+  warm, out = config.warmstart, {}
+  for name, (train, evals) in domains.items():
+    source = config.domains[name].source
+    if source == 'synthetic':
+      out[name] = warmstart_examples(name, seed_of(name), warm.examples_per_domain,
+                                     exclude=[e.prompt for e in train + evals],
+                                     wrong_share=warm.wrong_share)
+    elif source == 'synthetic_vision':
+      out[name] = warmstart_vision_examples(
+          name, seed_of(name), warm.examples_per_domain,
+          exclude=[example_digest(e) for e in train + evals],
+          image_dir=image_dir or default_image_dir(), wrong_share=warm.wrong_share)
+    else:
+      out[name] = list(train)
+  return out
 
 
 def encode_sft_batch(tokenizer, pairs: Sequence[tuple[str, str]], length: int):

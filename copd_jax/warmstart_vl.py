@@ -18,42 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
 from copd_jax.data.domain import Example
-from copd_jax.data.synthetic import warmstart_examples
-from copd_jax.data.synthetic_vision import (default_image_dir, example_digest,
-                                            warmstart_vision_examples)
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.toy_vl import save_toy_vl_folder, toy_vl_model_config
 from copd_jax.rollouts import PromptEncoder, bucket_length
 from copd_jax.warmstart import cached_base, sft_step, warmstart_optimizer
-
-
-def vl_warmstart_split(config, domains: dict[str, tuple[list[Example], list[Example]]],
-                       seed_of: Callable[[str], int], image_dir: str = ''
-                       ) -> dict[str, list[Example]]:
-  """Each domain's warm-start examples (see the module docstring); seed_of(name): the domain's
-  synthetic seed (run_setup.synthetic_seed)."""
-  warm, out = config.warmstart, {}
-  for name, (train, evals) in sorted(domains.items()):
-    source = config.domains[name].source
-    if source == 'synthetic':
-      out[name] = warmstart_examples(name, seed_of(name), warm.examples_per_domain,
-                                     exclude=[e.prompt for e in train + evals],
-                                     wrong_share=warm.wrong_share)
-    elif source == 'synthetic_vision':
-      out[name] = warmstart_vision_examples(
-          name, seed_of(name), warm.examples_per_domain,
-          exclude=[example_digest(e) for e in train + evals],
-          image_dir=image_dir or default_image_dir(), wrong_share=warm.wrong_share)
-    else:
-      out[name] = list(train)
-  return out
 
 
 def encode_answers(tokenizer, answers: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:

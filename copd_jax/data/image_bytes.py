@@ -23,10 +23,11 @@ from copd_jax.errors import UserInputError
 _DATA_URI = 'data:'
 
 
-def embedded_image_dir() -> str:
-  """$XDG_CACHE_HOME (else ~/.cache)/copd_jax/row_images."""
+def user_cache_dir(name: str) -> str:
+  """$XDG_CACHE_HOME (else ~/.cache)/copd_jax/<name>: the per-user folder of content-named
+  picture files (embedded row images here, synthetic_vision's rendered PNGs)."""
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(cache, 'copd_jax', 'row_images')
+  return os.path.join(cache, 'copd_jax', name)
 
 
 def is_embedded(item: Any) -> bool:
@@ -62,7 +63,7 @@ def image_bytes(item: Any, where: str, field: str) -> bytes | str:
 
 def stored_image(data: bytes, folder: str | None = None) -> str:
   """The path of a file holding `data`, written (atomically) the first time it is seen."""
-  folder = folder or embedded_image_dir()
+  folder = folder or user_cache_dir('row_images')
   path = os.path.join(folder, hashlib.sha256(data).hexdigest()[:32] + '.img')
   if not os.path.isfile(path):
     os.makedirs(folder, exist_ok=True)

@@ -47,6 +47,7 @@ from typing import Callable, Collection
 from PIL import Image, ImageDraw, ImageFont
 
 from copd_jax.data.distinct import first_distinct
+from copd_jax.data.image_bytes import user_cache_dir
 from copd_jax.data.domain import Example, content_id
 from copd_jax.errors import UserInputError
 
@@ -221,8 +222,7 @@ def picture_digest(picture: Picture) -> str:
 def default_image_dir() -> str:
   """Where rows' PNGs go when the caller names no folder: $XDG_CACHE_HOME (else ~/.cache)
   /copd_jax/synthetic_images; content-named files make it safe to share between runs."""
-  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(cache, 'copd_jax', 'synthetic_images')
+  return user_cache_dir('synthetic_images')
 
 
 def _png_bytes(image: Image.Image) -> bytes:
