@@ -30,40 +30,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config, synthetic_domain  # noqa: E402
-
-
-def file_domain(name: str, reward: str):
-  domain = synthetic_domain()  # the fields of a domain, re-pointed to files
-  domain.update(dict(source='file', reward=reward, train_path=f'data/{name}/train.jsonl',
-                     eval_path=f'data/{name}/eval.jsonl', use_chat_template=True))
-  return domain
+from paper import file_domain, paper_config  # noqa: E402
 
 
 def get_config():
-  c = base_config()
+  c = paper_config('models/Qwen3-8B', 'qwen3-8b')
   c.domains.math = file_domain('math', 'math')
   c.domains.code = file_domain('code', 'exact')
   c.domains.logic = file_domain('logic', 'exact')
   c.branches = ('math', 'code', 'logic')
-
-  c.model.source = 'hf'
-  c.model.hf_path = 'models/Qwen3-8B'
-  c.model.preset = 'qwen3-8b'
-  c.model.param_dtype = 'float32'
-  c.model.compute_dtype = 'bfloat16'
-  c.model.remat = True
-
-  c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='hub_and_spoke', hub=0))
-  c.grpo.update(dict(group_size=8, prompts_per_step=16, epsilon_low=0.2, epsilon_high=0.28,
-                     aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=8))
-  c.opd.update(dict(prompts_per_step=8, samples_per_prompt=4, beta=1.0, delta_clamp=5.0))
-  c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
-  c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
-                          weight_decay=0.0, max_grad_norm=1.0))
+  c.copd.update(dict(num_cycles=6, topology='hub_and_spoke', hub=0))
+  c.grpo.update(dict(prompts_per_step=16, micro_batches=8))
+  c.opd.prompts_per_step = 8
+  c.sampling.max_new_tokens = 2048
   c.mesh.update(dict(branch=-1, fsdp=-1, tensor=4))
   c.mesh_sampling.update(dict(branch=-1, fsdp=-1, tensor=8))
-  c.eval.update(dict(num_examples=500, samples_k=4))
-  c.checkpoint.update(dict(every_steps=25, keep_last=2))
-  c.metrics.log_every = 5
   return c

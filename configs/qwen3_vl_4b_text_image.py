@@ -45,46 +45,29 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config, synthetic_domain  # noqa: E402
+from paper import file_domain, paper_config  # noqa: E402
 
 # A placeholder: point it at your local Qwen3-VL-4B-Instruct folder.
 MODEL_PATH = 'models/Qwen3-VL-4B-Instruct'
 
 
-def file_domain(name: str, reward: str):
-  domain = synthetic_domain()  # the fields of a domain, re-pointed to files
-  domain.update(dict(source='file', reward=reward, train_path=f'data/{name}/train.jsonl',
-                     eval_path=f'data/{name}/eval.jsonl', use_chat_template=True,
-                     answer_extraction='boxed'))
-  return domain
+def vl_domain(name: str):
+  """A math-verify domain whose final answer is the last \\boxed{..} of the completion."""
+  return file_domain(name, 'math', answer_extraction='boxed')
 
 
 def get_config():
-  c = base_config()
-  c.domains.text = file_domain('text', 'math')
-  c.domains.image = file_domain('image', 'math')
+  c = paper_config(MODEL_PATH, 'qwen3-vl-4b')
+  c.domains.text = vl_domain('text')
+  c.domains.image = vl_domain('image')
   c.branches = ('text', 'image')
-
-  c.model.source = 'hf'
-  c.model.hf_path = MODEL_PATH
-  c.model.preset = 'qwen3-vl-4b'
-  c.model.param_dtype = 'float32'
-  c.model.compute_dtype = 'bfloat16'
-  c.model.remat = True
   c.model.freeze_vision = False
-
   c.data.max_prompt_tokens = 1024
-  c.copd.update(dict(num_cycles=6, s_rl=30, s_opd=20, topology='pairwise'))
+  c.copd.update(dict(num_cycles=6, topology='pairwise'))
   # Prompts per step: what the sampler's KV cache and the pack of pictures follow (module
   # docstring).
-  c.grpo.update(dict(group_size=8, prompts_per_step=32, epsilon_low=0.2, epsilon_high=0.28,
-                     aggregation='seq-mean-token-mean', kl_coef=0.0, micro_batches=8))
-  c.opd.update(dict(prompts_per_step=32, samples_per_prompt=4, beta=1.0, delta_clamp=5.0))
-  c.sampling.update(dict(max_new_tokens=2048, temperature=1.0, top_k=0, top_p=1.0))
-  c.optimizer.update(dict(learning_rate=1e-6, schedule='constant', warmup_steps=10,
-                          weight_decay=0.0, max_grad_norm=1.0))
+  c.grpo.update(dict(prompts_per_step=32, micro_batches=8))
+  c.opd.prompts_per_step = 32
+  c.sampling.max_new_tokens = 2048
   c.mesh.update(dict(branch=-1, fsdp=-1, tensor=1))
-  c.eval.update(dict(num_examples=500, samples_k=4))
-  c.checkpoint.update(dict(every_steps=25, keep_last=2))
-  c.metrics.log_every = 5
   return c

@@ -30,12 +30,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qwen3_vl_4b_text_image import get_config as text_image_config, file_domain  # noqa: E402
+from qwen3_vl_4b_text_image import get_config as text_image_config, vl_domain  # noqa: E402
 
 
 def get_config():
   c = text_image_config()
-  c.domains.video = file_domain('video', 'math')
+  c.domains.video = vl_domain('video')
   c.branches = ('text', 'image', 'video')
   c.copd.update(dict(topology='hub_and_spoke', hub=0))
   # Every device holds a shard of all three branches: half the K=2 config's prompts, more
