@@ -40,6 +40,7 @@ def _fresh_process(code: str, **env) -> str:
   return out.stdout.strip()
 
 
+@pytest.mark.slow  # a whole train command in a fresh interpreter
 def test_the_train_command_splits_the_cores_before_jax_starts():
   code = ('from copd_jax import host_devices\n'
           'from copd_jax.commands import train\n'

@@ -122,7 +122,9 @@ def _random_params(graphdef, abstract, seed):
   return jax.tree.map(draw, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-@pytest.mark.parametrize('tied,chunk,clamp', [(False, 5, None), (True, None, 0.5), (True, 4, 0.5)])
+@pytest.mark.parametrize('tied,chunk,clamp', [(False, 5, None),
+                                              pytest.param(True, None, 0.5, marks=pytest.mark.slow),
+                                              (True, 4, 0.5)])
 def test_full_reverse_kl_from_teacher_hidden_states_equals_the_vocabulary_sized_view(tied, chunk,
                                                                                     clamp):
   """Old vs new on the same inputs: 2 native rows, then 2 rounds of 3 distillation rows taught
@@ -248,7 +250,8 @@ def _reference_divergence_grad(graphdef, student, teacher, distill_k, signal, k,
   return jax.grad(loss)(student)
 
 
-@pytest.mark.parametrize('signal', ['topk_forward_kl', 'full_reverse_kl'])
+@pytest.mark.parametrize('signal', [pytest.param('topk_forward_kl', marks=pytest.mark.slow),
+                                    'full_reverse_kl'])
 def test_distribution_signal_step_equals_grpo_update_plus_reference_divergence_gradient(
     model, steps, signal):
   """opd_step with a distribution signal = the GRPO update of the combined batch whose

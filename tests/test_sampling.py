@@ -279,7 +279,7 @@ def grouped_prompts(lengths=(5, 10, 1), length=10, seed=8):
 GROUP_SPEC = sampling.SamplingParams(max_new_tokens=8)
 
 
-@pytest.mark.parametrize('mode', ['layerwise', 'model'])
+@pytest.mark.parametrize('mode', [pytest.param('layerwise', marks=pytest.mark.slow), 'model'])
 def test_group_sharing_prefill_and_samples_equal_per_row_prefill(model, mode):
   graphdef, params = model
   tokens, valid = grouped_prompts()

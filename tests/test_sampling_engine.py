@@ -33,7 +33,10 @@ def assert_same_rows(out, ref):
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize('eos_at', [None, FORCED], ids=['natural', 'forced'])
+# The natural-EOS case is slow (minutes loaded): the forced case checks the same slots and
+# orders; test_engine_group_sharing_* keep natural EOS in the default suite.
+@pytest.mark.parametrize('eos_at', [pytest.param(None, marks=pytest.mark.slow), FORCED],
+                         ids=['natural', 'forced'])
 def test_engine_equals_static_decoder_for_any_slots_and_order(model, eos_at):
   graphdef, params = model
   _, tokens, valid = prompts(LENGTHS, 10, seed=3)
@@ -58,6 +61,7 @@ def test_engine_equals_static_decoder_for_any_slots_and_order(model, eos_at):
 LONG = (5, 16, 1, 11, 0, 3, 14, 2)   # prompts of up to 16 tokens in a bucket of 16
 
 
+@pytest.mark.slow  # chunked prefill also runs in test_engine_group_sharing_with_several_groups_*
 def test_engine_equals_static_for_any_admission_batch_and_prefill_chunk(model):
   """Several prompts per prefill (a few at a time while others decode) and chunked prefill
   (chunks of 4 or 8 of the 16 prompt columns, leading padding chunks skipped, interleaved with

@@ -49,7 +49,8 @@ def _batch(vocab: int, rows: int = 4, seed: int = 0):
   return jnp.asarray(tokens), jnp.asarray(valid)
 
 
-@pytest.fixture(scope='module', params=[False, True], ids=['untied', 'tied'])
+@pytest.fixture(scope='module', params=[pytest.param(False, marks=pytest.mark.slow), True],
+                ids=['untied', 'tied'])
 def setup(request):
   graphdef, params = _model(request.param)
   tokens, valid = _batch(97)
@@ -96,7 +97,8 @@ def _grad(params, graphdef, tokens, valid, sampler, adv, chunk, shared):
                                         shared)
 
 
-@pytest.mark.parametrize('tied, shared', [(False, False), (True, True)],
+@pytest.mark.parametrize('tied, shared', [pytest.param(False, False, marks=pytest.mark.slow),
+                                          (True, True)],
                          ids=['untied-plain', 'tied-shared_prompt'])
 def test_chunked_grpo_gradients_equal_whole_sequence_gradients(tied, shared):
   graphdef, params = _model(tied)

@@ -99,6 +99,7 @@ def _folder(tmp_path, c=None):
   return folder, model
 
 
+@pytest.mark.slow  # warm-starts a base; the VL export parity tests run in the default suite
 def test_base_folder_loads_in_transformers_with_equal_logits(tmp_path):
   """The saved folder is a complete HF Qwen3-VL folder: transformers' model, tokenizer and image
   processor load it, copd_jax reads back the same config and processors, and transformers'

@@ -5,6 +5,7 @@ frames' own sizes, never a [S, S] array over the whole pack."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from copd_jax.models.qwen3_vl_vision import (GridLayout, VisionConfig, VisionTower,
@@ -74,6 +75,7 @@ def test_a_pack_gives_every_frame_what_the_tower_gives_it_alone():
         at, frame = at + m, frame + 1
 
 
+@pytest.mark.slow
 def test_joined_and_padded_packs_give_each_pack_its_own_output():
   """An OPD step joins the native pack and the rounds' packs (rows of different lengths are
   widened to the longest) and pads rounds to a common shape: the tower's output on the joined

@@ -279,6 +279,7 @@ def test_resume_on_a_changed_data_file_is_refused_by_name(tmp_path):
              '--accept-changed-data' in l for l in accepted.lines), accepted.stderr
 
 
+@pytest.mark.slow  # two toy runs
 def test_a_resume_on_accepted_changed_data_keeps_the_base_it_started_from(tmp_path, capsys):
   """With --accept-changed-data and the same row count the run resumes, on the base model its
   checkpoints were trained from: base/ (warm-started on the old rows) is not trained again on
