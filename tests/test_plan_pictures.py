@@ -137,22 +137,22 @@ def test_trains_check_counts_a_videos_frames():
   assert memory_check.largest_pictures(encoder, rows[2:]) == (0, 0)
 
 
-@pytest.mark.slow   # three compiles, ~40 s each on a loaded 2-core machine
+@pytest.mark.slow   # three compiles, ~2 min each on a loaded 2-core machine
 def test_the_estimate_of_a_video_pack_tracks_xla():
   """XLA:CPU's compiled GRPO step (fp32, one device, 4 rows of 32 tokens) of the tiny Qwen3-VL of
-  tests/test_plan.py: from 4 prompts of one 128-patch image to 4 prompts of a 256-patch video
-  in 4 frames of 64 (a pack twice the size, in rows of 64) and to 4 prompts of one 256-patch
-  image (the same pack in rows of 256), its temporaries grow by what the vision terms say,
-  within the 20% of the calibration test there."""
+  tests/test_plan.py, on the packs `plan_pack` plans for videos of 4 frames of 8 x 8 patches:
+  from 2 such prompts to 4 (twice the rows of 64), and from 4 of them to 4 one-frame images of
+  the same 256 patches (rows of 256): its temporaries grow by what the vision terms say, within
+  the 20% of the calibration test there. Measured, XLA against the estimate, MB: 11.93 / 10.54
+  and 18.87 / 15.93."""
   from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
   from copd_jax.models.qwen3_vl_vision import VisionConfig
   from copd_jax.step_config import StepConfig
   vl = Qwen3VLConfig(text=XLA_CHECK_VL['text'], vision=VisionConfig(**XLA_CHECK_VL['vision']))
   model = nnx.eval_shape(lambda: Qwen3VL(vl, rngs=nnx.Rngs(0)))
-  prompts = [vm.PromptFrames.one_frame(128), vm.grid_frames([(4, 8, 8)]),
-             vm.PromptFrames.one_frame(256)]
-  packs = [vm.plan_pack(4, p) for p in prompts]
-  assert packs == [vm.PackShape(512, 4, 128), vm.PackShape(1024, 16, 64),
+  video, image = vm.grid_frames([(4, 8, 8)]), vm.PromptFrames.one_frame(256)
+  packs = [vm.plan_pack(2, video), vm.plan_pack(4, video), vm.plan_pack(4, image)]
+  assert packs == [vm.PackShape(512, 8, 64), vm.PackShape(1024, 16, 64),
                    vm.PackShape(1024, 4, 256)]
   xla = [compiled_grpo_step_temp_bytes(model, 4, 32, StepConfig(), patches=p.patches,
                                        row_length=p.length) for p in packs]
