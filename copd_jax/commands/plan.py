@@ -198,7 +198,6 @@ def data_pictures(config):
   domains loaded (run_setup.load_domains) and prepared by the run's PromptEncoder
   (run_setup.prompt_encoder), then memory_check.largest_pictures, the function train's memory
   check calls; (None, why not) where the model's processors or the data cannot be read."""
-  import os
   from copd_jax import memory_check, run_setup
   from copd_jax.errors import UserInputError
   from copd_jax.models import hf_io_vl
