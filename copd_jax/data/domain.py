@@ -40,7 +40,8 @@ class Example:
   images: paths of the row's images, in prompt order (checked when the file was loaded).
   video: paths of the frames of the row's video, in order; () when it has none.
   video_fps: the frame rate of that video, which its timestamp tokens follow (a row's 'fps', else
-    its domain's video_fps); None: transformers' default (vision_inputs.DEFAULT_VIDEO_FPS).
+    its domain's video_fps, default 24); None for a row without a video (a video row built
+    without one: transformers' default, vision_inputs.DEFAULT_VIDEO_FPS).
   """
   prompt: str
   answer: str

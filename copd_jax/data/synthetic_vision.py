@@ -50,6 +50,7 @@ from copd_jax.data.distinct import first_distinct
 from copd_jax.data.image_bytes import user_cache_dir
 from copd_jax.data.domain import Example, content_id
 from copd_jax.errors import UserInputError
+from copd_jax.vision_inputs import DEFAULT_VIDEO_FPS
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 160, 40), 'blue': (40, 60, 220),
            'yellow': (230, 200, 20)}
@@ -262,7 +263,8 @@ def render_pictures(name: str, seed: int, count: int) -> list[Picture]:
 def picture_example(name: str, picture: Picture, image_dir: str,
                     video_fps: float | None = None) -> Example:
   """The picture's PNG file(s) written under image_dir/name, and its row as an Example whose
-  images / video hold their paths (a video's frame rate `video_fps`: the domain's)."""
+  images / video hold their paths (a video's frame rate `video_fps`, the domain's; None:
+  vision_inputs.DEFAULT_VIDEO_FPS, as a file row without one gets)."""
   digest = picture_digest(picture)
   folder = os.path.join(os.path.abspath(image_dir), name)
   if picture.is_video:
@@ -275,7 +277,7 @@ def picture_example(name: str, picture: Picture, image_dir: str,
   return Example(prompt=picture.question, answer=picture.answer, domain=name,
                  id=content_id(name, f'{picture.question}\x00{digest}'), reward='exact',
                  images=() if picture.is_video else paths, video=paths if picture.is_video else (),
-                 video_fps=video_fps if picture.is_video else None)
+                 video_fps=(video_fps or DEFAULT_VIDEO_FPS) if picture.is_video else None)
 
 
 def synthetic_vision_domain(name: str, seed: int, num_train: int, num_eval: int,
