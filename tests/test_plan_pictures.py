@@ -53,6 +53,28 @@ def test_a_vl_plan_takes_the_runs_largest_pictures_by_default(capsys, tmp_path, 
   assert f'; {largest} patches per prompt: packs GRPO ' in out
 
 
+def test_a_vl_plan_counts_the_frames_of_the_runs_videos(capsys, tmp_path, monkeypatch):
+  """configs/toy_copd_vl.py's motion videos (4 frames of 32 x 32, 2 temporal patches) through
+  the toy video processor (needs torchvision): the run's own frames, not one frame."""
+  pytest.importorskip('torchvision')
+  from copd_jax.data.synthetic_vision import render_pictures
+  from copd_jax.models.toy_vl import toy_vision_processor
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  data = [f'--config.domains.{name}.{split}={n}' for name in ('sort', 'motion')
+          for split, n in (('num_train', 4), ('num_eval', 2))]
+  data.append("--config.branches=sort,motion")
+  config = load_config(os.path.join(ROOT, 'configs', 'toy_copd_vl.py'), data, check_files=False)
+  video = toy_vision_processor(config.model.toy_vision).video_processor
+  frames = [np.asarray(f) for f in render_pictures('motion', 0, 1)[0].frames]
+  t, h, w = video(videos=[np.stack(frames)], do_sample_frames=False,
+                  return_tensors='np')['video_grid_thw'][0].tolist()
+  assert t > 1
+  assert main(['plan', '--config', os.path.join(ROOT, 'configs', 'toy_copd_vl.py'), '--devices',
+               '8', '--no-leaves', *data]) == 0
+  assert _pictures_line(capsys.readouterr().out).startswith(
+      f'pictures: {t * h * w} patches in frames of {h * w} per prompt, the largest of the run')
+
+
 def test_a_vl_plan_without_readable_data_takes_the_prompt_bound_and_says_why(capsys):
   """The Table 1 config names a model folder and data files that do not exist here: the plan
   takes the most a padded prompt can carry (every position a merged visual token) and says so
