@@ -125,7 +125,9 @@ def grid_frames(grids) -> PromptFrames:
 
 def largest_frames(prompts) -> PromptFrames:
   """The prompt the plan takes for all of `prompts` (PromptFrames): the most patches any has, in
-  frames of the largest frame any has (its attention at least any prompt's); (0, 0) for none."""
+  frames of the largest frame any has (rows of the largest frame's length, packed full; a run
+  whose small frames fit its rows badly, e.g. frames of 33 in rows of 64, may take up to twice
+  those rows, `vision_batch.attention_row_count`); (0, 0) for none."""
   prompts = list(prompts)
   return PromptFrames(max((p.patches for p in prompts), default=0),
                       max((p.frame for p in prompts), default=0))
