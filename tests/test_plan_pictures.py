@@ -2,7 +2,6 @@
 prepared as `train` prepares them, the function train's memory check calls), else the most a
 padded prompt can carry, said in one `pictures:` line; a prompt's pictures in frames (a video's
 temporal patches attend each on its own); the top-k probe's vision terms."""
-import dataclasses
 import os
 
 import jax
