@@ -24,8 +24,9 @@ config.json's shapes):
       --device-memory-gb 80 --patches-per-prompt 1024
 (--patches-per-prompt: the patches of one prompt's pictures, planned as one frame; 1,024 is a
 512 x 512 image, 256 visual tokens; 256 a 256 x 256 image, the image processor's smallest
-(65,536 pixels). Without it the plan assumes the most a prompt of data.max_prompt_tokens tokens
-can carry, 4 x 1,024 patches.) On 8 devices the layout chooser gives (branch, fsdp, tensor) =
+(65,536 pixels). Without it the plan takes the run's own largest pictures once model.hf_path
+and the data files exist here, else the most a prompt of data.max_prompt_tokens tokens can
+carry, 4 x 1,024 patches; its `pictures:` line says which.) On 8 devices the layout chooser gives (branch, fsdp, tensor) =
 (2, 4, 1), sampling the same; the estimate is about 64 GiB per device while training (state 12.4
 GiB + gradients 8.3 GiB, the base model's shard 4.1 GiB, the OPD micro-batch's decoder
 activations 15.9 GiB and the OPD update's vision terms 23.4 GiB: the tower, checkpointed per

@@ -246,13 +246,14 @@ def _check_batches(config) -> None:
 
 def _check_domain_prompting(config, name: str) -> None:
   """domains.<name>: use_chat_template, system_prompt, enable_thinking, image_field,
-  video_field."""
+  video_field, video_fps."""
   domain, where = config.domains[name], f'domains.{name}'
   check.typed(f'{where}.use_chat_template', domain.use_chat_template, bool)
   check.typed(f'{where}.system_prompt', domain.system_prompt, str)
   check.typed(f'{where}.enable_thinking', domain.enable_thinking, bool)
   check.typed(f'{where}.image_field', domain.image_field, str)
   check.typed(f'{where}.video_field', domain.video_field, str)
+  check.real(f'{where}.video_fps', domain.video_fps, 0, low_open=True)
   check.check(domain.use_chat_template or not domain.system_prompt, f'{where}.system_prompt',
               'needs use_chat_template=True (the system prompt is a turn of the chat template)')
 

@@ -16,6 +16,7 @@ from copd_jax import mesh as mesh_lib
 from copd_jax.memory_estimate import GIB, estimate
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VLConfig
+from copd_jax.vision_memory import PromptFrames
 
 
 def with_layout(config, shape: Sequence[int]):
@@ -26,7 +27,8 @@ def with_layout(config, shape: Sequence[int]):
 
 
 def layout_rows(config, devices: Sequence[jax.Device], prompt_tokens: int,
-                model_config: Qwen3Config | Qwen3VLConfig, patches_per_prompt: int | None = None
+                model_config: Qwen3Config | Qwen3VLConfig,
+                patches_per_prompt: int | PromptFrames | None = None
                 ) -> list[tuple[tuple[int, ...], dict[str, float], bool]]:
   """(layout, {phase: per-device peak bytes}, chosen) for every candidate layout
   (patches_per_prompt: a Qwen3-VL model's pictures, as `memory_estimate.estimate` takes them)."""

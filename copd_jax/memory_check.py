@@ -7,8 +7,9 @@ run's mesh and its largest prompt bucket (that of its longest prompt: batches ar
 their own, copd_jax/prompt_buckets.py). A Qwen3-VL model is planned whole, as `plan` plans it:
 the vision tower's parameters, Adam moments and gradients (no gradients under
 model.freeze_vision), its activations, the deepstack additions and the pictures
-(copd_jax/vision_memory.py), every prompt with as many patches as the run's most
-(`most_patches_per_prompt`). What it is compared with:
+(copd_jax/vision_memory.py), every prompt with as many patches as the run's most, in frames as
+large as its largest (`largest_pictures`; `plan` takes the same from the config's data). What
+it is compared with:
   CPU devices   they share this host's RAM: what the run still has to allocate, the sum of
                 this process's devices' peaks (MemoryPlan.host_peak), each with its shard of
                 the base model (the check runs before the base is read, straight into its
@@ -34,6 +35,7 @@ from copd_jax.errors import UserInputError
 from copd_jax.memory_estimate import GIB, MemoryPlan, estimate, phase_fixes, phase_peaks
 from copd_jax.models.qwen3 import Qwen3Config
 from copd_jax.models.qwen3_vl import Qwen3VLConfig
+from copd_jax.vision_memory import PromptFrames, grid_frames, largest_frames, picture_words
 
 SKIP_ENV = 'COPD_JAX_NO_MEMORY_CHECK'
 
@@ -95,13 +97,16 @@ def shortfall(plan: MemoryPlan, available: float, host_devices: int = 0) -> str 
           f'{", ".join(fixes)} (`plan` shows every term; {SKIP_ENV}=1 skips this check)')
 
 
-def most_patches_per_prompt(encoder, examples: Sequence) -> int:
-  """The most patches (images and video frames) one of `examples` carries as `encoder`
-  (rollouts.PromptEncoder) prepared it; 0 when none has pictures or the encoder has no vision."""
+def largest_pictures(encoder, examples: Sequence) -> PromptFrames:
+  """The pictures the memory estimate plans every prompt with: the most patches (images and
+  video frames) one of `examples` carries as `encoder` (rollouts.PromptEncoder) prepared it, in
+  frames of the largest frame one has (an image, or one temporal patch of a video:
+  vision_memory.largest_frames); (0, 0) when none has pictures or the encoder has no vision."""
   if encoder.vision is None:
-    return 0
+    return PromptFrames(0, 0)
   pictures = (encoder.pictures(e) for e in examples if e.images or e.video)
-  return max((p.num_patches for p in pictures if p is not None), default=0)
+  return largest_frames(grid_frames([*p.image_grids, *p.video_grids])
+                        for p in pictures if p is not None)
 
 
 def check_run_fits(config, devices: Sequence[jax.Device], encoder, examples: Sequence,
@@ -111,16 +116,16 @@ def check_run_fits(config, devices: Sequence[jax.Device], encoder, examples: Seq
   """`check_fits` for a run: its prompts padded to the encoder's largest bucket; a Qwen3-VL
   `model_config` planned with its tower and every prompt carrying the most patches one of the
   run's `examples` has."""
-  patches = None
+  pictures = None
   if isinstance(model_config, Qwen3VLConfig):
-    patches = most_patches_per_prompt(encoder, examples)
-  check_fits(config, devices, encoder.length, model_config, log, env, patches)
+    pictures = largest_pictures(encoder, examples)
+  check_fits(config, devices, encoder.length, model_config, log, env, pictures)
 
 
 def check_fits(config, devices: Sequence[jax.Device], prompt_tokens: int,
                model_config: Qwen3Config | Qwen3VLConfig, log: Callable[[str], None] = print,
-               env: Mapping[str, str] = os.environ, patches_per_prompt: int | None = None
-               ) -> None:
+               env: Mapping[str, str] = os.environ,
+               patches_per_prompt: int | PromptFrames | None = None) -> None:
   """Raises MemoryCheckError (one line, what to change) when the run's estimate exceeds the
   memory this process can use; logs the comparison otherwise. `devices`: the training mesh's;
   patches_per_prompt: a Qwen3-VL model's pictures per prompt (`estimate`)."""
@@ -140,8 +145,8 @@ def check_fits(config, devices: Sequence[jax.Device], prompt_tokens: int,
     raise MemoryCheckError(message)
   pictures = ''
   if plan.pictures is not None:
-    pictures = (f'; Qwen3-VL with its vision tower, {plan.pictures.patches_per_prompt} patches '
-                'per prompt')
+    pictures = (f'; Qwen3-VL with its vision tower, '
+                f'{picture_words(plan.pictures.prompt)} per prompt')
   if on_cpu:
     log(f'memory: the run adds about {plan.host_peak(len(here)) / GIB:.2f} GiB at its peak '
         f'(estimate, base model included) '

@@ -79,8 +79,8 @@ bf16 activations are as XLA:GPU/TPU store them; XLA:CPU keeps them in fp32.
 Qwen3-VL (a Qwen3VLConfig): the state holds the vision tower's leaves (no gradients under
 model.freeze_vision), and `add_vision_terms` adds the tower's activations on each step's patch
 pack, the deepstack additions, the pictures and the OPD packs routed to the teachers
-(formulas: copd_jax/vision_memory.py) to the GRPO / OPD updates, the teacher pass and the
-prefill; the decoder's terms above use its text side.
+(formulas: copd_jax/vision_memory.py) to the GRPO / OPD updates, the teacher pass, the top-k
+probe and the prefill; the decoder's terms above use its text side.
 
 Base model: the driver keeps the un-stacked base parameters on the devices for the whole run
 (`run_setup.Run.base_params`, in the params' shardings without 'branch'), whatever
@@ -427,12 +427,13 @@ class MemoryPlan:
 
 def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
              model_config: Qwen3Config | Qwen3VLConfig, model_source: str = '',
-             patches_per_prompt: int | None = None) -> MemoryPlan:
+             patches_per_prompt: int | vision_memory.PromptFrames | None = None) -> MemoryPlan:
   """The MemoryPlan of `config` for a model of architecture `model_config` with the run's mesh
   over `devices` and prompts padded to `prompt_tokens`. A Qwen3-VL model adds the vision terms
-  (copd_jax/vision_memory.py) for prompts of `patches_per_prompt` patches each (None: the most
-  a prompt of `prompt_tokens` tokens can carry, every position a merged visual token; 0: text
-  rows only, planned as the smallest patch bucket)."""
+  (copd_jax/vision_memory.py) for prompts of these pictures each: PromptFrames (patches in
+  frames), or a number of patches taken as one frame (None: the most a prompt of
+  `prompt_tokens` tokens can carry, every position a merged visual token; 0: text rows only,
+  planned as the smallest patch bucket)."""
   vl = model_config if isinstance(model_config, Qwen3VLConfig) else None
   mc = vl.text if vl else model_config
   work = workload_of(config, prompt_tokens, mc.vocab_size)
@@ -523,20 +524,29 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
                     kv_cache_rows=kv_rows, opd_signal_bytes=signal)
   if vl is not None:
     if patches_per_prompt is None:
-      patches_per_prompt = vl.vision.merge_unit * prompt_tokens
+      patches_per_prompt = prompt_bound(vl, prompt_tokens)
+    if not isinstance(patches_per_prompt, vision_memory.PromptFrames):
+      patches_per_prompt = vision_memory.PromptFrames.one_frame(patches_per_prompt)
     add_vision_terms(plan, config, vl, patches_per_prompt, b_s)
   return plan
 
 
-def add_vision_terms(plan: MemoryPlan, config, vl: Qwen3VLConfig, patches_per_prompt: int,
-                     sample_rows: float) -> None:
+def prompt_bound(vl: Qwen3VLConfig, prompt_tokens: int) -> int:
+  """The most patches a prompt of `prompt_tokens` tokens can carry: every position a merged
+  visual token (what `plan` assumes when the run's data cannot tell)."""
+  return vl.vision.merge_unit * prompt_tokens
+
+
+def add_vision_terms(plan: MemoryPlan, config, vl: Qwen3VLConfig,
+                     pictures_per_prompt: vision_memory.PromptFrames, sample_rows: float) -> None:
   """Adds a Qwen3-VL model's terms (copd_jax/vision_memory.py) to `plan`: per step the tower's
   activations on the whole pack, the deepstack additions of a micro-batch and the pictures the
-  update holds; the tower's forward in the teacher pass and the sampler's prefill; the
-  students' packs routed to their teachers. Every device of a branch holds its whole pack."""
+  update holds; the tower's forward in the teacher pass, the top-k probe and the sampler's
+  prefill; the students' packs routed to their teachers. Every device of a branch holds its
+  whole pack."""
   vc, w, K = vl.vision, plan.workload, plan.workload.num_branches
   vm = vision_memory
-  pictures = vm.picture_load(config, patches_per_prompt)
+  pictures = vm.picture_load(config, pictures_per_prompt)
   a, tensor, seq, D = w.compute_bytes, plan.mesh_shape['tensor'], w.seq, vl.text.hidden_size
   here = K / plan.mesh_shape['branch']   # branches (and so packs) on a device
   S_n, S_d, R = pictures.native, pictures.distill, w.rounds
@@ -560,6 +570,16 @@ def add_vision_terms(plan: MemoryPlan, config, vl: Qwen3VLConfig, patches_per_pr
     plan.teacher_bytes += (here * vm.tower_forward_bytes(vc, S_d, a, tensor)
                            + vm.deepstack_bytes(vc, b_t, seq, D, a))
     plan.vision_routed_bytes = here * R * vm.pack_bytes(vc, S_d)
+    # The top-k probe (edge_topk.py) scores one round's distillation rows as the teacher pass
+    # does (steps.encoded_once: the tower forward once on the pack, then chunked_rows), the
+    # student on its own pack and the teacher on the student's pack routed to its shard (the
+    # R rounds' packs given, one routed copy); the decoder's probe term counts all b_p rows at
+    # once, so the deepstack additions and the rows' positions do too.
+    b_p = rows_per_device(w.distill_rows, K, plan.mesh_shape)
+    plan.probe_bytes += (here * (vm.tower_forward_bytes(vc, S_d, a, tensor)
+                                 + (R + 1) * vm.pack_bytes(vc, S_d))
+                         + vm.deepstack_bytes(vc, b_p, seq, D, a)
+                         + vm.row_picture_bytes(b_p, seq))
   # The sampler's prefill: the tower forward on the larger call's pack, the deepstack
   # additions of the prompt positions.
   s_here = K / plan.sampling_mesh_shape['branch']

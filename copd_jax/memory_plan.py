@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from copd_jax import mesh as mesh_lib
+from copd_jax import mesh as mesh_lib, vision_memory
 from copd_jax.memory_estimate import (  # noqa: F401  (re-exported: the planner's names)
     GIB, LeafPlan, MemoryPlan, PlanError, Workload, abstract_branch_state, abstract_params,
     estimate, forward_pass_bytes, head_activation_bytes, kv_cache_bytes,
@@ -51,10 +51,11 @@ def model_config_of(config) -> tuple[Qwen3Config | Qwen3VLConfig, str]:
                   f'to a Hugging Face folder or model.preset to one of {", ".join(MODEL_PRESETS)}')
 
 def make_plan(config, devices: Sequence[jax.Device], prompt_tokens: int,
-              patches_per_prompt: int | None = None) -> MemoryPlan:
+              patches_per_prompt: int | vision_memory.PromptFrames | None = None
+              ) -> MemoryPlan:
   """The MemoryPlan of `config` with its mesh over `devices`, for the architecture
-  `model_config_of` finds (a Qwen3-VL one's prompts with `patches_per_prompt` patches each;
-  None: `estimate`'s bound)."""
+  `model_config_of` finds (a Qwen3-VL one's prompts with these pictures each, as `estimate`
+  takes them; None: `estimate`'s bound)."""
   mc, source = model_config_of(config)
   return estimate(config, devices, prompt_tokens, mc, source, patches_per_prompt)
 
@@ -125,9 +126,8 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
         f'vision tower: depth={vc.depth}, D={vc.hidden_size}, H={vc.num_heads}, '
         f'F={vc.intermediate_size}, patch dim {vc.patch_dim}, deepstack taps '
         f'{list(vc.deepstack_visual_indexes)}, freeze_vision={pics.frozen}; '
-        f'{pics.patches_per_prompt} patches per prompt (one frame each): packs GRPO '
-        f'{_pack_words(pics.native)}, OPD {_pack_words(pics.distill)} per round '
-        f'(--patches-per-prompt)')
+        f'{vision_memory.picture_words(pics.prompt)} per prompt: packs GRPO '
+        f'{_pack_words(pics.native)}, OPD {_pack_words(pics.distill)} per round')
   if leaves:
     lines += ['', '| group | leaf | shape | dtype | PartitionSpec | per device |',
               '|---|---|---|---|---|---:|']

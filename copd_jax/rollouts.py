@@ -179,6 +179,8 @@ class PromptEncoder:
         else []
     prompt = vision_inputs.encode_vision_prompt(render_visual_prompt(self.tokenizer, example, fmt),
                                                 images, v.processor, self.tokenizer, videos,
+                                                video_fps=(example.video_fps
+                                                           or vision_inputs.DEFAULT_VIDEO_FPS),
                                                 where=where)
     self._cache[key] = prompt.input_ids.tolist()
     self._pictures[key] = PromptPictures.of(prompt.pixel_values, prompt.image_grid_thw,

@@ -220,11 +220,12 @@ def load_domains(config, image_dir: str = '') -> dict[str, tuple[list[Example], 
                                    spec.num_eval)
     elif spec.source == 'synthetic_vision':
       out[name] = synthetic_vision_domain(name, synthetic_seed(config, name), spec.num_train,
-                                          spec.num_eval, image_dir or default_image_dir())
+                                          spec.num_eval, image_dir or default_image_dir(),
+                                          video_fps=spec.video_fps)
     else:
       fields = dict(prompt_field=spec.prompt_field or None, answer_field=spec.answer_field or None,
                     image_field=spec.image_field, video_field=spec.video_field,
-                    max_image_pixels=config.data.max_image_pixels)
+                    max_image_pixels=config.data.max_image_pixels, video_fps=spec.video_fps)
       out[name] = (load_examples(spec.train_path, name, reward=spec.reward, **fields),
                    load_examples(spec.eval_path, name, reward=spec.reward, **fields))
   return out

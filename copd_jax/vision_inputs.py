@@ -50,8 +50,11 @@ VIDEO_PLACEHOLDER = VISION_START + VIDEO_PAD + VISION_END
 _VERIFY_COVERS_PIXELS = ('PNG',)
 # Default of data.max_image_pixels: Pillow's own decompression-bomb threshold.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-# A video's frame timestamps assume this rate when the row gives none (transformers' default).
+# A video's frame timestamps assume this rate when neither its row ('fps') nor its domain
+# (domains.<name>.video_fps) gives one: transformers' default for frames given without metadata.
 DEFAULT_VIDEO_FPS = 24.0
+# The field of a data row that gives its video's frame rate.
+FPS_FIELD = 'fps'
 
 
 class VisionInputError(UserInputError):
@@ -187,6 +190,18 @@ def _video_array(path: str, where: str, max_pixels: int, load: bool) -> np.ndarr
                            f'are over data.max_image_pixels={max_pixels:,}; resize them or raise '
                            'the limit')
   return array
+
+
+def video_fps(value: Any, where: str, field: str = FPS_FIELD) -> float:
+  """A video's frame rate (a row's `field`, a flag): a finite number > 0, else one line naming
+  `where` and the field. It sets the '<t seconds>' tokens between the frames (frame i at
+  i / fps seconds), not which frames the model sees."""
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and np.isfinite(value) and value > 0)
+  if not ok:
+    raise VisionInputError(f'{where}: field {field!r} (the video\'s frames per second) must be a '
+                           f'number > 0, got {value!r:.60}')
+  return float(value)
 
 
 def check_video_frames(frames: Sequence[str], where: str,

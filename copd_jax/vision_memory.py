@@ -11,9 +11,11 @@ block attends within each row ([R, Hv, P, P] scores), so its scores follow the f
 not the pack's. The tower's arrays therefore sit beside one micro-batch's decoder arrays, as
 the estimate adds them.
 
-The plan takes each prompt's patches as one frame (`plan_pack`): an image; for a prompt of N
-patches that is the largest attention it can need (a video's N patches in t frames need 1 / t
-of it).
+The plan takes each prompt's patches in frames (`PromptFrames`, `plan_pack`): an image is one
+frame of h x w patches, a video of grid t x h x w is t frames of h x w (one per temporal patch),
+each its own attention segment in the rows. A run's prompts are planned as its largest: the
+most patches any prompt has, in frames as large as its largest frame (`largest_frames`; N
+patches as one frame, `PromptFrames.one_frame`, is the most attention N patches can need).
 
 Notation: S patches of the pack, R x P its attention rows, Dv / Hv / hdv / Fv the tower's width,
 heads, head_dim and MLP width (heads and MLP divided by 'tensor' where it divides them), a
@@ -50,6 +52,10 @@ of a branch holds it).
                   joined (S_n + R S_d patches, their rows stacked, no re-bucketing); each
                   round's student pack is routed to its teacher's shard (R S_d patches cross
                   branches, never parameters); the teacher pass runs the tower forward on S_d
+  probe:        the top-k probe (edge_topk.py) runs the tower forward on S_d (steps.encoded_once)
+                  for the student and for the teacher on the routed student pack: one forward,
+                  the R packs of its input and one routed copy, the deepstack additions and
+                  positions of its b_p rows
   sampling:     the prefill runs the tower forward once per call on the call's pack
 
 Calibration (tests/test_plan.py::test_vision_estimate_tracks_xla_when_the_pack_grows): against
@@ -85,11 +91,54 @@ class PackShape(NamedTuple):
   length: int
 
 
-def plan_pack(prompts: int, patches_per_prompt: int) -> PackShape:
-  """The pack `vision_batch` builds for `prompts` prompts whose patches are one frame each."""
-  S = patch_bucket(max(prompts * patches_per_prompt, 1))
-  P = row_length(patches_per_prompt)
-  needed = len(set(first_fit_rows([patches_per_prompt] * prompts, P)))
+class PromptFrames(NamedTuple):
+  """What the plan assumes one prompt's pictures are: `patches` in all (its images and video
+  frames), in frames of `frame` patches (the last one holds the rest)."""
+  patches: int
+  frame: int
+
+  @classmethod
+  def one_frame(cls, patches: int) -> 'PromptFrames':
+    return cls(patches, patches)
+
+  @property
+  def frame_sizes(self) -> list[int]:
+    if not self.patches:
+      return []
+    whole, rest = divmod(self.patches, self.frame)
+    return [self.frame] * whole + ([rest] if rest else [])
+
+
+def picture_words(pictures: PromptFrames) -> str:
+  """'N patches' (one frame) or 'N patches in frames of F'."""
+  if pictures.patches <= pictures.frame:
+    return f'{pictures.patches} patches'
+  return f'{pictures.patches} patches in frames of {pictures.frame}'
+
+
+def grid_frames(grids) -> PromptFrames:
+  """A prompt's pictures as grids (t, h, w) of its images and videos (`PromptPictures`): t x h x w
+  patches each, in t frames of h x w (an image has t = 1)."""
+  sizes = [(int(t), int(h) * int(w)) for t, h, w in grids]
+  return PromptFrames(sum(t * n for t, n in sizes), max((n for _, n in sizes), default=0))
+
+
+def largest_frames(prompts) -> PromptFrames:
+  """The prompt the plan takes for all of `prompts` (PromptFrames): the most patches any has, in
+  frames of the largest frame any has (rows of the largest frame's length, packed full; a run
+  whose small frames fit its rows badly, e.g. frames of 33 in rows of 64, may take up to twice
+  those rows, `vision_batch.attention_row_count`); (0, 0) for none."""
+  prompts = list(prompts)
+  return PromptFrames(max((p.patches for p in prompts), default=0),
+                      max((p.frame for p in prompts), default=0))
+
+
+def plan_pack(prompts: int, pictures: PromptFrames) -> PackShape:
+  """The pack `vision_batch` builds for `prompts` prompts of these pictures each: their frames
+  packed whole into rows of the largest frame's bucket."""
+  S = patch_bucket(max(prompts * pictures.patches, 1))
+  P = row_length(pictures.frame)
+  needed = len(set(first_fit_rows(pictures.frame_sizes * prompts, P)))
   return PackShape(S, attention_row_count(needed, S, P), P)
 
 
@@ -105,18 +154,21 @@ def joined_pack(*packs: PackShape) -> PackShape:
 class PictureLoad:
   """The packs of one run's batches (per branch): GRPO's native pack, one OPD round's
   distillation pack; what the plan assumes about the pictures of a prompt."""
-  patches_per_prompt: int
+  prompt: PromptFrames
   native: PackShape   # S_n: grpo.prompts_per_step prompts' patches
   distill: PackShape  # S_d: opd.prompts_per_step prompts' patches
   frozen: bool        # model.freeze_vision
 
+  @property
+  def patches_per_prompt(self) -> int:
+    return self.prompt.patches
 
-def picture_load(config, patches_per_prompt: int) -> PictureLoad:
-  """The packs when every prompt carries `patches_per_prompt` patches in one frame (a GRPO
-  group's rows share their prompt's pictures, so a pack holds one copy per prompt)."""
-  return PictureLoad(patches_per_prompt,
-                     plan_pack(config.grpo.prompts_per_step, patches_per_prompt),
-                     plan_pack(config.opd.prompts_per_step, patches_per_prompt),
+
+def picture_load(config, pictures: PromptFrames) -> PictureLoad:
+  """The packs when every prompt carries these pictures (a GRPO group's rows share their
+  prompt's pictures, so a pack holds one copy per prompt)."""
+  return PictureLoad(pictures, plan_pack(config.grpo.prompts_per_step, pictures),
+                     plan_pack(config.opd.prompts_per_step, pictures),
                      bool(config.model.freeze_vision))
 
 

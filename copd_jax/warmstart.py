@@ -47,7 +47,8 @@ def warmstart_split(config, domains: dict[str, tuple[list[Example], list[Example
       out[name] = warmstart_vision_examples(
           name, seed_of(name), warm.examples_per_domain,
           exclude=[example_digest(e) for e in train + evals],
-          image_dir=image_dir or default_image_dir(), wrong_share=warm.wrong_share)
+          image_dir=image_dir or default_image_dir(), wrong_share=warm.wrong_share,
+          video_fps=config.domains[name].video_fps)
     else:
       out[name] = list(train)
   return out

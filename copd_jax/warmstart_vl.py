@@ -28,6 +28,7 @@ from copd_jax.data.domain import Example
 from copd_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from copd_jax.models.toy_vl import save_toy_vl_folder, toy_vl_model_config
 from copd_jax.rollouts import PromptEncoder, bucket_length
+from copd_jax.vision_inputs import DEFAULT_VIDEO_FPS
 from copd_jax.warmstart import cached_base, sft_step, warmstart_optimizer
 
 
@@ -105,6 +106,13 @@ def ensure_toy_vl_base(workdir: str, config, split: dict[str, list[Example]],
             'data': hashlib.sha256(json.dumps(
                 [(d, p, a, [_name(x) for x in i], [_name(x) for x in v])
                  for d, p, a, i, v in rows]).encode()).hexdigest()}
+  # A video's frame rate changes its timestamp tokens; only rates other than the default enter
+  # the recipe, so bases cached before rates could be set stay valid.
+  rates = sorted((e.domain, e.prompt, _name(e.video[0]), e.video_fps)
+                 for examples in split.values() for e in examples
+                 if e.video and e.video_fps not in (None, DEFAULT_VIDEO_FPS))
+  if rates:
+    recipe['video_fps'] = rates
 
   def build(path: str) -> None:
     model_config = toy_vl_model_config(config.model.toy, config.model.toy_vision)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import transformers
 
+from tests.video_fixtures import write_video_processor_config
+
 IMAGE, VIDEO, VSTART, VEND = 150, 151, 152, 153
 VOCAB = 160
 
@@ -81,8 +83,11 @@ QWEN3_VOCAB, QWEN3_VL_SPECIAL = 151_936, (151_655, 151_656, 151_652, 151_653)
 def save_hf_vl_folder_with_tokenizer(name: str, folder, tokenizer_dir: str, seed: int = 0,
                                      max_pixels: int = 64 * 64):
   """A tiny Qwen3-VL folder as a user has one: model weights over the real Qwen3 vocabulary,
-  the tokenizer, and the preprocessor_config.json of transformers' Qwen-VL image processor
-  (patch size of the config, images resized to at most `max_pixels`)."""
+  the tokenizer, the preprocessor_config.json of transformers' Qwen-VL image processor
+  (patch size of the config, images resized to at most `max_pixels`) and the
+  video_preprocessor_config.json of its Qwen3VLVideoProcessor, as a released Qwen3-VL folder has
+  them (each processor's save_pretrained file; without the video one transformers'
+  AutoVideoProcessor falls back to the image settings and builds a Qwen2VLVideoProcessor)."""
   model = make_hf_vl_model(name, seed, vocab=QWEN3_VOCAB, special=QWEN3_VL_SPECIAL)
   model.save_pretrained(str(folder))
   for file in ('tokenizer.json', 'tokenizer_config.json'):
@@ -95,6 +100,7 @@ def save_hf_vl_folder_with_tokenizer(name: str, folder, tokenizer_dir: str, seed
                   'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5]}
   with open(os.path.join(str(folder), 'preprocessor_config.json'), 'w') as f:
     json.dump(preprocessor, f)
+  write_video_processor_config(folder, patch_size=v.patch_size)
   return model
 
 

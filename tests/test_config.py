@@ -195,6 +195,8 @@ def test_a_checkpoint_with_copd_beta_still_resumes():
      'config.domains.count.system_prompt: needs use_chat_template=True'),
     ('c.domains.count.reward_timeout_s = 0.0\n',
      'config.domains.count.reward_timeout_s: must be a finite number > 0'),
+    ("c.domains.count.video_fps = 0\n",
+     'config.domains.count.video_fps: must be a finite number > 0'),
 ])
 def test_bad_reward_and_prompting_fields_stop_at_load(tmp_path, body, message):
   path = _config_file(tmp_path, body)

@@ -186,7 +186,7 @@ def test_run_check_counts_a_vl_models_vision_tower_and_largest_pictures(monkeypa
           Example('p', 'a', 'sort', 'large', images=('l.png',)),
           Example('p', 'a', 'sort', 'text')]
   encoder = _PictureEncoder(64, {'small': 16, 'large': 600})
-  assert memory_check.most_patches_per_prompt(encoder, rows) == 600
+  assert memory_check.largest_pictures(encoder, rows) == (600, 600)
   vl_plan = estimate(config, devices, 64, vl, patches_per_prompt=600)
   text_plan = estimate(config, devices, 64, vl.text)
   assert vl_plan.pictures.patches_per_prompt == 600

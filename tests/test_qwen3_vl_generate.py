@@ -221,8 +221,8 @@ def test_generate_cli_with_images_equals_transformers(tmp_path, capsys):
 
 
 def test_generate_cli_picture_errors_are_one_line(tmp_path, capsys):
-  """A missing or corrupt image, a video that is no folder of frames, a video without
-  transformers' video processor (torchvision): one line each, exit status 2, the data loader's
+  """A missing or corrupt image, a video that is no folder of frames, a frame rate <= 0, a video
+  without transformers' video processor (torchvision): one line each, exit status 2, the data loader's
   checks (vision_inputs) naming the flag and the file."""
   from copd_jax.__main__ import main as cli_main
   from tests.hf_vl_fixtures import save_hf_vl_folder_with_tokenizer
@@ -236,7 +236,8 @@ def test_generate_cli_picture_errors_are_one_line(tmp_path, capsys):
   absent, corrupt = str(tmp_path / 'absent.png'), str(tmp_path / 'corrupt.png')
   cases = [(['--image', absent], f'--image: image {absent}: no such file'),
            (['--image', corrupt], f'{corrupt}: not an image Pillow can read'),
-           (['--video', corrupt], f'--video: video {corrupt} is not a folder of frames')]
+           (['--video', corrupt], f'--video: video {corrupt} is not a folder of frames'),
+           (['--video', str(frames), '--fps', '0'], 'error: --fps must be a number > 0, got 0')]
   try:
     import torchvision  # noqa: F401
   except ImportError:

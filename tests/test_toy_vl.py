@@ -194,6 +194,38 @@ def test_cached_base_is_reused_for_a_recipe_with_tuples(tmp_path):
   assert built == [path]
 
 
+def test_a_video_domains_frame_rate_reaches_its_rows_and_the_warm_start_recipe(tmp_path,
+                                                                              monkeypatch):
+  """domains.<name>.video_fps sets a synthetic video domain's rows' rate (train, eval and warm
+  start); a rate other than the default enters the cached warm-start base's recipe (its
+  timestamp tokens differ), the default leaves the recipe as before rates could be set."""
+  import dataclasses
+  from copd_jax import warmstart, warmstart_vl
+  from copd_jax.data.synthetic_vision import warmstart_vision_examples
+  train, evals = synthetic_vision_domain('motion', 0, 2, 1, str(tmp_path), video_fps=2.0)
+  warm = warmstart_vision_examples('motion', 0, 2, (), str(tmp_path), video_fps=2.0)
+  assert {e.video_fps for e in train + evals + warm} == {2.0}
+  assert synthetic_vision_domain('shapes', 0, 2, 1, str(tmp_path), video_fps=2.0)[0][0].video_fps \
+      is None   # an image row has no frame rate
+  recipes = []
+  monkeypatch.setattr(warmstart_vl, 'cached_base',
+                      lambda workdir, recipe, build, log, resuming: recipes.append(recipe))
+  for rows in (warm, [dataclasses.replace(e, video_fps=24.0) for e in warm],
+               [dataclasses.replace(e, video_fps=None) for e in warm]):
+    warmstart_vl.ensure_toy_vl_base(str(tmp_path), _config(), {'motion': rows}, encoder=None)
+  assert 'video_fps' in recipes[0] and recipes[1] == recipes[2]
+  assert 'video_fps' not in recipes[1] and recipes[0]['data'] == recipes[1]['data']
+  c = _config()
+  c.branches = ('sort', 'motion')
+  c.domains['motion'] = synthetic_domain(num_train=2, num_eval=1)
+  c.domains.motion.update(source='synthetic_vision', video_fps=5.0)
+  split = warmstart.warmstart_split(c, {'motion': (train, evals)}, lambda _: 0, str(tmp_path))
+  assert {e.video_fps for e in split['motion']} == {5.0}
+  from copd_jax import run_setup
+  loaded = run_setup.load_domains(c, image_dir=str(tmp_path))['motion']
+  assert {e.video_fps for part in loaded for e in part} == {5.0}
+
+
 def _colour_rows(tmp_path, name: str, size: tuple[int, int], count: int, seed: int):
   """`count` rows asking the colour of a whole picture of `size` (4 answers, the colour jittered
   so no two pictures are equal): a question only the row's own picture answers."""

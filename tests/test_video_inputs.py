@@ -224,3 +224,70 @@ def test_parquet_rows_carry_videos_in_every_form(tmp_path):
   assert [len(vi.open_video(r.video, 'row')) for r in rows[:2]] == [3, 3]
   with pytest.raises(UserInputError, match=f'{lists}: row 1: image .*nowhere.png: no such file'):
     load_examples(lists, 'vid', reward='exact')
+
+
+# ----------------------------------------------------------------------------- frame rate
+
+def test_timestamps_follow_the_frame_rate():
+  """Frame i is at i / fps seconds; a temporal patch's timestamp is the mean of its first and
+  last frame's (a short last patch repeats the last frame), written with one decimal."""
+  assert vi.frame_timestamps(5, 2.0, 2) == [0.25, 1.25, 2.0]
+  assert vi.frame_timestamps(4, 10.0, 2) == pytest.approx([0.05, 0.25])
+  assert vi.frame_timestamps(2, vi.DEFAULT_VIDEO_FPS, 2) == [1 / 48]
+  text = vi.expand_vision_pads(vi.VIDEO_PLACEHOLDER, [], [(3, 2, 2)],
+                               [vi.frame_timestamps(5, 2.0, 2)])
+  assert re.findall(r'<[0-9.]+ seconds>', text) == ['<0.2 seconds>', '<1.2 seconds>',
+                                                     '<2.0 seconds>']
+
+
+def test_a_rows_fps_else_its_domains_reaches_the_encoder(tmp_path, monkeypatch):
+  """The row's 'fps' wins, else the domain's video_fps (load_examples' video_fps); rows without
+  a video have none; the run's PromptEncoder hands the row's rate to the timestamps."""
+  clip = write_video(tmp_path, 'clip', video_frames(4, 8, 8), 'npy')
+  data = _rows(tmp_path, [{'prompt': 'a', 'answer': 'x', 'video': clip, 'fps': 2},
+                          {'prompt': 'b', 'answer': 'y', 'video': clip},
+                          {'prompt': 'c', 'answer': 'z', 'fps': 5}])
+  rows = load_examples(data, 'vid', reward='exact', video_fps=10.0)
+  assert [r.video_fps for r in rows] == [2.0, 10.0, None]
+  assert load_examples(data, 'vid', reward='exact')[1].video_fps == vi.DEFAULT_VIDEO_FPS
+  seen = []
+
+  def encode(text, images, processor, tokenizer, videos=(), video_fps=None, where=''):
+    seen.append(video_fps)
+    return vi.VisionPrompt(np.zeros(1, np.int32), None, np.zeros((0, 3), np.int64))
+  monkeypatch.setattr(vi, 'encode_vision_prompt', encode)
+  encoder = PromptEncoder(qwen3_tokenizer(), {'vid': PromptFormat(use_chat_template=False)},
+                          vision=VisionEncoding(processor=None, model_config=None))
+  for row in rows[:2]:
+    encoder.full_ids(row)
+  assert seen == [2.0, 10.0]
+
+
+@pytest.mark.parametrize('fps', [0, -1, 'fast', True, float('nan')])
+def test_a_bad_fps_is_one_line_naming_the_row(tmp_path, fps):
+  clip = write_video(tmp_path, 'clip', video_frames(2, 8, 8), 'npy')
+  data = _rows(tmp_path, [{'prompt': 'p', 'answer': 'a', 'video': clip, 'fps': fps}])
+  with pytest.raises(UserInputError) as error:
+    load_examples(data, 'vid', reward='exact')
+  assert str(error.value).startswith(f"{data}:1: field 'fps' (the video's frames per second) "
+                                     'must be a number > 0, got ')
+
+
+def test_a_rows_fps_gives_transformers_timestamps(tmp_path, tokenizer):
+  """A row at 2 fps encodes as transformers' Qwen3VLProcessor given that rate in the video's
+  metadata (needs torchvision)."""
+  pytest.importorskip('torchvision')
+  from transformers.video_utils import VideoMetadata
+  frames = video_frames(5, 32, 32, seed=3)
+  data = _rows(tmp_path, [{'prompt': 'When does it move?', 'answer': '1',
+                           'video': write_video(tmp_path, 'clip', frames, 'folder'), 'fps': 2}])
+  example, = load_examples(data, 'vid', reward='exact')
+  encoder = _encoder(_model_folder(tmp_path / 'model'), tokenizer, chat=False)
+  metadata = VideoMetadata(total_num_frames=5, fps=2.0, frames_indices=list(range(5)))
+  expected = reference_processor(str(tmp_path / 'model'), tokenizer)(
+      text=[vi.placeholders(0, 1) + example.prompt], videos=[frames],
+      video_metadata=[metadata], do_sample_frames=False, return_tensors='np')
+  ids = encoder.full_ids(example)
+  assert ids == expected['input_ids'][0].tolist()
+  assert re.findall(r'<[0-9.]+ seconds>', tokenizer.decode(ids)) == [
+      '<0.2 seconds>', '<1.2 seconds>', '<2.0 seconds>']

@@ -105,6 +105,24 @@ def test_greedy_video_prompt_equals_transformers_generate(tmp_path):
   assert len(set(expected.tolist())) > 1   # a real sequence, not one token repeated
 
 
+def test_generate_fps_gives_transformers_timestamps(tmp_path):
+  """`generate --video PATH --fps 2`'s encoding (commands.generate.encode_pictures) equals
+  transformers' Qwen3VLProcessor given that rate in the video's metadata."""
+  from transformers.video_utils import VideoMetadata
+  from copd_jax.commands.generate import encode_pictures, video_frames as frame_paths
+  _, folder = _folder(tmp_path, 'tied_mqa_ds1', 8)
+  tokenizer = load_tokenizer(folder)
+  frames = video_frames(6, 40, 56, seed=6)
+  text = _chat_text(tokenizer)
+  path = str(tmp_path / write_video(tmp_path, 'clip', frames, 'npy'))
+  ours = encode_pictures(folder, text, tokenizer, [], [path], video_fps=2.0)
+  theirs = reference_processor(folder, tokenizer)(
+      text=[text], videos=[frames], do_sample_frames=False, return_tensors='pt',
+      video_metadata=[VideoMetadata(total_num_frames=6, fps=2.0, frames_indices=list(range(6)))])
+  assert ours.input_ids.tolist() == theirs['input_ids'][0].tolist()
+  assert '<2.2 seconds>' in tokenizer.decode(ours.input_ids) and frame_paths(path) == [path]
+
+
 @pytest.mark.slow   # two generate runs and transformers' generate: about 25 s on 2 busy cores
 def test_generate_cli_with_a_video_prints_transformers_text(tmp_path, capsys):
   """`generate --model DIR --video PATH --chat --prompt TEXT --greedy`, the video as a frame

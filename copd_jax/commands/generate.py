@@ -8,8 +8,8 @@ tokenised as plain text; `--chat` renders it with the tokenizer's chat template 
 `enable_thinking` (either implies --chat; without them the template's defaults apply).
 
 A Qwen3-VL folder also takes pictures: `--image PATH` and `--video PATH` (a folder of frame
-images or a `.npy` array of frames; both repeatable) go before the text in the one user
-message. They take the data loader's path (`copd_jax/vision_inputs.py`): the same file checks
+images or a `.npy` array of frames; both repeatable; `--fps` their frame rate, which sets the
+timestamp tokens between frames, default 24) go before the text in the one user message. They take the data loader's path (`copd_jax/vision_inputs.py`): the same file checks
 and one-line refusals, and transformers' Qwen-VL processors of the folder; the vision tower
 runs once, in the prefill shared by all --num-samples samples.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -163,18 +164,23 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help='a video before the prompt text: a folder of frame images or a .npy '
                            'array [T, H, W, 3] uint8 (repeatable; Qwen3-VL folders; needs '
                            'torchvision for transformers\' video processor)')
+  parser.add_argument('--fps', type=float, default=vision_inputs.DEFAULT_VIDEO_FPS,
+                      help='frames per second of the --video frames: sets the \'<t seconds>\' '
+                           'tokens between them, as a data row\'s \'fps\' does (default '
+                           f'{vision_inputs.DEFAULT_VIDEO_FPS:g}, transformers\' default)')
 
 
 def encode_pictures(model_dir: str, text: str, tokenizer, image_paths: list[str],
-                    video_paths: list[str]) -> vision_inputs.VisionPrompt:
+                    video_paths: list[str], video_fps: float = vision_inputs.DEFAULT_VIDEO_FPS
+                    ) -> vision_inputs.VisionPrompt:
   """The rendered prompt `text` (its placeholders in place) with the --image files and --video
-  frame folders / arrays, checked and prepared as the data loader does; a bad file is one line
-  naming its flag and path."""
+  frame folders / arrays at --fps frames per second, checked and prepared as the data loader
+  does; a bad file is one line naming its flag and path."""
   images = [vision_inputs.open_image(path, '--image') for path in image_paths]
   videos = [vision_inputs.open_video(video_frames(path), '--video') for path in video_paths]
   processor = vision_inputs.load_vision_processor(model_dir)
   return vision_inputs.encode_vision_prompt(text, images, processor, tokenizer, videos,
-                                            where='--image / --video')
+                                            video_fps=video_fps, where='--image / --video')
 
 
 def video_frames(path: str) -> list[str]:
@@ -215,6 +221,8 @@ def sampling_params(args) -> SamplingParams:
 def run(args) -> int:
   if args.num_samples < 1:
     raise UserInputError(f'--num-samples must be >= 1, got {args.num_samples}')
+  if not (math.isfinite(args.fps) and args.fps > 0):
+    raise UserInputError(f'--fps must be a number > 0, got {args.fps:g}')
   params = sampling_params(args)
   model, tokenizer, tokenizer_dir = load_model_and_tokenizer(args.model, args.branch)
   eos = eos_ids_of(tokenizer_dir, tokenizer)
@@ -231,7 +239,7 @@ def run(args) -> int:
   visual = {}
   if pictures:
     encoded = encode_pictures(storage.local_copy(tokenizer_dir), text, tokenizer, args.image,
-                              args.video)
+                              args.video, args.fps)
     ids = encoded.input_ids.tolist()
     visual = dict(
         images=None if encoded.pixel_values is None else VisualInput.of(encoded.pixel_values,

@@ -10,7 +10,15 @@ copd_jax.mesh.LAYOUT_RULE); --layouts adds every valid layout with its per-devic
 (copd_jax/layout_plan.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
 A Qwen3-VL model adds its vision tower and pictures (copd_jax/vision_memory.py) for prompts of
---patches-per-prompt patches each (default: the most a padded prompt can carry).
+--patches-per-prompt patches each (in --frames-per-prompt frames; default one). Without it the
+pictures are the run's own, as `train`'s memory check takes them (memory_check.largest_pictures:
+the most patches a row's pictures have after transformers' processors, in frames as large as
+the largest frame, a video's frame being one temporal patch): the config's domains are loaded
+as `train` loads them (built-in synthetic_vision pictures rendered, file rows' images and
+videos checked) and their pictures prepared with the model's processors (model.source 'toy_vl',
+or a local Qwen3-VL folder at model.hf_path). Where the data or the processors cannot be read
+(a path that does not exist yet, a preset without a folder, videos without torchvision), the
+plan falls back to the most a padded prompt can carry, and its `pictures:` line says which.
 With --cpu (or --host-memory-gb) the N devices are CPU devices of one host: they share its RAM,
 so the plan adds up their peaks (plus the driver's copy of the base model) and compares the sum
 with --host-memory-gb, default this machine's MemTotal.
@@ -51,9 +59,13 @@ def add_arguments(parser) -> None:
                            'else 256')
   parser.add_argument('--patches-per-prompt', type=int, default=None,
                       help='Qwen3-VL: patches of one prompt\'s images and video frames (an '
-                           'H x W image is H/16 x W/16 of them), planned as one frame (the '
-                           'largest attention they can need); default: 4 x the prompt '
-                           'tokens, the most a padded prompt can carry')
+                           'H x W image is H/16 x W/16 of them, a video of T frames T/2 x that); '
+                           'default: the largest of the run\'s data (as train\'s memory check), '
+                           'else 4 x the prompt tokens, the most a padded prompt can carry')
+  parser.add_argument('--frames-per-prompt', type=int, default=None,
+                      help='Qwen3-VL: the --patches-per-prompt patches in this many frames of '
+                           'equal size, each attending on its own (a video: its frames / 2 '
+                           'temporal patches); default 1, the largest attention they can need')
   parser.add_argument('--no-leaves', action='store_true', help='omit the per-leaf table')
   parser.add_argument('--layouts', action='store_true',
                       help='also list every valid (branch, fsdp, tensor) layout with its '
@@ -81,6 +93,8 @@ def _argv(args) -> list[str]:
     argv += ['--host-memory-gb', str(args.host_memory_gb)]
   if args.patches_per_prompt is not None:
     argv += ['--patches-per-prompt', str(args.patches_per_prompt)]
+  if args.frames_per_prompt is not None:
+    argv += ['--frames-per-prompt', str(args.frames_per_prompt)]
   if args.no_leaves:
     argv.append('--no-leaves')
   if args.layouts:
@@ -101,6 +115,12 @@ def run(args) -> int:
   if args.patches_per_prompt is not None and args.patches_per_prompt < 1:
     raise PlanError(f'--patches-per-prompt must be a positive integer, got '
                     f'{args.patches_per_prompt}')
+  if args.frames_per_prompt is not None:
+    if args.patches_per_prompt is None:
+      raise PlanError('--frames-per-prompt needs --patches-per-prompt (the patches it splits)')
+    if not 1 <= args.frames_per_prompt <= args.patches_per_prompt:
+      raise PlanError(f'--frames-per-prompt must be an integer in [1, --patches-per-prompt = '
+                      f'{args.patches_per_prompt}], got {args.frames_per_prompt}')
   if 'jax' not in sys.modules:
     os.environ.update(cpu_env(args.devices, dict(os.environ)))
   import jax
@@ -113,7 +133,9 @@ def run(args) -> int:
 
   # Imported here, not at the top: they import jax, which must start after XLA_FLAGS is set.
   from copd_jax.config import load_config
-  from copd_jax.memory_plan import GIB, format_plan, host_memory_bytes, make_plan
+  from copd_jax.memory_plan import (GIB, format_plan, host_memory_bytes, make_plan,
+                                    model_config_of)
+  from copd_jax.models.qwen3_vl import Qwen3VLConfig
   from copd_jax import mesh as mesh_lib
   config = load_config(args.config, args.extra, check_files=False)
   prompt_tokens = args.prompt_tokens
@@ -123,7 +145,12 @@ def run(args) -> int:
     prompt_tokens = bucket_length(limit) if limit else DEFAULT_PROMPT_TOKENS
   for line in mesh_lib.layout_lines(config, args.devices):
     print(f'layout: {line}')
-  plan = make_plan(config, jax.devices(), prompt_tokens, args.patches_per_prompt)
+  pictures = None
+  architecture, _ = model_config_of(config)
+  if isinstance(architecture, Qwen3VLConfig):
+    pictures, words = planned_pictures(config, args, architecture, prompt_tokens)
+    print(f'pictures: {words}')
+  plan = make_plan(config, jax.devices(), prompt_tokens, pictures)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
   host = None
   if args.cpu or args.host_memory_gb is not None:
@@ -136,8 +163,53 @@ def run(args) -> int:
   if args.layouts:
     from copd_jax.layout_plan import format_layouts, layout_rows
     print('\n' + format_layouts(layout_rows(config, jax.devices(), prompt_tokens,
-                                             plan.architecture, args.patches_per_prompt)))
+                                             plan.architecture, pictures)))
   from copd_jax.retention import disk_plan, format_disk_plan
   state_bytes = sum(leaf.total_bytes for leaf in plan.leaves)
   print('\n' + format_disk_plan(disk_plan(config, state_bytes), config.checkpoint))
   return 0
+
+
+def planned_pictures(config, args, vl, prompt_tokens: int):
+  """(the pictures per prompt a Qwen3-VL plan takes, the `pictures:` line saying where they come
+  from): the flags', else the run's data's (`data_pictures`), else the most a padded prompt can
+  carry."""
+  from copd_jax import vision_memory as vm
+  from copd_jax.memory_estimate import prompt_bound
+  if args.patches_per_prompt is not None:
+    frames = args.frames_per_prompt or 1
+    pictures = vm.PromptFrames(args.patches_per_prompt, -(-args.patches_per_prompt // frames))
+    flags = ' / --frames-per-prompt' if args.frames_per_prompt else ''
+    return pictures, f'{vm.picture_words(pictures)} per prompt (--patches-per-prompt{flags})'
+  pictures, problem = data_pictures(config)
+  if pictures is not None:
+    if not pictures.patches:
+      return pictures, 'none in the run\'s data (text rows only; --patches-per-prompt plans some)'
+    return pictures, (f'{vm.picture_words(pictures)} per prompt, the largest of the run\'s data '
+                      'as train\'s memory check takes them (--patches-per-prompt sets others)')
+  bound = prompt_bound(vl, prompt_tokens)
+  return bound, (f'{bound} patches per prompt in one frame, the most a padded prompt of '
+                 f'{prompt_tokens} tokens can carry: the run\'s pictures are unknown here '
+                 f'({problem}); --patches-per-prompt sets them')
+
+
+def data_pictures(config):
+  """(the largest pictures per prompt of the run's data, None) as `train` finds them: its
+  domains loaded (run_setup.load_domains) and prepared by the run's PromptEncoder
+  (run_setup.prompt_encoder), then memory_check.largest_pictures, the function train's memory
+  check calls; (None, why not) where the model's processors or the data cannot be read."""
+  from copd_jax import memory_check, run_setup
+  from copd_jax.errors import UserInputError
+  from copd_jax.models import hf_io_vl
+  model = config.model
+  if model.source == 'hf' and not (os.path.isdir(model.hf_path)
+                                   and hf_io_vl.is_vl_folder(model.hf_path)):
+    return None, (f'model.hf_path {model.hf_path!r} is no local Qwen3-VL folder whose '
+                  'processors size them')
+  try:
+    domains = run_setup.load_domains(config)
+    encoder, domains = run_setup.prompt_encoder(config, domains, log=lambda _: None)
+  except UserInputError as e:
+    return None, str(e)
+  return memory_check.largest_pictures(
+      encoder, [e for split in domains.values() for part in split for e in part]), ''

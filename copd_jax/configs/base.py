@@ -31,7 +31,11 @@ copd_jax/mesh.py, model.toy -> copd_jax/models/presets.py):
                             file, or images in the row: bytes, a {'bytes', 'path'} struct, a
                             base64 data URI) and video_field (default 'video': a folder of frames, a
                             .npy array [T, H, W, 3] uint8 or a list of frame paths); '' = not
-                            read. Every file is checked when the data loads
+                            read. video_fps (default 24, transformers' rate for given frames):
+                            the frames per second of the domain's videos, which set the
+                            '<t seconds>' tokens between frames (a row's own 'fps' number wins;
+                            the frames are the ones the model sees either way). Every file is
+                            checked when the data loads
                             (copd_jax/vision_inputs.py). source
                             'synthetic_vision': the built-in image / video domain <name>
                             (shapes, digits, compare, motion, appear; num_train/num_eval;
@@ -271,6 +275,6 @@ def synthetic_domain(num_train: int = 2000, num_eval: int = 200) -> ml_collectio
       source='synthetic', reward='exact', num_train=num_train, num_eval=num_eval, train_path='',
       eval_path='', prompt_field='', answer_field='', use_chat_template=True, system_prompt='',
       enable_thinking=True, answer_extraction='final', reward_timeout_s=2.0,
-      image_field='images', video_field='video'))
+      image_field='images', video_field='video', video_fps=24.0))
   domain.lock()
   return domain

@@ -39,6 +39,9 @@ class Example:
     generated examples. Error messages about one prompt name it; not part of equality.
   images: paths of the row's images, in prompt order (checked when the file was loaded).
   video: paths of the frames of the row's video, in order; () when it has none.
+  video_fps: the frame rate of that video, which its timestamp tokens follow (a row's 'fps', else
+    its domain's video_fps, default 24); None for a row without a video (a video row built
+    without one: transformers' default, vision_inputs.DEFAULT_VIDEO_FPS).
   """
   prompt: str
   answer: str
@@ -49,6 +52,7 @@ class Example:
   source: str = dataclasses.field(default='', compare=False)
   images: tuple[str, ...] = ()
   video: tuple[str, ...] = ()
+  video_fps: float | None = None
 
 
 def where(example: Example) -> str:

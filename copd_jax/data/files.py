@@ -6,7 +6,9 @@ answer is a string or a number (3 -> '3', 2.5 -> '2.5', 4.0 -> '4'). Its images 
 `image_field`, default 'images': a path or a list of paths, or images held in the row:
 data/image_bytes.py) and video (field `video_field`,
 default 'video': a folder of frames, a .npy array of frames or a list of frame paths) are
-paths relative to the data file's folder.
+paths relative to the data file's folder; a row with a video may give its frame rate as 'fps'
+(a number > 0; else the domain's video_fps, default 24), which sets the '<t seconds>' tokens
+between its frames.
 
 Everything is validated while loading, before any training: a missing or empty file, a
 malformed JSON line, a missing field or a value of the wrong type raises `DataFileError` whose
@@ -210,14 +212,16 @@ def _parquet_records(path: str, prompt_names: tuple[str, ...], answer_names: tup
 def load_examples(path: str, domain: str, prompt_field: str | None = None,
                   answer_field: str | None = None, reward: str = 'math', *,
                   image_field: str = 'images', video_field: str = 'video',
-                  max_image_pixels: int = vision_inputs.DEFAULT_MAX_PIXELS) -> list[Example]:
+                  max_image_pixels: int = vision_inputs.DEFAULT_MAX_PIXELS,
+                  video_fps: float = vision_inputs.DEFAULT_VIDEO_FPS) -> list[Example]:
   """All examples of a JSON Lines or Parquet file, validated.
 
   The prompt is the first field present among `prompt_field` (if given, only that one) or
   'prompt', 'question', 'problem', 'messages': a non-empty string, or a list of chat messages
   (see the module docstring). The answer likewise among `answer_field` or 'answer',
   'solution': a non-empty string or a number. Images / video: `image_field` / `video_field`
-  ('' = never read), each file checked now. Ids are '<domain>:<file name>:<line or row>'.
+  ('' = never read), each file checked now; a video's frame rate is the row's 'fps' field
+  (vision_inputs.FPS_FIELD), else `video_fps`. Ids are '<domain>:<file name>:<line or row>'.
   """
   if not is_reward_name(reward):
     raise UserInputError(f'{path}: unknown reward kind {reward!r}; choose from '
@@ -233,6 +237,7 @@ def load_examples(path: str, domain: str, prompt_field: str | None = None,
     records, label = _jsonl_records(path), 'line'
   elif lower.endswith(PARQUET_EXTENSIONS):
     visual_names = tuple(n for n in (image_field, video_field) if n)
+    visual_names += (vision_inputs.FPS_FIELD,) if video_field else ()
     records, label = _parquet_records(path, prompt_names, answer_names, visual_names), 'row'
   else:
     raise DataFileError(f'{path}: unsupported data file type; use one of '
@@ -247,9 +252,14 @@ def load_examples(path: str, domain: str, prompt_field: str | None = None,
     answer = _answer_text(*_field(record, answer_names, 'answer', where), where)
     images, video = _visual_paths(record, where, base_dir, image_field, video_field,
                                   max_image_pixels)
+    fps = None
+    if video:   # the row's own frame rate wins over the domain's
+      fps = (vision_inputs.video_fps(record[vision_inputs.FPS_FIELD], where)
+             if record.get(vision_inputs.FPS_FIELD) is not None else video_fps)
     examples.append(Example(prompt=prompt, answer=answer, domain=domain,
                             id=f'{domain}:{name}:{label}{index}', reward=reward,
-                            messages=messages, source=where, images=images, video=video))
+                            messages=messages, source=where, images=images, video=video,
+                            video_fps=fps))
   if not examples:
     raise DataFileError(f'{path}: no examples (empty file)')
   return examples

@@ -50,6 +50,7 @@ from copd_jax.data.distinct import first_distinct
 from copd_jax.data.image_bytes import user_cache_dir
 from copd_jax.data.domain import Example, content_id
 from copd_jax.errors import UserInputError
+from copd_jax.vision_inputs import DEFAULT_VIDEO_FPS
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 160, 40), 'blue': (40, 60, 220),
            'yellow': (230, 200, 20)}
@@ -259,9 +260,11 @@ def render_pictures(name: str, seed: int, count: int) -> list[Picture]:
                         f'synthetic_vision domain {name!r}')
 
 
-def picture_example(name: str, picture: Picture, image_dir: str) -> Example:
+def picture_example(name: str, picture: Picture, image_dir: str,
+                    video_fps: float | None = None) -> Example:
   """The picture's PNG file(s) written under image_dir/name, and its row as an Example whose
-  images / video hold their paths."""
+  images / video hold their paths (a video's frame rate `video_fps`, the domain's; None:
+  vision_inputs.DEFAULT_VIDEO_FPS, as a file row without one gets)."""
   digest = picture_digest(picture)
   folder = os.path.join(os.path.abspath(image_dir), name)
   if picture.is_video:
@@ -273,19 +276,22 @@ def picture_example(name: str, picture: Picture, image_dir: str) -> Example:
     _write_png(path, frame)
   return Example(prompt=picture.question, answer=picture.answer, domain=name,
                  id=content_id(name, f'{picture.question}\x00{digest}'), reward='exact',
-                 images=() if picture.is_video else paths, video=paths if picture.is_video else ())
+                 images=() if picture.is_video else paths, video=paths if picture.is_video else (),
+                 video_fps=(video_fps or DEFAULT_VIDEO_FPS) if picture.is_video else None)
 
 
 def synthetic_vision_domain(name: str, seed: int, num_train: int, num_eval: int,
-                            image_dir: str) -> tuple[list[Example], list[Example]]:
+                            image_dir: str, video_fps: float | None = None
+                            ) -> tuple[list[Example], list[Example]]:
   """(train, eval) examples of a built-in image / video domain, their PNGs written under
   image_dir/name; deterministic in (name, seed), disjoint prompts between the splits, no
-  duplicate prompt within a split."""
+  duplicate prompt within a split. video_fps: the frame rate of a video domain's rows (its
+  timestamp tokens; None: vision_inputs.DEFAULT_VIDEO_FPS)."""
   if num_train < 0 or num_eval < 0:
     raise UserInputError(f'synthetic_vision domain {name!r}: num_train and num_eval must be >= 0, '
                          f'got {num_train} and {num_eval}')
   pictures = render_pictures(name, seed, num_train + num_eval)
-  examples = [picture_example(name, p, image_dir) for p in pictures]
+  examples = [picture_example(name, p, image_dir, video_fps) for p in pictures]
   return examples[num_eval:], examples[:num_eval]
 
 
@@ -312,11 +318,13 @@ NEAR_MISS: dict[str, Callable[[str], str]] = {
 
 
 def warmstart_vision_examples(name: str, seed: int, count: int, exclude: Collection[str],
-                              image_dir: str, wrong_share: float = 0.0) -> list[Example]:
+                              image_dir: str, wrong_share: float = 0.0,
+                              video_fps: float | None = None) -> list[Example]:
   """`count` warm-start examples of a built-in image / video domain from their own stream (not
   the train / eval stream), none whose picture digest is in `exclude` (the run's train and eval
   pictures, `picture_digest`), PNGs written under image_dir/name; a random `wrong_share` of them
-  carry the domain's near-miss answer (NEAR_MISS). Deterministic in (name, seed)."""
+  carry the domain's near-miss answer (NEAR_MISS); video_fps as synthetic_vision_domain's.
+  Deterministic in (name, seed)."""
   if name not in _GENERATORS:
     raise UserInputError(f'unknown synthetic_vision domain {name!r}; choose from '
                          f'{", ".join(SYNTHETIC_VISION_DOMAINS)}')
@@ -330,7 +338,7 @@ def warmstart_vision_examples(name: str, seed: int, count: int, exclude: Collect
   rng = random.Random(f'vision/{name}/{seed}/warmstart')
   pictures = first_distinct(lambda: generate(rng), picture_digest, count,
                             f'synthetic_vision domain {name!r} (warm start)', frozenset(exclude))
-  examples = [picture_example(name, p, image_dir) for p in pictures]
+  examples = [picture_example(name, p, image_dir, video_fps) for p in pictures]
   return [dataclasses.replace(e, answer=NEAR_MISS[name](e.answer)) if rng.random() < wrong_share
           else e for e in examples]
 
