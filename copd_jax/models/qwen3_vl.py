@@ -148,7 +148,7 @@ class Qwen3VL(nnx.Module):
     padded pack `patches` (a vision_batch.PatchPack; or `patches` is its TowerOutput, computed
     once for several calls), and position t of row b takes merged token visual_slot[b, t] - 1
     (0: the token's own embedding) and its deepstack features."""
-    c, dt = self.config, self.compute_dtype
+    dt = self.compute_dtype
     encoded = patches if isinstance(patches, TowerOutput) else self.encode_pack(patches)
     merged, features = encoded
     h = jnp.take(self.text.embed[...], tokens, axis=0).astype(dt)
