@@ -1,6 +1,7 @@
 """The toy image / video domains: deterministic, disjoint splits, answers recomputed from the
 written PNGs alone (colours, connected components, glyph templates), rows that look like file rows
-and pass vision_inputs' checks and prompt encoding, balanced answers, config registration."""
+and pass vision_inputs' checks and prompt encoding, balanced answers, the warm start's near misses,
+config registration."""
 import collections
 import dataclasses
 import json
@@ -15,9 +16,10 @@ from copd_jax import config_checks
 from copd_jax import vision_inputs as vi
 from copd_jax.configs.base import base_config, synthetic_domain
 from copd_jax.data import load_examples
-from copd_jax.data.synthetic_vision import (COLOURS, DIVIDER, SYNTHETIC_VISION_DOMAINS,
-                                            VIDEO_DOMAINS, render_pictures,
-                                            synthetic_vision_domain)
+from copd_jax.data.synthetic_vision import (COLOURS, DIVIDER, NEAR_MISS,
+                                            SYNTHETIC_VISION_DOMAINS, VIDEO_DOMAINS,
+                                            example_digest, render_pictures,
+                                            synthetic_vision_domain, warmstart_vision_examples)
 from copd_jax.errors import UserInputError
 from copd_jax.fields import FieldError
 from copd_jax.rewards.completions import exact_match
@@ -266,3 +268,26 @@ def test_unknown_domain_and_bad_sizes_are_one_line(tmp_path):
     synthetic_vision_domain('dots', 0, 1, 1, str(tmp_path))
   with pytest.raises(UserInputError, match='num_train and num_eval must be >= 0'):
     synthetic_vision_domain('shapes', 0, -1, 1, str(tmp_path))
+
+
+@pytest.mark.parametrize('name', SYNTHETIC_VISION_DOMAINS)
+def test_warm_start_near_misses_are_plausible_wrong_answers(rows, name):
+  """A warm-start split skips the run's pictures; its near-miss rows answer a wrong answer of
+  the question's own kind (compare: the other colour the question names; counts and frames in
+  range), the rest the answer their PNGs give."""
+  folder, domains = rows
+  train, evaluation = domains[name]
+  warm = warmstart_vision_examples(name, 3, 40, [example_digest(e) for e in train + evaluation],
+                                   str(folder), wrong_share=0.5)
+  assert not {example_digest(e) for e in warm} & {example_digest(e) for e in train + evaluation}
+  wrong = 0
+  for example in warm:
+    truth = RECOMPUTE[name](example.prompt, example.video or example.images)
+    if example.answer != truth:
+      wrong += 1
+      assert example.answer == NEAR_MISS[name](truth, example.prompt)
+    if name == 'compare':
+      assert f' {example.answer} one' in example.prompt
+    if name in ('shapes', 'appear'):
+      assert example.answer in ({'0', '1', '2', '3'} if name == 'shapes' else {'1', '2', '3', '4'})
+  assert 8 <= wrong <= 32
