@@ -1,9 +1,11 @@
 """The toy image / video domains: deterministic, disjoint splits, answers recomputed from the
 written PNGs alone (colours, connected components, glyph templates), rows that look like file rows
-and pass vision_inputs' checks and prompt encoding, balanced answers, config registration."""
+and pass vision_inputs' checks and prompt encoding, balanced answers, the warm start's near misses,
+config registration."""
 import collections
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ from copd_jax import config_checks
 from copd_jax import vision_inputs as vi
 from copd_jax.configs.base import base_config, synthetic_domain
 from copd_jax.data import load_examples
-from copd_jax.data.synthetic_vision import (COLOURS, DIVIDER, SYNTHETIC_VISION_DOMAINS,
-                                            VIDEO_DOMAINS, render_pictures,
-                                            synthetic_vision_domain)
+from copd_jax.data.synthetic_vision import (COLOURS, DIVIDER, NEAR_MISS,
+                                            SYNTHETIC_VISION_DOMAINS, VIDEO_DOMAINS,
+                                            example_digest, render_pictures,
+                                            synthetic_vision_domain, warmstart_vision_examples)
 from copd_jax.errors import UserInputError
 from copd_jax.fields import FieldError
 from copd_jax.rewards.completions import exact_match
@@ -24,7 +27,7 @@ from tests.qwen3_fixture import qwen3_tokenizer
 from tests.video_fixtures import VL_TEMPLATE
 
 # The most common answer's share on 500 examples stays below these (chance plus sampling noise).
-MAJORITY_BOUND = {'shapes': 0.3, 'digits': 0.08, 'compare': 0.6, 'motion': 0.35, 'appear': 0.35}
+MAJORITY_BOUND = {'shapes': 0.3, 'digits': 0.08, 'compare': 0.35, 'motion': 0.35, 'appear': 0.35}
 
 
 def _pixels(path):
@@ -72,7 +75,7 @@ def _glyph_templates():
 
 def _digits_answer(question, frames):
   """The number read back: the ink split at blank columns, each piece matched against the
-  bitmap font's digit glyphs at scale 1 and 2 (exactly one must match)."""
+  bitmap font's digit glyphs at scale 2 and 3 (exactly one must match)."""
   ink = _ink(_pixels(frames[0]))
   rows, cols = np.where(ink)
   ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
@@ -85,7 +88,7 @@ def _digits_answer(question, frames):
       end += 1
     glyph = ink[:, start:end]
     glyph = glyph[np.where(glyph.any(1))[0].min():np.where(glyph.any(1))[0].max() + 1]
-    matches = [d for d, t in templates.items() for s in (1, 2)
+    matches = [d for d, t in templates.items() for s in (2, 3)
                if t.shape[0] * s == glyph.shape[0] and t.shape[1] * s == glyph.shape[1]
                and np.array_equal(np.kron(t, np.ones((s, s), bool)), glyph)]
     assert len(matches) == 1, (start, matches)
@@ -94,11 +97,17 @@ def _digits_answer(question, frames):
 
 
 def _compare_answer(question, frames):
+  """The colour of the half with more dots: each half's dots all have one colour, one of the
+  two the question names."""
   pixels = _pixels(frames[0])
-  dots = _ink(pixels) & ~_mask(pixels, DIVIDER)
-  counts = {side: ndimage.label(dots[:, cols])[1]
-            for side, cols in (('left', slice(0, 32)), ('right', slice(33, 64)))}
-  assert counts['left'] != counts['right']
+  assert _mask(pixels[:, 64], DIVIDER).all()
+  counts = {}
+  for half in (pixels[:, :64], pixels[:, 65:]):
+    dots = _ink(half)
+    (colour,) = [name for name, rgb in COLOURS.items() if _mask(half, rgb).any()]
+    assert (_mask(half, COLOURS[colour]) == dots).all() and f' {colour} ' in question
+    counts[colour] = ndimage.label(dots)[1]
+  assert len(set(counts.values())) == 2
   return max(counts, key=counts.get)
 
 
@@ -159,11 +168,11 @@ def test_rows_are_file_rows_and_pass_the_image_checks(rows, tmp_path):
     if name in VIDEO_DOMAINS:
       assert example.images == () and len(example.video) == 4
       vi.check_video_frames(example.video, 'row')
-      assert {Image.open(f).size for f in example.video} == {(32, 32)}
+      assert {Image.open(f).size for f in example.video} == {(64, 64)}
     else:
       assert len(example.images) == 1 and example.video == ()
-      assert vi.check_image(example.images[0], 'row') == ((64, 32) if name == 'compare'
-                                                          else (64, 64))
+      assert vi.check_image(example.images[0], 'row') == {
+          'compare': (128, 64), 'digits': (96, 64), 'shapes': (96, 96)}[name]
     # the same row written as JSON Lines loads as an equal Example
     path = tmp_path / f'{name}.jsonl'
     record = {'prompt': example.prompt, 'answer': example.answer,
@@ -177,7 +186,7 @@ def _processor(folder):
   """A Qwen3-VL image processor config as a released model has it (patch 16, merge 2)."""
   settings = dict(image_processor_type='Qwen2VLImageProcessor', patch_size=16, merge_size=2,
                   temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                  size={'shortest_edge': 32 * 32, 'longest_edge': 64 * 64})
+                  size={'shortest_edge': 32 * 32, 'longest_edge': 128 * 128})
   (folder / 'preprocessor_config.json').write_text(json.dumps(settings))
   return vi.load_vision_processor(str(folder))
 
@@ -190,8 +199,8 @@ def tokenizer():
   return loaded
 
 
-@pytest.mark.parametrize('name,grid', [('shapes', (1, 4, 4)), ('digits', (1, 4, 4)),
-                                       ('compare', (1, 2, 4))])
+@pytest.mark.parametrize('name,grid', [('shapes', (1, 6, 6)), ('digits', (1, 4, 6)),
+                                       ('compare', (1, 4, 8))])
 def test_image_rows_encode_with_one_pad_per_merged_patch(rows, tmp_path, tokenizer, name, grid):
   processor = _processor(tmp_path)
   example = rows[1][name][0][0]
@@ -214,16 +223,20 @@ def test_video_rows_encode_with_pads_per_temporal_patch(rows, tmp_path, tokenize
   frames = vi.open_video(example.video, 'row')
   prompt = vi.encode_vision_prompt(vi.VIDEO_PLACEHOLDER + example.prompt, [], processor,
                                    tokenizer, videos=[frames])
-  assert prompt.video_grid_thw.tolist() == [[2, 2, 2]]  # 4 frames / 2, 32 px / 16
+  assert prompt.video_grid_thw.tolist() == [[2, 4, 4]]  # 4 frames / 2, 64 px / 16
   pad = tokenizer.convert_tokens_to_ids(vi.VIDEO_PAD)
-  assert int((prompt.input_ids == pad).sum()) == 2  # one merged patch per temporal patch
+  assert int((prompt.input_ids == pad).sum()) == 8  # 2 x 2 merged patches per temporal patch
 
 
 @pytest.mark.parametrize('name', SYNTHETIC_VISION_DOMAINS)
 def test_answers_are_balanced(name):
-  answers = collections.Counter(p.answer for p in render_pictures(name, 0, 500))
+  pictures = render_pictures(name, 0, 500)
+  answers = collections.Counter(p.answer for p in pictures)
   assert max(answers.values()) / 500 < MAJORITY_BOUND[name], answers.most_common(3)
-  assert len(answers) >= {'compare': 2, 'digits': 100}.get(name, 4)
+  assert len(answers) >= {'digits': 100}.get(name, 4)
+  if name == 'compare':   # chance 50 %: always naming the question's first colour
+    first = [re.search(r'the (\w+) one or', p.question).group(1) for p in pictures]
+    assert 0.4 < np.mean([p.answer == f for p, f in zip(pictures, first)]) < 0.6
 
 
 def _config(name, source='synthetic_vision'):
@@ -255,3 +268,26 @@ def test_unknown_domain_and_bad_sizes_are_one_line(tmp_path):
     synthetic_vision_domain('dots', 0, 1, 1, str(tmp_path))
   with pytest.raises(UserInputError, match='num_train and num_eval must be >= 0'):
     synthetic_vision_domain('shapes', 0, -1, 1, str(tmp_path))
+
+
+@pytest.mark.parametrize('name', SYNTHETIC_VISION_DOMAINS)
+def test_warm_start_near_misses_are_plausible_wrong_answers(rows, name):
+  """A warm-start split skips the run's pictures; its near-miss rows answer a wrong answer of
+  the question's own kind (compare: the other colour the question names; counts and frames in
+  range), the rest the answer their PNGs give."""
+  folder, domains = rows
+  train, evaluation = domains[name]
+  warm = warmstart_vision_examples(name, 3, 40, [example_digest(e) for e in train + evaluation],
+                                   str(folder), wrong_share=0.5)
+  assert not {example_digest(e) for e in warm} & {example_digest(e) for e in train + evaluation}
+  wrong = 0
+  for example in warm:
+    truth = RECOMPUTE[name](example.prompt, example.video or example.images)
+    if example.answer != truth:
+      wrong += 1
+      assert example.answer == NEAR_MISS[name](truth, example.prompt)
+    if name == 'compare':
+      assert f' {example.answer} one' in example.prompt
+    if name in ('shapes', 'appear'):
+      assert example.answer in ({'0', '1', '2', '3'} if name == 'shapes' else {'1', '2', '3', '4'})
+  assert 8 <= wrong <= 32

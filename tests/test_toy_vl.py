@@ -117,7 +117,7 @@ def test_base_folder_loads_in_transformers_with_equal_logits(tmp_path):
   (picture,) = render_pictures('compare', 0, 1)
   prompt = encode_vision_prompt(placeholders(1) + picture.question + '\n=', list(picture.frames),
                                 processor, tok)
-  assert prompt.image_grid_thw.tolist() == [[1, 2, 4]]
+  assert prompt.image_grid_thw.tolist() == [[1, 4, 8]]
   ids = prompt.input_ids[None].astype(np.int64)
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(prompt.pixel_values),

@@ -229,7 +229,7 @@ def base_config() -> ml_collections.ConfigDict:
                intermediate_size=192),
       toy_vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
                       num_position_embeddings=16, deepstack_visual_indexes=(0,),
-                      mrope_section=(2, 3, 3), max_image_pixels=64 * 64)))
+                      mrope_section=(2, 3, 3), max_image_pixels=128 * 128)))
   c.warmstart = ml_collections.ConfigDict(dict(steps=800, batch_size=64, learning_rate=3e-3,
                                               examples_per_domain=2000, wrong_share=0.5))
   c.copd = ml_collections.ConfigDict(dict(

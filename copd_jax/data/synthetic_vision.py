@@ -1,25 +1,32 @@
 """Built-in toy image and video domains, rendered with Pillow: the toy world's visual branches.
 
-Each domain asks one short question about small pictures that a tiny Qwen3-VL vision tower (16 x 16
-patches, 2 x 2 merge) sees as a 2 x 2 .. 4 x 4 patch grid. Positions, sizes, colours, background
-shade and distractors vary, so no single pixel or the question text alone gives the answer.
+Each domain asks one short question about small pictures that a tiny Qwen3-VL vision tower
+(16 x 16 patches, 2 x 2 merge: one merged token per 32 x 32 px) sees as 4 x 4 to 6 x 6 or 4 x 8
+patches. Objects are about a patch (12-22 px): the toy warm start does not learn objects well
+below a patch (experiments/results/toy_copd_vl.md). Positions, sizes, colours, background shade
+and distractors vary, so no single pixel or the question text alone gives the answer.
 
     domain   input                 question / answer                                  chance
-    shapes   image 64 x 64         how many <colour> <squares|circles>; 0-4 among     ~20 %
-                                   1-4 distractors of another colour or shape
-    digits   image 64 x 64         read a 0-999 number (bitmap font, scale 1 or 2,     ~3 %
+    shapes   image 96 x 96         how many <colour> <squares|circles>; 0-3 among     ~25 %
+                                   1-3 distractors of another colour or shape
+                                   (16-20 px)
+    digits   image 96 x 64         read a 0-999 number (bitmap font, scale 2 or 3,     ~3 %
                                    any colour, anywhere); 1, 2, 3 digits equally
                                    likely, so each one-digit answer is 1/30
-    compare  image 64 x 32         which half has more dots, 'left' or 'right'         50 %
-                                   (1-8 dots a side, the counts differ by 1-3)
-    motion   video 4 x 32 x 32     which way the <colour> square moves: left / right   25 %
-                                   / up / down (2-4 px a frame, a static distractor)
-    appear   video 4 x 32 x 32     in which frame (1-4) the <colour> <shape> first     25 %
-                                   appears (1-2 static distractors of other colours)
+    compare  image 128 x 64        which half has more dots, named by the colour of    50 %
+                                   its dots ('the red one or the blue one'; 1-5
+                                   dots of 12-16 px a side, the counts differ by 1-2)
+    motion   video 4 x 64 x 64     which way the <colour> square moves: left / right   25 %
+                                   / up / down (16-20 px, 10-14 px a frame, a static
+                                   distractor)
+    appear   video 4 x 64 x 64     in which frame (1-4) the <colour> <shape> (16-22     25 %
+                                   px) first appears (1-2 static distractors of
+                                   other colours)
 
 Chance is the accuracy of always giving the most common answer (answers are drawn uniformly: for
-shapes the count, for digits the length then the number, for the others the answer itself);
-tests/test_synthetic_vision.py bounds it on 500 examples. Answers are scored with the 'exact'
+shapes the count, for digits the length then the number, for the others the answer itself); for
+compare, of naming either colour the question names. tests/test_synthetic_vision.py bounds the
+most common answer's share on 500 examples. Answers are scored with the 'exact'
 reward.
 
 Generation is deterministic in (domain, seed), as synthetic.py's text domains: one stream of
@@ -57,6 +64,7 @@ COLOURS = {'red': (220, 30, 30), 'green': (30, 160, 40), 'blue': (40, 60, 220),
 SHAPES = ('square', 'circle')
 DIRECTIONS = ('left', 'right', 'up', 'down')
 VIDEO_FRAMES = 4
+FRAME = 64  # a video frame's side (px): 4 x 4 patches, 2 x 2 merged tokens per temporal patch
 # compare's line between the halves: a colour that is neither background nor dot.
 DIVIDER = (90, 90, 90)
 DIGIT_ADVANCE = 8  # the bitmap font's digits are at most 6 px wide: 2 blank columns between
@@ -100,13 +108,13 @@ def _place(rng: random.Random, taken: list, width: int, height: int, side: int,
 
 def _shapes(rng: random.Random) -> Picture | None:
   colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-  count = rng.randint(0, 4)
+  count = rng.randint(0, 3)
   others = [(c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)]
-  items = [(colour, shape)] * count + [rng.choice(others) for _ in range(rng.randint(1, 4))]
-  image = _background(rng, (64, 64))
+  items = [(colour, shape)] * count + [rng.choice(others) for _ in range(rng.randint(1, 3))]
+  image = _background(rng, (96, 96))
   draw, taken = ImageDraw.Draw(image), []
   for c, s in items:
-    box = _place(rng, taken, 64, 64, rng.randint(6, 10))
+    box = _place(rng, taken, 96, 96, rng.randint(16, 20))
     if box is None:
       return None
     _draw(draw, s, box, COLOURS[c])
@@ -117,57 +125,61 @@ def _shapes(rng: random.Random) -> Picture | None:
 def _digits(rng: random.Random) -> Picture | None:
   length = rng.randint(1, 3)
   number = rng.randint(0, 9) if length == 1 else rng.randint(10 ** (length - 1), 10 ** length - 1)
-  text, scale = str(number), rng.randint(1, 2)
+  text, scale = str(number), rng.randint(2, 3)
   font = ImageFont.load_default_imagefont()
   mask = Image.new('L', (DIGIT_ADVANCE * len(text), 11), 0)
   for i, digit in enumerate(text):
     ImageDraw.Draw(mask).text((i * DIGIT_ADVANCE, 0), digit, fill=255, font=font)
   mask = mask.resize((mask.width * scale, mask.height * scale), Image.NEAREST)
-  image = _background(rng, (64, 64))
+  image = _background(rng, (96, 64))
   colour = rng.choice(list(COLOURS.values()) + [(0, 0, 0)])
-  x, y = rng.randint(0, 64 - mask.width), rng.randint(0, 64 - mask.height)
+  x, y = rng.randint(0, 96 - mask.width), rng.randint(0, 64 - mask.height)
   image.paste(Image.new('RGB', mask.size, colour), (x, y), mask)  # the bitmap font: 0 or 255
   return Picture('What number is written in the image? Answer with the number.', text, (image,),
                  False)
 
 
 def _compare(rng: random.Random) -> Picture | None:
-  fewer = rng.randint(1, 6)
-  more = fewer + rng.randint(1, 3)
-  answer = rng.choice(('left', 'right'))
-  counts = {'left': more, 'right': fewer} if answer == 'left' else {'left': fewer, 'right': more}
-  image = _background(rng, (64, 32))
+  # Each half's dots have one colour of their own, and the question names the halves by it: the
+  # answer is a colour, which the pooled visual tokens carry (a left / right answer needs the
+  # decoder to tell merged tokens apart by position, which the toy warm start does not learn).
+  left, right = rng.sample(sorted(COLOURS), 2)
+  fewer = rng.randint(1, 3)
+  more = fewer + rng.randint(1, 2)
+  answer = rng.choice((left, right))
+  counts = {left: more if answer == left else fewer, right: more if answer == right else fewer}
+  image = _background(rng, (128, 64))
   draw, taken = ImageDraw.Draw(image), []
-  draw.line((32, 0, 32, 31), fill=DIVIDER)
-  for side in ('left', 'right'):
-    for _ in range(counts[side]):
-      size = rng.randint(2, 4)
-      # 2 px clear of the divider at x = 32
-      x_range = (0, 30 - size) if side == 'left' else (35, 64 - size)
-      box = _place(rng, taken, 64, 32, size, x_range)
+  draw.line((64, 0, 64, 63), fill=DIVIDER)
+  for colour, x_range in ((left, (0, 62)), (right, (67, 128))):
+    for _ in range(counts[colour]):
+      size = rng.randint(12, 16)
+      # 2 px clear of the divider at x = 64
+      box = _place(rng, taken, 128, 64, size, (x_range[0], x_range[1] - size))
       if box is None:
         return None
-      draw.rectangle(box, fill=rng.choice(list(COLOURS.values())))
-  return Picture('Which half of the image has more dots? Answer left or right.', answer,
-                 (image,), False)
+      draw.rectangle(box, fill=COLOURS[colour])
+  first, second = sorted((left, right))
+  return Picture(f'Which half has more dots, the {first} one or the {second} one? Answer '
+                 f'{first} or {second}.', answer, (image,), False)
 
 
 def _motion(rng: random.Random) -> Picture | None:
   colour, direction = rng.choice(list(COLOURS)), rng.choice(DIRECTIONS)
-  side, step = rng.randint(4, 6), rng.randint(2, 4)
+  side, step = rng.randint(16, 20), rng.randint(10, 14)
   travel = step * (VIDEO_FRAMES - 1)
   dx, dy = {'left': (-step, 0), 'right': (step, 0), 'up': (0, -step), 'down': (0, step)}[direction]
-  x0 = rng.randint(travel if dx < 0 else 0, 32 - side - (travel if dx > 0 else 0))
-  y0 = rng.randint(travel if dy < 0 else 0, 32 - side - (travel if dy > 0 else 0))
+  x0 = rng.randint(travel if dx < 0 else 0, FRAME - side - (travel if dx > 0 else 0))
+  y0 = rng.randint(travel if dy < 0 else 0, FRAME - side - (travel if dy > 0 else 0))
   path = [(x0 + dx * i, y0 + dy * i) for i in range(VIDEO_FRAMES)]
   # the distractor keeps clear of the square's whole path
   taken = [(min(p[0] for p in path), min(p[1] for p in path),
             max(p[0] for p in path) + side - 1, max(p[1] for p in path) + side - 1)]
-  distractor = _place(rng, taken, 32, 32, rng.randint(4, 6))
+  distractor = _place(rng, taken, FRAME, FRAME, rng.randint(12, 16))
   if distractor is None:
     return None
   other = rng.choice([c for c in COLOURS if c != colour])
-  background = _background(rng, (32, 32))
+  background = _background(rng, (FRAME, FRAME))
   frames = []
   for x, y in path:
     frame = background.copy()
@@ -183,13 +195,13 @@ def _appear(rng: random.Random) -> Picture | None:
   colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
   first = rng.randint(1, VIDEO_FRAMES)
   taken: list = []
-  target = _place(rng, taken, 32, 32, rng.randint(5, 8))
+  target = _place(rng, taken, FRAME, FRAME, rng.randint(16, 22))
   others = rng.sample([c for c in COLOURS if c != colour], rng.randint(1, 2))
-  distractors = [(c, rng.choice(SHAPES), _place(rng, taken, 32, 32, rng.randint(4, 7)))
+  distractors = [(c, rng.choice(SHAPES), _place(rng, taken, FRAME, FRAME, rng.randint(12, 18)))
                  for c in others]
   if target is None or any(box is None for _, _, box in distractors):
     return None
-  background = _background(rng, (32, 32))
+  background = _background(rng, (FRAME, FRAME))
   frames = []
   for i in range(1, VIDEO_FRAMES + 1):
     frame = background.copy()
@@ -304,16 +316,23 @@ def _off_by_one(answer: str, top: int, bottom: int = 0) -> str:
   return str(value + 1 if value < top else value - 1) if top > bottom else answer
 
 
-# Each domain's near miss: the plausible wrong answer a share of its warm-start examples carry
-# (as synthetic.py's text domains), so the base is right on only part of its samples. Counts and
-# frames are off by one; compare and motion take the opposite side / direction (the base still
-# learns which axis a motion is on); digits change the last digit.
-NEAR_MISS: dict[str, Callable[[str], str]] = {
-    'shapes': lambda a: _off_by_one(a, 4),
-    'digits': lambda a: a[:-1] + str((int(a[-1]) + 1) % 10),
-    'compare': lambda a: 'right' if a == 'left' else 'left',
-    'motion': lambda a: {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}[a],
-    'appear': lambda a: _off_by_one(a, VIDEO_FRAMES, 1),
+def _other_named_colour(answer: str, question: str) -> str:
+  """compare's near miss: the other of the two colours its question names."""
+  (other,) = [c for c in COLOURS if c != answer and f' {c} ' in question]
+  return other
+
+
+# Each domain's near miss, given (answer, question): the plausible wrong answer a share of its
+# warm-start examples carry (as synthetic.py's text domains), so the base is right on only part
+# of its samples. Counts and frames are off by one; compare takes the other half's colour, motion
+# the opposite direction (the base still learns which axis a motion is on); digits change the
+# last digit.
+NEAR_MISS: dict[str, Callable[[str, str], str]] = {
+    'shapes': lambda a, q: _off_by_one(a, 3),
+    'digits': lambda a, q: a[:-1] + str((int(a[-1]) + 1) % 10),
+    'compare': _other_named_colour,
+    'motion': lambda a, q: {'left': 'right', 'right': 'left', 'up': 'down', 'down': 'up'}[a],
+    'appear': lambda a, q: _off_by_one(a, VIDEO_FRAMES, 1),
 }
 
 
@@ -339,8 +358,8 @@ def warmstart_vision_examples(name: str, seed: int, count: int, exclude: Collect
   pictures = first_distinct(lambda: generate(rng), picture_digest, count,
                             f'synthetic_vision domain {name!r} (warm start)', frozenset(exclude))
   examples = [picture_example(name, p, image_dir, video_fps) for p in pictures]
-  return [dataclasses.replace(e, answer=NEAR_MISS[name](e.answer)) if rng.random() < wrong_share
-          else e for e in examples]
+  return [dataclasses.replace(e, answer=NEAR_MISS[name](e.answer, e.prompt))
+          if rng.random() < wrong_share else e for e in examples]
 
 
 def example_digest(example: Example) -> str:

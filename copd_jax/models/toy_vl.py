@@ -7,8 +7,8 @@ Qwen3-VL folder: weights and config.json (`hf_io_vl.save_vl_hf_folder`), the tok
 chat template, preprocessor_config.json (Qwen2VLImageProcessor) and
 video_preprocessor_config.json (Qwen3VLVideoProcessor). Pictures are resized, normalised and
 patched by those transformers processors (`vision_inputs.load_vision_processor` reads them back),
-never here: a 64 x 64 image becomes a 4 x 4 grid of 16 x 16 patches, 4 merged tokens; a video of
-4 frames of 32 x 32 two temporal patches of 2 x 2, one merged token each.
+never here: a 96 x 96 image becomes a 6 x 6 grid of 16 x 16 patches, 9 merged tokens; a video of
+4 frames of 64 x 64 two temporal patches of 4 x 4, 4 merged tokens each.
 """
 from __future__ import annotations
 
