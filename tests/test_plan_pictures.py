@@ -32,15 +32,17 @@ def _pictures_line(out: str) -> str:
 
 
 def test_a_vl_plan_takes_the_runs_largest_pictures_by_default(capsys, tmp_path, monkeypatch):
-  """configs/toy_copd_vl_image.py: compare's 64 x 32 and shapes' 64 x 64 pictures through the
+  """configs/toy_copd_vl_image.py: compare's and shapes' pictures (of two sizes) through the
   toy model's own image processor; the plan takes the larger, not 4 x the prompt tokens."""
+  from copd_jax.data.synthetic_vision import render_pictures
   from copd_jax.models.toy_vl import toy_vision_processor
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))   # the rendered PNGs' cache
   config = load_config(TOY_VL_IMAGE, SMALL_DATA, check_files=False)
   processor = toy_vision_processor(config.model.toy_vision).image_processor
-  sizes = [int(np.prod(processor(images=[Image.new('RGB', size)],
-                                 return_tensors='np')['image_grid_thw'][0]))
-           for size in ((64, 32), (64, 64))]
+  sizes = sorted(int(np.prod(processor(images=[Image.new('RGB', size)],
+                                       return_tensors='np')['image_grid_thw'][0]))
+                 for size in (render_pictures(name, 0, 1)[0].frames[0].size
+                              for name in ('compare', 'shapes')))
   largest = max(sizes)
   assert sizes[0] < largest
   assert main(['plan', '--config', TOY_VL_IMAGE, '--devices', '8', '--no-leaves',
@@ -53,7 +55,7 @@ def test_a_vl_plan_takes_the_runs_largest_pictures_by_default(capsys, tmp_path, 
 
 
 def test_a_vl_plan_counts_the_frames_of_the_runs_videos(capsys, tmp_path, monkeypatch):
-  """configs/toy_copd_vl.py's motion videos (4 frames of 32 x 32, 2 temporal patches) through
+  """configs/toy_copd_vl.py's motion videos (4 frames, 2 temporal patches) through
   the toy video processor (needs torchvision): the run's own frames, not one frame."""
   pytest.importorskip('torchvision')
   from copd_jax.data.synthetic_vision import render_pictures
