@@ -448,7 +448,7 @@ def test_host_ram_sums_the_cpu_devices_of_a_host(plan_8b, capsys):
   assert plan_8b.host_peak(8) == 8 * plan_8b.peak
   toy = ['--config', os.path.join(ROOT, 'configs', 'toy_copd.py'), '--devices', '8',
          '--no-leaves', '--config.mesh.branch=2', '--config.mesh.fsdp=-1']
-  assert main(['plan', *toy, '--host-memory-gb', '0.5']) == 0
+  assert main(['plan', *toy, '--host-memory-gb', '0.05']) == 0
   out = capsys.readouterr().out
   assert 'host RAM (CPU devices share it): 8 x ' in out and 'shards included' not in out
   assert 'WARNING: training needs about' in out and 'of host RAM (8 CPU devices sharing it)' in out
