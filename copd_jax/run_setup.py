@@ -149,7 +149,7 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
   state, ref = starting_state(config, base_path, model, abstract_params, optimizer, mesh,
-                              param_rules)
+                             param_rules)
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
