@@ -5,7 +5,7 @@ per sequence (prompts up to 1,024 tokens + 7,168 new), planned for a TPU v5p-64 
 Plan (shapes only, no files needed):
   python -m copd_jax plan --config configs/qwen3_8b_k3_long.py --devices 32 --device-memory-gb 95
 The default layout chooser gives training (branch, fsdp, tensor) = (1, 8, 4) and sampling
-(1, 4, 8); the plan's peak is about 57 GiB per chip (training), 38 GiB while sampling. What makes
+(1, 4, 8); the plan's peak is about 56 GiB per chip (training), 37 GiB while sampling. What makes
 8k tokens fit: attention 'auto' runs blockwise / fused above model.attention_block tokens (memory
 linear in length, copd_jax/models/attention.py), per-layer remat, logits scored 16 positions at a
 time, and opd.prompts_per_step=16 so that an OPD micro-batch's rows (128 + 2 x 64) / 8 = 32 divide

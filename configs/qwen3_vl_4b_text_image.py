@@ -27,13 +27,13 @@ config.json's shapes):
 (65,536 pixels). Without it the plan takes the run's own largest pictures once model.hf_path
 and the data files exist here, else the most a prompt of data.max_prompt_tokens tokens can
 carry, 4 x 1,024 patches; its `pictures:` line says which.) On 8 devices the layout chooser gives (branch, fsdp, tensor) =
-(2, 4, 1), sampling the same; the estimate is about 64 GiB per device while training (state 12.4
-GiB + gradients 8.3 GiB, the base model's shard 4.1 GiB, the OPD micro-batch's decoder
-activations 15.9 GiB and the OPD update's vision terms 23.4 GiB: the tower, checkpointed per
-block with model.remat, trains on the update's joined pack of 32 + 32 images in 64 attention
-rows of 1,024 patches), 73 GiB while sampling (KV cache 27.0 GiB): it fits an 8 x H100 (80 GB)
-host and a TPU v5p-8 (95 GiB per chip); a v5e-8 (16 GiB per chip) does not (fp32 state alone is
-12.4 GiB). With 256-patch images: 44 / 67 GiB.
+(2, 4, 1), sampling the same; the estimate is about 60 GiB per device while training (state 12.4
+GiB + gradients 8.3 GiB, the OPD micro-batch's decoder activations 15.9 GiB and the OPD update's
+vision terms 23.4 GiB: the tower, checkpointed per block with model.remat, trains on the
+update's joined pack of 32 + 32 images in 64 attention rows of 1,024 patches), 69 GiB while
+sampling (KV cache 27.0 GiB); no base model copy (grpo.kl_coef = 0: the base is freed after
+set-up): it fits an 8 x H100 (80 GB) host and a TPU v5p-8 (95 GiB per chip); a v5e-8 (16 GiB
+per chip) does not (fp32 state alone is 12.4 GiB). With 256-patch images: 40 / 63 GiB.
 
 Prompts per step: 32 (the paper rolls out 256). The tower attends within each image, so its
 memory grows with prompts x patches per image, not with their square (docs/scaling.md,

@@ -15,14 +15,14 @@ Plan (no weights or data needed; model.preset='qwen3-vl-4b'):
 On 8 devices the layout chooser gives training (branch, fsdp, tensor) = (1, 2, 4) (K=3 shares
 no divisor with 8, so every device holds a shard of all three branches) and sampling (1, 1, 8);
 with 16 GRPO prompts and 2 rounds of 8 distillation prompts per step, 16 micro-batches, the
-estimate is about 69 GiB per device while training (state 18.7 GiB + gradients 12.4 GiB, the
-base model's shard 2.1 GiB, the OPD micro-batch's decoder activations 20.6 GiB and vision terms
-15.3 GiB: the joined pack of 16 + 2 x 8 pictures of 1,024 patches, one attention row each), 58
-GiB while sampling: it fits an 8 x H100 (80 GB) host and a TPU v5p-8 (95 GiB per chip); 57 / 57
-GiB with 256-patch pictures (the top-k probe's peak then 58 GiB). The video domain's prompts: a
-video of 8 frames of 256 x 256 pixels is 4 temporal patches of 256 patches, each attending on
-its own (`--patches-per-prompt 1024 --frames-per-prompt 4`): 65 GiB while training (vision terms
-11.3 GiB), 57 GiB sampling. Without these flags `plan` takes the data's own pictures once the
+estimate is about 67 GiB per device while training (state 18.7 GiB + gradients 12.4 GiB, the
+OPD micro-batch's decoder activations 20.6 GiB and vision terms 15.3 GiB: the joined pack of
+16 + 2 x 8 pictures of 1,024 patches, one attention row each; no base model copy, grpo.kl_coef
+= 0), 56 GiB while sampling: it fits an 8 x H100 (80 GB) host and a TPU v5p-8 (95 GiB per
+chip); 55 / 54 GiB with 256-patch pictures (the top-k probe's peak then 56 GiB). The video
+domain's prompts: a video of 8 frames of 256 x 256 pixels is 4 temporal patches of 256 patches,
+each attending on its own (`--patches-per-prompt 1024 --frames-per-prompt 4`): 63 GiB while
+training (vision terms 11.3 GiB), 55 GiB sampling. Without these flags `plan` takes the data's own pictures once the
 folder and files exist (its `pictures:` line says which it used). For a v5e
 slice (16 GiB per chip), `plan --devices N --device-memory-gb 16 --layouts` compares the layouts. The tower's
 memory grows with prompts x patches per frame, the decoder's with the rows (docs/scaling.md,

@@ -78,15 +78,15 @@ def device_limit_bytes(devices: Sequence[jax.Device]) -> float | None:
 def shortfall(plan: MemoryPlan, available: float, host_devices: int = 0) -> str | None:
   """The one-line refusal when the plan does not fit `available` bytes, else None.
   host_devices > 0: that many CPU devices share `available` host RAM the run has yet to
-  allocate, their base shards included (loaded after the check); 0: `available` is one
-  device's memory."""
+  allocate (with the KL reference, their base shards, loaded after the check); 0: `available`
+  is one device's memory."""
   peaks = phase_peaks(plan)
   phase = max(peaks, key=peaks.get)
   if host_devices:
     need = host_devices * peaks[phase]
-    where = (f'more host RAM ({host_devices} CPU device(s) x {peaks[phase] / GIB:.2f} GiB, '
-             f'base model included) than the {available / GIB:.2f} GiB available '
-             '(MemAvailable)')
+    base = ', KL reference included' if plan.reference_bytes else ''
+    where = (f'more host RAM ({host_devices} CPU device(s) x {peaks[phase] / GIB:.2f} GiB'
+             f'{base}) than the {available / GIB:.2f} GiB available (MemAvailable)')
   else:
     need = plan.peak
     where = f'per device, more than the {available / GIB:.2f} GiB a device has'
@@ -149,7 +149,7 @@ def check_fits(config, devices: Sequence[jax.Device], prompt_tokens: int,
                 f'{picture_words(plan.pictures.prompt)} per prompt')
   if on_cpu:
     log(f'memory: the run adds about {plan.host_peak(len(here)) / GIB:.2f} GiB at its peak '
-        f'(estimate, base model included) '
+        f'(estimate{", KL reference included" if plan.reference_bytes else ""}) '
         f'of the {available / GIB:.2f} GiB of host RAM available '
         f'(grpo.logits_chunk: {plan.workload.logits_chunk or "off"}{pictures})')
   else:

@@ -82,20 +82,22 @@ pack, the deepstack additions, the pictures and the OPD packs routed to the teac
 (formulas: copd_jax/vision_memory.py) to the GRPO / OPD updates, the teacher pass, the top-k
 probe and the prefill; the decoder's terms above use its text side.
 
-Base model: the driver keeps the un-stacked base parameters on the devices for the whole run
-(`run_setup.Run.base_params`, in the params' shardings without 'branch'), whatever
-grpo.kl_coef: with kl_coef > 0 they are the KL reference itself (placed on the same shardings,
-no copy), so every phase counts one base shard per device either way.
+Base model: the run reads the un-stacked base parameters onto the devices (in the params'
+shardings without 'branch') to broadcast the branch state from them, and keeps them only as the
+frozen reference of the k3 KL term (`run_setup.starting_state`). So the phases count one base
+shard per device only when grpo.kl_coef > 0 (`MemoryPlan.reference_bytes`); with kl_coef = 0
+(the paper's setting) they are freed after set-up, whose transient (state + one base shard) is
+below the training peak (state + gradients, at least twice the params, + activations).
 
-Training peak = state + gradients + base shard + the largest of the GRPO and OPD
+Training peak = state + gradients + reference + the largest of the GRPO and OPD
 micro-batches' activations (the OPD one plus the teacher signal it holds) and the OPD teacher
-pass; sampling peak = state + base shard + the sampler's parameter copy (parameters resharded by
+pass; sampling peak = state + reference + the sampler's parameter copy (parameters resharded by
 `sampling.SAMPLING_RULES` on the sampling mesh: 'embed' is not split over 'fsdp') + KV cache +
-prefill; probe peak = state + base shard + top-k probe. Not counted: XLA temporaries and fusion
+prefill; probe peak = state + reference + top-k probe. Not counted: XLA temporaries and fusion
 buffers, the compiled programs, the Python process. Host memory (CPU devices share their host's
-RAM): `MemoryPlan.host_peak` sums the per-device peaks of a host's devices (their base shards
-are the base model the run holds in RAM: a shard replicated over 'branch' is one copy per
-device on CPU too).
+RAM): `MemoryPlan.host_peak` sums the per-device peaks of a host's devices (with the reference,
+their base shards are the base model the run holds in RAM: a shard replicated over 'branch' is
+one copy per device on CPU too).
 """
 from __future__ import annotations
 
@@ -366,8 +368,8 @@ class MemoryPlan:
   workload: Workload
   leaves: list[LeafPlan]
   gradient_bytes: int
-  base_shard_bytes: int     # the base model's params on one device (kept all run; the
-                            # KL reference when grpo.kl_coef > 0)
+  base_shard_bytes: int     # the base model's params on one device (read at set-up; kept
+                            # all run only as the KL reference: `reference_bytes`)
   sampling_param_bytes: int
   activation_bytes: dict[str, float]   # 'grpo', 'opd' (a micro-batch of each step)
   kv_cache_bytes: float
@@ -397,23 +399,29 @@ class MemoryPlan:
     return sum(leaf.per_device_bytes for leaf in self.leaves)
 
   @property
+  def reference_bytes(self) -> int:
+    """The k3 KL term's reference on one device: the base shard when grpo.kl_coef > 0, else 0
+    (the run frees the base params after set-up)."""
+    return self.base_shard_bytes if self.workload.reference else 0
+
+  @property
   def train_peak(self) -> float:
     steps = dict(self.activation_bytes)
     for step, extra in self.vision_train_bytes.items():
       steps[step] += extra
     if 'opd' in steps:   # the teachers' signal stays at the student through its update
       steps['opd'] += self.opd_signal_bytes
-    return (self.state_bytes + self.gradient_bytes + self.base_shard_bytes
+    return (self.state_bytes + self.gradient_bytes + self.reference_bytes
             + max(*steps.values(), self.teacher_bytes))
 
   @property
   def sampling_peak(self) -> float:
-    return (self.state_bytes + self.base_shard_bytes + self.sampling_param_bytes
+    return (self.state_bytes + self.reference_bytes + self.sampling_param_bytes
             + self.kv_cache_bytes + self.prefill_bytes)
 
   @property
   def probe_peak(self) -> float:
-    return self.state_bytes + self.base_shard_bytes + self.probe_bytes
+    return self.state_bytes + self.reference_bytes + self.probe_bytes
 
   @property
   def peak(self) -> float:
@@ -421,7 +429,8 @@ class MemoryPlan:
 
   def host_peak(self, devices_on_host: int) -> float:
     """Bytes of host RAM when `devices_on_host` CPU devices share it: their per-device peaks
-    (every device runs the same phase at once; each holds its base shard)."""
+    (every device runs the same phase at once; each holds its base shard when it is the KL
+    reference)."""
     return devices_on_host * self.peak
 
 
@@ -453,8 +462,8 @@ def estimate(config, devices: Sequence[jax.Device], prompt_tokens: int,
   frozen = vl is not None and bool(config.model.freeze_vision)
   gradients = sum(leaf.per_device_bytes // itemsize * (4 + itemsize) for leaf in param_leaves
                   if not (frozen and leaf.path.startswith('vision.')))
-  # The base params the run keeps, whatever grpo.kl_coef: the params' shardings without
-  # 'branch' (steps.reference_shardings).
+  # The base params as the run reads them (the params' shardings without 'branch',
+  # steps.reference_shardings); the peaks count them only as the KL reference.
   base_shard = sum(shard_bytes(leaf.shape[1:], leaf.dtype, NamedSharding(mesh, P(*leaf.spec[1:])))
                    for leaf in param_leaves)
   sampling_sh = mesh_lib.state_shardings(state.params, s_mesh, SAMPLING_RULES, branch_stacked=True)

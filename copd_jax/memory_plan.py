@@ -92,7 +92,8 @@ def fit_warnings(plan: MemoryPlan, device_memory_bytes: float | None) -> list[st
 
 def host_warnings(plan: MemoryPlan, devices_on_host: int, host_bytes: float) -> list[str]:
   """One line per phase whose estimated host RAM (CPU devices: `devices_on_host` per-device
-  peaks, each with its base shard) exceeds `host_bytes`, with what to change."""
+  peaks, each with its base shard when it is the KL reference) exceeds `host_bytes`, with what
+  to change."""
   fixes = phase_fixes(plan, shared_host=True)
   out = []
   for phase, need in phase_peaks(plan).items():
@@ -139,8 +140,7 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
           ('optimizer state', plan.group_bytes('opt_state')),
           ('step + rng', plan.group_bytes('step') + plan.group_bytes('rng')),
           ('gradients (fp32 accumulator + one micro-batch)', plan.gradient_bytes)]
-  rows.append(('base model params (kept all run; the KL reference when grpo.kl_coef > 0)',
-               plan.base_shard_bytes))
+  rows.append((reference_words(w), plan.reference_bytes))
   for step, value in plan.activation_bytes.items():
     rows.append((f'activations, {step.upper()} micro-batch (estimate)', value))
   rows += [('sampler parameter copy (SAMPLING_RULES)', plan.sampling_param_bytes),
@@ -172,11 +172,20 @@ def format_plan(plan: MemoryPlan, device_memory_bytes: float | None = None,
   if host_memory:
     devices, host_bytes = host_memory
     need = plan.host_peak(devices)
-    lines += ['', f'host RAM (CPU devices share it): {devices} x {gib(plan.peak)} per device '
-              f'(base model shards included) = {gib(need)}']
+    base = ' (the KL reference\'s base model shards included)' if w.reference else ''
+    lines += ['', f'host RAM (CPU devices share it): {devices} x {gib(plan.peak)} per device'
+              f'{base} = {gib(need)}']
     lines += (host_warnings(plan, devices, host_bytes)
               or [f'fits: {gib(need)} of {gib(host_bytes)} host RAM'])
   return '\n'.join(lines)
+
+
+def reference_words(w: Workload) -> str:
+  """The plan's row of the base model's params: on the devices all run only as the k3 KL
+  term's reference."""
+  if w.reference:
+    return 'KL reference: the base model params (grpo.kl_coef > 0)'
+  return 'KL reference: none (grpo.kl_coef = 0: the base params are freed after set-up)'
 
 
 def _params_per_branch(plan: MemoryPlan) -> int:

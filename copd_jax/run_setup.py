@@ -8,6 +8,11 @@ then the base model's shapes, the mesh, the memory check, the weights (read tens
 into their shardings, copd_jax/start_params.py: never whole on one host), the branch state
 (restored from the newest checkpoint when the workdir has one, with the data iterators and the
 phase controller), the compiled steps.
+
+The base model's un-stacked parameters live on the devices only while they are needed
+(`starting_state`): to broadcast the branch state from them, and all run as the frozen reference
+of the k3 KL term when grpo.kl_coef > 0. With kl_coef = 0 (the paper's setting) no copy of them
+outlives set-up, and `plan` counts none (copd_jax/memory_estimate.py).
 """
 from __future__ import annotations
 
@@ -78,7 +83,6 @@ class Run:
   base_path: str                       # the base model's folder (tokenizer, reference, eval)
   model_config: Qwen3Config
   graphdef: Any
-  base_params: nnx.State               # the base model, sharded like the reference (not stacked)
   encoder: PromptEncoder
   sampling: SamplingParams
   reward_kinds: dict[str, RewardSpec]
@@ -144,15 +148,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
                               model.config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
-  if isinstance(model, Qwen3VL):
-    base_params = load_vl_base_params(base_path, abstract_params, model.config, mesh, param_rules)
-  else:
-    base_params = load_base_params(base_path, abstract_params, model.config, mesh, param_rules)
-  if config.model.branch_init:
-    state = branch_init_state(config, base_path, abstract_params, model.config, optimizer, mesh,
-                              param_rules)
-  else:
-    state = init_branch_state(graphdef, base_params, K, optimizer, mesh, config.seed, param_rules)
+  state, ref = starting_state(config, base_path, model, abstract_params, optimizer, mesh,
+                             param_rules)
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
@@ -177,12 +174,9 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
                          config.sampling.temperature,
                          num_micro_batches=config.grpo.micro_batches,
                          logits_chunk=step_config.logits_chunk) if rounds else None
-  # The frozen reference of the optional k3 KL term is the base model.
-  ref = (jax.device_put(base_params, reference_shardings(sharding)),) \
-      if step_config.kl_coef > 0 else ()
   return Run(config=config, workdir=workdir, log=log, names=branch_names(config.branches),
              domains=domains, base_path=base_path, model_config=model.config, graphdef=graphdef,
-             base_params=base_params, encoder=encoder, sampling=sampling,
+             encoder=encoder, sampling=sampling,
              reward_kinds=reward_kinds, mesh=mesh, sample_mesh=sample_mesh, rounds=rounds,
              phases=phases, sources=sources, checkpointer=checkpointer, metrics_log=metrics_log,
              grpo_step=grpo_step, opd_step=opd_step, probe=probe, ref=ref,
@@ -400,6 +394,35 @@ def base_model_path(config, workdir: str, domains, log: Callable,
   # disks, train the same model from the same seed).
   return distributed.primary_first(lambda: ensure_base_model(
       workdir, config.model, config.warmstart, pairs, config.seed, log, resuming), 'warmstart')
+
+
+def starting_state(config, base_path: str, model, abstract_params: nnx.State, optimizer, mesh,
+                   rules) -> tuple[BranchState, tuple]:
+  """(the branch state a run starts from, before any resume; the k3 KL term's reference:
+  (base params,) when grpo.kl_coef > 0, else ()).
+
+  The base model's un-stacked parameters are read onto the devices only where something uses
+  them: to broadcast K copies of it into the state (no model.branch_init: every branch starts
+  from the base) and as the reference. Nothing else holds them, so with kl_coef = 0 their
+  buffers are freed when this returns; with model.branch_init and kl_coef = 0 they are never
+  read. Their set-up transient (state + one base shard) is below the training peak, which adds
+  the gradients (at least twice the params) to the state."""
+  needs_reference = config.grpo.kl_coef > 0
+  base = None
+  if needs_reference or not config.model.branch_init:
+    load = load_vl_base_params if isinstance(model, Qwen3VL) else load_base_params
+    base = load(base_path, abstract_params, model.config, mesh, rules)
+  if config.model.branch_init:
+    state = branch_init_state(config, base_path, abstract_params, model.config, optimizer, mesh,
+                              rules)
+  else:
+    state = init_branch_state(None, base, len(config.branches), optimizer, mesh, config.seed,
+                              rules)
+  if not needs_reference:
+    return state, ()
+  # The params' shardings without 'branch', which the base already has: placed, not copied.
+  shardings = reference_shardings(branch_state_shardings(state, mesh, rules))
+  return state, (jax.device_put(base, shardings),)
 
 
 def branch_init_state(config, base_path: str, abstract_params: nnx.State,

@@ -89,24 +89,31 @@ def test_8b_k3_state_per_device_matches_hand_calculation(plan_8b):
   # tensor instead (V, heads, KV heads, MLP all divide by 8): the same bytes as training.
   assert plan_8b.sampling_mesh_shape == {'branch': 1, 'fsdp': 1, 'tensor': 8}
   assert plan_8b.sampling_param_bytes == params
-  # The base model the run keeps on its devices (grpo.kl_coef is 0 here, yet run_setup keeps
-  # Run.base_params all run): one branch's params, the same 8-way split.
+  # The base model as the run reads it: one branch's params, the same 8-way split; with
+  # grpo.kl_coef = 0 (here) it is freed after set-up and no phase counts it.
   assert plan_8b.base_shard_bytes == params // 3
+  assert plan_8b.reference_bytes == 0
 
 
-def test_the_base_shard_is_counted_once_whatever_the_kl_coef(plan_8b):
-  """The KL reference is the base params the run keeps anyway (same shardings, no copy), so
-  grpo.kl_coef > 0 and = 0 plan the same bytes on every device, the base shard included."""
+def test_the_base_shard_counts_only_as_the_kl_reference(plan_8b):
+  """The run keeps the base params on its devices only as the k3 KL term's reference
+  (run_setup.starting_state): grpo.kl_coef > 0 adds one base shard to every phase's peak,
+  kl_coef = 0 none; nothing else changes."""
   config = load_config(CONFIG_8B, [*OVERRIDES_8B, '--config.grpo.kl_coef=0.1'],
                        check_files=False)
   with_kl = make_plan(config, jax.devices(), prompt_tokens=256)
   assert with_kl.workload.reference and not plan_8b.workload.reference
-  assert with_kl.base_shard_bytes == plan_8b.base_shard_bytes > 0
-  assert (with_kl.train_peak, with_kl.sampling_peak, with_kl.probe_peak) == \
-      (plan_8b.train_peak, plan_8b.sampling_peak, plan_8b.probe_peak)
-  assert plan_8b.sampling_peak == (plan_8b.state_bytes + plan_8b.base_shard_bytes
-                                   + plan_8b.sampling_param_bytes + plan_8b.kv_cache_bytes
-                                   + plan_8b.prefill_bytes)
+  assert with_kl.base_shard_bytes == plan_8b.base_shard_bytes == 12_289_339_392 // 3
+  assert with_kl.reference_bytes == 4_096_446_464 and plan_8b.reference_bytes == 0
+  for peak in ('train_peak', 'sampling_peak', 'probe_peak'):
+    assert getattr(with_kl, peak) == getattr(plan_8b, peak) + 4_096_446_464, peak
+  assert plan_8b.sampling_peak == (plan_8b.state_bytes + plan_8b.sampling_param_bytes
+                                   + plan_8b.kv_cache_bytes + plan_8b.prefill_bytes)
+  from copd_jax.memory_plan import format_plan
+  assert ('| KL reference: the base model params (grpo.kl_coef > 0) | 4,096,446,464 |'
+          in format_plan(with_kl, leaves=False))
+  assert ('| KL reference: none (grpo.kl_coef = 0: the base params are freed after set-up) '
+          '| 0 |' in format_plan(plan_8b, leaves=False))
 
 
 def test_kv_token_budget_sizes_the_engine_cache():
@@ -173,7 +180,7 @@ def test_8b_k3_kv_cache_and_activation_estimates_by_hand(plan_8b):
   assert plan_8b.workload.rounds == 2
   assert plan_8b.activation_bytes['opd'] > plan_8b.activation_bytes['grpo']
   assert plan_8b.train_peak == (plan_8b.state_bytes + plan_8b.gradient_bytes
-                                + plan_8b.base_shard_bytes + plan_8b.activation_bytes['opd'])
+                                + plan_8b.activation_bytes['opd'])
 
 
 # The model whose compiled GRPO step the activation formula is checked against.
@@ -395,7 +402,6 @@ def test_the_teacher_pass_counts_in_the_training_peak(plan_8b):
   assert 0 < plan_8b.teacher_bytes < plan_8b.activation_bytes['opd']
   big_teacher = dataclasses.replace(plan_8b, teacher_bytes=2 * plan_8b.activation_bytes['opd'])
   assert big_teacher.train_peak == (plan_8b.state_bytes + plan_8b.gradient_bytes
-                                    + plan_8b.base_shard_bytes
                                     + 2 * plan_8b.activation_bytes['opd'])
 
 
@@ -437,14 +443,14 @@ def test_the_opd_signal_changes_the_training_estimate(plan_8b):
 
 def test_host_ram_sums_the_cpu_devices_of_a_host(plan_8b, capsys):
   from copd_jax.memory_plan import host_memory_bytes
-  # Each device's peak holds its shard of the base model: 8 shards, one fp32 copy in all.
-  assert 8 * plan_8b.base_shard_bytes >= 8_190_735_360 * 4
+  # grpo.kl_coef = 0: no device's peak holds a base shard (freed after set-up).
+  assert plan_8b.reference_bytes == 0
   assert plan_8b.host_peak(8) == 8 * plan_8b.peak
   toy = ['--config', os.path.join(ROOT, 'configs', 'toy_copd.py'), '--devices', '8',
          '--no-leaves', '--config.mesh.branch=2', '--config.mesh.fsdp=-1']
-  assert main(['plan', *toy, '--host-memory-gb', '0.5']) == 0
+  assert main(['plan', *toy, '--host-memory-gb', '0.05']) == 0
   out = capsys.readouterr().out
-  assert 'host RAM (CPU devices share it): 8 x ' in out
+  assert 'host RAM (CPU devices share it): 8 x ' in out and 'shards included' not in out
   assert 'WARNING: training needs about' in out and 'of host RAM (8 CPU devices sharing it)' in out
   assert 'more devices' not in out.split('host RAM (CPU')[1]
   assert main(['plan', *toy, '--cpu']) == 0
@@ -558,7 +564,8 @@ def test_vl_plan_vision_terms_by_hand():
   assert plan.vision_train_bytes['opd'] == (tower(16384, 64, 256) + 5 * pack
                                             + 3 * 12 * T * 2560 * 2 + 96 * T * 16)
   assert plan.vision_routed_bytes == pack
-  assert plan.train_peak == (plan.state_bytes + plan.gradient_bytes + plan.base_shard_bytes
+  assert plan.reference_bytes == 0   # grpo.kl_coef = 0: the base is freed after set-up
+  assert plan.train_peak == (plan.state_bytes + plan.gradient_bytes
                              + plan.activation_bytes['opd'] + plan.vision_train_bytes['opd'])
 
 

@@ -206,4 +206,4 @@ def test_the_probe_counts_the_towers_forward_on_the_distillation_pack():
   # (D = 2560) and 16 bytes per row position.
   assert plan.probe_bytes - text.probe_bytes == (forward + 2 * pack + 3 * 32 * T * 2560 * 2
                                                  + 32 * T * 16)
-  assert plan.probe_peak == plan.state_bytes + plan.base_shard_bytes + plan.probe_bytes
+  assert plan.probe_peak == plan.state_bytes + plan.probe_bytes   # grpo.kl_coef = 0: no base

@@ -9,19 +9,24 @@ first prints the layout the config's mesh resolves to on N devices (chosen for -
 copd_jax.mesh.LAYOUT_RULE); --layouts adds every valid layout with its per-device peaks
 (copd_jax/layout_plan.py). Data files
 and model.hf_path need not exist: without a config.json the architecture is model.preset.
+Prompts are padded to --prompt-tokens; without it, to the bucket `train` pads the run's prompts
+to (`run_prompts`: the config's domains loaded and encoded as `train` does, data.max_prompt_tokens
+applied, the built-in synthetic_vision pictures rendered, file rows' images and videos
+checked), and where the data or the model's tokenizer cannot be read here (a path that does not
+exist yet, a preset without a folder) to the bucket of data.max_prompt_tokens, else 256 tokens;
+its `prompts:` line says which.
 A Qwen3-VL model adds its vision tower and pictures (copd_jax/vision_memory.py) for prompts of
 --patches-per-prompt patches each (in --frames-per-prompt frames; default one). Without it the
 pictures are the run's own, as `train`'s memory check takes them (memory_check.largest_pictures:
 the most patches a row's pictures have after transformers' processors, in frames as large as
-the largest frame, a video's frame being one temporal patch): the config's domains are loaded
-as `train` loads them (built-in synthetic_vision pictures rendered, file rows' images and
-videos checked) and their pictures prepared with the model's processors (model.source 'toy_vl',
-or a local Qwen3-VL folder at model.hf_path). Where the data or the processors cannot be read
-(a path that does not exist yet, a preset without a folder, videos without torchvision), the
-plan falls back to the most a padded prompt can carry, and its `pictures:` line says which.
+the largest frame, a video's frame being one temporal patch), prepared with the model's
+processors (model.source 'toy_vl', or a local Qwen3-VL folder at model.hf_path). Where they
+cannot be read (as above, or videos without torchvision), the plan falls back to the most a
+padded prompt can carry, and its `pictures:` line says which.
 With --cpu (or --host-memory-gb) the N devices are CPU devices of one host: they share its RAM,
-so the plan adds up their peaks (plus the driver's copy of the base model) and compares the sum
-with --host-memory-gb, default this machine's MemTotal.
+so the plan adds up their peaks (with grpo.kl_coef > 0, each holding its shard of the base
+model, the KL reference) and compares the sum with --host-memory-gb, default this machine's
+MemTotal.
 
 The plan runs on N CPU devices (--xla_force_host_platform_device_count); per-device bytes do not
 depend on the platform. XLA reads that flag once, when jax starts, so when this process's jax
@@ -40,7 +45,8 @@ _CHILD_ENV = 'COPD_JAX_PLAN_CHILD'
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
 # Largest --devices: above the biggest TPU slices (8,960 chips); each is a CPU host device here.
 MAX_DEVICES = 10_240
-# Prompt length planned for when neither --prompt-tokens nor data.max_prompt_tokens says.
+# Prompt length planned for when neither --prompt-tokens, the run's data nor
+# data.max_prompt_tokens says.
 DEFAULT_PROMPT_TOKENS = 256
 
 
@@ -55,8 +61,9 @@ def add_arguments(parser) -> None:
                       help="RAM of that host in GiB (implies --cpu; default: this machine's)")
   parser.add_argument('--prompt-tokens', type=int, default=None,
                       help='padded prompt length (a sampler bucket: a power of two); default: '
-                           'the bucket of the config\'s data.max_prompt_tokens when set, '
-                           'else 256')
+                           'the bucket train pads the run\'s prompts to when its data and '
+                           'tokenizer are readable here, else that of data.max_prompt_tokens '
+                           'when set, else 256')
   parser.add_argument('--patches-per-prompt', type=int, default=None,
                       help='Qwen3-VL: patches of one prompt\'s images and video frames (an '
                            'H x W image is H/16 x W/16 of them, a video of T frames T/2 x that); '
@@ -138,17 +145,19 @@ def run(args) -> int:
   from copd_jax.models.qwen3_vl import Qwen3VLConfig
   from copd_jax import mesh as mesh_lib
   config = load_config(args.config, args.extra, check_files=False)
-  prompt_tokens = args.prompt_tokens
-  if prompt_tokens is None:  # prompts are padded to the bucket of the longest one a run keeps
-    from copd_jax.rollouts import bucket_length
-    limit = config.data.max_prompt_tokens
-    prompt_tokens = bucket_length(limit) if limit else DEFAULT_PROMPT_TOKENS
   for line in mesh_lib.layout_lines(config, args.devices):
     print(f'layout: {line}')
-  pictures = None
   architecture, _ = model_config_of(config)
-  if isinstance(architecture, Qwen3VLConfig):
-    pictures, words = planned_pictures(config, args, architecture, prompt_tokens)
+  vl = isinstance(architecture, Qwen3VLConfig)
+  prompts, problem = None, ''
+  if args.prompt_tokens is None or (vl and args.patches_per_prompt is None):
+    prompts, problem = run_prompts(config)
+  prompt_tokens, words = planned_prompt_tokens(config, args, prompts, problem)
+  print(f'prompts: {words}')
+  pictures = None
+  if vl:
+    pictures, words = planned_pictures(config, args, architecture, prompt_tokens, prompts,
+                                       problem)
     print(f'pictures: {words}')
   plan = make_plan(config, jax.devices(), prompt_tokens, pictures)
   memory = args.device_memory_gb * GIB if args.device_memory_gb else None
@@ -170,19 +179,58 @@ def run(args) -> int:
   return 0
 
 
-def planned_pictures(config, args, vl, prompt_tokens: int):
+def run_prompts(config):
+  """((the run's PromptEncoder, its examples), '') as `train` prepares them: its domains loaded
+  (run_setup.load_domains) and encoded (run_setup.prompt_encoder: data.max_prompt_tokens
+  applied, every prompt checked, the encoder's length fixed to the bucket of the longest one,
+  which train pads to and its memory check plans for); (None, why not) where the data or the
+  model's tokenizer / processors cannot be read here (a path that does not exist yet, a preset
+  without a folder, videos without torchvision)."""
+  from copd_jax import run_setup
+  from copd_jax.errors import UserInputError
+  model = config.model
+  if model.source == 'hf' and not os.path.isdir(model.hf_path):
+    return None, (f'model.hf_path {model.hf_path!r} is not a local folder, whose tokenizer '
+                  'would encode them')
+  try:
+    domains = run_setup.load_domains(config)
+    encoder, domains = run_setup.prompt_encoder(config, domains, log=lambda _: None)
+  except UserInputError as e:
+    return None, str(e)
+  return (encoder, [e for split in domains.values() for part in split for e in part]), ''
+
+
+def planned_prompt_tokens(config, args, prompts, problem: str) -> tuple[int, str]:
+  """(the padded prompt length the plan takes, the `prompts:` line saying where it comes from):
+  --prompt-tokens, else the bucket train pads the run's prompts to (`run_prompts`), else the
+  bucket of data.max_prompt_tokens, else DEFAULT_PROMPT_TOKENS."""
+  from copd_jax.rollouts import bucket_length
+  if args.prompt_tokens is not None:
+    return args.prompt_tokens, f'{args.prompt_tokens} tokens (--prompt-tokens)'
+  if prompts is not None:
+    n = prompts[0].length
+    return n, (f'{n} tokens, the bucket of the run\'s longest prompt as train pads it '
+               '(--prompt-tokens sets another)')
+  limit = config.data.max_prompt_tokens
+  n = bucket_length(limit) if limit else DEFAULT_PROMPT_TOKENS
+  source = f'the bucket of data.max_prompt_tokens={limit}' if limit else 'a default'
+  return n, (f'{n} tokens, {source}: the run\'s prompts are unknown here ({problem}); '
+             '--prompt-tokens sets another')
+
+
+def planned_pictures(config, args, vl, prompt_tokens: int, prompts, problem: str):
   """(the pictures per prompt a Qwen3-VL plan takes, the `pictures:` line saying where they come
-  from): the flags', else the run's data's (`data_pictures`), else the most a padded prompt can
-  carry."""
-  from copd_jax import vision_memory as vm
+  from): the flags', else the largest of the run's prompts (`run_prompts`) as train's memory
+  check takes them (memory_check.largest_pictures), else the most a padded prompt can carry."""
+  from copd_jax import memory_check, vision_memory as vm
   from copd_jax.memory_estimate import prompt_bound
   if args.patches_per_prompt is not None:
     frames = args.frames_per_prompt or 1
     pictures = vm.PromptFrames(args.patches_per_prompt, -(-args.patches_per_prompt // frames))
     flags = ' / --frames-per-prompt' if args.frames_per_prompt else ''
     return pictures, f'{vm.picture_words(pictures)} per prompt (--patches-per-prompt{flags})'
-  pictures, problem = data_pictures(config)
-  if pictures is not None:
+  if prompts is not None:
+    pictures = memory_check.largest_pictures(*prompts)
     if not pictures.patches:
       return pictures, 'none in the run\'s data (text rows only; --patches-per-prompt plans some)'
     return pictures, (f'{vm.picture_words(pictures)} per prompt, the largest of the run\'s data '
@@ -191,25 +239,3 @@ def planned_pictures(config, args, vl, prompt_tokens: int):
   return bound, (f'{bound} patches per prompt in one frame, the most a padded prompt of '
                  f'{prompt_tokens} tokens can carry: the run\'s pictures are unknown here '
                  f'({problem}); --patches-per-prompt sets them')
-
-
-def data_pictures(config):
-  """(the largest pictures per prompt of the run's data, None) as `train` finds them: its
-  domains loaded (run_setup.load_domains) and prepared by the run's PromptEncoder
-  (run_setup.prompt_encoder), then memory_check.largest_pictures, the function train's memory
-  check calls; (None, why not) where the model's processors or the data cannot be read."""
-  from copd_jax import memory_check, run_setup
-  from copd_jax.errors import UserInputError
-  from copd_jax.models import hf_io_vl
-  model = config.model
-  if model.source == 'hf' and not (os.path.isdir(model.hf_path)
-                                   and hf_io_vl.is_vl_folder(model.hf_path)):
-    return None, (f'model.hf_path {model.hf_path!r} is no local Qwen3-VL folder whose '
-                  'processors size them')
-  try:
-    domains = run_setup.load_domains(config)
-    encoder, domains = run_setup.prompt_encoder(config, domains, log=lambda _: None)
-  except UserInputError as e:
-    return None, str(e)
-  return memory_check.largest_pictures(
-      encoder, [e for split in domains.values() for part in split for e in part]), ''
