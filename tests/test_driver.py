@@ -247,3 +247,18 @@ def test_shrinking_num_cycles_below_what_is_trained_is_refused(extended_runs):
       'config.copd.num_cycles: 1 cycles (4 steps) is fewer than the 8 steps the checkpoint in '
       'this workdir has trained (saved num_cycles 2); resume with num_cycles >= 2 or use a new '
       '--workdir')
+
+
+@pytest.mark.slow   # end to end: a tiny train run in a subprocess
+def test_a_run_with_the_kl_term_scores_against_the_base_it_started_from(tmp_path):
+  """grpo.kl_coef > 0: the k3 reference is the base model (run_setup.starting_state keeps that
+  one copy); the first update's policy is the base, so its KL to the reference is 0, and the
+  updates move it away."""
+  run_train(tmp_path, '--config.grpo.kl_coef=0.1')
+  records = [r for r in read_metrics(tmp_path) if r['phase_is_opd'] == 0.0]
+  for name in ('b0_sort', 'b1_reverse'):
+    kl = [r[f'train/ref_kl/{name}'] for r in records]
+    # Exactly 0 where the policy is the reference (k3 of equal log-probs); a reference that were
+    # not the base would be far from it, one that followed the policy would stay at 0.
+    assert kl[0] == 0.0 and kl[-1] > 0.0, kl
+  assert (tmp_path / 'eval.md').exists()
