@@ -148,10 +148,11 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
                               model.config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
+  resuming = checkpointer.latest_step() is not None
   state, ref = starting_state(config, base_path, model, abstract_params, optimizer, mesh,
-                             param_rules)
+                             param_rules, resuming)
   start = 0
-  if checkpointer.latest_step() is not None:
+  if resuming:
     state, meta = checkpointer.restore(state)
     check_resume_compatible(meta['config'], config, log=lambda _: None,  # noted above
                             steps_done=meta['step'] + 1)
@@ -397,22 +398,28 @@ def base_model_path(config, workdir: str, domains, log: Callable,
 
 
 def starting_state(config, base_path: str, model, abstract_params: nnx.State, optimizer, mesh,
-                   rules) -> tuple[BranchState, tuple]:
-  """(the branch state a run starts from, before any resume; the k3 KL term's reference:
-  (base params,) when grpo.kl_coef > 0, else ()).
+                   rules, resuming: bool = False) -> tuple[BranchState, tuple]:
+  """(the branch state a run starts from; the k3 KL term's reference: (base params,) when
+  grpo.kl_coef > 0, else ()). resuming: the state is only the checkpoint's restore target, its
+  shapes and shardings (jax.ShapeDtypeStruct leaves), so nothing is read or built for it.
 
   The base model's un-stacked parameters are read onto the devices only where something uses
-  them: to broadcast K copies of it into the state (no model.branch_init: every branch starts
-  from the base) and as the reference. Nothing else holds them, so with kl_coef = 0 their
-  buffers are freed when this returns; with model.branch_init and kl_coef = 0 they are never
-  read. Their set-up transient (state + one base shard) is below the training peak, which adds
-  the gradients (at least twice the params) to the state."""
+  them: to broadcast K copies of it into the state (a new run without model.branch_init: every
+  branch starts from the base) and as the reference. Nothing else holds them, so with
+  kl_coef = 0 their buffers are freed when this returns; on a resume or with model.branch_init
+  and kl_coef = 0 they are never read. Their set-up transient (state + one base shard) is below
+  the training peak, which adds the gradients (at least twice the params) to the state."""
   needs_reference = config.grpo.kl_coef > 0
   base = None
-  if needs_reference or not config.model.branch_init:
+  if needs_reference or not (config.model.branch_init or resuming):
     load = load_vl_base_params if isinstance(model, Qwen3VL) else load_base_params
     base = load(base_path, abstract_params, model.config, mesh, rules)
-  if config.model.branch_init:
+  if resuming:
+    init = branch_state_init(len(config.branches), optimizer, config.seed)
+    shardings = branch_state_shardings(jax.eval_shape(init, abstract_params), mesh, rules)
+    # Shapes with their shardings (what jit would place the state in), no buffers.
+    state = jax.eval_shape(jax.jit(init, out_shardings=shardings), abstract_params)
+  elif config.model.branch_init:
     state = branch_init_state(config, base_path, abstract_params, model.config, optimizer, mesh,
                               rules)
   else:

@@ -63,3 +63,35 @@ def test_with_the_kl_term_exactly_one_base_copy_stays_as_the_reference(tmp_path)
   (ref,) = run.ref
   assert left == base_placements(run) == collections.Counter(
       placement(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(ref))
+
+
+def test_a_resume_restores_into_shapes_and_never_reads_the_base(tmp_path, monkeypatch):
+  """On a resume the checkpoint is the state: set-up builds only its restore target (shapes and
+  shardings), so with kl_coef = 0 the base's weights are never read, and the restored params
+  are the saved ones."""
+  import numpy as np
+  from copd_jax import checkpoint as ckpt
+  from copd_jax import run_setup
+  folder = model_inputs.hf_folder(str(tmp_path))
+  config = load_config(cli.TOY_CONFIG, [*cli.BASE_OVERRIDES, '--config.model.source=hf',
+                                        f'--config.model.hf_path={folder}'])
+  workdir = str(tmp_path / 'w')
+  run = setup_run(config, workdir, log=lambda _: None)
+  # A checkpoint of params that differ from the base, as a trained step's would.
+  state = run.state._replace(params=jax.tree.map(lambda x: x + 1.0, run.state.params))
+  run.checkpointer.save(0, state, ckpt.run_meta(
+      cycle=0, phase='rl', step=0, model_config=run.model_config, tokenizer_dir=run.base_path,
+      base_params=run.base_path, config=run.config, data_state=run.sources.get_state(),
+      phases=run.phases.get_state(), data_files=run.data_files), force=True)
+  run.checkpointer.close()
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('the base weights were read on a resume')
+  monkeypatch.setattr(run_setup, 'load_base_params', refuse)
+  monkeypatch.setattr(run_setup, 'load_vl_base_params', refuse)
+  resumed = setup_run(config, workdir, log=lambda _: None)
+  resumed.checkpointer.close()
+  assert resumed.start_step == 1
+  for want, got in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.state.params)):
+    assert got.sharding == want.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
