@@ -11,9 +11,10 @@ model.freeze_vision), its activations, the deepstack additions and the pictures
 large as its largest (`largest_pictures`; `plan` takes the same from the config's data). What
 it is compared with:
   CPU devices   they share this host's RAM: what the run still has to allocate, the sum of
-                this process's devices' peaks (MemoryPlan.host_peak), each with its shard of
-                the base model (the check runs before the base is read, straight into its
-                shardings, copd_jax/start_params.py), against MemAvailable of /proc/meminfo
+                this process's devices' peaks (MemoryPlan.host_peak; with grpo.kl_coef > 0
+                each with its shard of the base model, the KL reference, read after the check
+                straight into its shardings, copd_jax/start_params.py), against MemAvailable
+                of /proc/meminfo
   GPU / TPU     one device's peak against the smallest `bytes_limit` of this process's devices
                 (`Device.memory_stats()`); not checked where a backend reports none
 The estimate leaves out the compiled programs and XLA's fusion temporaries, so passing the check

@@ -118,7 +118,8 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
   storage.makedirs(workdir)
   checkpointer = ckpt.RunCheckpointer(workdir, keep_last=config.checkpoint.keep_last,
                                       keep_marked=config.checkpoint.keep_phase_ends)
-  if checkpointer.latest_step() is not None:  # refuse an incompatible resume before any work
+  resuming = checkpointer.latest_step() is not None
+  if resuming:  # refuse an incompatible resume before any work
     try:
       saved = checkpointer.restore_meta()
     except Exception:  # a damaged newest checkpoint: restore() falls back and we check then
@@ -126,8 +127,7 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
     if saved is not None:
       check_resume_compatible(saved['config'], config, log, steps_done=saved['step'] + 1)
       sources.set_state(saved['data_state'])  # a changed number of examples: refused here
-  base_path = base_model_path(config, workdir, domains, log, encoder,
-                              resuming=checkpointer.latest_step() is not None)
+  base_path = base_model_path(config, workdir, domains, log, encoder, resuming=resuming)
   # Shapes only: the weights are read after the memory check, straight into their shardings.
   model = abstract_base_model(config, base_path)
   text_config = text_model_config(model.config)
@@ -148,7 +148,6 @@ def setup_run(config, workdir: str, log: Callable[[str], None]) -> Run:
                               model.config, log)
 
   param_rules = mesh_lib.param_rules(config.shard_params_over_fsdp)
-  resuming = checkpointer.latest_step() is not None
   state, ref = starting_state(config, base_path, model, abstract_params, optimizer, mesh,
                              param_rules, resuming)
   start = 0
@@ -383,16 +382,15 @@ def base_model_path(config, workdir: str, domains, log: Callable,
   resuming: an existing one is kept even if its data changed since."""
   if config.model.source == 'hf':
     return local_model_path(config.model.hf_path)  # a Hub id: its cached snapshot
-  if config.model.source == 'toy_vl':
-    split = warmstart_split(config, domains, lambda name: synthetic_seed(config, name))
-    return distributed.primary_first(lambda: ensure_toy_vl_base(
-        workdir, config, split, encoder, log, resuming), 'warmstart')
   # A synthetic domain warm-starts on its own split (no RL or eval prompt, a near-miss share),
   # so RL has skill left to discover; a file domain on the toy model uses its train split.
   split = warmstart_split(config, domains, lambda name: synthetic_seed(config, name))
-  pairs = [(e.prompt + '\n=', e.answer) for examples in split.values() for e in examples]
   # Several processes: process 0 trains and writes it, the others then find it (or, on their own
   # disks, train the same model from the same seed).
+  if config.model.source == 'toy_vl':
+    return distributed.primary_first(lambda: ensure_toy_vl_base(
+        workdir, config, split, encoder, log, resuming), 'warmstart')
+  pairs = [(e.prompt + '\n=', e.answer) for examples in split.values() for e in examples]
   return distributed.primary_first(lambda: ensure_base_model(
       workdir, config.model, config.warmstart, pairs, config.seed, log, resuming), 'warmstart')
 
